@@ -1,0 +1,232 @@
+"""The op layer: one entry point per hot op, each calling a backend's plain functions.
+
+Every function takes `backend`, a module from nanolm/backends/ (see torch_ref.py for the
+contract), so the model and optimizer choose implementations once and never branch on them.
+The autograd Functions here save what the backward needs and reshape; the math lives in the
+backends. They are wrapped with torch.amp.custom_fwd/custom_bwd so the backward runs under the
+same autocast state as the forward.
+"""
+import math
+
+import torch
+
+_amp_fwd = torch.amp.custom_fwd(device_type="cuda")
+_amp_bwd = torch.amp.custom_bwd(device_type="cuda")
+
+
+# ----------------------------------------------------------------------------- layernorm
+
+class LayerNorm(torch.autograd.Function):
+    @staticmethod
+    @_amp_fwd
+    def forward(ctx, x, weight, bias, eps, backend):
+        x2d = x.reshape(-1, x.shape[-1]).contiguous()
+        y, mean, rstd = backend.layer_norm_fwd(x2d, weight, bias, eps)
+        ctx.save_for_backward(x2d, weight, mean, rstd)
+        ctx.backend, ctx.has_bias = backend, bias is not None
+        return y.view(x.shape)
+
+    @staticmethod
+    @_amp_bwd
+    def backward(ctx, dy):
+        x2d, weight, mean, rstd = ctx.saved_tensors
+        dy2d = dy.reshape(x2d.shape).contiguous()
+        dx, dweight, dbias = ctx.backend.layer_norm_bwd(dy2d, x2d, weight, mean, rstd, None)
+        dbias = dbias.to(weight.dtype) if ctx.has_bias else None
+        return dx.view(dy.shape), dweight.to(weight.dtype), dbias, None, None
+
+
+class AddLayerNorm(torch.autograd.Function):
+    """residual_out = x + residual; y = layer_norm(residual_out): one read of the stream."""
+
+    @staticmethod
+    @_amp_fwd
+    def forward(ctx, x, residual, weight, bias, eps, backend):
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1]).contiguous()
+        r2d = residual.reshape(-1, shape[-1]).contiguous()
+        y, residual_out, mean, rstd = backend.add_layer_norm_fwd(x2d, r2d, weight, bias, eps)
+        ctx.save_for_backward(residual_out, weight, mean, rstd)
+        ctx.backend, ctx.has_bias = backend, bias is not None
+        return y.view(shape), residual_out.view(shape)
+
+    @staticmethod
+    @_amp_bwd
+    def backward(ctx, dy, dresidual_out):
+        residual_out, weight, mean, rstd = ctx.saved_tensors
+        dy2d = dy.reshape(residual_out.shape).contiguous()
+        dres2d = None if dresidual_out is None else dresidual_out.reshape(residual_out.shape).contiguous()
+        dx, dweight, dbias = ctx.backend.layer_norm_bwd(dy2d, residual_out, weight, mean, rstd, dres2d)
+        dx = dx.view(dy.shape)
+        dbias = dbias.to(weight.dtype) if ctx.has_bias else None
+        return dx, dx, dweight.to(weight.dtype), dbias, None, None
+
+
+def layer_norm(x, weight, bias, eps, backend):
+    return LayerNorm.apply(x, weight, bias, eps, backend)
+
+
+def add_layer_norm(x, residual, weight, bias, eps, backend):
+    """Returns (layer_norm(x + residual), x + residual)."""
+    if x.dtype != residual.dtype:
+        x, residual = x.to(residual.dtype), residual
+    return AddLayerNorm.apply(x, residual, weight, bias, eps, backend)
+
+
+# ----------------------------------------------------------------------------- attention
+
+class CausalAttention(torch.autograd.Function):
+    """Takes the fused qkv projection (B, T, 3*C) and returns (B, T, C): q, k and v are
+    strided views into it, and the backward writes dq, dk, dv straight into one dqkv buffer,
+    so no transposes or copies surround the kernel."""
+
+    @staticmethod
+    @_amp_fwd
+    def forward(ctx, qkv, n_head, backend):
+        B, T, C3 = qkv.shape
+        hs = C3 // (3 * n_head)
+        q, k, v = qkv.view(B, T, 3, n_head, hs).unbind(2)  # each (B, T, nh, hs)
+        scale = 1.0 / math.sqrt(hs)
+        o, lse = backend.attention_fwd(q, k, v, scale)
+        ctx.save_for_backward(qkv, o, lse)
+        ctx.backend, ctx.n_head, ctx.scale = backend, n_head, scale
+        return o.view(B, T, C3 // 3)
+
+    @staticmethod
+    @_amp_bwd
+    def backward(ctx, do):
+        qkv, o, lse = ctx.saved_tensors
+        B, T, C3 = qkv.shape
+        shape = (B, T, 3, ctx.n_head, C3 // (3 * ctx.n_head))
+        q, k, v = qkv.view(shape).unbind(2)
+        dqkv = torch.empty(shape, dtype=qkv.dtype, device=qkv.device)
+        dq, dk, dv = dqkv.unbind(2)
+        ctx.backend.attention_bwd(do.reshape(o.shape).contiguous(), q, k, v, o, lse, ctx.scale, dq, dk, dv)
+        return dqkv.view(B, T, C3), None, None
+
+
+def causal_attention(qkv, n_head, backend):
+    """qkv (B, T, 3*C) laid out [q | k | v], heads contiguous inside each -> (B, T, C)."""
+    if qkv.dim() != 3 or qkv.shape[-1] % (3 * n_head) != 0:
+        raise ValueError(f"causal_attention: qkv must be (B, T, 3*C) with C divisible by n_head={n_head}, "
+                         f"got {tuple(qkv.shape)}")
+    return CausalAttention.apply(qkv.contiguous(), n_head, backend)
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+
+def _check_targets(targets, n_rows, vocab_size, ignore_index, op):
+    if targets.dtype != torch.int64:
+        raise ValueError(f"{op}: targets must be int64, got {targets.dtype}")
+    if targets.shape != (n_rows,):
+        raise ValueError(f"{op}: targets have shape {tuple(targets.shape)}, expected ({n_rows},)")
+    valid = targets != ignore_index
+    bad = valid & ((targets < 0) | (targets >= vocab_size))
+    n_valid, n_bad = torch.stack([valid.sum(), bad.sum()]).tolist()
+    if n_bad:
+        bad_value = targets[bad][0].item()
+        raise ValueError(f"{op}: {n_bad} target(s) outside [0, {vocab_size}) and not ignore_index="
+                         f"{ignore_index}, e.g. {bad_value}")
+    return n_valid
+
+
+def _scale_grad(grad, grad_output):
+    """Gradients were computed for an upstream gradient of 1; rescale only if it is not."""
+    return grad if bool(grad_output == 1) else grad * grad_output.to(grad.dtype)
+
+
+class CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    @_amp_fwd
+    def forward(ctx, logits, targets, vocab_size, ignore_index, z_loss, inplace, backend):
+        n_valid = _check_targets(targets, logits.shape[0], vocab_size, ignore_index, "cross_entropy")
+        scale = 1.0 / max(n_valid, 1)  # mean over valid tokens; all ignored -> loss 0, grad 0
+        losses, dlogits = backend.cross_entropy_fwd(logits.contiguous(), targets, vocab_size,
+                                                    ignore_index, z_loss, scale, inplace)
+        ctx.save_for_backward(dlogits)
+        return losses.sum() * scale
+
+    @staticmethod
+    @_amp_bwd
+    def backward(ctx, grad_output):
+        (dlogits,) = ctx.saved_tensors
+        return _scale_grad(dlogits, grad_output), None, None, None, None, None, None
+
+
+def cross_entropy(logits, targets, backend, vocab_size=None, ignore_index=-100, z_loss=0.0, inplace=False):
+    """Mean cross-entropy over logits (N, Vp) whose first vocab_size columns are real.
+    The gradient is computed in the forward (in place over logits if inplace=True)."""
+    vocab_size = logits.shape[-1] if vocab_size is None else vocab_size
+    return CrossEntropy.apply(logits, targets, vocab_size, ignore_index, z_loss, inplace, backend)
+
+
+def default_chunk_rows(n_rows, hidden, vocab):
+    """Rows per chunk so one chunk of logits holds about as many values as the hidden states
+    (as Liger does): peak extra memory ~ N*C instead of N*V. A power of two, at least 64."""
+    chunks = max(1, math.ceil(vocab / hidden))
+    return max(64, 1 << max(0, math.ceil(n_rows / chunks) - 1).bit_length())
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """loss = cross_entropy(h @ W^T, targets) without materialising the (N, V) logits: rows are
+    processed in chunks whose logits are computed, turned into dlogits by the backend kernel in
+    place, and immediately contracted into dh and dW. The backward only rescales them."""
+
+    @staticmethod
+    @_amp_fwd
+    def forward(ctx, h, weight, targets, vocab_size, ignore_index, z_loss, chunk_rows, backend):
+        N, C = h.shape
+        n_valid = _check_targets(targets, N, vocab_size, ignore_index, "linear_cross_entropy")
+        scale = 1.0 / max(n_valid, 1)
+        compute_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else h.dtype
+        h_c, w_c = h.to(compute_dtype), weight.to(compute_dtype)
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        dh = torch.empty_like(h_c) if needs_grad else None
+        dweight = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if needs_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        chunk_rows = chunk_rows or default_chunk_rows(N, C, weight.shape[0])
+        for start in range(0, N, chunk_rows):
+            end = min(start + chunk_rows, N)
+            h_chunk = h_c[start:end]
+            logits = h_chunk @ w_c.t()  # (rows, Vp), the only logits ever alive
+            losses, dlogits = backend.cross_entropy_fwd(logits, targets[start:end], vocab_size,
+                                                        ignore_index, z_loss, scale, True)
+            total += losses.sum()
+            if needs_grad:
+                torch.matmul(dlogits, w_c, out=dh[start:end])
+                dweight += (dlogits.t() @ h_chunk).float()
+        ctx.save_for_backward(dh, dweight)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        return total * scale
+
+    @staticmethod
+    @_amp_bwd
+    def backward(ctx, grad_output):
+        dh, dweight = ctx.saved_tensors
+        dh = _scale_grad(dh, grad_output).to(ctx.dtypes[0])
+        dweight = _scale_grad(dweight, grad_output).to(ctx.dtypes[1])
+        return dh, dweight, None, None, None, None, None, None
+
+
+def linear_cross_entropy(h, weight, targets, backend, vocab_size=None, ignore_index=-100,
+                         z_loss=0.0, chunk_rows=None):
+    """Mean cross-entropy of h (N, C) @ weight (Vp, C)^T against targets (N,)."""
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear_cross_entropy: h {tuple(h.shape)} and weight {tuple(weight.shape)} "
+                         "must be (N, C) and (V, C)")
+    vocab_size = weight.shape[0] if vocab_size is None else vocab_size
+    return LinearCrossEntropy.apply(h, weight, targets, vocab_size, ignore_index, z_loss, chunk_rows, backend)
+
+
+# ----------------------------------------------------------------------------- adamw
+
+def adamw_step(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step,
+               decay_numel, grad_scale, backend):
+    """One AdamW update over flat float32 buffers, in place (see torch_ref.adamw_step)."""
+    backend.adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
+                       decay_numel, grad_scale)
+
+
+def grad_norm(grad, backend):
+    """L2 norm of a flat gradient buffer, by a deterministic reduction."""
+    return backend.sum_of_squares(grad).sqrt()
