@@ -182,8 +182,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         h_c, w_c = h.to(compute_dtype), weight.to(compute_dtype)
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         dh = torch.empty_like(h_c) if needs_grad else None
-        dweight = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if needs_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        acc = torch.float64 if compute_dtype == torch.float64 else torch.float32
+        dweight = torch.zeros(weight.shape, dtype=acc, device=h.device) if needs_grad else None
+        total = torch.zeros((), dtype=acc, device=h.device)
         chunk_rows = chunk_rows or default_chunk_rows(N, C, weight.shape[0])
         for start in range(0, N, chunk_rows):
             end = min(start + chunk_rows, N)
@@ -194,7 +195,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             total += losses.sum()
             if needs_grad:
                 torch.matmul(dlogits, w_c, out=dh[start:end])
-                dweight += (dlogits.t() @ h_chunk).float()
+                dweight += (dlogits.t() @ h_chunk).to(acc)
         ctx.save_for_backward(dh, dweight)
         ctx.dtypes = (h.dtype, weight.dtype)
         return total * scale

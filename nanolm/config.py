@@ -1,0 +1,133 @@
+"""Configs: dataclasses with presets and `--key=value` overrides, validated before any work."""
+import dataclasses
+from dataclasses import dataclass, fields
+
+
+class ConfigError(ValueError):
+    """A bad config or CLI value, reported before any training work."""
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    vocab_size: int = 50257
+    vocab_multiple: int = 128  # padded vocab rows; padding is never predicted (loss/sampling mask it)
+    bias: bool = True  # GPT-2 has biases in Linear and LayerNorm
+    dropout: float = 0.0  # the fused kernels have no dropout; only 0 is supported
+
+    @property
+    def padded_vocab(self):
+        m = self.vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "quickstart"  # model shape, see PRESETS
+    data: str = "pystdlib"  # embedded corpus: needs no download
+    tokenizer: str = "byte"  # vocab 256, no files needed
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 450  # optimizer steps; quickstart ~1.5-3 min on 2 shared CPU cores
+    lr: float = 2e-3  # small models tolerate a high peak lr
+    min_lr: float = 2e-4  # cosine floor, lr/10 as in nanoGPT
+    warmup: int = 50  # linear warmup steps
+    weight_decay: float = 0.1  # GPT-3 value, 2-D weights only
+    beta1: float = 0.9
+    beta2: float = 0.95  # GPT-3 value, steadier than 0.999 at large batch
+    grad_clip: float = 1.0  # global norm; 0 disables
+    eval_interval: int = 100  # steps between val-loss estimates
+    eval_iters: int = 10  # batches per val-loss estimate
+    log_interval: int = 25  # steps between log lines
+    seed: int = 1337
+    device: str = "auto"  # cuda if available, else cpu
+    dtype: str = "auto"  # bf16 autocast on cuda, fp32 on cpu
+    kernels: str = "auto"  # see nanolm/backends/__init__.py
+    peak_tflops: float = 0.0  # overrides the device peak table for MFU; 0 = look up
+    out_dir: str = "out"
+    sample_tokens: int = 200  # length of the sample printed at the end
+    n_layer: int = 0  # 0 = take from preset
+    n_head: int = 0
+    n_embd: int = 0
+    block_size: int = 0
+    dropout: float = 0.0
+
+
+PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    # ~0.8M params: learns byte-level Python structure in a few CPU minutes
+    "quickstart": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_multiple=64),
+}
+
+
+def _parse_value(key, text, typ):
+    try:
+        if typ is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ConfigError
+            return text.lower() in ("true", "1")
+        return typ(text)
+    except ValueError:
+        raise ConfigError(f"--{key}={text}: expected {typ.__name__}") from None
+
+
+def parse_args(argv):
+    """['--key=value', ...] -> TrainConfig; unknown keys list the valid ones."""
+    types = {f.name: f.type if isinstance(f.type, type) else eval(f.type) for f in fields(TrainConfig)}
+    values = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"argument {arg!r} is not of the form --key=value")
+        key, text = arg[2:].split("=", 1)
+        key = key.replace("-", "_")
+        if key not in types:
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(types)}")
+        values[key] = _parse_value(key, text, types[key])
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def model_config(cfg, vocab_size):
+    """The model shape: preset, then any non-zero n_layer/n_head/n_embd/block_size override."""
+    if cfg.preset not in PRESETS:
+        raise ConfigError(f"unknown preset {cfg.preset!r}; valid: {', '.join(PRESETS)}")
+    kw = dict(PRESETS[cfg.preset], vocab_size=vocab_size, dropout=cfg.dropout)
+    for k in ("n_layer", "n_head", "n_embd", "block_size"):
+        if getattr(cfg, k):
+            kw[k] = getattr(cfg, k)
+    mc = ModelConfig(**kw)
+    if mc.n_embd % mc.n_head:
+        raise ConfigError(f"n_embd={mc.n_embd} is not divisible by n_head={mc.n_head}")
+    return mc
+
+
+def validate(cfg):
+    positive = ("batch_size", "grad_accum", "max_steps", "eval_iters", "log_interval", "eval_interval")
+    for k in positive:
+        if getattr(cfg, k) <= 0:
+            raise ConfigError(f"{k} must be positive, got {getattr(cfg, k)}")
+    for k in ("lr", "min_lr", "weight_decay", "grad_clip", "warmup", "peak_tflops", "sample_tokens",
+              "n_layer", "n_head", "n_embd", "block_size"):
+        if getattr(cfg, k) < 0:
+            raise ConfigError(f"{k} must be >= 0, got {getattr(cfg, k)}")
+    if cfg.min_lr > cfg.lr:
+        raise ConfigError(f"min_lr={cfg.min_lr} exceeds lr={cfg.lr}")
+    for k in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, k) < 1:
+            raise ConfigError(f"{k} must be in [0, 1), got {getattr(cfg, k)}")
+    if cfg.dropout != 0:
+        raise ConfigError("dropout must be 0: the fused kernels (attention, add+layernorm) have no dropout")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    model_config(cfg, 256)
+
+
+def as_dict(cfg):
+    return dataclasses.asdict(cfg)

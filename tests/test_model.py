@@ -1,0 +1,70 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanolm import backends
+from nanolm.config import ModelConfig, PRESETS
+from nanolm.model import GPT
+
+TORCH = backends.modules(backends.resolve("torch", torch.device("cpu")))
+
+
+def tiny(**kw):
+    return ModelConfig(**dict(dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50,
+                                   vocab_multiple=64), **kw))
+
+
+def test_gpt2_param_count_and_names():
+    with torch.device("meta"):
+        model = GPT(ModelConfig(**PRESETS["gpt2"], vocab_size=50257), TORCH)
+    assert model.cfg.padded_vocab == 50304
+    assert 124e6 < model.num_params(non_embedding=False) < 125e6
+    names = dict(model.named_parameters())
+    assert "transformer.h.0.attn.c_attn.weight" in names and "transformer.h.11.mlp.c_proj.bias" in names
+    assert "lm_head.weight" not in names  # tied: registered once, under wte
+
+
+def test_tied_and_init():
+    model = GPT(tiny(n_layer=4), TORCH)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    std = model.transformer.h[0].mlp.c_proj.weight.std().item()
+    assert abs(std - 0.02 / (2 * 4) ** 0.5) < 0.002
+
+
+def test_loss_matches_plain_math():
+    """The model's fused loss equals F.cross_entropy over logits of the real vocab."""
+    torch.manual_seed(0)
+    model = GPT(tiny(), TORCH)
+    idx, targets = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
+    loss = model(idx, targets)
+    h = model.hidden(idx)
+    logits = h @ model.lm_head.weight[:50].t()
+    torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 50), targets.reshape(-1)))
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_forward_shapes_and_padding_never_predicted():
+    model = GPT(tiny(), TORCH)
+    with torch.no_grad():
+        model.transformer.wte.weight[50:] = 100.0  # padding rows would dominate if used
+    idx = torch.randint(0, 50, (2, 5))
+    logits = model(idx)
+    assert logits.shape == (2, 50)
+    out = model.generate(idx, 20, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 25) and out.max() < 50
+
+
+def test_causal():
+    """Changing a later token does not change earlier hidden states."""
+    model = GPT(tiny(), TORCH)
+    idx = torch.randint(0, 50, (1, 10))
+    idx2 = idx.clone()
+    idx2[0, 7] = (idx[0, 7] + 1) % 50
+    with torch.no_grad():
+        torch.testing.assert_close(model.hidden(idx)[:, :7], model.hidden(idx2)[:, :7])
+
+
+def test_too_long_sequence():
+    with pytest.raises(ValueError, match="block_size"):
+        GPT(tiny(), TORCH)(torch.zeros(1, 17, dtype=torch.long))
