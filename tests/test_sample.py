@@ -85,3 +85,16 @@ def test_sample_cli_streams_from_checkpoint(tmp_path, model, monkeypatch, capsys
     first = capsys.readouterr().out
     sample.main(args)
     assert first.startswith("def ") and capsys.readouterr().out == first
+
+
+@pytest.mark.gpu
+def test_cuda_sampling_deterministic_and_cached_matches_full(model):
+    model = model.cuda()
+    idx = _prompt().cuda()
+    a = sample.generate(model, idx, 40, temperature=1.0, top_k=50, seed=7)
+    assert torch.equal(a, sample.generate(model, idx, 40, temperature=1.0, top_k=50, seed=7))
+    with torch.no_grad():
+        cache = KVCache.for_model(model, 2)
+        forward_cached(model, idx, cache)
+        step = forward_cached(model, a[:, 5:6], cache)
+        torch.testing.assert_close(step, model(a[:, :6])[:, -1], rtol=1e-4, atol=1e-4)

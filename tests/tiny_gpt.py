@@ -69,7 +69,7 @@ class GPT(nn.Module):
 
     def forward(self, idx):
         tr = self.transformer
-        x = tr.wte(idx) + tr.wpe(torch.arange(idx.shape[1]))
+        x = tr.wte(idx) + tr.wpe(torch.arange(idx.shape[1], device=idx.device))
         for block in tr.h:
             x = block(x)
         return self.lm_head(tr.ln_f(x))
