@@ -1,0 +1,132 @@
+"""Checkpoints: everything needed to continue a run bit-for-bit, saved atomically.
+
+A checkpoint is one torch file `ckpt_<step>.pt` in the run dir holding
+    {"model", "optimizer", "step", "config", "loader", "rng"}.
+Saving writes a temp file in the same directory, flushes and fsyncs it, renames it over the
+final name (os.replace is atomic on POSIX) and fsyncs the directory so the rename itself is
+durable. A crash at any point leaves either the old set of checkpoints or the new one, never a
+truncated file under a checkpoint's name. Only the newest `keep` checkpoints are kept.
+
+Everything saved is tensors and plain Python values, so loading uses weights_only=True.
+"""
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_NAME = re.compile(r"^ckpt_(\d+)\.pt$")
+
+
+def rng_state():
+    """Torch CPU/CUDA, numpy and Python RNG states, as plain values."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
+            "python": random.getstate()}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def checkpoints(run_dir):
+    """Paths of the complete checkpoints in run_dir, oldest step first."""
+    found = []
+    for p in Path(run_dir).glob("ckpt_*.pt"):
+        m = _NAME.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest(run_dir):
+    """The newest checkpoint in run_dir, or None."""
+    found = checkpoints(run_dir) if Path(run_dir).is_dir() else []
+    return found[-1] if found else None
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(run_dir, step, model_state, optimizer_state, config, loader_state, keep=3):
+    """Write ckpt_<step>.pt atomically (RNG states captured here) and keep the newest `keep`
+    (keep=None keeps all). Returns the path."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / f"ckpt_{step:08d}.pt"
+    tmp = run_dir / f".{final.name}.tmp{os.getpid()}"
+    payload = {"model": model_state, "optimizer": optimizer_state, "step": step,
+               "config": config, "loader": loader_state, "rng": rng_state()}
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(run_dir)
+    if keep is not None:
+        prune(run_dir, keep)
+    return final
+
+
+def prune(run_dir, keep):
+    """Delete all but the newest `keep` checkpoints, and temp files left by crashed saves."""
+    for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        old.unlink()
+    for stale in Path(run_dir).glob(".ckpt_*.pt.tmp*"):
+        stale.unlink(missing_ok=True)
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(saved, expected):
+    """Lines 'field: checkpoint X, current Y' for every field of `expected` (nested dicts
+    compared by dotted path) that the saved config lacks or holds with another value."""
+    saved, expected = _flatten(saved), _flatten(expected)
+    missing = object()
+    return [f"{k}: checkpoint {saved.get(k, '<missing>')!r}, current {v!r}"
+            for k, v in expected.items() if saved.get(k, missing) != v]
+
+
+def load(path, map_location="cpu", model_config=None):
+    """Load a checkpoint file (or the latest one in a run dir). With model_config (a dict laid
+    out like the saved config, holding only the fields that shape the model), a mismatch
+    raises ValueError listing every differing field."""
+    path = Path(path)
+    if path.is_dir():
+        found = latest(path)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint (ckpt_*.pt) in {path}")
+        path = found
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if model_config is not None:
+        diff = config_diff(ckpt["config"], model_config)
+        if diff:
+            raise ValueError(f"{path} was saved with a different model config:\n  "
+                             + "\n  ".join(diff))
+    return ckpt

@@ -1,0 +1,99 @@
+"""Move weights between nanolm and Hugging Face GPT-2 (safetensors).
+
+nanolm's parameter names are Hugging Face's (`transformer.h.0.attn.c_attn.weight`, ...) with
+two differences this module undoes:
+  * HF's Conv1D stores a weight as (in, out); nanolm's nn.Linear stores (out, in). The four
+    projections c_attn, attn.c_proj, c_fc, mlp.c_proj are transposed both ways.
+  * nanolm pads the vocabulary (50257 -> 50304, a multiple of 64, for fast matmuls); export
+    drops the padding rows of wte, import appends zero rows.
+lm_head is tied to wte: export writes no lm_head (HF re-ties it), import returns
+`lm_head.weight` as the same tensor as `transformer.wte.weight`.
+Needs the optional extra: pip install 'nanolm[hf]'.
+"""
+import json
+import os
+import re
+
+import torch
+
+TRANSPOSED = re.compile(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+# buffers older HF GPT-2 files carry (the causal mask); nanolm has no such state
+HF_BUFFERS = re.compile(r"\.attn\.(masked_)?bias$")
+WTE = "transformer.wte.weight"
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError as e:
+        raise ImportError("HF export/import needs safetensors: pip install 'nanolm[hf]'") from e
+    return safetensors.torch
+
+
+def to_hf(state_dict, vocab_size):
+    """nanolm state dict -> HF GPT-2 tensors (contiguous, padding rows dropped)."""
+    lm_head = state_dict.get("lm_head.weight")
+    if lm_head is not None and not torch.equal(lm_head, state_dict[WTE]):
+        raise ValueError("lm_head.weight differs from transformer.wte.weight: GPT-2 ties them, "
+                         "so an untied model cannot be exported")
+    out = {}
+    for name, t in state_dict.items():
+        if name == "lm_head.weight":
+            continue
+        t = t.detach()
+        if TRANSPOSED.search(name):
+            t = t.t()
+        if name == WTE:
+            t = t[:vocab_size]
+        out[name] = t.contiguous().clone()
+    return out
+
+
+def from_hf(tensors, padded_vocab_size):
+    """HF GPT-2 tensors (with or without the 'transformer.' prefix, as on the Hub) ->
+    nanolm state dict with wte padded with zero rows and lm_head tied."""
+    out = {}
+    for name, t in tensors.items():
+        if HF_BUFFERS.search(name) or name == "lm_head.weight":
+            continue
+        if not name.startswith("transformer."):
+            name = "transformer." + name
+        if TRANSPOSED.search(name):
+            t = t.t()
+        out[name] = t.contiguous()
+    wte = out[WTE]
+    if wte.shape[0] > padded_vocab_size:
+        raise ValueError(f"{WTE} has {wte.shape[0]} rows, more than padded_vocab_size "
+                         f"{padded_vocab_size}")
+    pad = wte.new_zeros(padded_vocab_size - wte.shape[0], wte.shape[1])
+    out[WTE] = torch.cat([wte, pad])
+    out["lm_head.weight"] = out[WTE]
+    return out
+
+
+def hf_config(state_dict, n_head, vocab_size):
+    """A GPT2Config dict so `GPT2LMHeadModel.from_pretrained(dir)` can load the export."""
+    n_layer = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("transformer.h."))
+    n_positions, n_embd = state_dict["transformer.wpe.weight"].shape
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+            "vocab_size": vocab_size, "n_positions": n_positions, "n_ctx": n_positions,
+            "n_embd": n_embd, "n_layer": n_layer, "n_head": n_head,
+            "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new",
+            "tie_word_embeddings": True, "bos_token_id": 50256, "eos_token_id": 50256}
+
+
+def export(state_dict, out_dir, n_head, vocab_size=50257):
+    """Write out_dir/model.safetensors and out_dir/config.json."""
+    st = _safetensors()
+    os.makedirs(out_dir, exist_ok=True)
+    st.save_file(to_hf(state_dict, vocab_size), os.path.join(out_dir, "model.safetensors"),
+                 metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config(state_dict, n_head, vocab_size), f, indent=2)
+
+
+def load(path, padded_vocab_size):
+    """A nanolm state dict from a model.safetensors file or a directory holding one."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.safetensors")
+    return from_hf(_safetensors().load_file(path), padded_vocab_size)

@@ -1,0 +1,61 @@
+import json
+
+import pytest
+import torch
+
+from nanolm import hf
+from tiny_gpt import GPT, GPTConfig
+
+pytest.importorskip("safetensors")
+
+VOCAB = 300  # true vocabulary; the model pads it to 320
+
+
+def test_export_import_round_trip(tmp_path):
+    model = GPT(GPTConfig())
+    sd = model.state_dict()
+    hf.export(sd, tmp_path, n_head=2, vocab_size=VOCAB)
+    back = hf.load(tmp_path, padded_vocab_size=320)
+    assert back.keys() == sd.keys()
+    for k, v in sd.items():
+        if k in ("transformer.wte.weight", "lm_head.weight"):
+            assert torch.equal(back[k][:VOCAB], v[:VOCAB])
+            assert torch.all(back[k][VOCAB:] == 0)  # padding rows re-created as zeros
+        else:
+            assert torch.equal(back[k], v), k
+    assert back["lm_head.weight"] is back["transformer.wte.weight"]
+    model.load_state_dict(back)
+
+
+def test_export_uses_hf_names_and_conv1d_layout(tmp_path):
+    from safetensors.torch import load_file
+    sd = GPT(GPTConfig()).state_dict()
+    hf.export(sd, tmp_path, n_head=2, vocab_size=VOCAB)
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    assert tensors["transformer.wte.weight"].shape == (VOCAB, 32)
+    assert tensors["transformer.h.1.attn.c_attn.weight"].shape == (32, 96)  # (in, out)
+    assert tensors["transformer.h.0.mlp.c_fc.weight"].shape == (32, 128)
+    assert tensors["transformer.h.0.mlp.c_proj.weight"].shape == (128, 32)
+    assert torch.equal(tensors["transformer.h.0.attn.c_proj.weight"],
+                       sd["transformer.h.0.attn.c_proj.weight"].t())
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert (cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["n_positions"],
+            cfg["vocab_size"]) == (2, 2, 32, 32, VOCAB)
+
+
+def test_import_hub_layout_without_prefix_and_with_mask_buffers():
+    sd = GPT(GPTConfig()).state_dict()
+    tensors = {k.removeprefix("transformer."): v for k, v in hf.to_hf(sd, VOCAB).items()}
+    tensors["h.0.attn.bias"] = torch.ones(1, 1, 32, 32)
+    back = hf.from_hf(tensors, 320)
+    assert back.keys() == sd.keys()
+    assert torch.equal(back["transformer.h.0.attn.c_attn.weight"],
+                       sd["transformer.h.0.attn.c_attn.weight"])
+
+
+def test_untied_head_is_rejected():
+    sd = dict(GPT(GPTConfig()).state_dict())
+    sd["lm_head.weight"] = torch.randn_like(sd["lm_head.weight"])
+    with pytest.raises(ValueError, match="untied"):
+        hf.to_hf(sd, VOCAB)
