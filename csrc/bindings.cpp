@@ -8,6 +8,7 @@
 #include <pybind11/stl.h>
 
 #include "common.h"
+#include "layernorm.h"
 
 namespace py = pybind11;
 
@@ -35,4 +36,14 @@ static py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
     m.doc() = "nanolm's C++ (CPU) and CUDA kernels; see csrc/ and nanolm/backends/";
     m.def("build_info", &build_info, "How this extension was built");
+
+    m.def("layernorm_fwd_cpu", &nanolm::layernorm_fwd_cpu, "LayerNorm forward (+ fused residual add), float32");
+    m.def("layernorm_bwd_cpu", &nanolm::layernorm_bwd_cpu, "LayerNorm backward (+ residual grad), float32");
+#ifdef NANOLM_WITH_CUDA
+    m.def("layernorm_fwd_cuda", &nanolm::layernorm_fwd_cuda, "LayerNorm forward (+ fused residual add)");
+    m.def("layernorm_bwd_workspace_rows_cuda", &nanolm::layernorm_bwd_workspace_rows_cuda,
+          "Rows P of the (2, P, C) float32 workspace layernorm_bwd_cuda needs");
+    m.def("layernorm_bwd_cuda", &nanolm::layernorm_bwd_cuda, "LayerNorm backward (+ residual grad)");
+    m.attr("layernorm_cuda_max_c") = nanolm::kLayerNormCudaMaxC;
+#endif
 }

@@ -27,3 +27,22 @@ def check_same_dtype(op, **tensors):
     dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
     if len(set(dtypes.values())) > 1:
         raise ValueError(f"{op}: dtypes differ: {dtypes}")
+
+
+def check_layer_norm(op, x, weight, *, dtypes, rows=(), vectors=(), stats=(), max_c=None):
+    """LayerNorm arguments: x (N, C); `rows` more (N, C) tensors like x (None allowed),
+    `vectors` (C,) tensors like x (None allowed), `stats` (N,) float32 tensors; all on x's device."""
+    check_tensor(op, "x", x, dtypes=dtypes, ndim=2)
+    N, C = x.shape
+    if C < 1 or (max_c is not None and C > max_c):
+        raise ValueError(f"{op}: row length C={C} outside the supported [1, {max_c}]")
+    like_x = dict(dtypes=(x.dtype,), device=x.device)
+    check_tensor(op, "weight", weight, shape=(C,), **like_x)
+    for name, t in rows:
+        if t is not None:
+            check_tensor(op, name, t, shape=(N, C), **like_x)
+    for name, t in vectors:
+        if t is not None:
+            check_tensor(op, name, t, shape=(C,), **like_x)
+    for name, t in stats:
+        check_tensor(op, name, t, dtypes=(torch.float32,), device=x.device, shape=(N,))

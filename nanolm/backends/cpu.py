@@ -2,7 +2,11 @@
 
 Each function checks its tensors (dtype, device, shape, contiguity) and passes raw pointers.
 """
-OPS = ()
+import torch
+
+from nanolm.backends.checks import check_layer_norm
+
+OPS = ("layernorm",)
 
 
 def unavailable_reason(device):
@@ -13,3 +17,53 @@ def unavailable_reason(device):
     except ImportError as e:
         return f"nanolm._C is not built ({e})"
     return None
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+# ----------------------------------------------------------------------------- layernorm
+
+def _check_cpu(op, x):
+    if x.device.type != "cpu":
+        raise ValueError(f"{op}: x is on {x.device}, the cpu backend needs CPU tensors")
+
+
+def _layer_norm_fwd(op, x, residual, weight, bias, eps):
+    from nanolm import _C
+    check_layer_norm(op, x, weight, dtypes=(torch.float32,), rows=[("residual", residual)],
+                     vectors=[("bias", bias)])
+    _check_cpu(op, x)
+    N, C = x.shape
+    y = torch.empty_like(x)
+    residual_out = None if residual is None else torch.empty_like(x)
+    mean = torch.empty(N, dtype=torch.float32)
+    rstd = torch.empty(N, dtype=torch.float32)
+    _C.layernorm_fwd_cpu(x.data_ptr(), _ptr(residual), _ptr(residual_out), weight.data_ptr(), _ptr(bias),
+                         y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), N, C, float(eps))
+    return y, residual_out, mean, rstd
+
+
+def layer_norm_fwd(x, weight, bias, eps):
+    y, _, mean, rstd = _layer_norm_fwd("layer_norm_fwd", x, None, weight, bias, eps)
+    return y, mean, rstd
+
+
+def add_layer_norm_fwd(x, residual, weight, bias, eps):
+    return _layer_norm_fwd("add_layer_norm_fwd", x, residual, weight, bias, eps)
+
+
+def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual):
+    from nanolm import _C
+    op = "layer_norm_bwd"
+    check_layer_norm(op, x, weight, dtypes=(torch.float32,), rows=[("dy", dy), ("dresidual", dresidual)],
+                     stats=[("mean", mean), ("rstd", rstd)])
+    _check_cpu(op, x)
+    N, C = x.shape
+    dx = torch.empty_like(x)
+    dweight = torch.empty(C, dtype=torch.float32)
+    dbias = torch.empty(C, dtype=torch.float32)
+    _C.layernorm_bwd_cpu(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+                         _ptr(dresidual), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), N, C)
+    return dx, dweight, dbias

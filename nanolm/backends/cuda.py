@@ -5,7 +5,9 @@ and the current CUDA stream to the extension, which throws on any CUDA error.
 """
 import torch
 
-OPS = ()
+from nanolm.backends.checks import check_layer_norm
+
+OPS = ("layernorm",)
 
 
 def unavailable_reason(device):
@@ -22,3 +24,62 @@ def unavailable_reason(device):
 
 def _stream():
     return torch.cuda.current_stream().cuda_stream
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
+
+
+# ----------------------------------------------------------------------------- layernorm
+
+def _check_layer_norm_cuda(op, x, weight, **groups):
+    from nanolm import _C
+    if not hasattr(_C, "layernorm_fwd_cuda"):
+        raise ValueError(f"{op}: nanolm._C was built without CUDA")
+    check_layer_norm(op, x, weight, dtypes=tuple(_DTYPE_CODE), max_c=_C.layernorm_cuda_max_c, **groups)
+    if x.device.type != "cuda":
+        raise ValueError(f"{op}: x is on {x.device}, the cuda backend needs CUDA tensors")
+    return _C
+
+
+def _layer_norm_fwd(op, x, residual, weight, bias, eps):
+    _C = _check_layer_norm_cuda(op, x, weight, rows=[("residual", residual)], vectors=[("bias", bias)])
+    N, C = x.shape
+    y = torch.empty_like(x)
+    residual_out = None if residual is None else torch.empty_like(x)
+    mean = torch.empty(N, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(N, dtype=torch.float32, device=x.device)
+    with torch.cuda.device(x.device):
+        _C.layernorm_fwd_cuda(x.data_ptr(), _ptr(residual), _ptr(residual_out), weight.data_ptr(), _ptr(bias),
+                              y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), N, C, float(eps),
+                              _DTYPE_CODE[x.dtype], _stream())
+    return y, residual_out, mean, rstd
+
+
+def layer_norm_fwd(x, weight, bias, eps):
+    y, _, mean, rstd = _layer_norm_fwd("layer_norm_fwd", x, None, weight, bias, eps)
+    return y, mean, rstd
+
+
+def add_layer_norm_fwd(x, residual, weight, bias, eps):
+    return _layer_norm_fwd("add_layer_norm_fwd", x, residual, weight, bias, eps)
+
+
+def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual):
+    op = "layer_norm_bwd"
+    _C = _check_layer_norm_cuda(op, x, weight, rows=[("dy", dy), ("dresidual", dresidual)],
+                                stats=[("mean", mean), ("rstd", rstd)])
+    N, C = x.shape
+    dx = torch.empty_like(x)
+    dweight = torch.empty(C, dtype=torch.float32, device=x.device)
+    dbias = torch.empty(C, dtype=torch.float32, device=x.device)
+    with torch.cuda.device(x.device):
+        workspace = torch.empty(2, _C.layernorm_bwd_workspace_rows_cuda(N, C), C, dtype=torch.float32,
+                                device=x.device)
+        _C.layernorm_bwd_cuda(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+                              _ptr(dresidual), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(),
+                              workspace.data_ptr(), N, C, _DTYPE_CODE[x.dtype], _stream())
+    return dx, dweight, dbias

@@ -7,7 +7,9 @@ import os
 
 import torch
 
-OPS = ()
+from nanolm.kernels.layernorm import add_layer_norm_fwd, layer_norm_bwd, layer_norm_fwd  # noqa: F401
+
+OPS = ("layernorm",)
 
 
 def unavailable_reason(device):

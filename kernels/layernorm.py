@@ -1,0 +1,225 @@
+"""LayerNorm forward and backward in Triton, with the residual add fused (llm.c style).
+
+    forward   h = x (+ residual);  mean = sum(h)/C;  rstd = 1/sqrt(sum((h-mean)^2)/C + eps)
+              y = (h - mean) * rstd * w + b
+    backward  xhat = (x - mean) * rstd;  wdy = w * dy
+              c1 = sum(xhat * wdy)/C;  c2 = sum(wdy)/C
+              dx = (wdy - (xhat * c1 + c2)) * rstd (+ dresidual)
+              dw = sum_rows(dy * xhat);  db = sum_rows(dy)
+
+Memory traffic, s bytes per element of x (4 fp32, 2 bf16), see `layernorm_bytes`:
+    forward   reads N*C*s (+ N*C*s residual) + 2*C*s, writes N*C*s (+ N*C*s residual_out) + 8N
+    backward  reads 2*N*C*s (+ N*C*s dresidual) + C*s + 8N, writes N*C*s + 8C,
+              plus 2*P*C*4 bytes of partial dw/db written and read back (P programs)
+Memory-bound: a handful of FLOPs per byte.
+
+Forward: one program per ROWS rows (several rows for short C so a program moves enough bytes).
+Backward: P programs, each over a fixed contiguous range of rows, accumulate dw/db in
+registers and store them as one row of a (P, C) fp32 buffer; a second kernel adds those rows
+per column in a fixed order. No atomics, so dw/db are bit-identical run to run.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from nanolm.backends.checks import check_layer_norm
+
+MAX_C = 16384  # the whole row lives in registers: BLOCK_C = next_power_of_2(C)
+
+
+def layernorm_bytes(N, C, dtype, fused, backward=False, partial_rows=0):
+    """Bytes a forward (or backward) moves; fused = with the residual add (or dresidual)."""
+    s = torch.empty((), dtype=dtype).element_size()
+    if not backward:
+        return (2 + 2 * fused) * N * C * s + 2 * C * s + 8 * N
+    return (3 + fused) * N * C * s + C * s + 8 * N + 8 * C + 2 * 2 * partial_rows * C * 4
+
+
+@triton.jit
+def layernorm_fwd_kernel(
+    X,             # (N, C)
+    R,             # (N, C) residual, read when HAS_RESIDUAL
+    RO,            # (N, C) residual_out = x + residual, written when HAS_RESIDUAL
+    W,             # (C,)
+    B,             # (C,), read when HAS_BIAS
+    Y,             # (N, C)
+    Mean,          # (N,) float32
+    Rstd,          # (N,) float32
+    N, C, eps,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    row_ok = rows < N
+    col_ok = cols < C
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = rows.to(tl.int64)[:, None] * C + cols[None, :]  # int64: N*C can pass 2^31
+    # 1. h = x (+ residual): the stream is normalized as stored (rounded), as the backward sees it
+    h = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        h += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+        h_stored = h.to(RO.dtype.element_ty)
+        tl.store(RO + offs, h_stored, mask=mask)
+        h = h_stored.to(tl.float32)
+    # 2. statistics in fp32, variance from centered values (no cancellation)
+    mean = tl.sum(h, axis=1) / C
+    d = tl.where(mask, h - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
+    # 3. normalize, scale, shift
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = d * rstd[:, None] * w[None, :]
+    if HAS_BIAS:
+        y += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + rows, mean, mask=row_ok)
+    tl.store(Rstd + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def layernorm_bwd_kernel(
+    DY,            # (N, C)
+    X,             # (N, C)
+    W,             # (C,)
+    Mean,          # (N,) float32
+    Rstd,          # (N,) float32
+    DRES,          # (N, C) dresidual, read when HAS_DRESIDUAL
+    DX,            # (N, C)
+    DW_partial,    # (P, C) float32, row p = this program's sum of dy * xhat
+    DB_partial,    # (P, C) float32, row p = this program's sum of dy
+    N, C,
+    rows_per_program,
+    HAS_DRESIDUAL: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+    db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    # `while`, not `range`: the interpreter cannot range over a runtime scalar with numpy >= 2.4
+    row = pid * rows_per_program
+    row_end = row + rows_per_program
+    while row < row_end:
+        ok = col_ok & (row < N)  # the last program's range may run past N: masked, adds 0
+        offs = row.to(tl.int64) * C + cols
+        x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=ok, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + row, mask=row < N, other=0.0)
+        rstd = tl.load(Rstd + row, mask=row < N, other=0.0)
+        # 1. the row sums c1, c2 (masked columns are 0 in xhat and wdy)
+        xhat = tl.where(ok, (x - mean) * rstd, 0.0)
+        wdy = w * dy
+        c1 = tl.sum(xhat * wdy, axis=0) / C
+        c2 = tl.sum(wdy, axis=0) / C
+        # 2. dx, and this row's share of dw, db
+        dx = (wdy - (xhat * c1 + c2)) * rstd
+        if HAS_DRESIDUAL:
+            dx += tl.load(DRES + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=ok)
+        dw += dy * xhat
+        db += dy
+        row += 1
+    tl.store(DW_partial + pid * C + cols, dw, mask=col_ok)
+    tl.store(DB_partial + pid * C + cols, db, mask=col_ok)
+
+
+@triton.jit
+def layernorm_bwd_reduce_kernel(
+    DW_partial,    # (P, C) float32
+    DB_partial,    # (P, C) float32
+    DW,            # (C,) float32
+    DB,            # (C,) float32
+    P, C,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # Columns split over programs; each adds the P partial rows in a fixed order.
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    dw = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    db = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    p0 = tl.program_id(0) * 0  # a runtime int32 scalar: `while` needs a typed loop variable
+    while p0 < P:
+        ps = p0 + tl.arange(0, BLOCK_P)
+        mask = (ps < P)[:, None] & col_ok[None, :]
+        offs = ps[:, None] * C + cols[None, :]
+        dw += tl.load(DW_partial + offs, mask=mask, other=0.0)
+        db += tl.load(DB_partial + offs, mask=mask, other=0.0)
+        p0 += BLOCK_P
+    tl.store(DW + cols, tl.sum(dw, axis=0), mask=col_ok)
+    tl.store(DB + cols, tl.sum(db, axis=0), mask=col_ok)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _num_warps(elements):
+    return min(max(elements // 256, 1), 16)
+
+
+def _layer_norm_fwd(op, x, residual, weight, bias, eps):
+    check_layer_norm(op, x, weight, dtypes=_DTYPES, rows=[("residual", residual)], vectors=[("bias", bias)],
+                     max_c=MAX_C)
+    N, C = x.shape
+    y = torch.empty_like(x)
+    residual_out = None if residual is None else torch.empty_like(x)
+    mean = torch.empty(N, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(N, dtype=torch.float32, device=x.device)
+    if N == 0:
+        return y, residual_out, mean, rstd
+    BLOCK_C = triton.next_power_of_2(C)
+    ROWS = max(1, min(16, 2048 // BLOCK_C))  # short rows: several per program
+    layernorm_fwd_kernel[(triton.cdiv(N, ROWS),)](
+        x, residual if residual is not None else x, residual_out if residual_out is not None else y,
+        weight, bias if bias is not None else weight, y, mean, rstd, N, C, eps,
+        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, BLOCK_C=BLOCK_C, ROWS=ROWS,
+        num_warps=_num_warps(BLOCK_C * ROWS))
+    return y, residual_out, mean, rstd
+
+
+def layer_norm_fwd(x, weight, bias, eps):
+    y, _, mean, rstd = _layer_norm_fwd("layer_norm_fwd", x, None, weight, bias, eps)
+    return y, mean, rstd
+
+
+def add_layer_norm_fwd(x, residual, weight, bias, eps):
+    return _layer_norm_fwd("add_layer_norm_fwd", x, residual, weight, bias, eps)
+
+
+def _bwd_programs(N, device):
+    """P: a few programs per SM on a GPU (a fixed 8 under the interpreter); fixed for a given
+    N and device, which is what makes dw/db bit-reproducible."""
+    if device.type == "cuda":
+        per_device = torch.cuda.get_device_properties(device).multi_processor_count * 4
+    else:
+        per_device = 8
+    return max(1, min(N, per_device))
+
+
+def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual):
+    op = "layer_norm_bwd"
+    check_layer_norm(op, x, weight, dtypes=_DTYPES, rows=[("dy", dy), ("dresidual", dresidual)],
+                     stats=[("mean", mean), ("rstd", rstd)], max_c=MAX_C)
+    N, C = x.shape
+    dx = torch.empty_like(x)
+    rows_per_program = triton.cdiv(max(N, 1), _bwd_programs(N, x.device))
+    P = triton.cdiv(N, rows_per_program)
+    partial = torch.empty(2, P, C, dtype=torch.float32, device=x.device)
+    dweight = torch.empty(C, dtype=torch.float32, device=x.device)
+    dbias = torch.empty(C, dtype=torch.float32, device=x.device)
+    BLOCK_C = triton.next_power_of_2(C)
+    if P > 0:
+        layernorm_bwd_kernel[(P,)](
+            dy, x, weight, mean, rstd, dresidual if dresidual is not None else dy, dx, partial[0], partial[1],
+            N, C, rows_per_program, HAS_DRESIDUAL=dresidual is not None, BLOCK_C=BLOCK_C,
+            num_warps=_num_warps(BLOCK_C))
+    BLOCK_R = 64
+    layernorm_bwd_reduce_kernel[(triton.cdiv(C, BLOCK_R),)](
+        partial[0], partial[1], dweight, dbias, P, C, BLOCK_P=32, BLOCK_C=BLOCK_R)
+    return dx, dweight, dbias
