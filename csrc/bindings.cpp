@@ -8,6 +8,7 @@
 #include <pybind11/stl.h>
 
 #include "common.h"
+#include "cross_entropy.h"
 
 namespace py = pybind11;
 
@@ -35,4 +36,10 @@ static py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
     m.doc() = "nanolm's C++ (CPU) and CUDA kernels; see csrc/ and nanolm/backends/";
     m.def("build_info", &build_info, "How this extension was built");
+    m.def("cross_entropy_fwd_cpu", &nanolm::cross_entropy_fwd_cpu,
+          "Cross-entropy losses and gradient over float32 logits (N, Vp), OpenMP over rows");
+#ifdef NANOLM_WITH_CUDA
+    m.def("cross_entropy_fwd_cuda", &nanolm::cross_entropy_fwd_cuda,
+          "Cross-entropy losses and gradient over fp32/bf16 logits (N, Vp), one block per row");
+#endif
 }

@@ -27,3 +27,15 @@ def check_same_dtype(op, **tensors):
     dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
     if len(set(dtypes.values())) > 1:
         raise ValueError(f"{op}: dtypes differ: {dtypes}")
+
+
+def check_cross_entropy(op, logits, targets, vocab_size, *, dtypes, device_type):
+    """logits (N, Vp) contiguous with 1 <= vocab_size <= Vp, targets (N,) int64 on its device;
+    device_type None accepts any device."""
+    check_tensor(op, "logits", logits, dtypes=dtypes, ndim=2)
+    if device_type is not None and logits.device.type != device_type:
+        raise ValueError(f"{op}: logits are on {logits.device}, this backend needs {device_type}")
+    check_tensor(op, "targets", targets, dtypes=(torch.int64,), device=logits.device,
+                 shape=(logits.shape[0],))
+    if not 1 <= vocab_size <= logits.shape[1]:
+        raise ValueError(f"{op}: vocab_size={vocab_size} outside [1, {logits.shape[1]}] (logits columns)")

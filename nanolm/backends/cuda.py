@@ -5,7 +5,9 @@ and the current CUDA stream to the extension, which throws on any CUDA error.
 """
 import torch
 
-OPS = ()
+from nanolm.backends.checks import check_cross_entropy
+
+OPS = ("cross_entropy",)
 
 
 def unavailable_reason(device):
@@ -22,3 +24,19 @@ def unavailable_reason(device):
 
 def _stream():
     return torch.cuda.current_stream().cuda_stream
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+
+
+def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_scale, inplace):
+    check_cross_entropy("cross_entropy", logits, targets, vocab_size, dtypes=tuple(_DTYPE_NAMES),
+                        device_type="cuda")
+    from nanolm import _C
+    N, Vp = logits.shape
+    losses = torch.empty(N, dtype=torch.float32, device=logits.device)
+    dlogits = logits if inplace else torch.empty_like(logits)
+    _C.cross_entropy_fwd_cuda(logits.data_ptr(), targets.data_ptr(), losses.data_ptr(),
+                              dlogits.data_ptr(), N, Vp, vocab_size, ignore_index, z_loss, grad_scale,
+                              _DTYPE_NAMES[logits.dtype], _stream())
+    return losses, dlogits
