@@ -12,8 +12,8 @@
 // gradients (read back once from cache) + N losses.
 #include <algorithm>
 #include <cmath>
+#include <climits>
 #include <cstdint>
-#include <cstring>
 
 #include "common.h"
 #include "cross_entropy.h"
@@ -23,10 +23,13 @@ namespace {
 
 // exp(x) for x <= 0 (callers subtract the row max), relative error ~2e-7: 2^n * p(r) with
 // x = n ln2 + r, |r| <= ln2 / 2, p a degree-6 Taylor polynomial. x is clamped at -87 so 2^n
-// stays a normal float (exp(-87) ~ 2e-38, and exp(-inf) gives that, not NaN).
+// stays a normal float (exp(-87) ~ 2e-38, and exp(-inf) gives that, not NaN). The clamp is an
+// unsigned min on the bits (a float <= 0 grows in magnitude as its bits grow): gcc will not
+// vectorize a float compare under the default -ftrapping-math. Branch-free, so it vectorizes.
 inline float exp_nonpositive(float x) {
-    x = std::max(x, -87.f);
-    const float n = std::nearbyint(x * 1.44269504088896341f);
+    x = __builtin_bit_cast(float, std::min(__builtin_bit_cast(std::uint32_t, x), 0xC2AE0000u));  // -87.f
+    // round to nearest by adding 1.5 * 2^23 (std::nearbyint does not vectorize with gcc 12)
+    const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
     const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // ln2 split hi/lo
     float p = 1.f / 720;
     p = p * r + 1.f / 120;
@@ -35,11 +38,20 @@ inline float exp_nonpositive(float x) {
     p = p * r + 0.5f;
     p = p * r + 1.f;
     p = p * r + 1.f;
-    std::int32_t bits = (static_cast<std::int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    return p * scale;
+    return p * __builtin_bit_cast(float, (static_cast<std::int32_t>(n) + 127) << 23);
 }
+
+// A float's bits as an int32 with the same order (a negative float's magnitude bits flipped):
+// the row max becomes an integer max, which gcc vectorizes; a float max it does not without
+// -ffast-math (NaN semantics). The map is its own inverse.
+inline std::int32_t order_key(float x) {
+    const std::int32_t b = __builtin_bit_cast(std::int32_t, x);
+    return b ^ ((b >> 31) & 0x7fffffff);
+}
+
+inline std::int32_t order_key_inverse(std::int32_t k) { return k ^ ((k >> 31) & 0x7fffffff); }
+
+constexpr std::int64_t kBlock = 512;
 
 struct RowStats {
     float m, log_s;  // lse = m + log_s, kept apart: lse ~ 1e4 rounds by 1e-3 in fp32
@@ -48,15 +60,23 @@ struct RowStats {
 // Writes dx[0, V) = exp(x - lse) * coef (x may equal dx); coef is a function of lse.
 template <typename CoefFn>
 RowStats softmax_row(const float* x, float* dx, std::int64_t V, CoefFn coef_of_lse) {
-    float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-    for (std::int64_t j = 0; j < V; ++j) m = std::max(m, x[j]);
-    double s = 0.0;  // fp32 lanes would each sum ~V/8 terms: 1e-4 relative error at V = 50257
-#pragma omp simd reduction(+ : s)
-    for (std::int64_t j = 0; j < V; ++j) {
-        const float e = exp_nonpositive(x[j] - m);
-        dx[j] = e;
-        s += e;
+    std::int32_t m_key = INT32_MIN;
+#pragma omp simd reduction(max : m_key)
+    for (std::int64_t j = 0; j < V; ++j) m_key = std::max(m_key, order_key(x[j]));
+    const float m = __builtin_bit_cast(float, order_key_inverse(m_key));
+    // fp32 lanes summing a whole row (~V/8 terms each) lose 1e-4 relative at V = 50257: sum
+    // blocks of kBlock in fp32 (vectorized), the blocks in double.
+    double s = 0.0;
+    for (std::int64_t j0 = 0; j0 < V; j0 += kBlock) {
+        const std::int64_t j1 = std::min(j0 + kBlock, V);
+        float block_sum = 0.f;
+#pragma omp simd reduction(+ : block_sum)
+        for (std::int64_t j = j0; j < j1; ++j) {
+            const float e = exp_nonpositive(x[j] - m);
+            dx[j] = e;
+            block_sum += e;
+        }
+        s += block_sum;
     }
     const float log_s = static_cast<float>(std::log(s));
     const float c = static_cast<float>(coef_of_lse(m + log_s) / s);

@@ -229,6 +229,8 @@ def linear_cross_entropy(h, weight, targets, backend, vocab_size=None, ignore_in
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: h {tuple(h.shape)} and weight {tuple(weight.shape)} "
                          "must be (N, C) and (V, C)")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
     vocab_size = weight.shape[0] if vocab_size is None else vocab_size
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     return LinearCrossEntropy.apply(h, weight, targets, vocab_size, ignore_index, z_loss, chunk_rows,

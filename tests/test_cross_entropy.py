@@ -217,9 +217,16 @@ def test_linear_cross_entropy_no_grad_matches():
                                rtol=1e-5, atol=1e-6)
 
 
-def test_linear_cross_entropy_bad_targets():
+def test_linear_cross_entropy_bad_input():
+    h, weight = torch.randn(4, 8), torch.randn(777, 8)
     with pytest.raises(ValueError, match="outside"):
-        ops.linear_cross_entropy(torch.randn(4, 8), torch.randn(777, 8), torch.tensor([0, 1, 777, 2]), cpu)
+        ops.linear_cross_entropy(h, weight, torch.tensor([0, 1, 777, 2]), cpu)
+    with pytest.raises(ValueError, match="chunk_rows must be >= 1, got 0"):
+        ops.linear_cross_entropy(h, weight, torch.tensor([0, 1, 2, 3]), cpu, chunk_rows=0)
+    with pytest.raises(ValueError, match="must be \\(N, C\\) and \\(V, C\\)"):
+        ops.linear_cross_entropy(h, torch.randn(777, 9), torch.tensor([0, 1, 2, 3]), cpu)
+    with pytest.raises(ValueError, match="targets must be int64"):
+        ops.linear_cross_entropy(h, weight, torch.tensor([0, 1, 2, 3], dtype=torch.int32), cpu)
 
 
 # ----------------------------------------------------------------------------- GPU
