@@ -9,6 +9,7 @@
 
 #include "common.h"
 #include "layernorm.h"
+#include "cross_entropy.h"
 
 namespace py = pybind11;
 
@@ -45,5 +46,10 @@ PYBIND11_MODULE(_C, m) {
           "Rows P of the (2, P, C) float32 workspace layernorm_bwd_cuda needs");
     m.def("layernorm_bwd_cuda", &nanolm::layernorm_bwd_cuda, "LayerNorm backward (+ residual grad)");
     m.attr("layernorm_cuda_max_c") = nanolm::kLayerNormCudaMaxC;
+    m.def("cross_entropy_fwd_cpu", &nanolm::cross_entropy_fwd_cpu,
+          "Cross-entropy losses and gradient over float32 logits (N, Vp), OpenMP over rows");
+#ifdef NANOLM_WITH_CUDA
+    m.def("cross_entropy_fwd_cuda", &nanolm::cross_entropy_fwd_cuda,
+          "Cross-entropy losses and gradient over fp32/bf16 logits (N, Vp), one block per row");
 #endif
 }

@@ -46,3 +46,13 @@ def check_layer_norm(op, x, weight, *, dtypes, rows=(), vectors=(), stats=(), ma
             check_tensor(op, name, t, shape=(C,), **like_x)
     for name, t in stats:
         check_tensor(op, name, t, dtypes=(torch.float32,), device=x.device, shape=(N,))
+def check_cross_entropy(op, logits, targets, vocab_size, *, dtypes, device_type):
+    """logits (N, Vp) contiguous with 1 <= vocab_size <= Vp, targets (N,) int64 on its device;
+    device_type None accepts any device."""
+    check_tensor(op, "logits", logits, dtypes=dtypes, ndim=2)
+    if device_type is not None and logits.device.type != device_type:
+        raise ValueError(f"{op}: logits are on {logits.device}, this backend needs {device_type}")
+    check_tensor(op, "targets", targets, dtypes=(torch.int64,), device=logits.device,
+                 shape=(logits.shape[0],))
+    if not 1 <= vocab_size <= logits.shape[1]:
+        raise ValueError(f"{op}: vocab_size={vocab_size} outside [1, {logits.shape[1]}] (logits columns)")

@@ -7,6 +7,9 @@ import torch
 from nanolm.backends.checks import check_layer_norm
 
 OPS = ("layernorm",)
+from nanolm.backends.checks import check_cross_entropy
+
+OPS = ("cross_entropy",)
 
 
 def unavailable_reason(device):
@@ -67,3 +70,13 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual):
     _C.layernorm_bwd_cpu(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
                          _ptr(dresidual), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), N, C)
     return dx, dweight, dbias
+def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_scale, inplace):
+    check_cross_entropy("cross_entropy", logits, targets, vocab_size, dtypes=(torch.float32,),
+                        device_type="cpu")
+    from nanolm import _C
+    N, Vp = logits.shape
+    losses = torch.empty(N, dtype=torch.float32)
+    dlogits = logits if inplace else torch.empty_like(logits)
+    _C.cross_entropy_fwd_cpu(logits.data_ptr(), targets.data_ptr(), losses.data_ptr(),
+                             dlogits.data_ptr(), N, Vp, vocab_size, ignore_index, z_loss, grad_scale)
+    return losses, dlogits

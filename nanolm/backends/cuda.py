@@ -8,6 +8,9 @@ import torch
 from nanolm.backends.checks import check_layer_norm
 
 OPS = ("layernorm",)
+from nanolm.backends.checks import check_cross_entropy
+
+OPS = ("cross_entropy",)
 
 
 def unavailable_reason(device):
@@ -83,3 +86,17 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual):
                               _ptr(dresidual), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(),
                               workspace.data_ptr(), N, C, _DTYPE_CODE[x.dtype], _stream())
     return dx, dweight, dbias
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+
+
+def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_scale, inplace):
+    check_cross_entropy("cross_entropy", logits, targets, vocab_size, dtypes=tuple(_DTYPE_NAMES),
+                        device_type="cuda")
+    from nanolm import _C
+    N, Vp = logits.shape
+    losses = torch.empty(N, dtype=torch.float32, device=logits.device)
+    dlogits = logits if inplace else torch.empty_like(logits)
+    _C.cross_entropy_fwd_cuda(logits.data_ptr(), targets.data_ptr(), losses.data_ptr(),
+                              dlogits.data_ptr(), N, Vp, vocab_size, ignore_index, z_loss, grad_scale,
+                              _DTYPE_NAMES[logits.dtype], _stream())
+    return losses, dlogits

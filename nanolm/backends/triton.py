@@ -10,6 +10,9 @@ import torch
 from nanolm.kernels.layernorm import add_layer_norm_fwd, layer_norm_bwd, layer_norm_fwd  # noqa: F401
 
 OPS = ("layernorm",)
+from nanolm.backends.checks import check_cross_entropy
+
+OPS = ("cross_entropy",)
 
 
 def unavailable_reason(device):
@@ -22,3 +25,12 @@ def unavailable_reason(device):
     if os.environ.get("TRITON_INTERPRET") == "1":
         return None
     return "Triton runs on CUDA devices, or on CPU only under TRITON_INTERPRET=1"
+
+
+def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_scale, inplace):
+    check_cross_entropy("cross_entropy", logits, targets, vocab_size,
+                        dtypes=(torch.float32, torch.bfloat16, torch.float16),
+                        device_type=None)
+    from nanolm.kernels import cross_entropy
+    return cross_entropy.cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss,
+                                           grad_scale, inplace)

@@ -1,0 +1,230 @@
+// Cross-entropy forward with its gradient, one thread block per row of logits (N, Vp).
+//
+// Per row with target t (columns >= V are padding, excluded from the softmax):
+//   lse  = m + log(s),  m = max_j x_j,  s = sum_j exp(x_j - m)      (j < V)
+//   loss = lse - x_t + z_loss * lse^2                  (0 if t == ignore_index)
+//   dx_j = grad_scale * (exp(x_j - lse) * (1 + 2 z_loss lse) - [j == t])  (0 for j >= V and
+//          for ignored rows)
+// Algorithm: sweep 1 reads the row with 16-byte loads (scalar head up to the first 16-byte
+// boundary: rows of Vp = 50257 start misaligned; scalar tail) and keeps a per-thread online
+// (max, sum) in fp32, merged by warp shuffles and then across warps through shared memory;
+// sweep 2 reads the row again (mostly from L2: a bf16 row is 100 KB) and writes dx once, with
+// streaming (evict-first) loads and stores so they do not push other rows out of L2.
+// Ignored rows skip sweep 1 and only write zeros.
+// Memory traffic: reads N*Vp logits twice + N targets, writes N*Vp gradients + N losses; the
+// bench counts 3 * N * Vp * elt + 12 * N bytes. ~2 exp per logit; memory-bound.
+#include <cuda_bf16.h>
+
+#include <cfloat>
+#include <cstring>
+
+#include "common.h"
+#include "cross_entropy.h"
+
+namespace nanolm {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kUnroll = 4;             // 16-byte loads in flight per thread
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kMaxInit = -FLT_MAX;   // finite: exp(kMaxInit - kMaxInit) = 1, never NaN
+
+__device__ inline float to_float(float x) { return x; }
+__device__ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ inline T from_float(float x);
+template <> __device__ inline float from_float<float>(float x) { return x; }
+template <> __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+template <typename T>
+struct alignas(16) Pack {
+    static constexpr int kSize = 16 / sizeof(T);
+    T v[kSize];
+};
+
+template <typename T>
+__device__ inline Pack<T> load_pack(const Pack<T>* p, bool last_use) {
+    int4 raw = last_use ? __ldcs(reinterpret_cast<const int4*>(p)) : *reinterpret_cast<const int4*>(p);
+    Pack<T> out;
+    memcpy(&out, &raw, sizeof(out));
+    return out;
+}
+
+template <typename T>
+__device__ inline void store_pack(Pack<T>* p, const Pack<T>& v) {
+    int4 raw;
+    memcpy(&raw, &v, sizeof(raw));
+    __stcs(reinterpret_cast<int4*>(p), raw);
+}
+
+// A row of n elements of T starting at x: [0, head) scalar, then packs, then [tail, n) scalar.
+struct RowSplit {
+    std::int64_t head, packs, tail;
+};
+
+template <typename T>
+__device__ inline RowSplit split_row(const T* x, std::int64_t n) {
+    std::int64_t head = ((16 - (reinterpret_cast<std::uintptr_t>(x) & 15)) & 15) / sizeof(T);
+    head = head < n ? head : n;
+    std::int64_t packs = (n - head) / Pack<T>::kSize;
+    return {head, packs, head + packs * Pack<T>::kSize};
+}
+
+// (max, sum of exp(x - max)); exp(d) is computed as exp2f(d * log2e) on the exact difference
+// d = x - max (scaling x by log2e first would round it by 1e-3 at |x| = 1e4).
+struct MaxSum {
+    float m, s;
+};
+
+__device__ inline MaxSum merge(MaxSum a, MaxSum b) {
+    float m = fmaxf(a.m, b.m);
+    return {m, a.s * exp2f((a.m - m) * kLog2e) + b.s * exp2f((b.m - m) * kLog2e)};
+}
+
+__device__ inline MaxSum warp_reduce(MaxSum v) {
+    for (int offset = 16; offset > 0; offset >>= 1)
+        v = merge(v, {__shfl_xor_sync(0xffffffffu, v.m, offset), __shfl_xor_sync(0xffffffffu, v.s, offset)});
+    return v;
+}
+
+// Every thread returns the block's total: each warp reduces the per-warp partials itself.
+__device__ inline MaxSum block_reduce(MaxSum v) {
+    __shared__ MaxSum partial[kThreads / 32];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    v = warp_reduce(v);
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    return warp_reduce(lane < kThreads / 32 ? partial[lane] : MaxSum{kMaxInit, 0.f});
+}
+
+// Sweep 1: this thread's online (max, sum) over x[0, V).
+template <typename T>
+__device__ MaxSum row_max_sum(const T* x, std::int64_t V) {
+    MaxSum acc{kMaxInit, 0.f};
+    auto add = [&](float v) { acc = merge(acc, {v, 1.f}); };
+    const RowSplit sp = split_row(x, V);
+    for (std::int64_t j = threadIdx.x; j < sp.head; j += kThreads) add(to_float(x[j]));
+    const Pack<T>* packs = reinterpret_cast<const Pack<T>*>(x + sp.head);
+    for (std::int64_t p0 = threadIdx.x; p0 < sp.packs; p0 += kThreads * kUnroll) {
+        Pack<T> pk[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+            if (p0 + u * kThreads < sp.packs) pk[u] = load_pack(packs + p0 + u * kThreads, false);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            if (p0 + u * kThreads >= sp.packs) break;
+            float pm = kMaxInit;
+#pragma unroll
+            for (int k = 0; k < Pack<T>::kSize; ++k) pm = fmaxf(pm, to_float(pk[u].v[k]));
+            const float m = fmaxf(acc.m, pm);
+            float s = acc.s * exp2f((acc.m - m) * kLog2e);
+#pragma unroll
+            for (int k = 0; k < Pack<T>::kSize; ++k) s += exp2f((to_float(pk[u].v[k]) - m) * kLog2e);
+            acc = {m, s};
+        }
+    }
+    for (std::int64_t j = sp.tail + threadIdx.x; j < V; j += kThreads) add(to_float(x[j]));
+    return acc;
+}
+
+// Sweep 2: dx_j = coef * exp((x_j - m) - log s) - [j == t] * row_scale for j < V, 0 beyond.
+// Not exp(x_j - lse): lse ~ 1e4 for logits of 1e4 rounds by 1e-3 in fp32.
+template <typename T>
+struct GradOp {
+    std::int64_t V, t;
+    float m, log2_s, coef, row_scale;
+    __device__ inline float operator()(float x, std::int64_t j) const {
+        if (j >= V) return 0.f;
+        return exp2f(fmaf(x - m, kLog2e, -log2_s)) * coef - (j == t ? row_scale : 0.f);
+    }
+};
+
+template <typename T>
+__device__ void write_grad(const T* x, T* dx, std::int64_t Vp, GradOp<T> g, bool vec_store) {
+    const RowSplit sp = split_row(x, Vp);
+    for (std::int64_t j = threadIdx.x; j < sp.head; j += kThreads) dx[j] = from_float<T>(g(to_float(x[j]), j));
+    const Pack<T>* packs = reinterpret_cast<const Pack<T>*>(x + sp.head);
+    // All kUnroll loads are issued before any store: in place, the compiler could not hoist a
+    // load above a store that may alias it. Each element is read and written by one thread only.
+    for (std::int64_t p0 = threadIdx.x; p0 < sp.packs; p0 += kThreads * kUnroll) {
+        Pack<T> pk[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+            if (p0 + u * kThreads < sp.packs) pk[u] = load_pack(packs + p0 + u * kThreads, true);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            if (p0 + u * kThreads >= sp.packs) break;
+            const std::int64_t j0 = sp.head + (p0 + u * kThreads) * Pack<T>::kSize;
+#pragma unroll
+            for (int k = 0; k < Pack<T>::kSize; ++k) pk[u].v[k] = from_float<T>(g(to_float(pk[u].v[k]), j0 + k));
+            if (vec_store) {
+                store_pack(reinterpret_cast<Pack<T>*>(dx + j0), pk[u]);
+            } else {
+#pragma unroll
+                for (int k = 0; k < Pack<T>::kSize; ++k) dx[j0 + k] = pk[u].v[k];
+            }
+        }
+    }
+    for (std::int64_t j = sp.tail + threadIdx.x; j < Vp; j += kThreads) dx[j] = from_float<T>(g(to_float(x[j]), j));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) cross_entropy_fwd_kernel(
+    const T* logits,               // (N, Vp)
+    const std::int64_t* targets,   // (N,)
+    float* losses,                 // (N,)
+    T* dlogits,                    // (N, Vp), may alias logits
+    std::int64_t N, std::int64_t Vp, std::int64_t V, std::int64_t ignore_index,
+    float z_loss, float grad_scale,
+    bool vec_store) {              // dlogits rows share logits' 16-byte alignment
+    const std::int64_t row = blockIdx.x;
+    if (row >= N) return;
+    const T* x = logits + row * Vp;  // int64: N * Vp exceeds 2^31 past 42k rows of 50304
+    T* dx = dlogits + row * Vp;
+    const std::int64_t t = targets[row];
+    const bool valid = t != ignore_index;
+    if (!valid) {  // block-uniform: no softmax needed, the row's gradient is zero
+        if (threadIdx.x == 0) losses[row] = 0.f;
+        write_grad(x, dx, Vp, GradOp<T>{0, -1, 0.f, 0.f, 0.f, 0.f}, vec_store);
+        return;
+    }
+    const std::int64_t t_safe = t < 0 ? 0 : (t >= V ? V - 1 : t);  // never address outside the row
+    const float x_t = to_float(x[t_safe]);  // read before sweep 2 may overwrite it (the reduce syncs)
+    const MaxSum total = block_reduce(row_max_sum(x, V));
+    const float log2_s = log2f(total.s);
+    const float log_s = log2_s / kLog2e, lse = total.m + log_s;
+    if (threadIdx.x == 0) losses[row] = (total.m - x_t) + log_s + z_loss * lse * lse;
+    write_grad(x, dx, Vp,
+               GradOp<T>{V, t_safe, total.m, log2_s, grad_scale * (1.f + 2.f * z_loss * lse), grad_scale},
+               vec_store);
+}
+
+template <typename T>
+void launch(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t losses, std::uintptr_t dlogits,
+            std::int64_t N, std::int64_t Vp, std::int64_t V, std::int64_t ignore_index, double z_loss,
+            double grad_scale, cudaStream_t stream) {
+    const bool vec_store = (logits - dlogits) % 16 == 0;
+    cross_entropy_fwd_kernel<T><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+        ptr<const T>(logits), ptr<const std::int64_t>(targets), ptr<float>(losses), ptr<T>(dlogits), N, Vp,
+        V, ignore_index, static_cast<float>(z_loss), static_cast<float>(grad_scale), vec_store);
+    NANOLM_CHECK_LAUNCH("cross_entropy_fwd_kernel");
+}
+
+}  // namespace
+
+void cross_entropy_fwd_cuda(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t losses,
+                            std::uintptr_t dlogits, std::int64_t N, std::int64_t Vp, std::int64_t V,
+                            std::int64_t ignore_index, double z_loss, double grad_scale,
+                            const std::string& dtype, std::uintptr_t stream) {
+    require(N >= 0 && N < (std::int64_t{1} << 31), "cross_entropy_fwd_cuda: N out of range");
+    require(V >= 1 && V <= Vp, "cross_entropy_fwd_cuda: need 1 <= V <= Vp");
+    if (N == 0) return;
+    auto s = reinterpret_cast<cudaStream_t>(stream);
+    if (dtype == "float32")
+        launch<float>(logits, targets, losses, dlogits, N, Vp, V, ignore_index, z_loss, grad_scale, s);
+    else if (dtype == "bfloat16")
+        launch<__nv_bfloat16>(logits, targets, losses, dlogits, N, Vp, V, ignore_index, z_loss, grad_scale, s);
+    else
+        throw std::invalid_argument("cross_entropy_fwd_cuda: unsupported dtype " + dtype);
+}
+
+}  // namespace nanolm

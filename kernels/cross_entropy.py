@@ -1,0 +1,83 @@
+"""Cross-entropy forward with its gradient, one program per row of logits (N, Vp).
+
+Per row with target t (columns >= V are padding, excluded from the softmax):
+    lse    = m + log(s),  m = max_j x_j,  s = sum_j exp(x_j - m)       (j < V)
+    loss   = lse - x_t + z_loss * lse^2                   (0 if t == ignore_index)
+    dx_j   = grad_scale * (exp(x_j - lse) * (1 + 2 z_loss lse) - [j == t])   (0 for j >= V
+             and for ignored rows)
+Algorithm: sweep 1 reads the row block by block and keeps a per-lane online (max, sum) in fp32
+(s_lane <- s_lane * exp(m_old - m_new) + exp(x - m_new)), merged across lanes at the end, so
+logits of +-1e4 never overflow; sweep 2 reads the row again and writes dx (in place if asked).
+Memory traffic: reads N*Vp logits twice (the second read mostly hits L2: one row is 100 KB in
+bf16) + N targets, writes N*Vp gradients + N losses; 3 exp per logit; memory-bound.
+The bench counts 3 * N * Vp * elt + 12 * N bytes.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def cross_entropy_fwd_kernel(
+    logits_ptr,   # (N, Vp) fp32 or bf16, row-contiguous
+    dlogits_ptr,  # (N, Vp) same dtype; may equal logits_ptr (in place)
+    targets_ptr,  # (N,) int64
+    losses_ptr,   # (N,) fp32
+    ignore_index,
+    z_loss,
+    grad_scale,
+    Vp: tl.constexpr,  # row stride: padded vocabulary (constexpr: loop bounds; fixed per model)
+    V: tl.constexpr,   # real vocabulary: columns >= V are padding
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64: row * Vp overflows int32 past 42k rows of 50304
+    x_row = logits_ptr + row * Vp
+    dx_row = dlogits_ptr + row * Vp
+    cols = tl.arange(0, BLOCK)
+
+    # 1. online max/sum per lane; the finite initial max keeps exp(m_old - m_new) away from NaN
+    m = tl.full([BLOCK], -3.0e38, tl.float32)
+    s = tl.zeros([BLOCK], tl.float32)
+    # loads are masked by j < Vp, not j < V: Vp % 16 == 0 keeps them vectorized, V = 50257 would not
+    for start in range(0, V, BLOCK):
+        j = start + cols
+        x = tl.load(x_row + j, mask=j < Vp).to(tl.float32)
+        x = tl.where(j < V, x, float("-inf"))
+        m_new = tl.maximum(m, x)
+        s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
+        m = m_new
+    m_row = tl.max(m, axis=0)
+    log_s = tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
+    lse = m_row + log_s  # used only where its rounding (1e-3 at 1e4) is harmless; else m_row, log_s
+
+    # 2. loss; the target is clamped so that no value of it can address outside the row
+    t = tl.load(targets_ptr + row)
+    valid = t != ignore_index
+    t_safe = tl.minimum(tl.maximum(t, 0), V - 1)
+    x_t = tl.load(x_row + t_safe).to(tl.float32)  # before step 3 may overwrite it in place
+    loss = (m_row - x_t) + log_s + z_loss * lse * lse
+    tl.store(losses_ptr + row, tl.where(valid, loss, 0.0))
+
+    # 3. gradient over every column, padding included
+    row_scale = tl.where(valid, grad_scale, 0.0)
+    coef = row_scale * (1.0 + 2.0 * z_loss * lse)
+    for start in range(0, Vp, BLOCK):
+        j = start + cols
+        x = tl.load(x_row + j, mask=j < Vp).to(tl.float32)
+        x = tl.where(j < V, x, float("-inf"))  # padding may hold anything, NaN included
+        dx = tl.exp((x - m_row) - log_s) * coef - tl.where(j == t_safe, row_scale, 0.0)
+        dx = tl.where(valid, dx, 0.0)  # an ignored row's logits may be inf or NaN
+        tl.store(dx_row + j, dx.to(dlogits_ptr.dtype.element_ty), mask=j < Vp)
+
+
+def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_scale, inplace):
+    N, Vp = logits.shape
+    losses = torch.empty(N, dtype=torch.float32, device=logits.device)
+    dlogits = logits if inplace else torch.empty_like(logits)
+    if N == 0:
+        return losses, dlogits
+    block = min(triton.next_power_of_2(Vp), 4096 if logits.element_size() == 2 else 2048)
+    cross_entropy_fwd_kernel[(N,)](
+        logits, dlogits, targets, losses, ignore_index, float(z_loss), float(grad_scale),
+        Vp=Vp, V=vocab_size, BLOCK=block, num_warps=8)
+    return losses, dlogits
