@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "adamw.h"
 #include "common.h"
 
 namespace py = pybind11;
@@ -35,4 +36,16 @@ static py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
     m.doc() = "nanolm's C++ (CPU) and CUDA kernels; see csrc/ and nanolm/backends/";
     m.def("build_info", &build_info, "How this extension was built");
+
+    py::class_<nanolm::AdamWScalars>(m, "AdamWScalars")
+        .def(py::init<float, float, float, float, float, float, float, float>(),
+             py::arg("one_minus_beta1"), py::arg("beta2"), py::arg("one_minus_beta2"), py::arg("eps"),
+             py::arg("decay_factor"), py::arg("step_size"), py::arg("bc2_sqrt"), py::arg("grad_scale"));
+    m.def("adamw_step_cpu", &nanolm::adamw_step_cpu);
+    m.def("sum_of_squares_cpu", &nanolm::sum_of_squares_cpu);
+#ifdef NANOLM_WITH_CUDA
+    m.def("adamw_step_cuda", &nanolm::adamw_step_cuda);
+    m.def("sum_of_squares_cuda", &nanolm::sum_of_squares_cuda);
+    m.def("sum_of_squares_partials_cuda", &nanolm::sum_of_squares_partials_cuda);
+#endif
 }

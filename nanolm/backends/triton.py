@@ -7,7 +7,9 @@ import os
 
 import torch
 
-OPS = ()
+from nanolm.backends.checks import check_adamw_buffers, check_tensor
+
+OPS = ("adamw",)
 
 
 def unavailable_reason(device):
@@ -20,3 +22,19 @@ def unavailable_reason(device):
     if os.environ.get("TRITON_INTERPRET") == "1":
         return None
     return "Triton runs on CUDA devices, or on CPU only under TRITON_INTERPRET=1"
+
+
+# ----------------------------------------------------------------------------- adamw
+
+def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
+               decay_numel, grad_scale):
+    from nanolm.kernels import adamw
+    check_adamw_buffers("adamw_step", param, grad, exp_avg, exp_avg_sq, decay_numel, step)
+    adamw.adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
+                     decay_numel, grad_scale)
+
+
+def sum_of_squares(x):
+    from nanolm.kernels import adamw
+    check_tensor("sum_of_squares", "x", x, dtypes=(torch.float32,), ndim=1)
+    return adamw.sum_of_squares(x)
