@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "adamw.h"
 #include "common.h"
 #include "layernorm.h"
 #include "cross_entropy.h"
@@ -51,5 +52,15 @@ PYBIND11_MODULE(_C, m) {
 #ifdef NANOLM_WITH_CUDA
     m.def("cross_entropy_fwd_cuda", &nanolm::cross_entropy_fwd_cuda,
           "Cross-entropy losses and gradient over fp32/bf16 logits (N, Vp), one block per row");
+    py::class_<nanolm::AdamWScalars>(m, "AdamWScalars")
+        .def(py::init<float, float, float, float, float, float, float, float>(),
+             py::arg("one_minus_beta1"), py::arg("beta2"), py::arg("one_minus_beta2"), py::arg("eps"),
+             py::arg("decay_factor"), py::arg("step_size"), py::arg("bc2_sqrt"), py::arg("grad_scale"));
+    m.def("adamw_step_cpu", &nanolm::adamw_step_cpu);
+    m.def("sum_of_squares_cpu", &nanolm::sum_of_squares_cpu);
+#ifdef NANOLM_WITH_CUDA
+    m.def("adamw_step_cuda", &nanolm::adamw_step_cuda);
+    m.def("sum_of_squares_cuda", &nanolm::sum_of_squares_cuda);
+    m.def("sum_of_squares_partials_cuda", &nanolm::sum_of_squares_partials_cuda);
 #endif
 }

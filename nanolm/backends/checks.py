@@ -4,6 +4,8 @@ A kernel that receives pointers trusts nothing the Python layer did not check, s
 backend function validates its tensors here first and raises ValueError naming the op,
 the argument and the bad value.
 """
+import math
+
 import torch
 
 
@@ -56,3 +58,20 @@ def check_cross_entropy(op, logits, targets, vocab_size, *, dtypes, device_type)
                  shape=(logits.shape[0],))
     if not 1 <= vocab_size <= logits.shape[1]:
         raise ValueError(f"{op}: vocab_size={vocab_size} outside [1, {logits.shape[1]}] (logits columns)")
+def check_adamw_buffers(op, param, grad, exp_avg, exp_avg_sq, decay_numel, step):
+    """The four AdamW buffers: 1-D float32, contiguous, one device, one length."""
+    check_tensor(op, "param", param, dtypes=(torch.float32,), ndim=1)
+    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        check_tensor(op, name, t, dtypes=(torch.float32,), device=param.device, shape=param.shape)
+    if not 0 <= decay_numel <= param.numel():
+        raise ValueError(f"{op}: decay_numel {decay_numel} is outside [0, {param.numel()}]")
+    if step < 1:
+        raise ValueError(f"{op}: step must be >= 1, got {step}")
+
+
+def adamw_scalars(lr, beta1, beta2, weight_decay, step):
+    """The per-step scalars of the fused update, computed once on the host in float64:
+    (1 - beta1, 1 - beta2, decay_factor = 1 - lr*wd, step_size = lr / (1 - beta1^step),
+    bc2_sqrt = sqrt(1 - beta2^step))."""
+    return (1 - beta1, 1 - beta2, 1 - lr * weight_decay, lr / (1 - beta1 ** step),
+            math.sqrt(1 - beta2 ** step))

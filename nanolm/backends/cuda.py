@@ -11,6 +11,9 @@ OPS = ("layernorm",)
 from nanolm.backends.checks import check_cross_entropy
 
 OPS = ("cross_entropy",)
+from nanolm.backends.checks import adamw_scalars, check_adamw_buffers, check_tensor
+
+OPS = ("adamw",)
 
 
 def unavailable_reason(device):
@@ -100,3 +103,24 @@ def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_sc
                               dlogits.data_ptr(), N, Vp, vocab_size, ignore_index, z_loss, grad_scale,
                               _DTYPE_NAMES[logits.dtype], _stream())
     return losses, dlogits
+# ----------------------------------------------------------------------------- adamw
+
+def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
+               decay_numel, grad_scale):
+    from nanolm import _C
+    check_adamw_buffers("adamw_step", param, grad, exp_avg, exp_avg_sq, decay_numel, step)
+    w1, w2, decay_factor, step_size, bc2_sqrt = adamw_scalars(lr, beta1, beta2, weight_decay, step)
+    scalars = _C.AdamWScalars(w1, beta2, w2, eps, decay_factor, step_size, bc2_sqrt, grad_scale)
+    with torch.cuda.device(param.device):
+        _C.adamw_step_cuda(param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(),
+                           exp_avg_sq.data_ptr(), param.numel(), decay_numel, scalars, _stream())
+
+
+def sum_of_squares(x):
+    from nanolm import _C
+    check_tensor("sum_of_squares", "x", x, dtypes=(torch.float32,), ndim=1)
+    partials = torch.empty(_C.sum_of_squares_partials_cuda(), dtype=torch.float32, device=x.device)
+    out = torch.empty((), dtype=torch.float32, device=x.device)
+    with torch.cuda.device(x.device):
+        _C.sum_of_squares_cuda(x.data_ptr(), x.numel(), partials.data_ptr(), out.data_ptr(), _stream())
+    return out

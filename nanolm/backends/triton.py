@@ -13,6 +13,9 @@ OPS = ("layernorm",)
 from nanolm.backends.checks import check_cross_entropy
 
 OPS = ("cross_entropy",)
+from nanolm.backends.checks import check_adamw_buffers, check_tensor
+
+OPS = ("adamw",)
 
 
 def unavailable_reason(device):
@@ -34,3 +37,17 @@ def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_sc
     from nanolm.kernels import cross_entropy
     return cross_entropy.cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss,
                                            grad_scale, inplace)
+# ----------------------------------------------------------------------------- adamw
+
+def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
+               decay_numel, grad_scale):
+    from nanolm.kernels import adamw
+    check_adamw_buffers("adamw_step", param, grad, exp_avg, exp_avg_sq, decay_numel, step)
+    adamw.adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
+                     decay_numel, grad_scale)
+
+
+def sum_of_squares(x):
+    from nanolm.kernels import adamw
+    check_tensor("sum_of_squares", "x", x, dtypes=(torch.float32,), ndim=1)
+    return adamw.sum_of_squares(x)
