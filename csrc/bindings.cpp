@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "attention.h"
 #include "common.h"
 
 namespace py = pybind11;
@@ -35,4 +36,6 @@ static py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
     m.doc() = "nanolm's C++ (CPU) and CUDA kernels; see csrc/ and nanolm/backends/";
     m.def("build_info", &build_info, "How this extension was built");
+    m.def("attention_fwd_cpu", &nanolm::attention_fwd_cpu, "Causal flash attention forward (fp32, CPU)");
+    m.def("attention_bwd_cpu", &nanolm::attention_bwd_cpu, "Causal flash attention backward (fp32, CPU)");
 }
