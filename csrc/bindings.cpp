@@ -8,6 +8,7 @@
 #include <pybind11/stl.h>
 
 #include "adamw.h"
+#include "attention.h"
 #include "common.h"
 #include "layernorm.h"
 #include "cross_entropy.h"
@@ -63,4 +64,6 @@ PYBIND11_MODULE(_C, m) {
     m.def("sum_of_squares_cuda", &nanolm::sum_of_squares_cuda);
     m.def("sum_of_squares_partials_cuda", &nanolm::sum_of_squares_partials_cuda);
 #endif
+    m.def("attention_fwd_cpu", &nanolm::attention_fwd_cpu, "Causal flash attention forward (fp32, CPU)");
+    m.def("attention_bwd_cpu", &nanolm::attention_bwd_cpu, "Causal flash attention backward (fp32, CPU)");
 }

@@ -75,3 +75,30 @@ def adamw_scalars(lr, beta1, beta2, weight_decay, step):
     bc2_sqrt = sqrt(1 - beta2^step))."""
     return (1 - beta1, 1 - beta2, 1 - lr * weight_decay, lr / (1 - beta1 ** step),
             math.sqrt(1 - beta2 ** step))
+def check_attention_qkv(op, q, k, v, *, dtypes, head_dims):
+    """q, k, v (B, T, nh, hs) of one dtype and device, equal shapes, stride(-1) == 1 (strided
+    views into the fused qkv projection are accepted), hs in head_dims. Returns the shape."""
+    check_tensor(op, "q", q, dtypes=dtypes, ndim=4, contiguous=False)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(op, name, t, dtypes=dtypes, device=q.device, shape=q.shape, contiguous=False)
+        if t.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} must have stride(-1) == 1, got strides {t.stride()}")
+    check_same_dtype(op, q=q, k=k, v=v)
+    B, T, nh, hs = q.shape
+    if hs not in head_dims:
+        raise ValueError(f"{op}: head size {hs} not supported; supported: {', '.join(map(str, head_dims))}")
+    if T == 0 or B * nh == 0:
+        raise ValueError(f"{op}: empty input, shape {tuple(q.shape)}")
+    return B, T, nh, hs
+
+
+def check_attention_bwd(op, do, q, o, lse, dq, dk, dv):
+    """The backward's other tensors, against q (already checked with check_attention_qkv)."""
+    B, T, nh, _ = q.shape
+    for name, t in (("do", do), ("o", o)):
+        check_tensor(op, name, t, dtypes=(q.dtype,), device=q.device, shape=q.shape)
+    check_tensor(op, "lse", lse, dtypes=(torch.float32,), device=q.device, shape=(B, nh, T))
+    for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
+        check_tensor(op, name, t, dtypes=(q.dtype,), device=q.device, shape=q.shape, contiguous=False)
+        if t.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} must have stride(-1) == 1, got strides {t.stride()}")

@@ -13,6 +13,9 @@ OPS = ("cross_entropy",)
 from nanolm.backends.checks import adamw_scalars, check_adamw_buffers, check_tensor
 
 OPS = ("adamw",)
+from nanolm.backends.checks import check_attention_bwd, check_attention_qkv
+
+OPS = ("attention",)
 
 
 def unavailable_reason(device):
@@ -99,3 +102,31 @@ def sum_of_squares(x):
     from nanolm import _C
     check_tensor("sum_of_squares", "x", x, dtypes=(torch.float32,), ndim=1)
     return torch.tensor(_C.sum_of_squares_cpu(x.data_ptr(), x.numel()), dtype=torch.float32)
+# ----------------------------------------------------------------------------- attention
+
+ATTENTION_HEAD_DIMS = tuple(range(16, 257, 16))  # the C++ matmul works in 16-column panels
+
+
+def _bth(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def attention_fwd(q, k, v, scale):
+    from nanolm import _C
+    B, T, nh, hs = check_attention_qkv("attention_fwd", q, k, v, dtypes=(torch.float32,),
+                                       head_dims=ATTENTION_HEAD_DIMS)
+    o = torch.empty((B, T, nh, hs), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, nh, T), dtype=torch.float32, device=q.device)
+    _C.attention_fwd_cpu(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
+                         B, T, nh, hs, *_bth(q), *_bth(k), *_bth(v), float(scale))
+    return o, lse
+
+
+def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv):
+    from nanolm import _C
+    B, T, nh, hs = check_attention_qkv("attention_bwd", q, k, v, dtypes=(torch.float32,),
+                                       head_dims=ATTENTION_HEAD_DIMS)
+    check_attention_bwd("attention_bwd", do, q, o, lse, dq, dk, dv)
+    _C.attention_bwd_cpu(do.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
+                         lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B, T, nh, hs,
+                         *_bth(q), *_bth(k), *_bth(v), *_bth(dq), *_bth(dk), *_bth(dv), float(scale))

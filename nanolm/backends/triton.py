@@ -16,6 +16,9 @@ OPS = ("cross_entropy",)
 from nanolm.backends.checks import check_adamw_buffers, check_tensor
 
 OPS = ("adamw",)
+from nanolm.backends.checks import check_attention_bwd, check_attention_qkv, check_tensor
+
+OPS = ("attention",)
 
 
 def unavailable_reason(device):
@@ -51,3 +54,24 @@ def sum_of_squares(x):
     from nanolm.kernels import adamw
     check_tensor("sum_of_squares", "x", x, dtypes=(torch.float32,), ndim=1)
     return adamw.sum_of_squares(x)
+# ----------------------------------------------------------------------------- attention
+
+def _check_attention_qkv(op, q, k, v):
+    from nanolm.kernels import attention
+    check_tensor(op, "q", q, dtypes=(torch.float32, torch.bfloat16, torch.float16), contiguous=False)
+    # fp32 only where tl.dot is exact fp32 (the interpreter); on a GPU it would silently be tf32
+    dtypes = (torch.float32,) if q.device.type == "cpu" else (torch.bfloat16, torch.float16)
+    check_attention_qkv(op, q, k, v, dtypes=dtypes, head_dims=attention.HEAD_DIMS)
+
+
+def attention_fwd(q, k, v, scale):
+    from nanolm.kernels import attention
+    _check_attention_qkv("attention_fwd", q, k, v)
+    return attention.attention_fwd(q, k, v, scale)
+
+
+def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv):
+    from nanolm.kernels import attention
+    _check_attention_qkv("attention_bwd", q, k, v)
+    check_attention_bwd("attention_bwd", do, q, o, lse, dq, dk, dv)
+    attention.attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv)

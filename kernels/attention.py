@@ -1,0 +1,338 @@
+"""Causal flash attention (FlashAttention-2), forward and backward, in Triton.
+
+Math, per (batch b, head h), with S = scale * Q K^T masked above the diagonal:
+    P = softmax(S),  O = P V,  lse = logsumexp(S, rows)              (forward; lse is saved)
+    delta = rowsum(dO * O),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),
+    dQ = scale * dS K,  dK = scale * dS^T Q                           (backward)
+The T x T matrices S and P are never stored: they are recomputed block by block.
+
+Algorithm.
+  Forward: one program per (query block of BLOCK_M rows, b * nh). It streams key/value blocks
+  with an online softmax in base 2 (scores prescaled by scale * log2(e), so exp2 is one
+  instruction): running max m, running sum l, rescaled accumulator. The key blocks left of the
+  diagonal need no mask; only the BLOCK_M / BLOCK_N blocks on the diagonal are masked (the
+  causal mask there also hides keys >= T). Query blocks are scheduled longest first.
+  Backward: (1) delta = rowsum(dO * O); (2) one program per key block accumulates dK, dV over
+  the query blocks at or below it (diagonal blocks masked, the rest not); (3) one program per
+  query block accumulates dQ over the key blocks at or left of it. Every output element is
+  written by exactly one program in a fixed order: deterministic, no atomics; the price is
+  computing Q K^T and dO V^T twice (7 matmuls of T x T x hs / 2 instead of 5).
+
+Layouts accepted: q, k, v (B, T, nh, hs) with any strides as long as stride(-1) == 1, e.g.
+the model's views into the fused qkv projection (B, T, 3, nh, hs), strides (3*T*C, 3*C, hs, 1);
+dq, dk, dv likewise (views into one dqkv buffer); o, do contiguous (B, T, nh, hs); lse and
+delta (B, nh, T) float32. hs a power of two in 16..128. bf16/fp16 on GPU with fp32
+accumulation, fp32 under the interpreter (TRITON_INTERPRET=1).
+
+Cost (causal, counting the multiply-adds of the T^2/2 unmasked scores as 2 FLOPs each):
+  forward  4 * B * nh * T^2 * hs / 2 FLOPs; reads q, k, v, writes o: 4 * B*T*nh*hs elements
+           plus lse B*nh*T floats (k, v are re-read once per query block, from L2 mostly).
+  backward 2.5x the forward FLOPs by convention (5 matmuls; this kernel issues 7); reads
+           q, k, v, o, do, lse, writes dq, dk, dv, delta: 8 * B*T*nh*hs elements + 2*B*nh*T.
+Compute-bound for T >~ 256: report TFLOP/s against these counts.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, lo, hi, T,
+                    qk_scale,
+                    BLOCK_N: tl.constexpr,
+                    DIAGONAL: tl.constexpr):
+    """Online softmax over key blocks [lo, hi): masked (DIAGONAL) or not."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        keys = start_n + offs_n
+        if DIAGONAL:
+            kT = tl.load(k_ptrs + start_n * stride_kt, mask=keys[None, :] < T, other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vt, mask=keys[:, None] < T, other=0.0)
+        else:
+            kT = tl.load(k_ptrs + start_n * stride_kt)
+            v = tl.load(v_ptrs + start_n * stride_vt)
+        s = tl.dot(q, kT) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if DIAGONAL:
+            s = tl.where(offs_m[:, None] >= keys[None, :], s, float("-inf"))
+        # 1. new running max; every row already holds one unmasked key, so m_new is finite
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # 2. rescale what was accumulated under the old max, add this block
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attention_fwd_kernel(
+    Q, K, V,                            # (B, T, nh, hs), stride(-1) == 1
+    O,                                  # (B, T, nh, hs) contiguous
+    LSE,                                # (B, nh, T) float32
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    nh, T, T_BUCKET,                    # T_BUCKET: the autotune key (next power of two of T)
+    qk_scale,                           # scale * log2(e)
+    HS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # longest rows first: the last query blocks have the most keys
+    start_m = (tl.cdiv(T, BLOCK_M) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = (bh // nh).to(tl.int64), bh % nh  # int64: B * T * 3C can pass 2^31
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HS)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None]
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < T, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HS], tl.float32)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
+                                    0, start_m, T, qk_scale, BLOCK_N, False)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
+                                    start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale,
+                                    BLOCK_N, True)
+
+    rows = offs_m < T
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=rows[:, None])
+    lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634  # back to natural log
+    tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=rows)
+
+
+@triton.jit
+def attention_bwd_delta_kernel(
+    O, DO,                              # (B, T, nh, hs) contiguous
+    DELTA,                              # (B, nh, T) float32 out: rowsum(dO * O)
+    nh, T,
+    HS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = (bh // nh).to(tl.int64), bh % nh
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HS)
+    offs = b * T * nh * HS + h * HS + offs_m[:, None] * (nh * HS) + offs_d[None, :]
+    rows = offs_m < T
+    o = tl.load(O + offs, mask=rows[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + offs, mask=rows[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=rows)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot,
+                         offs_n, lo, hi, T, qk_scale,
+                         BLOCK_M: tl.constexpr,
+                         DIAGONAL: tl.constexpr):
+    """Adds the query blocks [lo, hi) to this key block's dK, dV (transposed scores: the key
+    block is the M side of every dot, so dK, dV stay in registers)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    for start_m in tl.range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        in_t = rows < T  # padded query rows load as zeros and so contribute nothing
+        qT = tl.load(q_ptrs + start_m * stride_qt, mask=in_t[None, :], other=0.0)      # (HS, BLOCK_M)
+        do = tl.load(do_ptrs + start_m * stride_dot, mask=in_t[:, None], other=0.0)    # (BLOCK_M, HS)
+        lse2 = tl.load(lse_ptr + rows, mask=in_t, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_ptr + rows, mask=in_t, other=0.0)
+        pT = tl.math.exp2(tl.dot(k, qT) * qk_scale - lse2[None, :])                   # (BLOCK_N, BLOCK_M)
+        if DIAGONAL:
+            pT = tl.where(rows[None, :] >= offs_n[:, None], pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
+    return dk, dv
+
+
+@triton.jit
+def attention_bwd_dkdv_kernel(
+    Q, K, V,                            # (B, T, nh, hs), stride(-1) == 1
+    DO,                                 # (B, T, nh, hs) contiguous
+    LSE, DELTA,                         # (B, nh, T) float32
+    DK, DV,                             # (B, T, nh, hs) out, stride(-1) == 1
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    nh, T, T_BUCKET,
+    scale, qk_scale,
+    HS: tl.constexpr,
+    BLOCK_M: tl.constexpr,              # query rows per step
+    BLOCK_N: tl.constexpr,              # keys owned by this program; a multiple of BLOCK_M
+):
+    start_n = tl.program_id(0) * BLOCK_N  # in order: the first key blocks see the most queries
+    bh = tl.program_id(1)
+    b, h = (bh // nh).to(tl.int64), bh % nh
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HS)
+    keys = offs_n[:, None] < T
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=keys, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=keys, other=0.0)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[None, :] * stride_qt + offs_d[:, None]
+    stride_dot = nh * HS
+    do_ptrs = DO + b * T * stride_dot + h * HS + offs_m[:, None] * stride_dot + offs_d[None, :]
+    lse_ptr = LSE + bh.to(tl.int64) * T
+    delta_ptr = DELTA + bh.to(tl.int64) * T
+
+    dk = tl.zeros([BLOCK_N, HS], tl.float32)
+    dv = tl.zeros([BLOCK_N, HS], tl.float32)
+    diag_end = tl.minimum(start_n + BLOCK_N, T)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt,
+                                  stride_dot, offs_n, start_n, diag_end, T, qk_scale, BLOCK_M, True)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt,
+                                  stride_dot, offs_n, start_n + BLOCK_N, T, T, qk_scale, BLOCK_M, False)
+
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=keys)
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=keys)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, lo, hi,
+                       T, qk_scale,
+                       BLOCK_N: tl.constexpr,
+                       DIAGONAL: tl.constexpr):
+    """Adds the key blocks [lo, hi) to this query block's dQ."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        keys = start_n + offs_n
+        if DIAGONAL:
+            kT = tl.load(k_ptrs + start_n * stride_kt, mask=keys[None, :] < T, other=0.0)  # (HS, BLOCK_N)
+            vT = tl.load(v_ptrs + start_n * stride_vt, mask=keys[None, :] < T, other=0.0)
+        else:
+            kT = tl.load(k_ptrs + start_n * stride_kt)
+            vT = tl.load(v_ptrs + start_n * stride_vt)
+        p = tl.math.exp2(tl.dot(q, kT) * qk_scale - lse2[:, None])                       # (BLOCK_M, BLOCK_N)
+        if DIAGONAL:
+            p = tl.where(offs_m[:, None] >= keys[None, :], p, 0.0)
+        dp = tl.dot(do, vT)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
+    return dq
+
+
+@triton.jit
+def attention_bwd_dq_kernel(
+    Q, K, V,                            # (B, T, nh, hs), stride(-1) == 1
+    DO,                                 # (B, T, nh, hs) contiguous
+    LSE, DELTA,                         # (B, nh, T) float32
+    DQ,                                 # (B, T, nh, hs) out, stride(-1) == 1
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dqb, stride_dqt, stride_dqh,
+    nh, T, T_BUCKET,
+    scale, qk_scale,
+    HS: tl.constexpr,
+    BLOCK_M: tl.constexpr,              # query rows owned by this program; a multiple of BLOCK_N
+    BLOCK_N: tl.constexpr,              # keys per step
+):
+    start_m = (tl.cdiv(T, BLOCK_M) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = (bh // nh).to(tl.int64), bh % nh
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HS)
+    rows = offs_m < T
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=rows[:, None], other=0.0)
+    stride_dot = nh * HS
+    do = tl.load(DO + b * T * stride_dot + h * HS + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=rows[:, None], other=0.0)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=rows, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=rows, other=0.0)
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None]
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[None, :] * stride_vt + offs_d[:, None]
+
+    dq = tl.zeros([BLOCK_M, HS], tl.float32)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
+                            start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, BLOCK_N, True)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
+                            0, start_m, T, qk_scale, BLOCK_N, False)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=rows[:, None])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _configs(pairs):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in pairs]
+
+
+# Candidates for Hopper (H100): 128-row tiles with 4-8 warps, 2-4 pipeline stages. The block
+# on the "owned" side (M for forward and dQ, N for dK/dV) is a multiple of the streamed one.
+_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+                         (128, 32, 4, 4)])
+_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2),
+                          (16, 128, 4, 4)])
+_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2),
+                        (128, 16, 4, 4)])
+# The interpreter runs one small fixed config: no autotuning on a CPU emulation.
+_INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}
+_KEY = ["HS", "T_BUCKET"]  # autotune also keys on the argument dtypes
+
+if INTERPRET:
+    _fwd_kernel, _dkdv_kernel, _dq_kernel = (attention_fwd_kernel, attention_bwd_dkdv_kernel,
+                                             attention_bwd_dq_kernel)
+else:
+    _fwd_kernel = triton.autotune(_FWD_CONFIGS, key=_KEY)(attention_fwd_kernel)
+    _dkdv_kernel = triton.autotune(_DKDV_CONFIGS, key=_KEY)(attention_bwd_dkdv_kernel)
+    _dq_kernel = triton.autotune(_DQ_CONFIGS, key=_KEY)(attention_bwd_dq_kernel)
+
+
+def _launch(kernel, rows_meta, B, nh, T, *args):
+    """Grid: (blocks of `rows_meta` rows over T, B * nh)."""
+    def grid(meta):
+        return (triton.cdiv(T, meta[rows_meta]), B * nh)
+    meta = _INTERPRET_META if INTERPRET else {}
+    kernel[grid](*args, **meta)
+
+
+def _bth(t):
+    """The (b, t, h) strides of a (B, T, nh, hs) tensor."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def attention_fwd(q, k, v, scale):
+    """q, k, v (B, T, nh, hs), stride(-1) == 1 -> o (B, T, nh, hs) contiguous, lse (B, nh, T) fp32."""
+    B, T, nh, hs = q.shape
+    o = torch.empty((B, T, nh, hs), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, nh, T), dtype=torch.float32, device=q.device)
+    t_bucket = triton.next_power_of_2(T)
+    _launch(_fwd_kernel, "BLOCK_M", B, nh, T, q, k, v, o, lse, *_bth(q), *_bth(k), *_bth(v), *_bth(o),
+            nh, T, t_bucket, scale * LOG2E, hs)
+    return o, lse
+
+
+def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv):
+    """Writes dq, dk, dv (B, T, nh, hs), stride(-1) == 1; do, o contiguous; lse (B, nh, T)."""
+    B, T, nh, hs = q.shape
+    delta = torch.empty((B, nh, T), dtype=torch.float32, device=q.device)
+    block = 16 if INTERPRET else 64
+    attention_bwd_delta_kernel[(triton.cdiv(T, block), B * nh)](o, do, delta, nh, T, HS=hs, BLOCK_M=block)
+    t_bucket = triton.next_power_of_2(T)
+    _launch(_dkdv_kernel, "BLOCK_N", B, nh, T, q, k, v, do, lse, delta, dk, dv,
+            *_bth(q), *_bth(k), *_bth(v), *_bth(dk), *_bth(dv), nh, T, t_bucket, scale, scale * LOG2E, hs)
+    _launch(_dq_kernel, "BLOCK_M", B, nh, T, q, k, v, do, lse, delta, dq,
+            *_bth(q), *_bth(k), *_bth(v), *_bth(dq), nh, T, t_bucket, scale, scale * LOG2E, hs)
