@@ -1,0 +1,212 @@
+"""The CUDA causal flash attention (csrc/attention.cu) against the float64 torch reference.
+
+Every check prints the tensor, shape, dtype and layout it failed on, so one GPU run tells what
+is wrong. Errors are relative norms ||x - ref|| / ||ref|| (with a small absolute floor for
+gradients that are exactly zero in the reference, e.g. dq and dk at T = 1).
+"""
+import math
+
+import pytest
+import torch
+
+from nanolm import ops
+from nanolm.backends import cuda as cuda_backend
+from nanolm.backends import torch_ref
+
+# bf16 keeps 8 mantissa bits (P and dS are rounded to it before their matmuls): ~4e-3 typical.
+TOL = {torch.bfloat16: 1e-2, torch.float16: 3e-3}
+LSE_TOL = 1e-4  # lse is fp32 end to end
+ABS_FLOOR = 1e-4  # per element, for references that are (near) zero
+
+SIZES = [(1, 1), (2, 3)]  # (B, nh)
+SEQ_LENS = [1, 17, 64, 1000, 1024, 2048]
+LAYOUTS = ["qkv", "contiguous", "heads_first"]
+
+
+def _make_qkv(B, T, nh, hs, dtype, layout, fill=None):
+    """Three (B, T, nh, hs) tensors in the given memory layout: views of one fused qkv buffer
+    (the model's), three contiguous tensors, or (B, nh, T, hs) tensors transposed."""
+    def new(shape):
+        if fill is None:
+            return torch.randn(shape, device="cuda", dtype=dtype)
+        return torch.full(shape, fill, device="cuda", dtype=dtype)
+    if layout == "qkv":
+        return new((B, T, 3, nh, hs)).unbind(2)
+    if layout == "contiguous":
+        return tuple(new((B, T, nh, hs)) for _ in range(3))
+    return tuple(new((B, nh, T, hs)).transpose(1, 2) for _ in range(3))
+
+
+def _poison_allocator(*tensors_like):
+    """Leave NaN-filled blocks in the caching allocator, so that outputs the kernel allocates
+    next (o, lse) likely start as NaN and unwritten elements show."""
+    blocks = [torch.full(t.shape, float("nan"), device="cuda", dtype=t.dtype) for t in tensors_like]
+    del blocks
+
+
+def _error(x, ref):
+    x, ref = x.double(), ref.double()
+    floor = ABS_FLOOR * math.sqrt(max(ref.numel(), 1))
+    return (x - ref).norm().item() / max(ref.norm().item(), floor)
+
+
+def _check(failures, name, x, ref, tol):
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).nonzero()
+        failures.append(f"{name}: {bad.shape[0]} non-finite elements, first at {bad[0].tolist()}")
+        return
+    err = _error(x, ref)
+    if not err <= tol:
+        failures.append(f"{name}: relative error {err:.3e} > {tol:.0e}")
+
+
+def _reference(q, k, v, do, scale):
+    q64, k64, v64, do64 = (t.double() for t in (q, k, v, do))
+    o, lse = torch_ref.attention_fwd(q64, k64, v64, scale)
+    grads = [torch.empty_like(q64) for _ in range(3)]
+    torch_ref.attention_bwd(do64, q64, k64, v64, o, lse, scale, *grads)
+    return o, lse, grads
+
+
+def _run(q, k, v, do, scale, layout):
+    B, T, nh, hs = q.shape
+    _poison_allocator(q, q.new_empty((B, nh, T), dtype=torch.float32))
+    o, lse = cuda_backend.attention_fwd(q, k, v, scale)
+    grads = _make_qkv(B, T, nh, hs, q.dtype, layout, fill=float("nan"))
+    cuda_backend.attention_bwd(do, q, k, v, o, lse, scale, *grads)
+    return o, lse, grads
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("T", SEQ_LENS)
+@pytest.mark.parametrize("B,nh", SIZES)
+@pytest.mark.parametrize("hs", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matches_float64_reference(dtype, hs, B, nh, T, layout):
+    q, k, v = _make_qkv(B, T, nh, hs, dtype, layout)
+    do = torch.randn(B, T, nh, hs, device="cuda", dtype=dtype)
+    scale = 1.0 / math.sqrt(hs)
+    o, lse, grads = _run(q, k, v, do, scale, layout)
+    o_ref, lse_ref, grads_ref = _reference(q, k, v, do, scale)
+    torch.cuda.synchronize()
+
+    failures = []
+    _check(failures, "o", o, o_ref, TOL[dtype])
+    _check(failures, "lse", lse, lse_ref, LSE_TOL)
+    for name, x, ref in zip(("dq", "dk", "dv"), grads, grads_ref):
+        _check(failures, name, x, ref, TOL[dtype])
+    case = f"dtype={dtype}, (B, T, nh, hs)=({B}, {T}, {nh}, {hs}), layout={layout}"
+    assert not failures, f"{case}:\n  " + "\n  ".join(failures)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hs", [64, 128])
+def test_softmax_scale_argument(hs):
+    B, T, nh, dtype, scale = 2, 333, 3, torch.bfloat16, 0.37
+    q, k, v = _make_qkv(B, T, nh, hs, dtype, "qkv")
+    do = torch.randn(B, T, nh, hs, device="cuda", dtype=dtype)
+    o, lse, grads = _run(q, k, v, do, scale, "qkv")
+    o_ref, lse_ref, grads_ref = _reference(q, k, v, do, scale)
+    failures = []
+    for name, x, ref in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, *grads), (o_ref, lse_ref, *grads_ref)):
+        _check(failures, name, x, ref, LSE_TOL if name == "lse" else TOL[dtype])
+    assert not failures, f"scale={scale}, hs={hs}:\n  " + "\n  ".join(failures)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hs", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_deterministic(dtype, hs):
+    B, T, nh = 2, 1000, 3
+    q, k, v = _make_qkv(B, T, nh, hs, dtype, "qkv")
+    do = torch.randn(B, T, nh, hs, device="cuda", dtype=dtype)
+    scale = 1.0 / math.sqrt(hs)
+    first = _run(q, k, v, do, scale, "qkv")
+    second = _run(q, k, v, do, scale, "qkv")
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), (first[0], first[1], *first[2]),
+                          (second[0], second[1], *second[2])):
+        assert torch.equal(a, b), f"{name} differs between two identical runs (dtype={dtype}, hs={hs})"
+
+
+@pytest.mark.gpu
+def test_gpt2_shape_through_op_layer():
+    """The autograd path the model uses: fused qkv (B, T, 3C) in, dqkv out."""
+    B, T, nh, hs = 4, 1024, 12, 64
+    qkv = torch.randn(B, T, 3 * nh * hs, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(B, T, nh * hs, device="cuda", dtype=torch.bfloat16)
+    y = ops.causal_attention(qkv, nh, cuda_backend)
+    y.backward(dy)
+    qkv64 = qkv.detach().double().requires_grad_()
+    y_ref = ops.causal_attention(qkv64, nh, torch_ref)
+    y_ref.backward(dy.double())
+    failures = []
+    _check(failures, "y", y, y_ref, TOL[torch.bfloat16])
+    _check(failures, "dqkv", qkv.grad, qkv64.grad, TOL[torch.bfloat16])
+    assert not failures, "\n".join(failures)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _inputs(B=1, T=17, nh=2, hs=64, dtype=torch.bfloat16, device="cuda"):
+    return [torch.randn(B, T, nh, hs, device=device, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.gpu
+def test_rejects_unsupported_head_size():
+    with pytest.raises(ValueError, match="head size 96"):
+        cuda_backend.attention_fwd(*_inputs(hs=96), 0.1)
+
+
+@pytest.mark.gpu
+def test_rejects_float32():
+    with pytest.raises(ValueError, match="dtype float32"):
+        cuda_backend.attention_fwd(*_inputs(dtype=torch.float32), 0.1)
+
+
+@pytest.mark.gpu
+def test_rejects_mismatched_shapes():
+    q, k, v = _inputs()
+    with pytest.raises(ValueError, match="k has shape"):
+        cuda_backend.attention_fwd(q, k[:, :16], v, 0.1)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        cuda_backend.attention_fwd(q, k, v.half(), 0.1)
+
+
+@pytest.mark.gpu
+def test_rejects_bad_strides():
+    q, k, v = _inputs()
+    padded = torch.randn(1, 17, 2, 68, device="cuda", dtype=torch.bfloat16)[..., :64]
+    with pytest.raises(ValueError, match="multiples of 8"):
+        cuda_backend.attention_fwd(padded, k, v, 0.1)
+    with pytest.raises(ValueError, match="unit stride"):
+        cuda_backend.attention_fwd(q, k, torch.randn(1, 17, 64, 2, device="cuda").bfloat16().transpose(2, 3), 0.1)
+
+
+@pytest.mark.gpu
+def test_backward_rejects_bad_lse_and_outputs():
+    q, k, v = _inputs()
+    o, lse = cuda_backend.attention_fwd(q, k, v, 0.1)
+    do = torch.randn_like(o)
+    grads = [torch.empty_like(q) for _ in range(3)]
+    with pytest.raises(ValueError, match="lse has shape"):
+        cuda_backend.attention_bwd(do, q, k, v, o, lse[:, :1], 0.1, *grads)
+    with pytest.raises(ValueError, match="dv has shape"):
+        cuda_backend.attention_bwd(do, q, k, v, o, lse, 0.1, grads[0], grads[1], grads[2][:, :3])
+    with pytest.raises(ValueError, match="do must be contiguous"):
+        cuda_backend.attention_bwd(do.transpose(1, 2).contiguous().transpose(1, 2), q, k, v, o, lse, 0.1, *grads)
+
+
+def test_rejects_cpu_tensors():
+    with pytest.raises(ValueError, match="expected a cuda device"):
+        cuda_backend.attention_fwd(*_inputs(device="cpu"), 0.1)
+
+
+def test_launcher_rejects_unsupported_head_size():
+    """The C++ launcher checks too (std::invalid_argument -> ValueError) before touching the GPU."""
+    _C = pytest.importorskip("nanolm._C")
+    if not _C.build_info()["cuda"]:
+        pytest.skip("nanolm._C was built without CUDA")
+    s = (17 * 2 * 96, 2 * 96, 96)
+    with pytest.raises(ValueError, match="head size 96"):
+        _C.attention_fwd_cuda(0, s, 0, s, 0, s, 0, s, 0, 1, 17, 2, 96, 0.1, True, 0)
