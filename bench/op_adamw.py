@@ -11,7 +11,7 @@ HP = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 MODELS = {  # name -> (n_layer, C, vocab, block_size)
     "full": {"124M": (12, 768, 50304, 1024), "355M": (24, 1024, 50304, 1024)},
     "quick_cuda": {"124M": (12, 768, 50304, 1024)},
-    "quick_cpu": {"4M": (4, 256, 8192, 256)},
+    "quick_cpu": {"5M": (4, 256, 8192, 256)},
     "tiny": {"tiny": (1, 16, 64, 16)},
 }
 

@@ -16,7 +16,7 @@ from nanolm import backends
 CONFIGS = {  # (n_layer, n_head, n_embd, block_size, vocab_size, batch)
     "full": {"gpt2-124M": (12, 12, 768, 1024, 50304, 16), "gpt2-355M": (24, 16, 1024, 1024, 50304, 8)},
     "quick_cuda": {"gpt2-124M": (12, 12, 768, 1024, 50304, 8)},
-    "quick_cpu": {"small-3M": (2, 4, 256, 128, 8192, 4)},
+    "quick_cpu": {"small": (2, 4, 256, 128, 8192, 4)},
     "tiny": {"tiny": (1, 2, 32, 16, 64, 2)},
 }
 LR, WD = 6e-4, 0.1
