@@ -122,3 +122,9 @@ def test_smoke_cli_layernorm(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert {r["impl"] for r in results["results"]} == {"torch", "eager"}
     assert all(r["status"] == "ok" for r in results["results"])
+
+
+def test_gpu_check_usage():
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "usage" in proc.stderr
+    assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")]).returncode == 0
