@@ -26,7 +26,7 @@ class Case:
     op: str
     name: str
     series: str  # one plot per series; x is the size axis
-    x: int
+    x: int  # the plot's size axis, in units of x_label
     metric: str  # "GB/s" or "TFLOP/s"
     work: float  # bytes or FLOPs of one call (bench/formulas.py)
     make_inputs: Callable
@@ -37,6 +37,7 @@ class Case:
     view: Callable = staticmethod(lambda out: out)  # impl outputs -> what reference returns
     skipped: dict = field(default_factory=dict)  # impl name -> why it is not run here
     budget_ms: int = None
+    x_label: str = "size"
     per_call: dict = field(default_factory=dict)  # extra figures derived from time (tokens/s)
 
 

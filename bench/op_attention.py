@@ -131,7 +131,7 @@ def cases(device, size):
             impls += [Impl(n, "baseline", _baseline_impl(fn, mode)) for n, fn in fns.items()]
             out.append(Case(
                 op="attention", name=f"{mode} B={B} T={T} nh={nh} hs={hs} {dname}",
-                series=f"{mode} hs={hs} {dname}", x=T, metric="TFLOP/s",
+                series=f"{mode} hs={hs} {dname}", x=T, x_label="sequence length T", metric="TFLOP/s",
                 work=formulas.attention_flops(B, nh, T, hs, mode),
                 make_inputs=_inputs(B, T, nh, hs, dtype, device), reference=_reference(mode),
                 impls=impls, tol=tol_for(dtype), working_set=5 * B * T * nh * hs * dtype.itemsize,

@@ -60,7 +60,7 @@ def cases(device, size):
             for n, be in available.items()]
         impls += [Impl(n, "baseline", _baseline(fn)) for n, fn in fns.items()]
         out.append(Case(op="cross_entropy", name=f"N={N} Vp={Vp} V={V} {dname}",
-                        series=f"Vp={Vp} {dname}", x=N * Vp, metric="GB/s",
+                        series=f"Vp={Vp} {dname}", x=N * Vp, x_label="logits N·Vp", metric="GB/s",
                         work=formulas.cross_entropy_bytes(N, Vp, dtype.itemsize),
                         make_inputs=_inputs(N, Vp, V, dtype, device), reference=_reference(V),
                         impls=impls, tol=tol_for(dtype), working_set=2 * N * Vp * dtype.itemsize,

@@ -53,7 +53,7 @@ def cases(device, size):
             h, w, tg, be, vocab_size=V))) for n, be in available.items()]
         impls += [Impl(n, "baseline", _graph(fn)) for n, fn in fns.items()]
         out.append(Case(op="linear_cross_entropy", name=f"N={N} C={C} Vp={Vp} {dname}",
-                        series=f"C={C} {dname}", x=N, metric="TFLOP/s",
+                        series=f"C={C} {dname}", x=N, x_label="rows N", metric="TFLOP/s",
                         work=formulas.linear_cross_entropy_flops(N, C, Vp),
                         make_inputs=_inputs(N, C, Vp, V, dtype, device),
                         reference=_graph(eager, torch.float32 if dtype != torch.float64 else None),

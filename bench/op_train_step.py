@@ -100,7 +100,7 @@ def cases(device, size):
                     "targets": torch.randint(0, vocab, (batch, block_size), device=device)}
         precision = "bf16 autocast" if device.type == "cuda" else "fp32"
         out.append(Case(op="train_step", name=f"{name} B={batch} T={block_size} {precision}",
-                        series=precision, x=n_params, metric="TFLOP/s",
+                        series=precision, x=n_params, x_label="parameters", metric="TFLOP/s",
                         work=tokens * formulas.train_flops_per_token(n_params, n_layer, n_embd, block_size),
                         make_inputs=make_inputs, reference=_sanity(vocab), impls=impls, tol=0.05,
                         skipped=skipped, budget_ms=2000 if device.type == "cuda" else 1000,

@@ -56,7 +56,7 @@ def plot(results, out_dir):
         for impl in dict.fromkeys(r["impl"] for r in rows):
             pts = sorted((r["x"], r["value"]) for r in rows if r["impl"] == impl)
             ax.plot(*zip(*pts), marker="o", label=impl)
-        ax.set(xscale="log", xlabel="size", ylabel=rows[0]["metric"], title=f"{op} {series}")
+        ax.set(xscale="log", xlabel=rows[0].get("x_label", "size"), ylabel=rows[0]["metric"], title=f"{op} {series}")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         path = Path(out_dir) / f"{op}_{series}.png".replace(" ", "_").replace("/", "_").replace("=", "")

@@ -22,7 +22,7 @@ def _rotating(runs):
 
 
 def run_impl(case, impl, input_sets, ref, device):
-    row = {"op": case.op, "case": case.name, "series": case.series, "x": case.x, "impl": impl.name,
+    row = {"op": case.op, "case": case.name, "series": case.series, "x": case.x, "x_label": case.x_label, "impl": impl.name,
            "kind": impl.kind, "metric": case.metric, "status": "ok"}
     try:
         runs = [impl.make(t) for t in input_sets]
