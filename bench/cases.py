@@ -1,0 +1,95 @@
+"""The records every op file builds, the correctness check, and the op table.
+
+A Case is one shape of one op; its Impls are the nanolm backends the op layer reports as
+available on the device plus the PyTorch baselines. `impl.make(inputs)` does the per-input
+setup (building an autograd graph, cloning optimizer state) and returns `run()`, the timed call,
+whose outputs are compared with `case.reference(inputs)` once before any timing.
+"""
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from nanolm import backends
+
+
+@dataclass
+class Impl:
+    name: str
+    kind: str  # "nanolm" or "baseline"
+    make: Callable
+
+
+@dataclass
+class Case:
+    op: str
+    name: str
+    series: str  # one plot per series; x is the size axis
+    x: int  # the plot's size axis, in units of x_label
+    metric: str  # "GB/s" or "TFLOP/s"
+    work: float  # bytes or FLOPs of one call (bench/formulas.py)
+    make_inputs: Callable
+    reference: Callable
+    impls: list
+    tol: float
+    working_set: int = 0
+    view: Callable = staticmethod(lambda out: out)  # impl outputs -> what reference returns
+    skipped: dict = field(default_factory=dict)  # impl name -> why it is not run here
+    budget_ms: int = None
+    x_label: str = "size"
+    per_call: dict = field(default_factory=dict)  # extra figures derived from time (tokens/s)
+
+
+def tol_for(dtype):
+    return {torch.float32: 1e-4, torch.float64: 1e-10}.get(dtype, 2e-2)
+
+
+def check_outputs(out, ref, tol):
+    """Max |out - ref| relative to max |ref|, per output; raises AssertionError if above tol."""
+    out, ref = tuple(out), tuple(ref)
+    if len(out) != len(ref):
+        raise AssertionError(f"{len(out)} outputs, expected {len(ref)}")
+    for i, (a, b) in enumerate(zip(out, ref)):
+        a, b = a.detach().double(), b.detach().double()
+        if a.shape != b.shape:
+            raise AssertionError(f"output {i}: shape {tuple(a.shape)}, expected {tuple(b.shape)}")
+        if not torch.isfinite(a).all():
+            raise AssertionError(f"output {i}: non-finite values")
+        err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+        if err > tol:
+            raise AssertionError(f"output {i}: max error {err:.2e} relative to max |ref| > tol {tol:.0e}")
+
+
+def nanolm_backends(op, device):
+    """({name: module} of backends available for op on device, {name: why not})."""
+    available, skipped = {}, {}
+    for name in backends.BACKENDS:
+        reason = backends.unavailable_reason(name, op, device)
+        if reason is None:
+            available[name] = backends.load(name)
+        else:
+            skipped[name] = reason
+    return available, skipped
+
+
+def compile_baselines(device, quick):
+    """torch.compile of the eager ops: always on GPU; on CPU only outside --quick, since
+    Inductor's C++ compile of every shape takes tens of seconds on a 2-core machine."""
+    return device.type == "cuda" or not quick
+
+
+# The op table: name -> module whose cases(device, size, quick) returns a list of Case.
+# size is "quick", "full" or "tiny" (tests). Adding an op is one entry here.
+OPS = {
+    "layernorm": "bench.op_layernorm",
+    "attention": "bench.op_attention",
+    "cross_entropy": "bench.op_cross_entropy",
+    "linear_cross_entropy": "bench.op_linear_cross_entropy",
+    "adamw": "bench.op_adamw",
+    "train_step": "bench.op_train_step",
+}
+
+
+def build_cases(op, device, size):
+    return importlib.import_module(OPS[op]).cases(device, size)

@@ -1,0 +1,76 @@
+"""`python -m bench [op ...] [--quick] [--out DIR] [--device cuda|cpu] [--impls a,b]`."""
+import argparse
+import datetime
+import platform
+import subprocess
+import sys
+
+import torch
+
+from bench import report, runner, timing
+from bench.cases import OPS, build_cases
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("ops", nargs="*", choices=[[]] + list(OPS), metavar="op",
+                   help=f"ops to run (default: all): {', '.join(OPS)}")
+    p.add_argument("--quick", action="store_true", help="the small shape set (< 5 min)")
+    p.add_argument("--out", default="bench_out", help="folder for results.json, results.md, plots")
+    p.add_argument("--device", choices=("cuda", "cpu"),
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--impls", default="", help="comma-separated implementation names to run (default: all)")
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: toy shapes
+    args = p.parse_args(argv)
+    args.ops = args.ops or list(OPS)
+    args.size = "tiny" if args.tiny else ("quick" if args.quick else "full")
+    args.impls = [s for s in args.impls.split(",") if s]
+    return args
+
+
+def _git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(device):
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "git_commit": _git_commit(), "torch": torch.__version__, "python": platform.python_version(),
+           "device": device.type}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device_name"] = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return env
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: CUDA is not available")
+    torch.manual_seed(0)
+    ceilings = timing.measure_ceilings(device)
+    print(f"ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, matmul {ceilings['matmul_TFLOPs']:.2f} TFLOP/s",
+          file=sys.stderr)
+    rows, skipped = [], []
+    for op in args.ops:
+        for case in build_cases(op, device, args.size):
+            r, s = runner.run_case(case, device, args.impls, log=lambda m: print(m, file=sys.stderr, flush=True))
+            rows += r
+            skipped += s
+    results = {"env": environment(device), "ceilings": ceilings, "size": args.size,
+               "results": runner.add_derived(rows, ceilings), "skipped": skipped}
+    text, plots = report.write(results, args.out)
+    print(text)
+    print(plots if isinstance(plots, str) else f"wrote {len(plots)} plots to {args.out}", file=sys.stderr)
+    return 1 if any(r["status"] == "FAILED" for r in rows) else 0

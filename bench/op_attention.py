@@ -1,0 +1,139 @@
+"""Causal attention cases: forward, backward, forward+backward over the fused qkv layout.
+Shapes: B·T = 16k tokens, T 1k-8k, head dim 64 and 128, nh·hs = 2048 (as FlashAttention's
+benchmark); bf16 on GPU, small fp32 on CPU. The reference runs on batch element 0 only, so
+checking the T=8k cases does not need the (B, nh, T, T) fp32 score matrix of the whole batch."""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bench import formulas
+from bench.cases import Case, Impl, compile_baselines, nanolm_backends, tol_for
+from nanolm.backends import torch_ref
+
+SHAPES = {  # (B, T, nh, hs)
+    "full": [(16384 // T, T, 2048 // hs, hs) for hs in (64, 128) for T in (1024, 2048, 4096, 8192)],
+    "quick_cuda": [(16, 1024, 32, 64), (4, 4096, 16, 128)],
+    "quick_cpu": [(2, 128, 4, 64), (1, 256, 4, 64)],
+    "tiny": [(1, 32, 2, 16)],
+}
+MODES = {"full": ("fwd", "bwd", "fwd+bwd"), "quick": ("fwd", "bwd"), "tiny": ("fwd", "bwd")}
+SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
+def _inputs(B, T, nh, hs, dtype, device):
+    def make():
+        qkv = torch.randn(B, T, 3, nh, hs, dtype=dtype, device=device)
+        q, k, v = qkv.unbind(2)
+        t = {"qkv": qkv, "q": q, "k": k, "v": v, "scale": 1 / math.sqrt(hs),
+             "do": torch.randn(B, T, nh, hs, dtype=dtype, device=device)}
+        outs = [torch_ref.attention_fwd(q[b:b + 1], k[b:b + 1], v[b:b + 1], t["scale"]) for b in range(B)]
+        t["o"] = torch.cat([o for o, _ in outs]).contiguous()
+        t["lse"] = torch.cat([lse for _, lse in outs]).contiguous()
+        return t
+    return make
+
+
+def _reference(mode):
+    def ref(t):
+        q, k, v, do, o, lse = (t[n][:1] for n in ("q", "k", "v", "do", "o", "lse"))
+        grads = [torch.empty_like(q, dtype=o.dtype) for _ in range(3)]
+        torch_ref.attention_bwd(do, q, k, v, o, lse, t["scale"], *grads)
+        return {"fwd": (o,), "bwd": tuple(grads), "fwd+bwd": (o, *grads)}[mode]
+    return ref
+
+
+def softmax_attention(q, k, v, scale):
+    """Attention written the ordinary way; q, k, v (B, T, nh, hs) -> (B, T, nh, hs)."""
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, nh, T, hs)
+    T = q.shape[2]
+    att = (q @ k.transpose(-2, -1)) * scale
+    att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return (torch.softmax(att, dim=-1) @ v).transpose(1, 2)
+
+
+def _sdpa(backend):
+    def attn(q, k, v, scale):
+        with sdpa_kernel(backend):
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, scale=scale)
+        return o.transpose(1, 2)
+    return attn
+
+
+def _nanolm_impl(be, mode):
+    def make(t):
+        dqkv = torch.empty_like(t["qkv"])
+        dq, dk, dv = dqkv.unbind(2)
+
+        def run():
+            o, lse = (t["o"], t["lse"]) if mode == "bwd" else be.attention_fwd(t["q"], t["k"], t["v"], t["scale"])
+            if mode == "fwd":
+                return (o,)
+            be.attention_bwd(t["do"], t["q"], t["k"], t["v"], o, lse, t["scale"], dq, dk, dv)
+            return (dq, dk, dv) if mode == "bwd" else (o, dq, dk, dv)
+        return run
+    return make
+
+
+def _baseline_impl(fn, mode):
+    def make(t):
+        if mode == "fwd":
+            return lambda: (fn(t["q"], t["k"], t["v"], t["scale"]),)
+        qkv = t["qkv"].detach().requires_grad_()
+
+        def forward():
+            q, k, v = qkv.unbind(2)
+            return fn(q, k, v, t["scale"])
+
+        def grads(o, retain):
+            return torch.autograd.grad(o, qkv, t["do"], retain_graph=retain)[0].unbind(2)
+
+        if mode == "bwd":
+            o = forward()
+            return lambda: grads(o, True)
+
+        def run():
+            o = forward()
+            return (o.detach(), *grads(o, False))
+        return run
+    return make
+
+
+def _baselines(device, quick, probe):
+    fns = {"eager": softmax_attention}
+    if compile_baselines(device, quick):
+        fns["torch.compile"] = torch.compile(softmax_attention)
+    skipped = {}
+    for name, backend in SDPA.items():
+        try:  # an SDPA backend that cannot run this device/dtype raises here
+            _sdpa(backend)(*probe)
+            fns[f"sdpa[{name}]"] = _sdpa(backend)
+        except RuntimeError as e:
+            skipped[f"sdpa[{name}]"] = str(e).splitlines()[0][:120]
+    return fns, skipped
+
+
+def cases(device, size):
+    quick = size != "full"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dname = str(dtype).replace("torch.", "")
+    key = size if size in ("full", "tiny") else f"quick_{device.type}"
+    available, skipped = nanolm_backends("attention", device)
+    out = []
+    for B, T, nh, hs in SHAPES[key]:
+        probe = [torch.randn(1, 16, nh, hs, dtype=dtype, device=device) for _ in range(3)] + [hs ** -0.5]
+        fns, sdpa_skipped = _baselines(device, quick, probe)
+        for mode in MODES["full" if size == "full" else ("tiny" if size == "tiny" else "quick")]:
+            impls = [Impl(n, "nanolm", _nanolm_impl(be, mode)) for n, be in available.items()]
+            impls += [Impl(n, "baseline", _baseline_impl(fn, mode)) for n, fn in fns.items()]
+            out.append(Case(
+                op="attention", name=f"{mode} B={B} T={T} nh={nh} hs={hs} {dname}",
+                series=f"{mode} hs={hs} {dname}", x=T, x_label="sequence length T", metric="TFLOP/s",
+                work=formulas.attention_flops(B, nh, T, hs, mode),
+                make_inputs=_inputs(B, T, nh, hs, dtype, device), reference=_reference(mode),
+                impls=impls, tol=tol_for(dtype), working_set=5 * B * T * nh * hs * dtype.itemsize,
+                view=lambda out: tuple(x[:1] for x in out), skipped={**skipped, **sdpa_skipped}))
+    return out

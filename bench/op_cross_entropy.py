@@ -1,0 +1,68 @@
+"""Cross-entropy over materialised logits: loss and dlogits in one call (the nanolm kernel)
+against F.cross_entropy forward + backward as a user writes it under autocast (logits cast to
+float32). Shapes: rows B·T 8k-32k, vocab 50257 padded to 50304 (nanolm's layout) or unpadded."""
+import torch
+import torch.nn.functional as F
+
+from bench import formulas
+from bench.cases import Case, Impl, compile_baselines, nanolm_backends, tol_for
+from nanolm.backends import torch_ref
+
+SHAPES = {  # (N, Vp, vocab)
+    "full": [(n, vp, 50257) for vp in (50304, 50257) for n in (8192, 16384, 32768)],
+    "quick_cuda": [(8192, 50304, 50257), (16384, 50304, 50257)],
+    "quick_cpu": [(512, 8192, 8000), (2048, 8192, 8000)],
+    "tiny": [(16, 80, 77)],
+}
+
+
+def _inputs(N, Vp, V, dtype, device):
+    def make():
+        return {"logits": 2 * torch.randn(N, Vp, dtype=dtype, device=device),
+                "targets": torch.randint(0, V, (N,), device=device)}
+    return make
+
+
+def _reference(V):
+    def ref(t):
+        losses, dlogits = torch_ref.cross_entropy_fwd(t["logits"], t["targets"], V, -100, 0.0,
+                                                      1 / len(t["targets"]), False)
+        return losses.mean(), dlogits
+    return ref
+
+
+def _baseline(fn):
+    def make(t):
+        def run():
+            x = t["logits"].detach().requires_grad_()
+            loss = fn(x, t["targets"])
+            return loss.detach(), torch.autograd.grad(loss, x)[0]
+        return run
+    return make
+
+
+def cases(device, size):
+    quick = size != "full"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dname = str(dtype).replace("torch.", "")
+    key = size if size in ("full", "tiny") else f"quick_{device.type}"
+    available, skipped = nanolm_backends("cross_entropy", device)
+    out = []
+    for N, Vp, V in SHAPES[key]:
+        def eager(x, targets, V=V):
+            return F.cross_entropy(x[:, :V].float(), targets)
+
+        fns = {"eager": eager}
+        if compile_baselines(device, quick):
+            fns["torch.compile"] = torch.compile(eager)
+        impls = [Impl(n, "nanolm", lambda t, be=be, V=V: lambda: (lambda r: (r[0].sum() / len(t["targets"]), r[1]))(
+            be.cross_entropy_fwd(t["logits"], t["targets"], V, -100, 0.0, 1 / len(t["targets"]), False)))
+            for n, be in available.items()]
+        impls += [Impl(n, "baseline", _baseline(fn)) for n, fn in fns.items()]
+        out.append(Case(op="cross_entropy", name=f"N={N} Vp={Vp} V={V} {dname}",
+                        series=f"Vp={Vp} {dname}", x=N * Vp, x_label="logits N·Vp", metric="GB/s",
+                        work=formulas.cross_entropy_bytes(N, Vp, dtype.itemsize),
+                        make_inputs=_inputs(N, Vp, V, dtype, device), reference=_reference(V),
+                        impls=impls, tol=tol_for(dtype), working_set=2 * N * Vp * dtype.itemsize,
+                        skipped=skipped))
+    return out

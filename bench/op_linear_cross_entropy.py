@@ -1,0 +1,62 @@
+"""Cross-entropy fused with the lm_head (nanolm.ops.linear_cross_entropy, chunked so the
+(N, V) logits never exist) against F.linear + F.cross_entropy + backward. Forward and
+backward together; the point is peak memory as much as time. One implementation per backend
+that provides the cross_entropy op (the chunk kernel)."""
+import torch
+import torch.nn.functional as F
+
+from bench import formulas
+from bench.cases import Case, Impl, compile_baselines, nanolm_backends, tol_for
+from nanolm import ops
+
+SHAPES = {  # (N, C, Vp, vocab)
+    "full": [(n, c, 50304, 50257) for c in (768, 1600) for n in (8192, 16384, 32768)],
+    "quick_cuda": [(8192, 768, 50304, 50257)],
+    "quick_cpu": [(512, 256, 8192, 8000)],
+    "tiny": [(32, 24, 80, 77)],
+}
+
+
+def _inputs(N, C, Vp, V, dtype, device):
+    def make():
+        return {"h": torch.randn(N, C, dtype=dtype, device=device),
+                "w": 0.05 * torch.randn(Vp, C, dtype=dtype, device=device),
+                "targets": torch.randint(0, V, (N,), device=device)}
+    return make
+
+
+def _graph(fn, dtype=None):
+    def make(t):
+        def run():
+            h, w = (t[n].detach().to(dtype or t[n].dtype).requires_grad_() for n in ("h", "w"))
+            loss = fn(h, w, t["targets"])
+            return (loss.detach(), *torch.autograd.grad(loss, (h, w)))
+        return run
+    return make
+
+
+def cases(device, size):
+    quick = size != "full"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dname = str(dtype).replace("torch.", "")
+    key = size if size in ("full", "tiny") else f"quick_{device.type}"
+    available, skipped = nanolm_backends("cross_entropy", device)
+    out = []
+    for N, C, Vp, V in SHAPES[key]:
+        def eager(h, w, targets, V=V):
+            return F.cross_entropy(F.linear(h, w)[:, :V].float(), targets)
+
+        fns = {"eager": eager}
+        if compile_baselines(device, quick):
+            fns["torch.compile"] = torch.compile(eager)
+        impls = [Impl(n, "nanolm", _graph(lambda h, w, tg, be=be, V=V: ops.linear_cross_entropy(
+            h, w, tg, be, vocab_size=V))) for n, be in available.items()]
+        impls += [Impl(n, "baseline", _graph(fn)) for n, fn in fns.items()]
+        out.append(Case(op="linear_cross_entropy", name=f"N={N} C={C} Vp={Vp} {dname}",
+                        series=f"C={C} {dname}", x=N, x_label="rows N", metric="TFLOP/s",
+                        work=formulas.linear_cross_entropy_flops(N, C, Vp),
+                        make_inputs=_inputs(N, C, Vp, V, dtype, device),
+                        reference=_graph(eager, torch.float32 if dtype != torch.float64 else None),
+                        impls=impls, tol=tol_for(dtype), skipped=skipped))
+        out[-1].reference = (lambda g: lambda t: g(t)())(out[-1].reference)
+    return out

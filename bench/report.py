@@ -1,0 +1,75 @@
+"""Writes results: a markdown table per op (stdout and results.md), results.json, and one PNG
+per (op, series) of GB/s or TFLOP/s against size with a line per implementation."""
+import json
+from pathlib import Path
+
+
+def _mem(b):
+    return "-" if b is None else f"{b / 2**20:.0f} MiB"
+
+
+def op_table(op, rows, skipped):
+    baselines = list(dict.fromkeys(r["impl"] for r in rows if r["kind"] == "baseline" and r["status"] == "ok"))
+    metric = rows[0]["metric"] if rows else ""
+    head = ["case", "impl", "median ms", metric, "% ceiling", "peak mem"] + [f"vs {b}" for b in baselines]
+    lines = [f"### {op}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r["status"] != "ok":
+            cells = [r["case"], r["impl"], "FAILED", r["error"].replace("|", "/")] + [""] * (len(head) - 4)
+        else:
+            cells = [r["case"], r["impl"], f"{r['time_ms']:.3f}", f"{r['value']:.4g}", f"{r['pct_ceiling']:.0f}%",
+                     _mem(r.get("peak_mem_bytes"))]
+            cells += [f"{r['speedup'][b]:.2f}x" if b in r["speedup"] else "" for b in baselines]
+        lines.append("| " + " | ".join(cells) + " |")
+    extra = [f"{r['impl']}: {r['tokens_per_s']:,.0f} tokens/s ({r['case']})" for r in rows
+             if r["status"] == "ok" and "tokens_per_s" in r]
+    reasons = {(s["impl"], s["reason"]) for s in skipped}
+    notes = [f"- {n}" for n in extra] + [f"- not run: {impl} ({why})" for impl, why in sorted(reasons)]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def markdown(results):
+    env, c = results["env"], results["ceilings"]
+    lines = [f"## nanolm bench: {env['device_name']} ({env['date']}, commit {env['git_commit']})", "",
+             f"Ceilings measured here: copy {c['copy_GBps']:.0f} GB/s (read + write), "
+             f"matmul {c['matmul_TFLOPs']:.1f} TFLOP/s ({c['matmul_shape']}). % ceiling is of these; "
+             "for train_step it is the MFU.", ""]
+    for op in dict.fromkeys(r["op"] for r in results["results"] + results["skipped"]):
+        rows = [r for r in results["results"] if r["op"] == op]
+        lines += [op_table(op, rows, [s for s in results["skipped"] if s["op"] == op]), ""]
+    return "\n".join(lines)
+
+
+def plot(results, out_dir):
+    """One PNG per (op, series); returns the paths, or a note when matplotlib is absent."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plots skipped: matplotlib is not installed (pip install matplotlib)"
+    paths = []
+    ok = [r for r in results["results"] if r["status"] == "ok"]
+    for op, series in dict.fromkeys((r["op"], r["series"]) for r in ok):
+        rows = [r for r in ok if r["op"] == op and r["series"] == series]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            pts = sorted((r["x"], r["value"]) for r in rows if r["impl"] == impl)
+            ax.plot(*zip(*pts), marker="o", label=impl)
+        ax.set(xscale="log", xlabel=rows[0].get("x_label", "size"), ylabel=rows[0]["metric"], title=f"{op} {series}")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        path = Path(out_dir) / f"{op}_{series}.png".replace(" ", "_").replace("/", "_").replace("=", "")
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(str(path))
+    return paths
+
+
+def write(results, out_dir):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = markdown(results)
+    (out_dir / "results.md").write_text(text + "\n")
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    return text, plot(results, out_dir)

@@ -1,0 +1,28 @@
+"""The bench's quick cases as pytest-benchmark tests: `pytest bench --benchmark-only`.
+Each (case, implementation) is checked against the reference first (a wrong result fails the
+test, not just its timing); implementations the op layer reports unavailable are not listed.
+Timing is pytest-benchmark's wall clock around a synchronised call, so GPU numbers include
+launch overhead; `python -m bench` is the precise tool (CUDA events, ceilings)."""
+import pytest
+import torch
+
+from bench import timing
+from bench.cases import OPS, build_cases, check_outputs
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+PARAMS = [pytest.param(case, impl, id=f"{op}-{case.name}-{impl.name}".replace(" ", "_"))
+          for op in OPS for case in build_cases(op, DEVICE, "quick") for impl in case.impls]
+
+
+@pytest.mark.parametrize("case,impl", PARAMS)
+def test_bench(benchmark, case, impl):
+    inputs = case.make_inputs()
+    run = impl.make(inputs)
+    check_outputs(case.view(run()), case.reference(inputs), case.tol)
+
+    def call():
+        run()
+        timing.synchronize(DEVICE)
+
+    benchmark.extra_info.update(op=case.op, case=case.name, impl=impl.name, metric=case.metric, work=case.work)
+    benchmark(call)

@@ -1,0 +1,120 @@
+"""Timers, the machine's measured ceilings, and peak memory.
+
+GPU: triton.testing.do_bench (median; it also clears L2 before each run), or CUDA events
+when triton is absent. CPU: time.perf_counter around each call, median of many calls.
+Both warm up first (which also triggers compilation and autotuning).
+"""
+import os
+import statistics
+import time
+
+import torch
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cuda_events_median(fn, warmup, reps):
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for start, end in zip(starts, ends):
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def time_gpu(fn, budget_ms=100):
+    """Median milliseconds of fn() on the current CUDA device."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return _cuda_events_median(fn, warmup=5, reps=max(10, int(budget_ms)))
+    fn()  # first call outside do_bench: compile/autotune must not shape its run-count estimate
+    torch.cuda.synchronize()
+    return do_bench(fn, warmup=max(25, budget_ms // 4), rep=budget_ms, return_mode="median")
+
+
+def time_cpu(fn, budget_ms=200, min_reps=5, max_reps=200):
+    """Median milliseconds of fn() on CPU: two warm-up calls, then as many calls as fit."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    estimate = max(time.perf_counter() - start, 1e-6) * 1e3
+    reps = max(min_reps, min(max_reps, int(budget_ms / estimate)))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def time_ms(fn, device, budget_ms=None):
+    if device.type == "cuda":
+        return time_gpu(fn, budget_ms or 100)
+    return time_cpu(fn, budget_ms or 200)
+
+
+def cache_bytes(device):
+    """Last-level cache size: inputs smaller than ~2x this are rotated between runs."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            text = f.read().strip()
+        return int(text.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+    except (OSError, ValueError):
+        return 32 << 20
+
+
+def rotation_count(working_set_bytes, device, limit=8):
+    """How many input sets to rotate so the same bytes are not re-read from cache."""
+    if working_set_bytes <= 0:
+        return 1
+    return max(1, min(limit, -(-2 * cache_bytes(device) // working_set_bytes)))
+
+
+def measure_ceilings(device):
+    """{'copy_GBps', 'matmul_TFLOPs', ...}: a large device-to-device copy (bytes read + written)
+    and a large matmul (bf16 8192^3 on GPU, fp32 2048^3 on CPU, about 1 s in all there)."""
+    gpu = device.type == "cuda"
+    copy_bytes = (1 << 30) if gpu else (256 << 20)
+    src = torch.randn(copy_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), device)
+    del src, dst
+    n, dtype = (8192, torch.bfloat16) if gpu else (2048, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    mm_ms = time_ms(lambda: a @ b, device, 300 if gpu else 600)
+    return {
+        "copy_GBps": 2 * copy_bytes / copy_ms / 1e6,
+        "copy_bytes": copy_bytes,
+        "matmul_TFLOPs": 2 * n ** 3 / mm_ms / 1e9,
+        "matmul_shape": f"{n}x{n}x{n} {str(dtype).replace('torch.', '')}",
+    }
+
+
+def peak_memory_bytes(fn, device):
+    """High-water mark of allocations during one fn() above what was allocated before it
+    (the call's temporaries and outputs). None on CPU: torch's CPU allocator keeps no such
+    statistics, and tracemalloc does not see its allocations."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    result = fn()
+    torch.cuda.synchronize()
+    del result
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def cpu_threads():
+    return torch.get_num_threads(), os.cpu_count()
