@@ -4,8 +4,6 @@
 // (views into a fused (B, T, 3, nh, hs) buffer); strides are given in elements, (b, t, h).
 // o, do are contiguous (B, T, nh, hs); lse is (B, nh, T) float32.
 #pragma once
-// Causal flash attention launchers (see csrc/attention.cu for the CUDA kernels).
-#pragma once
 #include <array>
 #include <cstdint>
 

@@ -13,7 +13,6 @@
 #include "layernorm.h"
 #include "cross_entropy.h"
 #ifdef NANOLM_WITH_CUDA
-#include "attention.h"
 #endif
 
 namespace py = pybind11;
@@ -51,11 +50,13 @@ PYBIND11_MODULE(_C, m) {
           "Rows P of the (2, P, C) float32 workspace layernorm_bwd_cuda needs");
     m.def("layernorm_bwd_cuda", &nanolm::layernorm_bwd_cuda, "LayerNorm backward (+ residual grad)");
     m.attr("layernorm_cuda_max_c") = nanolm::kLayerNormCudaMaxC;
+#endif
     m.def("cross_entropy_fwd_cpu", &nanolm::cross_entropy_fwd_cpu,
           "Cross-entropy losses and gradient over float32 logits (N, Vp), OpenMP over rows");
 #ifdef NANOLM_WITH_CUDA
     m.def("cross_entropy_fwd_cuda", &nanolm::cross_entropy_fwd_cuda,
           "Cross-entropy losses and gradient over fp32/bf16 logits (N, Vp), one block per row");
+#endif
     py::class_<nanolm::AdamWScalars>(m, "AdamWScalars")
         .def(py::init<float, float, float, float, float, float, float, float>(),
              py::arg("one_minus_beta1"), py::arg("beta2"), py::arg("one_minus_beta2"), py::arg("eps"),

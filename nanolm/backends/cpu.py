@@ -4,18 +4,11 @@ Each function checks its tensors (dtype, device, shape, contiguity) and passes r
 """
 import torch
 
-from nanolm.backends.checks import check_layer_norm
+from nanolm.backends.checks import (adamw_scalars, check_adamw_buffers, check_attention_bwd,
+                                   check_attention_qkv, check_cross_entropy, check_layer_norm,
+                                   check_tensor)
 
-OPS = ("layernorm",)
-from nanolm.backends.checks import check_cross_entropy
-
-OPS = ("cross_entropy",)
-from nanolm.backends.checks import adamw_scalars, check_adamw_buffers, check_tensor
-
-OPS = ("adamw",)
-from nanolm.backends.checks import check_attention_bwd, check_attention_qkv
-
-OPS = ("attention",)
+OPS = ("layernorm", "attention", "cross_entropy", "adamw")
 
 
 def unavailable_reason(device):

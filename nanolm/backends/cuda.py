@@ -5,18 +5,10 @@ and the current CUDA stream to the extension, which throws on any CUDA error.
 """
 import torch
 
-from nanolm.backends.checks import check_layer_norm
+from nanolm.backends.checks import (adamw_scalars, check_adamw_buffers, check_cross_entropy,
+                                   check_layer_norm, check_same_dtype, check_tensor)
 
-OPS = ("layernorm",)
-from nanolm.backends.checks import check_cross_entropy
-
-OPS = ("cross_entropy",)
-from nanolm.backends.checks import adamw_scalars, check_adamw_buffers, check_tensor
-
-OPS = ("adamw",)
-from nanolm.backends.checks import check_same_dtype, check_tensor
-
-OPS = ("attention",)
+OPS = ("layernorm", "attention", "cross_entropy", "adamw")
 
 
 def unavailable_reason(device):

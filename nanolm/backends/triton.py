@@ -7,18 +7,11 @@ import os
 
 import torch
 
+from nanolm.backends.checks import (check_adamw_buffers, check_attention_bwd, check_attention_qkv,
+                                   check_cross_entropy, check_tensor)
 from nanolm.kernels.layernorm import add_layer_norm_fwd, layer_norm_bwd, layer_norm_fwd  # noqa: F401
 
-OPS = ("layernorm",)
-from nanolm.backends.checks import check_cross_entropy
-
-OPS = ("cross_entropy",)
-from nanolm.backends.checks import check_adamw_buffers, check_tensor
-
-OPS = ("adamw",)
-from nanolm.backends.checks import check_attention_bwd, check_attention_qkv, check_tensor
-
-OPS = ("attention",)
+OPS = ("layernorm", "attention", "cross_entropy", "adamw")
 
 
 def unavailable_reason(device):
