@@ -98,7 +98,7 @@ def get_tokenizer(name):
         return ByteTokenizer()
     if name == "gpt2":
         return GPT2Tokenizer()
-    raise ValueError(f"unknown tokenizer {name!r}: expected 'byte' or 'gpt2'")
+    raise ValueError(f"unknown tokenizer {name!r}; valid: byte, gpt2")
 
 
 class StreamDecoder:
