@@ -51,6 +51,7 @@ class TrainConfig:
     ckpt_interval: int = 500  # steps between checkpoints (one is also written at the end); 0 = end only
     keep_ckpts: int = 3  # newest checkpoints kept in the run dir
     resume: str = ""  # "latest" (bare --resume), a run dir or a checkpoint file
+    init_from: str = ""  # start a fresh run from these weights: a run dir or checkpoint file
     sample_tokens: int = 200  # length of the sample printed at the end
     n_layer: int = 0  # 0 = take from preset
     n_head: int = 0

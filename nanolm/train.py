@@ -162,6 +162,13 @@ def restore(cfg, run, path):
     return ckpt["step"]
 
 
+def load_weights(run, path):
+    """Model weights only (e.g. GPT-2 imported with `python -m nanolm.hf import`)."""
+    ckpt = checkpoint.load(path, model_config={"model": run["config"]["model"]})
+    run["model"].load_state_dict(ckpt["model"])
+    print(f"weights from {path}")
+
+
 def save(cfg, run, step):
     path = checkpoint.save(run["dir"], step, run["model"].state_dict(), run["opt"].state_dict(),
                            run["config"], {"train": run["train"].state_dict()}, cfg.keep_ckpts)
@@ -255,6 +262,8 @@ def start(cfg):
     resume_from, run_dir = locate(cfg)
     try:
         run = setup(cfg)
+        if cfg.init_from and not resume_from:
+            load_weights(run, cfg.init_from)
         done = restore(cfg, run, resume_from) if resume_from else 0
     except ValueError as e:  # bad data/kernels/shape/checkpoint choices, before any work
         raise ConfigError(str(e)) from e

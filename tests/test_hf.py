@@ -66,3 +66,30 @@ def test_untied_head_is_rejected():
     sd["lm_head.weight"] = torch.randn_like(sd["lm_head.weight"])
     with pytest.raises(ValueError, match="untied"):
         hf.to_hf(sd, VOCAB)
+
+
+def test_trained_checkpoint_exports_imports_and_initialises_a_run(tmp_path, monkeypatch, capsys):
+    """train -> export -> import -> --init_from: the weights arrive unchanged (a run with lr=0
+    ends where it started), and the imported checkpoint samples through the CLI."""
+    from nanolm import checkpoint, sample
+    from nanolm.config import parse_args
+    from nanolm.train import train
+
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+            "--eval_iters=1", "--sample_tokens=4", "--max_steps=3", "--warmup=1"]
+    train(parse_args(tiny + ["--out_dir=trained"]))
+    hf.main(["export", "trained", "exported"])
+    hf.main(["import", "exported", "imported", "--tokenizer=byte", "--vocab_multiple=64"])
+    trained = checkpoint.load("trained")["model"]
+    imported = checkpoint.load("imported")["model"]
+    assert all(torch.equal(imported[k], v) for k, v in trained.items())
+
+    train(parse_args(tiny + ["--out_dir=finetune", "--init_from=imported", "--lr=0", "--min_lr=0",
+                             "--max_steps=1"]))
+    finetuned = checkpoint.load("finetune")["model"]
+    assert all(torch.equal(finetuned[k], v) for k, v in trained.items())
+
+    capsys.readouterr()
+    sample.main(["--ckpt", "imported", "--prompt", "ab", "--max_new_tokens", "5", "--device", "cpu"])
+    assert capsys.readouterr().out.startswith("ab")
