@@ -53,6 +53,7 @@ class TrainConfig:
     resume: str = ""  # "latest" (bare --resume), a run dir or a checkpoint file
     init_from: str = ""  # start a fresh run from these weights: a run dir or checkpoint file
     sample_tokens: int = 200  # length of the sample printed at the end
+    sample_prompt: str = "\n"  # text the end-of-run sample continues
     n_layer: int = 0  # 0 = take from preset
     n_head: int = 0
     n_embd: int = 0

@@ -250,7 +250,8 @@ def log_eval(cfg, run, step, val_loss):
 
 def sample(cfg, run):
     tok = run["tokenizer"]
-    prompt = torch.tensor([tok.encode("def ")], dtype=torch.long, device=run["device"])
+    ids = tok.encode(cfg.sample_prompt) or [tok.eot]
+    prompt = torch.tensor([ids], dtype=torch.long, device=run["device"])
     run["model"].eval()
     with run["autocast"]:
         out = generate(run["model"], prompt, cfg.sample_tokens, top_k=50, seed=cfg.seed)
