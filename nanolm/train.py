@@ -12,7 +12,7 @@ import time
 import numpy as np
 import torch
 
-from nanolm import backends
+from nanolm import backends, dist
 from nanolm.config import ConfigError, model_config, parse_args
 from nanolm.data import Loader, get_tokenizer, load_dataset
 from nanolm.model import GPT
@@ -23,11 +23,11 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10"
                "RTX 4090": 165.0, "RTX 3090": 71.0}
 
 
-def pick_device(cfg):
+def pick_device(cfg, local_rank=0):
     name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={name} requested but CUDA is not available")
-    return torch.device(name)
+    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)  # one GPU per rank
 
 
 def autocast_ctx(cfg, device):
@@ -64,7 +64,8 @@ def setup(cfg):
     """Everything a run needs, checked before any training work."""
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    device = pick_device(cfg)
+    env = dist.env_from_torchrun()
+    device = pick_device(cfg, env.local_rank)
     tokenizer = get_tokenizer(cfg.tokenizer)
     train_tokens, val_tokens = load_dataset(cfg.data, tokenizer)
     mcfg = model_config(cfg, tokenizer.vocab_size)
@@ -73,15 +74,19 @@ def setup(cfg):
             raise ValueError(f"block_size={mcfg.block_size} is larger than the {split} data "
                              f"({len(tokens)} tokens)")
     choice = backends.resolve(cfg.kernels, device)
-    print("kernels: " + ", ".join(f"{op}={name}" for op, name in choice.items()))
+    if env.is_main:
+        print("kernels: " + ", ".join(f"{op}={name}" for op, name in choice.items()))
     kernels = backends.modules(choice)
     model = GPT(mcfg, kernels).to(device)
     opt = FlatAdamW(model.named_parameters(), cfg.lr, (cfg.beta1, cfg.beta2), 1e-8,
-                    cfg.weight_decay, cfg.grad_clip, kernels["adamw"])
-    train = Loader(train_tokens, cfg.batch_size, mcfg.block_size, cfg.seed)
+                    cfg.weight_decay, cfg.grad_clip, kernels["adamw"], pad_to=env.world_size)
+    ctx = dist.Context(env, device, cfg.dist_timeout_s)
+    ctx.attach(opt, cfg.bucket_mb, cfg.zero)
+    # each rank reads its own batch_size windows of every global step: see Loader
+    train = Loader(train_tokens, cfg.batch_size, mcfg.block_size, cfg.seed, env.rank, env.world_size)
     val = Loader(val_tokens, cfg.batch_size, mcfg.block_size, cfg.seed + 1)
     return dict(device=device, tokenizer=tokenizer, model=model, opt=opt, train=train, val=val,
-                val_start=val.state_dict(), autocast=autocast_ctx(cfg, device))
+                val_start=val.state_dict(), autocast=autocast_ctx(cfg, device), dist=ctx)
 
 
 @torch.no_grad()
@@ -99,24 +104,29 @@ def evaluate(cfg, run):
 
 
 def train_step(cfg, run, lr):
-    """grad_accum micro-batches, each loss scaled by 1/grad_accum, then one optimizer step."""
+    """grad_accum micro-batches, each loss scaled by 1/grad_accum, then one optimizer step.
+    With several ranks, gradients are averaged during the last micro-batch's backward."""
     model, opt = run["model"], run["opt"]
     opt.zero_grad()
     total = 0.0
-    for _ in range(cfg.grad_accum):
+    for i in range(cfg.grad_accum):
         x, y = run["train"].next_batch(run["device"])
         with run["autocast"]:
             loss = model(x, y) / cfg.grad_accum
+        if i == cfg.grad_accum - 1:
+            run["dist"].arm()
         loss.backward()
         total += loss.item()
+    run["dist"].finish()
     norm = opt.step(lr)
     return total, norm
 
 
 def log(cfg, run, step, loss, lr, norm, dt):
-    tokens = cfg.batch_size * cfg.grad_accum * run["model"].cfg.block_size
+    world = run["dist"].env.world_size
+    tokens = cfg.batch_size * cfg.grad_accum * run["model"].cfg.block_size * world
     peak = peak_flops(cfg, run["device"])
-    mfu = f"{100 * flops_per_token(run['model']) * tokens / dt / peak:.1f}%" if peak else "-"
+    mfu = f"{100 * flops_per_token(run['model']) * tokens / dt / (peak * world):.1f}%" if peak else "-"
     skipped = f" skipped {run['opt'].skipped}" if run["opt"].skipped else ""
     print(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | "
           f"{1000 * dt:.0f} ms/step | {tokens / dt:.0f} tok/s | mfu {mfu}{skipped}", flush=True)
@@ -133,28 +143,35 @@ def sample(cfg, run):
 
 
 def train(cfg):
-    """Runs the whole training; returns {'first_val', 'val', 'sample'}."""
+    """Runs the whole training; returns {'first_val', 'val', 'sample'} (on rank 0; other
+    ranks of a multi-process run only train, and return {})."""
     try:
         run = setup(cfg)
     except ValueError as e:  # bad data/kernels/shape choices: a config error, before any work
         raise ConfigError(str(e)) from e
-    print(f"model: {run['model'].num_params() / 1e6:.2f}M non-embedding params on {run['device']}")
-    history = {"first_val": evaluate(cfg, run)}
-    print(f"step     0 | val loss {history['first_val']:.4f}", flush=True)
+    is_main, history = run["dist"].is_main, {}
+    if is_main:
+        print(f"model: {run['model'].num_params() / 1e6:.2f}M non-embedding params on {run['device']}")
+        history["first_val"] = evaluate(cfg, run)
+        print(f"step     0 | val loss {history['first_val']:.4f}", flush=True)
     t0 = time.perf_counter()
     for step in range(1, cfg.max_steps + 1):
         lr = get_lr(cfg, step - 1)
         loss, norm = train_step(cfg, run, lr)
         if step % cfg.log_interval == 0:
+            loss = run["dist"].mean(loss)  # every rank takes part
             dt = (time.perf_counter() - t0) / cfg.log_interval
-            log(cfg, run, step, loss, lr, norm, dt)
+            if is_main:
+                log(cfg, run, step, loss, lr, norm, dt)
             t0 = time.perf_counter()
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+        if is_main and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             history["val"] = evaluate(cfg, run)
             print(f"step {step:5d} | val loss {history['val']:.4f}", flush=True)
             t0 = time.perf_counter()
-    history["sample"] = sample(cfg, run)
-    print("sample:\n" + history["sample"])
+    if is_main:
+        history["sample"] = sample(cfg, run)
+        print("sample:\n" + history["sample"])
+    run["dist"].close()
     return history
 
 
