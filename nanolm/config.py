@@ -56,7 +56,7 @@ class TrainConfig:
     dropout: float = 0.0
     zero: int = 0  # 1 = ZeRO-1: each of W ranks keeps 1/W of the AdamW state (multi-process only)
     bucket_mb: float = 25.0  # gradient bucket size; ~25 MB hides all-reduce latency (as DDP)
-    dist_timeout_s: float = 300.0  # a collective taking longer aborts the run (a peer died or hung)
+    dist_timeout_s: float = 300.0  # a collective waiting longer aborts the run; must exceed rank 0's eval/save
 
 
 PRESETS = {

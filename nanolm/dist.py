@@ -194,8 +194,7 @@ class NcclComm:
         deadline = time.monotonic() + self.timeout_s
         while (state := self.async_error()) == NCCL_IN_PROGRESS:
             if time.monotonic() > deadline:
-                self.abort()
-                fail(self.env, f"{what} did not complete in {self.timeout_s:.0f} s")
+                self.abort_and_exit(f"{what} did not complete in {self.timeout_s:g} s")
             time.sleep(0.0005)
         self._check(state, what)
 
@@ -246,6 +245,17 @@ class NcclComm:
             self.lib.ncclCommAbort(self.comm)
             self.comm = ctypes.c_void_p()
 
+    def abort_and_exit(self, what):
+        """Report, abort the communicator (so NCCL's kernels and proxy threads stop) and exit.
+        The abort gets a few seconds: it frees device memory, which waits for the device, and
+        a wedged kernel must not keep the process alive."""
+        print(f"nanolm.dist: rank {self.env.rank}/{self.env.world_size}: {what}; aborting the "
+              "communicator", file=sys.stderr, flush=True)
+        aborter = threading.Thread(target=self.abort, daemon=True)
+        aborter.start()
+        aborter.join(5.0)
+        fail(self.env, what)
+
     def close(self):
         if self.comm:
             self.watchdog.stop()
@@ -281,10 +291,8 @@ class Watchdog(threading.Thread):
             late = oldest is not None and time.monotonic() > oldest[2]
             if late or error not in (NCCL_SUCCESS, NCCL_IN_PROGRESS):
                 name = oldest[1] if oldest else "the communicator"
-                what = (f"{name} timed out after {self.comm.timeout_s:.0f} s" if late else
-                        f"{name}: NCCL reported {self.comm._message(error)}")
-                self.comm.abort()
-                fail(self.comm.env, what + " (communicator aborted)")
+                self.comm.abort_and_exit(f"{name} timed out after {self.comm.timeout_s:g} s" if late else
+                                         f"{name}: NCCL reported {self.comm._message(error)}")
 
 
 # ----------------------------------------------------------------------------- gloo (CPU)

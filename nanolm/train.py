@@ -27,7 +27,10 @@ def pick_device(cfg, local_rank=0):
     name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={name} requested but CUDA is not available")
-    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)  # one GPU per rank
+    device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)  # one GPU per rank
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # kernels launch on the current device, not the tensors'
+    return device
 
 
 def autocast_ctx(cfg, device):
