@@ -113,6 +113,11 @@ def config_diff(saved, expected):
             for k, v in expected.items() if saved.get(k, missing) != v]
 
 
+def saved_config(path):
+    """The config stored in a checkpoint file, read without loading its tensors (mmap)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
+
+
 def load(path, map_location="cpu", model_config=None):
     """Load a checkpoint file (or the latest one in a run dir). With model_config (a dict laid
     out like the saved config, holding only the fields that shape the model), a mismatch

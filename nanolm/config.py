@@ -47,8 +47,13 @@ class TrainConfig:
     dtype: str = "auto"  # bf16 autocast on cuda, fp32 on cpu
     kernels: str = "auto"  # see nanolm/backends/__init__.py
     peak_tflops: float = 0.0  # overrides the device peak table for MFU; 0 = look up
-    out_dir: str = "out"
+    out_dir: str = ""  # run dir (checkpoints, metrics.jsonl, config.json); "" = runs/<preset>-<time>
+    ckpt_interval: int = 500  # steps between checkpoints (one is also written at the end); 0 = end only
+    keep_ckpts: int = 3  # newest checkpoints kept in the run dir
+    resume: str = ""  # "latest" (bare --resume), a run dir or a checkpoint file
+    init_from: str = ""  # start a fresh run from these weights: a run dir or checkpoint file
     sample_tokens: int = 200  # length of the sample printed at the end
+    sample_prompt: str = "\n"  # text the end-of-run sample continues
     n_layer: int = 0  # 0 = take from preset
     n_head: int = 0
     n_embd: int = 0
@@ -80,11 +85,16 @@ def _parse_value(key, text, typ):
         raise ConfigError(f"--{key}={text}: expected {typ.__name__}") from None
 
 
-def parse_args(argv):
-    """['--key=value', ...] -> TrainConfig; unknown keys list the valid ones."""
+# bare flags and the value they stand for
+FLAGS = {"--resume": "--resume=latest"}
+
+
+def parse_overrides(argv):
+    """['--key=value', ...] -> {key: typed value}; unknown keys list the valid ones."""
     types = {f.name: f.type if isinstance(f.type, type) else eval(f.type) for f in fields(TrainConfig)}
     values = {}
     for arg in argv:
+        arg = FLAGS.get(arg, arg)
         if not arg.startswith("--") or "=" not in arg:
             raise ConfigError(f"argument {arg!r} is not of the form --key=value")
         key, text = arg[2:].split("=", 1)
@@ -92,7 +102,15 @@ def parse_args(argv):
         if key not in types:
             raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(types)}")
         values[key] = _parse_value(key, text, types[key])
-    cfg = TrainConfig(**values)
+    return values
+
+
+def parse_args(argv, defaults=None):
+    """['--key=value', ...] -> a validated TrainConfig. `defaults` (a dict of TrainConfig
+    fields, e.g. a resumed run's saved config) replaces the built-in defaults."""
+    names = {f.name for f in fields(TrainConfig)}
+    base = {k: v for k, v in (defaults or {}).items() if k in names}
+    cfg = TrainConfig(**{**base, **parse_overrides(argv)})
     validate(cfg)
     return cfg
 
@@ -112,12 +130,13 @@ def model_config(cfg, vocab_size):
 
 
 def validate(cfg):
-    positive = ("batch_size", "grad_accum", "max_steps", "eval_iters", "log_interval", "eval_interval")
+    positive = ("batch_size", "grad_accum", "max_steps", "eval_iters", "log_interval", "eval_interval",
+                "keep_ckpts")
     for k in positive:
         if getattr(cfg, k) <= 0:
             raise ConfigError(f"{k} must be positive, got {getattr(cfg, k)}")
     for k in ("lr", "min_lr", "weight_decay", "grad_clip", "warmup", "peak_tflops", "sample_tokens",
-              "n_layer", "n_head", "n_embd", "block_size"):
+              "n_layer", "n_head", "n_embd", "block_size", "ckpt_interval"):
         if getattr(cfg, k) < 0:
             raise ConfigError(f"{k} must be >= 0, got {getattr(cfg, k)}")
     if cfg.min_lr > cfg.lr:

@@ -488,6 +488,10 @@ class Context:
         self.comm.wait(self.comm.all_reduce(t))
         return t.item()
 
+    def any(self, flag):
+        """True on every rank if it is True on any (e.g. a Ctrl-C seen by some ranks only)."""
+        return self.mean(float(flag)) > 0 if self.comm is not None else flag
+
     def close(self):
         if self.comm is not None:
             self.comm.close()

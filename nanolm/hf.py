@@ -9,12 +9,22 @@ two differences this module undoes:
 lm_head is tied to wte: export writes no lm_head (HF re-ties it), import returns
 `lm_head.weight` as the same tensor as `transformer.wte.weight`.
 Needs the optional extra: pip install 'nanolm[hf]'.
+
+    python -m nanolm.hf export RUN_DIR_OR_CKPT OUT_DIR    # -> OUT_DIR/model.safetensors, config.json
+    python -m nanolm.hf import HF_DIR RUN_DIR             # -> RUN_DIR/ckpt_00000000.pt (weights only)
+An imported checkpoint samples with `python -m nanolm.sample --ckpt RUN_DIR` and starts a
+training run with `python -m nanolm.train --init_from=RUN_DIR ...` (e.g. fine-tuning GPT-2).
 """
+import argparse
+import dataclasses
 import json
 import os
 import re
 
 import torch
+
+from nanolm import checkpoint
+from nanolm.config import ModelConfig
 
 TRANSPOSED = re.compile(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 # buffers older HF GPT-2 files carry (the causal mask); nanolm has no such state
@@ -97,3 +107,52 @@ def load(path, padded_vocab_size):
     if os.path.isdir(path):
         path = os.path.join(path, "model.safetensors")
     return from_hf(_safetensors().load_file(path), padded_vocab_size)
+
+
+def import_checkpoint(src, run_dir, tokenizer="gpt2", vocab_multiple=128):
+    """An HF GPT-2 export (model.safetensors + config.json) as a nanolm checkpoint at step 0.
+    vocab_multiple must be the padding the training config uses (presets: 128; quickstart: 64)."""
+    src_dir = src if os.path.isdir(src) else os.path.dirname(src)
+    config_path = os.path.join(src_dir, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path} not found: the HF config gives n_head, which the "
+                                f"weights alone do not")
+    with open(config_path) as f:
+        hc = json.load(f)
+    mcfg = ModelConfig(n_layer=hc["n_layer"], n_head=hc["n_head"], n_embd=hc["n_embd"],
+                       block_size=hc["n_positions"], vocab_size=hc["vocab_size"],
+                       vocab_multiple=vocab_multiple)
+    state = load(src, mcfg.padded_vocab)
+    config = {"model": dataclasses.asdict(mcfg), "tokenizer": tokenizer}
+    return checkpoint.save(run_dir, 0, state, {}, config, {}, keep=None)
+
+
+def export_checkpoint(ckpt_path, out_dir):
+    ckpt = checkpoint.load(ckpt_path)
+    model = ckpt["config"]["model"]
+    export(ckpt["model"], out_dir, model["n_head"], model["vocab_size"])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m nanolm.hf")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export", help="a nanolm checkpoint -> HF model.safetensors + config.json")
+    ex.add_argument("ckpt", help="checkpoint file, or a run dir (its latest)")
+    ex.add_argument("out", help="output directory")
+    im = sub.add_parser("import", help="HF GPT-2 safetensors -> a nanolm checkpoint (weights only)")
+    im.add_argument("src", help="directory with model.safetensors and config.json")
+    im.add_argument("out", help="run dir to write ckpt_00000000.pt into")
+    im.add_argument("--tokenizer", default="gpt2", choices=("gpt2", "byte"))
+    im.add_argument("--vocab_multiple", type=int, default=128,
+                    help="vocab padding of the config that will load it (presets 128, quickstart 64)")
+    args = p.parse_args(argv)
+    if args.cmd == "export":
+        export_checkpoint(args.ckpt, args.out)
+        print(f"wrote {os.path.join(args.out, 'model.safetensors')} and config.json")
+    else:
+        path = import_checkpoint(args.src, args.out, args.tokenizer, args.vocab_multiple)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,12 +7,17 @@ generating T tokens is linear in T (times the attention over the cache).
 
 It walks the nanoGPT / HF GPT-2 module layout, which nanolm's parameter names already fix:
 model.transformer.{wte, wpe, h[i].{ln_1, attn.c_attn, attn.c_proj, ln_2, mlp}, ln_f},
-model.lm_head, and model.config.{n_head, block_size}. Only attention is recomputed here (it
-needs the cache); layer norms, projections and the MLP are the model's modules, so the
-cached path runs the same weights and kernels as training.
+model.lm_head, and model.cfg.{n_head, block_size, vocab_size}. Only attention is recomputed here
+(it needs the cache); layer norms go through ops.layer_norm with the model's layernorm backend,
+and the projections and MLP are the model's modules, so the cached path runs the same weights
+and kernels as training. The residual adds are plain here: with one new position per step
+there is no traffic worth fusing.
 """
 import torch
 import torch.nn.functional as F
+
+from nanolm import ops
+from nanolm.model import LN_EPS
 
 
 class KVCache:
@@ -27,7 +32,7 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model, batch):
-        cfg = model.config
+        cfg = model.cfg
         wte = model.transformer.wte.weight
         n_embd = wte.shape[1]
         return cls(len(model.transformer.h), batch, cfg.n_head, cfg.block_size,
@@ -50,9 +55,14 @@ def _attend(attn, x, cache, layer, n_head):
     return attn.c_proj(y.transpose(1, 2).reshape(B, t, C))
 
 
+def _layer_norm(model, ln, x):
+    return ops.layer_norm(x, ln.weight, ln.bias, LN_EPS, model.kernels["layernorm"])
+
+
 def forward_cached(model, idx, cache):
     """Run idx (B, t), the tokens at positions [cache.pos, cache.pos + t), through the model,
-    filling the cache; returns the logits of the last position, (B, V)."""
+    filling the cache; returns the logits of the last position over the real vocabulary,
+    (B, vocab_size), as model(idx) does."""
     t = idx.shape[1]
     if cache.pos + t > cache.max_len:
         raise ValueError(f"forward_cached: {cache.pos} cached + {t} new tokens exceed the "
@@ -61,7 +71,8 @@ def forward_cached(model, idx, cache):
     pos = torch.arange(cache.pos, cache.pos + t, device=idx.device)
     x = tr.wte(idx) + tr.wpe(pos)
     for i, block in enumerate(tr.h):
-        x = x + _attend(block.attn, block.ln_1(x), cache, i, model.config.n_head)
-        x = x + block.mlp(block.ln_2(x))
+        x = x + _attend(block.attn, _layer_norm(model, block.ln_1, x), cache, i, model.cfg.n_head)
+        x = x + block.mlp(_layer_norm(model, block.ln_2, x))
     cache.pos += t
-    return model.lm_head(tr.ln_f(x[:, -1]))
+    h = _layer_norm(model, tr.ln_f, x[:, -1:])[:, 0]
+    return h @ model.lm_head.weight[:model.cfg.vocab_size].to(h.dtype).t()

@@ -114,15 +114,3 @@ class GPT(nn.Module):
         C = h.shape[-1]
         return ops.linear_cross_entropy(h.reshape(-1, C), self.lm_head.weight, targets.reshape(-1),
                                         self.kernels["cross_entropy"], vocab_size=self.cfg.vocab_size)
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.cfg.block_size:]).float() / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.shape[-1]))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            probs = torch.softmax(logits, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
-        return idx

@@ -13,9 +13,11 @@ import sys
 
 import torch
 
-from nanolm import checkpoint
+from nanolm import backends, checkpoint
+from nanolm.config import ModelConfig
 from nanolm.data import StreamDecoder, get_tokenizer
 from nanolm.kvcache import KVCache, forward_cached
+from nanolm.model import GPT
 
 
 def pick(logits, temperature, top_k, generator, vocab_size):
@@ -37,8 +39,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, seed=0, st
              vocab_size=None):
     """Extend idx (B, t) by max_new_tokens sampled tokens; stream(ids) gets each step's (B, 1)
     tokens as soon as they exist. Same seed, model and prompt -> same tokens."""
-    block = model.config.block_size
-    vocab_size = vocab_size or model.transformer.wte.weight.shape[0]
+    block = model.cfg.block_size
+    vocab_size = vocab_size or model.cfg.vocab_size
     generator = torch.Generator(device=idx.device).manual_seed(seed)
     cache = KVCache.for_model(model, idx.shape[0])
     logits = forward_cached(model, idx[:, -block:], cache)
@@ -58,12 +60,13 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, seed=0, st
     return torch.cat(out, dim=1)
 
 
-def load_model(ckpt_path, device):
-    """Model and tokenizer from a checkpoint whose config holds 'model' (GPTConfig's fields)
-    and 'tokenizer' (its name)."""
-    from nanolm.model import GPT, GPTConfig
+def load_model(ckpt_path, device, kernels="auto"):
+    """Model and tokenizer from a checkpoint whose config holds 'model' (ModelConfig's fields)
+    and 'tokenizer' (its name), as nanolm.train writes it."""
     ckpt = checkpoint.load(ckpt_path, map_location=device)
-    model = GPT(GPTConfig(**ckpt["config"]["model"]))
+    device = torch.device(device)
+    model = GPT(ModelConfig(**ckpt["config"]["model"]),
+                backends.modules(backends.resolve(kernels, device)))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), get_tokenizer(ckpt["config"]["tokenizer"])
 
@@ -77,9 +80,10 @@ def main(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=500)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--kernels", default="auto", help="kernel backends, as in nanolm.train")
     args = p.parse_args(argv)
 
-    model, tok = load_model(args.ckpt, args.device)
+    model, tok = load_model(args.ckpt, args.device, args.kernels)
     ids = tok.encode(args.prompt) or [tok.eot]  # an empty prompt starts a fresh document
     decode = StreamDecoder(tok)
     sys.stdout.write(args.prompt)

@@ -1,22 +1,35 @@
-"""`python -m nanolm.train [--key=value ...]`: train a GPT-2 model (see nanolm/config.py).
+"""`python -m nanolm.train [--key=value ...] [--resume]`: train a GPT-2 model (see nanolm/config.py).
 
-train(cfg) is the whole run: setup() builds everything, then each step accumulates gradients
-over grad_accum micro-batches and takes one optimizer step, with evaluate() and log() on their
-intervals, and a sample printed at the end.
+train(cfg) is the whole run: setup() builds everything (and restore() reloads a checkpoint when
+resuming), then each step accumulates gradients over grad_accum micro-batches and takes one
+optimizer step, with evaluate(), log() and checkpoints on their intervals, and a sample printed
+at the end. Everything a run writes goes to its run dir: ckpt_<step>.pt (nanolm/checkpoint.py),
+metrics.jsonl and config.json (nanolm/metrics.py).
+
+Ctrl-C stops the run after the step in flight and saves a checkpoint, so a resumed run
+continues bit-for-bit; a second Ctrl-C aborts at once.
 """
 import contextlib
+import dataclasses
 import math
+import signal
 import sys
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from nanolm import backends, dist
-from nanolm.config import ConfigError, model_config, parse_args
+from nanolm import backends, checkpoint, dist
+from nanolm.config import ConfigError, as_dict, model_config, parse_args
 from nanolm.data import Loader, get_tokenizer, load_dataset
+from nanolm.metrics import MetricsWriter
 from nanolm.model import GPT
 from nanolm.optim import FlatAdamW
+from nanolm.sample import generate
+
+RUNS = Path("runs")  # where fresh runs without --out_dir go
 
 # Dense bf16 tensor-core peak, TFLOP/s, matched by substring of the device name.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0,
@@ -89,7 +102,113 @@ def setup(cfg):
     train = Loader(train_tokens, cfg.batch_size, mcfg.block_size, cfg.seed, env.rank, env.world_size)
     val = Loader(val_tokens, cfg.batch_size, mcfg.block_size, cfg.seed + 1)
     return dict(device=device, tokenizer=tokenizer, model=model, opt=opt, train=train, val=val,
-                val_start=val.state_dict(), autocast=autocast_ctx(cfg, device), dist=ctx)
+                val_start=val.state_dict(), autocast=autocast_ctx(cfg, device), dist=ctx,
+                config={**as_dict(cfg), "model": dataclasses.asdict(mcfg)})
+
+
+# ----------------------------------------------------------------------------- run dir, resume
+
+def newest_run(runs):
+    """The run dir under `runs` whose newest checkpoint was written last."""
+    found = [c for d in runs.iterdir() if d.is_dir() for c in [checkpoint.latest(d)] if c] \
+        if runs.is_dir() else []
+    if not found:
+        raise ConfigError(f"--resume: no run with a checkpoint under {runs}/; "
+                          f"pass --resume=RUN_DIR or --resume=CHECKPOINT_FILE")
+    return max(found, key=lambda c: c.stat().st_mtime).parent
+
+
+def fresh_run_dir(cfg):
+    if cfg.out_dir:
+        out = Path(cfg.out_dir)
+    else:
+        stem = RUNS / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = next(p for i in range(1000) for p in [Path(f"{stem}-{i}") if i else stem]
+                   if not p.exists())
+    found = checkpoint.latest(out)
+    if found:
+        raise ConfigError(f"{out} already holds checkpoints (newest {found.name}): pass --resume "
+                          f"to continue that run, or another --out_dir for a new one")
+    return out
+
+
+def locate(cfg):
+    """(checkpoint to resume from or None, run dir). The run dir is --out_dir when given,
+    else the resumed checkpoint's dir, else a fresh runs/<preset>-<time>."""
+    if not cfg.resume:
+        return None, fresh_run_dir(cfg)
+    out = Path(cfg.out_dir) if cfg.out_dir else None
+    source = (out or newest_run(RUNS)) if cfg.resume == "latest" else Path(cfg.resume)
+    ckpt = checkpoint.latest(source) if source.is_dir() else source
+    if ckpt is None or not ckpt.is_file():
+        raise ConfigError(f"--resume: no checkpoint (ckpt_*.pt) at {source}")
+    return ckpt, out or ckpt.parent
+
+
+def config_from_args(argv):
+    """The run's config. When resuming, the checkpoint's saved config replaces the defaults, so
+    `--resume` alone continues a run as it was started; values given on the command line still
+    win (a changed model shape is then reported by restore())."""
+    cfg = parse_args(argv)
+    if not cfg.resume:
+        return cfg
+    saved = checkpoint.saved_config(locate(cfg)[0])
+    keep = {k: v for k, v in saved.items() if k not in ("resume", "out_dir", "model")}
+    return parse_args(argv, defaults=keep)
+
+
+def restore(cfg, run, path):
+    """Load model, optimizer, data position and RNG states from a checkpoint; returns its step."""
+    ckpt = checkpoint.load(path, model_config={"model": run["config"]["model"]})
+    if ckpt["step"] >= cfg.max_steps:
+        raise ConfigError(f"{path} is at step {ckpt['step']} and max_steps={cfg.max_steps}: "
+                          f"nothing left to train (raise --max_steps to continue)")
+    run["model"].load_state_dict(ckpt["model"])
+    run["opt"].load_state_dict(ckpt["optimizer"])
+    run["train"].load_state_dict(ckpt["loader"]["train"])
+    checkpoint.set_rng_state(ckpt["rng"])  # last: nothing above may draw random numbers after it
+    return ckpt["step"]
+
+
+def load_weights(run, path):
+    """Model weights only (e.g. GPT-2 imported with `python -m nanolm.hf import`)."""
+    ckpt = checkpoint.load(path, model_config={"model": run["config"]["model"]})
+    run["model"].load_state_dict(ckpt["model"])
+    print(f"weights from {path}")
+
+
+def save(cfg, run, step):
+    """Rank 0 writes; every rank calls it, as the ZeRO-1 optimizer state is gathered first."""
+    opt_state = run["opt"].state_dict()
+    if not run["dist"].is_main:
+        return None
+    path = checkpoint.save(run["dir"], step, run["model"].state_dict(), opt_state,
+                           run["config"], {"train": run["train"].state_dict()}, cfg.keep_ckpts)
+    print(f"step {step:5d} | saved {path}", flush=True)
+    return path
+
+
+class StopOnInterrupt:
+    """Turns the first Ctrl-C into a request the training loop honours between steps (so the
+    checkpoint it saves holds a whole step); a second Ctrl-C raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.requested, self.previous = False, None
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+        print("\ninterrupted: finishing this step and saving a checkpoint "
+              "(Ctrl-C again to abort)", flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 @torch.no_grad()
@@ -125,62 +244,100 @@ def train_step(cfg, run, lr):
     return total, norm
 
 
+def tokens_per_step(cfg, run):
+    """Over all ranks."""
+    return cfg.batch_size * cfg.grad_accum * run["model"].cfg.block_size * run["dist"].env.world_size
+
+
 def log(cfg, run, step, loss, lr, norm, dt):
-    world = run["dist"].env.world_size
-    tokens = cfg.batch_size * cfg.grad_accum * run["model"].cfg.block_size * world
+    tokens = tokens_per_step(cfg, run)
     peak = peak_flops(cfg, run["device"])
-    mfu = f"{100 * flops_per_token(run['model']) * tokens / dt / (peak * world):.1f}%" if peak else "-"
+    mfu = (f"{100 * flops_per_token(run['model']) * tokens / dt / (peak * run['dist'].env.world_size):.1f}%"
+           if peak else "-")
     skipped = f" skipped {run['opt'].skipped}" if run["opt"].skipped else ""
     print(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | "
           f"{1000 * dt:.0f} ms/step | {tokens / dt:.0f} tok/s | mfu {mfu}{skipped}", flush=True)
+    run["metrics"].log("train", step, tokens=step * tokens, loss=loss, lr=lr, grad_norm=norm,
+                       tokens_per_s=tokens / dt)
+
+
+def log_eval(cfg, run, step, val_loss):
+    print(f"step {step:5d} | val loss {val_loss:.4f}", flush=True)
+    run["metrics"].log("eval", step, tokens=step * tokens_per_step(cfg, run), val_loss=val_loss)
 
 
 def sample(cfg, run):
-    tok, model = run["tokenizer"], run["model"]
-    prompt = torch.tensor([tok.encode("def ")], dtype=torch.long, device=run["device"])
-    gen = torch.Generator(device=run["device"]).manual_seed(cfg.seed)
-    model.eval()
+    tok = run["tokenizer"]
+    ids = tok.encode(cfg.sample_prompt) or [tok.eot]
+    prompt = torch.tensor([ids], dtype=torch.long, device=run["device"])
+    run["model"].eval()
     with run["autocast"]:
-        out = model.generate(prompt, cfg.sample_tokens, top_k=50, generator=gen)
+        out = generate(run["model"], prompt, cfg.sample_tokens, top_k=50, seed=cfg.seed)
     return tok.decode(out[0].tolist())
 
 
-def train(cfg):
-    """Runs the whole training; returns {'first_val', 'val', 'sample'} (on rank 0; other
-    ranks of a multi-process run only train, and return {})."""
+def start(cfg):
+    """setup(), then restore() when resuming; returns (run, first step to take)."""
+    resume_from, run_dir = locate(cfg)
     try:
         run = setup(cfg)
-    except ValueError as e:  # bad data/kernels/shape choices: a config error, before any work
+        if cfg.init_from and not resume_from:
+            load_weights(run, cfg.init_from)
+        done = restore(cfg, run, resume_from) if resume_from else 0
+    except ValueError as e:  # bad data/kernels/shape/checkpoint choices, before any work
         raise ConfigError(str(e)) from e
-    is_main, history = run["dist"].is_main, {}
-    if is_main:
-        print(f"model: {run['model'].num_params() / 1e6:.2f}M non-embedding params on {run['device']}")
-        history["first_val"] = evaluate(cfg, run)
-        print(f"step     0 | val loss {history['first_val']:.4f}", flush=True)
-    t0 = time.perf_counter()
-    for step in range(1, cfg.max_steps + 1):
-        lr = get_lr(cfg, step - 1)
-        loss, norm = train_step(cfg, run, lr)
-        if step % cfg.log_interval == 0:
-            loss = run["dist"].mean(loss)  # every rank takes part
-            dt = (time.perf_counter() - t0) / cfg.log_interval
-            if is_main:
-                log(cfg, run, step, loss, lr, norm, dt)
-            t0 = time.perf_counter()
-        if is_main and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
-            history["val"] = evaluate(cfg, run)
-            print(f"step {step:5d} | val loss {history['val']:.4f}", flush=True)
-            t0 = time.perf_counter()
+    run["dir"] = run_dir
+    if not run["dist"].is_main:  # only rank 0 writes the run dir and prints
+        run["metrics"] = contextlib.nullcontext()
+        return run, done + 1
+    run["metrics"] = MetricsWriter(run_dir, run["config"], resume_step=done if resume_from else None)
+    print(f"run dir: {run_dir}" + (f" (resumed from {resume_from}, step {done})" if resume_from else ""))
+    print(f"model: {run['model'].num_params() / 1e6:.2f}M non-embedding params on {run['device']}")
+    return run, done + 1
+
+
+def train(cfg):
+    """Runs the whole training; returns {'first_val' (fresh runs), 'val', 'sample', 'stopped'
+    (the step a Ctrl-C stopped at, or None), 'checkpoint' (the last one saved)}. Under torchrun
+    only rank 0 evaluates, logs, samples and writes; the other ranks return just 'stopped'."""
+    run, first = start(cfg)
+    history, is_main = {"stopped": None}, run["dist"].is_main
+    with contextlib.closing(run["dist"]), run["metrics"], StopOnInterrupt() as interrupt:
+        if first == 1 and is_main:
+            history["first_val"] = evaluate(cfg, run)
+            log_eval(cfg, run, 0, history["first_val"])
+        t0, timed = time.perf_counter(), 0  # timed steps since t0: evals and saves excluded
+        for step in range(first, cfg.max_steps + 1):
+            lr = get_lr(cfg, step - 1)
+            loss, norm = train_step(cfg, run, lr)
+            timed += 1
+            stop = run["dist"].any(interrupt.requested)  # every rank stops after the same step
+            if step % cfg.log_interval == 0:
+                loss = run["dist"].mean(loss)
+                if is_main:
+                    log(cfg, run, step, loss, lr, norm, (time.perf_counter() - t0) / timed)
+            if is_main and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
+                history["val"] = evaluate(cfg, run)
+                log_eval(cfg, run, step, history["val"])
+            periodic = cfg.ckpt_interval and step % cfg.ckpt_interval == 0
+            if periodic or step == cfg.max_steps or stop:
+                history["checkpoint"] = save(cfg, run, step)
+            if stop:
+                if is_main:
+                    print(f"stopped at step {step}; continue with --resume={run['dir']}")
+                history["stopped"] = step
+                return history
+            if step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or periodic:
+                t0, timed = time.perf_counter(), 0
     if is_main:
         history["sample"] = sample(cfg, run)
         print("sample:\n" + history["sample"])
-    run["dist"].close()
     return history
 
 
 def main(argv=None):
     try:
-        train(parse_args(sys.argv[1:] if argv is None else argv))
+        train(config_from_args(sys.argv[1:] if argv is None else argv))
     except ConfigError as e:
         sys.exit(f"error: {e}")
 

@@ -211,18 +211,29 @@ def test_failed_rank_stops_the_others(fault, timeout_s, tmp_path):
     assert seconds < 20, f"rank 0 took {seconds:.1f} s to notice"
 
 
-def test_torchrun_train_zero1(tmp_path):
-    """`torchrun -m nanolm.train` end to end; only rank 0 prints."""
-    args = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=2",
-            "--eval_iters=1", "--log_interval=2", "--max_steps=4", "--eval_interval=4",
-            "--sample_tokens=4", "--kernels=torch", "--grad_accum=2", "--zero=1", f"--bucket_mb={SMALL_MB}"]
+def test_torchrun_train_zero1_resumes_on_one_rank(tmp_path, monkeypatch):
+    """`torchrun -m nanolm.train` end to end with ZeRO-1: only rank 0 prints and writes; its
+    step-4 checkpoint (gathered optimizer state) resumes on 1 process with the same global
+    batch and reaches the 2 ranks' own step 6 weights."""
+    from nanolm.train import config_from_args, train
+    args = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--eval_iters=1",
+            "--log_interval=2", "--max_steps=6", "--eval_interval=100", "--sample_tokens=4",
+            "--kernels=torch", "--grad_accum=2", "--ckpt_interval=4", "--warmup=2", "--lr=3e-3"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "nanolm.train", *args]
+           "-m", "nanolm.train", *args, "--batch_size=2", "--zero=1", f"--bucket_mb={SMALL_MB}",
+           f"--out_dir={tmp_path / 'two'}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC")}
     p = subprocess.run(cmd, cwd=tmp_path, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.count("sample:") == 1 and p.stdout.count("step     4 | loss") == 1, p.stdout
+    assert p.stdout.count("sample:") == 1 and p.stdout.count("step     6 | loss") == 1, p.stdout
+    monkeypatch.chdir(tmp_path)
+    train(config_from_args([f"--resume={tmp_path / 'two' / 'ckpt_00000004.pt'}", "--batch_size=4",
+                            f"--out_dir={tmp_path / 'one'}"]))
+    two = torch.load(tmp_path / "two" / "ckpt_00000006.pt", weights_only=True)
+    one = torch.load(tmp_path / "one" / "ckpt_00000006.pt", weights_only=True)
+    assert two["optimizer"]["exp_avg"].numel() == one["optimizer"]["exp_avg"].numel()
+    assert_weights_close(one["model"], two["model"])
 
 
 # ----------------------------------------------------------------------------- NCCL (GPU)

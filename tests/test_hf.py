@@ -3,16 +3,23 @@ import json
 import pytest
 import torch
 
-from nanolm import hf
-from tiny_gpt import GPT, GPTConfig
+from nanolm import backends, hf
+from nanolm.config import ModelConfig
+from nanolm.model import GPT
 
 pytest.importorskip("safetensors")
 
 VOCAB = 300  # true vocabulary; the model pads it to 320
 
 
+def tiny_model():
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=VOCAB,
+                      vocab_multiple=64)
+    return GPT(cfg, backends.modules(backends.resolve("torch", torch.device("cpu"))))
+
+
 def test_export_import_round_trip(tmp_path):
-    model = GPT(GPTConfig())
+    model = tiny_model()
     sd = model.state_dict()
     hf.export(sd, tmp_path, n_head=2, vocab_size=VOCAB)
     back = hf.load(tmp_path, padded_vocab_size=320)
@@ -29,7 +36,7 @@ def test_export_import_round_trip(tmp_path):
 
 def test_export_uses_hf_names_and_conv1d_layout(tmp_path):
     from safetensors.torch import load_file
-    sd = GPT(GPTConfig()).state_dict()
+    sd = tiny_model().state_dict()
     hf.export(sd, tmp_path, n_head=2, vocab_size=VOCAB)
     tensors = load_file(tmp_path / "model.safetensors")
     assert "lm_head.weight" not in tensors
@@ -45,7 +52,7 @@ def test_export_uses_hf_names_and_conv1d_layout(tmp_path):
 
 
 def test_import_hub_layout_without_prefix_and_with_mask_buffers():
-    sd = GPT(GPTConfig()).state_dict()
+    sd = tiny_model().state_dict()
     tensors = {k.removeprefix("transformer."): v for k, v in hf.to_hf(sd, VOCAB).items()}
     tensors["h.0.attn.bias"] = torch.ones(1, 1, 32, 32)
     back = hf.from_hf(tensors, 320)
@@ -55,7 +62,34 @@ def test_import_hub_layout_without_prefix_and_with_mask_buffers():
 
 
 def test_untied_head_is_rejected():
-    sd = dict(GPT(GPTConfig()).state_dict())
+    sd = dict(tiny_model().state_dict())
     sd["lm_head.weight"] = torch.randn_like(sd["lm_head.weight"])
     with pytest.raises(ValueError, match="untied"):
         hf.to_hf(sd, VOCAB)
+
+
+def test_trained_checkpoint_exports_imports_and_initialises_a_run(tmp_path, monkeypatch, capsys):
+    """train -> export -> import -> --init_from: the weights arrive unchanged (a run with lr=0
+    ends where it started), and the imported checkpoint samples through the CLI."""
+    from nanolm import checkpoint, sample
+    from nanolm.config import parse_args
+    from nanolm.train import train
+
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+            "--eval_iters=1", "--sample_tokens=4", "--max_steps=3", "--warmup=1"]
+    train(parse_args(tiny + ["--out_dir=trained"]))
+    hf.main(["export", "trained", "exported"])
+    hf.main(["import", "exported", "imported", "--tokenizer=byte", "--vocab_multiple=64"])
+    trained = checkpoint.load("trained")["model"]
+    imported = checkpoint.load("imported")["model"]
+    assert all(torch.equal(imported[k], v) for k, v in trained.items())
+
+    train(parse_args(tiny + ["--out_dir=finetune", "--init_from=imported", "--lr=0", "--min_lr=0",
+                             "--max_steps=1"]))
+    finetuned = checkpoint.load("finetune")["model"]
+    assert all(torch.equal(finetuned[k], v) for k, v in trained.items())
+
+    capsys.readouterr()
+    sample.main(["--ckpt", "imported", "--prompt", "ab", "--max_new_tokens", "5", "--device", "cpu"])
+    assert capsys.readouterr().out.startswith("ab")

@@ -1,18 +1,33 @@
-import sys
-import types
+import dataclasses
 
 import pytest
 import torch
 
-import tiny_gpt
-from nanolm import checkpoint, sample
+from nanolm import backends, checkpoint, sample
+from nanolm.config import ModelConfig
 from nanolm.kvcache import KVCache, forward_cached
+from nanolm.model import GPT
+
+VOCAB = 256  # byte tokenizer; the model pads its rows to 320
 
 
-@pytest.fixture
-def model():
+def make_model(kernels="torch", device="cpu"):
     torch.manual_seed(0)
-    return tiny_gpt.GPT(tiny_gpt.GPTConfig()).eval()
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=VOCAB,
+                      vocab_multiple=64)
+    kernels = backends.modules(backends.resolve(kernels, torch.device(device)))
+    return GPT(cfg, kernels).to(device).eval()
+
+
+@pytest.fixture(params=["torch", "cpu"])
+def model(request):
+    return make_model(request.param)
+
+
+def all_logits(model, idx):
+    """Logits at every position over the real vocabulary: (B, T, vocab_size)."""
+    h = model.hidden(idx)
+    return h @ model.lm_head.weight[:model.cfg.vocab_size].t()
 
 
 def _prompt(B=2, t=5):
@@ -22,7 +37,7 @@ def _prompt(B=2, t=5):
 @torch.no_grad()
 def test_cached_logits_match_full_forward(model):
     idx = torch.randint(0, 256, (2, 20))
-    full = model(idx)  # (B, T, V)
+    full = all_logits(model, idx)
     cache = KVCache.for_model(model, 2)
     got = [forward_cached(model, idx[:, :7], cache)]  # prefill, then one token at a time
     got += [forward_cached(model, idx[:, t:t + 1], cache) for t in range(7, 20)]
@@ -35,7 +50,7 @@ def test_chunked_prefill_matches(model):
     cache = KVCache.for_model(model, 1)
     forward_cached(model, idx[:, :5], cache)
     last = forward_cached(model, idx[:, 5:], cache)  # t > 1 after cached positions: masked
-    torch.testing.assert_close(last, model(idx)[:, -1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, model(idx), rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
@@ -44,7 +59,7 @@ def test_greedy_matches_uncached_loop(model):
     out = sample.generate(model, idx, 20, temperature=0)
     ref = idx
     for _ in range(20):
-        ref = torch.cat([ref, model(ref)[:, -1].argmax(-1, keepdim=True)], 1)
+        ref = torch.cat([ref, model(ref).argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, ref)
 
 
@@ -73,11 +88,8 @@ def test_stream_and_sliding_window(model):
     assert out.shape == (1, 80) and out[0, 30:].tolist() == streamed  # past block_size 32
 
 
-def test_sample_cli_streams_from_checkpoint(tmp_path, model, monkeypatch, capsys):
-    """End to end through the CLI, with the stand-in playing nanolm.model."""
-    monkeypatch.setitem(sys.modules, "nanolm.model", types.SimpleNamespace(
-        GPT=tiny_gpt.GPT, GPTConfig=tiny_gpt.GPTConfig))
-    config = {"model": vars(model.config), "tokenizer": "byte"}
+def test_sample_cli_streams_from_checkpoint(tmp_path, model, capsys):
+    config = {"model": dataclasses.asdict(model.cfg), "tokenizer": "byte"}
     checkpoint.save(tmp_path, 1, model.state_dict(), {}, config, {})
     args = ["--ckpt", str(tmp_path), "--prompt", "def ", "--max_new_tokens", "30",
             "--seed", "3", "--device", "cpu"]
@@ -88,8 +100,9 @@ def test_sample_cli_streams_from_checkpoint(tmp_path, model, monkeypatch, capsys
 
 
 @pytest.mark.gpu
-def test_cuda_sampling_deterministic_and_cached_matches_full(model):
-    model = model.cuda()
+@pytest.mark.parametrize("kernels", ["triton", "cuda"])
+def test_cuda_sampling_deterministic_and_cached_matches_full(kernels):
+    model = make_model(kernels, "cuda")
     idx = _prompt().cuda()
     a = sample.generate(model, idx, 40, temperature=1.0, top_k=50, seed=7)
     assert torch.equal(a, sample.generate(model, idx, 40, temperature=1.0, top_k=50, seed=7))
@@ -97,4 +110,4 @@ def test_cuda_sampling_deterministic_and_cached_matches_full(model):
         cache = KVCache.for_model(model, 2)
         forward_cached(model, idx, cache)
         step = forward_cached(model, a[:, 5:6], cache)
-        torch.testing.assert_close(step, model(a[:, :6])[:, -1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(step, model(a[:, :6]), rtol=1e-4, atol=1e-4)

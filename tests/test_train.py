@@ -1,10 +1,23 @@
+import json
+import math
+import os
+import signal
+
 import pytest
 import torch
 
-from nanolm import backends
+from nanolm import backends, checkpoint
+from nanolm import train as train_module
 from nanolm.config import ConfigError, parse_args
 from nanolm.data import Loader, get_tokenizer
-from nanolm.train import get_lr, main, train
+from nanolm.metrics import read_metrics
+from nanolm.train import config_from_args, get_lr, main, train
+
+@pytest.fixture(autouse=True)
+def in_tmp_dir(tmp_path, monkeypatch):
+    """Runs without --out_dir write to ./runs: keep them out of the source tree."""
+    monkeypatch.chdir(tmp_path)
+
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
         "--eval_iters=2", "--log_interval=5", "--sample_tokens=8"]
@@ -79,3 +92,95 @@ def test_byte_tokenizer_round_trip():
     assert tok.decode(tok.encode("def f(x): return 'é'")) == "def f(x): return 'é'"
     with pytest.raises(ValueError, match="valid: byte"):
         get_tokenizer("gpt3")
+
+
+# ----------------------------------------------------------------------------- checkpoints, resume
+
+RESUMABLE = TINY + ["--max_steps=8", "--eval_interval=4", "--log_interval=2", "--warmup=2",
+                    "--ckpt_interval=4", "--keep_ckpts=5"]
+
+
+def final_state(run_dir):
+    ckpt = checkpoint.load(run_dir)
+    return ckpt["step"], ckpt["model"], ckpt["optimizer"]
+
+
+def assert_same_state(a, b):
+    assert a[0] == b[0]
+    for k in a[1]:
+        assert torch.equal(a[1][k], b[1][k]), k
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(a[2][k], b[2][k]), k
+    assert a[2]["step"] == b[2]["step"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """8 steps without interruption, checkpoints at 4 and 8."""
+    out = tmp_path_factory.mktemp("straight")
+    train(parse_args(RESUMABLE + [f"--out_dir={out}"]))
+    return out
+
+
+def test_resume_continues_bit_for_bit(straight_run, tmp_path):
+    """4 steps + resume + 4 steps ends with the same weights and moments as 8 steps. Only the
+    checkpoint and the output dir are given: the rest of the config comes from the checkpoint."""
+    history = train(config_from_args([f"--resume={straight_run / 'ckpt_00000004.pt'}",
+                                      f"--out_dir={tmp_path}"]))
+    assert "first_val" not in history
+    assert_same_state(final_state(straight_run), final_state(tmp_path))
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(straight_run, tmp_path, monkeypatch):
+    steps = []
+
+    def step_then_interrupt(cfg, run, lr):
+        result = real_train_step(cfg, run, lr)
+        steps.append(1)
+        if len(steps) == 3:  # a real SIGINT, delivered mid-run like a Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    real_train_step = train_module.train_step
+    monkeypatch.setattr(train_module, "train_step", step_then_interrupt)
+    history = train(parse_args(RESUMABLE + [f"--out_dir={tmp_path}"]))
+    monkeypatch.undo()
+    assert history["stopped"] == 3 and checkpoint.latest(tmp_path).name == "ckpt_00000003.pt"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    train(config_from_args(["--resume", f"--out_dir={tmp_path}"]))
+    assert_same_state(final_state(straight_run), final_state(tmp_path))
+    records = read_metrics(tmp_path)  # the resumed run re-logs nothing twice
+    for kind in ("train", "eval"):
+        steps_logged = [r["step"] for r in records if r["kind"] == kind]
+        assert steps_logged == sorted(set(steps_logged))
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 4, 8]
+
+
+def test_fresh_run_refuses_a_dir_with_checkpoints(straight_run):
+    with pytest.raises(ConfigError, match="already holds checkpoints.*--resume"):
+        train(parse_args(RESUMABLE + [f"--out_dir={straight_run}"]))
+
+
+def test_resume_with_another_model_shape_lists_the_fields(straight_run, tmp_path):
+    cfg = config_from_args([f"--resume={straight_run}", "--n_embd=64", "--n_layer=2",
+                            f"--out_dir={tmp_path}", "--max_steps=20"])
+    with pytest.raises(ConfigError, match=r"(?s)model.n_layer: checkpoint 1, current 2.*"
+                                          r"model.n_embd: checkpoint 32, current 64"):
+        train(cfg)
+
+
+def test_resume_errors(straight_run, tmp_path):
+    with pytest.raises(ConfigError, match="nothing left to train"):
+        train(config_from_args([f"--resume={straight_run}", f"--out_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        config_from_args([f"--resume={tmp_path}"])
+
+
+def test_run_dir_records(straight_run):
+    config = json.loads((straight_run / "config.json").read_text())
+    assert config["model"]["n_embd"] == 32 and config["max_steps"] == 8
+    records = read_metrics(straight_run)
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_records] == [2, 4, 6, 8]
+    assert train_records[-1]["tokens"] == 8 * 4 * 32
+    assert all(r["tokens_per_s"] > 0 and math.isfinite(r["loss"]) for r in train_records)
