@@ -200,6 +200,15 @@ def test_padding_is_never_updated():
     assert (opt.flat_param[opt.numel:] == 0).all() and opt.state_dict()["exp_avg"].numel() == opt.numel
 
 
+@pytest.mark.parametrize("arg,match", [("--zero=2", "zero must be 0 or 1"),
+                                       ("--bucket_mb=0", "bucket_mb must be positive"),
+                                       ("--dist_timeout_s=-1", "dist_timeout_s must be positive")])
+def test_config_errors(arg, match):
+    from nanolm.config import ConfigError, parse_args
+    with pytest.raises(ConfigError, match=match):
+        parse_args([arg])
+
+
 @pytest.mark.parametrize("fault,timeout_s", [("die_at", 30.0), ("hang_at", 3.0)])
 def test_failed_rank_stops_the_others(fault, timeout_s, tmp_path):
     """Rank 1 dies (os._exit) or hangs at step 2: rank 0 must exit non-zero, naming itself and
