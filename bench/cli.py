@@ -1,4 +1,5 @@
-"""`python -m bench [op ...] [--quick] [--out DIR] [--device cuda|cpu] [--impls a,b]`."""
+"""`python -m bench [op ...] [--quick] [--out DIR] [--device cuda|cpu] [--impls a,b]`;
+`python -m bench comm ...` for collective bandwidth and multi-GPU projections (bench/comm.py)."""
 import argparse
 import datetime
 import platform
@@ -54,6 +55,10 @@ def environment(device):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["comm"]:  # its own arguments and process model (torchrun): see bench/comm.py
+        from bench import comm
+        return comm.main(argv[1:])
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

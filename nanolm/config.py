@@ -29,7 +29,7 @@ class TrainConfig:
     preset: str = "quickstart"  # model shape, see PRESETS
     data: str = "pystdlib"  # embedded corpus: needs no download
     tokenizer: str = "byte"  # vocab 256, no files needed
-    batch_size: int = 16  # sequences per micro-batch
+    batch_size: int = 16  # sequences per micro-batch per rank; global batch = batch_size*grad_accum*W
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 450  # optimizer steps; quickstart ~1.5-3 min on 2 shared CPU cores
     lr: float = 2e-3  # small models tolerate a high peak lr
@@ -59,6 +59,9 @@ class TrainConfig:
     n_embd: int = 0
     block_size: int = 0
     dropout: float = 0.0
+    zero: int = 0  # 1 = ZeRO-1: each of W ranks keeps 1/W of the AdamW state (multi-process only)
+    bucket_mb: float = 25.0  # gradient bucket size; ~25 MB hides all-reduce latency (as DDP)
+    dist_timeout_s: float = 300.0  # a collective waiting longer aborts the run; must exceed rank 0's eval/save
 
 
 PRESETS = {
@@ -143,6 +146,11 @@ def validate(cfg):
             raise ConfigError(f"{k} must be in [0, 1), got {getattr(cfg, k)}")
     if cfg.dropout != 0:
         raise ConfigError("dropout must be 0: the fused kernels (attention, add+layernorm) have no dropout")
+    if cfg.zero not in (0, 1):
+        raise ConfigError(f"zero must be 0 or 1, got {cfg.zero}")
+    for k in ("bucket_mb", "dist_timeout_s"):
+        if getattr(cfg, k) <= 0:
+            raise ConfigError(f"{k} must be positive, got {getattr(cfg, k)}")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
     model_config(cfg, 256)

@@ -408,9 +408,15 @@ class Loader:
                 "block_size": self.T, "world_size": self.world_size}
 
     def load_state_dict(self, state):
+        """The position is in global steps, so a state saved by W ranks of batch B loads into
+        W' ranks of batch B' whenever B*W == B'*W' (the same windows per global step)."""
         mine = self.state_dict()
-        fixed = ("seed", "shuffle", "n_windows", "batch_size", "block_size", "world_size")
+        fixed = ("seed", "shuffle", "n_windows", "block_size")
         diff = [f"{k}: saved {state[k]}, now {mine[k]}" for k in fixed if state[k] != mine[k]]
+        saved_global, global_batch = state["batch_size"] * state["world_size"], self.B * self.world_size
+        if saved_global != global_batch:
+            diff.append(f"global batch (batch_size*world_size): saved {state['batch_size']}*"
+                        f"{state['world_size']}, now {self.B}*{self.world_size}")
         if diff:
             raise ValueError("Loader state does not fit this data/loader: " + "; ".join(diff))
         self.epoch, self.step = state["epoch"], state["step"]

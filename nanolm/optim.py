@@ -3,7 +3,15 @@
 All parameters live in one contiguous float32 buffer (`flat_param`) and their gradients in
 another (`flat_grad`); each nn.Parameter becomes a view into them. Weight-decayed (2-D) params
 come first, so decay applies to flat[:decay_numel]. `layout` lists (name, offset, numel) in
-buffer order, for a distributed runner to slice buckets or shards from.
+buffer order, for a distributed runner to slice buckets or shards from. With pad_to=W the
+buffers are zero-padded to a multiple of W elements so they split into W equal pieces; the
+padding sits after every parameter, outside the decayed prefix, and its gradient is always
+zero, so AdamW never moves it.
+
+ZeRO-1 (`shard`): the optimizer then updates only this rank's pieces of the buffers and keeps
+AdamW moments for those alone (optimizer memory / W); the gradient norm is the all-reduced sum
+of every rank's piece sums of squares, so every rank clips, and skips a non-finite step, alike;
+the updated pieces are all-gathered so every rank again holds all the weights.
 """
 import math
 
@@ -14,7 +22,7 @@ from nanolm import ops
 
 class FlatAdamW:
     def __init__(self, named_params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 grad_clip=0.0, backend=None):
+                 grad_clip=0.0, backend=None, pad_to=1):
         self.lr, self.betas, self.eps = lr, betas, eps
         self.weight_decay, self.grad_clip, self.backend = weight_decay, grad_clip, backend
         self.params, names, seen = [], [], set()
@@ -27,14 +35,17 @@ class FlatAdamW:
         self.params = [self.params[i] for i in order]
         self.names = [names[i] for i in order]
         self.decay_numel = sum(p.numel() for p in self.params if p.dim() >= 2)
-        self._flatten()
+        self.numel = sum(p.numel() for p in self.params)
+        self._flatten(-(-self.numel // pad_to) * pad_to)
+        # Ranges [start, end) of the flat buffers this optimizer updates, its moment buffers
+        # being their concatenation: the whole buffer, until shard() keeps this rank's pieces.
+        self.pieces, self.buckets, self.comm = [(0, self.flat_param.numel())], [], None
         self.step_count, self.skipped = 0, 0
 
-    def _flatten(self):
-        numel = sum(p.numel() for p in self.params)
+    def _flatten(self, padded):
         device = self.params[0].device
-        self.flat_param = torch.empty(numel, dtype=torch.float32, device=device)
-        self.flat_grad = torch.zeros(numel, dtype=torch.float32, device=device)
+        self.flat_param = torch.zeros(padded, dtype=torch.float32, device=device)
+        self.flat_grad = torch.zeros(padded, dtype=torch.float32, device=device)
         self.exp_avg = torch.zeros_like(self.flat_param)
         self.exp_avg_sq = torch.zeros_like(self.flat_param)
         self.layout, offset = [], 0
@@ -46,6 +57,16 @@ class FlatAdamW:
             self.layout.append((name, offset, n))
             offset += n
 
+    def shard(self, comm, owned):
+        """ZeRO-1: from now on update only this rank's pieces. `owned` lists (bucket, piece)
+        pairs of [start, end) ranges, piece r of each gradient bucket, so the reduce-scatter
+        of a bucket lands exactly on the piece this rank updates and an in-place all-gather
+        of the bucket spreads it back. Moments held so far are kept for the owned pieces."""
+        full_m, full_v = self._full(self.exp_avg), self._full(self.exp_avg_sq)
+        self.comm = comm
+        self.buckets, self.pieces = [b for b, _ in owned], [p for _, p in owned]
+        self.exp_avg, self.exp_avg_sq = self._mine(full_m), self._mine(full_v)
+
     def zero_grad(self):
         self.flat_grad.zero_()
 
@@ -53,32 +74,80 @@ class FlatAdamW:
         """Clip by global norm and update; returns the pre-clip grad norm (a float).
         A non-finite norm skips the update (nothing is written) and counts it in `skipped`."""
         lr = self.lr if lr is None else lr
-        norm = ops.grad_norm(self.flat_grad, self.backend).item()
+        norm = self._grad_norm()
         if not math.isfinite(norm):
             self.skipped += 1
             return norm
         scale = min(1.0, self.grad_clip / (norm + 1e-6)) if self.grad_clip > 0 else 1.0
         self.step_count += 1
-        ops.adamw_step(self.flat_param, self.flat_grad, self.exp_avg, self.exp_avg_sq, lr=lr,
-                       beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
-                       weight_decay=self.weight_decay, step=self.step_count,
-                       decay_numel=self.decay_numel, grad_scale=scale, backend=self.backend)
+        offset = 0
+        for start, end in self.pieces:
+            n = end - start
+            # decay covers flat[:decay_numel]; a piece may lie before, after or across it
+            decay = min(max(self.decay_numel - start, 0), n)
+            ops.adamw_step(self.flat_param[start:end], self.flat_grad[start:end],
+                           self.exp_avg[offset:offset + n], self.exp_avg_sq[offset:offset + n],
+                           lr=lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
+                           weight_decay=self.weight_decay, step=self.step_count, decay_numel=decay,
+                           grad_scale=scale, backend=self.backend)
+            offset += n
+        if self.comm is not None:
+            self._all_gather(self.flat_param)
         return norm
 
+    def _grad_norm(self):
+        if self.comm is None:
+            return ops.grad_norm(self.flat_grad, self.backend).item()
+        sumsq = torch.stack([self.backend.sum_of_squares(self.flat_grad[s:e]) for s, e in self.pieces])
+        sumsq = sumsq.sum().reshape(1)
+        self.comm.wait(self.comm.all_reduce(sumsq, average=False))
+        return sumsq.sqrt().item()
+
+    def _all_gather(self, buffer):
+        handles = [self.comm.all_gather(buffer[bs:be], buffer[ps:pe])
+                   for (bs, be), (ps, pe) in zip(self.buckets, self.pieces)]
+        for h in handles:
+            self.comm.wait(h)
+
+    def _full(self, local):
+        """A full-length (padded) buffer from this rank's moment pieces; gathered from every
+        rank when sharded, so a collective then."""
+        full = torch.zeros_like(self.flat_param)
+        offset = 0
+        for start, end in self.pieces:
+            full[start:end].copy_(local[offset:offset + end - start])
+            offset += end - start
+        if self.comm is not None:
+            self._all_gather(full)
+        return full
+
+    def _mine(self, full):
+        return torch.cat([full[start:end] for start, end in self.pieces])
+
     def state_dict(self):
-        return {"step": self.step_count, "skipped": self.skipped, "exp_avg": self.exp_avg.clone(),
-                "exp_avg_sq": self.exp_avg_sq.clone(), "layout": list(self.layout)}
+        """Whole, unpadded moments, so a checkpoint loads on any world size. When sharded this
+        gathers them: every rank must call it."""
+        return {"step": self.step_count, "skipped": self.skipped,
+                "exp_avg": self._full(self.exp_avg)[:self.numel].clone(),
+                "exp_avg_sq": self._full(self.exp_avg_sq)[:self.numel].clone(),
+                "layout": list(self.layout)}
 
     def load_state_dict(self, state):
-        """Accepts this class's state_dict, or a torch.optim.AdamW one whose params were given
-        in this optimizer's buffer order (see `self.params`)."""
+        """Accepts this class's state_dict (saved on any world size), or a torch.optim.AdamW one
+        whose params were given in this optimizer's buffer order (see `self.params`)."""
         if "exp_avg" not in state:
             return self._load_torch(state)
         if [tuple(x) for x in state["layout"]] != self.layout:
             raise ValueError("FlatAdamW.load_state_dict: parameter layout differs from this model's")
         self.step_count, self.skipped = state["step"], state["skipped"]
-        self.exp_avg.copy_(state["exp_avg"])
-        self.exp_avg_sq.copy_(state["exp_avg_sq"])
+        self._set_moments(state["exp_avg"], state["exp_avg_sq"])
+
+    def _set_moments(self, exp_avg, exp_avg_sq):
+        """Whole unpadded moments -> this rank's pieces."""
+        for local, whole in ((self.exp_avg, exp_avg), (self.exp_avg_sq, exp_avg_sq)):
+            full = torch.zeros_like(self.flat_param)
+            full[:self.numel].copy_(whole.reshape(-1))
+            local.copy_(self._mine(full))
 
     def _load_torch(self, state):
         per_param = state["state"]
@@ -86,8 +155,7 @@ class FlatAdamW:
             raise ValueError(f"FlatAdamW.load_state_dict: torch state has {len(per_param)} params, "
                              f"expected {len(self.params)}")
         keys = [k for g in state["param_groups"] for k in g["params"]]
-        for (_, offset, n), key in zip(self.layout, keys):
-            s = per_param[key]
-            self.exp_avg[offset:offset + n].copy_(s["exp_avg"].reshape(-1))
-            self.exp_avg_sq[offset:offset + n].copy_(s["exp_avg_sq"].reshape(-1))
+        exp_avg = torch.cat([per_param[k]["exp_avg"].reshape(-1) for k in keys])
+        exp_avg_sq = torch.cat([per_param[k]["exp_avg_sq"].reshape(-1) for k in keys])
+        self._set_moments(exp_avg, exp_avg_sq)
         self.step_count = int(per_param[keys[0]]["step"])

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanolm import backends, checkpoint
+from nanolm import backends, checkpoint, dist
 from nanolm.config import ConfigError, as_dict, model_config, parse_args
 from nanolm.data import Loader, get_tokenizer, load_dataset
 from nanolm.metrics import MetricsWriter
@@ -36,11 +36,14 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10"
                "RTX 4090": 165.0, "RTX 3090": 71.0}
 
 
-def pick_device(cfg):
+def pick_device(cfg, local_rank=0):
     name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={name} requested but CUDA is not available")
-    return torch.device(name)
+    device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)  # one GPU per rank
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # kernels launch on the current device, not the tensors'
+    return device
 
 
 def autocast_ctx(cfg, device):
@@ -77,7 +80,8 @@ def setup(cfg):
     """Everything a run needs, checked before any training work."""
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    device = pick_device(cfg)
+    env = dist.env_from_torchrun()
+    device = pick_device(cfg, env.local_rank)
     tokenizer = get_tokenizer(cfg.tokenizer)
     train_tokens, val_tokens = load_dataset(cfg.data, tokenizer)
     mcfg = model_config(cfg, tokenizer.vocab_size)
@@ -86,15 +90,19 @@ def setup(cfg):
             raise ValueError(f"block_size={mcfg.block_size} is larger than the {split} data "
                              f"({len(tokens)} tokens)")
     choice = backends.resolve(cfg.kernels, device)
-    print("kernels: " + ", ".join(f"{op}={name}" for op, name in choice.items()))
+    if env.is_main:
+        print("kernels: " + ", ".join(f"{op}={name}" for op, name in choice.items()))
     kernels = backends.modules(choice)
     model = GPT(mcfg, kernels).to(device)
     opt = FlatAdamW(model.named_parameters(), cfg.lr, (cfg.beta1, cfg.beta2), 1e-8,
-                    cfg.weight_decay, cfg.grad_clip, kernels["adamw"])
-    train = Loader(train_tokens, cfg.batch_size, mcfg.block_size, cfg.seed)
+                    cfg.weight_decay, cfg.grad_clip, kernels["adamw"], pad_to=env.world_size)
+    ctx = dist.Context(env, device, cfg.dist_timeout_s)
+    ctx.attach(opt, cfg.bucket_mb, cfg.zero)
+    # each rank reads its own batch_size windows of every global step: see Loader
+    train = Loader(train_tokens, cfg.batch_size, mcfg.block_size, cfg.seed, env.rank, env.world_size)
     val = Loader(val_tokens, cfg.batch_size, mcfg.block_size, cfg.seed + 1)
     return dict(device=device, tokenizer=tokenizer, model=model, opt=opt, train=train, val=val,
-                val_start=val.state_dict(), autocast=autocast_ctx(cfg, device),
+                val_start=val.state_dict(), autocast=autocast_ctx(cfg, device), dist=ctx,
                 config={**as_dict(cfg), "model": dataclasses.asdict(mcfg)})
 
 
@@ -170,7 +178,11 @@ def load_weights(run, path):
 
 
 def save(cfg, run, step):
-    path = checkpoint.save(run["dir"], step, run["model"].state_dict(), run["opt"].state_dict(),
+    """Rank 0 writes; every rank calls it, as the ZeRO-1 optimizer state is gathered first."""
+    opt_state = run["opt"].state_dict()
+    if not run["dist"].is_main:
+        return None
+    path = checkpoint.save(run["dir"], step, run["model"].state_dict(), opt_state,
                            run["config"], {"train": run["train"].state_dict()}, cfg.keep_ckpts)
     print(f"step {step:5d} | saved {path}", flush=True)
     return path
@@ -214,28 +226,34 @@ def evaluate(cfg, run):
 
 
 def train_step(cfg, run, lr):
-    """grad_accum micro-batches, each loss scaled by 1/grad_accum, then one optimizer step."""
+    """grad_accum micro-batches, each loss scaled by 1/grad_accum, then one optimizer step.
+    With several ranks, gradients are averaged during the last micro-batch's backward."""
     model, opt = run["model"], run["opt"]
     opt.zero_grad()
     total = 0.0
-    for _ in range(cfg.grad_accum):
+    for i in range(cfg.grad_accum):
         x, y = run["train"].next_batch(run["device"])
         with run["autocast"]:
             loss = model(x, y) / cfg.grad_accum
+        if i == cfg.grad_accum - 1:
+            run["dist"].arm()
         loss.backward()
         total += loss.item()
+    run["dist"].finish()
     norm = opt.step(lr)
     return total, norm
 
 
 def tokens_per_step(cfg, run):
-    return cfg.batch_size * cfg.grad_accum * run["model"].cfg.block_size
+    """Over all ranks."""
+    return cfg.batch_size * cfg.grad_accum * run["model"].cfg.block_size * run["dist"].env.world_size
 
 
 def log(cfg, run, step, loss, lr, norm, dt):
     tokens = tokens_per_step(cfg, run)
     peak = peak_flops(cfg, run["device"])
-    mfu = f"{100 * flops_per_token(run['model']) * tokens / dt / peak:.1f}%" if peak else "-"
+    mfu = (f"{100 * flops_per_token(run['model']) * tokens / dt / (peak * run['dist'].env.world_size):.1f}%"
+           if peak else "-")
     skipped = f" skipped {run['opt'].skipped}" if run["opt"].skipped else ""
     print(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | "
           f"{1000 * dt:.0f} ms/step | {tokens / dt:.0f} tok/s | mfu {mfu}{skipped}", flush=True)
@@ -269,6 +287,9 @@ def start(cfg):
     except ValueError as e:  # bad data/kernels/shape/checkpoint choices, before any work
         raise ConfigError(str(e)) from e
     run["dir"] = run_dir
+    if not run["dist"].is_main:  # only rank 0 writes the run dir and prints
+        run["metrics"] = contextlib.nullcontext()
+        return run, done + 1
     run["metrics"] = MetricsWriter(run_dir, run["config"], resume_step=done if resume_from else None)
     print(f"run dir: {run_dir}" + (f" (resumed from {resume_from}, step {done})" if resume_from else ""))
     print(f"model: {run['model'].num_params() / 1e6:.2f}M non-embedding params on {run['device']}")
@@ -277,11 +298,12 @@ def start(cfg):
 
 def train(cfg):
     """Runs the whole training; returns {'first_val' (fresh runs), 'val', 'sample', 'stopped'
-    (the step a Ctrl-C stopped at, or None), 'checkpoint' (the last one saved)}."""
+    (the step a Ctrl-C stopped at, or None), 'checkpoint' (the last one saved)}. Under torchrun
+    only rank 0 evaluates, logs, samples and writes; the other ranks return just 'stopped'."""
     run, first = start(cfg)
-    history = {"stopped": None}
-    with run["metrics"], StopOnInterrupt() as interrupt:
-        if first == 1:
+    history, is_main = {"stopped": None}, run["dist"].is_main
+    with contextlib.closing(run["dist"]), run["metrics"], StopOnInterrupt() as interrupt:
+        if first == 1 and is_main:
             history["first_val"] = evaluate(cfg, run)
             log_eval(cfg, run, 0, history["first_val"])
         t0, timed = time.perf_counter(), 0  # timed steps since t0: evals and saves excluded
@@ -289,22 +311,27 @@ def train(cfg):
             lr = get_lr(cfg, step - 1)
             loss, norm = train_step(cfg, run, lr)
             timed += 1
+            stop = run["dist"].any(interrupt.requested)  # every rank stops after the same step
             if step % cfg.log_interval == 0:
-                log(cfg, run, step, loss, lr, norm, (time.perf_counter() - t0) / timed)
-            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                loss = run["dist"].mean(loss)
+                if is_main:
+                    log(cfg, run, step, loss, lr, norm, (time.perf_counter() - t0) / timed)
+            if is_main and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
                 history["val"] = evaluate(cfg, run)
                 log_eval(cfg, run, step, history["val"])
             periodic = cfg.ckpt_interval and step % cfg.ckpt_interval == 0
-            if periodic or step == cfg.max_steps or interrupt.requested:
+            if periodic or step == cfg.max_steps or stop:
                 history["checkpoint"] = save(cfg, run, step)
-            if interrupt.requested:
-                print(f"stopped at step {step}; continue with --resume={run['dir']}")
+            if stop:
+                if is_main:
+                    print(f"stopped at step {step}; continue with --resume={run['dir']}")
                 history["stopped"] = step
                 return history
             if step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or periodic:
                 t0, timed = time.perf_counter(), 0
-    history["sample"] = sample(cfg, run)
-    print("sample:\n" + history["sample"])
+    if is_main:
+        history["sample"] = sample(cfg, run)
+        print("sample:\n" + history["sample"])
     return history
 
 

@@ -1,0 +1,88 @@
+"""One rank of the multi-process tests in test_dist.py, and the single-process reference.
+
+Run as `python tests/dist_worker.py SPEC_JSON` with RANK, WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT set (no torchrun agent: rank 0 hosts the store). SPEC:
+  {"out": dir, "timeout_s": s, "runs": [{"name", "zero", "bucket_mb", "steps", "more_steps"}],
+   "die_at": step, "hang_at": step}   # die/hang: rank 1 exits / sleeps at that step
+Each run trains a fresh tiny GPT through nanolm.train.train_step; every rank writes
+out/rank<r>.pt with, per run, the weights after `steps` steps, the gathered optimizer and
+loader states at that point, and the weights after `more_steps` further steps.
+"""
+import contextlib
+import json
+import os
+import sys
+import time
+import types
+
+import numpy as np
+import torch
+
+from nanolm import backends, dist
+from nanolm.config import ModelConfig
+from nanolm.data import Loader
+from nanolm.model import GPT
+from nanolm.optim import FlatAdamW
+from nanolm.train import train_step
+
+TORCH = backends.modules(backends.resolve("torch", torch.device("cpu")))
+MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=40, vocab_multiple=64)
+BATCH, GRAD_ACCUM, LR = 2, 2, 3e-3  # per-rank batch; grad_accum micro-steps per step
+TOKENS = np.random.default_rng(0).integers(0, MODEL.vocab_size, 4000)
+
+
+def make_run(ctx, batch, zero=0, bucket_mb=25.0):
+    """A fresh model, optimizer and loader on this rank. Each rank initialises differently
+    (seed + rank): only the broadcast from rank 0 makes them agree."""
+    env = ctx.env
+    torch.manual_seed(1 + env.rank)
+    model = GPT(MODEL, TORCH)
+    opt = FlatAdamW(model.named_parameters(), LR, (0.9, 0.95), 1e-8, weight_decay=0.1, grad_clip=0.05,
+                    backend=TORCH["adamw"], pad_to=env.world_size)
+    ctx.attach(opt, bucket_mb, zero)
+    loader = Loader(TOKENS, batch, MODEL.block_size, seed=5, rank=env.rank, world_size=env.world_size)
+    return dict(model=model, opt=opt, train=loader, device=torch.device("cpu"),
+                autocast=contextlib.nullcontext(), dist=ctx)
+
+
+def train(run, steps, on_step=None):
+    cfg = types.SimpleNamespace(grad_accum=GRAD_ACCUM)
+    for step in range(1, steps + 1):
+        if on_step:
+            on_step(step)
+        train_step(cfg, run, LR)
+
+
+def weights(run):
+    return {n: p.detach().clone() for n, p in run["model"].named_parameters()}
+
+
+def fault(spec, rank):
+    """What rank 1 does at spec's die_at / hang_at step, to test the others' failure path."""
+    def on_step(step):
+        if rank == 1 and step == spec.get("die_at"):
+            os._exit(1)
+        if rank == 1 and step == spec.get("hang_at"):
+            time.sleep(600)
+    return on_step
+
+
+def main():
+    spec = json.loads(sys.argv[1])
+    ctx = dist.Context(dist.env_from_torchrun(), torch.device("cpu"), spec.get("timeout_s", 30.0))
+    results = {}
+    for r in spec["runs"]:
+        run = make_run(ctx, BATCH, r["zero"], r["bucket_mb"])
+        train(run, r["steps"], fault(spec, ctx.env.rank))
+        results[r["name"]] = dict(
+            weights=weights(run), opt=run["opt"].state_dict(), loader=run["train"].state_dict(),
+            buckets=[(b.start, b.end) for b in ctx.reducer.buckets], moments_numel=run["opt"].exp_avg.numel(),
+            flat_numel=run["opt"].flat_param.numel())
+        train(run, r.get("more_steps", 0))
+        results[r["name"]]["more_weights"] = weights(run)
+    torch.save(results, os.path.join(spec["out"], f"rank{ctx.env.rank}.pt"))
+    ctx.close()
+
+
+if __name__ == "__main__":
+    main()
