@@ -21,18 +21,20 @@ _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
 
 
 def rng_state():
-    """Torch CPU/CUDA, numpy and Python RNG states, as plain values."""
+    """Torch CPU and current-CUDA-device, numpy and Python RNG states, as plain values. Only the
+    current device: each process drives one GPU, and a checkpoint must load on a machine with
+    fewer GPUs than the one that saved it."""
     name, key, pos, has_gauss, gauss = np.random.get_state()
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
             "numpy": [name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
             "python": random.getstate()}
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if isinstance(state["cuda"], torch.Tensor) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     name, key, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = state["python"]
