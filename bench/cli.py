@@ -64,6 +64,8 @@ def environment(device):
         env["driver"] = _nvidia_driver()
     else:
         env["device_name"] = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        # other jobs on the cores stall torch's OpenMP barriers: CPU times are only as good as this
+        env["load_avg_1min"], env["cpu_count"] = round(os.getloadavg()[0], 2), os.cpu_count()
     return env
 
 

@@ -41,6 +41,9 @@ def markdown(results):
              f"matmul {c['matmul_TFLOPs']:.1f} TFLOP/s ({c['matmul_shape']}). % ceiling is of these "
              "(for train_step: model FLOPs against the measured matmul rate; MFU against the datasheet "
              "peak is listed under its table).", ""]
+    if "load_avg_1min" in env:
+        lines[-1:-1] = ["", f"Load average at start: {env['load_avg_1min']} on {env['cpu_count']} cores "
+                        "(other jobs on the cores make CPU times noisy)."]
     for op in dict.fromkeys(r["op"] for r in results["results"] + results["skipped"]):
         rows = [r for r in results["results"] if r["op"] == op]
         lines += [op_table(op, rows, [s for s in results["skipped"] if s["op"] == op]), ""]
