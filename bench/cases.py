@@ -39,6 +39,7 @@ class Case:
     budget_ms: int = None
     x_label: str = "size"
     per_call: dict = field(default_factory=dict)  # extra figures derived from time (tokens/s)
+    peak_tflops: float = None  # datasheet peak, when known: TFLOP/s rows also get an MFU against it
 
 
 def tol_for(dtype):
@@ -61,11 +62,21 @@ def check_outputs(out, ref, tol):
             raise AssertionError(f"output {i}: max error {err:.2e} relative to max |ref| > tol {tol:.0e}")
 
 
+def backend_unavailable(name, op, device):
+    """Why the bench does not run backend `name` for `op` on `device`, or None. On top of the op
+    layer's answer: triton on CPU runs only in Triton's interpreter, whose times say nothing
+    about the kernel (its correctness is covered by tests/, not here)."""
+    reason = backends.unavailable_reason(name, op, device)
+    if reason is None and name == "triton" and device.type == "cpu":
+        return "CPU tensors only run in Triton's interpreter (TRITON_INTERPRET=1), whose timings are meaningless"
+    return reason
+
+
 def nanolm_backends(op, device):
-    """({name: module} of backends available for op on device, {name: why not})."""
+    """({name: module} of backends the bench runs for op on device, {name: why not})."""
     available, skipped = {}, {}
     for name in backends.BACKENDS:
-        reason = backends.unavailable_reason(name, op, device)
+        reason = backend_unavailable(name, op, device)
         if reason is None:
             available[name] = backends.load(name)
         else:
@@ -79,7 +90,16 @@ def compile_baselines(device, quick):
     return device.type == "cuda" or not quick
 
 
-# The op table: name -> module whose cases(device, size, quick) returns a list of Case.
+COMPILE_SKIPPED = {"torch.compile": "not run on CPU with --quick: Inductor's C++ compile of each shape "
+                                    "takes tens of seconds on a small CPU (run without --quick)"}
+
+
+def compile_skipped(device, quick):
+    """The skipped-entry for torch.compile when compile_baselines says no, else {}."""
+    return {} if compile_baselines(device, quick) else dict(COMPILE_SKIPPED)
+
+
+# The op table: name -> module whose cases(device, size) returns a list of Case.
 # size is "quick", "full" or "tiny" (tests). Adding an op is one entry here.
 OPS = {
     "layernorm": "bench.op_layernorm",

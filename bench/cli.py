@@ -2,6 +2,7 @@
 `python -m bench comm ...` for collective bandwidth and multi-GPU projections (bench/comm.py)."""
 import argparse
 import datetime
+import os
 import platform
 import subprocess
 import sys
@@ -30,10 +31,22 @@ def parse_args(argv=None):
 
 
 def _git_commit():
+    """NANOLM_GIT_COMMIT if set (a checkout copied without .git, as on the GPU machine), else git's."""
+    if os.environ.get("NANOLM_GIT_COMMIT"):
+        return os.environ["NANOLM_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _nvidia_driver():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True, timeout=30).stdout
+        return out.splitlines()[0].strip()
+    except (OSError, subprocess.SubprocessError, IndexError):
         return "unknown"
 
 
@@ -49,8 +62,11 @@ def environment(device):
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
+        env["driver"] = _nvidia_driver()
     else:
         env["device_name"] = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        # other jobs on the cores stall torch's OpenMP barriers: CPU times are only as good as this
+        env["load_avg_1min"], env["cpu_count"] = round(os.getloadavg()[0], 2), os.cpu_count()
     return env
 
 
@@ -64,17 +80,21 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: CUDA is not available")
     torch.manual_seed(0)
-    ceilings = timing.measure_ceilings(device)
+    ceilings = timing.measure_ceilings(device, toy=args.size == "tiny")
     print(f"ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, matmul {ceilings['matmul_TFLOPs']:.2f} TFLOP/s",
           file=sys.stderr)
-    rows, skipped = [], []
+    rows, skipped, env = [], [], environment(device)
     for op in args.ops:
         for case in build_cases(op, device, args.size):
+            if args.size == "tiny":
+                case.budget_ms = 10  # the tests' toy shapes: what matters is that every case runs
             r, s = runner.run_case(case, device, args.impls, log=lambda m: print(m, file=sys.stderr, flush=True))
             rows += r
             skipped += s
-    results = {"env": environment(device), "ceilings": ceilings, "size": args.size,
-               "results": runner.add_derived(rows, ceilings), "skipped": skipped}
+        # after every op, so a run killed by a time limit still leaves what it measured
+        results = {"env": env, "ceilings": ceilings, "size": args.size,
+                   "results": runner.add_derived(rows, ceilings), "skipped": skipped}
+        report.write(results, args.out, plots=False)
     text, plots = report.write(results, args.out)
     print(text)
     print(plots if isinstance(plots, str) else f"wrote {len(plots)} plots to {args.out}", file=sys.stderr)

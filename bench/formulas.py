@@ -15,8 +15,10 @@ implementation adds are its own cost. `s` is the activation element size (2 for 
   attention bwd            2.5x fwd (5 matmuls to the forward's 2, one being a recompute of S)
   attention fwd+bwd        3.5x fwd
   linear cross-entropy     6·N·C·Vp FLOPs (logits, dh, dW matmuls: 2·N·C·Vp each)
-  train step               6·n_params + 12·n_layer·C·T FLOPs per token (PaLM, appendix B; the
-                           nanoGPT MFU estimate), n_params without position embeddings
+  train step               6·n_params + 6·n_layer·C·T FLOPs per token: the matmuls' 6N (PaLM,
+                           appendix B) plus causal attention's 3 x 2·C·T (fwd + bwd, half of
+                           PaLM's non-causal 12·L·C·T); n_params without position embeddings.
+                           The count nanolm/train.py logs MFU with (flops_per_token)
 """
 
 
@@ -50,4 +52,4 @@ def linear_cross_entropy_flops(N, C, Vp):
 
 
 def train_flops_per_token(n_params, n_layer, n_embd, T):
-    return 6 * n_params + 12 * n_layer * n_embd * T
+    return 6 * n_params + 6 * n_layer * n_embd * T

@@ -2,21 +2,37 @@
 # The one-command GPU check: build nanolm in place for the local GPU, run the GPU-marked tests
 # and `python -m bench --quick`, and write logs, results.json/md, plots and env.txt to OUT_DIR.
 # For a GPU machine with no internet and no package installs. Every step runs even after a
-# failure; the exit status is non-zero if any failed. Usage: bench/gpu_check.sh OUT_DIR
+# failure; the exit status is non-zero if any failed. The whole check stays inside a time
+# budget (NANOLM_CHECK_BUDGET_S, default 450 s): each step gets at most its cap and what is
+# left, and is killed past it (the bench keeps what it measured: it writes results after every
+# op). Usage: bench/gpu_check.sh OUT_DIR
 set -uo pipefail
 if [ $# -ne 1 ]; then echo "usage: $0 OUT_DIR" >&2; exit 2; fi
-OUT=$(mkdir -p "$1" && cd "$1" && pwd)
+OUT=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "cannot create $1" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export NANOLM_CUDA_ARCHS=${NANOLM_CUDA_ARCHS:-90a}  # only the local Hopper GPU: a fast build
+# A checkout copied without .git (as the GPU machine gets it) names its commit here.
+NANOLM_GIT_COMMIT=${NANOLM_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export NANOLM_GIT_COMMIT
+BUDGET=${NANOLM_CHECK_BUDGET_S:-450}
 FAILED=()
 
-step() {  # step NAME CMD...: run, log to OUT/NAME.log, remember failure
-    local name=$1; shift
-    echo "== $name: $*" | tee -a "$OUT/steps.log"
+left() {  # left CAP: seconds the next step may take, min(CAP, what is left of the budget), >= 1
+    local rest=$((BUDGET - SECONDS))
+    [ "$rest" -lt "$1" ] || rest=$1
+    [ "$rest" -gt 0 ] || rest=1
+    echo "$rest"
+}
+
+step() {  # step NAME CAP_S CMD...: run with a time limit, log to OUT/NAME.log, remember failure
+    local name=$1 cap=$2; shift 2
+    local limit; limit=$(left "$cap")
+    echo "== $name (limit ${limit} s): $*" | tee -a "$OUT/steps.log"
     local t0=$SECONDS
-    "$@" > "$OUT/$name.log" 2>&1
+    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
+    [ $rc -eq 124 ] && echo "   killed at its time limit" | tee -a "$OUT/steps.log"
     echo "   rc=$rc in $((SECONDS - t0)) s" | tee -a "$OUT/steps.log"
     [ $rc -eq 0 ] || FAILED+=("$name")
     return $rc
@@ -35,7 +51,7 @@ build() {
 env_file() {
     {
         echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-        echo "git_commit: $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo '-dirty')"
+        echo "git_commit: $NANOLM_GIT_COMMIT$(git diff --quiet HEAD 2>/dev/null || echo ' (uncommitted changes or no git)')"
         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/gpu: /'
         $PY -c "import torch, triton; print('torch:', torch.__version__, 'cuda', torch.version.cuda); print('triton:', triton.__version__)"
         echo "nvcc: $(nvcc --version 2>/dev/null | tail -1)"
@@ -43,17 +59,21 @@ env_file() {
     cat "$OUT/env.txt"
 }
 
-step env env_file
-step nvidia-smi nvidia-smi
-step build build
-[ -f "$OUT/.fallback" ] && export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-step info $PY -m nanolm.info
 gpu_tests() {  # pytest exits 5 when no test is marked gpu yet: not a failure
     $PY -m pytest -m gpu -q tests; local rc=$?; [ $rc -eq 5 ] && return 0; return $rc
 }
-step pytest-gpu gpu_tests
-step bench $PY -m bench --quick --out "$OUT"
+
+export -f build env_file gpu_tests
+export PY OUT
+step env 30 bash -c env_file
+step nvidia-smi 30 nvidia-smi
+step build 240 bash -c build
+[ -f "$OUT/.fallback" ] && export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+step info 60 $PY -m nanolm.info
+step pytest-gpu 150 bash -c gpu_tests
+step bench 330 $PY -m bench --quick --out "$OUT"
 [ -f "$OUT/.fallback" ] && rm -f nanolm/kernels "$OUT/.fallback"
 
+echo "total $SECONDS s" | tee -a "$OUT/steps.log"
 if [ ${#FAILED[@]} -ne 0 ]; then echo "FAILED steps: ${FAILED[*]} (logs in $OUT)"; exit 1; fi
 echo "all steps passed; results in $OUT"

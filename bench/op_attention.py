@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench import formulas
-from bench.cases import Case, Impl, compile_baselines, nanolm_backends, tol_for
+from bench.cases import Case, Impl, compile_baselines, compile_skipped, nanolm_backends, tol_for
 from nanolm.backends import torch_ref
 
 SHAPES = {  # (B, T, nh, hs)
@@ -122,6 +122,7 @@ def cases(device, size):
     dname = str(dtype).replace("torch.", "")
     key = size if size in ("full", "tiny") else f"quick_{device.type}"
     available, skipped = nanolm_backends("attention", device)
+    skipped = {**skipped, **compile_skipped(device, quick)}
     out = []
     for B, T, nh, hs in SHAPES[key]:
         probe = [torch.randn(1, 16, nh, hs, dtype=dtype, device=device) for _ in range(3)] + [hs ** -0.5]

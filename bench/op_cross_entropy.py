@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import formulas
-from bench.cases import Case, Impl, compile_baselines, nanolm_backends, tol_for
+from bench.cases import Case, Impl, compile_baselines, compile_skipped, nanolm_backends, tol_for
 from nanolm.backends import torch_ref
 
 SHAPES = {  # (N, Vp, vocab)
@@ -47,6 +47,7 @@ def cases(device, size):
     dname = str(dtype).replace("torch.", "")
     key = size if size in ("full", "tiny") else f"quick_{device.type}"
     available, skipped = nanolm_backends("cross_entropy", device)
+    skipped = {**skipped, **compile_skipped(device, quick)}
     out = []
     for N, Vp, V in SHAPES[key]:
         def eager(x, targets, V=V):

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import formulas
-from bench.cases import Case, Impl, compile_baselines, nanolm_backends, tol_for
+from bench.cases import Case, Impl, compile_baselines, compile_skipped, nanolm_backends, tol_for
 from nanolm.backends import torch_ref
 
 EPS = 1e-5
@@ -75,6 +75,7 @@ def cases(device, size):
     s = dtype.itemsize
     key = size if size in ("full", "tiny") else f"quick_{device.type}"
     available, skipped = nanolm_backends("layernorm", device)
+    skipped = {**skipped, **compile_skipped(device, quick)}
     compiled = compile_baselines(device, quick)
     dname = str(dtype).replace("torch.", "")
     out = []

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import formulas
-from bench.cases import Case, Impl, compile_baselines, nanolm_backends, tol_for
+from bench.cases import Case, Impl, compile_baselines, compile_skipped, nanolm_backends, tol_for
 from nanolm import ops
 
 SHAPES = {  # (N, C, Vp, vocab)
@@ -41,6 +41,7 @@ def cases(device, size):
     dname = str(dtype).replace("torch.", "")
     key = size if size in ("full", "tiny") else f"quick_{device.type}"
     available, skipped = nanolm_backends("cross_entropy", device)
+    skipped = {**skipped, **compile_skipped(device, quick)}
     out = []
     for N, C, Vp, V in SHAPES[key]:
         def eager(h, w, targets, V=V):

@@ -1,108 +1,183 @@
-"""End to end: one training step (forward, backward, AdamW step) of nanolm's GPT for each
-kernel set (auto, torch, and every backend that implements all ops) against the plain-PyTorch
-GPT-2 of reference_gpt.py (eager and torch.compile), same model, batch and precision (bf16
-autocast on GPU, fp32 on CPU). Reported as TFLOP/s of the model FLOPs, whose % of the measured
-matmul ceiling is the MFU, plus tokens/s."""
-import math
-from contextlib import nullcontext
+"""End to end: one training step of nanolm, as nanolm/train.py's train_step takes it (zero the
+flat gradient, forward under autocast, backward, FlatAdamW step with global-norm clipping), for
+each kernel set the device can run, against the plain-PyTorch GPT-2 of reference_gpt.py (eager,
+and torch.compile of it with SDPA attention) with torch.optim.AdamW and clip_grad_norm_.
+Same model shape, the same initial weights (copied), batch and precision (bf16 autocast on GPU,
+fp32 on CPU). Reported as TFLOP/s of the model FLOPs (formulas.train_flops_per_token, the count
+train.py logs MFU with), tokens/s, and MFU against the datasheet peak where one is known.
 
+Correctness: every implementation's first step returns (loss, pre-clip gradient norm), checked
+against ReferenceGPT in float64 with the same weights and batch, so a wrong forward or backward
+kernel in any kernel set fails before it is timed."""
 import torch
 
 from bench import formulas
-from bench.cases import Case, Impl, compile_baselines
+from bench.cases import Case, Impl, backend_unavailable, tol_for
 from bench.reference_gpt import ReferenceGPT
 from nanolm import backends
+from nanolm.config import ModelConfig
+from nanolm.model import GPT
+from nanolm.optim import FlatAdamW
+from nanolm.train import PEAK_TFLOPS
 
-CONFIGS = {  # (n_layer, n_head, n_embd, block_size, vocab_size, batch)
-    "full": {"gpt2-124M": (12, 12, 768, 1024, 50304, 16), "gpt2-355M": (24, 16, 1024, 1024, 50304, 8)},
-    "quick_cuda": {"gpt2-124M": (12, 12, 768, 1024, 50304, 8)},
+CONFIGS = {  # (n_layer, n_head, n_embd, block_size, vocab_size, batch); vocab padded to 128s
+    "full": {"gpt2-124M": (12, 12, 768, 1024, 50257, 16), "gpt2-355M": (24, 16, 1024, 1024, 50257, 8)},
+    "quick_cuda": {"gpt2-124M": (12, 12, 768, 1024, 50257, 8)},
     "quick_cpu": {"small": (2, 4, 256, 128, 8192, 4)},
     "tiny": {"tiny": (1, 2, 32, 16, 64, 2)},
 }
-LR, WD = 6e-4, 0.1
+LR, BETAS, EPS, WD, GRAD_CLIP = 6e-4, (0.9, 0.95), 1e-8, 0.1, 1.0  # train.py's defaults; GPT-2 124M's lr
+SEED = 1234
+TORCH_KERNELS = backends.modules({op: "torch" for op in backends.OPS})
+TINY_COMPILE_SKIPPED = {"torch.compile": "not run at the test suite's toy size (compiling takes ~30 s on CPU)"}
+
+
+def _config(cfg):
+    n_layer, n_head, n_embd, block_size, vocab, _ = cfg
+    return ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                       vocab_size=vocab, bias=True, dropout=0.0)
+
+
+def _nanolm_model(cfg, kernels):
+    """nanolm's GPT with the bench's fixed initial weights (built on CPU, as train.py does)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        return GPT(_config(cfg), kernels)
+
+
+def _copy_weights(src, dst):
+    """nanolm GPT -> ReferenceGPT: same tensors, different module names."""
+    tr = src.transformer
+    pairs = [(dst.wte, tr.wte), (dst.wpe, tr.wpe), (dst.ln_f, tr.ln_f)]
+    for a, b in zip(dst.h, tr.h):
+        pairs += [(a.ln_1, b.ln_1), (a.c_attn, b.attn.c_attn), (a.c_proj, b.attn.c_proj),
+                  (a.ln_2, b.ln_2), (a.c_fc, b.mlp.c_fc), (a.mlp_proj, b.mlp.c_proj)]
+    with torch.no_grad():
+        for a, b in pairs:
+            a.weight.copy_(b.weight)
+            if getattr(a, "bias", None) is not None:
+                a.bias.copy_(b.bias)
+    return dst
+
+
+def reference_model(cfg, device, dtype=torch.float32):
+    """ReferenceGPT holding the same initial weights as every nanolm kernel set."""
+    config = _config(cfg)
+    ref = ReferenceGPT(config.n_layer, config.n_head, config.n_embd, config.block_size,
+                       config.vocab_size, config.padded_vocab)
+    src = _nanolm_model(cfg, TORCH_KERNELS)
+    return _copy_weights(src, ref).to(device=device, dtype=dtype)
 
 
 def _autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def _step_fn(model, opt, idx, targets, device):
-    def run():
-        with _autocast(device):
-            loss = model(idx, targets)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return (loss.detach(),)
-    return run
+def nanolm_impl(cfg, device, kernels):
+    """nanolm's train step with `kernels` ({op: backend module}, as train.py's setup builds)."""
+    def make(t):
+        model = _nanolm_model(cfg, kernels).to(device)
+        opt = FlatAdamW(model.named_parameters(), LR, BETAS, EPS, WD, GRAD_CLIP, kernels["adamw"])
+
+        def run():
+            opt.zero_grad()
+            with _autocast(device):
+                loss = model(t["idx"], t["targets"])
+            loss.backward()
+            norm = opt.step(LR)
+            return loss.detach(), torch.tensor(norm, device=device)
+        return run
+    return make
 
 
 def _reference_impl(cfg, device, compiled):
     def make(t):
-        n_layer, n_head, n_embd, block_size, vocab, _ = cfg
-        model = ReferenceGPT(n_layer, n_head, n_embd, block_size, vocab).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD,
-                                **({"fused": True} if device.type == "cuda" else {"foreach": True}))
-        return _step_fn(torch.compile(model) if compiled else model, opt, t["idx"], t["targets"], device)
+        model = reference_model(cfg, device)
+        params = list(model.parameters())
+        opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=True)
+        forward = torch.compile(model) if compiled else model
+
+        def run():
+            opt.zero_grad(set_to_none=True)
+            with _autocast(device):
+                loss = forward(t["idx"], t["targets"])
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+            opt.step()
+            return loss.detach(), norm.detach()
+        return run
     return make
 
 
-def _nanolm_impl(cfg, device, spec):
-    def make(t):
-        from nanolm.config import ModelConfig
-        from nanolm.model import GPT
-        from nanolm.optim import AdamW
-        n_layer, n_head, n_embd, block_size, vocab, _ = cfg
-        config = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                             vocab_size=vocab, bias=True, dropout=0.0)
-        kernels = backends.modules(backends.resolve(spec, device))
-        model = GPT(config, kernels).to(device)
-        opt = AdamW(model.parameters(), lr=LR, weight_decay=WD, kernels=kernels)
-        return _step_fn(model, opt, t["idx"], t["targets"], device)
-    return make
-
-
-def _nanolm_impls(cfg, device):
-    """Kernel sets: auto, then every backend that implements all ops; or why none can run."""
-    try:
-        import nanolm.config  # noqa: F401
-        import nanolm.model  # noqa: F401
-        import nanolm.optim  # noqa: F401
-    except ImportError as e:
-        return [], {"nanolm": f"model/optimizer not importable in this checkout ({e})"}
-    sets = ["auto"] + [n for n in backends.BACKENDS
-                       if all(backends.unavailable_reason(n, op, device) is None for op in backends.OPS)]
-    return [Impl(f"nanolm[{s}]", "nanolm", _nanolm_impl(cfg, device, s)) for s in sets], {}
-
-
-def _sanity(vocab):
-    """Different models, different init: a correct step gives a finite loss near ln(V) at init."""
+def _float64_reference(cfg):
     def ref(t):
-        return (torch.tensor(math.log(vocab)),)
+        model = reference_model(cfg, t["idx"].device, torch.float64)
+        loss = model(t["idx"], t["targets"])
+        loss.backward()
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+        return loss.detach(), norm
     return ref
 
 
-def cases(device, size):
-    quick = size != "full"
-    key = size if size in ("full", "tiny") else f"quick_{device.type}"
-    out = []
-    for name, cfg in CONFIGS[key].items():
-        n_layer, n_head, n_embd, block_size, vocab, batch = cfg
-        n_params = sum(p.numel() for p in ReferenceGPT(*cfg[:5]).parameters()) - block_size * n_embd
-        tokens = batch * block_size
-        impls, skipped = _nanolm_impls(cfg, device)
-        impls.append(Impl("eager", "baseline", _reference_impl(cfg, device, False)))
-        if compile_baselines(device, quick):
-            impls.append(Impl("torch.compile", "baseline", _reference_impl(cfg, device, True)))
+def kernel_sets(device):
+    """({label: {op: backend}} of kernel sets to time, {label: why not}): one per backend that
+    can run every op here, plus `auto` when it mixes backends (else it equals one of them)."""
+    sets, skipped = {}, {}
+    for name in backends.BACKENDS:
+        reasons = {op: backend_unavailable(name, op, device) for op in backends.OPS}
+        missing = {op: r for op, r in reasons.items() if r is not None}
+        if missing:
+            op, why = next(iter(missing.items()))
+            skipped[f"nanolm[{name}]"] = f"{op}: {why}"
+        else:
+            sets[f"nanolm[{name}]"] = {op: name for op in backends.OPS}
+    auto = backends.resolve("auto", device)
+    same = [label for label, choice in sets.items() if choice == auto]
+    if same:
+        skipped["nanolm[auto]"] = f"picks the kernels of {same[0]} on this device"
+    else:
+        sets["nanolm[auto]"] = auto
+    return sets, skipped
 
-        def make_inputs(batch=batch, block_size=block_size, vocab=vocab):
-            return {"idx": torch.randint(0, vocab, (batch, block_size), device=device),
-                    "targets": torch.randint(0, vocab, (batch, block_size), device=device)}
-        precision = "bf16 autocast" if device.type == "cuda" else "fp32"
-        out.append(Case(op="train_step", name=f"{name} B={batch} T={block_size} {precision}",
-                        series=precision, x=n_params, x_label="parameters", metric="TFLOP/s",
-                        work=tokens * formulas.train_flops_per_token(n_params, n_layer, n_embd, block_size),
-                        make_inputs=make_inputs, reference=_sanity(vocab), impls=impls, tol=0.05,
-                        skipped=skipped, budget_ms=2000 if device.type == "cuda" else 1000,
-                        per_call={"tokens": tokens}))
-    return out
+
+def datasheet_peak_tflops(device):
+    """Dense bf16 peak of the GPU from train.py's table (the MFU denominator), or None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def _case(name, cfg, device, compiled):
+    n_layer, n_head, n_embd, block_size, vocab, batch = cfg
+    with torch.device("meta"):  # only the parameter count: no memory, no init work
+        n_params = _nanolm_model(cfg, TORCH_KERNELS).num_params()
+    tokens = batch * block_size
+    sets, skipped = kernel_sets(device)
+    impls = [Impl(label, "nanolm", nanolm_impl(cfg, device, backends.modules(choice)))
+             for label, choice in sets.items()]
+    impls.append(Impl("eager", "baseline", _reference_impl(cfg, device, False)))
+    if compiled:
+        impls.append(Impl("torch.compile", "baseline", _reference_impl(cfg, device, True)))
+
+    def make_inputs():
+        return {"idx": torch.randint(0, vocab, (batch, block_size), device=device),
+                "targets": torch.randint(0, vocab, (batch, block_size), device=device)}
+    precision = torch.bfloat16 if device.type == "cuda" else torch.float32
+    label = "bf16 autocast" if device.type == "cuda" else "fp32"
+    return Case(op="train_step", name=f"{name} B={batch} T={block_size} {label}", series=label,
+                x=n_params, x_label="parameters (non-embedding)", metric="TFLOP/s",
+                work=tokens * formulas.train_flops_per_token(n_params, n_layer, n_embd, block_size),
+                make_inputs=make_inputs, reference=_float64_reference(cfg), impls=impls,
+                tol=tol_for(precision), skipped=skipped if compiled else {**skipped, **TINY_COMPILE_SKIPPED},
+                budget_ms=2000 if device.type == "cuda" else 1000, per_call={"tokens": tokens},
+                peak_tflops=datasheet_peak_tflops(device))
+
+
+def cases(device, size):
+    """torch.compile of the reference model runs in --quick on CPU too (unlike the op cases):
+    one small model compiles in about 30 s on 2 cores, and this is the comparison a CPU-only
+    user needs. Only the test suite's toy size leaves it out."""
+    key = size if size in ("full", "tiny") else f"quick_{device.type}"
+    compiled = device.type == "cuda" or size != "tiny"
+    return [_case(name, cfg, device, compiled) for name, cfg in CONFIGS[key].items()]

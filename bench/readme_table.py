@@ -21,9 +21,10 @@ def _cell(r):
 
 def table(results, source):
     env, c = results["env"], results["ceilings"]
-    lines = [f"**{env['device_name']}**, {env['date']}, commit {env['git_commit']}, torch {env['torch']}, "
-             f"triton {env['triton']} ([{source}]({source})). Ceilings: copy {c['copy_GBps']:.0f} GB/s, "
-             f"matmul {c['matmul_TFLOPs']:.1f} TFLOP/s.", "",
+    driver = f", driver {env['driver']}, CUDA {env['cuda']}" if env.get("driver") else ""
+    lines = [f"**{env['device_name']}**{driver}, {env['date']}, commit {env['git_commit']}, torch {env['torch']}, "
+             f"triton {env['triton']}, {results['size']} shape set ([{source}]({source})). "
+             f"Ceilings: copy {c['copy_GBps']:.0f} GB/s, matmul {c['matmul_TFLOPs']:.1f} TFLOP/s.", "",
              "| op | case | unit | best nanolm (% ceiling) | best PyTorch (% ceiling) | speedup |",
              "|---|---|---|---|---|---|"]
     rows = results["results"]

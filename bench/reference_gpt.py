@@ -1,6 +1,7 @@
 """GPT-2 written the ordinary PyTorch way (nn.LayerNorm, nn.Linear, F.scaled_dot_product_attention,
 F.cross_entropy): the baseline nanolm's training step is measured against. Same architecture as
-nanolm (pre-LN blocks, GELU-tanh MLP, tied embeddings, init std 0.02)."""
+nanolm (pre-LN blocks, GELU-tanh MLP, tied embeddings, embedding rows padded to `padded_vocab`
+as nanoGPT does, loss over the real `vocab_size` columns only, as nanolm's)."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -27,13 +28,15 @@ class Block(nn.Module):
 
 
 class ReferenceGPT(nn.Module):
-    def __init__(self, n_layer, n_head, n_embd, block_size, vocab_size, bias=True):
+    def __init__(self, n_layer, n_head, n_embd, block_size, vocab_size, padded_vocab=None, bias=True):
         super().__init__()
-        self.wte = nn.Embedding(vocab_size, n_embd)
+        padded_vocab = padded_vocab or vocab_size
+        self.vocab_size = vocab_size
+        self.wte = nn.Embedding(padded_vocab, n_embd)
         self.wpe = nn.Embedding(block_size, n_embd)
         self.h = nn.ModuleList(Block(n_embd, n_head, bias) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.lm_head = nn.Linear(n_embd, padded_vocab, bias=False)
         self.lm_head.weight = self.wte.weight
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -46,4 +49,4 @@ class ReferenceGPT(nn.Module):
         for block in self.h:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+        return F.cross_entropy(logits[..., :self.vocab_size].flatten(0, 1).float(), targets.view(-1))

@@ -8,6 +8,12 @@ def _mem(b):
     return "-" if b is None else f"{b / 2**20:.0f} MiB"
 
 
+def _mfu(r):
+    if "mfu_pct" in r:
+        return f", MFU {r['mfu_pct']:.1f}% of the {r['peak_tflops']:.0f} TFLOP/s datasheet peak"
+    return ", MFU - (no datasheet peak known for this device; % ceiling is of the measured matmul)"
+
+
 def op_table(op, rows, skipped):
     baselines = list(dict.fromkeys(r["impl"] for r in rows if r["kind"] == "baseline" and r["status"] == "ok"))
     metric = rows[0]["metric"] if rows else ""
@@ -21,7 +27,7 @@ def op_table(op, rows, skipped):
                      _mem(r.get("peak_mem_bytes"))]
             cells += [f"{r['speedup'][b]:.2f}x" if b in r["speedup"] else "" for b in baselines]
         lines.append("| " + " | ".join(cells) + " |")
-    extra = [f"{r['impl']}: {r['tokens_per_s']:,.0f} tokens/s ({r['case']})" for r in rows
+    extra = [f"{r['impl']}: {r['tokens_per_s']:,.0f} tokens/s{_mfu(r)} ({r['case']})" for r in rows
              if r["status"] == "ok" and "tokens_per_s" in r]
     reasons = {(s["impl"], s["reason"]) for s in skipped}
     notes = [f"- {n}" for n in extra] + [f"- not run: {impl} ({why})" for impl, why in sorted(reasons)]
@@ -32,8 +38,12 @@ def markdown(results):
     env, c = results["env"], results["ceilings"]
     lines = [f"## nanolm bench: {env['device_name']} ({env['date']}, commit {env['git_commit']})", "",
              f"Ceilings measured here: copy {c['copy_GBps']:.0f} GB/s (read + write), "
-             f"matmul {c['matmul_TFLOPs']:.1f} TFLOP/s ({c['matmul_shape']}). % ceiling is of these; "
-             "for train_step it is the MFU.", ""]
+             f"matmul {c['matmul_TFLOPs']:.1f} TFLOP/s ({c['matmul_shape']}). % ceiling is of these "
+             "(for train_step: model FLOPs against the measured matmul rate; MFU against the datasheet "
+             "peak is listed under its table).", ""]
+    if "load_avg_1min" in env:
+        lines[-1:-1] = ["", f"Load average at start: {env['load_avg_1min']} on {env['cpu_count']} cores "
+                        "(other jobs on the cores make CPU times noisy)."]
     for op in dict.fromkeys(r["op"] for r in results["results"] + results["skipped"]):
         rows = [r for r in results["results"] if r["op"] == op]
         lines += [op_table(op, rows, [s for s in results["skipped"] if s["op"] == op]), ""]
@@ -66,10 +76,12 @@ def plot(results, out_dir):
     return paths
 
 
-def write(results, out_dir):
+def write(results, out_dir, plots=True):
+    """Writes results.md and results.json (and the plots); returns (markdown, plot paths or a
+    note why there are none)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     text = markdown(results)
     (out_dir / "results.md").write_text(text + "\n")
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    return text, plot(results, out_dir)
+    return text, plot(results, out_dir) if plots else []

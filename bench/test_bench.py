@@ -1,6 +1,6 @@
 """The bench's quick cases as pytest-benchmark tests: `pytest bench --benchmark-only`.
 Each (case, implementation) is checked against the reference first (a wrong result fails the
-test, not just its timing); implementations the op layer reports unavailable are not listed.
+test, not just its timing); implementations the bench does not run on this device are not listed.
 Timing is pytest-benchmark's wall clock around a synchronised call, so GPU numbers include
 launch overhead; `python -m bench` is the precise tool (CUDA events, ceilings)."""
 import pytest

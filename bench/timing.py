@@ -4,7 +4,6 @@ GPU: triton.testing.do_bench (median; it also clears L2 before each run), or CUD
 when triton is absent. CPU: time.perf_counter around each call, median of many calls.
 Both warm up first (which also triggers compilation and autotuning).
 """
-import os
 import statistics
 import time
 
@@ -80,16 +79,21 @@ def rotation_count(working_set_bytes, device, limit=8):
     return max(1, min(limit, -(-2 * cache_bytes(device) // working_set_bytes)))
 
 
-def measure_ceilings(device):
+def measure_ceilings(device, toy=False):
     """{'copy_GBps', 'matmul_TFLOPs', ...}: a large device-to-device copy (bytes read + written)
-    and a large matmul (bf16 8192^3 on GPU, fp32 2048^3 on CPU, about 1 s in all there)."""
+    and a large matmul (bf16 8192^3 on GPU, fp32 2048^3 on CPU, about 1 s in all there).
+    toy: a small copy and matmul, for the test suite's smoke runs (not a ceiling)."""
     gpu = device.type == "cuda"
-    copy_bytes = (1 << 30) if gpu else (256 << 20)
+    if toy:
+        copy_bytes, n, dtype = 16 << 20, 512, torch.float32
+    elif gpu:
+        copy_bytes, n, dtype = 1 << 30, 8192, torch.bfloat16
+    else:
+        copy_bytes, n, dtype = 256 << 20, 2048, torch.float32
     src = torch.randn(copy_bytes // 4, device=device)
     dst = torch.empty_like(src)
     copy_ms = time_ms(lambda: dst.copy_(src), device)
     del src, dst
-    n, dtype = (8192, torch.bfloat16) if gpu else (2048, torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     mm_ms = time_ms(lambda: a @ b, device, 300 if gpu else 600)
@@ -103,18 +107,32 @@ def measure_ceilings(device):
 
 def peak_memory_bytes(fn, device):
     """High-water mark of allocations during one fn() above what was allocated before it
-    (the call's temporaries and outputs). None on CPU: torch's CPU allocator keeps no such
-    statistics, and tracemalloc does not see its allocations."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    result = fn()
-    torch.cuda.synchronize()
+    (the call's temporaries and outputs). GPU: the caching allocator's statistics. CPU: torch's
+    CPU allocator keeps none, so one call runs under the profiler with profile_memory and its
+    allocation/free events are summed in time order; None if this torch's profiler lacks them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        torch.cuda.synchronize()
+        del result
+        return torch.cuda.max_memory_allocated(device) - before
+    return _cpu_peak_bytes(fn)
+
+
+def _cpu_peak_bytes(fn):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
     del result
-    return torch.cuda.max_memory_allocated(device) - before
-
-
-def cpu_threads():
-    return torch.get_num_threads(), os.cpu_count()
+    try:
+        events = prof.profiler.kineto_results.events()
+        changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    except AttributeError:
+        return None
+    live = peak = 0
+    for _, nbytes in changes:
+        live += nbytes
+        peak = max(peak, live)
+    return peak

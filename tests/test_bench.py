@@ -1,15 +1,21 @@
 """The bench suite on CPU: argument parsing, byte/FLOP formulas, result writing, the README
-table generator, and a smoke run of `python -m bench layernorm` (torch backend, toy shapes)."""
+table generator, the correctness gate on real cases (a deliberately wrong kernel gets no time),
+the training step of every CPU kernel set, gpu_check.sh against stub tools, and a smoke run of
+`python -m bench layernorm` (toy shapes)."""
 import json
+import os
+import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
-from bench import cli, collect, formulas, readme_table, report, runner
-from bench.cases import Case, Impl, build_cases, check_outputs
+from bench import cli, collect, formulas, op_train_step, readme_table, report, runner, timing
+from bench.cases import Case, Impl, backend_unavailable, build_cases, check_outputs
+from nanolm.backends import torch_ref
 
 ROOT = Path(__file__).parent.parent
 
@@ -45,7 +51,15 @@ def test_flop_formulas():
     assert formulas.attention_flops(2, 12, 1024, 64, "bwd") == 2.5 * fwd
     assert formulas.attention_flops(2, 12, 1024, 64, "fwd+bwd") == 3.5 * fwd
     assert formulas.linear_cross_entropy_flops(8, 16, 32) == 6 * 8 * 16 * 32
-    assert formulas.train_flops_per_token(100, 2, 8, 16) == 600 + 12 * 2 * 8 * 16
+    assert formulas.train_flops_per_token(100, 2, 8, 16) == 600 + 6 * 2 * 8 * 16
+
+
+def test_train_flops_match_what_train_py_logs():
+    from nanolm.train import flops_per_token
+    cfg = op_train_step.CONFIGS["tiny"]["tiny"]
+    model = op_train_step._nanolm_model(cfg, op_train_step.TORCH_KERNELS)
+    n_layer, _, n_embd, block_size = cfg[:4]
+    assert formulas.train_flops_per_token(model.num_params(), n_layer, n_embd, block_size) == flops_per_token(model)
 
 
 def test_check_outputs_catches_wrong_results():
@@ -60,7 +74,8 @@ def test_check_outputs_catches_wrong_results():
 def _toy_case(impls):
     x = torch.randn(32, 8)
     return Case(op="toy", name="n=32", series="s", x=32, metric="GB/s", work=1e6,
-                make_inputs=lambda: {"x": x}, reference=lambda t: (t["x"] * 2,), impls=impls, tol=1e-5)
+                make_inputs=lambda: {"x": x}, reference=lambda t: (t["x"] * 2,), impls=impls, tol=1e-5,
+                budget_ms=10)
 
 
 def _results():
@@ -108,23 +123,162 @@ def test_readme_table_and_collect(tmp_path):
     assert readme.read_text() == text  # regenerating is idempotent
 
 
-def test_every_op_builds_tiny_cases_on_cpu():
-    for op in cli.OPS:
-        assert build_cases(op, torch.device("cpu"), "tiny")
+def test_write_results_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    text, plots = report.write(_results(), tmp_path)
+    assert isinstance(plots, str) and "matplotlib is not installed" in plots
+    assert (tmp_path / "results.json").exists() and not list(tmp_path.glob("*.png"))
 
 
-def test_smoke_cli_layernorm(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bench", "layernorm", "--quick", "--tiny", "--device", "cpu",
-                           "--impls", "torch,eager", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "### layernorm" in proc.stdout and "| torch |" in proc.stdout
+def test_cpu_peak_memory_counts_the_call_allocations():
+    n = 1 << 20  # 4 MiB of float32, twice: the input's copy and the result
+    peak = timing.peak_memory_bytes(lambda: torch.ones(n) * 2, torch.device("cpu"))
+    assert 8 * n <= peak < 16 * n
+
+
+def test_triton_on_cpu_is_not_timed(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "meaningless" in backend_unavailable("triton", "layernorm", torch.device("cpu"))
+    assert backend_unavailable("torch", "layernorm", torch.device("cpu")) is None
+
+
+def _patched(backend, name, fn):
+    """A copy of backend module `backend` with function `name` replaced: a deliberately wrong kernel."""
+    module = types.SimpleNamespace(**{k: getattr(backend, k) for k in dir(backend) if not k.startswith("__")})
+    setattr(module, name, fn)
+    return module
+
+
+@pytest.fixture
+def one_thread():
+    """Toy shapes gain nothing from threads, and on a shared machine OpenMP barriers dominate."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_wrong_op_kernel_fails_and_gets_no_time(one_thread):
+    case = build_cases("layernorm", torch.device("cpu"), "tiny")[0]  # fwd
+    wrong = _patched(torch_ref, "layer_norm_fwd",
+                     lambda x, w, b, eps: (lambda y, m, r: (y * 1.001, m, r))(*torch_ref.layer_norm_fwd(x, w, b, eps)))
+    case.impls = [Impl("torch", "nanolm", case.impls[0].make), Impl("wrong", "nanolm", lambda t: lambda: (
+        wrong.layer_norm_fwd(t["x"], t["w"], t["b"], 1e-5)[0],))]
+    rows = {r["impl"]: r for r in runner.run_case(case, torch.device("cpu"), log=lambda m: None)[0]}
+    assert rows["torch"]["status"] == "ok"
+    assert rows["wrong"]["status"] == "FAILED" and "time_ms" not in rows["wrong"]
+
+
+def test_train_step_wrong_backward_kernel_fails(one_thread):
+    """A layernorm backward off by 10% leaves the loss exact but moves the gradient norm."""
+    def bad_bwd(*args):
+        dx, dw, db = torch_ref.layer_norm_bwd(*args)
+        return dx * 0.9, dw, db
+    kernels = dict(op_train_step.TORCH_KERNELS, layernorm=_patched(torch_ref, "layer_norm_bwd", bad_bwd))
+    case = build_cases("train_step", torch.device("cpu"), "tiny")[0]
+    cfg = op_train_step.CONFIGS["tiny"]["tiny"]
+    case.impls = [Impl("wrong", "nanolm", op_train_step.nanolm_impl(cfg, torch.device("cpu"), kernels))]
+    (row,), _ = runner.run_case(case, torch.device("cpu"), log=lambda m: None)
+    assert row["status"] == "FAILED" and "output 1" in row["error"] and "time_ms" not in row
+
+
+def test_smoke_cli_every_op_every_cpu_backend(tmp_path):
+    """`python -m bench` end to end at toy sizes: every op, every backend the bench runs on CPU,
+    every baseline, all past their correctness check; tables, JSON and plots written."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # toy shapes: threads only add contention
+    proc = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--device", "cpu", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    assert {r["impl"] for r in results["results"]} == {"torch", "eager"}
-    assert all(r["status"] == "ok" for r in results["results"])
+    rows, skipped = results["results"], results["skipped"]
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    cpu_built = backend_unavailable("cpu", "layernorm", torch.device("cpu")) is None
+    for op in cli.OPS:
+        impls = {r["impl"] for r in rows if r["op"] == op}
+        name = "nanolm[{}]" if op == "train_step" else "{}"
+        assert name.format("torch") in impls and (name.format("cpu") in impls or not cpu_built), (op, impls)
+        assert any(r["kind"] == "baseline" for r in rows if r["op"] == op), op
+        assert f"### {op}" in proc.stdout
+    step = [r for r in rows if r["op"] == "train_step"]
+    assert all(r["tokens_per_s"] > 0 and r["peak_mem_bytes"] > 0 for r in step)
+    reasons = {(s["op"], s["impl"]): s["reason"] for s in skipped}
+    assert ("train_step", "torch.compile") in reasons and ("layernorm", "torch.compile") in reasons
+    assert ("train_step", "nanolm[cuda]") in reasons
+    if "matplotlib is not installed" not in proc.stderr:
+        assert len(list(tmp_path.glob("*.png"))) == len({(r["op"], r["series"]) for r in rows})
 
 
 def test_gpu_check_usage():
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 2 and "usage" in proc.stderr
+    for argv in ([], ["a", "b"]):
+        proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), *argv], capture_output=True,
+                              text=True, timeout=30)
+        assert proc.returncode == 2 and "usage" in proc.stderr
     assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")]).returncode == 0
+
+
+# Stands in for python3, nvidia-smi and nvcc: logs each call (with the environment the check
+# promises: NANOLM_CUDA_ARCHS, NANOLM_GIT_COMMIT, PYTHONPATH), fails the step named in STUB_FAIL,
+# and writes results.json for `-m bench`.
+STUB_PYTHON = r"""#!/usr/bin/env bash
+echo "python $* | archs=$NANOLM_CUDA_ARCHS commit=$NANOLM_GIT_COMMIT pythonpath=${PYTHONPATH:-}" >> "$STUB_LOG"
+case "$*" in
+  *"pip install"*) [ "$STUB_FAIL" = pip ] && exit 1; exit 0 ;;
+  *"build_ext"*) exit 0 ;;
+  "-c "*) echo "torch: stub"; exit 0 ;;
+  *"-m pytest"*) [ "$STUB_FAIL" = pytest ] && exit 1; exit 5 ;;
+  *"-m bench"*) [ "$STUB_FAIL" = bench ] && sleep 30; args="$*"; out=${args##*--out }; echo '{"results": []}' > "$out/results.json"; exit 0 ;;
+  *) exit 0 ;;
+esac
+"""
+
+
+def _gpu_check(tmp_path, fail="", budget="450"):
+    repo = tmp_path / "repo"
+    for d in ("bench", "nanolm", "kernels", "stubs"):
+        (repo / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "bench" / "gpu_check.sh", repo / "bench")
+    stubs = repo / "stubs"
+    (stubs / "python").write_text(STUB_PYTHON)
+    (stubs / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 580.00, 81559 MiB'\n")
+    (stubs / "nvcc").write_text("#!/bin/sh\necho 'Build cuda_13.0'\n")
+    for f in stubs.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", PYTHON=str(stubs / "python"),
+               STUB_LOG=str(tmp_path / "calls.log"), STUB_FAIL=fail, NANOLM_GIT_COMMIT="abc1234",
+               NANOLM_CHECK_BUDGET_S=budget)
+    env.pop("NANOLM_CUDA_ARCHS", None)
+    env.pop("PYTHONPATH", None)
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh"), str(out)], capture_output=True,
+                          text=True, timeout=60, env=env)
+    return proc, out, (tmp_path / "calls.log").read_text(), repo
+
+
+def test_gpu_check_runs_every_step_and_writes_results(tmp_path):
+    proc, out, calls, _ = _gpu_check(tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "pip install --no-build-isolation --no-deps -e . | archs=90a commit=abc1234" in calls
+    assert "-m pytest -m gpu -q tests" in calls and f"-m bench --quick --out {out}" in calls
+    env = (out / "env.txt").read_text()
+    assert "git_commit: abc1234" in env and "gpu: NVIDIA H100 80GB HBM3, 580.00" in env
+    assert json.loads((out / "results.json").read_text()) == {"results": []}
+    steps = (out / "steps.log").read_text()
+    for name in ("env", "nvidia-smi", "build", "info", "pytest-gpu", "bench"):
+        assert (out / f"{name}.log").exists() and f"== {name} " in steps
+
+
+def test_gpu_check_falls_back_to_an_inplace_build(tmp_path):
+    proc, out, calls, repo = _gpu_check(tmp_path, fail="pip")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "falling back" in (out / "build.log").read_text() and "setup.py build_ext --inplace" in calls
+    assert f"-m bench --quick --out {out} | archs=90a commit=abc1234 pythonpath={repo}" in calls
+    assert not (repo / "nanolm" / "kernels").exists()  # the temporary link is removed
+
+
+def test_gpu_check_reports_failures_and_enforces_its_time_budget(tmp_path):
+    proc, out, _, _ = _gpu_check(tmp_path, fail="pytest")
+    assert proc.returncode == 1 and "FAILED steps: pytest-gpu" in proc.stdout
+    assert (out / "results.json").exists()  # later steps still ran
+    proc, out, _, _ = _gpu_check(tmp_path / "slow", fail="bench", budget="3")
+    assert proc.returncode == 1 and "FAILED steps: bench" in proc.stdout
+    assert "killed at its time limit" in (out / "steps.log").read_text()
