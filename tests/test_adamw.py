@@ -129,3 +129,12 @@ def test_bad_inputs(backend):
         backend.sum_of_squares(p.double())
     with pytest.raises(ValueError):
         backend.sum_of_squares(torch.rand(64, 2, device=device)[:, 0])
+
+
+def test_cuda_backend_rejects_cpu_tensors():
+    """Checked before any pointer reaches a kernel (runs without a GPU)."""
+    p, g, m, v = flat_state(64, "cpu")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        cuda.adamw_step(p, g, m, v, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1, 32, 1.0)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        cuda.sum_of_squares(g)

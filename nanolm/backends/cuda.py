@@ -94,16 +94,24 @@ def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_sc
     N, Vp = logits.shape
     losses = torch.empty(N, dtype=torch.float32, device=logits.device)
     dlogits = logits if inplace else torch.empty_like(logits)
-    _C.cross_entropy_fwd_cuda(logits.data_ptr(), targets.data_ptr(), losses.data_ptr(),
-                              dlogits.data_ptr(), N, Vp, vocab_size, ignore_index, z_loss, grad_scale,
-                              _DTYPE_NAMES[logits.dtype], _stream())
+    with torch.cuda.device(logits.device):
+        _C.cross_entropy_fwd_cuda(logits.data_ptr(), targets.data_ptr(), losses.data_ptr(),
+                                  dlogits.data_ptr(), N, Vp, vocab_size, ignore_index, z_loss, grad_scale,
+                                  _DTYPE_NAMES[logits.dtype], _stream())
     return losses, dlogits
 # ----------------------------------------------------------------------------- adamw
 
+def _check_on_cuda(op, name, t):
+    # A host pointer handed to a kernel faults on the GPU and poisons the whole CUDA context.
+    if t.device.type != "cuda":
+        raise ValueError(f"{op}: {name} is on {t.device}, the cuda backend needs CUDA tensors")
+
+
 def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
                decay_numel, grad_scale):
-    from nanolm import _C
     check_adamw_buffers("adamw_step", param, grad, exp_avg, exp_avg_sq, decay_numel, step)
+    _check_on_cuda("adamw_step", "param", param)
+    from nanolm import _C
     w1, w2, decay_factor, step_size, bc2_sqrt = adamw_scalars(lr, beta1, beta2, weight_decay, step)
     scalars = _C.AdamWScalars(w1, beta2, w2, eps, decay_factor, step_size, bc2_sqrt, grad_scale)
     with torch.cuda.device(param.device):
@@ -112,8 +120,9 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_d
 
 
 def sum_of_squares(x):
-    from nanolm import _C
     check_tensor("sum_of_squares", "x", x, dtypes=(torch.float32,), ndim=1)
+    _check_on_cuda("sum_of_squares", "x", x)
+    from nanolm import _C
     partials = torch.empty(_C.sum_of_squares_partials_cuda(), dtype=torch.float32, device=x.device)
     out = torch.empty((), dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device):
