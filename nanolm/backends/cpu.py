@@ -79,6 +79,8 @@ def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_sc
     _C.cross_entropy_fwd_cpu(logits.data_ptr(), targets.data_ptr(), losses.data_ptr(),
                              dlogits.data_ptr(), N, Vp, vocab_size, ignore_index, z_loss, grad_scale)
     return losses, dlogits
+
+
 # ----------------------------------------------------------------------------- adamw
 
 def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
@@ -95,6 +97,8 @@ def sum_of_squares(x):
     from nanolm import _C
     check_tensor("sum_of_squares", "x", x, dtypes=(torch.float32,), ndim=1)
     return torch.tensor(_C.sum_of_squares_cpu(x.data_ptr(), x.numel()), dtype=torch.float32)
+
+
 # ----------------------------------------------------------------------------- attention
 
 ATTENTION_HEAD_DIMS = tuple(range(16, 257, 16))  # the C++ matmul works in 16-column panels

@@ -99,6 +99,8 @@ def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_sc
                                   dlogits.data_ptr(), N, Vp, vocab_size, ignore_index, z_loss, grad_scale,
                                   _DTYPE_NAMES[logits.dtype], _stream())
     return losses, dlogits
+
+
 # ----------------------------------------------------------------------------- adamw
 
 def _check_on_cuda(op, name, t):
@@ -128,6 +130,8 @@ def sum_of_squares(x):
     with torch.cuda.device(x.device):
         _C.sum_of_squares_cuda(x.data_ptr(), x.numel(), partials.data_ptr(), out.data_ptr(), _stream())
     return out
+
+
 # ----------------------------------------------------------------------------- attention
 # csrc/attention.cu reads every (B, T, nh, hs) operand through its (batch, seq, head) strides
 # with 16-byte cp.async copies: hs must be contiguous, the base 16-byte aligned and the strides

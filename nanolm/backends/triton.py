@@ -33,6 +33,8 @@ def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_sc
     from nanolm.kernels import cross_entropy
     return cross_entropy.cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss,
                                            grad_scale, inplace)
+
+
 # ----------------------------------------------------------------------------- adamw
 
 def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
@@ -47,6 +49,8 @@ def sum_of_squares(x):
     from nanolm.kernels import adamw
     check_tensor("sum_of_squares", "x", x, dtypes=(torch.float32,), ndim=1)
     return adamw.sum_of_squares(x)
+
+
 # ----------------------------------------------------------------------------- attention
 
 def _check_attention_qkv(op, q, k, v):
