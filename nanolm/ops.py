@@ -203,10 +203,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         compute_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else h.dtype
         h_c, w_c = h.to(compute_dtype), weight.to(compute_dtype)
         acc = torch.float64 if compute_dtype == torch.float64 else torch.float32
-        dh = torch.empty_like(h_c) if need_grad else None
-        # written by the first chunk; zeroed here only when there is none (N == 0)
-        dweight = (torch.zeros if N == 0 else torch.empty)(weight.shape, dtype=acc, device=h.device) \
-            if need_grad else None
+        dh, dweight = None, None
+        if need_grad:  # the first chunk writes dweight; zeroed here only if there is none (N = 0)
+            dh = torch.empty_like(h_c)
+            dweight = (torch.empty if N else torch.zeros)(weight.shape, dtype=acc, device=h.device)
         total = torch.zeros((), dtype=acc, device=h.device)
         chunk_rows = min(chunk_rows or default_chunk_rows(N, C, weight.shape[0]), max(N, 1))
         logits_buf = torch.empty(chunk_rows, weight.shape[0], dtype=compute_dtype, device=h.device)

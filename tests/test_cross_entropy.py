@@ -200,6 +200,17 @@ def test_linear_cross_entropy_bf16_chunks_accumulate_in_fp32():
                                atol=tol["atol"] * ref_dw.abs().max().item())
 
 
+@pytest.mark.parametrize("name", ["torch"] + cpu_backends())
+def test_linear_cross_entropy_no_rows(name):
+    """N = 0: no chunk runs, so nothing writes dW; it must still come back zero, not garbage."""
+    h = torch.randn(0, 16, requires_grad=True)
+    weight = torch.randn(777, 16, requires_grad=True)
+    loss = ops.linear_cross_entropy(h, weight, torch.zeros(0, dtype=torch.int64), load(name))
+    loss.backward()
+    assert loss.item() == 0.0 and h.grad.shape == (0, 16)
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
 class RecordingBackend:
     """Wraps a backend and records every logits chunk it is given."""
 
