@@ -160,20 +160,29 @@ def cross_entropy(logits, targets, backend, vocab_size=None, ignore_index=-100, 
     return CrossEntropy.apply(logits, targets, vocab_size, ignore_index, z_loss, inplace, backend)
 
 
+MIN_CHUNK_ROWS = 512
+
+
 def default_chunk_rows(n_rows, hidden, vocab):
     """Rows per chunk so one chunk of logits holds about 8x as many values as the hidden states
     h (N, C): for GPT-2 (C=768, V=50304) and N=8k that is 1024 rows, 100 MB of bf16 logits
-    instead of 824 MB for all rows. Smaller chunks make the dW update (read + write of the
-    (V, C) fp32 accumulator per chunk) and the skinny matmuls dominate. A power of two, >= 64."""
+    instead of 824 MB for all rows. A power of two, at least MIN_CHUNK_ROWS: thinner chunks make
+    the three matmuls skinny and add one read + write of the (V, C) fp32 dW accumulator per
+    chunk. Measured on 2 CPU cores (fp32, forward + backward): N=512, C=256, V=8192 takes 69 ms
+    in 128-row chunks and 56 ms in one 512-row chunk; N=1024, C=768, V=50304 takes 2.27 s in
+    128-row chunks and 1.86 s in 512-row ones. So a batch this small is not chunked."""
     target = max(1, 8 * n_rows * hidden // vocab)
-    return max(64, 1 << (target - 1).bit_length())
+    return max(MIN_CHUNK_ROWS, 1 << (target - 1).bit_length())
 
 
-def _accumulate_dweight(dweight, dlogits, h_chunk):
+def _accumulate_dweight(dweight, dlogits, h_chunk, first):
     """dweight (V, C) += dlogits^T @ h_chunk in dweight's precision (fp32, or fp64 in tests);
-    bf16/fp16 chunks go through one (V, C) temporary of their own dtype."""
+    the first chunk overwrites it (beta=0 ignores its uninitialised contents), which saves
+    zero-filling V*C values. bf16/fp16 chunks go through one (V, C) temporary of their own dtype."""
     if dlogits.dtype == dweight.dtype:
-        dweight.addmm_(dlogits.t(), h_chunk)
+        dweight.addmm_(dlogits.t(), h_chunk, beta=0.0 if first else 1.0)
+    elif first:
+        dweight.copy_(dlogits.t() @ h_chunk)
     else:
         dweight += (dlogits.t() @ h_chunk).to(dweight.dtype)
 
@@ -194,8 +203,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         compute_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else h.dtype
         h_c, w_c = h.to(compute_dtype), weight.to(compute_dtype)
         acc = torch.float64 if compute_dtype == torch.float64 else torch.float32
-        dh = torch.empty_like(h_c) if need_grad else None
-        dweight = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_grad else None
+        dh, dweight = None, None
+        if need_grad:  # the first chunk writes dweight; zeroed here only if there is none (N = 0)
+            dh = torch.empty_like(h_c)
+            dweight = (torch.empty if N else torch.zeros)(weight.shape, dtype=acc, device=h.device)
         total = torch.zeros((), dtype=acc, device=h.device)
         chunk_rows = min(chunk_rows or default_chunk_rows(N, C, weight.shape[0]), max(N, 1))
         logits_buf = torch.empty(chunk_rows, weight.shape[0], dtype=compute_dtype, device=h.device)
@@ -208,7 +219,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             total += losses.sum()
             if need_grad:
                 torch.matmul(dlogits, w_c, out=dh[start:end])
-                _accumulate_dweight(dweight, dlogits, h_chunk)
+                _accumulate_dweight(dweight, dlogits, h_chunk, first=start == 0)
         ctx.save_for_backward(dh, dweight)
         ctx.dtypes = (h.dtype, weight.dtype)
         return total * scale

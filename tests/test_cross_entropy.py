@@ -182,6 +182,35 @@ def test_linear_cross_entropy(name, N, chunk_rows, z_loss):
     assert (weight.grad[V:] == 0).all()
 
 
+def test_linear_cross_entropy_bf16_chunks_accumulate_in_fp32():
+    """bf16 chunks (the GPU autocast path, run here with the torch backend): each chunk's dW goes
+    through a bf16 temporary into the fp32 accumulator, the first one overwriting it."""
+    N, C, V, Vp = 37, 16, 777, 800
+    h = torch.randn(N, C).bfloat16().requires_grad_()
+    weight = (torch.randn(Vp, C) * 0.5).bfloat16().requires_grad_()
+    targets = torch.randint(0, V, (N,))
+    targets[::7] = IGNORE
+    loss = ops.linear_cross_entropy(h, weight, targets, torch_ref, vocab_size=V, chunk_rows=8)
+    loss.backward()
+    ref_loss, ref_dh, ref_dw = linear_reference(h.detach(), weight.detach(), targets, V, 0.0)
+    tol = dict(rtol=3e-2, atol=1e-3)  # as test_gpu_linear_cross_entropy's bf16 case
+    torch.testing.assert_close(loss.double(), ref_loss, **tol)
+    torch.testing.assert_close(h.grad.double(), ref_dh, rtol=tol["rtol"], atol=tol["atol"] * ref_dh.abs().max().item())
+    torch.testing.assert_close(weight.grad.double(), ref_dw, rtol=tol["rtol"],
+                               atol=tol["atol"] * ref_dw.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["torch"] + cpu_backends())
+def test_linear_cross_entropy_no_rows(name):
+    """N = 0: no chunk runs, so nothing writes dW; it must still come back zero, not garbage."""
+    h = torch.randn(0, 16, requires_grad=True)
+    weight = torch.randn(777, 16, requires_grad=True)
+    loss = ops.linear_cross_entropy(h, weight, torch.zeros(0, dtype=torch.int64), load(name))
+    loss.backward()
+    assert loss.item() == 0.0 and h.grad.shape == (0, 16)
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
 class RecordingBackend:
     """Wraps a backend and records every logits chunk it is given."""
 
@@ -205,7 +234,7 @@ def test_linear_cross_entropy_memory_is_one_chunk():
 def test_default_chunk_rows():
     assert ops.default_chunk_rows(8192, 768, 50304) == 1024  # 8x the hidden states, not N*V
     assert ops.default_chunk_rows(65536, 768, 50304) * 50304 <= 65536 * 768 * 16
-    assert ops.default_chunk_rows(1, 16, 777) == 64
+    assert ops.default_chunk_rows(1, 16, 777) == ops.MIN_CHUNK_ROWS == 512  # small batches: one chunk
 
 
 def test_linear_cross_entropy_no_grad_matches():
