@@ -31,7 +31,7 @@ class TrainConfig:
     tokenizer: str = "byte"  # vocab 256, no files needed
     batch_size: int = 16  # sequences per micro-batch per rank; global batch = batch_size*grad_accum*W
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 450  # optimizer steps; quickstart ~1.5-3 min on 2 shared CPU cores
+    max_steps: int = 450  # optimizer steps; quickstart ~1 min on 2 idle CPU cores
     lr: float = 2e-3  # small models tolerate a high peak lr
     min_lr: float = 2e-4  # cosine floor, lr/10 as in nanoGPT
     warmup: int = 50  # linear warmup steps

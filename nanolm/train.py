@@ -230,7 +230,7 @@ def train_step(cfg, run, lr):
     With several ranks, gradients are averaged during the last micro-batch's backward."""
     model, opt = run["model"], run["opt"]
     opt.zero_grad()
-    total = 0.0
+    losses = []  # kept on the device: reading each one would stall the GPU once per micro-batch
     for i in range(cfg.grad_accum):
         x, y = run["train"].next_batch(run["device"])
         with run["autocast"]:
@@ -238,10 +238,10 @@ def train_step(cfg, run, lr):
         if i == cfg.grad_accum - 1:
             run["dist"].arm()
         loss.backward()
-        total += loss.item()
+        losses.append(loss.detach())
     run["dist"].finish()
     norm = opt.step(lr)
-    return total, norm
+    return torch.stack(losses).sum().item(), norm
 
 
 def tokens_per_step(cfg, run):
