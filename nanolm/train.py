@@ -110,8 +110,8 @@ def setup(cfg):
 
 def newest_run(runs):
     """The run dir under `runs` whose newest checkpoint was written last."""
-    found = [c for d in runs.iterdir() if d.is_dir() for c in [checkpoint.latest(d)] if c] \
-        if runs.is_dir() else []
+    run_dirs = [d for d in runs.iterdir() if d.is_dir()] if runs.is_dir() else []
+    found = [c for c in map(checkpoint.latest, run_dirs) if c is not None]
     if not found:
         raise ConfigError(f"--resume: no run with a checkpoint under {runs}/; "
                           f"pass --resume=RUN_DIR or --resume=CHECKPOINT_FILE")
@@ -122,9 +122,10 @@ def fresh_run_dir(cfg):
     if cfg.out_dir:
         out = Path(cfg.out_dir)
     else:
-        stem = RUNS / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-        out = next(p for i in range(1000) for p in [Path(f"{stem}-{i}") if i else stem]
-                   if not p.exists())
+        out = stem = RUNS / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        n = 1
+        while out.exists():  # two runs started within the same second
+            out, n = Path(f"{stem}-{n}"), n + 1
     found = checkpoint.latest(out)
     if found:
         raise ConfigError(f"{out} already holds checkpoints (newest {found.name}): pass --resume "
