@@ -7,7 +7,7 @@ whose outputs are compared with `case.reference(inputs)` once before any timing.
 """
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -97,6 +97,29 @@ COMPILE_SKIPPED = {"torch.compile": "not run on CPU with --quick: Inductor's C++
 def compile_skipped(device, quick):
     """The skipped-entry for torch.compile when compile_baselines says no, else {}."""
     return {} if compile_baselines(device, quick) else dict(COMPILE_SKIPPED)
+
+
+def shape_key(size, device):
+    """The SHAPES entry a run uses: "full", "tiny", or "quick_cuda" / "quick_cpu"."""
+    return size if size in ("full", "tiny") else f"quick_{device.type}"
+
+
+class OpSetup(NamedTuple):
+    key: str          # see shape_key
+    dtype: torch.dtype  # timed in bf16 on GPU, fp32 on CPU
+    dname: str
+    available: dict   # nanolm backends to run, see nanolm_backends
+    skipped: dict     # {name: why not}, torch.compile included
+    compiled: bool    # whether to run torch.compile baselines
+
+
+def op_setup(op, device, size):
+    """What the cases() of an op over activations starts from."""
+    quick = size != "full"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    available, skipped = nanolm_backends(op, device)
+    return OpSetup(shape_key(size, device), dtype, str(dtype).replace("torch.", ""), available,
+                   {**skipped, **compile_skipped(device, quick)}, compile_baselines(device, quick))
 
 
 # The op table: name -> module whose cases(device, size) returns a list of Case.

@@ -4,7 +4,7 @@ the same flat buffers, so all see identical data). Sets: GPT-2 124M and 355M."""
 import torch
 
 from bench import formulas
-from bench.cases import Case, Impl, nanolm_backends
+from bench.cases import Case, Impl, nanolm_backends, shape_key
 from nanolm.backends import torch_ref
 
 HP = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
@@ -74,7 +74,7 @@ def _torch_optim(flag):
 
 
 def cases(device, size):
-    key = size if size in ("full", "tiny") else f"quick_{device.type}"
+    key = shape_key(size, device)
     available, skipped = nanolm_backends("adamw", device)
     out = []
     for name, dims in MODELS[key].items():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench import formulas
-from bench.cases import Case, Impl, compile_baselines, compile_skipped, nanolm_backends, tol_for
+from bench.cases import Case, Impl, op_setup, tol_for
 from nanolm.backends import torch_ref
 
 SHAPES = {  # (B, T, nh, hs)
@@ -106,9 +106,9 @@ def _baseline_impl(fn, mode):
     return make
 
 
-def _baselines(device, quick, probe):
+def _baselines(device, compiled, probe):
     fns = {"eager": softmax_attention}
-    if compile_baselines(device, quick):
+    if compiled:
         fns["torch.compile"] = torch.compile(softmax_attention)
     skipped = {}
     for name, backend in SDPA.items():
@@ -121,17 +121,12 @@ def _baselines(device, quick, probe):
 
 
 def cases(device, size):
-    quick = size != "full"
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    dname = str(dtype).replace("torch.", "")
-    key = {"full": "full_cpu" if device.type == "cpu" else "full", "tiny": "tiny"}.get(
-        size, f"quick_{device.type}")
-    available, skipped = nanolm_backends("attention", device)
-    skipped = {**skipped, **compile_skipped(device, quick)}
+    key, dtype, dname, available, skipped, compiled = op_setup("attention", device, size)
+    key = "full_cpu" if (key, device.type) == ("full", "cpu") else key
     out = []
     for B, T, nh, hs in SHAPES[key]:
         probe = [torch.randn(1, 16, nh, hs, dtype=dtype, device=device) for _ in range(3)] + [hs ** -0.5]
-        fns, sdpa_skipped = _baselines(device, quick, probe)
+        fns, sdpa_skipped = _baselines(device, compiled, probe)
         for mode in MODES["full" if size == "full" else ("tiny" if size == "tiny" else "quick")]:
             impls = [Impl(n, "nanolm", _nanolm_impl(be, mode)) for n, be in available.items()]
             impls += [Impl(n, "baseline", _baseline_impl(fn, mode)) for n, fn in fns.items()]

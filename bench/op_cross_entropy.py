@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import formulas
-from bench.cases import Case, Impl, compile_baselines, compile_skipped, nanolm_backends, tol_for
+from bench.cases import Case, Impl, op_setup, tol_for
 from nanolm.backends import torch_ref
 
 SHAPES = {  # (N, Vp, vocab)
@@ -42,19 +42,14 @@ def _baseline(fn):
 
 
 def cases(device, size):
-    quick = size != "full"
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    dname = str(dtype).replace("torch.", "")
-    key = size if size in ("full", "tiny") else f"quick_{device.type}"
-    available, skipped = nanolm_backends("cross_entropy", device)
-    skipped = {**skipped, **compile_skipped(device, quick)}
+    key, dtype, dname, available, skipped, compiled = op_setup("cross_entropy", device, size)
     out = []
     for N, Vp, V in SHAPES[key]:
         def eager(x, targets, V=V):
             return F.cross_entropy(x[:, :V].float(), targets)
 
         fns = {"eager": eager}
-        if compile_baselines(device, quick):
+        if compiled:
             fns["torch.compile"] = torch.compile(eager)
         impls = [Impl(n, "nanolm", lambda t, be=be, V=V: lambda: (lambda r: (r[0].sum() / len(t["targets"]), r[1]))(
             be.cross_entropy_fwd(t["logits"], t["targets"], V, -100, 0.0, 1 / len(t["targets"]), False)))

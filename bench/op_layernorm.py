@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import formulas
-from bench.cases import Case, Impl, compile_baselines, compile_skipped, nanolm_backends, tol_for
+from bench.cases import Case, Impl, op_setup, tol_for
 from nanolm.backends import torch_ref
 
 EPS = 1e-5
@@ -70,14 +70,8 @@ def _bwd_impls(available, compiled):
 
 
 def cases(device, size):
-    quick = size != "full"
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    key, dtype, dname, available, skipped, compiled = op_setup("layernorm", device, size)
     s = dtype.itemsize
-    key = size if size in ("full", "tiny") else f"quick_{device.type}"
-    available, skipped = nanolm_backends("layernorm", device)
-    skipped = {**skipped, **compile_skipped(device, quick)}
-    compiled = compile_baselines(device, quick)
-    dname = str(dtype).replace("torch.", "")
     out = []
     for N, C in SHAPES[key]:
         make, tol, ws = _inputs(N, C, dtype, device), tol_for(dtype), 4 * N * C * s

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import formulas
-from bench.cases import Case, Impl, compile_baselines, compile_skipped, nanolm_backends, tol_for
+from bench.cases import Case, Impl, op_setup, tol_for
 from nanolm import ops
 
 SHAPES = {  # (N, C, Vp, vocab)
@@ -36,19 +36,14 @@ def _graph(fn, dtype=None):
 
 
 def cases(device, size):
-    quick = size != "full"
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    dname = str(dtype).replace("torch.", "")
-    key = size if size in ("full", "tiny") else f"quick_{device.type}"
-    available, skipped = nanolm_backends("cross_entropy", device)
-    skipped = {**skipped, **compile_skipped(device, quick)}
+    key, dtype, dname, available, skipped, compiled = op_setup("cross_entropy", device, size)
     out = []
     for N, C, Vp, V in SHAPES[key]:
         def eager(h, w, targets, V=V):
             return F.cross_entropy(F.linear(h, w)[:, :V].float(), targets)
 
         fns = {"eager": eager}
-        if compile_baselines(device, quick):
+        if compiled:
             fns["torch.compile"] = torch.compile(eager)
         impls = [Impl(n, "nanolm", _graph(lambda h, w, tg, be=be, V=V: ops.linear_cross_entropy(
             h, w, tg, be, vocab_size=V))) for n, be in available.items()]

@@ -12,7 +12,7 @@ kernel in any kernel set fails before it is timed."""
 import torch
 
 from bench import formulas
-from bench.cases import Case, Impl, backend_unavailable, tol_for
+from bench.cases import Case, Impl, backend_unavailable, shape_key, tol_for
 from bench.reference_gpt import ReferenceGPT
 from nanolm import backends
 from nanolm.config import ModelConfig
@@ -178,6 +178,6 @@ def cases(device, size):
     """torch.compile of the reference model runs in --quick on CPU too (unlike the op cases):
     one small model compiles in about 30 s on 2 cores, and this is the comparison a CPU-only
     user needs. Only the test suite's toy size leaves it out."""
-    key = size if size in ("full", "tiny") else f"quick_{device.type}"
+    key = shape_key(size, device)
     compiled = device.type == "cuda" or size != "tiny"
     return [_case(name, cfg, device, compiled) for name, cfg in CONFIGS[key].items()]
