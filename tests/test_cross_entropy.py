@@ -201,6 +201,40 @@ def test_linear_cross_entropy_bf16_chunks_accumulate_in_fp32():
 
 
 @pytest.mark.parametrize("name", ["torch"] + cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_poisoned_buffers(name, dtype, monkeypatch):
+    """Every torch.empty in the op returns NaNs: the first chunk must overwrite the dW
+    accumulator (and the kernels their outputs) rather than add to whatever was there, so the
+    results equal, bit for bit, those of a run on fresh memory; the fp32 run also matches the
+    float64 reference."""
+    if name != "torch" and dtype == torch.bfloat16:
+        pytest.skip("the cpu backend takes fp32 logits")
+    N, C, V, Vp = 40, 16, 777, 800
+    h = torch.randn(N, C).to(dtype)
+    weight = (torch.randn(Vp, C) * 0.5).to(dtype)
+    targets = torch.randint(0, V, (N,))
+
+    def run():
+        hg, wg = h.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = ops.linear_cross_entropy(hg, wg, targets, load(name), vocab_size=V, chunk_rows=16)
+        loss.backward()
+        return loss.detach(), hg.grad, wg.grad
+
+    clean = run()
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: (lambda t: t.fill_(float("nan"))
+                        if t.is_floating_point() else t)(real_empty(*a, **k)))
+    poisoned = run()
+    monkeypatch.undo()
+    for a, b in zip(clean, poisoned):
+        assert torch.equal(a, b)
+    if dtype == torch.float32:
+        ref = linear_reference(h, weight, targets, V, 0.0)
+        for got, want in zip(poisoned, ref):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["torch"] + cpu_backends())
 def test_linear_cross_entropy_no_rows(name):
     """N = 0: no chunk runs, so nothing writes dW; it must still come back zero, not garbage."""
     h = torch.randn(0, 16, requires_grad=True)
