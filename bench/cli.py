@@ -81,7 +81,7 @@ def main(argv=None):
         sys.exit("--device cuda: CUDA is not available")
     torch.manual_seed(0)
     ceilings = timing.measure_ceilings(device, toy=args.size == "tiny")
-    print(f"ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, matmul {ceilings['matmul_TFLOPs']:.2f} TFLOP/s",
+    print(f"ceilings: memory {ceilings['memory_GBps']:.0f} GB/s, matmul {ceilings['matmul_TFLOPs']:.2f} TFLOP/s",
           file=sys.stderr)
     rows, skipped, env = [], [], environment(device)
     for op in args.ops:

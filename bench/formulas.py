@@ -1,7 +1,7 @@
 """The model bytes and FLOPs of every benchmarked op: the work units behind GB/s and TFLOP/s.
 
 Bytes count each tensor the op must touch once (the minimum traffic of an ideal kernel), so
-GB/s / copy bandwidth says how close a kernel is to the memory roofline; temporaries an
+GB/s / memory bandwidth (bench/timing.py) says how close a kernel is to the memory roofline; temporaries an
 implementation adds are its own cost. `s` is the activation element size (2 for bf16,
 4 for fp32); statistics (mean, rstd, lse, losses) are float32.
 

@@ -1,6 +1,6 @@
 """AdamW step over fp32 parameters, gradients and state: nanolm's flat-buffer kernels against
 torch.optim.AdamW(fused=True) and (foreach=True) over the model's parameter tensors (views into
-the same flat buffers, so all see identical data). Sets: GPT-2 124M and 355M."""
+the same flat buffers, so all see identical data). Sets: GPT-2 124M and 355M (124M on CPU)."""
 import torch
 
 from bench import formulas
@@ -9,7 +9,8 @@ from nanolm.backends import torch_ref
 
 HP = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 MODELS = {  # name -> (n_layer, C, vocab, block_size)
-    "full": {"124M": (12, 768, 50304, 1024), "355M": (24, 1024, 50304, 1024)},
+    "full_cuda": {"124M": (12, 768, 50304, 1024), "355M": (24, 1024, 50304, 1024)},
+    "full_cpu": {"124M": (12, 768, 50304, 1024)},
     "quick_cuda": {"124M": (12, 768, 50304, 1024)},
     "quick_cpu": {"5M": (4, 256, 8192, 256)},
     "tiny": {"tiny": (1, 16, 64, 16)},

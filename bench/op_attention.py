@@ -13,7 +13,7 @@ from bench.cases import Case, Impl, op_setup, tol_for
 from nanolm.backends import torch_ref
 
 SHAPES = {  # (B, T, nh, hs)
-    "full": [(16384 // T, T, 2048 // hs, hs) for hs in (64, 128) for T in (1024, 2048, 4096, 8192)],
+    "full_cuda": [(16384 // T, T, 2048 // hs, hs) for hs in (64, 128) for T in (1024, 2048, 4096, 8192)],
     "full_cpu": [(4096 // T, T, 12, 64) for T in (256, 512, 1024)],  # GPT-2 small heads, 4k tokens
     "quick_cuda": [(16, 1024, 32, 64), (4, 4096, 16, 128)],
     "quick_cpu": [(2, 128, 4, 64), (1, 256, 4, 64)],
@@ -122,12 +122,11 @@ def _baselines(device, compiled, probe):
 
 def cases(device, size):
     key, dtype, dname, available, skipped, compiled = op_setup("attention", device, size)
-    key = "full_cpu" if (key, device.type) == ("full", "cpu") else key
     out = []
     for B, T, nh, hs in SHAPES[key]:
         probe = [torch.randn(1, 16, nh, hs, dtype=dtype, device=device) for _ in range(3)] + [hs ** -0.5]
         fns, sdpa_skipped = _baselines(device, compiled, probe)
-        for mode in MODES["full" if size == "full" else ("tiny" if size == "tiny" else "quick")]:
+        for mode in MODES[size]:
             impls = [Impl(n, "nanolm", _nanolm_impl(be, mode)) for n, be in available.items()]
             impls += [Impl(n, "baseline", _baseline_impl(fn, mode)) for n, fn in fns.items()]
             out.append(Case(

@@ -1,5 +1,5 @@
 """LayerNorm cases: forward, forward with the residual add (add_layer_norm), backward.
-Shapes: GPT-2 widths 768-1600, rows B·T 8k-64k (bf16 on GPU; small fp32 on CPU)."""
+Shapes: GPT-2 widths 768-1600, rows B·T 8k-64k (bf16 on GPU; fp32 and fewer shapes on CPU)."""
 import torch
 import torch.nn.functional as F
 
@@ -9,7 +9,8 @@ from nanolm.backends import torch_ref
 
 EPS = 1e-5
 SHAPES = {  # (N rows, C)
-    "full": [(n, c) for c in (768, 1024, 1280, 1600) for n in (8192, 16384, 32768, 65536)],
+    "full_cuda": [(n, c) for c in (768, 1024, 1280, 1600) for n in (8192, 16384, 32768, 65536)],
+    "full_cpu": [(n, c) for c in (768, 1600) for n in (8192, 32768)],
     "quick_cuda": [(16384, 768), (16384, 1600)],
     "quick_cpu": [(1024, 768), (4096, 768)],
     "tiny": [(64, 96)],

@@ -10,7 +10,8 @@ from bench.cases import Case, Impl, op_setup, tol_for
 from nanolm import ops
 
 SHAPES = {  # (N, C, Vp, vocab)
-    "full": [(n, c, 50304, 50257) for c in (768, 1600) for n in (8192, 16384, 32768)],
+    "full_cuda": [(n, c, 50304, 50257) for c in (768, 1600) for n in (8192, 16384, 32768)],
+    "full_cpu": [(1024, 768, 50304, 50257), (2048, 768, 50304, 50257)],  # ~2.4 s per call at 0.1 TFLOP/s
     "quick_cuda": [(8192, 768, 50304, 50257)],
     "quick_cpu": [(512, 256, 8192, 8000)],
     "tiny": [(32, 24, 80, 77)],

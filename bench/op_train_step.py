@@ -21,7 +21,8 @@ from nanolm.optim import FlatAdamW
 from nanolm.train import PEAK_TFLOPS
 
 CONFIGS = {  # (n_layer, n_head, n_embd, block_size, vocab_size, batch); vocab padded to 128s
-    "full": {"gpt2-124M": (12, 12, 768, 1024, 50257, 16), "gpt2-355M": (24, 16, 1024, 1024, 50257, 8)},
+    "full_cuda": {"gpt2-124M": (12, 12, 768, 1024, 50257, 16), "gpt2-355M": (24, 16, 1024, 1024, 50257, 8)},
+    "full_cpu": {"small": (2, 4, 256, 128, 8192, 4), "6L-384": (6, 6, 384, 256, 50257, 4)},
     "quick_cuda": {"gpt2-124M": (12, 12, 768, 1024, 50257, 8)},
     "quick_cpu": {"small": (2, 4, 256, 128, 8192, 4)},
     "tiny": {"tiny": (1, 2, 32, 16, 64, 2)},

@@ -24,7 +24,7 @@ def table(results, source):
     driver = f", driver {env['driver']}, CUDA {env['cuda']}" if env.get("driver") else ""
     lines = [f"**{env['device_name']}**{driver}, {env['date']}, commit {env['git_commit']}, torch {env['torch']}, "
              f"triton {env['triton']}, {results['size']} shape set ([{source}]({source})). "
-             f"Ceilings: copy {c['copy_GBps']:.0f} GB/s, matmul {c['matmul_TFLOPs']:.1f} TFLOP/s.", "",
+             f"Ceilings: memory {c['memory_GBps']:.0f} GB/s, matmul {c['matmul_TFLOPs']:.1f} TFLOP/s.", "",
              "| op | case | unit | best nanolm (% ceiling) | best PyTorch (% ceiling) | speedup |",
              "|---|---|---|---|---|---|"]
     rows = results["results"]

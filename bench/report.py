@@ -37,7 +37,7 @@ def op_table(op, rows, skipped):
 def markdown(results):
     env, c = results["env"], results["ceilings"]
     lines = [f"## nanolm bench: {env['device_name']} ({env['date']}, commit {env['git_commit']})", "",
-             f"Ceilings measured here: copy {c['copy_GBps']:.0f} GB/s (read + write), "
+             f"Ceilings measured here: memory {c['memory_GBps']:.0f} GB/s (read + write), "
              f"matmul {c['matmul_TFLOPs']:.1f} TFLOP/s ({c['matmul_shape']}). % ceiling is of these "
              "(for train_step: model FLOPs against the measured matmul rate; MFU against the datasheet "
              "peak is listed under its table).", ""]

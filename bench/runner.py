@@ -46,7 +46,7 @@ def run_impl(case, impl, input_sets, ref, device):
 
 def add_derived(rows, ceilings):
     """% of the measured ceiling and speedup over each baseline of the same case."""
-    ceiling = {"GB/s": ceilings["copy_GBps"], "TFLOP/s": ceilings["matmul_TFLOPs"]}
+    ceiling = {"GB/s": ceilings["memory_GBps"], "TFLOP/s": ceilings["matmul_TFLOPs"]}
     for row in rows:
         if row["status"] != "ok":
             continue

@@ -29,6 +29,13 @@ def test_parse_args_defaults_and_ops():
     assert cli.parse_args(["--tiny"]).size == "tiny"
 
 
+@pytest.mark.parametrize("size", ["full", "quick"])
+@pytest.mark.parametrize("op", list(cli.OPS))
+def test_every_op_has_cpu_shape_sets(op, size):
+    """`python -m bench` on a CPU-only machine uses the *_cpu sets: each op must have one."""
+    assert build_cases(op, torch.device("cpu"), size)
+
+
 @pytest.mark.parametrize("argv", [["nope"], ["--device", "tpu"]])
 def test_parse_args_rejects_bad_input(argv):
     with pytest.raises(SystemExit):
@@ -83,7 +90,7 @@ def _results():
     wrong = Impl("wrong", "nanolm", lambda t: lambda: (t["x"] * 3,))
     base = Impl("eager", "baseline", lambda t: lambda: (t["x"] + t["x"],))
     rows, skipped = runner.run_case(_toy_case([good, wrong, base]), torch.device("cpu"), log=lambda m: None)
-    ceilings = {"copy_GBps": 10.0, "copy_bytes": 1, "matmul_TFLOPs": 1.0, "matmul_shape": "n"}
+    ceilings = {"memory_GBps": 10.0, "memory_bytes": 1, "matmul_TFLOPs": 1.0, "matmul_shape": "n"}
     return {"env": cli.environment(torch.device("cpu")), "ceilings": ceilings, "size": "tiny",
             "results": runner.add_derived(rows, ceilings),
             "skipped": skipped + [{"op": "toy", "case": "n=32", "impl": "cuda", "status": "skipped", "reason": "no GPU"}]}
