@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# The one-command GPU check: build nanolm in place for the local GPU, run the GPU-marked tests
-# and `python -m bench --quick`, and write logs, results.json/md, plots and env.txt to OUT_DIR.
-# For a GPU machine with no internet and no package installs. Every step runs even after a
-# failure; the exit status is non-zero if any failed. The whole check stays inside a time
-# budget (NANOLM_CHECK_BUDGET_S, default 450 s): each step gets at most its cap and what is
-# left, and is killed past it (the bench keeps what it measured: it writes results after every
-# op). Usage: bench/gpu_check.sh OUT_DIR
+# The GPU check: build nanolm in place for the local GPU, run the GPU-marked tests and
+# compute-sanitizer over the CUDA kernels (mode `tests`), `python -m bench --quick` (mode
+# `bench`), or all of it (mode `all`, the default), writing logs, results.json/md, plots and
+# env.txt to OUT_DIR. For a GPU machine with no internet and no package installs. Every step
+# runs even after a failure; the exit status is non-zero if any failed. The whole check stays
+# inside a time budget (NANOLM_CHECK_BUDGET_S, default 540 s): each step gets at most its cap
+# and what is left, and is killed past it (the bench keeps what it measured: it writes results
+# after every op). Where one command may run 10 minutes at most, run `tests` and `bench` as two
+# commands: the Triton tests autotune every new shape and take minutes on their own.
+# Usage: bench/gpu_check.sh OUT_DIR [all|tests|bench]
 set -uo pipefail
-if [ $# -ne 1 ]; then echo "usage: $0 OUT_DIR" >&2; exit 2; fi
+MODE=${2:-all}
+if [ $# -lt 1 ] || [ $# -gt 2 ] || [[ ! $MODE =~ ^(all|tests|bench)$ ]]; then
+    echo "usage: $0 OUT_DIR [all|tests|bench]" >&2; exit 2
+fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "cannot create $1" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,7 +21,7 @@ export NANOLM_CUDA_ARCHS=${NANOLM_CUDA_ARCHS:-90a}  # only the local Hopper GPU:
 # A checkout copied without .git (as the GPU machine gets it) names its commit here.
 NANOLM_GIT_COMMIT=${NANOLM_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export NANOLM_GIT_COMMIT
-BUDGET=${NANOLM_CHECK_BUDGET_S:-450}
+BUDGET=${NANOLM_CHECK_BUDGET_S:-540}
 FAILED=()
 
 left() {  # left CAP: seconds the next step may take, min(CAP, what is left of the budget), >= 1
@@ -63,15 +69,26 @@ gpu_tests() {  # pytest exits 5 when no test is marked gpu yet: not a failure
     $PY -m pytest -m gpu -q tests; local rc=$?; [ $rc -eq 5 ] && return 0; return $rc
 }
 
-export -f build env_file gpu_tests
+sanitize() {  # sanitize TOOL PYTEST_ARGS...: the CUDA kernels under compute-sanitizer (slow: few shapes)
+    local tool=$1; shift
+    compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all $PY -m pytest -m gpu -q "$@"
+}
+
+export -f build env_file gpu_tests sanitize
 export PY OUT
 step env 30 bash -c env_file
 step nvidia-smi 30 nvidia-smi
 step build 240 bash -c build
 [ -f "$OUT/.fallback" ] && export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 step info 60 $PY -m nanolm.info
-step pytest-gpu 150 bash -c gpu_tests
-step bench 330 $PY -m bench --quick --out "$OUT"
+if [ "$MODE" != bench ]; then
+    step pytest-gpu $([ "$MODE" = tests ] && echo 420 || echo 150) bash -c gpu_tests
+    # attention at head size 128, T = 17 and 1000 (partial last blocks), the qkv layout; the
+    # other CUDA kernels at an awkward width; racecheck on the attention backward's shared memory
+    step memcheck 150 bash -c 'sanitize memcheck tests/test_attention_cuda.py -k "test_matches_float64_reference and dtype0 and 128 and qkv and (17 or 1000)" && sanitize memcheck tests/test_layernorm.py tests/test_cross_entropy.py tests/test_adamw.py -k "cuda and (777 or 1000)"'
+    step racecheck 90 bash -c 'sanitize racecheck tests/test_attention_cuda.py -k "test_deterministic and dtype0"'
+fi
+[ "$MODE" != tests ] && step bench 330 $PY -m bench --quick --out "$OUT"
 [ -f "$OUT/.fallback" ] && rm -f nanolm/kernels "$OUT/.fallback"
 
 echo "total $SECONDS s" | tee -a "$OUT/steps.log"

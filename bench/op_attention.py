@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch._functorch import config as functorch_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench import formulas
@@ -20,6 +21,7 @@ SHAPES = {  # (B, T, nh, hs)
     "tiny": [(1, 32, 2, 16)],
 }
 MODES = {"full": ("fwd", "bwd", "fwd+bwd"), "quick": ("fwd", "bwd"), "tiny": ("fwd", "bwd")}
+NO_DONATED_BUFFERS = functorch_config.patch(donated_buffer=False)
 SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
         "cudnn": SDPBackend.CUDNN_ATTENTION}
 
@@ -85,18 +87,21 @@ def _baseline_impl(fn, mode):
             return lambda: (fn(t["q"], t["k"], t["v"], t["scale"]),)
         qkv = t["qkv"].detach().requires_grad_()
 
+        # Timing the backward alone replays one graph (retain_graph), which torch.compile forbids
+        # when its backward reuses ("donates") the saved buffers. Dynamo shares compiled graphs
+        # across modes and shapes and may compile a backward lazily, at its first call: so no
+        # forward or backward here, compiled or not, donates.
+        @NO_DONATED_BUFFERS
         def forward():
             q, k, v = qkv.unbind(2)
             return fn(q, k, v, t["scale"])
 
+        @NO_DONATED_BUFFERS
         def grads(o, retain):
             return torch.autograd.grad(o, qkv, t["do"], retain_graph=retain)[0].unbind(2)
 
         if mode == "bwd":
-            # timing the backward alone replays one graph (retain_graph), which torch.compile
-            # forbids when it donates the saved buffers to the backward
-            with torch._functorch.config.patch(donated_buffer=False):
-                o = forward()
+            o = forward()
             return lambda: grads(o, True)
 
         def run():

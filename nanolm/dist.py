@@ -369,20 +369,23 @@ class Bucket:
     handle: object = None  # the launched collective, None until launched
 
 
-def make_buckets(views, total, bucket_elems, world_size):
+def make_buckets(views, total, bucket_elems, world_size, cuts=()):
     """Split [0, total) into ranges of about bucket_elems, cut from the END of the flat buffer
     because the backward produces the last layers' gradients first. Boundaries are multiples
     of world_size so each bucket reduce-scatters into equal pieces. `views` lists (offset,
-    numel) of the parameters in the buffer. Returns the buckets in launch order."""
+    numel) of the parameters in the buffer. `cuts`: offsets no bucket may cross (rounded down
+    to a multiple of world_size). Returns the buckets in launch order."""
     if total % world_size:
         raise ValueError(f"flat buffer of {total} elements is not padded to a multiple of {world_size}")
     step = max(world_size, bucket_elems // world_size * world_size)
-    buckets, end = [], total
-    while end > 0:
-        start = max(0, end - step)
-        overlapping = sum(1 for off, n in views if off < end and off + n > start)
-        buckets.append(Bucket(start, end, overlapping))
-        end = start
+    edges = sorted({0, total} | {c // world_size * world_size for c in cuts if 0 < c < total})
+    buckets = []
+    for lo, end in reversed(list(zip(edges, edges[1:]))):
+        while end > lo:
+            start = max(lo, end - step)
+            overlapping = sum(1 for off, n in views if off < end and off + n > start)
+            buckets.append(Bucket(start, end, overlapping))
+            end = start
     return buckets
 
 
@@ -404,8 +407,11 @@ class GradReducer:
         self.comm, self.grads, self.zero = comm, opt.flat_grad, zero
         env = comm.env
         views = [(off, n) for _, off, n in opt.layout]
+        # The 1-D parameters (after the decayed 2-D ones) include layer 0's LayerNorms, complete
+        # only at the very end of the backward: a bucket of their own keeps them from holding
+        # back the last layers' weights, which are ready first.
         self.buckets = make_buckets(views, self.grads.numel(), bucket_bytes // self.grads.element_size(),
-                                    env.world_size)
+                                    env.world_size, cuts=[opt.decay_numel])
         self.pieces = [piece(b, env.rank, env.world_size) for b in self.buckets]
         self.armed = False
         for param, (off, n) in zip(opt.params, views):

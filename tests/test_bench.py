@@ -216,22 +216,24 @@ def test_smoke_cli_every_op_every_cpu_backend(tmp_path):
 
 
 def test_gpu_check_usage():
-    for argv in ([], ["a", "b"]):
+    for argv in ([], ["a", "b"], ["a", "tests", "c"]):
         proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), *argv], capture_output=True,
                               text=True, timeout=30)
         assert proc.returncode == 2 and "usage" in proc.stderr
     assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")]).returncode == 0
 
 
-# Stands in for python3, nvidia-smi and nvcc: logs each call (with the environment the check
-# promises: NANOLM_CUDA_ARCHS, NANOLM_GIT_COMMIT, PYTHONPATH), fails the step named in STUB_FAIL,
-# and writes results.json for `-m bench`.
+# Stands in for python3, nvidia-smi, nvcc and compute-sanitizer: logs each call (with the
+# environment the check promises: NANOLM_CUDA_ARCHS, NANOLM_GIT_COMMIT, PYTHONPATH), fails the
+# step named in STUB_FAIL, and writes results.json for `-m bench`. pytest "collects" tests only
+# for a -k selection (the sanitizer steps), as with no GPU-marked tests otherwise.
 STUB_PYTHON = r"""#!/usr/bin/env bash
 echo "python $* | archs=$NANOLM_CUDA_ARCHS commit=$NANOLM_GIT_COMMIT pythonpath=${PYTHONPATH:-}" >> "$STUB_LOG"
 case "$*" in
   *"pip install"*) [ "$STUB_FAIL" = pip ] && exit 1; exit 0 ;;
   *"build_ext"*) exit 0 ;;
   "-c "*) echo "torch: stub"; exit 0 ;;
+  *"-m pytest"*" -k "*) exit 0 ;;
   *"-m pytest"*) [ "$STUB_FAIL" = pytest ] && exit 1; exit 5 ;;
   *"-m bench"*) [ "$STUB_FAIL" = bench ] && sleep 30; args="$*"; out=${args##*--out }; echo '{"results": []}' > "$out/results.json"; exit 0 ;;
   *) exit 0 ;;
@@ -239,7 +241,14 @@ esac
 """
 
 
-def _gpu_check(tmp_path, fail="", budget="450"):
+STUB_SANITIZER = r"""#!/usr/bin/env bash
+echo "compute-sanitizer $*" >> "$STUB_LOG"
+while [[ $1 == --* ]]; do shift 2; done
+exec "$@"
+"""
+
+
+def _gpu_check(tmp_path, fail="", budget="450", mode=()):
     repo = tmp_path / "repo"
     for d in ("bench", "nanolm", "kernels", "stubs"):
         (repo / d).mkdir(parents=True, exist_ok=True)
@@ -248,6 +257,7 @@ def _gpu_check(tmp_path, fail="", budget="450"):
     (stubs / "python").write_text(STUB_PYTHON)
     (stubs / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 580.00, 81559 MiB'\n")
     (stubs / "nvcc").write_text("#!/bin/sh\necho 'Build cuda_13.0'\n")
+    (stubs / "compute-sanitizer").write_text(STUB_SANITIZER)
     for f in stubs.iterdir():
         f.chmod(0o755)
     env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", PYTHON=str(stubs / "python"),
@@ -256,7 +266,7 @@ def _gpu_check(tmp_path, fail="", budget="450"):
     env.pop("NANOLM_CUDA_ARCHS", None)
     env.pop("PYTHONPATH", None)
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh"), str(out)], capture_output=True,
+    proc = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh"), str(out), *mode], capture_output=True,
                           text=True, timeout=60, env=env)
     return proc, out, (tmp_path / "calls.log").read_text(), repo
 
@@ -270,8 +280,19 @@ def test_gpu_check_runs_every_step_and_writes_results(tmp_path):
     assert "git_commit: abc1234" in env and "gpu: NVIDIA H100 80GB HBM3, 580.00" in env
     assert json.loads((out / "results.json").read_text()) == {"results": []}
     steps = (out / "steps.log").read_text()
-    for name in ("env", "nvidia-smi", "build", "info", "pytest-gpu", "bench"):
+    for name in ("env", "nvidia-smi", "build", "info", "pytest-gpu", "memcheck", "racecheck", "bench"):
         assert (out / f"{name}.log").exists() and f"== {name} " in steps
+    assert "compute-sanitizer --tool memcheck --error-exitcode 1" in calls
+    assert "compute-sanitizer --tool racecheck" in calls
+
+
+@pytest.mark.parametrize("mode,runs,skips", [("tests", "pytest-gpu", "bench"), ("bench", "bench", "pytest-gpu")])
+def test_gpu_check_modes(tmp_path, mode, runs, skips):
+    """`tests` and `bench` split the check into two commands that each fit a 10-minute limit."""
+    proc, out, calls, _ = _gpu_check(tmp_path, mode=(mode,))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = (out / "steps.log").read_text()
+    assert f"== {runs} " in steps and f"== {skips} " not in steps and "== build " in steps
 
 
 def test_gpu_check_falls_back_to_an_inplace_build(tmp_path):

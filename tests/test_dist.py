@@ -127,7 +127,11 @@ def test_zero_shards_optimizer_state(world, two_ranks, three_ranks):
     decay = FlatAdamW(W.make_run(dist.Context(dist.DistEnv(), torch.device("cpu")), 1)["model"]
                       .named_parameters(), 1e-3).decay_numel
     pieces = [dist.piece(dist.Bucket(s, e, 0), rank, world) for s, e in r["buckets"] for rank in range(world)]
-    assert any(s < decay < e for s, e in pieces), "no piece straddles the weight-decay boundary"
+    cut = decay // world * world  # the 1-D parameters after it get buckets of their own
+    assert all(e <= cut or s >= cut for s, e in r["buckets"])
+    # so a piece straddles the weight-decay boundary only when it is not a multiple of world
+    # (that update path: test_sharded_update_straddling_decay_matches_whole_buffer)
+    assert any(s < decay < e for s, e in pieces) == (decay % world != 0)
     # the gathered state is whole and identical on every rank
     for other in ranks[1:]:
         assert torch.equal(other["zero_small"]["opt"]["exp_avg_sq"], r["opt"]["exp_avg_sq"])
@@ -158,6 +162,52 @@ def test_make_buckets_cover_from_the_end():
     assert [(b.start, b.end) for b in dist.make_buckets(views, 63, 1, 3)][-1] == (0, 3)
     with pytest.raises(ValueError, match="not padded to a multiple of 3"):
         dist.make_buckets(views, 62, 13, 3)
+    # a cut at 58 (rounded down to 57): no bucket crosses it, the rest as before on each side
+    cut = dist.make_buckets(views, 63, 13, 3, cuts=[58])
+    assert [(b.start, b.end) for b in cut] == [(57, 63), (45, 57), (33, 45), (21, 33), (9, 21), (0, 9)]
+    assert [b.params for b in cut] == [1, 1, 1, 1, 3, 1]
+
+
+class LaunchRecorder:
+    """A 1-rank comm that records, for each bucket it is asked to reduce, the names of the
+    parameters whose final gradient existed by then."""
+    env = dist.DistEnv()
+
+    def __init__(self, done):
+        self.done, self.launches = done, []
+
+    def all_reduce(self, tensor, average=True):
+        self.launches.append((tensor.data_ptr(), set(self.done)))
+        return len(self.launches)  # the handle: anything but None, which means "not launched"
+
+    def wait(self, handle):
+        pass
+
+
+def test_last_layer_bucket_launches_before_the_backward_reaches_layer_0():
+    """The 1-D parameters include layer 0's LayerNorms, whose gradients come only at the end of
+    the backward; the last layer's weights, ready first, must not share their bucket and wait."""
+    torch.manual_seed(0)
+    model = W.GPT(W.MODEL, W.TORCH)
+    opt = FlatAdamW(model.named_parameters(), 1e-3, weight_decay=0.1, backend=W.TORCH["adamw"])
+    done = []
+    for name, p in zip(opt.names, opt.params):  # registered before the reducer's hooks, so they run first
+        p.register_post_accumulate_grad_hook(lambda _, name=name: done.append(name))
+    comm = LaunchRecorder(done)
+    bucket_bytes = 4 * (opt.numel - opt.decay_numel + 1024)  # the 1-D tail + 1024 elements of 2-D weights
+    reducer = dist.GradReducer(comm, opt, bucket_bytes, zero=0)
+    reducer.arm()
+    idx = torch.randint(0, W.MODEL.vocab_size, (2, W.MODEL.block_size))
+    model(idx, idx).backward()
+    reducer.finish()
+    assert len(comm.launches) == len(reducer.buckets)
+    last_proj = f"transformer.h.{W.MODEL.n_layer - 1}.mlp.c_proj.weight"
+    offset = next(off for name, off, _ in opt.layout if name == last_proj)
+    bucket = next(b for b in reducer.buckets if b.start <= offset < b.end)
+    done_at_launch = dict(comm.launches)[opt.flat_grad[bucket.start:].data_ptr()]
+    assert last_proj in done_at_launch
+    assert not any(name.startswith("transformer.h.0.") for name in done_at_launch), \
+        "the last layer's bucket waited for layer 0's gradients"
 
 
 class OneRankComm:
