@@ -80,10 +80,12 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: CUDA is not available")
     torch.manual_seed(0)
+    rows, skipped, env = [], [], environment(device)
+    if device.type == "cpu":
+        env["malloc_reuses_freed_memory"] = timing.reuse_freed_cpu_memory()
     ceilings = timing.measure_ceilings(device, toy=args.size == "tiny")
     print(f"ceilings: memory {ceilings['memory_GBps']:.0f} GB/s, matmul {ceilings['matmul_TFLOPs']:.2f} TFLOP/s",
           file=sys.stderr)
-    rows, skipped, env = [], [], environment(device)
     for op in args.ops:
         for case in build_cases(op, device, args.size):
             if args.size == "tiny":

@@ -44,6 +44,9 @@ def markdown(results):
     if "load_avg_1min" in env:
         lines[-1:-1] = ["", f"Load average at start: {env['load_avg_1min']} on {env['cpu_count']} cores "
                         "(other jobs on the cores make CPU times noisy)."]
+    if env.get("malloc_reuses_freed_memory"):
+        lines[-1:-1] = ["", "glibc malloc keeps freed blocks for reuse (bench/timing.py, "
+                        "reuse_freed_cpu_memory), so no implementation pays page faults for fresh outputs."]
     for op in dict.fromkeys(r["op"] for r in results["results"] + results["skipped"]):
         rows = [r for r in results["results"] if r["op"] == op]
         lines += [op_table(op, rows, [s for s in results["skipped"] if s["op"] == op]), ""]

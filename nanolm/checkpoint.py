@@ -115,9 +115,11 @@ def config_diff(saved, expected):
             for k, v in expected.items() if saved.get(k, missing) != v]
 
 
-def saved_config(path):
-    """The config stored in a checkpoint file, read without loading its tensors (mmap)."""
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
+def saved_run(path):
+    """(config, train loader state) stored in a checkpoint file, read without loading its
+    tensors (mmap)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return ckpt["config"], ckpt["loader"]["train"]
 
 
 def load(path, map_location="cpu", model_config=None):

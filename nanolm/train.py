@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from nanolm import backends, checkpoint, dist
-from nanolm.config import ConfigError, as_dict, model_config, parse_args
+from nanolm.config import ConfigError, as_dict, model_config, parse_args, parse_overrides
 from nanolm.data import Loader, get_tokenizer, load_dataset
 from nanolm.metrics import MetricsWriter
 from nanolm.model import GPT
@@ -149,13 +149,25 @@ def locate(cfg):
 def config_from_args(argv):
     """The run's config. When resuming, the checkpoint's saved config replaces the defaults, so
     `--resume` alone continues a run as it was started; values given on the command line still
-    win (a changed model shape is then reported by restore())."""
+    win (a changed model shape is then reported by restore()). On another number of ranks the
+    per-rank batch_size is rescaled so the global batch, and with it the data order, is kept."""
     cfg = parse_args(argv)
     if not cfg.resume:
         return cfg
-    saved = checkpoint.saved_config(locate(cfg)[0])
+    saved, loader = checkpoint.saved_run(locate(cfg)[0])
     keep = {k: v for k, v in saved.items() if k not in ("resume", "out_dir", "model")}
+    if "batch_size" not in parse_overrides(argv):
+        keep["batch_size"] = per_rank_batch(loader, dist.env_from_torchrun().world_size)
     return parse_args(argv, defaults=keep)
+
+
+def per_rank_batch(loader_state, world_size):
+    """The batch_size per rank that keeps a checkpoint's global batch on world_size ranks."""
+    B, W = loader_state["batch_size"], loader_state["world_size"]
+    if B * W % world_size:
+        raise ConfigError(f"the checkpoint's global batch of {B * W} sequences ({B} on each of {W} ranks) "
+                          f"does not split evenly over {world_size} ranks: resume on a world size that divides it")
+    return B * W // world_size
 
 
 def restore(cfg, run, path):

@@ -272,8 +272,8 @@ def test_failed_rank_stops_the_others(fault, timeout_s, tmp_path):
 
 def test_torchrun_train_zero1_resumes_on_one_rank(tmp_path, monkeypatch):
     """`torchrun -m nanolm.train` end to end with ZeRO-1: only rank 0 prints and writes; its
-    step-4 checkpoint (gathered optimizer state) resumes on 1 process with the same global
-    batch and reaches the 2 ranks' own step 6 weights."""
+    step-4 checkpoint (gathered optimizer state) resumes on 1 process, which takes the global
+    batch as its own (batch_size 2 x 2 ranks -> 4) and reaches the 2 ranks' own step 6 weights."""
     from nanolm.train import config_from_args, train
     args = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--eval_iters=1",
             "--log_interval=2", "--max_steps=6", "--eval_interval=100", "--sample_tokens=4",
@@ -287,12 +287,22 @@ def test_torchrun_train_zero1_resumes_on_one_rank(tmp_path, monkeypatch):
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("sample:") == 1 and p.stdout.count("step     6 | loss") == 1, p.stdout
     monkeypatch.chdir(tmp_path)
-    train(config_from_args([f"--resume={tmp_path / 'two' / 'ckpt_00000004.pt'}", "--batch_size=4",
-                            f"--out_dir={tmp_path / 'one'}"]))
+    resumed = config_from_args([f"--resume={tmp_path / 'two' / 'ckpt_00000004.pt'}", f"--out_dir={tmp_path / 'one'}"])
+    assert resumed.batch_size == 4
+    train(resumed)
     two = torch.load(tmp_path / "two" / "ckpt_00000006.pt", weights_only=True)
     one = torch.load(tmp_path / "one" / "ckpt_00000006.pt", weights_only=True)
     assert two["optimizer"]["exp_avg"].numel() == one["optimizer"]["exp_avg"].numel()
     assert_weights_close(one["model"], two["model"])
+
+
+def test_per_rank_batch_keeps_the_global_batch():
+    from nanolm.config import ConfigError
+    from nanolm.train import per_rank_batch
+    saved = {"batch_size": 6, "world_size": 2}
+    assert [per_rank_batch(saved, w) for w in (1, 2, 3, 4, 6)] == [12, 6, 4, 3, 2]
+    with pytest.raises(ConfigError, match="global batch of 12 sequences .* does not split evenly over 5 ranks"):
+        per_rank_batch(saved, 5)
 
 
 # ----------------------------------------------------------------------------- NCCL (GPU)
