@@ -11,13 +11,15 @@ from bench.cases import check_outputs
 
 
 def _free(device, always=False):
-    """Drops what the last implementation left (reference cycles, cached GPU blocks) so the next
-    one's peak memory and time start clean. A full gc costs ~0.1 s with torch loaded: on CPU it
-    runs once per case, not per implementation."""
+    """Drops what the last implementation left (reference cycles, cached GPU blocks, freed CPU
+    memory glibc kept) so the next one's peak memory and time start clean. A full gc costs
+    ~0.1 s with torch loaded: on CPU it runs once per case, not per implementation."""
     if device.type == "cuda" or always:
         gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    else:
+        timing.release_cpu_memory()
 
 
 def _rotating(runs):

@@ -70,14 +70,28 @@ def reuse_freed_cpu_memory():
     the CPU shapes that is most of a memory-bound op's time (residual add + layernorm,
     8192 x 1600 fp32: 38 ms, of which 26k page faults; 12 ms without them). Raising glibc's
     mmap and trim thresholds keeps freed blocks for reuse, which is what PyTorch's CPU tuning
-    advice gets from jemalloc or tcmalloc; it applies to every implementation alike. Returns
-    whether glibc accepted it."""
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+    advice gets from jemalloc or tcmalloc; it applies to every implementation alike. What is
+    kept must be handed back between implementations (release_cpu_memory), or it piles up
+    across cases until the 24 GB machine runs out. Returns whether glibc accepted it."""
+    libc = _glibc()
+    return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+def release_cpu_memory():
+    """Return the free memory glibc kept to the OS (malloc_trim), between implementations."""
+    libc = _glibc()
+    if libc:
+        libc.malloc_trim(0)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from malloc.h
+
+
+def _glibc():
     try:
-        libc = ctypes.CDLL("libc.so.6")
+        return ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc
-        return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+        return None
 
 
 def cache_bytes(device):
