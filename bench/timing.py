@@ -6,6 +6,7 @@ Both warm up first (which also triggers compilation and autotuning).
 """
 import contextlib
 import ctypes
+import functools
 import os
 import statistics
 import sys
@@ -64,6 +65,17 @@ def time_ms(fn, device, budget_ms=None):
     return time_cpu(fn, budget_ms or 200)
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from malloc.h
+
+
+@functools.cache
+def _glibc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
 def reuse_freed_cpu_memory():
     """glibc hands every large block (above 32 MiB at most) straight back to the OS when it is
     freed, so the next call's output of the same size faults in and zero-fills fresh pages: at
@@ -82,16 +94,6 @@ def release_cpu_memory():
     libc = _glibc()
     if libc:
         libc.malloc_trim(0)
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from malloc.h
-
-
-def _glibc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return None
 
 
 def cache_bytes(device):

@@ -98,7 +98,7 @@ def test_every_element_updated(device, backend, n, offset, decay_numel):
                                             pytest.param("cuda", cuda, marks=pytest.mark.gpu),
                                             pytest.param("cuda", triton, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("n", [1, 777, 4097, 300_001])
-def test_sum_of_squares(device, backend, n):
+def test_sum_of_squares(device, backend, n, poison):
     if device == "cuda":
         n = n * 400 + 3  # up to 120M: a 124M-parameter gradient
     elif backend is triton:

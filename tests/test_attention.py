@@ -28,7 +28,8 @@ def make_qkv(B, T, nh, hs, dtype, device, fused=True):
 
 
 def run(backend, q, k, v, do, scale):
-    """Forward, then backward into NaN-poisoned views of one (B, T, 3, nh, hs) buffer."""
+    """Forward, then backward into NaN-poisoned views of one (B, T, 3, nh, hs) buffer (o and
+    lse are NaN from the start too under the `poison` fixture)."""
     o, lse = backend.attention_fwd(q, k, v, scale)
     grads = torch.full((*q.shape[:2], 3, *q.shape[2:]), float("nan"), dtype=q.dtype, device=q.device)
     dq, dk, dv = grads.unbind(2)
@@ -62,7 +63,7 @@ def check_backend(backend, B, T, nh, hs, dtype, device, fused=True):
 @pytest.mark.parametrize("B,T,nh,hs", [(1, 1, 2, 64), (2, 17, 3, 64), (1, 70, 2, 32), (2, 130, 2, 16),
                                        (1, 1000, 2, 64), (1, 1000, 1, 128)])
 @pytest.mark.parametrize("fused", [True, False])
-def test_cpu_matches_reference(B, T, nh, hs, fused):
+def test_cpu_matches_reference(B, T, nh, hs, fused, poison):
     check_backend(cpu, B, T, nh, hs, torch.float32, "cpu", fused)
 
 
@@ -96,13 +97,13 @@ def _triton_device():
 
 
 @pytest.mark.parametrize("T", [1, 17, 70])
-def test_triton_matches_reference(T):
+def test_triton_matches_reference(T, poison):
     if torch.cuda.is_available():
         pytest.skip("fp32 is the interpreter's dtype; the GPU tests below cover bf16/fp16")
     check_backend(triton_backend, 1, T, 2, 64, torch.float32, "cpu")
 
 
-def test_triton_contiguous_inputs():
+def test_triton_contiguous_inputs(poison):
     if torch.cuda.is_available():
         pytest.skip("fp32 is the interpreter's dtype; the GPU tests below cover bf16/fp16")
     check_backend(triton_backend, 1, 17, 2, 64, torch.float32, "cpu", fused=False)
