@@ -1,4 +1,5 @@
-// Causal flash attention on the CPU, fp32: forward and backward (FlashAttention-2 tiling).
+// Causal flash attention on the CPU, fp32 or bf16 q/k/v: forward and backward (FlashAttention-2
+// tiling).
 //
 // Per (b, h): S = scale * Q K^T (causal), P = softmax(S), O = P V, lse = logsumexp(S).
 // Backward: delta = rowsum(dO * O), dV = P^T dO, dP = dO V^T, dS = P * (dP - delta),
@@ -13,7 +14,11 @@
 // deterministic. Cost as kernels/attention.py: forward 4*B*nh*T^2*hs/2 FLOPs, backward 5
 // matmuls (2.5x); memory traffic is small (tiles stay in L1/L2): compute-bound.
 //
-// Layout: q, k, v, dq, dk, dv rows are hs contiguous floats at any (b, t, h) strides; o, do are
+// bf16: every tile a matmul reads is widened to fp32 first (a key tile per query tile in the
+// forward, each head's q, k, v, do once in the backward), so all products, the softmax and
+// every accumulator are fp32; o, dq, dk, dv are rounded to bf16 once, when stored. lse is fp32.
+//
+// Layout: q, k, v, dq, dk, dv rows are hs contiguous values at any (b, t, h) strides; o, do are
 // contiguous (B, T, nh, hs). Offsets are int64 (B*T*3C passes 2^31 at GPT-2 sizes). hs must
 // be a multiple of 16 up to 256 (the matmul works in 16-column panels).
 #include "attention.h"
@@ -24,9 +29,11 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
+#include "cpu_bf16.h"
 
 namespace nanolm {
 namespace {
@@ -114,19 +121,51 @@ void gemm(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, in
 }
 
 // dst[c][r] = src[r][c] for r < rows, c < cols; dst[c][rows..ld_dst) = 0.
-void transpose(const float* src, int64_t ld_src, int rows, int cols, float* dst, int64_t ld_dst) {
+template <typename T>
+void transpose(const T* src, int64_t ld_src, int rows, int cols, float* dst, int64_t ld_dst) {
     for (int c = 0; c < cols; ++c) {
-        for (int r = 0; r < rows; ++r) dst[c * ld_dst + r] = src[r * ld_src + c];
+        for (int r = 0; r < rows; ++r) dst[c * ld_dst + r] = to_float(src[r * ld_src + c]);
         std::fill(dst + c * ld_dst + rows, dst + (c + 1) * ld_dst, 0.0f);
     }
 }
 
 // A (B, T, nh, hs) tensor with unit stride over hs.
+template <typename T>
 struct Heads {
-    float* p;
+    T* p;
     int64_t sb, st, sh;
-    float* row(int64_t b, int64_t h, int64_t t) const { return p + b * sb + h * sh + t * st; }
+    T* row(int64_t b, int64_t h, int64_t t) const { return p + b * sb + h * sh + t * st; }
 };
+
+// Rows t0..t0+rows of head (b, h) as fp32 rows `ld` apart: in place for fp32, else widened
+// into buf (rows * hs floats).
+template <typename T>
+const float* rows_f32(const Heads<T>& x, int64_t b, int64_t h, int64_t t0, int rows, int hs, float* buf,
+                      int64_t& ld) {
+    if constexpr (std::is_same_v<T, float>) {
+        ld = x.st;
+        return x.row(b, h, t0);
+    } else {
+        for (int r = 0; r < rows; ++r) widen(x.row(b, h, t0 + r), buf + r * hs, hs);
+        ld = hs;
+        return buf;
+    }
+}
+
+// Head (b, h) of x as fp32: x itself for fp32, else widened into buf (T * hs floats) and
+// returned as a one-head view (row(b, h, t) = buf + t * hs for the b, h it was made for).
+template <typename T>
+Heads<const float> head_f32(const Heads<T>& x, int64_t b, int64_t h, int64_t T_len, int hs,
+                            std::vector<float>& buf) {
+    if constexpr (std::is_same_v<T, float>) {
+        return {x.p, x.sb, x.st, x.sh};
+    } else {
+        buf.resize(T_len * hs);
+        int64_t ld;
+        rows_f32(x, b, h, 0, static_cast<int>(T_len), hs, buf.data(), ld);
+        return {buf.data(), 0, hs, 0};
+    }
+}
 
 // Transposed scores St[key c][query r] of keys j0.. and queries i0..: scaled by c, and keys
 // after their query (only on the diagonal tile, where j0 == i0) set to -inf.
@@ -142,9 +181,9 @@ void scale_and_mask(float* St, int nk, int i0, int j0, float c) {
 // Forward of one (b, h, query tile), on transposed tiles: St = K Q^T puts the queries along the
 // vectors, so the softmax's per-query max, sum and rescale are plain vector operations.
 struct FwdBuffers {
-    std::vector<float> qt, st, acc;
+    std::vector<float> qt, st, acc, kv;  // kv: a bf16 key tile's K and V widened (else unused)
     vf m[BQ / 8], l[BQ / 8];
-    explicit FwdBuffers(int hs) : qt(hs * BQ), st(BK * BQ), acc(BQ * hs) {}
+    FwdBuffers(int hs, bool widen_kv) : qt(hs * BQ), st(BK * BQ), acc(BQ * hs), kv(widen_kv ? 2 * BK * hs : 0) {}
 };
 
 void online_softmax_update(FwdBuffers& w, int nk, int hs) {
@@ -171,7 +210,8 @@ void online_softmax_update(FwdBuffers& w, int nk, int hs) {
     }
 }
 
-void fwd_tile(const Heads& q, const Heads& k, const Heads& v, float* o, float* lse, int64_t b,
+template <typename E>
+void fwd_tile(const Heads<E>& q, const Heads<E>& k, const Heads<E>& v, E* o, float* lse, int64_t b,
               int64_t h, int64_t T, int64_t nh, int hs, int i0, float c, FwdBuffers& w) {
     int nq = std::min<int64_t>(BQ, T - i0);
     transpose(q.row(b, h, i0), q.st, nq, hs, w.qt.data(), BQ);
@@ -179,16 +219,19 @@ void fwd_tile(const Heads& q, const Heads& k, const Heads& v, float* o, float* l
     for (int g = 0; g < BQ / 8; ++g) w.m[g] = splat(NEG_INF), w.l[g] = vf{};
     for (int j0 = 0; j0 < i0 + nq; j0 += BK) {
         int nk = std::min(BK, i0 + nq - j0);
+        int64_t ldk, ldv;
+        const float* kt = rows_f32(k, b, h, j0, nk, hs, w.kv.data(), ldk);
+        const float* vt = rows_f32(v, b, h, j0, nk, hs, w.kv.data() + BK * hs, ldv);
         std::fill(w.st.begin(), w.st.end(), 0.0f);
-        gemm(k.row(b, h, j0), k.st, w.qt.data(), BQ, w.st.data(), BQ, nk, hs, BQ);  // S^T = K Q^T
+        gemm(kt, ldk, w.qt.data(), BQ, w.st.data(), BQ, nk, hs, BQ);  // S^T = K Q^T
         scale_and_mask(w.st.data(), nk, i0, j0, c);
         online_softmax_update(w, nk, hs);
-        gemm<true>(w.st.data(), BQ, v.row(b, h, j0), v.st, w.acc.data(), hs, nq, nk, hs);  // O += P V
+        gemm<true>(w.st.data(), BQ, vt, ldv, w.acc.data(), hs, nq, nk, hs);  // O += P V
     }
     for (int r = 0; r < nq; ++r) {
         float l = w.l[r / 8][r % 8], m = w.m[r / 8][r % 8];
-        float* out = o + ((b * T + i0 + r) * nh + h) * hs;
-        for (int d = 0; d < hs; ++d) out[d] = w.acc[r * hs + d] / l;
+        E* out = o + ((b * T + i0 + r) * nh + h) * hs;
+        for (int d = 0; d < hs; ++d) out[d] = from_float<E>(w.acc[r * hs + d] / l);
         lse[(b * nh + h) * T + i0 + r] = (m + std::log2(l)) * LN2;
     }
 }
@@ -204,23 +247,25 @@ void check_sizes(const char* op, int64_t B, int64_t T, int64_t nh, int64_t hs) {
 void attention_fwd_cpu(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t o,
                        std::uintptr_t lse, int64_t B, int64_t T, int64_t nh, int64_t hs,
                        int64_t sqb, int64_t sqt, int64_t sqh, int64_t skb, int64_t skt, int64_t skh,
-                       int64_t svb, int64_t svt, int64_t svh, double scale) {
+                       int64_t svb, int64_t svt, int64_t svh, double scale, int dtype) {
     check_sizes("attention_fwd_cpu", B, T, nh, hs);
-    const Heads Q{ptr<float>(q), sqb, sqt, sqh}, K{ptr<float>(k), skb, skt, skh},
-        V{ptr<float>(v), svb, svt, svh};
     const int64_t tiles = (T + BQ - 1) / BQ, tasks = B * nh * tiles;
     const float c = static_cast<float>(scale) * LOG2E;
+    dispatch_cpu_dtype(dtype, "attention_fwd_cpu", [&](auto tag) {
+        using E = decltype(tag);
+        const Heads<E> Q{ptr<E>(q), sqb, sqt, sqh}, K{ptr<E>(k), skb, skt, skh}, V{ptr<E>(v), svb, svt, svh};
 #pragma omp parallel
-    {
-        FwdBuffers w(static_cast<int>(hs));
+        {
+            FwdBuffers w(static_cast<int>(hs), !std::is_same_v<E, float>);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < tasks; ++task) {
-            int64_t tile = tiles - 1 - task / (B * nh);  // longest (last) query tiles first
-            int64_t bh = task % (B * nh);
-            fwd_tile(Q, K, V, ptr<float>(o), ptr<float>(lse), bh / nh, bh % nh, T, nh,
-                     static_cast<int>(hs), static_cast<int>(tile * BQ), c, w);
+            for (int64_t task = 0; task < tasks; ++task) {
+                int64_t tile = tiles - 1 - task / (B * nh);  // longest (last) query tiles first
+                int64_t bh = task % (B * nh);
+                fwd_tile(Q, K, V, ptr<E>(o), ptr<float>(lse), bh / nh, bh % nh, T, nh,
+                         static_cast<int>(hs), static_cast<int>(tile * BQ), c, w);
+            }
         }
-    }
+    });
 }
 
 namespace {
@@ -229,6 +274,7 @@ namespace {
 struct BwdBuffers {
     int64_t tp;  // T rounded up to a multiple of BQ
     std::vector<float> qt, dot, st, dpt, dk, dv, dq, lse2, delta;
+    std::vector<float> q32, k32, v32, do32;  // a bf16 head's q, k, v, do widened (else unused)
     BwdBuffers(int hs, int64_t T)
         : tp((T + BQ - 1) / BQ * BQ), qt(hs * tp), dot(hs * tp), st(BK * BQ), dpt(BK * BQ),
           dk(BK * hs), dv(BK * hs), dq(T * hs), lse2(tp), delta(tp) {}
@@ -236,11 +282,12 @@ struct BwdBuffers {
 
 // One query tile's contribution to key tile j0: dV, dK (of the key tile), dQ (of the query
 // tile). Scores are formed transposed (keys x queries) from Q^T, dO^T made once per head.
-void bwd_tile_pair(const Heads& q, const Heads& k, const Heads& v, const float* dout, int64_t b,
-                   int64_t h, int64_t T, int64_t nh, int hs, int i0, int j0, int nk, float c,
-                   BwdBuffers& w) {
+using F32Heads = Heads<const float>;
+
+void bwd_tile_pair(const F32Heads& q, const F32Heads& k, const F32Heads& v, const F32Heads& dout, int64_t b,
+                   int64_t h, int64_t T, int hs, int i0, int j0, int nk, float c, BwdBuffers& w) {
     int nq = std::min<int64_t>(BQ, T - i0);
-    const float* do0 = dout + ((b * T + i0) * nh + h) * hs;
+    const float* do0 = dout.row(b, h, i0);
     std::fill(w.st.begin(), w.st.end(), 0.0f);
     gemm(k.row(b, h, j0), k.st, w.qt.data() + i0, w.tp, w.st.data(), BQ, nk, hs, BQ);    // S^T
     std::fill(w.dpt.begin(), w.dpt.end(), 0.0f);
@@ -255,35 +302,39 @@ void bwd_tile_pair(const Heads& q, const Heads& k, const Heads& v, const float* 
             storeu(dp, p * (loadu(dp) - loadu(&w.delta[i0 + r])));  // dS^T = P^T (dP^T - delta)
         }
     }
-    gemm(w.st.data(), BQ, do0, nh * hs, w.dv.data(), hs, nk, nq, hs);             // dV += P^T dO
+    gemm(w.st.data(), BQ, do0, dout.st, w.dv.data(), hs, nk, nq, hs);             // dV += P^T dO
     gemm(w.dpt.data(), BQ, q.row(b, h, i0), q.st, w.dk.data(), hs, nk, nq, hs);   // dK += dS^T Q
     gemm<true>(w.dpt.data(), BQ, k.row(b, h, j0), k.st, w.dq.data() + i0 * hs, hs, nq, nk, hs);  // dQ += dS K
 }
 
-void store_rows(const float* src, int rows, int hs, float factor, const Heads& dst, int64_t b,
+template <typename T>
+void store_rows(const float* src, int rows, int hs, float factor, const Heads<T>& dst, int64_t b,
                 int64_t h, int64_t t0) {
     for (int r = 0; r < rows; ++r) {
-        float* out = dst.row(b, h, t0 + r);
-        for (int d = 0; d < hs; ++d) out[d] = src[r * hs + d] * factor;
+        T* out = dst.row(b, h, t0 + r);
+        for (int d = 0; d < hs; ++d) out[d] = from_float<T>(src[r * hs + d] * factor);
     }
 }
 
-void bwd_head(const Heads& q, const Heads& k, const Heads& v, const float* dout, const float* o,
-              const float* lse, const Heads& dq, const Heads& dk, const Heads& dv, int64_t b,
-              int64_t h, int64_t T, int64_t nh, int hs, float scale, BwdBuffers& w) {
-    const float* do_head = dout + (b * T * nh + h) * hs;
+template <typename E>
+void bwd_head(const Heads<E>& q_in, const Heads<E>& k_in, const Heads<E>& v_in, const Heads<E>& dout_in,
+              const Heads<E>& o, const float* lse, const Heads<E>& dq, const Heads<E>& dk, const Heads<E>& dv,
+              int64_t b, int64_t h, int64_t T, int64_t nh, int hs, float scale, BwdBuffers& w) {
+    const int Ti = static_cast<int>(T);
+    const F32Heads q = head_f32(q_in, b, h, T, hs, w.q32), k = head_f32(k_in, b, h, T, hs, w.k32),
+                   v = head_f32(v_in, b, h, T, hs, w.v32), dout = head_f32(dout_in, b, h, T, hs, w.do32);
     std::fill(w.lse2.begin(), w.lse2.end(), 0.0f);  // padding queries: finite values, never used
     std::fill(w.delta.begin(), w.delta.end(), 0.0f);
     for (int64_t t = 0; t < T; ++t) {
-        const float* dor = do_head + t * nh * hs;
-        const float* orow = o + ((b * T + t) * nh + h) * hs;
+        const float* dor = dout.row(b, h, t);
+        const E* orow = o.row(b, h, t);
         float acc = 0.0f;
-        for (int d = 0; d < hs; ++d) acc += dor[d] * orow[d];
+        for (int d = 0; d < hs; ++d) acc += dor[d] * to_float(orow[d]);
         w.delta[t] = acc;
         w.lse2[t] = lse[(b * nh + h) * T + t] * LOG2E;
     }
-    transpose(q.row(b, h, 0), q.st, static_cast<int>(T), hs, w.qt.data(), w.tp);
-    transpose(do_head, nh * hs, static_cast<int>(T), hs, w.dot.data(), w.tp);
+    transpose(q.row(b, h, 0), q.st, Ti, hs, w.qt.data(), w.tp);
+    transpose(dout.row(b, h, 0), dout.st, Ti, hs, w.dot.data(), w.tp);
     std::fill(w.dq.begin(), w.dq.end(), 0.0f);
     const float c = scale * LOG2E;
     for (int j0 = 0; j0 < T; j0 += BK) {
@@ -291,11 +342,11 @@ void bwd_head(const Heads& q, const Heads& k, const Heads& v, const float* dout,
         std::fill(w.dk.begin(), w.dk.end(), 0.0f);
         std::fill(w.dv.begin(), w.dv.end(), 0.0f);
         for (int i0 = j0; i0 < T; i0 += BQ)
-            bwd_tile_pair(q, k, v, dout, b, h, T, nh, hs, i0, j0, nk, c, w);
+            bwd_tile_pair(q, k, v, dout, b, h, T, hs, i0, j0, nk, c, w);
         store_rows(w.dk.data(), nk, hs, scale, dk, b, h, j0);
         store_rows(w.dv.data(), nk, hs, 1.0f, dv, b, h, j0);
     }
-    store_rows(w.dq.data(), static_cast<int>(T), hs, scale, dq, b, h, 0);
+    store_rows(w.dq.data(), Ti, hs, scale, dq, b, h, 0);
 }
 
 }  // namespace
@@ -306,20 +357,23 @@ void attention_bwd_cpu(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, 
                        int64_t sqb, int64_t sqt, int64_t sqh, int64_t skb, int64_t skt, int64_t skh,
                        int64_t svb, int64_t svt, int64_t svh, int64_t sdqb, int64_t sdqt,
                        int64_t sdqh, int64_t sdkb, int64_t sdkt, int64_t sdkh, int64_t sdvb,
-                       int64_t sdvt, int64_t sdvh, double scale) {
+                       int64_t sdvt, int64_t sdvh, double scale, int dtype) {
     check_sizes("attention_bwd_cpu", B, T, nh, hs);
-    const Heads Q{ptr<float>(q), sqb, sqt, sqh}, K{ptr<float>(k), skb, skt, skh},
-        V{ptr<float>(v), svb, svt, svh}, DQ{ptr<float>(dq), sdqb, sdqt, sdqh},
-        DK{ptr<float>(dk), sdkb, sdkt, sdkh}, DV{ptr<float>(dv), sdvb, sdvt, sdvh};
+    dispatch_cpu_dtype(dtype, "attention_bwd_cpu", [&](auto tag) {
+        using E = decltype(tag);
+        const int64_t so_t = nh * hs, so_b = T * so_t;  // o and do: contiguous (B, T, nh, hs)
+        const Heads<E> Q{ptr<E>(q), sqb, sqt, sqh}, K{ptr<E>(k), skb, skt, skh}, V{ptr<E>(v), svb, svt, svh},
+            DO{ptr<E>(dout), so_b, so_t, hs}, O{ptr<E>(o), so_b, so_t, hs}, DQ{ptr<E>(dq), sdqb, sdqt, sdqh},
+            DK{ptr<E>(dk), sdkb, sdkt, sdkh}, DV{ptr<E>(dv), sdvb, sdvt, sdvh};
 #pragma omp parallel
-    {
-        BwdBuffers w(static_cast<int>(hs), T);
+        {
+            BwdBuffers w(static_cast<int>(hs), T);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t bh = 0; bh < B * nh; ++bh)
-            bwd_head(Q, K, V, ptr<const float>(dout), ptr<const float>(o), ptr<const float>(lse),
-                     DQ, DK, DV, bh / nh, bh % nh, T, nh, static_cast<int>(hs),
-                     static_cast<float>(scale), w);
-    }
+            for (int64_t bh = 0; bh < B * nh; ++bh)
+                bwd_head(Q, K, V, DO, O, ptr<const float>(lse), DQ, DK, DV, bh / nh, bh % nh, T, nh,
+                         static_cast<int>(hs), static_cast<float>(scale), w);
+        }
+    });
 }
 
 }  // namespace nanolm

@@ -1,6 +1,7 @@
 """LayerNorm backends (cpu, triton, cuda) against the float64 torch reference.
 
-CPU part: the cpu backend and the Triton kernels under the interpreter (fp32, small shapes).
+CPU part: the cpu backend (fp32 and bf16) and the Triton kernels under the interpreter (fp32,
+small shapes).
 GPU part (@pytest.mark.gpu): cuda and triton at fp32/bf16 up to GPT-2-sized and larger rows.
 """
 import pytest
@@ -81,9 +82,20 @@ def test_matches_reference_cpu(backend, N, C, fused, with_bias, poison):
     _check_backend(load(backend), N, C, torch.float32, "cpu", fused, with_bias)
 
 
+@pytest.mark.parametrize("N,C", CPU_SHAPES + [(300, 2048)])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_cpu_bf16_matches_reference(N, C, fused, with_bias, poison):
+    _check_backend(load("cpu"), N, C, torch.bfloat16, "cpu", fused, with_bias)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_deterministic_cpu(backend):
     _check_deterministic(load(backend), 150, 96, torch.float32, "cpu")
+
+
+def test_deterministic_cpu_bf16():
+    _check_deterministic(load("cpu"), 150, 777, torch.bfloat16, "cpu")
 
 
 def test_cpu_gradients_do_not_depend_on_thread_count():
@@ -147,9 +159,9 @@ def test_bad_backward_inputs(backend):
         b.layer_norm_bwd(t["dy"].t().contiguous().t(), t["x"], t["weight"], mean, rstd, None)
 
 
-def test_cpu_backend_rejects_bf16():
-    t = _inputs(2, 8, torch.bfloat16, "cpu")
-    with pytest.raises(ValueError, match="dtype"):
+def test_cpu_backend_rejects_fp16():
+    t = _inputs(2, 8, torch.float16, "cpu")
+    with pytest.raises(ValueError, match="float16"):
         load("cpu").layer_norm_fwd(t["x"], t["weight"], t["bias"], EPS)
 
 

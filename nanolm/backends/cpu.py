@@ -1,6 +1,8 @@
 """The `cpu` backend: C++ kernels from csrc/*_cpu.cpp (OpenMP over rows), through nanolm._C.
 
 Each function checks its tensors (dtype, device, shape, contiguity) and passes raw pointers.
+float32 and bfloat16 values (bf16 kernels keep fp32 statistics and accumulators); AdamW and
+sum_of_squares work on the optimizer's fp32 buffers only.
 """
 import torch
 
@@ -25,6 +27,10 @@ def _ptr(t):
     return 0 if t is None else t.data_ptr()
 
 
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}  # csrc/cpu_bf16.h: CpuDtype
+DTYPES = tuple(_DTYPE_CODE)
+
+
 # ----------------------------------------------------------------------------- layernorm
 
 def _check_cpu(op, x):
@@ -34,7 +40,7 @@ def _check_cpu(op, x):
 
 def _layer_norm_fwd(op, x, residual, weight, bias, eps):
     from nanolm import _C
-    check_layer_norm(op, x, weight, dtypes=(torch.float32,), rows=[("residual", residual)],
+    check_layer_norm(op, x, weight, dtypes=DTYPES, rows=[("residual", residual)],
                      vectors=[("bias", bias)])
     _check_cpu(op, x)
     N, C = x.shape
@@ -43,7 +49,7 @@ def _layer_norm_fwd(op, x, residual, weight, bias, eps):
     mean = torch.empty(N, dtype=torch.float32)
     rstd = torch.empty(N, dtype=torch.float32)
     _C.layernorm_fwd_cpu(x.data_ptr(), _ptr(residual), _ptr(residual_out), weight.data_ptr(), _ptr(bias),
-                         y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), N, C, float(eps))
+                         y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), N, C, float(eps), _DTYPE_CODE[x.dtype])
     return y, residual_out, mean, rstd
 
 
@@ -59,7 +65,7 @@ def add_layer_norm_fwd(x, residual, weight, bias, eps):
 def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual):
     from nanolm import _C
     op = "layer_norm_bwd"
-    check_layer_norm(op, x, weight, dtypes=(torch.float32,), rows=[("dy", dy), ("dresidual", dresidual)],
+    check_layer_norm(op, x, weight, dtypes=DTYPES, rows=[("dy", dy), ("dresidual", dresidual)],
                      stats=[("mean", mean), ("rstd", rstd)])
     _check_cpu(op, x)
     N, C = x.shape
@@ -67,17 +73,19 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual):
     dweight = torch.empty(C, dtype=torch.float32)
     dbias = torch.empty(C, dtype=torch.float32)
     _C.layernorm_bwd_cpu(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-                         _ptr(dresidual), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), N, C)
+                         _ptr(dresidual), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), N, C,
+                         _DTYPE_CODE[x.dtype])
     return dx, dweight, dbias
 def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_scale, inplace):
-    check_cross_entropy("cross_entropy", logits, targets, vocab_size, dtypes=(torch.float32,),
+    check_cross_entropy("cross_entropy", logits, targets, vocab_size, dtypes=DTYPES,
                         device_type="cpu")
     from nanolm import _C
     N, Vp = logits.shape
     losses = torch.empty(N, dtype=torch.float32)
     dlogits = logits if inplace else torch.empty_like(logits)
     _C.cross_entropy_fwd_cpu(logits.data_ptr(), targets.data_ptr(), losses.data_ptr(),
-                             dlogits.data_ptr(), N, Vp, vocab_size, ignore_index, z_loss, grad_scale)
+                             dlogits.data_ptr(), N, Vp, vocab_size, ignore_index, z_loss, grad_scale,
+                             _DTYPE_CODE[logits.dtype])
     return losses, dlogits
 
 
@@ -110,20 +118,21 @@ def _bth(t):
 
 def attention_fwd(q, k, v, scale):
     from nanolm import _C
-    B, T, nh, hs = check_attention_qkv("attention_fwd", q, k, v, dtypes=(torch.float32,),
+    B, T, nh, hs = check_attention_qkv("attention_fwd", q, k, v, dtypes=DTYPES,
                                        head_dims=ATTENTION_HEAD_DIMS)
     o = torch.empty((B, T, nh, hs), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, nh, T), dtype=torch.float32, device=q.device)
     _C.attention_fwd_cpu(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
-                         B, T, nh, hs, *_bth(q), *_bth(k), *_bth(v), float(scale))
+                         B, T, nh, hs, *_bth(q), *_bth(k), *_bth(v), float(scale), _DTYPE_CODE[q.dtype])
     return o, lse
 
 
 def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv):
     from nanolm import _C
-    B, T, nh, hs = check_attention_qkv("attention_bwd", q, k, v, dtypes=(torch.float32,),
+    B, T, nh, hs = check_attention_qkv("attention_bwd", q, k, v, dtypes=DTYPES,
                                        head_dims=ATTENTION_HEAD_DIMS)
     check_attention_bwd("attention_bwd", do, q, o, lse, dq, dk, dv)
     _C.attention_bwd_cpu(do.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
                          lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B, T, nh, hs,
-                         *_bth(q), *_bth(k), *_bth(v), *_bth(dq), *_bth(dk), *_bth(dv), float(scale))
+                         *_bth(q), *_bth(k), *_bth(v), *_bth(dq), *_bth(dk), *_bth(dv), float(scale),
+                         _DTYPE_CODE[q.dtype])

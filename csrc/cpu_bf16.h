@@ -1,0 +1,61 @@
+// bfloat16 storage for the CPU kernels: the element types they are templated on.
+//
+// The CPU kernels keep every statistic and accumulator in fp32 and use bf16 only for what they
+// read and write, as the CUDA and Triton kernels do. bf16 is the top half of an fp32: widening
+// is a 16-bit shift; narrowing rounds to nearest even. Both are integer code, so gcc vectorizes
+// the loops that call them (a float compare would not vectorize under -ftrapping-math).
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace nanolm {
+
+struct bf16 {
+    std::uint16_t bits;
+};
+
+// Element-type codes passed from Python (nanolm/backends/cpu.py: _DTYPE_CODE).
+enum CpuDtype : int { kFloat32 = 0, kBFloat16 = 1 };
+
+inline float to_float(float x) { return x; }
+inline float to_float(bf16 x) { return __builtin_bit_cast(float, static_cast<std::uint32_t>(x.bits) << 16); }
+
+template <typename T>
+inline T from_float(float x);
+
+template <>
+inline float from_float<float>(float x) { return x; }
+
+// Round to nearest even: add 0x7fff plus the lowest kept bit, then drop the low half. A NaN
+// stays a (quiet) NaN instead of rounding into infinity.
+template <>
+inline bf16 from_float<bf16>(float x) {
+    const std::uint32_t u = __builtin_bit_cast(std::uint32_t, x);
+    const std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    return bf16{static_cast<std::uint16_t>(nan ? 0x7fc0u : rounded)};
+}
+
+// dst[i] = float(src[i]); for T = float the caller usually reads src in place instead.
+template <typename T>
+inline void widen(const T* __restrict src, float* __restrict dst, std::int64_t n) {
+#pragma omp simd
+    for (std::int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+template <typename T>
+inline void narrow(const float* __restrict src, T* __restrict dst, std::int64_t n) {
+#pragma omp simd
+    for (std::int64_t i = 0; i < n; ++i) dst[i] = from_float<T>(src[i]);
+}
+
+// Calls fn with a value of the element type `dtype` names (float or bf16), for dispatch.
+template <typename Fn>
+inline void dispatch_cpu_dtype(int dtype, const char* op, Fn&& fn) {
+    if (dtype == kFloat32) return fn(float{});
+    if (dtype == kBFloat16) return fn(bf16{});
+    throw std::invalid_argument(std::string(op) + ": unsupported dtype code " + std::to_string(dtype));
+}
+
+}  // namespace nanolm
