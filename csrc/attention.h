@@ -10,7 +10,7 @@
 namespace nanolm {
 
 // CPU
-// dtype: 0 = float32, 1 = bfloat16 (q, k, v, o, do, dq, dk, dv; lse is float32).
+// dtype: 0 = float32, 1 = bfloat16, 2 = float16 (q, k, v, o, do, dq, dk, dv; lse is float32).
 void attention_fwd_cpu(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
                        std::uintptr_t o, std::uintptr_t lse,
                        int64_t B, int64_t T, int64_t nh, int64_t hs,

@@ -1,4 +1,4 @@
-// Causal flash attention on the CPU, fp32 or bf16 q/k/v: forward and backward (FlashAttention-2
+// Causal flash attention on the CPU, fp32, bf16 or fp16 q/k/v: forward and backward (FlashAttention-2
 // tiling).
 //
 // Per (b, h): S = scale * Q K^T (causal), P = softmax(S), O = P V, lse = logsumexp(S).
@@ -14,9 +14,9 @@
 // deterministic. Cost as kernels/attention.py: forward 4*B*nh*T^2*hs/2 FLOPs, backward 5
 // matmuls (2.5x); memory traffic is small (tiles stay in L1/L2): compute-bound.
 //
-// bf16: every tile a matmul reads is widened to fp32 first (a key tile per query tile in the
+// bf16/fp16: every tile a matmul reads is widened to fp32 first (a key tile per query tile in the
 // forward, each head's q, k, v, do once in the backward), so all products, the softmax and
-// every accumulator are fp32; o, dq, dk, dv are rounded to bf16 once, when stored. lse is fp32.
+// every accumulator are fp32; o, dq, dk, dv are rounded to 16 bits once, when stored. lse is fp32.
 //
 // Layout: q, k, v, dq, dk, dv rows are hs contiguous values at any (b, t, h) strides; o, do are
 // contiguous (B, T, nh, hs). Offsets are int64 (B*T*3C passes 2^31 at GPT-2 sizes). hs must
@@ -181,7 +181,7 @@ void scale_and_mask(float* St, int nk, int i0, int j0, float c) {
 // Forward of one (b, h, query tile), on transposed tiles: St = K Q^T puts the queries along the
 // vectors, so the softmax's per-query max, sum and rescale are plain vector operations.
 struct FwdBuffers {
-    std::vector<float> qt, st, acc, kv;  // kv: a bf16 key tile's K and V widened (else unused)
+    std::vector<float> qt, st, acc, kv;  // kv: a 16-bit key tile's K and V widened (else unused)
     vf m[BQ / 8], l[BQ / 8];
     FwdBuffers(int hs, bool widen_kv) : qt(hs * BQ), st(BK * BQ), acc(BQ * hs), kv(widen_kv ? 2 * BK * hs : 0) {}
 };
@@ -274,7 +274,7 @@ namespace {
 struct BwdBuffers {
     int64_t tp;  // T rounded up to a multiple of BQ
     std::vector<float> qt, dot, st, dpt, dk, dv, dq, lse2, delta;
-    std::vector<float> q32, k32, v32, do32;  // a bf16 head's q, k, v, do widened (else unused)
+    std::vector<float> q32, k32, v32, do32;  // a 16-bit head's q, k, v, do widened (else unused)
     BwdBuffers(int hs, int64_t T)
         : tp((T + BQ - 1) / BQ * BQ), qt(hs * tp), dot(hs * tp), st(BK * BQ), dpt(BK * BQ),
           dk(BK * hs), dv(BK * hs), dq(T * hs), lse2(tp), delta(tp) {}

@@ -42,8 +42,8 @@ PYBIND11_MODULE(_C, m) {
     m.doc() = "nanolm's C++ (CPU) and CUDA kernels; see csrc/ and nanolm/backends/";
     m.def("build_info", &build_info, "How this extension was built");
 
-    m.def("layernorm_fwd_cpu", &nanolm::layernorm_fwd_cpu, "LayerNorm forward (+ fused residual add), float32 or bf16");
-    m.def("layernorm_bwd_cpu", &nanolm::layernorm_bwd_cpu, "LayerNorm backward (+ residual grad), float32 or bf16");
+    m.def("layernorm_fwd_cpu", &nanolm::layernorm_fwd_cpu, "LayerNorm forward (+ fused residual add), float32, bf16 or fp16");
+    m.def("layernorm_bwd_cpu", &nanolm::layernorm_bwd_cpu, "LayerNorm backward (+ residual grad), float32, bf16 or fp16");
 #ifdef NANOLM_WITH_CUDA
     m.def("layernorm_fwd_cuda", &nanolm::layernorm_fwd_cuda, "LayerNorm forward (+ fused residual add)");
     m.def("layernorm_bwd_workspace_rows_cuda", &nanolm::layernorm_bwd_workspace_rows_cuda,
@@ -52,7 +52,7 @@ PYBIND11_MODULE(_C, m) {
     m.attr("layernorm_cuda_max_c") = nanolm::kLayerNormCudaMaxC;
 #endif
     m.def("cross_entropy_fwd_cpu", &nanolm::cross_entropy_fwd_cpu,
-          "Cross-entropy losses and gradient over float32 or bf16 logits (N, Vp), OpenMP over rows");
+          "Cross-entropy losses and gradient over float32, bf16 or fp16 logits (N, Vp), OpenMP over rows");
 #ifdef NANOLM_WITH_CUDA
     m.def("cross_entropy_fwd_cuda", &nanolm::cross_entropy_fwd_cuda,
           "Cross-entropy losses and gradient over fp32/bf16 logits (N, Vp), one block per row");
@@ -68,8 +68,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("sum_of_squares_cuda", &nanolm::sum_of_squares_cuda);
     m.def("sum_of_squares_partials_cuda", &nanolm::sum_of_squares_partials_cuda);
 #endif
-    m.def("attention_fwd_cpu", &nanolm::attention_fwd_cpu, "Causal flash attention forward (fp32 or bf16, CPU)");
-    m.def("attention_bwd_cpu", &nanolm::attention_bwd_cpu, "Causal flash attention backward (fp32 or bf16, CPU)");
+    m.def("attention_fwd_cpu", &nanolm::attention_fwd_cpu, "Causal flash attention forward (fp32, bf16 or fp16, CPU)");
+    m.def("attention_bwd_cpu", &nanolm::attention_bwd_cpu, "Causal flash attention backward (fp32, bf16 or fp16, CPU)");
 #ifdef NANOLM_WITH_CUDA
     using Strides = std::array<std::int64_t, 3>;
     m.def(

@@ -1,9 +1,12 @@
-// bfloat16 storage for the CPU kernels: the element types they are templated on.
+// 16-bit storage for the CPU kernels: the element types they are templated on (float, bf16,
+// and fp16 as the compiler's _Float16).
 //
-// The CPU kernels keep every statistic and accumulator in fp32 and use bf16 only for what they
-// read and write, as the CUDA and Triton kernels do. bf16 is the top half of an fp32: widening
-// is a 16-bit shift; narrowing rounds to nearest even. Both are integer code, so gcc vectorizes
-// the loops that call them (a float compare would not vectorize under -ftrapping-math).
+// The CPU kernels keep every statistic and accumulator in fp32 and use bf16/fp16 only for what
+// they read and write, as the CUDA and Triton kernels do. bf16 is the top half of an fp32:
+// widening is a 16-bit shift; narrowing rounds to nearest even. Both are integer code, so gcc
+// vectorizes the loops that call them (a float compare would not vectorize under
+// -ftrapping-math). fp16 converts with the compiler's _Float16 casts (F16C instructions with
+// -march=native on x86), rounding to nearest even.
 #pragma once
 #include <cstdint>
 #include <stdexcept>
@@ -16,9 +19,10 @@ struct bf16 {
 };
 
 // Element-type codes passed from Python (nanolm/backends/cpu.py: _DTYPE_CODE).
-enum CpuDtype : int { kFloat32 = 0, kBFloat16 = 1 };
+enum CpuDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 inline float to_float(float x) { return x; }
+inline float to_float(_Float16 x) { return static_cast<float>(x); }
 inline float to_float(bf16 x) { return __builtin_bit_cast(float, static_cast<std::uint32_t>(x.bits) << 16); }
 
 template <typename T>
@@ -26,6 +30,9 @@ inline T from_float(float x);
 
 template <>
 inline float from_float<float>(float x) { return x; }
+
+template <>
+inline _Float16 from_float<_Float16>(float x) { return static_cast<_Float16>(x); }
 
 // Round to nearest even: add 0x7fff plus the lowest kept bit, then drop the low half. A NaN
 // stays a (quiet) NaN instead of rounding into infinity.
@@ -50,11 +57,12 @@ inline void narrow(const float* __restrict src, T* __restrict dst, std::int64_t 
     for (std::int64_t i = 0; i < n; ++i) dst[i] = from_float<T>(src[i]);
 }
 
-// Calls fn with a value of the element type `dtype` names (float or bf16), for dispatch.
+// Calls fn with a value of the element type `dtype` names (float, bf16, _Float16), for dispatch.
 template <typename Fn>
 inline void dispatch_cpu_dtype(int dtype, const char* op, Fn&& fn) {
     if (dtype == kFloat32) return fn(float{});
     if (dtype == kBFloat16) return fn(bf16{});
+    if (dtype == kFloat16) return fn(_Float16{});
     throw std::invalid_argument(std::string(op) + ": unsupported dtype code " + std::to_string(dtype));
 }
 

@@ -12,7 +12,7 @@ void cross_entropy_fwd_cuda(std::uintptr_t logits, std::uintptr_t targets, std::
                             std::int64_t V, std::int64_t ignore_index, double z_loss,
                             double grad_scale, const std::string& dtype, std::uintptr_t stream);
 
-// dtype: 0 = float32, 1 = bfloat16 (cpu_bf16.h); losses are float32 either way.
+// dtype: 0 = float32, 1 = bfloat16, 2 = float16 (cpu_bf16.h); losses are float32 either way.
 void cross_entropy_fwd_cpu(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t losses,
                            std::uintptr_t dlogits, std::int64_t N, std::int64_t Vp,
                            std::int64_t V, std::int64_t ignore_index, double z_loss,

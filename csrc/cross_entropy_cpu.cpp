@@ -1,4 +1,4 @@
-// Cross-entropy forward with its gradient on the CPU, float32 or bf16 logits, OpenMP over rows.
+// Cross-entropy forward with its gradient on the CPU, float32, bf16 or fp16 logits, OpenMP over rows.
 //
 // Per row with target t (columns >= V are padding, excluded from the softmax):
 //   lse  = m + log(s),  m = max_j x_j,  s = sum_j exp(x_j - m)      (j < V)
@@ -8,10 +8,10 @@
 // Algorithm, per row (a 200 KB row stays in L2): max; then e_j = exp(x_j - m) written to dx
 // while summing s; then dx_j *= coef / s. One exp per logit. The exp is a polynomial that
 // gcc vectorizes (libm's expf would not be, under -O3 without -ffast-math).
-// bf16 logits are widened as they are read; max, sum, lse, loss and exp values stay fp32 (the
-// exp values go to a per-thread fp32 row, as bf16 dx would round them twice), and only the
-// final dx is rounded to bf16.
-// Memory traffic, s-byte logits (4 fp32, 2 bf16): reads N*Vp logits (three passes, two from
+// 16-bit logits are widened as they are read; max, sum, lse, loss and exp values stay fp32 (the
+// exp values go to a per-thread fp32 row, as a 16-bit dx would round them twice), and only the
+// final dx is rounded to the logits' type.
+// Memory traffic, s-byte logits (4 fp32, 2 bf16/fp16): reads N*Vp logits (three passes, two from
 // cache) + N targets, writes N*Vp gradients (read back once from cache) + N fp32 losses.
 #include <algorithm>
 #include <cmath>

@@ -1,7 +1,7 @@
 // LayerNorm launchers (forward with optional fused residual add, backward with optional
 // residual gradient). Pointers are tensor.data_ptr() values; 0 means "absent" for the optional
 // ones (residual, residual_out, bias, dresidual). dtype codes: 0 = float32, 1 = bfloat16
-// (CPU and CUDA). mean, rstd, dweight, dbias are always float32.
+// (CPU and CUDA), 2 = float16 (CPU). mean, rstd, dweight, dbias are always float32.
 #pragma once
 #include <cstdint>
 

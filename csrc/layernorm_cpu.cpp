@@ -1,11 +1,11 @@
-// LayerNorm forward and backward on the CPU, float32 or bf16 values, with the residual add fused
+// LayerNorm forward and backward on the CPU, float32, bf16 or fp16 values, with the residual add fused
 // (see layernorm.cu for the math). OpenMP splits rows over threads; each row's loops are written so
 // the compiler vectorizes them (`omp simd` reductions; no aliasing between the arrays).
-// bf16 rows are widened into a per-thread fp32 row first; statistics, dw and db stay fp32 (mean,
-// rstd, dweight, dbias are fp32 whatever the input dtype), and x + residual is rounded to bf16
-// before it is normalized, so forward and backward see the same stored residual_out.
+// 16-bit rows are widened into a per-thread fp32 row first; statistics, dw and db stay fp32
+// (mean, rstd, dweight, dbias are fp32 whatever the input dtype), and x + residual is rounded to
+// the storage type before it is normalized, so forward and backward see the same residual_out.
 //
-// Memory traffic, s-byte values (4 fp32, 2 bf16): forward reads N*C (+ N*C residual) + 2C,
+// Memory traffic, s-byte values (4 fp32, 2 bf16/fp16): forward reads N*C (+ N*C residual) + 2C,
 // writes N*C (+ N*C residual_out) values + 2N fp32; backward reads 2*N*C (+ N*C dresidual) + C
 // values + 2N fp32, writes N*C values + 2C fp32, plus the per-chunk dw/db partial sums
 // (kChunks * C * 2 fp32, in cache).

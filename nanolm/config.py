@@ -44,7 +44,8 @@ class TrainConfig:
     log_interval: int = 25  # steps between log lines
     seed: int = 1337
     device: str = "auto"  # cuda if available, else cpu
-    dtype: str = "auto"  # bf16 autocast on cuda, fp32 on cpu
+    dtype: str = "auto"  # autocast: bf16 on cuda and on CPUs with native bf16, else fp32; or float16 (loss-scaled)
+    loss_scale_window: int = 2000  # float16: clean steps before the loss scale doubles (torch GradScaler's)
     kernels: str = "auto"  # see nanolm/backends/__init__.py
     peak_tflops: float = 0.0  # overrides the device peak table for MFU; 0 = look up
     out_dir: str = ""  # run dir (checkpoints, metrics.jsonl, config.json); "" = runs/<preset>-<time>
@@ -151,8 +152,10 @@ def validate(cfg):
     for k in ("bucket_mb", "dist_timeout_s"):
         if getattr(cfg, k) <= 0:
             raise ConfigError(f"{k} must be positive, got {getattr(cfg, k)}")
-    if cfg.dtype not in ("auto", "float32", "bfloat16"):
-        raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
+    if cfg.loss_scale_window < 1:
+        raise ConfigError(f"loss_scale_window must be >= 1, got {cfg.loss_scale_window}")
     model_config(cfg, 256)
 
 

@@ -63,12 +63,12 @@ def check_backend(backend, B, T, nh, hs, dtype, device, fused=True):
 @pytest.mark.parametrize("B,T,nh,hs", [(1, 1, 2, 64), (2, 17, 3, 64), (1, 70, 2, 32), (2, 130, 2, 16),
                                        (1, 1000, 2, 64), (1, 1000, 1, 128)])
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpu_matches_reference(B, T, nh, hs, fused, dtype, poison):
     check_backend(cpu, B, T, nh, hs, dtype, "cpu", fused)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpu_backward_deterministic(dtype):
     q, k, v = make_qkv(2, 200, 3, 64, dtype, "cpu")
     do = torch.randn(2, 200, 3, 64, dtype=dtype)
@@ -77,9 +77,9 @@ def test_cpu_backward_deterministic(dtype):
         assert torch.equal(a, b), name
 
 
-def test_cpu_rejects_fp16():
-    with pytest.raises(ValueError, match="float16"):
-        cpu.attention_fwd(*make_qkv(1, 8, 2, 64, torch.float16, "cpu"), 0.125)
+def test_cpu_rejects_float64():
+    with pytest.raises(ValueError, match="float64"):
+        cpu.attention_fwd(*make_qkv(1, 8, 2, 64, torch.float64, "cpu"), 0.125)
 
 
 def test_cpu_through_op_layer_autograd():

@@ -13,7 +13,8 @@ from nanolm import ops
 from nanolm.backends import cpu, load, torch_ref, unavailable_reason
 
 IGNORE = -100
-TOL = {torch.float32: dict(rtol=1e-5, atol=2e-6), torch.bfloat16: dict(rtol=1e-2, atol=1e-5)}
+TOL = {torch.float32: dict(rtol=1e-5, atol=2e-6), torch.bfloat16: dict(rtol=1e-2, atol=1e-5),
+       torch.float16: dict(rtol=2e-3, atol=1e-6)}
 
 
 def cpu_backends():
@@ -128,27 +129,29 @@ def test_bad_input(name):
         call(logits.numpy(), targets)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("N,V,Vp,z_loss,extreme", [(5, 777, 777, 0.0, False), (4, 777, 800, 1e-3, True),
                                                    (1, 777, 784, 0.0, False), (2, 50257, 50304, 1e-4, False),
                                                    (300, 1000, 1024, 0.0, True)])
-def test_cpu_bf16_matches_reference(inplace, N, V, Vp, z_loss, extreme):
-    """bf16 logits in, fp32 losses and bf16 gradients out, against float64 on the same bf16 values."""
-    logits, targets = make_inputs(N, V, Vp, dtype=torch.bfloat16, n_ignored=1 if N > 1 else 0, extreme=extreme)
+def test_cpu_16bit_matches_reference(dtype, inplace, N, V, Vp, z_loss, extreme):
+    """16-bit logits in, fp32 losses and 16-bit gradients out, against float64 on the same values."""
+    logits, targets = make_inputs(N, V, Vp, dtype=dtype, n_ignored=1 if N > 1 else 0, extreme=extreme)
     check_against_reference(cpu, logits, targets, V, z_loss, 0.25, inplace)
 
 
-def test_cpu_bf16_deterministic():
-    logits, targets = make_inputs(64, 777, 800, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_16bit_deterministic(dtype):
+    logits, targets = make_inputs(64, 777, 800, dtype=dtype)
     first = cpu.cross_entropy_fwd(logits, targets, 777, IGNORE, 1e-3, 0.5, False)
     second = cpu.cross_entropy_fwd(logits, targets, 777, IGNORE, 1e-3, 0.5, False)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
-def test_cpu_rejects_fp16():
+def test_cpu_rejects_float64():
     logits, targets = make_inputs(2, 777, 800)
-    with pytest.raises(ValueError, match="logits has dtype float16; supported: float32, bfloat16"):
-        cpu.cross_entropy_fwd(logits.half(), targets, 777, IGNORE, 0.0, 1.0, False)
+    with pytest.raises(ValueError, match="logits has dtype float64; supported: float32, bfloat16, float16"):
+        cpu.cross_entropy_fwd(logits.double(), targets, 777, IGNORE, 0.0, 1.0, False)
 
 
 @pytest.mark.parametrize("name", cpu_backends())

@@ -1,8 +1,8 @@
 """The `cpu` backend: C++ kernels from csrc/*_cpu.cpp (OpenMP over rows), through nanolm._C.
 
 Each function checks its tensors (dtype, device, shape, contiguity) and passes raw pointers.
-float32 and bfloat16 values (bf16 kernels keep fp32 statistics and accumulators); AdamW and
-sum_of_squares work on the optimizer's fp32 buffers only.
+float32, bfloat16 and float16 values (the 16-bit kernels keep fp32 statistics and accumulators);
+AdamW and sum_of_squares work on the optimizer's fp32 buffers only.
 """
 import torch
 
@@ -27,7 +27,7 @@ def _ptr(t):
     return 0 if t is None else t.data_ptr()
 
 
-_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}  # csrc/cpu_bf16.h: CpuDtype
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/cpu_bf16.h: CpuDtype
 DTYPES = tuple(_DTYPE_CODE)
 
 
