@@ -40,6 +40,7 @@ class Case:
     x_label: str = "size"
     per_call: dict = field(default_factory=dict)  # extra figures derived from time (tokens/s)
     peak_tflops: float = None  # datasheet peak, when known: TFLOP/s rows also get an MFU against it
+    interleave: bool = False  # time the impls in turn, one call each (see runner.run_case)
 
 
 def tol_for(dtype):
@@ -108,17 +109,25 @@ def shape_key(size, device):
 
 class OpSetup(NamedTuple):
     key: str          # see shape_key
-    dtype: torch.dtype  # timed in bf16 on GPU, fp32 on CPU
+    dtype: torch.dtype  # one of op_dtypes(device)
     dname: str
     available: dict   # nanolm backends to run, see nanolm_backends
     skipped: dict     # {name: why not}, torch.compile included
     compiled: bool    # whether to run torch.compile baselines
 
 
-def op_setup(op, device, size):
-    """What the cases() of an op over activations starts from."""
+def op_dtypes(device):
+    """The activation dtypes the op cases run in: bf16 on GPU; fp32 on CPU, and bf16 too where
+    the CPU computes bf16 natively (there it is what training uses)."""
+    from nanolm.train import native_bf16_cpu
+    if device.type == "cuda":
+        return (torch.bfloat16,)
+    return (torch.float32, torch.bfloat16) if native_bf16_cpu() else (torch.float32,)
+
+
+def op_setup(op, device, size, dtype):
+    """What the cases() of an op over activations in `dtype` starts from."""
     quick = size != "full"
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     available, skipped = nanolm_backends(op, device)
     return OpSetup(shape_key(size, device), dtype, str(dtype).replace("torch.", ""), available,
                    {**skipped, **compile_skipped(device, quick)}, compile_baselines(device, quick))
