@@ -10,6 +10,9 @@
 namespace nanolm {
 
 // CPU
+// Whether the bf16 forward uses AVX512-BF16 dot products (compiled in, and this CPU has them).
+bool attention_cpu_bf16_dot();
+
 // dtype: 0 = float32, 1 = bfloat16, 2 = float16 (q, k, v, o, do, dq, dk, dv; lse is float32).
 void attention_fwd_cpu(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
                        std::uintptr_t o, std::uintptr_t lse,

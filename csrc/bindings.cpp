@@ -30,6 +30,7 @@ static py::dict build_info() {
 #endif
     info["cxx"] = NANOLM_CXX_VERSION;
     info["march"] = NANOLM_MARCH;
+    info["cpu_bf16_dot"] = nanolm::attention_cpu_bf16_dot();  // AVX512-BF16 in the cpu attention
 #ifdef _OPENMP
     info["openmp"] = _OPENMP;
 #else
