@@ -67,6 +67,21 @@ def pick_dtype(cfg, device):
     return "float32", "auto: this CPU has no native bf16"
 
 
+def check_kernels_take(dtype, kernels, mcfg, device):
+    """Under autocast, attention and the lm_head's cross-entropy receive `dtype` activations
+    (layernorm and AdamW stay fp32): call both backends once on a tiny input of that dtype, so a
+    backend without it fails here, before the run dir exists, with its own message, and not at
+    the first evaluation."""
+    if dtype == "float32":
+        return
+    t = getattr(torch, dtype)
+    q = torch.zeros(1, 1, 1, mcfg.n_embd // mcfg.n_head, dtype=t, device=device)
+    kernels["attention"].attention_fwd(q, q, q, 1.0)
+    kernels["cross_entropy"].cross_entropy_fwd(torch.zeros(1, 8, dtype=t, device=device),
+                                               torch.zeros(1, dtype=torch.int64, device=device),
+                                               8, -100, 0.0, 1.0, False)
+
+
 def autocast_ctx(dtype, device):
     if dtype == "float32":
         return contextlib.nullcontext()
@@ -115,6 +130,7 @@ def setup(cfg):
         print("kernels: " + ", ".join(f"{op}={name}" for op, name in choice.items()))
         print(f"dtype: {dtype} ({why})")
     kernels = backends.modules(choice)
+    check_kernels_take(dtype, kernels, mcfg, device)
     model = GPT(mcfg, kernels).to(device)
     loss_scale = DynamicLossScale(cfg.loss_scale_window) if dtype == "float16" else None
     opt = FlatAdamW(model.named_parameters(), cfg.lr, (cfg.beta1, cfg.beta2), 1e-8,

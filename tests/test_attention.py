@@ -77,6 +77,14 @@ def test_cpu_backward_deterministic(dtype):
         assert torch.equal(a, b), name
 
 
+def test_cpu_bf16_forward_uses_dot_products_where_the_cpu_has_them():
+    """With -march=native, the bf16 tests above run the AVX512-BF16 path on a CPU that has it
+    (the widened fp32 path is the fp16 one)."""
+    from nanolm import _C
+    if _C.build_info()["march"] == "native":
+        assert _C.build_info()["cpu_bf16_dot"] == torch.cpu._is_avx512_bf16_supported()
+
+
 def test_cpu_rejects_float64():
     with pytest.raises(ValueError, match="float64"):
         cpu.attention_fwd(*make_qkv(1, 8, 2, 64, torch.float64, "cpu"), 0.125)

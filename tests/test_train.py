@@ -246,3 +246,12 @@ def test_fp16_injected_overflow_skips_the_step_and_halves_the_scale(tmp_path, mo
     assert injected == [True, True]
     assert checkpoint.load(tmp_path)["optimizer"]["skipped"] >= 2
     assert math.isfinite(history["val"]) and history["val"] < history["first_val"]
+
+
+def test_dtype_a_kernel_lacks_fails_before_the_run_dir(tmp_path):
+    """Triton on CPU runs in the interpreter with fp32 attention only: bf16 there is refused
+    before anything is written."""
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="attention_fwd: q has dtype bfloat16"):
+        train(parse_args(TINY + ["--max_steps=1", "--dtype=bfloat16", "--kernels=triton", f"--out_dir={out}"]))
+    assert not out.exists()
