@@ -66,7 +66,7 @@ def load_model(ckpt_path, device, kernels="auto"):
     ckpt = checkpoint.load(ckpt_path, map_location=device)
     device = torch.device(device)
     model = GPT(ModelConfig(**ckpt["config"]["model"]),
-                backends.modules(backends.resolve(kernels, device)))
+                backends.impls(backends.resolve(kernels, device)))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), get_tokenizer(ckpt["config"]["tokenizer"])
 

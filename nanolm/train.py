@@ -92,7 +92,7 @@ def setup(cfg):
     choice = backends.resolve(cfg.kernels, device)
     if env.is_main:
         print("kernels: " + ", ".join(f"{op}={name}" for op, name in choice.items()))
-    kernels = backends.modules(choice)
+    kernels = backends.impls(choice)
     model = GPT(mcfg, kernels).to(device)
     opt = FlatAdamW(model.named_parameters(), cfg.lr, (cfg.beta1, cfg.beta2), 1e-8,
                     cfg.weight_decay, cfg.grad_clip, kernels["adamw"], pad_to=env.world_size)

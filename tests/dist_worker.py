@@ -25,7 +25,7 @@ from nanolm.model import GPT
 from nanolm.optim import FlatAdamW
 from nanolm.train import train_step
 
-TORCH = backends.modules(backends.resolve("torch", torch.device("cpu")))
+TORCH = backends.impls(backends.resolve("torch", torch.device("cpu")))
 MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=40, vocab_multiple=64)
 BATCH, GRAD_ACCUM, LR = 2, 2, 3e-3  # per-rank batch; grad_accum micro-steps per step
 TOKENS = np.random.default_rng(0).integers(0, MODEL.vocab_size, 4000)

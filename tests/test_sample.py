@@ -15,7 +15,7 @@ def make_model(kernels="torch", device="cpu"):
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=VOCAB,
                       vocab_multiple=64)
-    kernels = backends.modules(backends.resolve(kernels, torch.device(device)))
+    kernels = backends.impls(backends.resolve(kernels, torch.device(device)))
     return GPT(cfg, kernels).to(device).eval()
 
 
