@@ -29,7 +29,7 @@ CONFIGS = {  # (n_layer, n_head, n_embd, block_size, vocab_size, batch); vocab p
 }
 LR, BETAS, EPS, WD, GRAD_CLIP = 6e-4, (0.9, 0.95), 1e-8, 0.1, 1.0  # train.py's defaults; GPT-2 124M's lr
 SEED = 1234
-TORCH_KERNELS = backends.modules({op: "torch" for op in backends.OPS})
+TORCH_KERNELS = backends.impls({op: "torch" for op in backends.OPS})
 TINY_COMPILE_SKIPPED = {"torch.compile": "not run at the test suite's toy size (compiling takes ~30 s on CPU)"}
 
 
@@ -155,7 +155,7 @@ def _case(name, cfg, device, compiled):
         n_params = _nanolm_model(cfg, TORCH_KERNELS).num_params()
     tokens = batch * block_size
     sets, skipped = kernel_sets(device)
-    impls = [Impl(label, "nanolm", nanolm_impl(cfg, device, backends.modules(choice)))
+    impls = [Impl(label, "nanolm", nanolm_impl(cfg, device, backends.impls(choice)))
              for label, choice in sets.items()]
     impls.append(Impl("eager", "baseline", _reference_impl(cfg, device, False)))
     if compiled:
