@@ -80,7 +80,7 @@ def main(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=500)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--kernels", default="auto", help="kernel backends, as in nanolm.train")
+    p.add_argument("--kernels", default="auto", help="the backend per op (model impls), as --kernels of nanolm.train")
     args = p.parse_args(argv)
 
     model, tok = load_model(args.ckpt, args.device, args.kernels)
