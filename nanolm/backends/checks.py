@@ -67,6 +67,15 @@ def check_layer_norm(op, support, x, weight, *, rows=(), vectors=(), stats=()):
         check_tensor(op, name, t, dtypes=(torch.float32,), device=x.device, shape=(N,))
 
 
+def check_layer_norm_fwd(op, support, x, residual, weight, bias):
+    check_layer_norm(op, support, x, weight, rows=[("residual", residual)], vectors=[("bias", bias)])
+
+
+def check_layer_norm_bwd(op, support, dy, x, weight, mean, rstd, dresidual):
+    check_layer_norm(op, support, x, weight, rows=[("dy", dy), ("dresidual", dresidual)],
+                     stats=[("mean", mean), ("rstd", rstd)])
+
+
 def check_cross_entropy(op, support, logits, targets, vocab_size):
     """logits (N, Vp) contiguous with 1 <= vocab_size <= Vp, targets (N,) int64 on its device."""
     check_first(op, support, "logits", logits, ndim=2)

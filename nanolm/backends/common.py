@@ -74,6 +74,12 @@ def layer_norm_outputs(x, residual):
     return torch.empty_like(x), residual_out, *stats
 
 
+def layer_norm_bwd_outputs(x):
+    """Empty dx (like x), dweight, dbias (C,) float32 for a backward over x (N, C)."""
+    C = x.shape[1]
+    return torch.empty_like(x), *(torch.empty(C, dtype=torch.float32, device=x.device) for _ in range(2))
+
+
 def adamw_scalars(lr, beta1, beta2, eps, weight_decay, step, grad_scale):
     """The per-step scalars of the fused update, computed once on the host in float64, in the
     order of _C.AdamWScalars and kernels/adamw.py's launcher: (1 - beta1, beta2, 1 - beta2, eps,

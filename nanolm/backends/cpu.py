@@ -5,9 +5,9 @@ Each function checks its tensors against SUPPORT (checks.py) and passes raw poin
 import torch
 
 from nanolm.backends.checks import (check_adamw, check_attention, check_attention_bwd, check_cross_entropy,
-                                    check_layer_norm, check_sum_of_squares)
-from nanolm.backends.common import (_C, Support, adamw_scalars, bth_strides, layer_norm_forwards,
-                                    layer_norm_outputs, ptr)
+                                    check_layer_norm_bwd, check_layer_norm_fwd, check_sum_of_squares)
+from nanolm.backends.common import (_C, Support, adamw_scalars, bth_strides, layer_norm_bwd_outputs,
+                                    layer_norm_forwards, layer_norm_outputs, ptr)
 
 F32 = (torch.float32,)
 SUPPORT = {
@@ -25,7 +25,7 @@ def unavailable_reason(device):
 # ----------------------------------------------------------------------------- layernorm
 
 def _layer_norm_fwd(op, x, residual, weight, bias, eps):
-    check_layer_norm(op, SUPPORT["layernorm"], x, weight, rows=[("residual", residual)], vectors=[("bias", bias)])
+    check_layer_norm_fwd(op, SUPPORT["layernorm"], x, residual, weight, bias)
     y, residual_out, mean, rstd = layer_norm_outputs(x, residual)
     _C.layernorm_fwd_cpu(x.data_ptr(), ptr(residual), ptr(residual_out), weight.data_ptr(), ptr(bias),
                          y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), *x.shape, float(eps))
@@ -36,12 +36,9 @@ layer_norm_fwd, add_layer_norm_fwd = layer_norm_forwards(_layer_norm_fwd)
 
 
 def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual):
-    check_layer_norm("layer_norm_bwd", SUPPORT["layernorm"], x, weight, rows=[("dy", dy), ("dresidual", dresidual)],
-                     stats=[("mean", mean), ("rstd", rstd)])
+    check_layer_norm_bwd("layer_norm_bwd", SUPPORT["layernorm"], dy, x, weight, mean, rstd, dresidual)
     N, C = x.shape
-    dx = torch.empty_like(x)
-    dweight = torch.empty(C, dtype=torch.float32)
-    dbias = torch.empty(C, dtype=torch.float32)
+    dx, dweight, dbias = layer_norm_bwd_outputs(x)
     _C.layernorm_bwd_cpu(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
                          ptr(dresidual), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), N, C)
     return dx, dweight, dbias

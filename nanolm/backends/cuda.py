@@ -7,9 +7,9 @@ current CUDA stream to the extension, which throws on any CUDA error. Every laun
 import torch
 
 from nanolm.backends.checks import (check_adamw, check_attention, check_attention_bwd, check_cross_entropy,
-                                    check_layer_norm, check_sum_of_squares)
-from nanolm.backends.common import (_C, Support, adamw_scalars, bth_strides, c_dtype, layer_norm_forwards,
-                                    layer_norm_outputs, ptr)
+                                    check_layer_norm_bwd, check_layer_norm_fwd, check_sum_of_squares)
+from nanolm.backends.common import (_C, Support, adamw_scalars, bth_strides, c_dtype, layer_norm_bwd_outputs,
+                                    layer_norm_forwards, layer_norm_outputs, ptr)
 
 SUPPORT = {
     # max_row: kLayerNormCudaMaxC (csrc/layernorm.h): each thread caches at most 16 values of a row
@@ -36,7 +36,7 @@ def _stream():
 # ----------------------------------------------------------------------------- layernorm
 
 def _layer_norm_fwd(op, x, residual, weight, bias, eps):
-    check_layer_norm(op, SUPPORT["layernorm"], x, weight, rows=[("residual", residual)], vectors=[("bias", bias)])
+    check_layer_norm_fwd(op, SUPPORT["layernorm"], x, residual, weight, bias)
     y, residual_out, mean, rstd = layer_norm_outputs(x, residual)
     with torch.cuda.device(x.device):
         _C.layernorm_fwd_cuda(x.data_ptr(), ptr(residual), ptr(residual_out), weight.data_ptr(), ptr(bias),
@@ -49,12 +49,9 @@ layer_norm_fwd, add_layer_norm_fwd = layer_norm_forwards(_layer_norm_fwd)
 
 
 def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual):
-    check_layer_norm("layer_norm_bwd", SUPPORT["layernorm"], x, weight, rows=[("dy", dy), ("dresidual", dresidual)],
-                     stats=[("mean", mean), ("rstd", rstd)])
+    check_layer_norm_bwd("layer_norm_bwd", SUPPORT["layernorm"], dy, x, weight, mean, rstd, dresidual)
     N, C = x.shape
-    dx = torch.empty_like(x)
-    dweight = torch.empty(C, dtype=torch.float32, device=x.device)
-    dbias = torch.empty(C, dtype=torch.float32, device=x.device)
+    dx, dweight, dbias = layer_norm_bwd_outputs(x)
     with torch.cuda.device(x.device):
         workspace = torch.empty(2, _C.layernorm_bwd_workspace_rows_cuda(N, C), C, dtype=torch.float32,
                                 device=x.device)

@@ -8,10 +8,10 @@ import os
 
 import torch
 
-from nanolm.kernels import adamw, attention, cross_entropy, layernorm
 from nanolm.backends.checks import (check_adamw, check_attention, check_attention_bwd, check_cross_entropy,
-                                    check_layer_norm, check_sum_of_squares)
+                                    check_layer_norm_bwd, check_layer_norm_fwd, check_sum_of_squares)
 from nanolm.backends.common import Support, adamw_scalars, layer_norm_forwards
+from nanolm.kernels import adamw, attention, cross_entropy, layernorm
 
 ANY = (torch.float32, torch.bfloat16, torch.float16)
 F32 = (torch.float32,)
@@ -38,7 +38,7 @@ def unavailable_reason(device):
 # ----------------------------------------------------------------------------- layernorm
 
 def _layer_norm_fwd(op, x, residual, weight, bias, eps):
-    check_layer_norm(op, SUPPORT["layernorm"], x, weight, rows=[("residual", residual)], vectors=[("bias", bias)])
+    check_layer_norm_fwd(op, SUPPORT["layernorm"], x, residual, weight, bias)
     return layernorm.layernorm_fwd(x, residual, weight, bias, eps)
 
 
@@ -46,8 +46,7 @@ layer_norm_fwd, add_layer_norm_fwd = layer_norm_forwards(_layer_norm_fwd)
 
 
 def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual):
-    check_layer_norm("layer_norm_bwd", SUPPORT["layernorm"], x, weight, rows=[("dy", dy), ("dresidual", dresidual)],
-                     stats=[("mean", mean), ("rstd", rstd)])
+    check_layer_norm_bwd("layer_norm_bwd", SUPPORT["layernorm"], dy, x, weight, mean, rstd, dresidual)
     return layernorm.layernorm_bwd(dy, x, weight, mean, rstd, dresidual)
 
 
