@@ -63,21 +63,21 @@ def check_outputs(out, ref, tol):
             raise AssertionError(f"output {i}: max error {err:.2e} relative to max |ref| > tol {tol:.0e}")
 
 
-def backend_unavailable(name, op, device):
-    """Why the bench does not run backend `name` for `op` on `device`, or None. On top of the op
-    layer's answer: triton on CPU runs only in Triton's interpreter, whose times say nothing
-    about the kernel (its correctness is covered by tests/, not here)."""
-    reason = backends.unavailable_reason(name, op, device)
+def backend_unavailable(name, op, device, dtype=None):
+    """Why the bench does not run backend `name` for `op` on `device` (in `dtype`, when given),
+    or None. On top of the op layer's answer: triton on CPU runs only in Triton's interpreter,
+    whose times say nothing about the kernel (its correctness is covered by tests/, not here)."""
+    reason = backends.unavailable_reason(name, op, device, dtype)
     if reason is None and name == "triton" and device.type == "cpu":
         return "CPU tensors only run in Triton's interpreter (TRITON_INTERPRET=1), whose timings are meaningless"
     return reason
 
 
-def nanolm_backends(op, device):
-    """({name: module} of backends the bench runs for op on device, {name: why not})."""
+def nanolm_backends(op, device, dtype=None):
+    """({name: module} of backends the bench runs for op on device (in dtype), {name: why not})."""
     available, skipped = {}, {}
     for name in backends.BACKENDS:
-        reason = backend_unavailable(name, op, device)
+        reason = backend_unavailable(name, op, device, dtype)
         if reason is None:
             available[name] = backends.load(name)
         else:
@@ -128,7 +128,7 @@ def op_dtypes(device):
 def op_setup(op, device, size, dtype):
     """What the cases() of an op over activations in `dtype` starts from."""
     quick = size != "full"
-    available, skipped = nanolm_backends(op, device)
+    available, skipped = nanolm_backends(op, device, dtype)
     return OpSetup(shape_key(size, device), dtype, str(dtype).replace("torch.", ""), available,
                    {**skipped, **compile_skipped(device, quick)}, compile_baselines(device, quick))
 

@@ -7,20 +7,23 @@
 #include <array>
 #include <cstdint>
 
+#include "common.h"
+
 namespace nanolm {
 
-// CPU
+// ----------------------------------------------------------------------------- CPU (fp32, bf16, fp16)
 // Whether the bf16 forward uses AVX512-BF16 dot products (compiled in, and this CPU has them).
 bool attention_cpu_bf16_dot();
 
-// dtype: 0 = float32, 1 = bfloat16, 2 = float16 (q, k, v, o, do, dq, dk, dv; lse is float32).
+// Strides in elements: s{q,k,v,dq,dk,dv}{b,t,h} are the (batch, seq, head) strides. dtype is
+// that of q, k, v, o, do, dq, dk, dv: float32, bfloat16 or float16; lse is float32.
 void attention_fwd_cpu(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
                        std::uintptr_t o, std::uintptr_t lse,
                        int64_t B, int64_t T, int64_t nh, int64_t hs,
                        int64_t sqb, int64_t sqt, int64_t sqh,
                        int64_t skb, int64_t skt, int64_t skh,
                        int64_t svb, int64_t svt, int64_t svh,
-                       double scale, int dtype);
+                       double scale, DType dtype);
 
 void attention_bwd_cpu(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
                        std::uintptr_t o, std::uintptr_t lse,
@@ -32,18 +35,20 @@ void attention_bwd_cpu(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, 
                        int64_t sdqb, int64_t sdqt, int64_t sdqh,
                        int64_t sdkb, int64_t sdkt, int64_t sdkh,
                        int64_t sdvb, int64_t sdvt, int64_t sdvh,
-                       double scale, int dtype);
-// CUDA
+                       double scale, DType dtype);
+
+#ifdef NANOLM_WITH_CUDA
+// ----------------------------------------------------------------------------- CUDA (bf16, fp16)
 // Pointers are device addresses (tensor.data_ptr()); strides are (batch, seq, head) strides in
 // elements of a (B, T, nh, hs) tensor whose hs stride is 1. lse and delta are (B, nh, T) fp32.
-// bf16 selects __nv_bfloat16, otherwise __half. Throws std::invalid_argument for an unsupported
+// dtype is bfloat16 or float16. Throws std::invalid_argument for another dtype or an unsupported
 // head size (64 and 128 are supported) and std::runtime_error for a CUDA error.
 struct AttentionCudaFwdArgs {
     std::uintptr_t q, k, v, o, lse;
     std::array<std::int64_t, 3> q_strides, k_strides, v_strides, o_strides;
     std::int64_t B, T, nh, hs;
     double scale;
-    bool bf16;
+    DType dtype;
 };
 
 struct AttentionCudaBwdArgs {
@@ -52,12 +57,12 @@ struct AttentionCudaBwdArgs {
     std::array<std::int64_t, 3> dq_strides, dk_strides, dv_strides;
     std::int64_t B, T, nh, hs;
     double scale;
-    bool bf16;
+    DType dtype;
 };
 
 void attention_fwd_cuda(const AttentionCudaFwdArgs& args, std::uintptr_t stream);
 // delta is an fp32 (B, nh, T) scratch buffer; dq, dk, dv are overwritten.
 void attention_bwd_cuda(const AttentionCudaBwdArgs& args, std::uintptr_t stream);
-// end CUDA
+#endif  // NANOLM_WITH_CUDA
 
 }  // namespace nanolm

@@ -361,7 +361,7 @@ bool attention_cpu_bf16_dot() { return cpu_has_bf16_dot(); }
 void attention_fwd_cpu(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t o,
                        std::uintptr_t lse, int64_t B, int64_t T, int64_t nh, int64_t hs,
                        int64_t sqb, int64_t sqt, int64_t sqh, int64_t skb, int64_t skt, int64_t skh,
-                       int64_t svb, int64_t svt, int64_t svh, double scale, int dtype) {
+                       int64_t svb, int64_t svt, int64_t svh, double scale, DType dtype) {
     check_sizes("attention_fwd_cpu", B, T, nh, hs);
     const int64_t tiles = (T + BQ - 1) / BQ, tasks = B * nh * tiles;
     const float c = static_cast<float>(scale) * LOG2E;
@@ -471,7 +471,7 @@ void attention_bwd_cpu(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, 
                        int64_t sqb, int64_t sqt, int64_t sqh, int64_t skb, int64_t skt, int64_t skh,
                        int64_t svb, int64_t svt, int64_t svh, int64_t sdqb, int64_t sdqt,
                        int64_t sdqh, int64_t sdkb, int64_t sdkt, int64_t sdkh, int64_t sdvb,
-                       int64_t sdvt, int64_t sdvh, double scale, int dtype) {
+                       int64_t sdvt, int64_t sdvh, double scale, DType dtype) {
     check_sizes("attention_bwd_cpu", B, T, nh, hs);
     dispatch_cpu_dtype(dtype, "attention_bwd_cpu", [&](auto tag) {
         using E = decltype(tag);

@@ -9,17 +9,14 @@
 // -march=native on x86), rounding to nearest even.
 #pragma once
 #include <cstdint>
-#include <stdexcept>
-#include <string>
+
+#include "common.h"
 
 namespace nanolm {
 
 struct bf16 {
     std::uint16_t bits;
 };
-
-// Element-type codes passed from Python (nanolm/backends/cpu.py: _DTYPE_CODE).
-enum CpuDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 inline float to_float(float x) { return x; }
 inline float to_float(_Float16 x) { return static_cast<float>(x); }
@@ -59,11 +56,13 @@ inline void narrow(const float* __restrict src, T* __restrict dst, std::int64_t 
 
 // Calls fn with a value of the element type `dtype` names (float, bf16, _Float16), for dispatch.
 template <typename Fn>
-inline void dispatch_cpu_dtype(int dtype, const char* op, Fn&& fn) {
-    if (dtype == kFloat32) return fn(float{});
-    if (dtype == kBFloat16) return fn(bf16{});
-    if (dtype == kFloat16) return fn(_Float16{});
-    throw std::invalid_argument(std::string(op) + ": unsupported dtype code " + std::to_string(dtype));
+inline void dispatch_cpu_dtype(DType dtype, const char* op, Fn&& fn) {
+    switch (dtype) {
+        case DType::float32: return fn(float{});
+        case DType::bfloat16: return fn(bf16{});
+        case DType::float16: return fn(_Float16{});
+    }
+    unsupported_dtype(op, dtype);
 }
 
 }  // namespace nanolm

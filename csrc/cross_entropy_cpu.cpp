@@ -130,7 +130,7 @@ void cross_entropy_rows(const T* x_all, const std::int64_t* t_all, float* loss_a
 
 void cross_entropy_fwd_cpu(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t losses,
                            std::uintptr_t dlogits, std::int64_t N, std::int64_t Vp, std::int64_t V,
-                           std::int64_t ignore_index, double z_loss, double grad_scale, int dtype) {
+                           std::int64_t ignore_index, double z_loss, double grad_scale, DType dtype) {
     require(N >= 0, "cross_entropy_fwd_cpu: N must be >= 0");
     require(V >= 1 && V <= Vp, "cross_entropy_fwd_cpu: need 1 <= V <= Vp");
     dispatch_cpu_dtype(dtype, "cross_entropy_fwd_cpu", [&](auto tag) {

@@ -1,9 +1,11 @@
 // LayerNorm launchers (forward with optional fused residual add, backward with optional
 // residual gradient). Pointers are tensor.data_ptr() values; 0 means "absent" for the optional
-// ones (residual, residual_out, bias, dresidual). dtype codes: 0 = float32, 1 = bfloat16
-// (CPU and CUDA), 2 = float16 (CPU). mean, rstd, dweight, dbias are always float32.
+// ones (residual, residual_out, bias, dresidual). The CPU kernels take float32, bfloat16 or
+// float16; the CUDA ones float32 or bfloat16 (dtype). mean, rstd, dweight, dbias are always float32.
 #pragma once
 #include <cstdint>
+
+#include "common.h"
 
 namespace nanolm {
 
@@ -11,13 +13,13 @@ namespace nanolm {
 void layernorm_fwd_cpu(std::uintptr_t x, std::uintptr_t residual, std::uintptr_t residual_out,
                        std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t y,
                        std::uintptr_t mean, std::uintptr_t rstd, std::int64_t N, std::int64_t C,
-                       double eps, int dtype);
+                       double eps, DType dtype);
 
 // dx = rstd * (w*dy - (xhat * c1 + c2)) (+ dresidual); dweight = sum_rows dy*xhat; dbias = sum_rows dy.
 void layernorm_bwd_cpu(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weight,
                        std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t dresidual,
                        std::uintptr_t dx, std::uintptr_t dweight, std::uintptr_t dbias,
-                       std::int64_t N, std::int64_t C, int dtype);
+                       std::int64_t N, std::int64_t C, DType dtype);
 
 #ifdef NANOLM_WITH_CUDA
 // Largest row length the CUDA kernels take (each thread caches at most 16 values of a row).
@@ -26,14 +28,14 @@ constexpr std::int64_t kLayerNormCudaMaxC = 16384;
 void layernorm_fwd_cuda(std::uintptr_t x, std::uintptr_t residual, std::uintptr_t residual_out,
                         std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t y,
                         std::uintptr_t mean, std::uintptr_t rstd, std::int64_t N, std::int64_t C,
-                        double eps, int dtype, std::uintptr_t stream);
+                        double eps, DType dtype, std::uintptr_t stream);
 
 // workspace: 2 * layernorm_bwd_workspace_rows_cuda(N, C) * C float32 values (partial dw, db).
 std::int64_t layernorm_bwd_workspace_rows_cuda(std::int64_t N, std::int64_t C);
 void layernorm_bwd_cuda(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weight,
                         std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t dresidual,
                         std::uintptr_t dx, std::uintptr_t dweight, std::uintptr_t dbias,
-                        std::uintptr_t workspace, std::int64_t N, std::int64_t C, int dtype,
+                        std::uintptr_t workspace, std::int64_t N, std::int64_t C, DType dtype,
                         std::uintptr_t stream);
 #endif
 

@@ -179,7 +179,7 @@ void forward_rows(const T* x, const T* residual, T* residual_out, const T* weigh
 void layernorm_fwd_cpu(std::uintptr_t x, std::uintptr_t residual, std::uintptr_t residual_out,
                        std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t y,
                        std::uintptr_t mean, std::uintptr_t rstd, std::int64_t N, std::int64_t C,
-                       double eps, int dtype) {
+                       double eps, DType dtype) {
     require(N >= 0 && C >= 1, "layernorm_fwd_cpu: need N >= 0 and C >= 1, got N=" + std::to_string(N) +
                                   " C=" + std::to_string(C));
     require((residual == 0) == (residual_out == 0),
@@ -195,7 +195,7 @@ void layernorm_fwd_cpu(std::uintptr_t x, std::uintptr_t residual, std::uintptr_t
 void layernorm_bwd_cpu(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weight,
                        std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t dresidual,
                        std::uintptr_t dx, std::uintptr_t dweight, std::uintptr_t dbias,
-                       std::int64_t N, std::int64_t C, int dtype) {
+                       std::int64_t N, std::int64_t C, DType dtype) {
     require(N >= 0 && C >= 1, "layernorm_bwd_cpu: need N >= 0 and C >= 1, got N=" + std::to_string(N) +
                                   " C=" + std::to_string(C));
     const std::int64_t chunks = std::min(N, kChunks);

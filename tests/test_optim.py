@@ -8,7 +8,7 @@ from nanolm.config import ModelConfig
 from nanolm.model import GPT
 from nanolm.optim import DynamicLossScale, FlatAdamW
 
-TORCH = backends.modules(backends.resolve("torch", torch.device("cpu")))
+TORCH = backends.impls(backends.resolve("torch", torch.device("cpu")))
 HP = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
 
 
@@ -149,11 +149,11 @@ def test_dynamic_loss_scale_halves_on_overflow_and_doubles_after_clean_steps():
 def test_loss_scaled_step_equals_unscaled(name, clip):
     """Gradients of a loss scaled by 2^k, unscaled inside the AdamW step (with the clip
     coefficient, one grad_scale): the same update, bit for bit, and the same (unscaled) norm."""
-    kernels = backends.modules(backends.resolve(name, torch.device("cpu")))
+    impls = backends.impls(backends.resolve(name, torch.device("cpu")))
     a, b = model_pair()
-    scaled = FlatAdamW(a.named_parameters(), weight_decay=0.1, grad_clip=clip, backend=kernels["adamw"],
+    scaled = FlatAdamW(a.named_parameters(), weight_decay=0.1, grad_clip=clip, backend=impls["adamw"],
                        loss_scale=DynamicLossScale(init_scale=2.0 ** 12), **HP)
-    plain = FlatAdamW(b.named_parameters(), weight_decay=0.1, grad_clip=clip, backend=kernels["adamw"], **HP)
+    plain = FlatAdamW(b.named_parameters(), weight_decay=0.1, grad_clip=clip, backend=impls["adamw"], **HP)
     for i in range(3):
         g = torch.randn_like(plain.flat_grad)
         scaled.flat_grad.copy_(g * 2.0 ** 12)
