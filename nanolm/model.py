@@ -66,6 +66,7 @@ class GPT(nn.Module):
         if cfg.dropout != 0:
             raise ValueError("GPT: dropout must be 0 (the fused kernels have no dropout)")
         self.cfg, self.kernels = cfg, kernels
+        self.tp = None  # the tensor-parallel group's communicator, set by tensor_parallel.parallelize
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.padded_vocab, cfg.n_embd),
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
@@ -109,6 +110,8 @@ class GPT(nn.Module):
         """With targets: mean loss over all positions. Without: last-position logits over the
         real vocabulary (B, vocab_size)."""
         h = self.hidden(idx)
+        if self.tp is not None:  # vocab-parallel lm_head (nanolm/tensor_parallel.py)
+            return self.lm_head(h, targets)
         if targets is None:
             return h[:, -1] @ self.lm_head.weight[: self.cfg.vocab_size].to(h.dtype).t()
         C = h.shape[-1]

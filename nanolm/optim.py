@@ -12,6 +12,13 @@ ZeRO-1 (`shard`): the optimizer then updates only this rank's pieces of the buff
 AdamW moments for those alone (optimizer memory / W); the gradient norm is the all-reduced sum
 of every rank's piece sums of squares, so every rank clips, and skips a non-finite step, alike;
 the updated pieces are all-gathered so every rank again holds all the weights.
+
+Tensor parallel (`tensor_parallel`, nanolm/tensor_parallel.py): parameters with a `tp_split`
+attribute are this rank's slices; the others are replicated, identical on every rank of the
+group. The buffer then holds 2-D slices, 2-D replicated, 1-D replicated, 1-D slices, so the
+replicated ones form one range and the decayed 2-D ones still a prefix; the global norm adds
+every rank's slices once and the replicated parameters once:
+    norm^2 = sum over the group of (sumsq(buffer) - (1 - 1/n) * sumsq(replicated range)).
 """
 import math
 
@@ -31,7 +38,7 @@ class FlatAdamW:
                 seen.add(id(p))
                 self.params.append(p)
                 names.append(name)
-        order = sorted(range(len(self.params)), key=lambda i: self.params[i].dim() < 2)
+        order = sorted(range(len(self.params)), key=lambda i: self._buffer_position(self.params[i]))
         self.params = [self.params[i] for i in order]
         self.names = [names[i] for i in order]
         self.decay_numel = sum(p.numel() for p in self.params if p.dim() >= 2)
@@ -40,7 +47,22 @@ class FlatAdamW:
         # Ranges [start, end) of the flat buffers this optimizer updates, its moment buffers
         # being their concatenation: the whole buffer, until shard() keeps this rank's pieces.
         self.pieces, self.buckets, self.comm = [(0, self.flat_param.numel())], [], None
+        replicated = [(off, off + n) for (_, off, n), p in zip(self.layout, self.params)
+                      if not hasattr(p, "tp_split")]
+        self.replicated = (replicated[0][0], replicated[-1][1]) if replicated else (0, 0)  # one range
+        self.tp_comm = None
         self.step_count, self.skipped = 0, 0
+
+    @staticmethod
+    def _buffer_position(p):
+        """2-D before 1-D (decay prefix); tensor-parallel slices at the two ends (see above)."""
+        one_d = p.dim() < 2
+        return one_d, hasattr(p, "tp_split") == one_d
+
+    def tensor_parallel(self, comm):
+        """Sum the gradient norm over the tensor-parallel group of comm, counting the
+        replicated parameters once."""
+        self.tp_comm = comm
 
     def _flatten(self, padded):
         device = self.params[0].device
@@ -96,11 +118,19 @@ class FlatAdamW:
         return norm
 
     def _grad_norm(self):
-        if self.comm is None:
+        if self.comm is None and self.tp_comm is None:
             return ops.grad_norm(self.flat_grad, self.backend).item()
-        sumsq = torch.stack([self.backend.sum_of_squares(self.flat_grad[s:e]) for s, e in self.pieces])
-        sumsq = sumsq.sum().reshape(1)
-        self.comm.wait(self.comm.all_reduce(sumsq, average=False))
+        sumsq = torch.stack([self.backend.sum_of_squares(self.flat_grad[s:e]) for s, e in self.pieces]).sum()
+        if self.tp_comm is not None:  # the replicated range counts once over the group
+            lo, hi = self.replicated
+            overlaps = [(max(s, lo), min(e, hi)) for s, e in self.pieces if max(s, lo) < min(e, hi)]
+            if overlaps:
+                replicated = torch.stack([self.backend.sum_of_squares(self.flat_grad[s:e]) for s, e in overlaps])
+                sumsq = sumsq - (1 - 1 / self.tp_comm.env.world_size) * replicated.sum()
+        sumsq = sumsq.reshape(1)
+        for comm in (self.comm, self.tp_comm):
+            if comm is not None:
+                comm.wait(comm.all_reduce(sumsq, average=False))
         return sumsq.sqrt().item()
 
     def _all_gather(self, buffer):

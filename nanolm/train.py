@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanolm import backends, checkpoint, dist
+from nanolm import backends, checkpoint, dist, tensor_parallel
 from nanolm.config import ConfigError, as_dict, model_config, parse_args, parse_overrides
 from nanolm.data import Loader, get_tokenizer, load_dataset
 from nanolm.metrics import MetricsWriter
@@ -70,10 +70,11 @@ def get_lr(cfg, step):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
 
 
-def flops_per_token(model):
-    """6N for the matmuls plus attention's 6*L*T*C (forward + backward), as in the PaLM paper."""
-    c = model.cfg
-    return 6 * model.num_params() + 6 * c.n_layer * c.block_size * c.n_embd
+def flops_per_token(run):
+    """6N for the matmuls plus attention's 6*L*T*C (forward + backward), as in the PaLM paper;
+    N of the whole model, whatever slice of it this rank holds."""
+    c = run["model"].cfg
+    return 6 * run["n_params"] + 6 * c.n_layer * c.block_size * c.n_embd
 
 
 def setup(cfg):
@@ -93,17 +94,23 @@ def setup(cfg):
     if env.is_main:
         print("kernels: " + ", ".join(f"{op}={name}" for op, name in choice.items()))
     kernels = backends.modules(choice)
+    if env.world_size % cfg.tp:
+        raise ValueError(f"tp={cfg.tp} does not divide the {env.world_size} ranks")
+    ctx = dist.Context(env, device, cfg.dist_timeout_s, cfg.tp)
     model = GPT(mcfg, kernels).to(device)
+    n_params = model.num_params()
+    if ctx.tp_comm is not None:  # this rank's slice of the model just initialised
+        tensor_parallel.parallelize(model, ctx.tp_comm)
     opt = FlatAdamW(model.named_parameters(), cfg.lr, (cfg.beta1, cfg.beta2), 1e-8,
-                    cfg.weight_decay, cfg.grad_clip, kernels["adamw"], pad_to=env.world_size)
-    ctx = dist.Context(env, device, cfg.dist_timeout_s)
+                    cfg.weight_decay, cfg.grad_clip, kernels["adamw"], pad_to=ctx.dp)
     ctx.attach(opt, cfg.bucket_mb, cfg.zero)
-    # each rank reads its own batch_size windows of every global step: see Loader
-    train = Loader(train_tokens, cfg.batch_size, mcfg.block_size, cfg.seed, env.rank, env.world_size)
+    # each data-parallel replica (all ranks of one tp group alike) reads its own batch_size
+    # windows of every global step: see Loader
+    train = Loader(train_tokens, cfg.batch_size, mcfg.block_size, cfg.seed, ctx.dp_rank, ctx.dp)
     val = Loader(val_tokens, cfg.batch_size, mcfg.block_size, cfg.seed + 1)
     return dict(device=device, tokenizer=tokenizer, model=model, opt=opt, train=train, val=val,
-                val_start=val.state_dict(), autocast=autocast_ctx(cfg, device), dist=ctx,
-                config={**as_dict(cfg), "model": dataclasses.asdict(mcfg)})
+                val_start=val.state_dict(), autocast=autocast_ctx(cfg, device), dist=ctx, kernels=kernels,
+                n_params=n_params, config={**as_dict(cfg), "model": dataclasses.asdict(mcfg)})
 
 
 # ----------------------------------------------------------------------------- run dir, resume
@@ -149,20 +156,29 @@ def locate(cfg):
 def config_from_args(argv):
     """The run's config. When resuming, the checkpoint's saved config replaces the defaults, so
     `--resume` alone continues a run as it was started; values given on the command line still
-    win (a changed model shape is then reported by restore()). On another number of ranks the
-    per-rank batch_size is rescaled so the global batch, and with it the data order, is kept."""
+    win (a changed model shape is then reported by restore()). The saved tp is kept only if it
+    divides the number of ranks (else tp=1, or --tp). On another number of data-parallel
+    replicas the per-replica batch_size is rescaled so the global batch, and with it the data
+    order, is kept."""
     cfg = parse_args(argv)
     if not cfg.resume:
         return cfg
     saved, loader = checkpoint.saved_run(locate(cfg)[0])
+    world, overrides = dist.env_from_torchrun().world_size, parse_overrides(argv)
     keep = {k: v for k, v in saved.items() if k not in ("resume", "out_dir", "model")}
-    if "batch_size" not in parse_overrides(argv):
-        keep["batch_size"] = per_rank_batch(loader, dist.env_from_torchrun().world_size)
+    if world % keep.get("tp", 1):
+        keep.pop("tp")
+    if "batch_size" not in overrides:
+        tp = overrides.get("tp", keep.get("tp", 1))
+        if world % tp:
+            raise ConfigError(f"tp={tp} does not divide the {world} ranks")
+        keep["batch_size"] = per_rank_batch(loader, world // tp)
     return parse_args(argv, defaults=keep)
 
 
 def per_rank_batch(loader_state, world_size):
-    """The batch_size per rank that keeps a checkpoint's global batch on world_size ranks."""
+    """The batch_size per rank that keeps a checkpoint's global batch on world_size ranks
+    (data-parallel replicas: a tp group reads one batch)."""
     B, W = loader_state["batch_size"], loader_state["world_size"]
     if B * W % world_size:
         raise ConfigError(f"the checkpoint's global batch of {B * W} sequences ({B} on each of {W} ranks) "
@@ -176,8 +192,8 @@ def restore(cfg, run, path):
     if ckpt["step"] >= cfg.max_steps:
         raise ConfigError(f"{path} is at step {ckpt['step']} and max_steps={cfg.max_steps}: "
                           f"nothing left to train (raise --max_steps to continue)")
-    run["model"].load_state_dict(ckpt["model"])
-    run["opt"].load_state_dict(ckpt["optimizer"])
+    tensor_parallel.load_full_state_dict(run["model"], ckpt["model"])
+    run["opt"].load_state_dict(tensor_parallel.shard_optimizer_state(run["opt"], ckpt["optimizer"], run["model"]))
     run["train"].load_state_dict(ckpt["loader"]["train"])
     checkpoint.set_rng_state(ckpt["rng"])  # last: nothing above may draw random numbers after it
     return ckpt["step"]
@@ -186,16 +202,20 @@ def restore(cfg, run, path):
 def load_weights(run, path):
     """Model weights only (e.g. GPT-2 imported with `python -m nanolm.hf import`)."""
     ckpt = checkpoint.load(path, model_config={"model": run["config"]["model"]})
-    run["model"].load_state_dict(ckpt["model"])
-    print(f"weights from {path}")
+    tensor_parallel.load_full_state_dict(run["model"], ckpt["model"])
+    if run["dist"].is_main:
+        print(f"weights from {path}")
 
 
 def save(cfg, run, step):
-    """Rank 0 writes; every rank calls it, as the ZeRO-1 optimizer state is gathered first."""
-    opt_state = run["opt"].state_dict()
+    """Rank 0 writes; every rank calls it, as the ZeRO-1 optimizer state and the
+    tensor-parallel slices are gathered first: the file holds the 1-process model and state,
+    and loads on any layout."""
+    model_state = tensor_parallel.gather_state_dict(run["model"])
+    opt_state = tensor_parallel.gather_optimizer_state(run["opt"], run["opt"].state_dict(), run["model"])
     if not run["dist"].is_main:
         return None
-    path = checkpoint.save(run["dir"], step, run["model"].state_dict(), opt_state,
+    path = checkpoint.save(run["dir"], step, model_state, opt_state,
                            run["config"], {"train": run["train"].state_dict()}, cfg.keep_ckpts)
     print(f"step {step:5d} | saved {path}", flush=True)
     return path
@@ -258,14 +278,14 @@ def train_step(cfg, run, lr):
 
 
 def tokens_per_step(cfg, run):
-    """Over all ranks."""
-    return cfg.batch_size * cfg.grad_accum * run["model"].cfg.block_size * run["dist"].env.world_size
+    """Over all data-parallel replicas."""
+    return cfg.batch_size * cfg.grad_accum * run["model"].cfg.block_size * run["dist"].dp
 
 
 def log(cfg, run, step, loss, lr, norm, dt):
     tokens = tokens_per_step(cfg, run)
     peak = peak_flops(cfg, run["device"])
-    mfu = (f"{100 * flops_per_token(run['model']) * tokens / dt / (peak * run['dist'].env.world_size):.1f}%"
+    mfu = (f"{100 * flops_per_token(run) * tokens / dt / (peak * run['dist'].env.world_size):.1f}%"
            if peak else "-")
     skipped = f" skipped {run['opt'].skipped}" if run["opt"].skipped else ""
     print(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | "
@@ -279,13 +299,27 @@ def log_eval(cfg, run, step, val_loss):
     run["metrics"].log("eval", step, tokens=step * tokens_per_step(cfg, run), val_loss=val_loss)
 
 
-def sample(cfg, run):
+def sampling_model(run):
+    """The model rank 0 samples from: the training model, or with tensor parallelism a
+    1-process copy of it on rank 0 (every rank calls this: the slices are gathered)."""
+    model = run["model"]
+    if model.tp is None:
+        return model
+    state = tensor_parallel.gather_state_dict(model)
+    if not run["dist"].is_main:
+        return None
+    full = GPT(model.cfg, run["kernels"]).to(run["device"])
+    full.load_state_dict(state)
+    return full
+
+
+def sample(cfg, run, model):
     tok = run["tokenizer"]
     ids = tok.encode(cfg.sample_prompt) or [tok.eot]
     prompt = torch.tensor([ids], dtype=torch.long, device=run["device"])
-    run["model"].eval()
+    model.eval()
     with run["autocast"]:
-        out = generate(run["model"], prompt, cfg.sample_tokens, top_k=50, seed=cfg.seed)
+        out = generate(model, prompt, cfg.sample_tokens, top_k=50, seed=cfg.seed)
     return tok.decode(out[0].tolist())
 
 
@@ -305,20 +339,23 @@ def start(cfg):
         return run, done + 1
     run["metrics"] = MetricsWriter(run_dir, run["config"], resume_step=done if resume_from else None)
     print(f"run dir: {run_dir}" + (f" (resumed from {resume_from}, step {done})" if resume_from else ""))
-    print(f"model: {run['model'].num_params() / 1e6:.2f}M non-embedding params on {run['device']}")
+    layout = f" (tp={run['dist'].tp} x dp={run['dist'].dp})" if run["dist"].tp > 1 else ""
+    print(f"model: {run['n_params'] / 1e6:.2f}M non-embedding params on {run['device']}{layout}")
     return run, done + 1
 
 
 def train(cfg):
     """Runs the whole training; returns {'first_val' (fresh runs), 'val', 'sample', 'stopped'
     (the step a Ctrl-C stopped at, or None), 'checkpoint' (the last one saved)}. Under torchrun
-    only rank 0 evaluates, logs, samples and writes; the other ranks return just 'stopped'."""
+    only rank 0 logs, samples and writes (with tp > 1 its whole tp group evaluates); the other
+    ranks return just 'stopped' (and 'val')."""
     run, first = start(cfg)
     history, is_main = {"stopped": None}, run["dist"].is_main
     with contextlib.closing(run["dist"]), run["metrics"], StopOnInterrupt() as interrupt:
-        if first == 1 and is_main:
+        if first == 1 and run["dist"].evaluates:
             history["first_val"] = evaluate(cfg, run)
-            log_eval(cfg, run, 0, history["first_val"])
+            if is_main:
+                log_eval(cfg, run, 0, history["first_val"])
         t0, timed = time.perf_counter(), 0  # timed steps since t0: evals and saves excluded
         for step in range(first, cfg.max_steps + 1):
             lr = get_lr(cfg, step - 1)
@@ -329,9 +366,10 @@ def train(cfg):
                 loss = run["dist"].mean(loss)
                 if is_main:
                     log(cfg, run, step, loss, lr, norm, (time.perf_counter() - t0) / timed)
-            if is_main and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
+            if run["dist"].evaluates and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
                 history["val"] = evaluate(cfg, run)
-                log_eval(cfg, run, step, history["val"])
+                if is_main:
+                    log_eval(cfg, run, step, history["val"])
             periodic = cfg.ckpt_interval and step % cfg.ckpt_interval == 0
             if periodic or step == cfg.max_steps or stop:
                 history["checkpoint"] = save(cfg, run, step)
@@ -342,8 +380,9 @@ def train(cfg):
                 return history
             if step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or periodic:
                 t0, timed = time.perf_counter(), 0
+        sampler = sampling_model(run)
     if is_main:
-        history["sample"] = sample(cfg, run)
+        history["sample"] = sample(cfg, run, sampler)
         print("sample:\n" + history["sample"])
     return history
 
