@@ -13,9 +13,10 @@ import torch
 
 import dist_worker as W
 from nanolm import dist, ops, tensor_parallel
-from nanolm.backends import torch_ref
+from nanolm.backends import load, torch_ref
 from nanolm.model import GPT
 from nanolm.optim import FlatAdamW
+from test_cross_entropy import cpu_backends
 from test_dist import SMALL_MB, assert_weights_close, free_port, launch, reference
 
 STEPS, MORE = 3, 2
@@ -75,6 +76,23 @@ class ThreadComm:
         pass
 
 
+class OneAtATime:
+    """A backend whose functions run one thread at a time: Triton's interpreter is not
+    thread-safe. (Its calls sit between the collectives, so this cannot deadlock.)"""
+    lock = threading.Lock()
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __getattr__(self, name):
+        fn = getattr(self.backend, name)
+
+        def call(*args, **kwargs):
+            with self.lock:
+                return fn(*args, **kwargs)
+        return call
+
+
 def split_rows(n_rows, n):
     """Uneven shards, the first ones one row longer (as np.array_split)."""
     sizes = [n_rows // n + (r < n_rows % n) for r in range(n)]
@@ -121,8 +139,11 @@ def test_vocab_parallel_cross_entropy_matches_one_process(V, Vp, n, z_loss):
     assert (dw[V:] == 0).all()  # padding rows never predicted
 
 
-def test_vocab_parallel_cross_entropy_fp32_equals_single_process_op():
-    """fp32 against ops.linear_cross_entropy itself (one process), all rows ignored included."""
+@pytest.mark.parametrize("name", ["torch"] + cpu_backends())
+def test_vocab_parallel_cross_entropy_fp32_equals_single_process_op(name):
+    """fp32, each backend's stats/grad pair against ops.linear_cross_entropy itself (one
+    process, the same backend), all rows ignored included."""
+    backend = load(name)
     torch.manual_seed(0)
     N, C, V, Vp, n = 40, 16, 77, 128, 2
     h, w = torch.randn(N, C), torch.randn(Vp, C) * 0.5
@@ -131,14 +152,14 @@ def test_vocab_parallel_cross_entropy_fp32_equals_single_process_op():
             r, rows = comm.env.rank, Vp // n
             w_r = w[r * rows:(r + 1) * rows].clone().requires_grad_()
             h_r = h.clone().requires_grad_()
-            loss = ops.vocab_parallel_linear_cross_entropy(h_r, w_r, targets, comm, torch_ref, r * rows,
+            loss = ops.vocab_parallel_linear_cross_entropy(h_r, w_r, targets, comm, OneAtATime(backend), r * rows,
                                                            min(max(V - r * rows, 0), rows), V)
             loss.backward()
             return loss.detach(), h_r.grad, w_r.grad
 
         results = ThreadGroup(n).run(rank)
         hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
-        want = ops.linear_cross_entropy(hr, wr, targets, torch_ref, vocab_size=V)
+        want = ops.linear_cross_entropy(hr, wr, targets, backend, vocab_size=V)
         want.backward()
         torch.testing.assert_close(results[0][0], want.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(results[0][1] + results[1][1], hr.grad, rtol=1e-5, atol=1e-6)
@@ -263,13 +284,13 @@ def test_killed_tensor_parallel_rank_stops_the_others(tmp_path):
 
 
 def test_torchrun_tp2_dp2_trains_and_resumes_on_one_process(tmp_path, monkeypatch):
-    """`torchrun --nproc_per_node=4 -m nanolm.train --tp=2` ends where one process with the
+    """`torchrun --nproc_per_node=4 -m nanolm.train --tp=2` (C++ cpu kernels) ends where one process with the
     global batch (2 per replica x 2 replicas -> 4) does; its step-4 checkpoint (gathered) resumes
     on 1 process, which takes that global batch itself and reaches the 4 ranks' step-6 weights."""
     from nanolm.train import config_from_args, train
     args = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--eval_iters=1",
             "--log_interval=2", "--max_steps=6", "--eval_interval=100", "--sample_tokens=4",
-            "--kernels=torch", "--grad_accum=2", "--ckpt_interval=4", "--warmup=2", "--lr=3e-3"]
+            "--kernels=cpu", "--grad_accum=2", "--ckpt_interval=4", "--warmup=2", "--lr=3e-3"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={free_port()}",
            "-m", "nanolm.train", *args, "--batch_size=2", "--tp=2", "--zero=1", f"--bucket_mb={SMALL_MB}",
            f"--out_dir={tmp_path / 'four'}"]

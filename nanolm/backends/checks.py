@@ -58,6 +58,20 @@ def check_cross_entropy(op, logits, targets, vocab_size, *, dtypes, device_type)
                  shape=(logits.shape[0],))
     if not 1 <= vocab_size <= logits.shape[1]:
         raise ValueError(f"{op}: vocab_size={vocab_size} outside [1, {logits.shape[1]}] (logits columns)")
+def check_cross_entropy_shard(op, logits, targets, vocab_size, *, dtypes, device_type, lse=None):
+    """The vocab-parallel pair (cross_entropy_stats / _grad): as check_cross_entropy, but a
+    shard may hold no real column (0 <= vocab_size <= Vp); lse (N,) float32 when given."""
+    check_tensor(op, "logits", logits, dtypes=dtypes, ndim=2)
+    if device_type is not None and logits.device.type != device_type:
+        raise ValueError(f"{op}: logits are on {logits.device}, this backend needs {device_type}")
+    check_tensor(op, "targets", targets, dtypes=(torch.int64,), device=logits.device,
+                 shape=(logits.shape[0],))
+    if not 0 <= vocab_size <= logits.shape[1]:
+        raise ValueError(f"{op}: vocab_size={vocab_size} outside [0, {logits.shape[1]}] (logits columns)")
+    if lse is not None:
+        check_tensor(op, "lse", lse, dtypes=(torch.float32,), device=logits.device, shape=(logits.shape[0],))
+
+
 def check_adamw_buffers(op, param, grad, exp_avg, exp_avg_sq, decay_numel, step):
     """The four AdamW buffers: 1-D float32, contiguous, one device, one length."""
     check_tensor(op, "param", param, dtypes=(torch.float32,), ndim=1)

@@ -5,8 +5,8 @@ Each function checks its tensors (dtype, device, shape, contiguity) and passes r
 import torch
 
 from nanolm.backends.checks import (adamw_scalars, check_adamw_buffers, check_attention_bwd,
-                                   check_attention_qkv, check_cross_entropy, check_layer_norm,
-                                   check_tensor)
+                                   check_attention_qkv, check_cross_entropy, check_cross_entropy_shard,
+                                   check_layer_norm, check_tensor)
 
 OPS = ("layernorm", "attention", "cross_entropy", "adamw")
 
@@ -79,6 +79,27 @@ def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_sc
     _C.cross_entropy_fwd_cpu(logits.data_ptr(), targets.data_ptr(), losses.data_ptr(),
                              dlogits.data_ptr(), N, Vp, vocab_size, ignore_index, z_loss, grad_scale)
     return losses, dlogits
+
+
+def cross_entropy_stats(logits, targets, vocab_start, vocab_size):
+    check_cross_entropy_shard("cross_entropy_stats", logits, targets, vocab_size, dtypes=(torch.float32,),
+                              device_type="cpu")
+    from nanolm import _C
+    N, Vp = logits.shape
+    stats = torch.empty(N, 3, dtype=torch.float32)
+    _C.cross_entropy_stats_cpu(logits.data_ptr(), targets.data_ptr(), stats.data_ptr(), N, Vp, vocab_size,
+                               vocab_start)
+    return stats
+
+
+def cross_entropy_grad(logits, targets, lse, vocab_start, vocab_size, ignore_index, z_loss, grad_scale):
+    check_cross_entropy_shard("cross_entropy_grad", logits, targets, vocab_size, dtypes=(torch.float32,),
+                              device_type="cpu", lse=lse)
+    from nanolm import _C
+    N, Vp = logits.shape
+    _C.cross_entropy_grad_cpu(logits.data_ptr(), targets.data_ptr(), lse.data_ptr(), N, Vp, vocab_size,
+                              vocab_start, ignore_index, z_loss, grad_scale)
+    return logits
 
 
 # ----------------------------------------------------------------------------- adamw

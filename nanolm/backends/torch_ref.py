@@ -145,6 +145,8 @@ def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_sc
 # else 0), with m = -inf and s = 0 for a shard of padding only; the op layer combines them into
 # the global lse, and cross_entropy_grad writes the shard's dlogits with it:
 #   grad_scale * (exp(x_j - lse) * (1 + 2 z_loss lse) - [j == t - vocab_start]).
+# lse is fp32: near |lse| ~ 1e4 it rounds by ~1e-3 (cross_entropy_fwd keeps m and log s apart
+# for that case); training logits stay far below.
 
 def _in_shard(targets, vocab_start, vocab_size):
     local = targets - vocab_start

@@ -8,7 +8,7 @@ import os
 import torch
 
 from nanolm.backends.checks import (check_adamw_buffers, check_attention_bwd, check_attention_qkv,
-                                   check_cross_entropy, check_tensor)
+                                   check_cross_entropy, check_cross_entropy_shard, check_tensor)
 from nanolm.kernels.layernorm import add_layer_norm_fwd, layer_norm_bwd, layer_norm_fwd  # noqa: F401
 
 OPS = ("layernorm", "attention", "cross_entropy", "adamw")
@@ -33,6 +33,24 @@ def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_sc
     from nanolm.kernels import cross_entropy
     return cross_entropy.cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss,
                                            grad_scale, inplace)
+
+
+_CROSS_ENTROPY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def cross_entropy_stats(logits, targets, vocab_start, vocab_size):
+    check_cross_entropy_shard("cross_entropy_stats", logits, targets, vocab_size, dtypes=_CROSS_ENTROPY_DTYPES,
+                              device_type=None)
+    from nanolm.kernels import cross_entropy
+    return cross_entropy.cross_entropy_stats(logits, targets, vocab_start, vocab_size)
+
+
+def cross_entropy_grad(logits, targets, lse, vocab_start, vocab_size, ignore_index, z_loss, grad_scale):
+    check_cross_entropy_shard("cross_entropy_grad", logits, targets, vocab_size, dtypes=_CROSS_ENTROPY_DTYPES,
+                              device_type=None, lse=lse)
+    from nanolm.kernels import cross_entropy
+    return cross_entropy.cross_entropy_grad(logits, targets, lse, vocab_start, vocab_size, ignore_index, z_loss,
+                                            grad_scale)
 
 
 # ----------------------------------------------------------------------------- adamw
