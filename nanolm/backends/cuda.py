@@ -6,7 +6,7 @@ and the current CUDA stream to the extension, which throws on any CUDA error.
 import torch
 
 from nanolm.backends.checks import (adamw_scalars, check_adamw_buffers, check_cross_entropy,
-                                   check_layer_norm, check_same_dtype, check_tensor)
+                                   check_cross_entropy_shard, check_layer_norm, check_same_dtype, check_tensor)
 
 OPS = ("layernorm", "attention", "cross_entropy", "adamw")
 
@@ -99,6 +99,30 @@ def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_sc
                                   dlogits.data_ptr(), N, Vp, vocab_size, ignore_index, z_loss, grad_scale,
                                   _DTYPE_NAMES[logits.dtype], _stream())
     return losses, dlogits
+
+
+def cross_entropy_stats(logits, targets, vocab_start, vocab_size):
+    check_cross_entropy_shard("cross_entropy_stats", logits, targets, vocab_size, dtypes=tuple(_DTYPE_NAMES),
+                              device_type="cuda")
+    from nanolm import _C
+    N, Vp = logits.shape
+    stats = torch.empty(N, 3, dtype=torch.float32, device=logits.device)
+    with torch.cuda.device(logits.device):
+        _C.cross_entropy_stats_cuda(logits.data_ptr(), targets.data_ptr(), stats.data_ptr(), N, Vp, vocab_size,
+                                    vocab_start, _DTYPE_NAMES[logits.dtype], _stream())
+    return stats
+
+
+def cross_entropy_grad(logits, targets, lse, vocab_start, vocab_size, ignore_index, z_loss, grad_scale):
+    check_cross_entropy_shard("cross_entropy_grad", logits, targets, vocab_size, dtypes=tuple(_DTYPE_NAMES),
+                              device_type="cuda", lse=lse)
+    from nanolm import _C
+    N, Vp = logits.shape
+    with torch.cuda.device(logits.device):
+        _C.cross_entropy_grad_cuda(logits.data_ptr(), targets.data_ptr(), lse.data_ptr(), N, Vp, vocab_size,
+                                   vocab_start, ignore_index, z_loss, grad_scale, _DTYPE_NAMES[logits.dtype],
+                                   _stream())
+    return logits
 
 
 # ----------------------------------------------------------------------------- adamw
