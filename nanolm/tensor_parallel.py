@@ -21,11 +21,13 @@ the optimizer, whose clipping norm is computed once for the whole model (optim.p
 same step on every rank. tests/test_tensor_parallel.py checks they end bitwise equal.
 
 Vocab parallel: wte (Vp, C) and the tied lm_head are split by rows, rank r holding vocab ids
-[r*Vp/n, (r+1)*Vp/n). The embedding looks up the ids it holds (zeros elsewhere) and all-reduces;
+[r*R, (r+1)*R), R = ceil(Vp/n). The embedding looks up the ids it holds (zeros elsewhere) and all-reduces;
 the loss is ops.vocab_parallel_linear_cross_entropy, which never gathers the logits.
 
-Parameters carry `tp_split = (dim, groups)`: the dim they are cut along, and how many
-interleaved groups it holds (3 for c_attn's q, k, v; the cut takes rank r's part of each).
+Parameters carry `tp_split = (dim, groups, full size)`: the dim they are cut along, how many
+interleaved groups it holds (3 for c_attn's q, k, v; the cut takes rank r's part of each), and
+its 1-process length (the vocabulary rows are padded to a multiple of n when n does not divide
+them, so any n that divides n_head works).
 Checkpoints are gathered to the 1-process tensors (gather_state_dict), so one file loads on any
 layout. parallelize() slices an initialised 1-process model, so a run with --tp=n starts from
 the very weights a 1-process run with the same seed starts from.
@@ -79,26 +81,32 @@ def reduce_from_group(x, comm):
 # ----------------------------------------------------------------------------- slicing
 
 def shard(full, split, rank, n):
-    """Rank's slice of a full tensor: dim `split[0]` holds split[1] groups, each cut in n."""
-    dim, groups = split
-    size = full.shape[dim]
+    """Rank's slice of a full tensor: dim `split[0]` holds split[1] groups, each cut in n. An
+    ungrouped dim that n does not divide (the vocabulary rows) is first padded with zero rows
+    to a multiple of n: the last ranks hold the padding, which no id looks up or predicts."""
+    dim, groups, size = split
+    if groups == 1 and size % n:
+        pad = list(full.shape)
+        pad[dim] = -size % n
+        full, size = torch.cat([full, full.new_zeros(pad)], dim), size + pad[dim]
     if size % (groups * n):
         raise ValueError(f"tensor parallel: dim {dim} of size {size} does not split into {groups} "
-                         f"group(s) of {n} equal parts")
+                         f"groups of {n} equal parts")
     return full.unflatten(dim, (groups, n, size // (groups * n))).select(dim + 1, rank).flatten(dim, dim + 1)
 
 
 def gather(local, split, comm):
     """The full tensor from every rank's slice (a collective: every rank of the group calls it)."""
-    dim, groups = split
+    dim, groups, size = split
     n = comm.env.world_size
     out = torch.empty((n, *local.shape), dtype=local.dtype, device=local.device)
     comm.wait(comm.all_gather(out.view(-1), local.detach().contiguous().view(-1)))
-    # (n, ..., groups*m, ...) -> (..., groups, n, m, ...) -> (..., groups*n*m, ...)
-    return out.unflatten(dim + 1, (groups, -1)).movedim(0, dim + 1).flatten(dim, dim + 2)
+    # (n, ..., groups*m, ...) -> (..., groups, n, m, ...) -> (..., groups*n*m, ...), less any padding
+    return out.unflatten(dim + 1, (groups, -1)).movedim(0, dim + 1).flatten(dim, dim + 2).narrow(dim, 0, size)
 
 
-def _sharded_parameter(full, split, comm):
+def _sharded_parameter(full, dim, groups, comm):
+    split = (dim, groups, full.shape[dim])
     p = nn.Parameter(shard(full.detach(), split, comm.env.rank, comm.env.world_size).clone())
     p.tp_split = split
     return p
@@ -112,8 +120,8 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, full, comm, groups=1):
         super().__init__()
         self.comm = comm
-        self.weight = _sharded_parameter(full.weight, (0, groups), comm)
-        self.bias = None if full.bias is None else _sharded_parameter(full.bias, (0, groups), comm)
+        self.weight = _sharded_parameter(full.weight, 0, groups, comm)
+        self.bias = None if full.bias is None else _sharded_parameter(full.bias, 0, groups, comm)
 
     def forward(self, x):
         return F.linear(copy_to_group(x, self.comm), self.weight, self.bias)
@@ -126,7 +134,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, full, comm):
         super().__init__()
         self.comm = comm
-        self.weight = _sharded_parameter(full.weight, (1, 1), comm)
+        self.weight = _sharded_parameter(full.weight, 1, 1, comm)
         self.bias = None if full.bias is None else nn.Parameter(full.bias.detach().clone())
 
     def forward(self, x):
@@ -135,13 +143,14 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rows [vocab_start, vocab_start + Vp/n) of the token embedding; ids elsewhere look up
-    zeros here and their own rank's row arrives through the all-reduce."""
+    """Rows [vocab_start, vocab_start + ceil(Vp/n)) of the token embedding (zero rows past Vp on
+    the last ranks); ids elsewhere look up zeros here and their own rank's row arrives through
+    the all-reduce."""
 
     def __init__(self, full, comm):
         super().__init__()
         self.comm = comm
-        self.weight = _sharded_parameter(full.weight, (0, 1), comm)
+        self.weight = _sharded_parameter(full.weight, 0, 1, comm)
         self.vocab_start = comm.env.rank * self.weight.shape[0]
 
     def forward(self, idx):
@@ -178,9 +187,8 @@ def parallelize(model, comm):
     """Turn an initialised 1-process GPT into rank comm.env.rank's tensor-parallel slice of it,
     in place. Rank 0's weights are broadcast first, so the slices come from one model."""
     n, cfg = comm.env.world_size, model.cfg
-    for what, size in (("n_head", cfg.n_head), ("padded vocab", cfg.padded_vocab)):
-        if size % n:
-            raise ValueError(f"tensor parallel: {what}={size} is not divisible by tp={n}")
+    if cfg.n_head % n:
+        raise ValueError(f"tensor parallel: n_head={cfg.n_head} is not divisible by tp={n}")
     for p in model.parameters():
         comm.wait(comm.broadcast(p.data, root=0))
     for block in model.transformer.h:
@@ -247,25 +255,26 @@ def shard_optimizer_state(opt, state, model):
         parts = []
         for (name, _, _), p in zip(opt.layout, opt.params):
             off, n = full[name]
-            whole = state[key][off:off + n].view(_full_shape(p, size))
+            whole = state[key][off:off + n].view(_full_shape(p))
             parts.append((shard(whole, p.tp_split, rank, size) if hasattr(p, "tp_split") else whole).reshape(-1))
         out[key] = torch.cat(parts)
     return out
 
 
-def _full_shape(p, n):
+def _full_shape(p):
     if not hasattr(p, "tp_split"):
         return p.shape
+    dim, _, size = p.tp_split
     shape = list(p.shape)
-    shape[p.tp_split[0]] *= n
+    shape[dim] = size
     return torch.Size(shape)
 
 
 def _full_shapes(model):
     """(name, full shape) of each parameter in a 1-process FlatAdamW's buffer order."""
-    n, seen, named = model.tp.env.world_size, set(), []
+    seen, named = set(), []
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
-            named.append((name, _full_shape(p, n), p.dim() < 2))
+            named.append((name, _full_shape(p), p.dim() < 2))
     return [(name, shape) for name, shape, one_d in sorted(named, key=lambda x: x[2])]

@@ -14,6 +14,7 @@ import torch
 import dist_worker as W
 from nanolm import dist, ops, tensor_parallel
 from nanolm.backends import load, torch_ref
+from nanolm.config import ModelConfig
 from nanolm.model import GPT
 from nanolm.optim import FlatAdamW
 from test_cross_entropy import cpu_backends
@@ -201,6 +202,37 @@ def test_parallelize_slices_and_gathers_back():
     for _, _, state, _, back in results:
         torch.testing.assert_close(back["exp_avg"], state["exp_avg"], rtol=0, atol=0)
         assert back["layout"] == state["layout"]
+
+
+@pytest.mark.parametrize("name", ["torch", "cpu"])
+def test_tensor_parallel_model_loss_and_gradients_match_one_process(name):
+    """tp=3 over 3 heads with a vocabulary of 37 rows (so the last rank also holds 2 rows of
+    padding): the same loss on every rank, and gradients that gather to the 1-process ones."""
+    kernels = dict(W.TORCH, **({} if name == "torch" else {op: load("cpu") for op in W.TORCH}))
+    cfg = ModelConfig(n_layer=2, n_head=3, n_embd=48, block_size=8, vocab_size=37, vocab_multiple=1)
+    torch.manual_seed(5)
+    idx = torch.randint(0, 37, (3, 8))
+    targets = idx.roll(-1, 1)
+    targets[0, :3] = -100
+    full = GPT(cfg, kernels)
+    full(idx, targets).backward()
+    want = {n: p.grad for n, p in full.named_parameters()}
+
+    def rank(comm):
+        model = GPT(cfg, kernels)
+        model.load_state_dict(full.state_dict())
+        tensor_parallel.parallelize(model, comm)
+        loss = model(idx, targets)
+        loss.backward()
+        return loss.detach(), {n: tensor_parallel.gather(p.grad, p.tp_split, comm) if hasattr(p, "tp_split")
+                               else p.grad for n, p in model.named_parameters()}
+
+    results = ThreadGroup(3).run(rank)
+    for loss, grads in results:
+        torch.testing.assert_close(loss, full(idx, targets).detach(), rtol=1e-6, atol=1e-6)
+        assert grads.keys() == want.keys()
+        for n in want:
+            torch.testing.assert_close(grads[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
 def test_optimizer_keeps_replicated_parameters_in_one_range():
