@@ -27,8 +27,15 @@ pending collectives; if one outlives the timeout or NCCL reports an error (a pee
 aborts the communicator and exits non-zero naming the rank and the collective, so a dead or
 hung peer never hangs the others forever.
 
+Tensor parallel (nanolm/tensor_parallel.py) lays the world out as tp x dp (layout_groups): each
+tp group is tp consecutive ranks (one node), each dp group the ranks holding the same model
+slice. `split` builds a communicator per group from the same bootstrap store (NCCL: one more
+ncclCommInitRank per group, its unique id published under the group's key; gloo: new_group);
+data parallel and ZeRO-1 then run over the dp group exactly as above, and the model's
+activation all-reduces over the tp group, each on its own stream.
+
 On CPU the same interface runs on torch.distributed's gloo backend (GlooComm), so CI runs real
-multi-process data parallel and ZeRO-1. Every collective returns a handle; `comm.wait(handle)`
+multi-process data parallel, ZeRO-1 and tensor parallel. Every collective returns a handle; `comm.wait(handle)`
 orders the caller after it (a stream wait on NCCL, a host wait on gloo).
 """
 import ctypes

@@ -341,3 +341,27 @@ def test_torchrun_tp2_dp2_trains_and_resumes_on_one_process(tmp_path, monkeypatc
     assert four["optimizer"]["layout"] == one["optimizer"]["layout"] == fresh["optimizer"]["layout"]
     assert_weights_close(four["model"], fresh["model"])
     assert_weights_close(one["model"], four["model"])
+
+
+# ----------------------------------------------------------------------------- NCCL (GPU)
+
+@pytest.mark.gpu
+def test_nccl_one_rank_tensor_parallel_matches_single_process():
+    """tp=1 through the NCCL path: a 1-rank sub-communicator from split(), the model sliced over
+    it (every collective a 1-rank NCCL call on its stream), loss and gradients as the plain model."""
+    from test_dist import nccl_comm
+    world = nccl_comm()
+    tp = world.split([[0]], "tp")
+    torch.manual_seed(0)
+    plain = GPT(W.MODEL, W.TORCH).cuda()
+    model = GPT(W.MODEL, W.TORCH).cuda()
+    model.load_state_dict(plain.state_dict())
+    tensor_parallel.parallelize(model, tp)
+    idx = torch.randint(0, W.MODEL.vocab_size, (2, W.MODEL.block_size), device="cuda")
+    for m in (plain, model):
+        m(idx, idx).backward()
+    grads = dict(model.named_parameters())
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    tp.close()
+    world.close()
