@@ -70,11 +70,12 @@ def get_lr(cfg, step):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
 
 
-def flops_per_token(run):
-    """6N for the matmuls plus attention's 6*L*T*C (forward + backward), as in the PaLM paper;
-    N of the whole model, whatever slice of it this rank holds."""
-    c = run["model"].cfg
-    return 6 * run["n_params"] + 6 * c.n_layer * c.block_size * c.n_embd
+def flops_per_token(model, n_params=None):
+    """6N for the matmuls plus attention's 6*L*T*C (forward + backward), as in the PaLM paper.
+    n_params: N of the whole model, when `model` is a tensor-parallel slice of it."""
+    c = model.cfg
+    n = model.num_params() if n_params is None else n_params
+    return 6 * n + 6 * c.n_layer * c.block_size * c.n_embd
 
 
 def setup(cfg):
@@ -285,8 +286,8 @@ def tokens_per_step(cfg, run):
 def log(cfg, run, step, loss, lr, norm, dt):
     tokens = tokens_per_step(cfg, run)
     peak = peak_flops(cfg, run["device"])
-    mfu = (f"{100 * flops_per_token(run) * tokens / dt / (peak * run['dist'].env.world_size):.1f}%"
-           if peak else "-")
+    flops = flops_per_token(run["model"], run["n_params"]) * tokens / dt
+    mfu = f"{100 * flops / (peak * run['dist'].env.world_size):.1f}%" if peak else "-"
     skipped = f" skipped {run['opt'].skipped}" if run["opt"].skipped else ""
     print(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | "
           f"{1000 * dt:.0f} ms/step | {tokens / dt:.0f} tok/s | mfu {mfu}{skipped}", flush=True)
