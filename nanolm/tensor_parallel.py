@@ -199,7 +199,7 @@ def parallelize(model, comm):
         mlp.c_fc = ColumnParallelLinear(mlp.c_fc, comm)
         mlp.c_proj = RowParallelLinear(mlp.c_proj, comm)
     model.transformer.wte = VocabParallelEmbedding(model.transformer.wte, comm)
-    model.lm_head = VocabParallelHead(model.transformer.wte, cfg.vocab_size, model.kernels["cross_entropy"])
+    model.lm_head = VocabParallelHead(model.transformer.wte, cfg.vocab_size, model.impls["cross_entropy"])
     model.tp = comm
     return model
 

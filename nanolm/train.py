@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanolm import backends, checkpoint, dist, tensor_parallel
+from nanolm import backends, checkpoint, dist, flops, tensor_parallel
 from nanolm.config import ConfigError, as_dict, model_config, parse_args, parse_overrides
 from nanolm.data import Loader, get_tokenizer, load_dataset
 from nanolm.metrics import MetricsWriter
@@ -31,9 +31,6 @@ from nanolm.sample import generate
 
 RUNS = Path("runs")  # where fresh runs without --out_dir go
 
-# Dense bf16 tensor-core peak, TFLOP/s, matched by substring of the device name.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0,
-               "RTX 4090": 165.0, "RTX 3090": 71.0}
 
 
 def pick_device(cfg, local_rank=0):
@@ -58,8 +55,8 @@ def peak_flops(cfg, device):
         return cfg.peak_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
+    peak = flops.peak_tflops(torch.cuda.get_device_name(device))
+    return None if peak is None else peak * 1e12
 
 
 def get_lr(cfg, step):
@@ -71,11 +68,29 @@ def get_lr(cfg, step):
 
 
 def flops_per_token(model, n_params=None):
-    """6N for the matmuls plus attention's 6*L*T*C (forward + backward), as in the PaLM paper.
-    n_params: N of the whole model, when `model` is a tensor-parallel slice of it."""
+    """Model FLOPs per trained token (nanolm/flops.py). n_params: the whole model's, when
+    `model` is a tensor-parallel slice of it."""
     c = model.cfg
     n = model.num_params() if n_params is None else n_params
-    return 6 * n + 6 * c.n_layer * c.block_size * c.n_embd
+    return flops.train_flops_per_token(n, c.n_layer, c.n_embd, c.block_size)
+
+
+@dataclasses.dataclass
+class Run:
+    """What a training run holds: built by setup(), the run dir and metrics added by start()."""
+    device: torch.device
+    tokenizer: object
+    model: GPT
+    opt: FlatAdamW
+    train: Loader  # this rank's share of every global batch
+    val: Loader
+    val_start: dict  # the val loader's state, rewound to before every evaluation
+    autocast: contextlib.AbstractContextManager  # bf16 autocast, or nothing in fp32
+    dist: dist.Context
+    config: dict  # the run's config with the model's, saved with every checkpoint
+    n_params: int  # non-embedding parameters of the whole model (with --tp, not only this rank's slice)
+    dir: Path | None = None
+    metrics: MetricsWriter | contextlib.AbstractContextManager | None = None  # a no-op off rank 0
 
 
 def setup(cfg):
@@ -91,27 +106,27 @@ def setup(cfg):
         if len(tokens) <= mcfg.block_size + 1:
             raise ValueError(f"block_size={mcfg.block_size} is larger than the {split} data "
                              f"({len(tokens)} tokens)")
-    choice = backends.resolve(cfg.kernels, device)
+    choice = backends.resolve(cfg.kernels, device)  # --kernels: {op: backend name}
     if env.is_main:
         print("kernels: " + ", ".join(f"{op}={name}" for op, name in choice.items()))
-    kernels = backends.modules(choice)
+    impls = backends.impls(choice)
     if env.world_size % cfg.tp:
         raise ValueError(f"tp={cfg.tp} does not divide the {env.world_size} ranks")
     ctx = dist.Context(env, device, cfg.dist_timeout_s, cfg.tp)
-    model = GPT(mcfg, kernels).to(device)
+    model = GPT(mcfg, impls).to(device)
     n_params = model.num_params()
     if ctx.tp_comm is not None:  # this rank's slice of the model just initialised
         tensor_parallel.parallelize(model, ctx.tp_comm)
     opt = FlatAdamW(model.named_parameters(), cfg.lr, (cfg.beta1, cfg.beta2), 1e-8,
-                    cfg.weight_decay, cfg.grad_clip, kernels["adamw"], pad_to=ctx.dp)
+                    cfg.weight_decay, cfg.grad_clip, impls["adamw"], pad_to=ctx.dp)
     ctx.attach(opt, cfg.bucket_mb, cfg.zero)
     # each data-parallel replica (all ranks of one tp group alike) reads its own batch_size
     # windows of every global step: see Loader
     train = Loader(train_tokens, cfg.batch_size, mcfg.block_size, cfg.seed, ctx.dp_rank, ctx.dp)
     val = Loader(val_tokens, cfg.batch_size, mcfg.block_size, cfg.seed + 1)
-    return dict(device=device, tokenizer=tokenizer, model=model, opt=opt, train=train, val=val,
-                val_start=val.state_dict(), autocast=autocast_ctx(cfg, device), dist=ctx, kernels=kernels,
-                n_params=n_params, config={**as_dict(cfg), "model": dataclasses.asdict(mcfg)})
+    return Run(device=device, tokenizer=tokenizer, model=model, opt=opt, train=train, val=val,
+               val_start=val.state_dict(), autocast=autocast_ctx(cfg, device), dist=ctx,
+               config={**as_dict(cfg), "model": dataclasses.asdict(mcfg)}, n_params=n_params)
 
 
 # ----------------------------------------------------------------------------- run dir, resume
@@ -189,22 +204,22 @@ def per_rank_batch(loader_state, world_size):
 
 def restore(cfg, run, path):
     """Load model, optimizer, data position and RNG states from a checkpoint; returns its step."""
-    ckpt = checkpoint.load(path, model_config={"model": run["config"]["model"]})
+    ckpt = checkpoint.load(path, model_config={"model": run.config["model"]})
     if ckpt["step"] >= cfg.max_steps:
         raise ConfigError(f"{path} is at step {ckpt['step']} and max_steps={cfg.max_steps}: "
                           f"nothing left to train (raise --max_steps to continue)")
-    tensor_parallel.load_full_state_dict(run["model"], ckpt["model"])
-    run["opt"].load_state_dict(tensor_parallel.shard_optimizer_state(run["opt"], ckpt["optimizer"], run["model"]))
-    run["train"].load_state_dict(ckpt["loader"]["train"])
+    tensor_parallel.load_full_state_dict(run.model, ckpt["model"])
+    run.opt.load_state_dict(tensor_parallel.shard_optimizer_state(run.opt, ckpt["optimizer"], run.model))
+    run.train.load_state_dict(ckpt["loader"]["train"])
     checkpoint.set_rng_state(ckpt["rng"])  # last: nothing above may draw random numbers after it
     return ckpt["step"]
 
 
 def load_weights(run, path):
     """Model weights only (e.g. GPT-2 imported with `python -m nanolm.hf import`)."""
-    ckpt = checkpoint.load(path, model_config={"model": run["config"]["model"]})
-    tensor_parallel.load_full_state_dict(run["model"], ckpt["model"])
-    if run["dist"].is_main:
+    ckpt = checkpoint.load(path, model_config={"model": run.config["model"]})
+    tensor_parallel.load_full_state_dict(run.model, ckpt["model"])
+    if run.dist.is_main:
         print(f"weights from {path}")
 
 
@@ -212,12 +227,12 @@ def save(cfg, run, step):
     """Rank 0 writes; every rank calls it, as the ZeRO-1 optimizer state and the
     tensor-parallel slices are gathered first: the file holds the 1-process model and state,
     and loads on any layout."""
-    model_state = tensor_parallel.gather_state_dict(run["model"])
-    opt_state = tensor_parallel.gather_optimizer_state(run["opt"], run["opt"].state_dict(), run["model"])
-    if not run["dist"].is_main:
+    model_state = tensor_parallel.gather_state_dict(run.model)
+    opt_state = tensor_parallel.gather_optimizer_state(run.opt, run.opt.state_dict(), run.model)
+    if not run.dist.is_main:
         return None
-    path = checkpoint.save(run["dir"], step, model_state, opt_state,
-                           run["config"], {"train": run["train"].state_dict()}, cfg.keep_ckpts)
+    path = checkpoint.save(run.dir, step, model_state, opt_state,
+                           run.config, {"train": run.train.state_dict()}, cfg.keep_ckpts)
     print(f"step {step:5d} | saved {path}", flush=True)
     return path
 
@@ -248,78 +263,78 @@ class StopOnInterrupt:
 @torch.no_grad()
 def evaluate(cfg, run):
     """Mean loss over the same eval_iters validation batches every time (the loader is rewound)."""
-    run["model"].eval()
-    run["val"].load_state_dict(run["val_start"])
+    run.model.eval()
+    run.val.load_state_dict(run.val_start)
     total = 0.0
     for _ in range(cfg.eval_iters):
-        x, y = run["val"].next_batch(run["device"])
-        with run["autocast"]:
-            total += run["model"](x, y).item()
-    run["model"].train()
+        x, y = run.val.next_batch(run.device)
+        with run.autocast:
+            total += run.model(x, y).item()
+    run.model.train()
     return total / cfg.eval_iters
 
 
 def train_step(cfg, run, lr):
     """grad_accum micro-batches, each loss scaled by 1/grad_accum, then one optimizer step.
     With several ranks, gradients are averaged during the last micro-batch's backward."""
-    model, opt = run["model"], run["opt"]
+    model, opt = run.model, run.opt
     opt.zero_grad()
     losses = []  # kept on the device: reading each one would stall the GPU once per micro-batch
     for i in range(cfg.grad_accum):
-        x, y = run["train"].next_batch(run["device"])
-        with run["autocast"]:
+        x, y = run.train.next_batch(run.device)
+        with run.autocast:
             loss = model(x, y) / cfg.grad_accum
         if i == cfg.grad_accum - 1:
-            run["dist"].arm()
+            run.dist.arm()
         loss.backward()
         losses.append(loss.detach())
-    run["dist"].finish()
+    run.dist.finish()
     norm = opt.step(lr)
     return torch.stack(losses).sum().item(), norm
 
 
 def tokens_per_step(cfg, run):
     """Over all data-parallel replicas."""
-    return cfg.batch_size * cfg.grad_accum * run["model"].cfg.block_size * run["dist"].dp
+    return cfg.batch_size * cfg.grad_accum * run.model.cfg.block_size * run.dist.dp
 
 
 def log(cfg, run, step, loss, lr, norm, dt):
     tokens = tokens_per_step(cfg, run)
-    peak = peak_flops(cfg, run["device"])
-    flops = flops_per_token(run["model"], run["n_params"]) * tokens / dt
-    mfu = f"{100 * flops / (peak * run['dist'].env.world_size):.1f}%" if peak else "-"
-    skipped = f" skipped {run['opt'].skipped}" if run["opt"].skipped else ""
+    peak = peak_flops(cfg, run.device)
+    model_flops = flops_per_token(run.model, run.n_params) * tokens / dt
+    mfu = f"{100 * model_flops / (peak * run.dist.env.world_size):.1f}%" if peak else "-"
+    skipped = f" skipped {run.opt.skipped}" if run.opt.skipped else ""
     print(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | "
           f"{1000 * dt:.0f} ms/step | {tokens / dt:.0f} tok/s | mfu {mfu}{skipped}", flush=True)
-    run["metrics"].log("train", step, tokens=step * tokens, loss=loss, lr=lr, grad_norm=norm,
+    run.metrics.log("train", step, tokens=step * tokens, loss=loss, lr=lr, grad_norm=norm,
                        tokens_per_s=tokens / dt)
 
 
 def log_eval(cfg, run, step, val_loss):
     print(f"step {step:5d} | val loss {val_loss:.4f}", flush=True)
-    run["metrics"].log("eval", step, tokens=step * tokens_per_step(cfg, run), val_loss=val_loss)
+    run.metrics.log("eval", step, tokens=step * tokens_per_step(cfg, run), val_loss=val_loss)
 
 
 def sampling_model(run):
     """The model rank 0 samples from: the training model, or with tensor parallelism a
     1-process copy of it on rank 0 (every rank calls this: the slices are gathered)."""
-    model = run["model"]
+    model = run.model
     if model.tp is None:
         return model
     state = tensor_parallel.gather_state_dict(model)
-    if not run["dist"].is_main:
+    if not run.dist.is_main:
         return None
-    full = GPT(model.cfg, run["kernels"]).to(run["device"])
+    full = GPT(model.cfg, model.impls).to(run.device)
     full.load_state_dict(state)
     return full
 
 
 def sample(cfg, run, model):
-    tok = run["tokenizer"]
+    tok = run.tokenizer
     ids = tok.encode(cfg.sample_prompt) or [tok.eot]
-    prompt = torch.tensor([ids], dtype=torch.long, device=run["device"])
+    prompt = torch.tensor([ids], dtype=torch.long, device=run.device)
     model.eval()
-    with run["autocast"]:
+    with run.autocast:
         out = generate(model, prompt, cfg.sample_tokens, top_k=50, seed=cfg.seed)
     return tok.decode(out[0].tolist())
 
@@ -334,14 +349,14 @@ def start(cfg):
         done = restore(cfg, run, resume_from) if resume_from else 0
     except ValueError as e:  # bad data/kernels/shape/checkpoint choices, before any work
         raise ConfigError(str(e)) from e
-    run["dir"] = run_dir
-    if not run["dist"].is_main:  # only rank 0 writes the run dir and prints
-        run["metrics"] = contextlib.nullcontext()
+    run.dir = run_dir
+    if not run.dist.is_main:  # only rank 0 writes the run dir and prints
+        run.metrics = contextlib.nullcontext()
         return run, done + 1
-    run["metrics"] = MetricsWriter(run_dir, run["config"], resume_step=done if resume_from else None)
+    run.metrics = MetricsWriter(run_dir, run.config, resume_step=done if resume_from else None)
     print(f"run dir: {run_dir}" + (f" (resumed from {resume_from}, step {done})" if resume_from else ""))
-    layout = f" (tp={run['dist'].tp} x dp={run['dist'].dp})" if run["dist"].tp > 1 else ""
-    print(f"model: {run['n_params'] / 1e6:.2f}M non-embedding params on {run['device']}{layout}")
+    layout = f" (tp={run.dist.tp} x dp={run.dist.dp})" if run.dist.tp > 1 else ""
+    print(f"model: {run.n_params / 1e6:.2f}M non-embedding params on {run.device}{layout}")
     return run, done + 1
 
 
@@ -351,9 +366,9 @@ def train(cfg):
     only rank 0 logs, samples and writes (with tp > 1 its whole tp group evaluates); the other
     ranks return just 'stopped' (and 'val')."""
     run, first = start(cfg)
-    history, is_main = {"stopped": None}, run["dist"].is_main
-    with contextlib.closing(run["dist"]), run["metrics"], StopOnInterrupt() as interrupt:
-        if first == 1 and run["dist"].evaluates:
+    history, is_main = {"stopped": None}, run.dist.is_main
+    with contextlib.closing(run.dist), run.metrics, StopOnInterrupt() as interrupt:
+        if first == 1 and run.dist.evaluates:
             history["first_val"] = evaluate(cfg, run)
             if is_main:
                 log_eval(cfg, run, 0, history["first_val"])
@@ -362,12 +377,12 @@ def train(cfg):
             lr = get_lr(cfg, step - 1)
             loss, norm = train_step(cfg, run, lr)
             timed += 1
-            stop = run["dist"].any(interrupt.requested)  # every rank stops after the same step
+            stop = run.dist.any(interrupt.requested)  # every rank stops after the same step
             if step % cfg.log_interval == 0:
-                loss = run["dist"].mean(loss)
+                loss = run.dist.mean(loss)
                 if is_main:
                     log(cfg, run, step, loss, lr, norm, (time.perf_counter() - t0) / timed)
-            if run["dist"].evaluates and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
+            if run.dist.evaluates and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
                 history["val"] = evaluate(cfg, run)
                 if is_main:
                     log_eval(cfg, run, step, history["val"])
@@ -376,7 +391,7 @@ def train(cfg):
                 history["checkpoint"] = save(cfg, run, step)
             if stop:
                 if is_main:
-                    print(f"stopped at step {step}; continue with --resume={run['dir']}")
+                    print(f"stopped at step {step}; continue with --resume={run.dir}")
                 history["stopped"] = step
                 return history
             if step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or periodic:

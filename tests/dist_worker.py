@@ -25,28 +25,28 @@ from nanolm.config import ModelConfig
 from nanolm.data import Loader
 from nanolm.model import GPT
 from nanolm.optim import FlatAdamW
-from nanolm.train import train_step
+from nanolm.train import Run, train_step
 
-TORCH = backends.modules(backends.resolve("torch", torch.device("cpu")))
+TORCH = backends.impls(backends.resolve("torch", torch.device("cpu")))
 MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=40, vocab_multiple=64)
 BATCH, GRAD_ACCUM, LR = 2, 2, 3e-3  # per-rank batch; grad_accum micro-steps per step
 TOKENS = np.random.default_rng(0).integers(0, MODEL.vocab_size, 4000)
 
 
-def make_run(ctx, batch, zero=0, bucket_mb=25.0, kernels=TORCH):
+def make_run(ctx, batch, zero=0, bucket_mb=25.0, impls=TORCH):
     """A fresh model, optimizer and loader on this rank. Each rank initialises differently
     (seed + rank): only the broadcasts from rank 0 (of the tp group, then of the dp group)
     make them agree."""
     torch.manual_seed(1 + ctx.env.rank)
-    model = GPT(MODEL, kernels)
+    model = GPT(MODEL, impls)
     if ctx.tp_comm is not None:
         tensor_parallel.parallelize(model, ctx.tp_comm)
     opt = FlatAdamW(model.named_parameters(), LR, (0.9, 0.95), 1e-8, weight_decay=0.1, grad_clip=0.05,
-                    backend=kernels["adamw"], pad_to=ctx.dp)
+                    backend=impls["adamw"], pad_to=ctx.dp)
     ctx.attach(opt, bucket_mb, zero)
     loader = Loader(TOKENS, batch, MODEL.block_size, seed=5, rank=ctx.dp_rank, world_size=ctx.dp)
-    return dict(model=model, opt=opt, train=loader, device=torch.device("cpu"),
-                autocast=contextlib.nullcontext(), dist=ctx)
+    return Run(device=torch.device("cpu"), tokenizer=None, model=model, opt=opt, train=loader, val=None,
+               val_start=None, autocast=contextlib.nullcontext(), dist=ctx, config={}, n_params=0)
 
 
 def train(run, steps, on_step=None):
@@ -59,13 +59,13 @@ def train(run, steps, on_step=None):
 
 def weights(run):
     """The 1-process parameters (gathered over the tp group: a collective then)."""
-    full = tensor_parallel.gather_state_dict(run["model"])
-    return {n: full[n].detach().clone() for n, _ in run["model"].named_parameters()}
+    full = tensor_parallel.gather_state_dict(run.model)
+    return {n: full[n].detach().clone() for n, _ in run.model.named_parameters()}
 
 
 def optimizer_state(run):
     """The 1-process optimizer state (gathered over the dp and tp groups: collectives)."""
-    return tensor_parallel.gather_optimizer_state(run["opt"], run["opt"].state_dict(), run["model"])
+    return tensor_parallel.gather_optimizer_state(run.opt, run.opt.state_dict(), run.model)
 
 
 def fault(spec, rank):
@@ -87,10 +87,10 @@ def main():
         run = make_run(ctx, BATCH, r["zero"], r["bucket_mb"])
         train(run, r["steps"], fault(spec, ctx.env.rank))
         results[r["name"]] = dict(
-            weights=weights(run), opt=optimizer_state(run), loader=run["train"].state_dict(),
+            weights=weights(run), opt=optimizer_state(run), loader=run.train.state_dict(),
             buckets=[(b.start, b.end) for b in ctx.reducer.buckets] if ctx.reducer else [],
-            moments_numel=run["opt"].exp_avg.numel(), flat_numel=run["opt"].flat_param.numel(),
-            local=[(n, p.detach().clone()) for n, p in run["model"].named_parameters()])
+            moments_numel=run.opt.exp_avg.numel(), flat_numel=run.opt.flat_param.numel(),
+            local=[(n, p.detach().clone()) for n, p in run.model.named_parameters()])
         train(run, r.get("more_steps", 0))
         results[r["name"]]["more_weights"] = weights(run)
     torch.save(results, os.path.join(spec["out"], f"rank{ctx.env.rank}.pt"))

@@ -15,6 +15,7 @@ import torch
 
 from bench import cli, collect, formulas, op_train_step, readme_table, report, runner, timing
 from bench.cases import Case, Impl, backend_unavailable, build_cases, check_outputs
+from nanolm import flops
 from nanolm.backends import torch_ref
 
 ROOT = Path(__file__).parent.parent
@@ -52,13 +53,13 @@ def test_byte_formulas():
 
 
 def test_flop_formulas():
-    fwd = formulas.attention_flops(2, 12, 1024, 64)
+    fwd = flops.attention_flops(2, 12, 1024, 64)
     assert fwd == 4 * 2 * 12 * 1024 ** 2 * 64 / 2
-    assert formulas.attention_flops(2, 12, 1024, 64, causal=False) == 2 * fwd
-    assert formulas.attention_flops(2, 12, 1024, 64, "bwd") == 2.5 * fwd
-    assert formulas.attention_flops(2, 12, 1024, 64, "fwd+bwd") == 3.5 * fwd
-    assert formulas.linear_cross_entropy_flops(8, 16, 32) == 6 * 8 * 16 * 32
-    assert formulas.train_flops_per_token(100, 2, 8, 16) == 600 + 6 * 2 * 8 * 16
+    assert flops.attention_flops(2, 12, 1024, 64, causal=False) == 2 * fwd
+    assert flops.attention_flops(2, 12, 1024, 64, "bwd") == 2.5 * fwd
+    assert flops.attention_flops(2, 12, 1024, 64, "fwd+bwd") == 3.5 * fwd
+    assert flops.linear_cross_entropy_flops(8, 16, 32) == 6 * 8 * 16 * 32
+    assert flops.train_flops_per_token(100, 2, 8, 16) == 600 + 6 * 2 * 8 * 16
 
 
 def test_train_flops_match_what_train_py_logs():
@@ -66,7 +67,7 @@ def test_train_flops_match_what_train_py_logs():
     cfg = op_train_step.CONFIGS["tiny"]["tiny"]
     model = op_train_step._nanolm_model(cfg, op_train_step.TORCH_KERNELS)
     n_layer, _, n_embd, block_size = cfg[:4]
-    assert formulas.train_flops_per_token(model.num_params(), n_layer, n_embd, block_size) == flops_per_token(model)
+    assert flops.train_flops_per_token(model.num_params(), n_layer, n_embd, block_size) == flops_per_token(model)
 
 
 def test_check_outputs_catches_wrong_results():

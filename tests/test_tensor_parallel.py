@@ -299,10 +299,10 @@ def test_tensor_parallel_training_matches_one_process(layout, request):
 def test_gathered_tp_dp_checkpoint_resumes_on_one_process(tp2_dp2):
     saved = tp2_dp2[0]["zero"]
     run = W.make_run(dist.Context(dist.DistEnv(), torch.device("cpu")), 2 * W.BATCH)
-    for name, p in run["model"].named_parameters():
+    for name, p in run.model.named_parameters():
         p.data.copy_(saved["weights"][name])
-    run["opt"].load_state_dict(saved["opt"])
-    run["train"].load_state_dict(saved["loader"])
+    run.opt.load_state_dict(saved["opt"])
+    run.train.load_state_dict(saved["loader"])
     W.train(run, MORE)
     assert_weights_close(W.weights(run), saved["more_weights"])
 
