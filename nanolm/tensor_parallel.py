@@ -11,8 +11,9 @@ The conjugate pair of collectives (Megatron's f and g):
   copy_to_group    identity forward, all-reduce of the gradient backward: at every
                    column-parallel input, since each rank's slice contributes a part of dX.
   reduce_from_group  all-reduce forward, identity backward: after every row-parallel matmul.
-Per block: 2 all-reduces of (B*T, C) forward, 2 backward; in bytes, 2 * 4 * B*T*C per direction
-per block in fp32 (half in bf16), whatever n is.
+Per block: 2 all-reduces of (B*T, C) forward, in the matmuls' dtype (bf16 under autocast), and
+2 backward, in the residual stream's fp32: 2*(2 + 4)*B*T*C bytes per block under bf16 autocast,
+whatever n is (bench/comm.py --tp times them).
 
 Replicated parameters (LayerNorms, row-parallel biases, wpe) stay identical BY CONSTRUCTION,
 with no gradient all-reduce of their own: every activation they touch comes out of an
@@ -21,8 +22,8 @@ the optimizer, whose clipping norm is computed once for the whole model (optim.p
 same step on every rank. tests/test_tensor_parallel.py checks they end bitwise equal.
 
 Vocab parallel: wte (Vp, C) and the tied lm_head are split by rows, rank r holding vocab ids
-[r*R, (r+1)*R), R = ceil(Vp/n). The embedding looks up the ids it holds (zeros elsewhere) and all-reduces;
-the loss is ops.vocab_parallel_linear_cross_entropy, which never gathers the logits.
+[r*R, (r+1)*R), R = ceil(Vp/n). The embedding looks up the ids it holds (zeros elsewhere) and
+all-reduces; the loss is ops.vocab_parallel_linear_cross_entropy, which never gathers the logits.
 
 Parameters carry `tp_split = (dim, groups, full size)`: the dim they are cut along, how many
 interleaved groups it holds (3 for c_attn's q, k, v; the cut takes rank r's part of each), and
@@ -30,7 +31,8 @@ its 1-process length (the vocabulary rows are padded to a multiple of n when n d
 them, so any n that divides n_head works).
 Checkpoints are gathered to the 1-process tensors (gather_state_dict), so one file loads on any
 layout. parallelize() slices an initialised 1-process model, so a run with --tp=n starts from
-the very weights a 1-process run with the same seed starts from.
+the very weights a 1-process run with the same seed starts from (at the cost of one whole
+fp32 model per rank during setup).
 """
 import torch
 import torch.nn as nn
