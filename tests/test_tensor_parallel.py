@@ -315,32 +315,42 @@ def test_killed_tensor_parallel_rank_stops_the_others(tmp_path):
     assert seconds < 45, f"rank 0 took {seconds:.1f} s to notice"
 
 
-def test_torchrun_tp2_dp2_trains_and_resumes_on_one_process(tmp_path, monkeypatch):
+def test_torchrun_tp2_dp2_matches_one_process_and_resumes_across_layouts(tmp_path, monkeypatch):
     """`torchrun --nproc_per_node=4 -m nanolm.train --tp=2` (C++ cpu kernels) ends where one process with the
     global batch (2 per replica x 2 replicas -> 4) does; its step-4 checkpoint (gathered) resumes
-    on 1 process, which takes that global batch itself and reaches the 4 ranks' step-6 weights."""
+    on 1 process, which takes that global batch itself and reaches the 4 ranks' step-6 weights;
+    and the 1-process step-4 checkpoint resumes on 2 ranks with --tp=2 (sliced on load)."""
     from nanolm.train import config_from_args, train
     args = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--eval_iters=1",
             "--log_interval=2", "--max_steps=6", "--eval_interval=100", "--sample_tokens=4",
             "--kernels=cpu", "--grad_accum=2", "--ckpt_interval=4", "--warmup=2", "--lr=3e-3"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={free_port()}",
-           "-m", "nanolm.train", *args, "--batch_size=2", "--tp=2", "--zero=1", f"--bucket_mb={SMALL_MB}",
-           f"--out_dir={tmp_path / 'four'}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC")}
-    p = subprocess.run(cmd, cwd=tmp_path, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True,
-                       text=True, timeout=240)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.count("sample:") == 1 and "(tp=2 x dp=2)" in p.stdout, p.stdout
+
+    def torchrun(ranks, *more):
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+               f"--master_port={free_port()}", "-m", "nanolm.train", *more]
+        p = subprocess.run(cmd, cwd=tmp_path, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True,
+                           text=True, timeout=240)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.count("sample:") == 1, p.stdout
+        return p.stdout
+
+    out = torchrun(4, *args, "--batch_size=2", "--tp=2", "--zero=1", f"--bucket_mb={SMALL_MB}",
+                   f"--out_dir={tmp_path / 'four'}")
+    assert "(tp=2 x dp=2)" in out
     monkeypatch.chdir(tmp_path)
     train(config_from_args([*args, "--batch_size=4", f"--out_dir={tmp_path / 'fresh'}"]))
     resumed = config_from_args([f"--resume={tmp_path / 'four' / 'ckpt_00000004.pt'}", f"--out_dir={tmp_path / 'one'}"])
     assert resumed.batch_size == 4 and resumed.tp == 1
     train(resumed)
-    four, one, fresh = (torch.load(tmp_path / d / "ckpt_00000006.pt", weights_only=True)
-                        for d in ("four", "one", "fresh"))
+    torchrun(2, f"--resume={tmp_path / 'fresh' / 'ckpt_00000004.pt'}", "--tp=2", f"--out_dir={tmp_path / 'two'}")
+    four, one, fresh, two = (torch.load(tmp_path / d / "ckpt_00000006.pt", weights_only=True)
+                             for d in ("four", "one", "fresh", "two"))
     assert four["optimizer"]["layout"] == one["optimizer"]["layout"] == fresh["optimizer"]["layout"]
+    assert two["loader"]["train"]["batch_size"] == 4 and two["config"]["tp"] == 2
     assert_weights_close(four["model"], fresh["model"])
     assert_weights_close(one["model"], four["model"])
+    assert_weights_close(two["model"], fresh["model"])
 
 
 # ----------------------------------------------------------------------------- NCCL (GPU)
