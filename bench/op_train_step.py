@@ -27,7 +27,7 @@ CONFIGS = {  # (n_layer, n_head, n_embd, block_size, vocab_size, batch); vocab p
 }
 LR, BETAS, EPS, WD, GRAD_CLIP = 6e-4, (0.9, 0.95), 1e-8, 0.1, 1.0  # train.py's defaults; GPT-2 124M's lr
 SEED = 1234
-TORCH_KERNELS = backends.impls({op: "torch" for op in backends.OPS})
+TORCH_IMPLS = backends.impls({op: "torch" for op in backends.OPS})
 TINY_COMPILE_SKIPPED = {"torch.compile": "not run at the test suite's toy size (compiling takes ~30 s on CPU)"}
 
 
@@ -37,11 +37,11 @@ def _config(cfg):
                        vocab_size=vocab, bias=True, dropout=0.0)
 
 
-def _nanolm_model(cfg, kernels):
+def _nanolm_model(cfg, impls):
     """nanolm's GPT with the bench's fixed initial weights (built on CPU, as train.py does)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        return GPT(_config(cfg), kernels)
+        return GPT(_config(cfg), impls)
 
 
 def _copy_weights(src, dst):
@@ -64,7 +64,7 @@ def reference_model(cfg, device, dtype=torch.float32):
     config = _config(cfg)
     ref = ReferenceGPT(config.n_layer, config.n_head, config.n_embd, config.block_size,
                        config.vocab_size, config.padded_vocab)
-    src = _nanolm_model(cfg, TORCH_KERNELS)
+    src = _nanolm_model(cfg, TORCH_IMPLS)
     return _copy_weights(src, ref).to(device=device, dtype=dtype)
 
 
@@ -72,11 +72,11 @@ def _autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def nanolm_impl(cfg, device, kernels):
-    """nanolm's train step with `kernels` ({op: backend module}, as train.py's setup builds)."""
+def nanolm_impl(cfg, device, impls):
+    """nanolm's train step with `impls` ({op: backend module}, as train.py's setup builds)."""
     def make(t):
-        model = _nanolm_model(cfg, kernels).to(device)
-        opt = FlatAdamW(model.named_parameters(), LR, BETAS, EPS, WD, GRAD_CLIP, kernels["adamw"])
+        model = _nanolm_model(cfg, impls).to(device)
+        opt = FlatAdamW(model.named_parameters(), LR, BETAS, EPS, WD, GRAD_CLIP, impls["adamw"])
 
         def run():
             opt.zero_grad()
@@ -118,8 +118,8 @@ def _float64_reference(cfg):
     return ref
 
 
-def kernel_sets(device):
-    """({label: {op: backend}} of kernel sets to time, {label: why not}): one per backend that
+def backend_choices(device):
+    """({label: {op: backend}} of backend choices to time, {label: why not}): one per backend that
     can run every op here, plus `auto` when it mixes backends (else it equals one of them)."""
     sets, skipped = {}, {}
     for name in backends.BACKENDS:
@@ -147,9 +147,9 @@ def datasheet_peak_tflops(device):
 def _case(name, cfg, device, compiled):
     n_layer, n_head, n_embd, block_size, vocab, batch = cfg
     with torch.device("meta"):  # only the parameter count: no memory, no init work
-        n_params = _nanolm_model(cfg, TORCH_KERNELS).num_params()
+        n_params = _nanolm_model(cfg, TORCH_IMPLS).num_params()
     tokens = batch * block_size
-    sets, skipped = kernel_sets(device)
+    sets, skipped = backend_choices(device)
     impls = [Impl(label, "nanolm", nanolm_impl(cfg, device, backends.impls(choice)))
              for label, choice in sets.items()]
     impls.append(Impl("eager", "baseline", _reference_impl(cfg, device, False)))

@@ -4,6 +4,7 @@ Every cell is read from the backends' SUPPORT tables (nanolm/backends/)."""
 import torch
 
 from nanolm import backends
+from nanolm.backends.common import dtype_name
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -56,7 +57,7 @@ def support_rows(device):
 def main():
     print(f"nanolm._C: {build_info()}")
     print(f"libraries: {library_versions()}")
-    header = ["op", "backend"] + [str(d).removeprefix("torch.") for d in DTYPES] + ["why not"]
+    header = ["op", "backend"] + [dtype_name(d) for d in DTYPES] + ["why not"]
     for device in devices():
         print(f"\n{device} ({device_name(device)}):")
         print("  " + "  ".join(f"{h:<13}" if i < 2 else f"{h:<9}" for i, h in enumerate(header)))

@@ -65,7 +65,7 @@ def test_flop_formulas():
 def test_train_flops_match_what_train_py_logs():
     from nanolm.train import flops_per_token
     cfg = op_train_step.CONFIGS["tiny"]["tiny"]
-    model = op_train_step._nanolm_model(cfg, op_train_step.TORCH_KERNELS)
+    model = op_train_step._nanolm_model(cfg, op_train_step.TORCH_IMPLS)
     n_layer, _, n_embd, block_size = cfg[:4]
     assert flops.train_flops_per_token(model.num_params(), n_layer, n_embd, block_size) == flops_per_token(model)
 
@@ -182,10 +182,10 @@ def test_train_step_wrong_backward_kernel_fails(one_thread):
     def bad_bwd(*args):
         dx, dw, db = torch_ref.layer_norm_bwd(*args)
         return dx * 0.9, dw, db
-    kernels = dict(op_train_step.TORCH_KERNELS, layernorm=_patched(torch_ref, "layer_norm_bwd", bad_bwd))
+    impls = dict(op_train_step.TORCH_IMPLS, layernorm=_patched(torch_ref, "layer_norm_bwd", bad_bwd))
     case = build_cases("train_step", torch.device("cpu"), "tiny")[0]
     cfg = op_train_step.CONFIGS["tiny"]["tiny"]
-    case.impls = [Impl("wrong", "nanolm", op_train_step.nanolm_impl(cfg, torch.device("cpu"), kernels))]
+    case.impls = [Impl("wrong", "nanolm", op_train_step.nanolm_impl(cfg, torch.device("cpu"), impls))]
     (row,), _ = runner.run_case(case, torch.device("cpu"), log=lambda m: None)
     assert row["status"] == "FAILED" and "output 1" in row["error"] and "time_ms" not in row
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nanolm import backends, info
-from nanolm.backends.common import _C
+from nanolm.backends.common import _C, dtype_name
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 CPU = torch.device("cpu")
@@ -51,7 +51,7 @@ def _cpu_cases():
         for op, support in module.SUPPORT.items():
             for dtype in DTYPES if "cpu" in support.dtypes else ():
                 cases.append(pytest.param(name, op, dtype, dtype in support.dtypes["cpu"],
-                                          id=f"{name}-{op}-{str(dtype)[6:]}"))
+                                          id=f"{name}-{op}-{dtype_name(dtype)}"))
     return cases
 
 
@@ -71,7 +71,7 @@ def test_cpu_dtypes_follow_the_table(name, op, dtype, accepted):
         _call(module, op, dtype)
         assert backends.unavailable_reason(name, op, CPU, dtype) is None
     else:
-        with pytest.raises(ValueError, match=f"dtype {str(dtype)[6:]}; supported: "):
+        with pytest.raises(ValueError, match=f"dtype {dtype_name(dtype)}; supported: "):
             _call(module, op, dtype)
         assert "takes" in backends.unavailable_reason(name, op, CPU, dtype)
 

@@ -20,6 +20,8 @@ in torch_ref.py (the specification) and an entry in the SUPPORT of each backend 
 """
 import importlib
 
+from nanolm.backends.common import dtype_name
+
 # The contract: each op and the functions a backend implements for it (signatures in torch_ref.py).
 OPS = {
     "layernorm": ("layer_norm_fwd", "add_layer_norm_fwd", "layer_norm_bwd"),
@@ -58,7 +60,7 @@ def support_reason(name, op, device, dtype=None):
     if dtypes is None:
         return f"runs {op} on {' or '.join(support.devices())} only"
     if dtype is not None and dtype not in dtypes:
-        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        names = ", ".join(map(dtype_name, dtypes))
         note = support.notes.get(device.type)
         return f"{op} on {device.type} takes {names}" + (f" ({note})" if note else "")
     return None

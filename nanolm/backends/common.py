@@ -70,14 +70,17 @@ def layer_norm_outputs(x, residual):
     """Empty y, residual_out (None without a residual), mean, rstd for a forward over x (N, C)."""
     N = x.shape[0]
     residual_out = None if residual is None else torch.empty_like(x)
-    stats = [torch.empty(N, dtype=torch.float32, device=x.device) for _ in range(2)]
-    return torch.empty_like(x), residual_out, *stats
+    mean = torch.empty(N, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(N, dtype=torch.float32, device=x.device)
+    return torch.empty_like(x), residual_out, mean, rstd
 
 
 def layer_norm_bwd_outputs(x):
     """Empty dx (like x), dweight, dbias (C,) float32 for a backward over x (N, C)."""
     C = x.shape[1]
-    return torch.empty_like(x), *(torch.empty(C, dtype=torch.float32, device=x.device) for _ in range(2))
+    dweight = torch.empty(C, dtype=torch.float32, device=x.device)
+    dbias = torch.empty(C, dtype=torch.float32, device=x.device)
+    return torch.empty_like(x), dweight, dbias
 
 
 def adamw_scalars(lr, beta1, beta2, eps, weight_decay, step, grad_scale):
