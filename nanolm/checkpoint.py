@@ -6,6 +6,8 @@ Saving writes a temp file in the same directory, flushes and fsyncs it, renames 
 final name (os.replace is atomic on POSIX) and fsyncs the directory so the rename itself is
 durable. A crash at any point leaves either the old set of checkpoints or the new one, never a
 truncated file under a checkpoint's name. Only the newest `keep` checkpoints are kept.
+A checkpoint whose weights or optimizer moments hold a NaN or inf is never written: it could
+only replace a good one.
 
 Everything saved is tensors and plain Python values, so loading uses weights_only=True.
 """
@@ -65,9 +67,28 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def non_finite(state, prefix=""):
+    """Name of the first floating-point tensor in a (nested) state dict holding a NaN or inf,
+    or None."""
+    items = state.items() if isinstance(state, dict) else enumerate(state)
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, (dict, list, tuple)):
+            found = non_finite(value, name + ".")
+            if found:
+                return found
+        elif isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(value.isfinite().all()):
+            return name
+    return None
+
+
 def save(run_dir, step, model_state, optimizer_state, config, loader_state, keep=3):
     """Write ckpt_<step>.pt atomically (RNG states captured here) and keep the newest `keep`
-    (keep=None keeps all). Returns the path."""
+    (keep=None keeps all). Returns the path. Raises ValueError, writing nothing, if a weight or
+    optimizer tensor is not finite."""
+    bad = non_finite(model_state) or non_finite(optimizer_state, "optimizer.")
+    if bad:
+        raise ValueError(f"not saving checkpoint at step {step}: {bad} holds non-finite values")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"ckpt_{step:08d}.pt"

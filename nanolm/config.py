@@ -1,5 +1,6 @@
 """Configs: dataclasses with presets and `--key=value` overrides, validated before any work."""
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 
 
@@ -39,6 +40,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95  # GPT-3 value, steadier than 0.999 at large batch
     grad_clip: float = 1.0  # global norm; 0 disables
+    max_skipped_steps: int = 10  # consecutive non-finite steps (each skipped) before the run stops as diverged
     eval_interval: int = 100  # steps between val-loss estimates
     eval_iters: int = 10  # batches per val-loss estimate
     log_interval: int = 25  # steps between log lines
@@ -130,8 +132,12 @@ def model_config(cfg, vocab_size):
 
 
 def validate(cfg):
+    for f in fields(TrainConfig):  # nan passes every comparison below, so it is caught first
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value}")
     positive = ("batch_size", "grad_accum", "max_steps", "eval_iters", "log_interval", "eval_interval",
-                "keep_ckpts")
+                "keep_ckpts", "max_skipped_steps")
     for k in positive:
         if getattr(cfg, k) <= 0:
             raise ConfigError(f"{k} must be positive, got {getattr(cfg, k)}")

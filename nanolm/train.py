@@ -8,6 +8,10 @@ metrics.jsonl and config.json (nanolm/metrics.py).
 
 Ctrl-C stops the run after the step in flight and saves a checkpoint, so a resumed run
 continues bit-for-bit; a second Ctrl-C aborts at once.
+
+A step whose gradient norm is not finite is skipped (one bad batch). No checkpoint is written
+after a skipped step, and max_skipped_steps skipped in a row stop the run as diverged
+(Diverged), so the checkpoints from before the divergence are the newest ones left.
 """
 import contextlib
 import dataclasses
@@ -34,6 +38,10 @@ RUNS = Path("runs")  # where fresh runs without --out_dir go
 # Dense bf16 tensor-core peak, TFLOP/s, matched by substring of the device name.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0,
                "RTX 4090": 165.0, "RTX 3090": 71.0}
+
+
+class Diverged(Exception):
+    """Too many consecutive non-finite steps: the weights or the loss have blown up."""
 
 
 def pick_device(cfg, local_rank=0):
@@ -257,6 +265,21 @@ def train_step(cfg, run, lr):
     return torch.stack(losses).sum().item(), norm
 
 
+def count_skipped(cfg, run, streak, step, norm):
+    """The number of non-finite (skipped) steps in a row ending at `step`; raises Diverged when
+    it reaches cfg.max_skipped_steps. The norm is global, so every rank agrees."""
+    if math.isfinite(norm):
+        return 0
+    streak += 1
+    if streak >= cfg.max_skipped_steps:
+        last = checkpoint.latest(run["dir"]) if run["dist"].is_main else None
+        kept = f"the last checkpoint is {last}" if last else "no checkpoint was saved"
+        raise Diverged(f"training diverged: {streak} consecutive steps (to step {step}) had a "
+                       f"non-finite loss or gradient; {kept}. Lower --lr or raise --warmup, then "
+                       f"resume from a checkpoint before the divergence or start again")
+    return streak
+
+
 def tokens_per_step(cfg, run):
     """Over all ranks."""
     return cfg.batch_size * cfg.grad_accum * run["model"].cfg.block_size * run["dist"].env.world_size
@@ -320,6 +343,7 @@ def train(cfg):
             history["first_val"] = evaluate(cfg, run)
             log_eval(cfg, run, 0, history["first_val"])
         t0, timed = time.perf_counter(), 0  # timed steps since t0: evals and saves excluded
+        skipped = 0  # non-finite steps in a row
         for step in range(first, cfg.max_steps + 1):
             lr = get_lr(cfg, step - 1)
             loss, norm = train_step(cfg, run, lr)
@@ -332,8 +356,13 @@ def train(cfg):
             if is_main and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
                 history["val"] = evaluate(cfg, run)
                 log_eval(cfg, run, step, history["val"])
+            skipped = count_skipped(cfg, run, skipped, step, norm)
             periodic = cfg.ckpt_interval and step % cfg.ckpt_interval == 0
-            if periodic or step == cfg.max_steps or stop:
+            if (periodic or step == cfg.max_steps or stop) and skipped:
+                if is_main:
+                    print(f"step {step:5d} | not saving a checkpoint: this step was skipped "
+                          f"(non-finite gradient)", flush=True)
+            elif periodic or step == cfg.max_steps or stop:
                 history["checkpoint"] = save(cfg, run, step)
             if stop:
                 if is_main:
@@ -351,7 +380,7 @@ def train(cfg):
 def main(argv=None):
     try:
         train(config_from_args(sys.argv[1:] if argv is None else argv))
-    except ConfigError as e:
+    except (ConfigError, Diverged) as e:
         sys.exit(f"error: {e}")
 
 

@@ -1,0 +1,69 @@
+"""Issue 17: a run loses no work and produces nothing silently wrong (divergence, SIGTERM,
+checkpoint retention, metrics, run-dir locks, data/tokenizer checks, one-line errors)."""
+import math
+
+import pytest
+import torch
+
+from nanolm import checkpoint
+from nanolm.config import ConfigError, parse_args
+from nanolm.train import Diverged, main, train
+
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+        "--eval_iters=2", "--log_interval=1", "--sample_tokens=8", "--kernels=torch"]
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def all_finite(ckpt):
+    tensors = list(ckpt["model"].values()) + [ckpt["optimizer"][k] for k in ("exp_avg", "exp_avg_sq")]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+# ----------------------------------------------------------------------------- 1. divergence
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_float_flags_are_config_errors(value):
+    with pytest.raises(ConfigError, match=f"lr must be a finite number, got {value}"):
+        parse_args([f"--lr={value}"])
+
+
+def test_diverged_run_stops_and_keeps_its_finite_checkpoints(tmp_path, capsys):
+    """lr=1e4 blows the loss up within a few steps; every step after that is non-finite."""
+    out = tmp_path / "run"
+    args = TINY + ["--lr=1e4", "--min_lr=0", "--warmup=0", "--grad_clip=0", "--max_steps=20",
+                   "--ckpt_interval=2", "--keep_ckpts=2", "--max_skipped_steps=3", f"--out_dir={out}"]
+    with pytest.raises(Diverged, match=r"3 consecutive steps .* non-finite.*ckpt_\d+\.pt"):
+        train(parse_args(args))
+    kept = checkpoint.checkpoints(out)
+    assert kept, "the checkpoints from before the divergence are gone"
+    for path in kept:
+        assert all_finite(torch.load(path, weights_only=True)), path
+    skipped = [r for r in read_jsonl(out / "metrics.jsonl") if not math.isfinite(r.get("grad_norm", 0))]
+    assert len(skipped) == 3
+    last_good = max(r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"
+                    and math.isfinite(r["grad_norm"]))
+    assert checkpoint.latest(out).name <= f"ckpt_{last_good:08d}.pt"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([a.replace("--out_dir=" + str(out), f"--out_dir={tmp_path / 'again'}") for a in args])
+    assert str(e.value).startswith("error: training diverged")
+
+
+def read_jsonl(path):
+    import json
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_checkpoint_refuses_non_finite_weights_or_moments(tmp_path):
+    weights = {"w": torch.ones(3)}
+    bad_weights = {"w": torch.tensor([1.0, float("nan"), 2.0])}
+    moments = {"exp_avg": torch.zeros(3), "exp_avg_sq": torch.tensor([0.0, float("inf"), 0.0])}
+    with pytest.raises(ValueError, match=r"w.*non-finite"):
+        checkpoint.save(tmp_path, 1, bad_weights, {}, {}, {})
+    with pytest.raises(ValueError, match=r"exp_avg_sq.*non-finite"):
+        checkpoint.save(tmp_path, 1, weights, moments, {}, {})
+    assert checkpoint.checkpoints(tmp_path) == [] and list(tmp_path.iterdir()) == []
