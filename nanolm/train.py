@@ -6,8 +6,8 @@ optimizer step, with evaluate(), log() and checkpoints on their intervals, and a
 at the end. Everything a run writes goes to its run dir: ckpt_<step>.pt (nanolm/checkpoint.py),
 metrics.jsonl and config.json (nanolm/metrics.py).
 
-Ctrl-C stops the run after the step in flight and saves a checkpoint, so a resumed run
-continues bit-for-bit; a second Ctrl-C aborts at once.
+Ctrl-C or SIGTERM stops the run after the step in flight and saves a checkpoint, so a resumed
+run continues bit-for-bit; a second one aborts at once.
 
 A step whose gradient norm is not finite is skipped (one bad batch). No checkpoint is written
 after a skipped step, and max_skipped_steps skipped in a row stop the run as diverged
@@ -210,26 +210,34 @@ def save(cfg, run, step):
 
 
 class StopOnInterrupt:
-    """Turns the first Ctrl-C into a request the training loop honours between steps (so the
-    checkpoint it saves holds a whole step); a second Ctrl-C raises KeyboardInterrupt at once."""
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM (what SLURM, Kubernetes and torchrun send to
+    stop a job; torchrun forwards it to every rank) into a request the training loop honours
+    between steps, so the checkpoint it saves holds a whole step. A second signal acts at once:
+    KeyboardInterrupt for Ctrl-C, termination for SIGTERM."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested, self.previous = False, None
+        self.requested, self.previous = False, {}
 
     def _handle(self, signum, frame):
         self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
-        print("\ninterrupted: finishing this step and saving a checkpoint "
-              "(Ctrl-C again to abort)", flush=True)
+        self._restore()
+        print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+              "(send it again to abort)", flush=True)
+
+    def _restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        self._restore()
 
 
 @torch.no_grad()

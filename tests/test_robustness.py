@@ -67,3 +67,53 @@ def test_checkpoint_refuses_non_finite_weights_or_moments(tmp_path):
     with pytest.raises(ValueError, match=r"exp_avg_sq.*non-finite"):
         checkpoint.save(tmp_path, 1, weights, moments, {}, {})
     assert checkpoint.checkpoints(tmp_path) == [] and list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- 2. SIGTERM
+
+def start_cli(args, cwd, module="nanolm.train", torchrun=None):
+    import os
+    import subprocess
+    import sys
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
+                f"--master_port={free_port()}"] if torchrun else [sys.executable]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC")}
+    return subprocess.Popen(launcher + ["-m", module, *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(env, OMP_NUM_THREADS="1"))
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def terminate_after_first_step(proc):
+    """Wait for the first logged step, then SIGTERM the process; returns (stdout, stderr)."""
+    import signal
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "| loss" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=60)
+    return "".join(lines) + out, err
+
+
+@pytest.mark.parametrize("ranks", [None, 2])
+def test_sigterm_finishes_the_step_and_saves(tmp_path, ranks):
+    """SLURM/Kubernetes/torchrun stop a job with SIGTERM: like a first Ctrl-C, the run stops
+    after the step in flight and saves it (under torchrun the agent forwards it to every rank)."""
+    args = TINY + ["--max_steps=100000", "--ckpt_interval=0", f"--out_dir={tmp_path / 'run'}"]
+    if ranks:
+        args = [a for a in args if a != "--batch_size=4"] + ["--batch_size=2"]
+    proc = start_cli(args, tmp_path, torchrun=ranks)
+    out, err = terminate_after_first_step(proc)
+    if not ranks:
+        assert proc.returncode == 0, err
+    assert "stopped at step" in out, out + err
+    stopped = int(out.split("stopped at step")[1].split(";")[0])
+    assert checkpoint.latest(tmp_path / "run").name == f"ckpt_{stopped:08d}.pt"
+    assert all_finite(checkpoint.load(tmp_path / "run"))
