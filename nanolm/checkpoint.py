@@ -5,7 +5,9 @@ A checkpoint is one torch file `ckpt_<step>.pt` in the run dir holding
 Saving writes a temp file in the same directory, flushes and fsyncs it, renames it over the
 final name (os.replace is atomic on POSIX) and fsyncs the directory so the rename itself is
 durable. A crash at any point leaves either the old set of checkpoints or the new one, never a
-truncated file under a checkpoint's name. Only the newest `keep` checkpoints are kept.
+truncated file under a checkpoint's name. Retention keeps the newest `keep` checkpoints up to
+the one just saved and never deletes a newer one; only files named ckpt_<digits>.pt are ever
+deleted (a ckpt_best.pt or any other name is left alone).
 A checkpoint whose weights or optimizer moments hold a NaN or inf is never written: it could
 only replace a good one.
 
@@ -43,14 +45,16 @@ def set_rng_state(state):
     random.setstate((version, tuple(internal), gauss_next))
 
 
+def step_of(path):
+    """The step in a ckpt_<step>.pt name, or None for any other name."""
+    m = _NAME.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def checkpoints(run_dir):
     """Paths of the complete checkpoints in run_dir, oldest step first."""
-    found = []
-    for p in Path(run_dir).glob("ckpt_*.pt"):
-        m = _NAME.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+    found = sorted((step_of(p), p) for p in Path(run_dir).glob("ckpt_*.pt") if step_of(p) is not None)
+    return [p for _, p in found]
 
 
 def latest(run_dir):
@@ -105,13 +109,16 @@ def save(run_dir, step, model_state, optimizer_state, config, loader_state, keep
         tmp.unlink(missing_ok=True)
     _fsync_dir(run_dir)
     if keep is not None:
-        prune(run_dir, keep)
+        prune(run_dir, keep, step)
     return final
 
 
-def prune(run_dir, keep):
-    """Delete all but the newest `keep` checkpoints, and temp files left by crashed saves."""
-    for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
+def prune(run_dir, keep, newest):
+    """Of the checkpoints up to step `newest` (the one just saved), delete all but the newest
+    `keep`; later ones (another branch's, see nanolm.train.set_aside_future) are never touched.
+    Also deletes temp files left by crashed saves."""
+    candidates = [p for p in checkpoints(run_dir) if step_of(p) <= newest]
+    for old in candidates[:-keep] if keep > 0 else []:
         old.unlink()
     for stale in Path(run_dir).glob(".ckpt_*.pt.tmp*"):
         stale.unlink(missing_ok=True)

@@ -15,7 +15,9 @@ after a skipped step, and max_skipped_steps skipped in a row stop the run as div
 """
 import contextlib
 import dataclasses
+import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -28,7 +30,7 @@ import torch
 from nanolm import backends, checkpoint, dist
 from nanolm.config import ConfigError, as_dict, model_config, parse_args, parse_overrides
 from nanolm.data import Loader, get_tokenizer, load_dataset
-from nanolm.metrics import MetricsWriter
+from nanolm.metrics import MetricsWriter, read_metrics
 from nanolm.model import GPT
 from nanolm.optim import FlatAdamW
 from nanolm.sample import generate
@@ -151,7 +153,34 @@ def locate(cfg):
     ckpt = checkpoint.latest(source) if source.is_dir() else source
     if ckpt is None or not ckpt.is_file():
         raise ConfigError(f"--resume: no checkpoint (ckpt_*.pt) at {source}")
+    if out and out.resolve() != ckpt.parent.resolve() and holds_run(out):
+        raise ConfigError(f"--out_dir={out} already holds a run, and {ckpt} is not one of its "
+                          f"checkpoints: leave out --out_dir to continue in {ckpt.parent}, or pass "
+                          f"an empty one")
     return ckpt, out or ckpt.parent
+
+
+def holds_run(run_dir):
+    return checkpoint.latest(run_dir) is not None or (run_dir / "metrics.jsonl").exists()
+
+
+def set_aside_future(run_dir, step):
+    """Resuming from step S in a run dir that holds later checkpoints (e.g. the newest was
+    corrupt): those and the metrics after S belong to an abandoned future. They are moved to
+    run_dir/abandoned-after-<S>-<time>/, so this branch's retention and a later --resume see only
+    its own lineage, and nothing is lost. Returns that dir, or None."""
+    later = [p for p in checkpoint.checkpoints(run_dir) if checkpoint.step_of(p) > step]
+    if not later:
+        return None
+    aside = run_dir / f"abandoned-after-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for path in later:
+        os.replace(path, aside / path.name)
+    if (run_dir / "metrics.jsonl").exists():
+        future = [r for r in read_metrics(run_dir) if r["step"] > step]
+        (aside / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in future))
+    print(f"set aside the checkpoints after step {step} (another branch) in {aside}")
+    return aside
 
 
 def config_from_args(argv):
@@ -334,6 +363,8 @@ def start(cfg):
     if not run["dist"].is_main:  # only rank 0 writes the run dir and prints
         run["metrics"] = contextlib.nullcontext()
         return run, done + 1
+    if resume_from:
+        set_aside_future(run_dir, done)
     run["metrics"] = MetricsWriter(run_dir, run["config"], resume_step=done if resume_from else None)
     print(f"run dir: {run_dir}" + (f" (resumed from {resume_from}, step {done})" if resume_from else ""))
     print(f"model: {run['model'].num_params() / 1e6:.2f}M non-embedding params on {run['device']}")

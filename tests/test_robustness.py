@@ -117,3 +117,50 @@ def test_sigterm_finishes_the_step_and_saves(tmp_path, ranks):
     stopped = int(out.split("stopped at step")[1].split(";")[0])
     assert checkpoint.latest(tmp_path / "run").name == f"ckpt_{stopped:08d}.pt"
     assert all_finite(checkpoint.load(tmp_path / "run"))
+
+
+# ----------------------------------------------------------------------------- 3. retention
+
+def names(run_dir):
+    return [p.name for p in checkpoint.checkpoints(run_dir)]
+
+
+def test_retention_never_deletes_a_checkpoint_newer_than_the_one_just_saved(tmp_path):
+    state = {"w": torch.ones(2)}
+    for step in (5, 10):
+        checkpoint.save(tmp_path, step, state, {}, {}, {}, keep=None)
+    (tmp_path / "ckpt_best.pt").write_bytes(b"kept by its own rules")  # never a candidate
+    checkpoint.save(tmp_path, 9, state, {}, {}, {}, keep=1)
+    assert names(tmp_path) == ["ckpt_00000009.pt", "ckpt_00000010.pt"]
+    assert (tmp_path / "ckpt_best.pt").exists()
+
+
+def test_resume_from_an_older_checkpoint_sets_the_abandoned_future_aside(tmp_path):
+    """The issue's case: resume A from step 5 although A holds step 10. The branch's checkpoints
+    are kept by retention, the abandoned step-10 checkpoint and its metrics are moved aside
+    (not lost), and `--resume` then continues the branch, not the abandoned future."""
+    from nanolm.metrics import read_metrics
+    from nanolm.train import config_from_args
+    a = tmp_path / "A"
+    train(parse_args(TINY + ["--max_steps=10", "--ckpt_interval=5", "--keep_ckpts=2", f"--out_dir={a}"]))
+    assert names(a) == ["ckpt_00000005.pt", "ckpt_00000010.pt"]
+    train(config_from_args([f"--resume={a / 'ckpt_00000005.pt'}", "--max_steps=9",
+                            "--ckpt_interval=1", "--keep_ckpts=1"]))
+    assert names(a) == ["ckpt_00000009.pt"]
+    [aside] = [d for d in a.iterdir() if d.is_dir()]
+    assert names(aside) == ["ckpt_00000010.pt"]
+    assert max(r["step"] for r in read_metrics(aside)) == 10
+    assert max(r["step"] for r in read_metrics(a)) == 9
+    assert config_from_args(["--resume", f"--out_dir={a}", "--max_steps=12"]).max_steps == 12
+    assert checkpoint.latest(a).name == "ckpt_00000009.pt"
+
+
+def test_resume_into_another_run_dir_is_refused(tmp_path):
+    from nanolm.train import config_from_args
+    a, b = tmp_path / "A", tmp_path / "B"
+    for d in (a, b):
+        train(parse_args(TINY + ["--max_steps=2", f"--out_dir={d}", "--seed=" + str(len(d.name))]))
+    before = {f: (a / f).read_bytes() for f in ("metrics.jsonl", "config.json")}
+    with pytest.raises(ConfigError, match=f"--out_dir={a} already holds a run"):
+        train(config_from_args([f"--resume={b}", f"--out_dir={a}", "--max_steps=4"]))
+    assert before == {f: (a / f).read_bytes() for f in ("metrics.jsonl", "config.json")}
