@@ -164,3 +164,39 @@ def test_resume_into_another_run_dir_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=f"--out_dir={a} already holds a run"):
         train(config_from_args([f"--resume={b}", f"--out_dir={a}", "--max_steps=4"]))
     assert before == {f: (a / f).read_bytes() for f in ("metrics.jsonl", "config.json")}
+
+
+# ----------------------------------------------------------------------------- 4. metrics.jsonl
+
+def write_records(path, steps, torn=""):
+    import json
+    path.write_text("".join(json.dumps({"kind": "train", "step": s, "time": float(s), "loss": 1.0})
+                            + "\n" for s in steps) + torn)
+
+
+def test_a_torn_last_metrics_line_is_dropped(tmp_path):
+    from nanolm.metrics import MetricsWriter, read_metrics
+    write_records(tmp_path / "metrics.jsonl", range(1, 6), torn='{"kind": "train", "st')
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
+    with MetricsWriter(tmp_path, {}, resume_step=4) as w:
+        w.log("train", 5, loss=0.5)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"st\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not JSON"):
+        read_metrics(tmp_path)
+
+
+def test_metrics_rewrite_on_resume_is_atomic(tmp_path):
+    """The resume rewrite dies half-way (a file-size limit, as a full disk would): the old
+    metrics.jsonl must still be whole."""
+    import subprocess
+    import sys
+    path = tmp_path / "metrics.jsonl"
+    write_records(path, range(1, 101))
+    before = path.read_text()
+    script = ("import resource, sys; from nanolm.metrics import MetricsWriter; "
+              f"resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) // 2}, {len(before) // 2})); "
+              f"MetricsWriter(sys.argv[1], {{}}, resume_step=90)")
+    p = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
+    assert p.returncode != 0  # killed by SIGXFSZ
+    assert path.read_text() == before
