@@ -15,10 +15,12 @@ after a skipped step, and max_skipped_steps skipped in a row stop the run as div
 """
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -162,6 +164,38 @@ def locate(cfg):
 
 def holds_run(run_dir):
     return checkpoint.latest(run_dir) is not None or (run_dir / "metrics.jsonl").exists()
+
+
+class RunDirLock:
+    """Held while a run writes its run dir, so a second trainer on the same dir is refused with
+    the holder's pid, host and start time (read from the lock file). An flock: the kernel drops
+    it when the holder dies, so a lock file left by a killed run never blocks a resume."""
+
+    def __init__(self, run_dir):
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(run_dir / ".lock", "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise ConfigError(f"{run_dir} is in use by {holder}: wait for that run to end, "
+                              f"or pass another --out_dir") from None
+        self.file.truncate(0)
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()  # releases the flock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def set_aside_future(run_dir, step):
@@ -361,11 +395,16 @@ def start(cfg):
         raise ConfigError(str(e)) from e
     run["dir"] = run_dir
     if not run["dist"].is_main:  # only rank 0 writes the run dir and prints
-        run["metrics"] = contextlib.nullcontext()
+        run["lock"], run["metrics"] = contextlib.nullcontext(), contextlib.nullcontext()
         return run, done + 1
-    if resume_from:
-        set_aside_future(run_dir, done)
-    run["metrics"] = MetricsWriter(run_dir, run["config"], resume_step=done if resume_from else None)
+    run["lock"] = RunDirLock(run_dir)
+    try:
+        if resume_from:
+            set_aside_future(run_dir, done)
+        run["metrics"] = MetricsWriter(run_dir, run["config"], resume_step=done if resume_from else None)
+    except BaseException:
+        run["lock"].close()
+        raise
     print(f"run dir: {run_dir}" + (f" (resumed from {resume_from}, step {done})" if resume_from else ""))
     print(f"model: {run['model'].num_params() / 1e6:.2f}M non-embedding params on {run['device']}")
     return run, done + 1
@@ -377,7 +416,7 @@ def train(cfg):
     only rank 0 evaluates, logs, samples and writes; the other ranks return just 'stopped'."""
     run, first = start(cfg)
     history, is_main = {"stopped": None}, run["dist"].is_main
-    with contextlib.closing(run["dist"]), run["metrics"], StopOnInterrupt() as interrupt:
+    with contextlib.closing(run["dist"]), run["lock"], run["metrics"], StopOnInterrupt() as interrupt:
         if first == 1 and is_main:
             history["first_val"] = evaluate(cfg, run)
             log_eval(cfg, run, 0, history["first_val"])

@@ -200,3 +200,30 @@ def test_metrics_rewrite_on_resume_is_atomic(tmp_path):
     p = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
     assert p.returncode != 0  # killed by SIGXFSZ
     assert path.read_text() == before
+
+
+# ----------------------------------------------------------------------------- 5. run-dir lock
+
+def test_a_run_dir_in_use_is_refused_naming_the_holder(tmp_path):
+    """A second trainer on a run dir another process holds is refused; once the holder is
+    killed, its lock file blocks nothing."""
+    import os
+    import subprocess
+    import sys
+    run = tmp_path / "run"
+    train(parse_args(TINY + ["--max_steps=2", f"--out_dir={run}"]))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from nanolm.train import RunDirLock; "
+                               "lock = RunDirLock(sys.argv[1]); print('locked', flush=True); time.sleep(60)", str(run)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        before = (run / "metrics.jsonl").read_bytes()
+        with pytest.raises(ConfigError, match=f"{run} is in use by pid {holder.pid} on "):
+            train(parse_args(TINY + ["--max_steps=4", "--resume", f"--out_dir={run}"]))
+        assert (run / "metrics.jsonl").read_bytes() == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert os.path.exists(run / ".lock")  # left by the killed holder: stale, it blocks nothing
+    train(parse_args(TINY + ["--max_steps=4", "--resume", f"--out_dir={run}"]))
+    assert checkpoint.latest(run).name == "ckpt_00000004.pt"
