@@ -13,12 +13,17 @@ Datasets by name or path (`load_dataset`):
 
 Shard format: a header of 256 int32 (magic 20240520, version 1, token count, rest zero), then
 the tokens as uint16. Write them with
-    python -m nanolm.data prepare <dataset> --out DIR --tokenizer gpt2|byte
+    python -m nanolm.data prepare <dataset> --out DIR --tokenizer gpt2|byte [--overwrite]
+which also writes DIR/shards.json, {"tokenizer": name, "vocab_size": n}: the .bin files stay
+exactly llm.c's format for other tools, and a run with another tokenizer is refused. Shards
+without it (e.g. llm.c's own) are accepted; every shard's largest token id is checked against
+the vocab when it is opened.
 """
 import argparse
 import codecs
 import glob
 import hashlib
+import json
 import os
 import re
 import sys
@@ -35,6 +40,7 @@ SHARD_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 SHARD_TOKENS = 100_000_000  # llm.c's shard size: 200 MB of uint16 per file
+SHARDS_INFO = "shards.json"  # beside the shards: the tokenizer that made them
 
 PYSTDLIB_MAX_BYTES = 2 * 1024 * 1024  # ~half the stdlib: gpt2-tokenizes in a few seconds
 
@@ -230,7 +236,15 @@ def split_text(text, val_fraction=0.1):
 def text_dataset(name):
     """(train_text, val_text) for 'shakespeare' or a .txt path."""
     path = shakespeare_path() if name == "shakespeare" else Path(name)
-    return split_text(path.read_text(encoding="utf-8"))
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x})") from None
+    if not text:
+        raise ValueError(f"{path} is empty: nothing to tokenize")
+    return split_text(text)
 
 
 def encode_dataset(name, tokenizer):
@@ -311,8 +325,29 @@ def shard_files(spec):
     return train, val
 
 
-def open_shards(paths):
+def check_shards_tokenizer(paths, tokenizer):
+    """Refuse shards whose shards.json names another tokenizer than the run's."""
+    for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
+        info = os.path.join(folder, SHARDS_INFO)
+        if os.path.exists(info):
+            with open(info) as f:
+                made_with = json.load(f)["tokenizer"]
+            if made_with != tokenizer.name:
+                raise ValueError(f"{info}: these shards were made with tokenizer {made_with!r}, "
+                                 f"but the run has --tokenizer={tokenizer.name}")
+
+
+def open_shards(paths, tokenizer):
+    """The shards as one token sequence, every token id checked against the vocab: a max over
+    each memory-mapped shard, one read of the data at start, instead of an IndexError (or a
+    device-side assert) whenever the bad batch comes up."""
+    check_shards_tokenizer(paths, tokenizer)
     parts = [read_shard(p) for p in paths]
+    for path, part in zip(paths, parts):
+        top = int(part.max()) if len(part) else 0
+        if top >= tokenizer.vocab_size:
+            raise ValueError(f"{path} holds token id {top}, outside the {tokenizer.name} tokenizer's "
+                             f"vocab of {tokenizer.vocab_size}: it was written with another tokenizer")
     return parts[0] if len(parts) == 1 else ConcatTokens(parts)
 
 
@@ -325,19 +360,36 @@ def load_dataset(name, tokenizer):
     Shards hold token ids only: they must have been written with the same tokenizer."""
     if is_shard_spec(name):
         train, val = shard_files(name)
-        return open_shards(train), open_shards(val)
+        return open_shards(train, tokenizer), open_shards(val, tokenizer)
     if name in ("pystdlib", "shakespeare") or name.endswith(".txt"):
         return encode_dataset(name, tokenizer)
     raise ValueError(f"unknown dataset {name!r}: expected pystdlib, shakespeare, a .txt file, "
                      "or a directory / glob of token shards")
 
 
-def prepare(name, out, tokenizer_name, shard_tokens=SHARD_TOKENS):
-    """Tokenize a text dataset into <out>/<stem>_{val,train}_NNNNNN.bin shards."""
+def clear_for_shards(out, overwrite):
+    """An empty (or new) out dir; with overwrite, an old dataset's shards and shards.json are
+    deleted first, so none of them are mixed into the new one."""
+    if not os.path.isdir(out) or not os.listdir(out):
+        return
+    if not overwrite:
+        raise ValueError(f"{out} is not empty: shards already there would be mixed into the new "
+                         f"dataset; pass --overwrite to replace them, or choose another --out")
+    for old in glob.glob(os.path.join(glob.escape(out), "*.bin")) + [os.path.join(out, SHARDS_INFO)]:
+        if os.path.exists(old):
+            os.remove(old)
+
+
+def prepare(name, out, tokenizer_name, shard_tokens=SHARD_TOKENS, overwrite=False):
+    """Tokenize a text dataset into <out>/<stem>_{val,train}_NNNNNN.bin shards and
+    <out>/shards.json."""
+    clear_for_shards(out, overwrite)
     tokenizer = get_tokenizer(tokenizer_name)
     train, val = encode_dataset(name, tokenizer)
     stem = Path(name).stem
     os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, SHARDS_INFO), "w") as f:
+        json.dump({"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size}, f)
     written = []
     for split, tokens in (("val", val), ("train", train)):
         for k, start in enumerate(range(0, len(tokens), shard_tokens)):
@@ -433,8 +485,10 @@ def main(argv=None):
     prep.add_argument("--out", required=True, help="output directory")
     prep.add_argument("--tokenizer", choices=("gpt2", "byte"), default="gpt2")
     prep.add_argument("--shard_tokens", type=int, default=SHARD_TOKENS)
+    prep.add_argument("--overwrite", action="store_true",
+                      help="replace the shards (and shards.json) already in --out")
     args = p.parse_args(argv)
-    for path in prepare(args.dataset, args.out, args.tokenizer, args.shard_tokens):
+    for path in prepare(args.dataset, args.out, args.tokenizer, args.shard_tokens, args.overwrite):
         print(f"{path}: {len(read_shard(path)):,} tokens")
 
 

@@ -227,3 +227,43 @@ def test_a_run_dir_in_use_is_refused_naming_the_holder(tmp_path):
     assert os.path.exists(run / ".lock")  # left by the killed holder: stale, it blocks nothing
     train(parse_args(TINY + ["--max_steps=4", "--resume", f"--out_dir={run}"]))
     assert checkpoint.latest(run).name == "ckpt_00000004.pt"
+
+
+# ----------------------------------------------------------------------------- 6, 7. shards
+
+def test_token_ids_beyond_the_vocab_are_refused_at_open_naming_the_shard(tmp_path):
+    import numpy as np
+    from nanolm import data
+    data.write_shard(tmp_path / "x_train_000000.bin", np.arange(200) % 256)
+    data.write_shard(tmp_path / "x_train_000001.bin", np.array([5] * 100 + [300] + [7] * 100))
+    data.write_shard(tmp_path / "x_val_000000.bin", np.arange(100))
+    with pytest.raises(ValueError, match=r"x_train_000001.bin holds token id 300, .* vocab of 256"):
+        data.load_dataset(str(tmp_path), data.get_tokenizer("byte"))
+
+
+def test_shards_record_their_tokenizer_and_refuse_another(tmp_path):
+    from nanolm import data
+    src = tmp_path / "tiny.txt"
+    src.write_text("to be or not to be\n" * 100)
+    out = tmp_path / "out"
+    data.prepare(str(src), str(out), "byte", shard_tokens=700)
+    bins = sorted(p.name for p in out.glob("*.bin"))
+    for name in bins:  # the llm.c format itself is unchanged: other tools still read it
+        assert len(data.read_shard(out / name)) > 0
+    fake_gpt2 = type("Tok", (), {"name": "gpt2", "vocab_size": 50257})()
+    with pytest.raises(ValueError, match=r"made with tokenizer 'byte'.* --tokenizer=gpt2"):
+        data.load_dataset(str(out), fake_gpt2)
+    data.load_dataset(str(out), data.get_tokenizer("byte"))
+
+
+def test_prepare_refuses_a_non_empty_dir_unless_told_to_overwrite(tmp_path):
+    from nanolm import data
+    src = tmp_path / "tiny.txt"
+    src.write_text("to be or not to be\n" * 100)
+    out = tmp_path / "out"
+    data.prepare(str(src), str(out), "byte", shard_tokens=700)
+    src.write_text("short\n" * 100)
+    with pytest.raises(ValueError, match=f"{out} is not empty.*--overwrite"):
+        data.prepare(str(src), str(out), "byte")
+    data.prepare(str(src), str(out), "byte", overwrite=True)
+    assert sorted(p.name for p in out.glob("*.bin")) == ["tiny_train_000000.bin", "tiny_val_000000.bin"]
