@@ -267,3 +267,42 @@ def test_prepare_refuses_a_non_empty_dir_unless_told_to_overwrite(tmp_path):
         data.prepare(str(src), str(out), "byte")
     data.prepare(str(src), str(out), "byte", overwrite=True)
     assert sorted(p.name for p in out.glob("*.bin")) == ["tiny_train_000000.bin", "tiny_val_000000.bin"]
+
+
+# ----------------------------------------------------------------------------- 8. HF import
+
+@pytest.fixture
+def hf_export(tmp_path):
+    """A tiny model (vocab 300, 2 layers, 2 heads, n_embd 32) exported in HF's layout."""
+    pytest.importorskip("safetensors")
+    from nanolm import backends, hf
+    from nanolm.config import ModelConfig
+    from nanolm.model import GPT
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=300, vocab_multiple=64)
+    model = GPT(cfg, backends.modules(backends.resolve("torch", torch.device("cpu"))))
+    hf.export(model.state_dict(), tmp_path / "hf", n_head=2, vocab_size=300)
+    return tmp_path / "hf"
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("n_head", 3, "n_embd=32 is not divisible by n_head=3"),
+    ("n_layer", 3, r"transformer.h.2.* missing from the weights"),
+    ("n_embd", 64, r"transformer.h.0.ln_1.weight: weights \(32,\), config \(64,\)"),
+    ("n_positions", 64, r"transformer.wpe.weight: weights \(32, 32\), config \(64, 32\)"),
+    ("vocab_size", 280, r"transformer.wte.weight: weights \(300, 32\), config \(280, 32\)"),
+])
+def test_hf_import_checks_config_against_weights(hf_export, tmp_path, key, value, match):
+    import json
+    from nanolm import hf
+    config = json.loads((hf_export / "config.json").read_text())
+    (hf_export / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(ValueError, match=match):
+        hf.import_checkpoint(str(hf_export), tmp_path / "out", tokenizer="byte", vocab_multiple=64)
+    assert not (tmp_path / "out").exists()
+
+
+def test_hf_import_refuses_a_tokenizer_larger_than_the_embedding(hf_export, tmp_path):
+    from nanolm import hf
+    with pytest.raises(ValueError, match=r"tokenizer 'gpt2' has 50257 tokens.* 300.*--tokenizer byte"):
+        hf.import_checkpoint(str(hf_export), tmp_path / "out", tokenizer="gpt2", vocab_multiple=64)
+    hf.import_checkpoint(str(hf_export), tmp_path / "out", tokenizer="byte", vocab_multiple=64)
