@@ -306,3 +306,30 @@ def test_hf_import_refuses_a_tokenizer_larger_than_the_embedding(hf_export, tmp_
     with pytest.raises(ValueError, match=r"tokenizer 'gpt2' has 50257 tokens.* 300.*--tokenizer byte"):
         hf.import_checkpoint(str(hf_export), tmp_path / "out", tokenizer="gpt2", vocab_multiple=64)
     hf.import_checkpoint(str(hf_export), tmp_path / "out", tokenizer="byte", vocab_multiple=64)
+
+
+# ----------------------------------------------------------------------------- 9. in-place CE
+
+@pytest.mark.parametrize("name", ["torch", "cpu", "triton"])
+def test_inplace_cross_entropy_over_a_saved_tensor_raises_like_torch(name):
+    """exp saves its output for the backward; cross-entropy with inplace=True overwrites that
+    output with dlogits. Every backend must make autograd notice (torch's version counter)."""
+    from nanolm import backends, ops
+    z = torch.randn(6, 64, requires_grad=True)
+    t = torch.randint(0, 64, (6,))
+    loss = ops.cross_entropy(z.exp(), t, backends.load(name), inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("name", ["torch", "cpu", "triton"])
+def test_inplace_cross_entropy_still_gives_the_gradient(name):
+    from nanolm import backends, ops
+    z = torch.randn(6, 64, dtype=torch.float64)
+    t = torch.randint(0, 64, (6,))
+    w = torch.randn(64, 64, dtype=torch.float64, requires_grad=True)
+    ref = torch.nn.functional.cross_entropy(z @ w, t)
+    (want,) = torch.autograd.grad(ref, w)
+    logits = (z @ w).float()  # mm saves its inputs, not the logits: overwriting them is fine
+    (got,) = torch.autograd.grad(ops.cross_entropy(logits, t, backends.load(name), inplace=True), w)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
