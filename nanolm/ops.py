@@ -267,5 +267,19 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weigh
 
 
 def grad_norm(grad, backend):
-    """L2 norm of a flat gradient buffer, by a deterministic reduction."""
-    return backend.sum_of_squares(grad).sqrt()
+    """L2 norm of a flat gradient buffer, by a deterministic reduction. The backends sum the
+    squares in fp32, which overflows to inf once the norm passes ~1.8e19 although every gradient
+    is finite; then the sum is taken again over grad / max|grad| (<= 1, so it cannot overflow)
+    and scaled back in fp64. That costs a copy and two more passes, only in this rare case."""
+    sumsq = backend.sum_of_squares(grad)
+    if not torch.isinf(sumsq):
+        return sumsq.sqrt()
+    return scaled_norm(grad.abs().max(), lambda scale: backend.sum_of_squares(grad / scale))
+
+
+def scaled_norm(scale, sum_of_squares):
+    """scale * sqrt(sum_of_squares(scale)) in fp64, where sum_of_squares(scale) sums the squares
+    of the gradients divided by scale (>= their max |value|); inf if scale is (a gradient is)."""
+    if not torch.isfinite(scale):
+        return scale.double().abs()
+    return sum_of_squares(scale).double().sqrt() * scale.double()

@@ -333,3 +333,46 @@ def test_inplace_cross_entropy_still_gives_the_gradient(name):
     logits = (z @ w).float()  # mm saves its inputs, not the logits: overwriting them is fine
     (got,) = torch.autograd.grad(ops.cross_entropy(logits, t, backends.load(name), inplace=True), w)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- 10. grad norm
+
+@pytest.mark.parametrize("name", ["torch", "cpu", "triton"])
+def test_grad_norm_of_finite_gradients_above_fp32_range_is_finite(name):
+    """A norm above ~1.8e19 has a sum of squares beyond fp32's 3.4e38."""
+    from nanolm import backends, ops
+    backend = backends.load(name)
+    g = torch.randn(1000, dtype=torch.float64) * 1e18
+    norm = ops.grad_norm(g.float(), backend)
+    torch.testing.assert_close(norm.double(), g.norm(), rtol=1e-5, atol=0)
+    assert torch.equal(norm, ops.grad_norm(g.float(), backend))  # deterministic
+    for bad in (float("inf"), float("nan")):
+        g[7] = bad
+        assert not torch.isfinite(ops.grad_norm(g.float(), backend))
+
+
+class OneRankComm:
+    """Collectives over one rank: what FlatAdamW's sharded (ZeRO-1) path calls."""
+
+    def all_reduce(self, tensor, average=True):
+        return None
+
+    def all_gather(self, output, input):
+        return None
+
+    def wait(self, handle):
+        pass
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_optimizer_steps_on_huge_finite_gradients(sharded):
+    from nanolm import backends
+    from nanolm.optim import FlatAdamW
+    w = torch.nn.Parameter(torch.zeros(64, 8))
+    opt = FlatAdamW([("w", w)], 1e-3, grad_clip=1.0, backend=backends.load("torch"))
+    if sharded:
+        opt.shard(OneRankComm(), [((0, 200), (0, 200)), ((200, 512), (200, 512))])
+    opt.flat_grad.copy_(torch.randn(512) * 1e19)
+    norm = opt.step()
+    assert math.isfinite(norm) and norm > 1e20 and opt.skipped == 0
+    assert bool(torch.isfinite(w).all()) and bool((w != 0).any())
