@@ -5,10 +5,11 @@
 
 Decoding uses the KV cache (nanolm/kvcache.py), so cost is linear in the number of tokens.
 When the context reaches block_size the window slides by half a block (the newest block_size/2
-tokens are re-read into a fresh cache): the model then sees between T/2 and T tokens of
-context, and the re-reads stay linear overall.
+tokens, at least one, are re-read into a fresh cache): the model then sees between T/2 and T
+tokens of context, and the re-reads stay linear overall.
 """
 import argparse
+import math
 import sys
 
 import torch
@@ -34,11 +35,21 @@ def pick(logits, temperature, top_k, generator, vocab_size):
     return torch.multinomial(probs, 1, generator=generator)
 
 
+def check_sampling(temperature, top_k):
+    """Raise ValueError for a temperature that is negative or nan (a negative one would sample
+    the least likely tokens) or a top_k below 1."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+
+
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, seed=0, stream=None,
              vocab_size=None):
     """Extend idx (B, t) by max_new_tokens sampled tokens; stream(ids) gets each step's (B, 1)
     tokens as soon as they exist. Same seed, model and prompt -> same tokens."""
+    check_sampling(temperature, top_k)
     block = model.cfg.block_size
     vocab_size = vocab_size or model.cfg.vocab_size
     generator = torch.Generator(device=idx.device).manual_seed(seed)
@@ -54,7 +65,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, seed=0, st
             break
         if cache.pos == block:
             cache.pos = 0
-            logits = forward_cached(model, torch.cat(out, dim=1)[:, -(block // 2):], cache)
+            logits = forward_cached(model, torch.cat(out, dim=1)[:, -max(1, block // 2):], cache)
         else:
             logits = forward_cached(model, nxt, cache)
     return torch.cat(out, dim=1)

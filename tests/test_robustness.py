@@ -376,3 +376,36 @@ def test_optimizer_steps_on_huge_finite_gradients(sharded):
     norm = opt.step()
     assert math.isfinite(norm) and norm > 1e20 and opt.skipped == 0
     assert bool(torch.isfinite(w).all()) and bool((w != 0).any())
+
+
+# ----------------------------------------------------------------------------- 11. sampler
+
+def tiny_gpt(block_size=8):
+    from nanolm import backends
+    from nanolm.config import ModelConfig
+    from nanolm.model import GPT
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=block_size, vocab_size=40, vocab_multiple=64)
+    return GPT(cfg, backends.modules(backends.resolve("torch", torch.device("cpu")))).eval()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=-1.0), "temperature must be a finite number >= 0, got -1.0"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0, got nan"),
+    (dict(top_k=0), "top_k must be >= 1, got 0"),
+    (dict(top_k=-3), "top_k must be >= 1, got -3"),
+])
+def test_sampler_arguments_are_checked(kwargs, match):
+    from nanolm.sample import generate
+    with pytest.raises(ValueError, match=match):
+        generate(tiny_gpt(), torch.zeros(1, 1, dtype=torch.long), 4, **kwargs)
+
+
+def test_a_block_size_1_model_samples():
+    from nanolm.sample import generate
+    out = generate(tiny_gpt(block_size=1), torch.zeros(1, 1, dtype=torch.long), 5, top_k=10)
+    assert out.shape == (1, 6) and int(out.max()) < 40
+
+
+def test_a_block_size_1_run_trains_and_samples(tmp_path):
+    history = train(parse_args(TINY + ["--block_size=1", "--max_steps=2", f"--out_dir={tmp_path / 'r'}"]))
+    assert len(history["sample"]) > 0
