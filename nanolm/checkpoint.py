@@ -12,10 +12,14 @@ A checkpoint whose weights or optimizer moments hold a NaN or inf is never writt
 only replace a good one.
 
 Everything saved is tensors and plain Python values, so loading uses weights_only=True.
+A CRC-32 of every tensor's bytes is saved beside them ("crc32") and checked on load: torch.load
+itself accepts a flipped bit inside tensor data. A checkpoint that cannot be read, or fails
+the check, raises ValueError naming it and the previous checkpoint in its run dir.
 """
 import os
 import random
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +75,18 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def tensors_crc32(tree, crc=0):
+    """CRC-32 over the bytes of every tensor in a nested dict/list, in order."""
+    items = tree.values() if isinstance(tree, dict) else tree
+    for value in items:
+        if isinstance(value, (dict, list, tuple)):
+            crc = tensors_crc32(value, crc)
+        elif isinstance(value, torch.Tensor):
+            data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            crc = zlib.crc32(data, crc)
+    return crc
+
+
 def non_finite(state, prefix=""):
     """Name of the first floating-point tensor in a (nested) state dict holding a NaN or inf,
     or None."""
@@ -99,12 +115,18 @@ def save(run_dir, step, model_state, optimizer_state, config, loader_state, keep
     tmp = run_dir / f".{final.name}.tmp{os.getpid()}"
     payload = {"model": model_state, "optimizer": optimizer_state, "step": step,
                "config": config, "loader": loader_state, "rng": rng_state()}
+    payload["crc32"] = tensors_crc32(payload)
     try:
         with open(tmp, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
+    except RuntimeError as e:  # torch.save turns a failed write (a full disk) into RuntimeError
+        if isinstance(e.__context__, OSError):
+            raise OSError(e.__context__.errno, f"{e.__context__.strerror} (writing a checkpoint)",
+                          str(final)) from e
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(run_dir)
@@ -143,10 +165,32 @@ def config_diff(saved, expected):
             for k, v in expected.items() if saved.get(k, missing) != v]
 
 
+def read(path, map_location="cpu", mmap=False):
+    """torch.load of a checkpoint file; an unreadable or corrupt one (checked against its
+    CRC-32 unless mmap, which reads no tensor data) raises ValueError naming it and the
+    previous checkpoint in its run dir."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        damaged = not mmap and "crc32" in ckpt and ckpt["crc32"] != tensors_crc32(
+            {k: v for k, v in ckpt.items() if k != "crc32"})
+        reason = "its tensors fail their CRC-32 check" if damaged else None
+    except Exception as e:  # torch reports a damaged zip or pickle under many exception types
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    if reason:
+        step = step_of(path)
+        older = [p for p in checkpoints(path.parent) if step is not None and step_of(p) < step]
+        hint = f"; resume from the previous one: --resume={older[-1]}" if older else ""
+        raise ValueError(f"{path} is damaged and cannot be loaded ({reason}){hint}")
+    return ckpt
+
+
 def saved_run(path):
     """(config, train loader state) stored in a checkpoint file, read without loading its
     tensors (mmap)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    ckpt = read(path, mmap=True)
     return ckpt["config"], ckpt["loader"]["train"]
 
 
@@ -158,9 +202,9 @@ def load(path, map_location="cpu", model_config=None):
     if path.is_dir():
         found = latest(path)
         if found is None:
-            raise FileNotFoundError(f"no checkpoint (ckpt_*.pt) in {path}")
+            raise ValueError(f"no checkpoint (ckpt_*.pt) in {path}")
         path = found
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    ckpt = read(path, map_location)
     if model_config is not None:
         diff = config_diff(ckpt["config"], model_config)
         if diff:

@@ -1,11 +1,37 @@
-"""Configs: dataclasses with presets and `--key=value` overrides, validated before any work."""
+"""Configs: dataclasses with presets and `--key=value` overrides, validated before any work;
+and cli(), which every entry point runs under so a user's error is one `error:` line."""
 import dataclasses
 import math
+import os
+import re
+import sys
+import traceback
 from dataclasses import dataclass, fields
 
 
 class ConfigError(ValueError):
     """A bad config or CLI value, reported before any training work."""
+
+
+def describe(error):
+    """One line for an error: an OSError as 'path: reason' (its [Errno N] prefix dropped)."""
+    if isinstance(error, OSError) and error.strerror:
+        where = error.filename if error.filename is not None else ""
+        return f"{where}: {error.strerror}" if where else error.strerror
+    return str(error)
+
+
+def cli(main, argv, errors=()):
+    """Run main(argv) as a command: a user's error (ValueError, which ConfigError is, OSError,
+    or one of `errors`) exits with code 1 and one `error: ...` line, no traceback. `--debug` in
+    argv, or NANOLM_DEBUG=1, shows the traceback as well."""
+    debug = "--debug" in argv or os.environ.get("NANOLM_DEBUG", "") not in ("", "0")
+    try:
+        return main([a for a in argv if a != "--debug"])
+    except (ValueError, OSError, *errors) as e:
+        if debug:
+            traceback.print_exc()
+        sys.exit(f"error: {describe(e)}")
 
 
 @dataclass
@@ -157,6 +183,12 @@ def validate(cfg):
     for k in ("bucket_mb", "dist_timeout_s"):
         if getattr(cfg, k) <= 0:
             raise ConfigError(f"{k} must be positive, got {getattr(cfg, k)}")
+    if cfg.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", cfg.device):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.resume and cfg.init_from:
+        raise ConfigError("--resume and --init_from exclude each other: --resume continues a run "
+                          "(its weights, optimizer and data position), --init_from starts a new one "
+                          "from weights")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
     model_config(cfg, 256)

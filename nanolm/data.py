@@ -82,7 +82,7 @@ class GPT2Tokenizer:
         try:
             self.enc = tiktoken.get_encoding("r50k_base")
         except Exception as e:  # tiktoken surfaces network failures as many exception types
-            raise RuntimeError(
+            raise OSError(
                 "could not load the GPT-2 BPE file (tiktoken 'r50k_base'). Offline, point "
                 "TIKTOKEN_CACHE_DIR at a folder holding the cached file "
                 "(here: ../shared/tiktoken relative to the repo root), e.g. "
@@ -209,13 +209,13 @@ def shakespeare_path():
         try:
             download(SHAKESPEARE_URL, path)
         except OSError as e:
-            raise RuntimeError(
+            raise OSError(
                 f"tiny Shakespeare is not cached at {path} and could not be downloaded from "
                 f"{SHAKESPEARE_URL} ({e}). Offline, copy the file there by hand, or set "
                 "NANOLM_CACHE to a folder holding tinyshakespeare.txt.") from e
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != SHAKESPEARE_SHA256:
-        raise RuntimeError(f"{path}: sha256 {digest} is not tiny Shakespeare's "
+        raise ValueError(f"{path}: sha256 {digest} is not tiny Shakespeare's "
                            f"{SHAKESPEARE_SHA256}; delete it to download again")
     return path
 
@@ -478,6 +478,11 @@ class Loader:
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
+    from nanolm.config import cli
+    cli(run_cli, sys.argv[1:] if argv is None else argv)
+
+
+def run_cli(argv):
     p = argparse.ArgumentParser(prog="python -m nanolm.data")
     sub = p.add_subparsers(dest="cmd", required=True)
     prep = sub.add_parser("prepare", help="tokenize a text dataset into train/val shards")

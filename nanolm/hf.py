@@ -20,11 +20,12 @@ import dataclasses
 import json
 import os
 import re
+import sys
 
 import torch
 
 from nanolm import backends, checkpoint
-from nanolm.config import ModelConfig
+from nanolm.config import ModelConfig, cli
 from nanolm.data import ByteTokenizer, GPT2Tokenizer
 from nanolm.model import GPT
 
@@ -138,10 +139,12 @@ TOKENIZER_VOCAB = {"byte": ByteTokenizer.vocab_size, "gpt2": GPT2Tokenizer.vocab
 def import_checkpoint(src, run_dir, tokenizer="gpt2", vocab_multiple=128):
     """An HF GPT-2 export (model.safetensors + config.json) as a nanolm checkpoint at step 0.
     vocab_multiple must be the padding the training config uses (presets: 128; quickstart: 64)."""
+    if not os.path.exists(src):
+        raise ValueError(f"{src}: no such file or directory")
     src_dir = src if os.path.isdir(src) else os.path.dirname(src)
     config_path = os.path.join(src_dir, "config.json")
     if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} not found: the HF config gives n_head, which the "
+        raise ValueError(f"{config_path} not found: the HF config gives n_head, which the "
                                 f"weights alone do not")
     with open(config_path) as f:
         hc = json.load(f)
@@ -165,6 +168,10 @@ def export_checkpoint(ckpt_path, out_dir):
 
 
 def main(argv=None):
+    cli(run_cli, sys.argv[1:] if argv is None else argv)
+
+
+def run_cli(argv):
     p = argparse.ArgumentParser(prog="python -m nanolm.hf")
     sub = p.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("export", help="a nanolm checkpoint -> HF model.safetensors + config.json")

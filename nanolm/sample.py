@@ -15,7 +15,7 @@ import sys
 import torch
 
 from nanolm import backends, checkpoint
-from nanolm.config import ModelConfig
+from nanolm.config import ModelConfig, cli
 from nanolm.data import StreamDecoder, get_tokenizer
 from nanolm.kvcache import KVCache, forward_cached
 from nanolm.model import GPT
@@ -83,6 +83,10 @@ def load_model(ckpt_path, device, kernels="auto"):
 
 
 def main(argv=None):
+    cli(run_cli, sys.argv[1:] if argv is None else argv)
+
+
+def run_cli(argv):
     p = argparse.ArgumentParser(prog="python -m nanolm.sample")
     p.add_argument("--ckpt", required=True, help="checkpoint file, or a run dir (its latest)")
     p.add_argument("--prompt", default="")
@@ -93,7 +97,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--kernels", default="auto", help="kernel backends, as in nanolm.train")
     args = p.parse_args(argv)
-
+    check_sampling(args.temperature, args.top_k)
     model, tok = load_model(args.ckpt, args.device, args.kernels)
     ids = tok.encode(args.prompt) or [tok.eot]  # an empty prompt starts a fresh document
     decode = StreamDecoder(tok)

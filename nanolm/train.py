@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from nanolm import backends, checkpoint, dist
-from nanolm.config import ConfigError, as_dict, model_config, parse_args, parse_overrides
+from nanolm.config import ConfigError, as_dict, cli, model_config, parse_args, parse_overrides
 from nanolm.data import Loader, get_tokenizer, load_dataset
 from nanolm.metrics import MetricsWriter, read_metrics
 from nanolm.model import GPT
@@ -93,6 +93,9 @@ def setup(cfg):
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     env = dist.env_from_torchrun()
+    if cfg.zero and env.world_size == 1:
+        raise ConfigError("--zero=1 needs several processes (torchrun --nproc_per_node=N): ZeRO-1 "
+                          "shards the optimizer state over the ranks")
     device = pick_device(cfg, env.local_rank)
     tokenizer = get_tokenizer(cfg.tokenizer)
     train_tokens, val_tokens = load_dataset(cfg.data, tokenizer)
@@ -110,12 +113,28 @@ def setup(cfg):
                     cfg.weight_decay, cfg.grad_clip, kernels["adamw"], pad_to=env.world_size)
     ctx = dist.Context(env, device, cfg.dist_timeout_s)
     ctx.attach(opt, cfg.bucket_mb, cfg.zero)
+    try_kernels(cfg, model, opt, autocast_ctx(cfg, device), device)
     # each rank reads its own batch_size windows of every global step: see Loader
     train = Loader(train_tokens, cfg.batch_size, mcfg.block_size, cfg.seed, env.rank, env.world_size)
     val = Loader(val_tokens, cfg.batch_size, mcfg.block_size, cfg.seed + 1)
     return dict(device=device, tokenizer=tokenizer, model=model, opt=opt, train=train, val=val,
                 val_start=val.state_dict(), autocast=autocast_ctx(cfg, device), dist=ctx,
                 config={**as_dict(cfg), "model": dataclasses.asdict(mcfg)})
+
+
+def try_kernels(cfg, model, opt, autocast, device):
+    """One forward and backward on a single sequence of zeros, so that a kernel that cannot run
+    this dtype or shape (e.g. --dtype=bfloat16 on the fp32 CPU kernels) is a config error before
+    the run dir exists, not a crash at the first evaluation. Draws no random numbers; the
+    gradients it leaves are zeroed by the first step."""
+    x = torch.zeros((1, model.cfg.block_size), dtype=torch.long, device=device)
+    try:
+        with autocast:
+            loss = model(x, x)
+        loss.backward()
+    except ValueError as e:
+        raise ConfigError(f"--kernels={cfg.kernels} --dtype={cfg.dtype} on {device}: {e}") from e
+    opt.zero_grad()
 
 
 # ----------------------------------------------------------------------------- run dir, resume
@@ -456,10 +475,7 @@ def train(cfg):
 
 
 def main(argv=None):
-    try:
-        train(config_from_args(sys.argv[1:] if argv is None else argv))
-    except (ConfigError, Diverged) as e:
-        sys.exit(f"error: {e}")
+    cli(lambda args: train(config_from_args(args)), sys.argv[1:] if argv is None else argv, (Diverged,))
 
 
 if __name__ == "__main__":

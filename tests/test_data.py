@@ -55,7 +55,7 @@ def test_gpt2_offline_error_names_cache_dir(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(RuntimeError, match="TIKTOKEN_CACHE_DIR"):
+    with pytest.raises(OSError, match="TIKTOKEN_CACHE_DIR"):
         data.get_tokenizer("gpt2")
 
 
@@ -112,14 +112,14 @@ def test_shakespeare_offline_error(tmp_path, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(data, "download", offline)
-    with pytest.raises(RuntimeError, match="NANOLM_CACHE"):
+    with pytest.raises(OSError, match="NANOLM_CACHE"):
         data.load_dataset("shakespeare", data.get_tokenizer("byte"))
 
 
 def test_shakespeare_bad_checksum(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOLM_CACHE", str(tmp_path))
     (tmp_path / "tinyshakespeare.txt").write_text("not shakespeare")
-    with pytest.raises(RuntimeError, match="sha256"):
+    with pytest.raises(ValueError, match="sha256"):
         data.shakespeare_path()
 
 

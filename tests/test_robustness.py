@@ -409,3 +409,122 @@ def test_a_block_size_1_model_samples():
 def test_a_block_size_1_run_trains_and_samples(tmp_path):
     history = train(parse_args(TINY + ["--block_size=1", "--max_steps=2", f"--out_dir={tmp_path / 'r'}"]))
     assert len(history["sample"]) > 0
+
+
+# ----------------------------------------------------------------------------- 12. one-line errors
+
+def cli_error(main_fn, argv):
+    """The message a CLI exits with (exit code 1: sys.exit with a string)."""
+    with pytest.raises(SystemExit) as e:
+        main_fn(argv)
+    assert isinstance(e.value.code, str), "expected sys.exit('error: ...')"
+    return e.value.code
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two")
+    train(parse_args(TINY + ["--max_steps=2", "--ckpt_interval=1", f"--out_dir={out}"]))
+    return out
+
+
+def corrupt(path, how):
+    raw = bytearray(path.read_bytes())
+    if how == "truncated":
+        raw = raw[:len(raw) // 2]
+    else:  # one flipped bit in the middle, inside tensor data: torch.load alone accepts it
+        raw[len(raw) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("how", ["truncated", "bit-flipped"])
+def test_a_corrupt_checkpoint_is_named_and_the_previous_suggested(two_checkpoints, tmp_path, how):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    corrupt(run / "ckpt_00000002.pt", how)
+    msg = cli_error(main, ["--resume", f"--out_dir={run}", "--max_steps=4"])
+    assert msg.startswith("error: ") and "ckpt_00000002.pt" in msg and "ckpt_00000001.pt" in msg, msg
+    main([f"--resume={run / 'ckpt_00000001.pt'}", "--max_steps=3"])  # the suggestion works
+
+
+def shakespeare_offline(monkeypatch, tmp_path):
+    from nanolm import data
+
+    def offline(url, path):
+        raise OSError("network unreachable")
+    monkeypatch.setenv("NANOLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "download", offline)
+
+
+def bad_checksum(monkeypatch, tmp_path):
+    monkeypatch.setenv("NANOLM_CACHE", str(tmp_path))
+    (tmp_path / "tinyshakespeare.txt").write_text("not shakespeare")
+
+
+@pytest.mark.parametrize("args,setup,expected", [
+    (["--data=missing.txt"], None, "missing.txt: no such file"),
+    (["--init_from=nowhere/ckpt.pt"], None, "nowhere/ckpt.pt"),
+    (["--data=nomatch_*.bin"], None, "no token shards match 'nomatch_*.bin'"),
+    (["--data=shakespeare"], shakespeare_offline, "not cached"),
+    (["--data=shakespeare"], bad_checksum, "sha256"),
+    (["--data=latin1.txt"], "latin1", "latin1.txt: not UTF-8"),
+    (["--device=tpu"], None, "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["--dtype=bfloat16", "--kernels=cpu"], None, "--dtype=bfloat16"),
+    (["--resume", "--init_from=x"], None, "--resume and --init_from"),
+    (["--zero=1"], None, "--zero=1 needs several processes"),
+    (["--out_dir=a_file/run"], "a_file", "a_file"),
+])
+def test_user_errors_are_one_line_before_the_run_dir(args, setup, expected, tmp_path, monkeypatch):
+    if setup == "latin1":
+        (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1") * 100)
+    elif setup == "a_file":
+        (tmp_path / "a_file").write_text("not a directory")
+    elif setup:
+        setup(monkeypatch, tmp_path)
+    argv = [a for a in TINY if a != "--kernels=torch"] + ["--max_steps=2"] + args
+    if not any(a.startswith("--out_dir") for a in args):
+        argv.append("--out_dir=out")
+    msg = cli_error(main, argv)
+    assert msg.startswith("error: ") and expected in msg, msg
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+def test_sample_prepare_and_import_errors_are_one_line(tmp_path):
+    from nanolm import data, hf, sample
+    msg = cli_error(sample.main, ["--ckpt", "no_such_run", "--device", "cpu"])
+    assert msg.startswith("error: ") and "no_such_run" in msg
+    (tmp_path / "empty.txt").write_text("")
+    msg = cli_error(data.main, ["prepare", "empty.txt", "--out", "shards", "--tokenizer", "byte"])
+    assert msg.startswith("error: ") and "empty.txt is empty" in msg
+    msg = cli_error(hf.main, ["import", "no_hf_dir", "out"])
+    assert msg.startswith("error: ") and "no_hf_dir" in msg
+
+
+def test_the_cli_prints_one_line_and_the_traceback_only_when_debugging(tmp_path):
+    import os
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "nanolm.train", "--data=missing.txt", "--out_dir=out"]
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert (p.returncode, p.stderr) == (1, "error: missing.txt: no such file\n")
+    p = subprocess.run(cmd + ["--debug"], cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 1 and "Traceback" in p.stderr
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, NANOLM_DEBUG="1"))
+    assert p.returncode == 1 and "Traceback" in p.stderr
+
+
+def test_a_full_disk_is_one_line(tmp_path):
+    """A file-size limit stands in for a full disk: the first checkpoint write fails."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+    p = subprocess.run([sys.executable, "-m", "nanolm.train", *TINY, "--max_steps=2", "--out_dir=out"],
+                       cwd=tmp_path, capture_output=True, text=True, preexec_fn=small_files)
+    assert p.returncode == 1 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
+    assert "ckpt_00000002.pt" in p.stderr
