@@ -313,8 +313,14 @@ class ConcatTokens:
 
 
 def shard_files(spec):
-    paths = sorted(glob.glob(os.path.join(spec, "*.bin")) if os.path.isdir(spec)
-                   else glob.glob(spec))
+    """(train, val) shard paths of a directory or a glob. A directory's own name is never a
+    pattern (run[1]/ is a name), nor is that of the directory a glob's file pattern sits in."""
+    if os.path.isdir(spec):
+        paths = glob.glob(os.path.join(glob.escape(spec), "*.bin"))
+    else:
+        folder, pattern = os.path.split(spec)
+        paths = glob.glob(spec) or glob.glob(os.path.join(glob.escape(folder), pattern))
+    paths = sorted(paths)
     if not paths:
         raise FileNotFoundError(f"no token shards match {spec!r}")
     val = [p for p in paths if "val" in os.path.basename(p)]
@@ -352,7 +358,13 @@ def open_shards(paths, tokenizer):
 
 
 def is_shard_spec(name):
-    return os.path.isdir(name) or any(c in name for c in "*?[")
+    return os.path.isdir(name) or (not os.path.isfile(name) and any(c in name for c in "*?["))
+
+
+def resolve_data(name):
+    """A dataset path made absolute (names stay names), so that a run resumed from another
+    directory finds its data."""
+    return name if name in ("pystdlib", "shakespeare") else os.path.abspath(name)
 
 
 def load_dataset(name, tokenizer):

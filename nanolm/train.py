@@ -31,7 +31,7 @@ import torch
 
 from nanolm import backends, checkpoint, dist
 from nanolm.config import ConfigError, as_dict, cli, model_config, parse_args, parse_overrides
-from nanolm.data import Loader, get_tokenizer, load_dataset
+from nanolm.data import Loader, get_tokenizer, load_dataset, resolve_data
 from nanolm.metrics import MetricsWriter, read_metrics
 from nanolm.model import GPT
 from nanolm.optim import FlatAdamW
@@ -119,7 +119,7 @@ def setup(cfg):
     val = Loader(val_tokens, cfg.batch_size, mcfg.block_size, cfg.seed + 1)
     return dict(device=device, tokenizer=tokenizer, model=model, opt=opt, train=train, val=val,
                 val_start=val.state_dict(), autocast=autocast_ctx(cfg, device), dist=ctx,
-                config={**as_dict(cfg), "model": dataclasses.asdict(mcfg)})
+                config={**as_dict(cfg), "data": resolve_data(cfg.data), "model": dataclasses.asdict(mcfg)})
 
 
 def try_kernels(cfg, model, opt, autocast, device):

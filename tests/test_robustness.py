@@ -528,3 +528,32 @@ def test_a_full_disk_is_one_line(tmp_path):
                        cwd=tmp_path, capture_output=True, text=True, preexec_fn=small_files)
     assert p.returncode == 1 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
     assert "ckpt_00000002.pt" in p.stderr
+
+
+# ----------------------------------------------------------------------------- 13. smaller
+
+def test_a_relative_data_path_is_stored_resolved(tmp_path, monkeypatch):
+    """Started in one directory, resumed from another."""
+    import json
+    from nanolm.train import config_from_args
+    (tmp_path / "start").mkdir()
+    (tmp_path / "start" / "corpus.txt").write_text("to be or not to be, that is the question\n" * 200)
+    monkeypatch.chdir(tmp_path / "start")
+    train(parse_args(TINY + ["--data=corpus.txt", "--max_steps=2", "--out_dir=../run"]))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"] == str(tmp_path / "start" / "corpus.txt")
+    monkeypatch.chdir(tmp_path)
+    train(config_from_args(["--resume=run", "--max_steps=3"]))
+    assert checkpoint.latest(tmp_path / "run").name == "ckpt_00000003.pt"
+
+
+def test_a_shard_dir_whose_name_holds_brackets_is_not_a_glob(tmp_path):
+    import numpy as np
+    from nanolm import data
+    folder = tmp_path / "run[1]"
+    folder.mkdir()
+    data.write_shard(folder / "d_train_000000.bin", np.arange(300) % 256)
+    data.write_shard(folder / "d_val_000000.bin", np.arange(100))
+    tr, va = data.load_dataset(str(folder), data.get_tokenizer("byte"))
+    assert (len(tr), len(va)) == (300, 100)
+    tr, va = data.load_dataset(str(folder / "d_train_000000.bin").replace("train", "*"), data.get_tokenizer("byte"))
+    assert (len(tr), len(va)) == (300, 100)
