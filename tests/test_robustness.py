@@ -557,3 +557,18 @@ def test_a_shard_dir_whose_name_holds_brackets_is_not_a_glob(tmp_path):
     assert (len(tr), len(va)) == (300, 100)
     tr, va = data.load_dataset(str(folder / "d_train_000000.bin").replace("train", "*"), data.get_tokenizer("byte"))
     assert (len(tr), len(va)) == (300, 100)
+
+
+def test_bench_refuses_an_unknown_implementation(tmp_path):
+    from bench import cli as bench_cli
+    with pytest.raises(SystemExit) as e:
+        bench_cli.main(["layernorm", "--tiny", "--device", "cpu", "--impls", "torch,nosuch", "--out", str(tmp_path)])
+    assert str(e.value.code).startswith("error: --impls: no layernorm implementation named 'nosuch'")
+    assert "torch" in str(e.value.code) and not list(tmp_path.iterdir())
+
+
+def test_bench_runs_from_any_directory(tmp_path):
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0 and "usage: python -m bench" in p.stdout, p.stderr
