@@ -68,7 +68,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # global norm; 0 disables
     max_skipped_steps: int = 10  # consecutive non-finite steps (each skipped) before the run stops as diverged
     eval_interval: int = 100  # steps between val-loss estimates
-    eval_iters: int = 10  # batches per val-loss estimate
+    eval_iters: int = 10  # global batches (batch_size on each rank) per val-loss estimate
     log_interval: int = 25  # steps between log lines
     seed: int = 1337
     device: str = "auto"  # cuda if available, else cpu
@@ -89,7 +89,7 @@ class TrainConfig:
     dropout: float = 0.0
     zero: int = 0  # 1 = ZeRO-1: each of W ranks keeps 1/W of the AdamW state (multi-process only)
     bucket_mb: float = 25.0  # gradient bucket size; ~25 MB hides all-reduce latency (as DDP)
-    dist_timeout_s: float = 300.0  # a collective waiting longer aborts the run; must exceed rank 0's eval/save
+    dist_timeout_s: float = 300.0  # a collective waiting longer aborts the run; must exceed rank 0's checkpoint save
 
 
 PRESETS = {

@@ -116,7 +116,9 @@ def setup(cfg):
     try_kernels(cfg, model, opt, autocast_ctx(cfg, device), device)
     # each rank reads its own batch_size windows of every global step: see Loader
     train = Loader(train_tokens, cfg.batch_size, mcfg.block_size, cfg.seed, env.rank, env.world_size)
-    val = Loader(val_tokens, cfg.batch_size, mcfg.block_size, cfg.seed + 1)
+    # and of the validation batches, so their mean over the ranks is the same global estimate
+    # (the same windows) on any number of ranks
+    val = Loader(val_tokens, cfg.batch_size, mcfg.block_size, cfg.seed + 1, env.rank, env.world_size)
     return dict(device=device, tokenizer=tokenizer, model=model, opt=opt, train=train, val=val,
                 val_start=val.state_dict(), autocast=autocast_ctx(cfg, device), dist=ctx,
                 config={**as_dict(cfg), "data": resolve_data(cfg.data), "model": dataclasses.asdict(mcfg)})
@@ -240,14 +242,18 @@ def config_from_args(argv):
     """The run's config. When resuming, the checkpoint's saved config replaces the defaults, so
     `--resume` alone continues a run as it was started; values given on the command line still
     win (a changed model shape is then reported by restore()). On another number of ranks the
-    per-rank batch_size is rescaled so the global batch, and with it the data order, is kept."""
+    per-rank batch_size is rescaled so the global batch, and with it the data order, is kept;
+    on one process ZeRO-1 is off."""
     cfg = parse_args(argv)
     if not cfg.resume:
         return cfg
     saved, loader = checkpoint.saved_run(locate(cfg)[0])
     keep = {k: v for k, v in saved.items() if k not in ("resume", "out_dir", "model")}
-    if "batch_size" not in parse_overrides(argv):
-        keep["batch_size"] = per_rank_batch(loader, dist.env_from_torchrun().world_size)
+    given, world_size = parse_overrides(argv), dist.env_from_torchrun().world_size
+    if "batch_size" not in given:
+        keep["batch_size"] = per_rank_batch(loader, world_size)
+    if world_size == 1:  # a ZeRO-1 run resumed on one process: there is nothing to shard
+        keep["zero"] = 0
     return parse_args(argv, defaults=keep)
 
 
@@ -324,7 +330,8 @@ class StopOnInterrupt:
 
 @torch.no_grad()
 def evaluate(cfg, run):
-    """Mean loss over the same eval_iters validation batches every time (the loader is rewound)."""
+    """Mean loss over the same eval_iters global validation batches every time (the loader is
+    rewound); every rank evaluates its share of them. Returns the same value on every rank."""
     run["model"].eval()
     run["val"].load_state_dict(run["val_start"])
     total = 0.0
@@ -333,7 +340,7 @@ def evaluate(cfg, run):
         with run["autocast"]:
             total += run["model"](x, y).item()
     run["model"].train()
-    return total / cfg.eval_iters
+    return run["dist"].mean(total / cfg.eval_iters)
 
 
 def train_step(cfg, run, lr):
@@ -432,13 +439,15 @@ def start(cfg):
 def train(cfg):
     """Runs the whole training; returns {'first_val' (fresh runs), 'val', 'sample', 'stopped'
     (the step a Ctrl-C stopped at, or None), 'checkpoint' (the last one saved)}. Under torchrun
-    only rank 0 evaluates, logs, samples and writes; the other ranks return just 'stopped'."""
+    every rank evaluates its share of the validation batches; only rank 0 logs, samples and
+    writes, and the other ranks return no 'sample' or 'checkpoint'."""
     run, first = start(cfg)
     history, is_main = {"stopped": None}, run["dist"].is_main
     with contextlib.closing(run["dist"]), run["lock"], run["metrics"], StopOnInterrupt() as interrupt:
-        if first == 1 and is_main:
+        if first == 1:
             history["first_val"] = evaluate(cfg, run)
-            log_eval(cfg, run, 0, history["first_val"])
+            if is_main:
+                log_eval(cfg, run, 0, history["first_val"])
         t0, timed = time.perf_counter(), 0  # timed steps since t0: evals and saves excluded
         skipped = 0  # non-finite steps in a row
         for step in range(first, cfg.max_steps + 1):
@@ -450,9 +459,10 @@ def train(cfg):
                 loss = run["dist"].mean(loss)
                 if is_main:
                     log(cfg, run, step, loss, lr, norm, (time.perf_counter() - t0) / timed)
-            if is_main and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
+            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                 history["val"] = evaluate(cfg, run)
-                log_eval(cfg, run, step, history["val"])
+                if is_main:
+                    log_eval(cfg, run, step, history["val"])
             skipped = count_skipped(cfg, run, skipped, step, norm)
             periodic = cfg.ckpt_interval and step % cfg.ckpt_interval == 0
             if (periodic or step == cfg.max_steps or stop) and skipped:
