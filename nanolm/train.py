@@ -453,6 +453,7 @@ def train(cfg):
         for step in range(first, cfg.max_steps + 1):
             lr = get_lr(cfg, step - 1)
             loss, norm = train_step(cfg, run, lr)
+            run["dist"].waiting_for("")
             timed += 1
             stop = run["dist"].any(interrupt.requested)  # every rank stops after the same step
             if step % cfg.log_interval == 0:
@@ -471,6 +472,8 @@ def train(cfg):
                           f"(non-finite gradient)", flush=True)
             elif periodic or step == cfg.max_steps or stop:
                 history["checkpoint"] = save(cfg, run, step)
+                run["dist"].waiting_for(f"rank 0 to write the step-{step} checkpoint (raise "
+                                        f"--dist_timeout_s={cfg.dist_timeout_s:g} if saves take longer)")
             if stop:
                 if is_main:
                     print(f"stopped at step {step}; continue with --resume={run['dir']}")

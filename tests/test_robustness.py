@@ -572,3 +572,27 @@ def test_bench_runs_from_any_directory(tmp_path):
     import sys
     p = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=tmp_path, capture_output=True, text=True)
     assert p.returncode == 0 and "usage: python -m bench" in p.stdout, p.stderr
+
+
+def test_a_timed_out_collective_names_what_the_ranks_waited_for(tmp_path):
+    """A rank that times out while rank 0 writes a checkpoint says so, not just 'all_reduce'."""
+    import subprocess
+    import sys
+    script = f"""
+import datetime, torch
+from nanolm import dist
+env = dist.DistEnv()
+ctx = dist.Context(env, torch.device("cpu"))
+ctx.comm = dist.GlooComm(env, dist.rendezvous_store(env, 10), timeout_s=10)
+ctx.waiting_for("rank 0 to write the step-5 checkpoint")
+
+class TimedOut:
+    def wait(self, timeout):
+        raise RuntimeError("Timed out waiting 10000ms")
+
+ctx.comm.wait(dist.GlooWork("all_reduce", TimedOut()))
+"""
+    env = dict(__import__("os").environ, MASTER_PORT=str(free_port()))
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 1
+    assert "all_reduce failed" in p.stderr and "waiting for rank 0 to write the step-5 checkpoint" in p.stderr, p.stderr
