@@ -481,7 +481,9 @@ def train(cfg):
                 return history
             if step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or periodic:
                 t0, timed = time.perf_counter(), 0
-    if is_main:
+    if is_main and skipped:
+        print("no sample: the last step was skipped (non-finite gradient)")
+    elif is_main:
         history["sample"] = sample(cfg, run)
         print("sample:\n" + history["sample"])
     return history

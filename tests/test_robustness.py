@@ -53,6 +53,15 @@ def test_diverged_run_stops_and_keeps_its_finite_checkpoints(tmp_path, capsys):
     assert str(e.value).startswith("error: training diverged")
 
 
+def test_a_run_ending_on_skipped_steps_saves_and_samples_nothing_non_finite(tmp_path, capsys):
+    out = tmp_path / "run"
+    history = train(parse_args(TINY + ["--lr=1e4", "--min_lr=0", "--warmup=0", "--grad_clip=0",
+                                       "--max_steps=12", "--ckpt_interval=2", "--max_skipped_steps=100",
+                                       f"--out_dir={out}"]))
+    assert "sample" not in history and "no sample: the last step was skipped" in capsys.readouterr().out
+    assert all(all_finite(checkpoint.load(p)) for p in checkpoint.checkpoints(out))
+
+
 def read_jsonl(path):
     import json
     return [json.loads(line) for line in path.read_text().splitlines()]
