@@ -123,7 +123,7 @@ def check_shapes(state, mcfg):
     if mcfg.n_embd % mcfg.n_head:
         raise ValueError(f"config.json: n_embd={mcfg.n_embd} is not divisible by n_head={mcfg.n_head}")
     with torch.device("meta"):
-        model = GPT(mcfg, backends.modules(backends.resolve("torch", torch.device("cpu"))))
+        model = GPT(mcfg, backends.impls(backends.resolve("torch", torch.device("cpu"))))
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     diff = [f"{k}: in the config's model, missing from the weights" for k in want if k not in got]

@@ -288,7 +288,7 @@ def hf_export(tmp_path):
     from nanolm.config import ModelConfig
     from nanolm.model import GPT
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=300, vocab_multiple=64)
-    model = GPT(cfg, backends.modules(backends.resolve("torch", torch.device("cpu"))))
+    model = GPT(cfg, backends.impls(backends.resolve("torch", torch.device("cpu"))))
     hf.export(model.state_dict(), tmp_path / "hf", n_head=2, vocab_size=300)
     return tmp_path / "hf"
 
@@ -395,7 +395,7 @@ def tiny_gpt(block_size=8):
     from nanolm.config import ModelConfig
     from nanolm.model import GPT
     cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=block_size, vocab_size=40, vocab_multiple=64)
-    return GPT(cfg, backends.modules(backends.resolve("torch", torch.device("cpu")))).eval()
+    return GPT(cfg, backends.impls(backends.resolve("torch", torch.device("cpu")))).eval()
 
 
 @pytest.mark.parametrize("kwargs,match", [
