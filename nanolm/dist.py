@@ -89,11 +89,13 @@ def describe(env):
     return f"rank {env.rank}/{env.world_size}{within}"
 
 
-def fail(env, what):
-    """A collective failed or timed out: say which rank and which collective, and exit at once.
+def fail(env, what, waiting_for=""):
+    """A collective failed or timed out: say which rank and which collective, and what the ranks
+    were waiting for if the training loop said (Context.waiting_for), and exit at once.
     os._exit rather than an exception: unwinding would run the communicator's and the process
     group's teardown, which can block on the very peer that is gone."""
-    print(f"nanolm.dist: {describe(env)}: {what}; exiting", file=sys.stderr, flush=True)
+    why = f" while waiting for {waiting_for}" if waiting_for else ""
+    print(f"nanolm.dist: {describe(env)}: {what}{why}; exiting", file=sys.stderr, flush=True)
     os._exit(1)
 
 
@@ -167,7 +169,7 @@ class NcclComm:
     under `key` in the store."""
 
     def __init__(self, env, store, timeout_s=300.0, key="nccl_unique_id"):
-        self.env, self.store, self.timeout_s = env, store, timeout_s
+        self.env, self.store, self.timeout_s, self.waiting_for = env, store, timeout_s, ""
         self.device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(self.device)  # before NCCL: the communicator binds the current device
         self.lib = load_libnccl()
@@ -194,7 +196,7 @@ class NcclComm:
 
     def _check(self, result, what):
         if result not in (NCCL_SUCCESS, NCCL_IN_PROGRESS):
-            fail(self.env, f"{what} failed: {self._message(result)}")
+            fail(self.env, f"{what} failed: {self._message(result)}", self.waiting_for)
 
     def async_error(self):
         state = ctypes.c_int()
@@ -277,7 +279,7 @@ class NcclComm:
         aborter = threading.Thread(target=self.abort, daemon=True)
         aborter.start()
         aborter.join(5.0)
-        fail(self.env, what)
+        fail(self.env, what, self.waiting_for)
 
     def close(self):
         if self.comm:
@@ -339,6 +341,7 @@ class GlooComm:
 
     def __init__(self, env, store, timeout_s=300.0, group=None):
         self.env, self.timeout_s, self.device, self.group = env, timeout_s, torch.device("cpu"), group
+        self.waiting_for = ""
         if group is None:
             tdist.init_process_group("gloo", store=store, rank=env.rank, world_size=env.world_size,
                                      timeout=datetime.timedelta(seconds=timeout_s))
@@ -358,7 +361,7 @@ class GlooComm:
         try:
             return GlooWork(name, launch(), scale)
         except RuntimeError as e:
-            fail(self.env, f"{name} failed: {e}")
+            fail(self.env, f"{name} failed: {e}", self.waiting_for)
 
     def all_reduce(self, tensor, average=True):
         return self._start("all_reduce", lambda: tdist.all_reduce(tensor, group=self.group, async_op=True),
@@ -382,7 +385,7 @@ class GlooComm:
         try:
             handle.work.wait(datetime.timedelta(seconds=self.timeout_s))
         except RuntimeError as e:  # a peer died (connection closed) or the timeout passed
-            fail(self.env, f"{handle.name} failed (timeout {self.timeout_s:g} s): {e}")
+            fail(self.env, f"{handle.name} failed (timeout {self.timeout_s:g} s): {e}", self.waiting_for)
         if handle.scale is not None:
             handle.scale.div_(self.env.world_size)
 
@@ -538,11 +541,6 @@ class Context:
             self.dp_comm = self.comm
 
     @property
-    def evaluates(self):
-        """The ranks that run evaluation: the first tensor-parallel group (rank 0 alone when tp=1)."""
-        return self.dp_rank == 0
-
-    @property
     def is_main(self):
         return self.env.is_main
 
@@ -569,6 +567,13 @@ class Context:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         self.comm.wait(self.comm.all_reduce(t))
         return t.item()
+
+    def waiting_for(self, what):
+        """Name what the next collectives may wait on beyond the other ranks' own work (e.g.
+        rank 0 writing a checkpoint), for the error if they time out; "" clears it."""
+        for comm in (self.comm, self.tp_comm, self.dp_comm):
+            if comm is not None:
+                comm.waiting_for = what
 
     def any(self, flag):
         """True on every rank if it is True on any (e.g. a Ctrl-C seen by some ranks only)."""

@@ -17,7 +17,7 @@ Tensor parallel (`tensor_parallel`, nanolm/tensor_parallel.py): parameters with 
 attribute are this rank's slices; the others are replicated, identical on every rank of the
 group. The buffer then holds 2-D slices, 2-D replicated, 1-D replicated, 1-D slices, so the
 replicated ones form one range and the decayed 2-D ones still a prefix; the global norm adds
-every rank's slices once and the replicated parameters once:
+every rank's slices once and the replicated parameters once (_sum_over_ranks):
     norm^2 = sum over the group of (sumsq(buffer) - (1 - 1/n) * sumsq(replicated range)).
 """
 import math
@@ -120,18 +120,31 @@ class FlatAdamW:
     def _grad_norm(self):
         if self.comm is None and self.tp_comm is None:
             return ops.grad_norm(self.flat_grad, self.backend).item()
-        sumsq = torch.stack([self.backend.sum_of_squares(self.flat_grad[s:e]) for s, e in self.pieces]).sum()
-        if self.tp_comm is not None:  # the replicated range counts once over the group
+        sumsq = self._sum_over_ranks(lambda s, e: self.backend.sum_of_squares(self.flat_grad[s:e]))
+        if not torch.isinf(sumsq):  # the same on every rank, so every rank takes the same branch
+            return sumsq.sqrt().item()
+        # fp32 overflow with finite gradients, as in ops.grad_norm; the scale is the sum of the
+        # ranks' max |g|, which every rank then knows and which bounds every |g|
+        scale = self._sum_over_ranks(lambda s, e: self.flat_grad[s:e].abs().max(), replicated_once=False)
+        return ops.scaled_norm(scale, lambda scale: self._sum_over_ranks(
+            lambda s, e: self.backend.sum_of_squares(self.flat_grad[s:e] / scale))).item()
+
+    def _sum_over_ranks(self, of_piece, replicated_once=True):
+        """The sum over every rank's pieces of of_piece(start, end), a 0-d tensor: over the dp
+        group (ZeRO-1) and the tp group, where the replicated range, alike on all n ranks of it,
+        counts once (1/n on each) when replicated_once."""
+        total = torch.stack([of_piece(s, e) for s, e in self.pieces]).sum()
+        if self.tp_comm is not None and replicated_once:
             lo, hi = self.replicated
             overlaps = [(max(s, lo), min(e, hi)) for s, e in self.pieces if max(s, lo) < min(e, hi)]
             if overlaps:
-                replicated = torch.stack([self.backend.sum_of_squares(self.flat_grad[s:e]) for s, e in overlaps])
-                sumsq = sumsq - (1 - 1 / self.tp_comm.env.world_size) * replicated.sum()
-        sumsq = sumsq.reshape(1)
+                replicated = torch.stack([of_piece(s, e) for s, e in overlaps]).sum()
+                total = total - (1 - 1 / self.tp_comm.env.world_size) * replicated
+        total = total.reshape(1)
         for comm in (self.comm, self.tp_comm):
             if comm is not None:
-                comm.wait(comm.all_reduce(sumsq, average=False))
-        return sumsq.sqrt().item()
+                comm.wait(comm.all_reduce(total, average=False))
+        return total[0]
 
     def _all_gather(self, buffer):
         handles = [self.comm.all_gather(buffer[bs:be], buffer[ps:pe])
