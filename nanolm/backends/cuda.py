@@ -31,7 +31,13 @@ def _ptr(t):
     return 0 if t is None else t.data_ptr()
 
 
-_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _c_dtype(t):
+    """t's dtype as nanolm._C.DType, the one way every launcher takes an element type."""
+    from nanolm import _C
+    return getattr(_C.DType, str(t.dtype).removeprefix("torch."))
 
 
 # ----------------------------------------------------------------------------- layernorm
@@ -40,7 +46,7 @@ def _check_layer_norm_cuda(op, x, weight, **groups):
     from nanolm import _C
     if not hasattr(_C, "layernorm_fwd_cuda"):
         raise ValueError(f"{op}: nanolm._C was built without CUDA")
-    check_layer_norm(op, x, weight, dtypes=tuple(_DTYPE_CODE), max_c=_C.layernorm_cuda_max_c, **groups)
+    check_layer_norm(op, x, weight, dtypes=_DTYPES, max_c=_C.layernorm_cuda_max_c, **groups)
     if x.device.type != "cuda":
         raise ValueError(f"{op}: x is on {x.device}, the cuda backend needs CUDA tensors")
     return _C
@@ -56,7 +62,7 @@ def _layer_norm_fwd(op, x, residual, weight, bias, eps):
     with torch.cuda.device(x.device):
         _C.layernorm_fwd_cuda(x.data_ptr(), _ptr(residual), _ptr(residual_out), weight.data_ptr(), _ptr(bias),
                               y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), N, C, float(eps),
-                              _DTYPE_CODE[x.dtype], _stream())
+                              _c_dtype(x), _stream())
     return y, residual_out, mean, rstd
 
 
@@ -82,13 +88,10 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual):
                                 device=x.device)
         _C.layernorm_bwd_cuda(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
                               _ptr(dresidual), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(),
-                              workspace.data_ptr(), N, C, _DTYPE_CODE[x.dtype], _stream())
+                              workspace.data_ptr(), N, C, _c_dtype(x), _stream())
     return dx, dweight, dbias
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
-
-
 def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_scale, inplace):
-    check_cross_entropy("cross_entropy", logits, targets, vocab_size, dtypes=tuple(_DTYPE_NAMES),
+    check_cross_entropy("cross_entropy", logits, targets, vocab_size, dtypes=_DTYPES,
                         device_type="cuda")
     from nanolm import _C
     N, Vp = logits.shape
@@ -97,7 +100,7 @@ def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_sc
     with torch.cuda.device(logits.device):
         _C.cross_entropy_fwd_cuda(logits.data_ptr(), targets.data_ptr(), losses.data_ptr(),
                                   dlogits.data_ptr(), N, Vp, vocab_size, ignore_index, z_loss, grad_scale,
-                                  _DTYPE_NAMES[logits.dtype], _stream())
+                                  _c_dtype(logits), _stream())
     return losses, dlogits
 
 
@@ -176,7 +179,7 @@ def attention_fwd(q, k, v, scale):
     with torch.cuda.device(q.device):
         _C.attention_fwd_cuda(q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v),
                               o.data_ptr(), _strides(o), lse.data_ptr(), B, T, nh, hs, float(scale),
-                              q.dtype == torch.bfloat16, _stream())
+                              _c_dtype(q), _stream())
     return o, lse
 
 
@@ -198,4 +201,4 @@ def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv):
                               v.data_ptr(), _strides(v), o.data_ptr(), _strides(o), lse.data_ptr(),
                               delta.data_ptr(), dq.data_ptr(), _strides(dq), dk.data_ptr(), _strides(dk),
                               dv.data_ptr(), _strides(dv), B, T, nh, hs, float(scale),
-                              q.dtype == torch.bfloat16, _stream())
+                              _c_dtype(q), _stream())
