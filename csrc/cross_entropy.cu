@@ -179,7 +179,7 @@ void launch(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t losses
             std::int64_t N, std::int64_t Vp, std::int64_t V, std::int64_t ignore_index, double z_loss,
             double grad_scale, cudaStream_t stream) {
     const bool vec_store = (logits - dlogits) % 16 == 0;
-    cross_entropy_fwd_kernel<T><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+    NANOLM_LAUNCH(static_cast<unsigned>(N), kThreads, 0, stream, cross_entropy_fwd_kernel<T>)(
         ptr<const T>(logits), ptr<const std::int64_t>(targets), ptr<float>(losses), ptr<T>(dlogits), N, Vp,
         V, ignore_index, static_cast<float>(z_loss), static_cast<float>(grad_scale), vec_store);
     NANOLM_CHECK_LAUNCH("cross_entropy_fwd_kernel");

@@ -12,7 +12,7 @@ silent fallback.
 import importlib
 
 OPS = ("layernorm", "attention", "cross_entropy", "adamw")
-BACKENDS = {"torch": "torch_ref", "triton": "triton", "cuda": "cuda", "cpu": "cpu"}
+BACKENDS = {"torch": "torch_ref", "triton": "triton", "cuda": "cuda", "cpu": "cpu", "cuda_sim": "cuda_sim"}
 
 # What `auto` tries, best first, per device type; torch is always last and always works.
 # On CUDA, triton first: its attention passed the GPU tests on an H100 and beat SDPA's flash

@@ -2,7 +2,15 @@
 
 Each function checks its tensors (dtype, device, shape, contiguity) and passes raw pointers
 and the current CUDA stream to the extension, which throws on any CUDA error.
+
+Everything that ties this file to a GPU is in TARGET. The cuda_sim backend (cuda_sim.py) runs
+a second instance of this module with TARGET set to the SIMT emulation (nanolm._C_sim on CPU
+tensors), so the two backends share every check and every launch.
 """
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from nanolm.backends.checks import (adamw_scalars, check_adamw_buffers, check_cross_entropy,
@@ -23,8 +31,19 @@ def unavailable_reason(device):
     return None if torch.cuda.is_available() else "CUDA is not available"
 
 
-def _stream():
-    return torch.cuda.current_stream().cuda_stream
+@dataclass(frozen=True)
+class Target:
+    """Where the launchers run."""
+    module: str                # the extension module holding the *_cuda launchers
+    device_type: str           # where every tensor must live
+    device_context: Callable   # torch.device -> context manager that makes it current
+    stream: Callable           # () -> the stream handle passed to every launcher
+
+    def extension(self):
+        return importlib.import_module(self.module)
+
+
+TARGET = Target("nanolm._C", "cuda", torch.cuda.device, lambda: torch.cuda.current_stream().cuda_stream)
 
 
 def _ptr(t):
@@ -36,19 +55,19 @@ _DTYPES = (torch.float32, torch.bfloat16)
 
 def _c_dtype(t):
     """t's dtype as nanolm._C.DType, the one way every launcher takes an element type."""
-    from nanolm import _C
+    _C = TARGET.extension()
     return getattr(_C.DType, str(t.dtype).removeprefix("torch."))
 
 
 # ----------------------------------------------------------------------------- layernorm
 
 def _check_layer_norm_cuda(op, x, weight, **groups):
-    from nanolm import _C
+    _C = TARGET.extension()
     if not hasattr(_C, "layernorm_fwd_cuda"):
-        raise ValueError(f"{op}: nanolm._C was built without CUDA")
+        raise ValueError(f"{op}: {TARGET.module} was built without CUDA")
     check_layer_norm(op, x, weight, dtypes=_DTYPES, max_c=_C.layernorm_cuda_max_c, **groups)
-    if x.device.type != "cuda":
-        raise ValueError(f"{op}: x is on {x.device}, the cuda backend needs CUDA tensors")
+    if x.device.type != TARGET.device_type:
+        raise ValueError(f"{op}: x is on {x.device}, this backend needs {TARGET.device_type} tensors")
     return _C
 
 
@@ -59,10 +78,10 @@ def _layer_norm_fwd(op, x, residual, weight, bias, eps):
     residual_out = None if residual is None else torch.empty_like(x)
     mean = torch.empty(N, dtype=torch.float32, device=x.device)
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
-    with torch.cuda.device(x.device):
+    with TARGET.device_context(x.device):
         _C.layernorm_fwd_cuda(x.data_ptr(), _ptr(residual), _ptr(residual_out), weight.data_ptr(), _ptr(bias),
                               y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), N, C, float(eps),
-                              _c_dtype(x), _stream())
+                              _c_dtype(x), TARGET.stream())
     return y, residual_out, mean, rstd
 
 
@@ -83,24 +102,24 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual):
     dx = torch.empty_like(x)
     dweight = torch.empty(C, dtype=torch.float32, device=x.device)
     dbias = torch.empty(C, dtype=torch.float32, device=x.device)
-    with torch.cuda.device(x.device):
+    with TARGET.device_context(x.device):
         workspace = torch.empty(2, _C.layernorm_bwd_workspace_rows_cuda(N, C), C, dtype=torch.float32,
                                 device=x.device)
         _C.layernorm_bwd_cuda(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
                               _ptr(dresidual), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(),
-                              workspace.data_ptr(), N, C, _c_dtype(x), _stream())
+                              workspace.data_ptr(), N, C, _c_dtype(x), TARGET.stream())
     return dx, dweight, dbias
 def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_scale, inplace):
     check_cross_entropy("cross_entropy", logits, targets, vocab_size, dtypes=_DTYPES,
-                        device_type="cuda")
-    from nanolm import _C
+                        device_type=TARGET.device_type)
+    _C = TARGET.extension()
     N, Vp = logits.shape
     losses = torch.empty(N, dtype=torch.float32, device=logits.device)
     dlogits = logits if inplace else torch.empty_like(logits)
-    with torch.cuda.device(logits.device):
+    with TARGET.device_context(logits.device):
         _C.cross_entropy_fwd_cuda(logits.data_ptr(), targets.data_ptr(), losses.data_ptr(),
                                   dlogits.data_ptr(), N, Vp, vocab_size, ignore_index, z_loss, grad_scale,
-                                  _c_dtype(logits), _stream())
+                                  _c_dtype(logits), TARGET.stream())
     return losses, dlogits
 
 
@@ -108,30 +127,30 @@ def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_sc
 
 def _check_on_cuda(op, name, t):
     # A host pointer handed to a kernel faults on the GPU and poisons the whole CUDA context.
-    if t.device.type != "cuda":
-        raise ValueError(f"{op}: {name} is on {t.device}, the cuda backend needs CUDA tensors")
+    if t.device.type != TARGET.device_type:
+        raise ValueError(f"{op}: {name} is on {t.device}, this backend needs {TARGET.device_type} tensors")
 
 
 def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
                decay_numel, grad_scale):
     check_adamw_buffers("adamw_step", param, grad, exp_avg, exp_avg_sq, decay_numel, step)
     _check_on_cuda("adamw_step", "param", param)
-    from nanolm import _C
+    _C = TARGET.extension()
     w1, w2, decay_factor, step_size, bc2_sqrt = adamw_scalars(lr, beta1, beta2, weight_decay, step)
     scalars = _C.AdamWScalars(w1, beta2, w2, eps, decay_factor, step_size, bc2_sqrt, grad_scale)
-    with torch.cuda.device(param.device):
+    with TARGET.device_context(param.device):
         _C.adamw_step_cuda(param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(),
-                           exp_avg_sq.data_ptr(), param.numel(), decay_numel, scalars, _stream())
+                           exp_avg_sq.data_ptr(), param.numel(), decay_numel, scalars, TARGET.stream())
 
 
 def sum_of_squares(x):
     check_tensor("sum_of_squares", "x", x, dtypes=(torch.float32,), ndim=1)
     _check_on_cuda("sum_of_squares", "x", x)
-    from nanolm import _C
+    _C = TARGET.extension()
     partials = torch.empty(_C.sum_of_squares_partials_cuda(), dtype=torch.float32, device=x.device)
     out = torch.empty((), dtype=torch.float32, device=x.device)
-    with torch.cuda.device(x.device):
-        _C.sum_of_squares_cuda(x.data_ptr(), x.numel(), partials.data_ptr(), out.data_ptr(), _stream())
+    with TARGET.device_context(x.device):
+        _C.sum_of_squares_cuda(x.data_ptr(), x.numel(), partials.data_ptr(), out.data_ptr(), TARGET.stream())
     return out
 
 
@@ -155,8 +174,8 @@ def _check_attention_operand(op, name, t, like):
 
 def _check_attention_inputs(op, q, k, v):
     check_tensor(op, "q", q, dtypes=_ATTENTION_DTYPES, ndim=4, contiguous=False)
-    if q.device.type != "cuda":
-        raise ValueError(f"{op}: q is on {q.device}, expected a cuda device")
+    if q.device.type != TARGET.device_type:
+        raise ValueError(f"{op}: q is on {q.device}, expected a {TARGET.device_type} device")
     hs = q.shape[-1]
     if hs not in _ATTENTION_HEAD_SIZES:
         raise ValueError(f"{op}: head size {hs} is not supported; supported: {_ATTENTION_HEAD_SIZES}")
@@ -172,14 +191,14 @@ def _strides(t):
 def attention_fwd(q, k, v, scale):
     op = "attention_fwd"
     _check_attention_inputs(op, q, k, v)
-    from nanolm import _C
+    _C = TARGET.extension()
     B, T, nh, hs = q.shape
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, nh, T), dtype=torch.float32, device=q.device)
-    with torch.cuda.device(q.device):
+    with TARGET.device_context(q.device):
         _C.attention_fwd_cuda(q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v),
                               o.data_ptr(), _strides(o), lse.data_ptr(), B, T, nh, hs, float(scale),
-                              _c_dtype(q), _stream())
+                              _c_dtype(q), TARGET.stream())
     return o, lse
 
 
@@ -194,11 +213,11 @@ def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv):
         _check_attention_operand(op, name, t, q)
     check_same_dtype(op, q=q, dq=dq, dk=dk, dv=dv)
     check_tensor(op, "lse", lse, dtypes=(torch.float32,), device=q.device, shape=(B, nh, T))
-    from nanolm import _C
+    _C = TARGET.extension()
     delta = torch.empty((B, nh, T), dtype=torch.float32, device=q.device)
-    with torch.cuda.device(q.device):
+    with TARGET.device_context(q.device):
         _C.attention_bwd_cuda(do.data_ptr(), _strides(do), q.data_ptr(), _strides(q), k.data_ptr(), _strides(k),
                               v.data_ptr(), _strides(v), o.data_ptr(), _strides(o), lse.data_ptr(),
                               delta.data_ptr(), dq.data_ptr(), _strides(dq), dk.data_ptr(), _strides(dk),
                               dv.data_ptr(), _strides(dv), B, T, nh, hs, float(scale),
-                              _c_dtype(q), _stream())
+                              _c_dtype(q), TARGET.stream())
