@@ -25,6 +25,7 @@ nanolm._C_sim is the same csrc/*.cu compiled by the host C++ compiler against th
 emulation in csrc/sim/ (the cuda_sim backend: CUDA kernels on CPU tensors). It needs only the
 toolkit's headers (cuda_bf16.h, cuda_fp16.h), not nvcc or a GPU.
 """
+import hashlib
 import os
 import re
 import shutil
@@ -77,8 +78,9 @@ def cuda_sim_mode():
     if include is None:
         return None
     # -fno-strict-aliasing: the kernels type-pun registers (uint32_t <-> bf16x2) as CUDA allows.
+    # -march: FMA instructions, so that a * b + c contracts to one rounding as nvcc makes it.
     flags = ["-O0", "-g"] if mode == "debug" else ["-O2"]
-    return include, flags + ["-fno-strict-aliasing"]
+    return include, flags + ["-fno-strict-aliasing", f"-march={os.environ.get('NANOLM_MARCH', 'native')}"]
 
 
 def cuda_mode():
@@ -153,7 +155,7 @@ class BuildExt(build_ext):
         ext.extra_compile_args = flags
         ext.define_macros += [("NANOLM_CUDA_SIM", "1"), ("NANOLM_WITH_CUDA", "1")] + macros({
             "NANOLM_CXX_VERSION": tool_version([cxx, "--version"], 0),
-            "NANOLM_MARCH": "",
+            "NANOLM_MARCH": os.environ.get("NANOLM_MARCH", "native"),
         })
         super().build_extension(ext)
 
@@ -163,8 +165,9 @@ class BuildExt(build_ext):
         return self.compile_objects([str(nvcc), *flags], sources, headers, "cuda")
 
     def compile_objects(self, command, sources, headers, folder):
-        """Compiles each source with `command` into build_temp/folder (incremental, in parallel)."""
-        out_dir = Path(self.build_temp) / folder
+        """Compiles each source with `command` into build_temp/folder-<hash of command>
+        (incremental: a source is rebuilt when it or a header is newer than its object)."""
+        out_dir = Path(self.build_temp) / f"{folder}-{hashlib.sha1(' '.join(command).encode()).hexdigest()[:8]}"
         out_dir.mkdir(parents=True, exist_ok=True)
         newest_header = max((os.path.getmtime(h) for h in headers), default=0)
 
