@@ -21,6 +21,7 @@
 
 namespace {
 
+using nanolm::DType;
 using nanolm::require;
 std::mt19937 rng(1234);
 
@@ -48,7 +49,7 @@ void require_finite(const char* what, const std::vector<T>& v) {
 }
 
 template <typename T>
-void layernorm(int dtype, std::int64_t N, std::int64_t C) {
+void layernorm(DType dtype, std::int64_t N, std::int64_t C) {
     auto x = random_vector<T>(N * C), res = random_vector<T>(N * C), w = random_vector<T>(C, 0.2f, 1.f),
          b = random_vector<T>(C), dy = random_vector<T>(N * C), dres = random_vector<T>(N * C);
     auto y = nan_vector<T>(N * C), res_out = nan_vector<T>(N * C), dx = nan_vector<T>(N * C);
@@ -65,7 +66,7 @@ void layernorm(int dtype, std::int64_t N, std::int64_t C) {
 }
 
 template <typename T>
-void cross_entropy(const char* dtype, std::int64_t N, std::int64_t V, std::int64_t Vp) {
+void cross_entropy(DType dtype, std::int64_t N, std::int64_t V, std::int64_t Vp) {
     auto logits = random_vector<T>(N * Vp, 3.f);
     std::vector<std::int64_t> targets(N);
     for (std::int64_t i = 0; i < N; ++i) targets[i] = i == 1 ? -100 : (i * 7919) % V;
@@ -91,7 +92,7 @@ void adamw(std::int64_t n, std::int64_t offset) {
 }
 
 template <typename T>
-void attention(bool bf16, std::int64_t B, std::int64_t T_len, std::int64_t nh, std::int64_t hs) {
+void attention(DType dtype, std::int64_t B, std::int64_t T_len, std::int64_t nh, std::int64_t hs) {
     const std::int64_t n = B * T_len * nh * hs;
     const std::array<std::int64_t, 3> qkv_strides{T_len * 3 * nh * hs, 3 * nh * hs, hs},
         strides{T_len * nh * hs, nh * hs, hs};
@@ -102,10 +103,10 @@ void attention(bool bf16, std::int64_t B, std::int64_t T_len, std::int64_t nh, s
     const std::uintptr_t dq = addr(dqkv.data()), dk = dq + nh * hs * sizeof(T), dv = dk + nh * hs * sizeof(T);
     const double scale = 1.0 / std::sqrt(double(hs));
     nanolm::attention_fwd_cuda({q, k, v, addr(o.data()), addr(lse.data()), qkv_strides, qkv_strides, qkv_strides,
-                                strides, B, T_len, nh, hs, scale, bf16}, 0);
+                                strides, B, T_len, nh, hs, scale, dtype}, 0);
     nanolm::attention_bwd_cuda({addr(dout.data()), q, k, v, addr(o.data()), addr(lse.data()), addr(delta.data()), dq,
                                 dk, dv, strides, qkv_strides, qkv_strides, qkv_strides, strides, qkv_strides,
-                                qkv_strides, qkv_strides, B, T_len, nh, hs, scale, bf16}, 0);
+                                qkv_strides, qkv_strides, B, T_len, nh, hs, scale, dtype}, 0);
     require_finite("attention o", o);
     require_finite("attention lse", lse);
     require_finite("attention dq, dk, dv", dqkv);
@@ -113,20 +114,20 @@ void attention(bool bf16, std::int64_t B, std::int64_t T_len, std::int64_t nh, s
 
 const std::map<std::string, std::function<void()>> kOps = {
     {"layernorm", [] {
-         layernorm<float>(0, 5, 64);              // a warp per row, float4 loads
-         layernorm<__nv_bfloat16>(1, 3, 777);     // 64 threads per row, scalar loads
+         layernorm<float>(DType::float32, 5, 64);              // a warp per row, float4 loads
+         layernorm<__nv_bfloat16>(DType::bfloat16, 3, 777);     // 64 threads per row, scalar loads
      }},
     {"cross_entropy", [] {
-         cross_entropy<float>("float32", 3, 777, 800);
-         cross_entropy<__nv_bfloat16>("bfloat16", 2, 1001, 1003);  // rows start misaligned
+         cross_entropy<float>(DType::float32, 3, 777, 800);
+         cross_entropy<__nv_bfloat16>(DType::bfloat16, 2, 1001, 1003);  // rows start misaligned
      }},
     {"adamw", [] {
          adamw(1003, 1);  // scalar head, float4 body, scalar tail; unaligned sum of squares
-         adamw(4100, 0);
+         adamw(260, 0);   // aligned: float4 sum of squares
      }},
     {"attention", [] {
-         attention<__nv_bfloat16>(true, 1, 80, 1, 64);  // a partial second block
-         attention<__half>(false, 1, 40, 1, 128);
+         attention<__nv_bfloat16>(DType::bfloat16, 1, 80, 1, 64);  // a partial second block
+         attention<__half>(DType::float16, 1, 40, 1, 128);
      }},
 };
 
