@@ -41,13 +41,14 @@ static py::dict build_info() {
     return info;
 }
 
+// module_local: nanolm._C and nanolm._C_sim each bind these types, and both load in one process.
 static void bind_common(py::module_& m) {
     m.def("build_info", &build_info, "How this extension was built");
-    py::enum_<nanolm::DType>(m, "DType", "Element type handed to a launcher (csrc/common.h)")
+    py::enum_<nanolm::DType>(m, "DType", py::module_local(), "Element type handed to a launcher (csrc/common.h)")
         .value("float32", nanolm::DType::float32)
         .value("bfloat16", nanolm::DType::bfloat16)
         .value("float16", nanolm::DType::float16);
-    py::class_<nanolm::AdamWScalars>(m, "AdamWScalars")
+    py::class_<nanolm::AdamWScalars>(m, "AdamWScalars", py::module_local())
         .def(py::init<float, float, float, float, float, float, float, float>(),
              py::arg("one_minus_beta1"), py::arg("beta2"), py::arg("one_minus_beta2"), py::arg("eps"),
              py::arg("decay_factor"), py::arg("step_size"), py::arg("bc2_sqrt"), py::arg("grad_scale"));

@@ -11,14 +11,18 @@ silent fallback.
 """
 import importlib
 
+from nanolm.backends import cuda
+
 OPS = ("layernorm", "attention", "cross_entropy", "adamw")
 BACKENDS = {"torch": "torch_ref", "triton": "triton", "cuda": "cuda", "cpu": "cpu", "cuda_sim": "cuda_sim"}
 
 # What `auto` tries, best first, per device type; torch is always last and always works.
 # On CUDA, triton first: its attention passed the GPU tests on an H100 and beat SDPA's flash
-# backend there; the cuda kernels have not yet run on a GPU, so they are chosen only by name.
+# backend there. cuda joins an op's order only once all of its kernels passed on a GPU
+# (cuda.GPU_RUNS; emulation in CI is not enough); until then it is chosen only by name.
+# cuda_sim (the CUDA kernels emulated on the CPU, for tests and study) is never automatic.
 AUTO_ORDER = {
-    "cuda": {op: ("triton", "torch") for op in OPS},
+    "cuda": {op: ("triton", "cuda", "torch") if cuda.verified_on_gpu(op) else ("triton", "torch") for op in OPS},
     "cpu": {op: ("cpu", "torch") for op in OPS},
 }
 

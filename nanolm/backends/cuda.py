@@ -18,6 +18,27 @@ from nanolm.backends.checks import (adamw_scalars, check_adamw_buffers, check_cr
 
 OPS = ("layernorm", "attention", "cross_entropy", "adamw")
 
+# Every kernel of csrc/*.cu, by op, and how each has been verified:
+#   emulated  the cuda_sim backend runs it in CI: the op tests against float64 references, and
+#             the AddressSanitizer / ThreadSanitizer jobs (tests/test_cuda_sim_sanitizers.py);
+#   compiled  nvcc builds it for sm_80 and sm_90a at every install that has a CUDA toolkit;
+#   GPU       GPU_RUNS: the date and GPU of the last run where its gpu-marked tests passed
+#             (bench/gpu_check.sh tests). `auto` picks cuda for an op only when every one of
+#             its kernels has a GPU run (nanolm/backends/__init__.py).
+KERNELS = {
+    "layernorm": ("layernorm_fwd_kernel", "layernorm_bwd_kernel", "layernorm_bwd_reduce_kernel"),
+    "attention": ("attention_fwd_kernel", "attention_bwd_delta_kernel", "attention_bwd_dkdv_kernel",
+                  "attention_bwd_dq_kernel"),
+    "cross_entropy": ("cross_entropy_fwd_kernel",),
+    "adamw": ("adamw_scalar_kernel", "adamw_vec4_kernel", "sum_of_squares_partials_kernel",
+              "sum_of_squares_final_kernel"),
+}
+GPU_RUNS = {}  # kernel -> "YYYY-MM-DD, GPU": none has run on a GPU yet
+
+
+def verified_on_gpu(op):
+    return all(kernel in GPU_RUNS for kernel in KERNELS[op])
+
 
 def unavailable_reason(device):
     if device.type != "cuda":

@@ -42,7 +42,9 @@ def unavailable_reason(device):
         return "the cuda_sim backend runs on CPU tensors"
     try:
         importlib.import_module("nanolm._C_sim")
+    except ModuleNotFoundError:
+        return ("nanolm._C_sim is not built: the install found no CUDA headers (cuda_bf16.h; set "
+                "CUDA_HOME and reinstall) or had NANOLM_CUDA_SIM=off")
     except ImportError as e:
-        return (f"nanolm._C_sim is not built ({e}): the install found no CUDA headers "
-                "(cuda_bf16.h; set CUDA_HOME) or NANOLM_CUDA_SIM=off")
+        return f"nanolm._C_sim does not load ({e})"
     return None
