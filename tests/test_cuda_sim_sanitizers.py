@@ -144,3 +144,17 @@ def test_wrong_cp_async_wait_count_is_caught(builder):
     code, output = run(exe, "address", "attention")
     assert code != 0
     assert "attention o: element" in output and "is not finite" in output, output[-4000:]
+
+
+@pytest.mark.parametrize("patch,op,error", [
+    # attention forward at hs 128 takes 80 KB of dynamic shared memory: without the opt-in the
+    # launch fails on a GPU, and here
+    (("attention.cu", "    set_smem(attention_fwd_kernel<T, HS>, smem);\n", ""), "attention",
+     "bytes of dynamic shared memory need cudaFuncSetAttribute"),
+    # a (32, 64) block is 2048 threads, past CUDA's 1024
+    (("layernorm.cu", "constexpr int kReduceRows = 8;", "constexpr int kReduceRows = 64;"), "layernorm",
+     "invalid block size (32, 64, 1)"),
+])
+def test_launch_limits_are_checked(builder, patch, op, error):
+    code, output = run(builder.driver("address", patch), "address", op)
+    assert code != 0 and error in output, output[-4000:]
