@@ -88,7 +88,7 @@ def _check_layer_norm_cuda(op, x, weight, **groups):
         raise ValueError(f"{op}: {TARGET.module} was built without CUDA")
     check_layer_norm(op, x, weight, dtypes=_DTYPES, max_c=_C.layernorm_cuda_max_c, **groups)
     if x.device.type != TARGET.device_type:
-        raise ValueError(f"{op}: x is on {x.device}, this backend needs {TARGET.device_type} tensors")
+        raise ValueError(f"{op}: x is on {x.device}, this backend needs {TARGET.device_type.upper()} tensors")
     return _C
 
 
@@ -149,7 +149,7 @@ def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_sc
 def _check_on_cuda(op, name, t):
     # A host pointer handed to a kernel faults on the GPU and poisons the whole CUDA context.
     if t.device.type != TARGET.device_type:
-        raise ValueError(f"{op}: {name} is on {t.device}, this backend needs {TARGET.device_type} tensors")
+        raise ValueError(f"{op}: {name} is on {t.device}, this backend needs {TARGET.device_type.upper()} tensors")
 
 
 def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
