@@ -212,7 +212,9 @@ layernorm_bwd_kernel(const T* __restrict__ dy,           // (N, C)
 #pragma unroll
             for (int k = 0; k < VEC; ++k) {
                 xh[it][k] = (xh[it][k] - mu) * rs;
-                const float wdy = w[it][k] * g[it][k];
+                // __fmul_rn: w*dy rounded the same here and in step 2 (nvcc would fuse one of
+                // them into an fma): at C = 1, wdy - c2 must be exactly 0
+                const float wdy = __fmul_rn(w[it][k], g[it][k]);
                 s1 += xh[it][k] * wdy;
                 s2 += wdy;
             }
@@ -228,7 +230,7 @@ layernorm_bwd_kernel(const T* __restrict__ dy,           // (N, C)
             if (dresidual != nullptr) load<T, VEC>(dresidual + offset + c, dres);
 #pragma unroll
             for (int k = 0; k < VEC; ++k) {
-                out[k] = (w[it][k] * g[it][k] - (xh[it][k] * c1 + c2)) * rs + dres[k];
+                out[k] = (__fmul_rn(w[it][k], g[it][k]) - (xh[it][k] * c1 + c2)) * rs + dres[k];
                 dw[it][k] += g[it][k] * xh[it][k];
                 db[it][k] += g[it][k];
             }

@@ -149,6 +149,11 @@ template <typename T> T __shfl_sync(unsigned mask, T v, int src_lane, int = 32) 
 
 // Device math and cache-hinted memory access: the host equivalents.
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+// A product rounded on its own, never contracted into an fma (volatile keeps g++ from it).
+inline float __fmul_rn(float a, float b) {
+    volatile float product = a * b;
+    return product;
+}
 template <typename T> inline T __ldcs(const T* p) { return *p; }
 template <typename T> inline void __stcs(T* p, T v) { *p = v; }
 inline int min(int a, int b) { return a < b ? a : b; }
