@@ -1,10 +1,14 @@
 """`python -m nanolm.info`: how nanolm._C (and nanolm._C_sim) was built, library versions,
-devices, which kernel backend can run each op on each device (with the reason when one cannot),
-and how each CUDA kernel has been verified."""
+devices, the support matrix: per device, for each op and backend, which dtypes it runs, with the
+reason where not (every cell is read from the backends' SUPPORT tables, nanolm/backends/), and
+how each CUDA kernel has been verified (cuda.KERNELS, cuda.GPU_RUNS)."""
 import torch
 
 from nanolm import backends
-from nanolm.backends import cuda
+from nanolm.backends import cuda, cuda_sim
+from nanolm.backends.common import dtype_name
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def build_info():
@@ -16,17 +20,17 @@ def build_info():
 
 
 def sim_build_info():
-    reason = backends.unavailable_reason("cuda_sim", "layernorm", torch.device("cpu"))
+    reason = cuda_sim.unavailable_reason(torch.device("cpu"))
     if reason is not None:
         return reason
-    from nanolm import _C_sim
-    return ", ".join(f"{k}={v}" for k, v in _C_sim.build_info().items() if k in ("cxx", "march"))
+    return ", ".join(f"{k}={v}" for k, v in cuda_sim._C_sim.build_info().items() if k in ("cxx", "march"))
 
 
 def cuda_kernel_status():
-    """One line per CUDA kernel: emulated / compiled / run on a GPU."""
-    sim = backends.unavailable_reason("cuda_sim", "layernorm", torch.device("cpu"))
-    emulated = "emulated: cuda_sim op tests + ASan + TSan in CI" + ("" if sim is None else " (not built here)")
+    """One line per CUDA kernel: emulated / compiled / run on a GPU; then whether auto takes cuda."""
+    emulated = "emulated: cuda_sim op tests + ASan + TSan in CI"
+    if cuda_sim.unavailable_reason(torch.device("cpu")) is not None:
+        emulated += " (cuda_sim not built here)"
     try:
         from nanolm import _C
         archs = _C.build_info()["cuda_archs"]
@@ -36,9 +40,8 @@ def cuda_kernel_status():
     lines = []
     for op, kernels in cuda.KERNELS.items():
         for kernel in kernels:
-            gpu = cuda.GPU_RUNS.get(kernel, "never")
-            lines.append(f"  {kernel:<32} {emulated}; {compiled}; run on a GPU: {gpu}")
-        auto = "in auto" if cuda.verified_on_gpu(op) else "not in auto (no GPU run yet)"
+            lines.append(f"  {kernel:<32} {emulated}; {compiled}; run on a GPU: {cuda.GPU_RUNS.get(kernel, 'never')}")
+        auto = "in auto on CUDA" if cuda.verified_on_gpu(op) else "not in auto (no GPU run yet)"
         lines.append(f"  {'':<32} -> cuda for {op}: {auto}")
     return "\n".join(lines)
 
@@ -53,27 +56,43 @@ def library_versions():
 
 
 def devices():
+    """CPU, each visible GPU, and a cuda device even without one (its column says why not)."""
     found = [torch.device("cpu")]
-    found += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    found += [torch.device("cuda", i) for i in range(torch.cuda.device_count())] or [torch.device("cuda")]
     return found
 
 
 def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device) if torch.cuda.is_available() else "none present"
+    return "cpu"
+
+
+def support_rows(device):
+    """(op, backend, cell per dtype, why) for every op and backend on device. A cell is "yes"
+    (runs here), "no" (not in the backend's table) or "(yes)" (in the table, but the backend
+    cannot run here now: not built, no GPU, ...)."""
+    rows = []
+    for op in backends.OPS:
+        for name in backends.BACKENDS:
+            table = [backends.support_reason(name, op, device, dtype) for dtype in DTYPES]
+            here = None if all(table) else backends.load(name).unavailable_reason(device)
+            cells = ["no" if t else "(yes)" if here else "yes" for t in table]
+            why = [here] + list(dict.fromkeys(table))
+            rows.append((op, name, cells, "; ".join(r for r in why if r)))
+    return rows
 
 
 def main():
     print(f"nanolm._C: {build_info()}")
     print(f"nanolm._C_sim: {sim_build_info()}")
     print(f"libraries: {library_versions()}")
+    header = ["op", "backend"] + [dtype_name(d) for d in DTYPES] + ["why not"]
     for device in devices():
         print(f"\n{device} ({device_name(device)}):")
-        for op in backends.OPS:
-            cells = []
-            for name in backends.BACKENDS:
-                reason = backends.unavailable_reason(name, op, device)
-                cells.append(f"{name}: yes" if reason is None else f"{name}: no ({reason})")
-            print(f"  {op:<14} " + "; ".join(cells))
+        print("  " + "  ".join(f"{h:<13}" if i < 2 else f"{h:<9}" for i, h in enumerate(header)))
+        for op, name, cells, why in support_rows(device):
+            print(f"  {op:<13}  {name:<13}  " + "  ".join(f"{c:<9}" for c in cells) + f"  {why}")
     print(f"\nCUDA kernels (csrc/*.cu), how each is verified:\n{cuda_kernel_status()}")
 
 

@@ -10,15 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from nanolm import ops
-from nanolm.backends import cpu, load, torch_ref, unavailable_reason
+from nanolm.backends import BACKENDS, cpu, load, torch_ref, unavailable_reason
 
 IGNORE = -100
 TOL = {torch.float32: dict(rtol=1e-5, atol=2e-6), torch.bfloat16: dict(rtol=1e-2, atol=1e-5)}
 
 
 def cpu_backends():
-    """Backends that run on CPU tensors here: cpu (if built), triton (interpreter), cuda_sim."""
-    built = [n for n in ("cpu", "triton") if unavailable_reason(n, "cross_entropy", torch.device("cpu")) is None]
+    """Backends that run on CPU tensors here: cpu (if built), triton (interpreter), cuda_sim
+    (skipped where nanolm._C_sim is not built)."""
+    built = [n for n in BACKENDS if n not in ("torch", "cuda_sim")
+             and unavailable_reason(n, "cross_entropy", torch.device("cpu")) is None]
     return built + [pytest.param("cuda_sim", marks=pytest.mark.cuda_sim)]
 
 

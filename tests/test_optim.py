@@ -8,7 +8,7 @@ from nanolm.config import ModelConfig
 from nanolm.model import GPT
 from nanolm.optim import FlatAdamW
 
-TORCH = backends.modules(backends.resolve("torch", torch.device("cpu")))
+TORCH = backends.impls(backends.resolve("torch", torch.device("cpu")))
 HP = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
 # The optimizer's AdamW step and gradient norm: the torch reference, and the CUDA kernels on the
 # CPU (cuda_sim: clipping through grad_scale, the non-finite skip through sum_of_squares).
