@@ -47,7 +47,7 @@ class Builder:
     """Compiles the driver per sanitizer; objects of unpatched sources are built once."""
 
     def __init__(self, out):
-        self.out, self.objects = out, {}
+        self.out, self.objects, self.variants = out, {}, 0
         self.include = cuda_include()
 
     def flags(self, sanitizer):
@@ -64,7 +64,8 @@ class Builder:
 
     def driver(self, sanitizer, patch=None):
         """Links the driver; patch = (kernel file name, text, replacement) applied once."""
-        name = sanitizer if patch is None else f"{sanitizer}-{patch[0]}-{len(self.objects)}"
+        self.variants += 1
+        name = sanitizer if patch is None else f"{sanitizer}-{patch[0]}-{self.variants}"
         folder = self.out / name
         folder.mkdir()
         jobs = []

@@ -5,7 +5,7 @@
 // Model: a launch runs its blocks one after another; each block runs one fiber (ucontext,
 // the default: fast, debuggable) or one OS thread (NANOLM_SIM_THREADS: what ThreadSanitizer
 // needs to see the threads' accesses as concurrent) per CUDA thread. Threads meet at
-// __syncthreads and, for the warp collectives (__shfl_*_sync, ldmatrix, mma.sync), at a
+// __syncthreads and, for the warp collectives (__shfl_xor_sync, ldmatrix, mma.sync), at a
 // barrier of their warp, where they trade values through a per-warp exchange buffer.
 // __shared__ variables are function-local statics (one block at a time, so one copy is the
 // block's); dynamic shared memory is a heap buffer of exactly the launch's size, filled with
@@ -94,19 +94,14 @@ const unsigned char* warp_exchange(const void* mine, std::size_t bytes);
 int lane_id();
 void require_full_mask(unsigned mask, const char* what);
 
+// __shfl_xor_sync: lane l receives the value of lane l ^ lane_mask.
 template <typename T>
-T shfl(unsigned mask, T value, int lane_delta, int mode, const char* what) {
+T shfl_xor(unsigned mask, T value, int lane_mask) {
     static_assert(sizeof(T) <= 32, "shuffle values up to 32 bytes");
-    require_full_mask(mask, what);
+    require_full_mask(mask, "__shfl_xor_sync");
     const unsigned char* all = warp_exchange(&value, sizeof(T));
-    const int lane = lane_id();
-    int src = lane;
-    if (mode == 0) src = lane ^ lane_delta;                      // xor
-    else if (mode == 1) src = lane + lane_delta < 32 ? lane + lane_delta : lane;  // down
-    else if (mode == 2) src = lane - lane_delta >= 0 ? lane - lane_delta : lane;  // up
-    else src = lane_delta & 31;                                   // idx
     T out;
-    std::memcpy(&out, all + 32 * src, sizeof(T));
+    std::memcpy(&out, all + 32 * (lane_id() ^ lane_mask), sizeof(T));
     return out;
 }
 
@@ -134,17 +129,9 @@ void mma_m16n8k16(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0, 
 #define gridDim (static_cast<const dim3&>(::nanolm::sim::grid_dim))
 
 inline void __syncthreads() { ::nanolm::sim::syncthreads(); }
+// The one shuffle the kernels use (others would follow the same exchange).
 template <typename T> T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int = 32) {
-    return ::nanolm::sim::shfl(mask, v, lane_mask, 0, "__shfl_xor_sync");
-}
-template <typename T> T __shfl_down_sync(unsigned mask, T v, unsigned delta, int = 32) {
-    return ::nanolm::sim::shfl(mask, v, static_cast<int>(delta), 1, "__shfl_down_sync");
-}
-template <typename T> T __shfl_up_sync(unsigned mask, T v, unsigned delta, int = 32) {
-    return ::nanolm::sim::shfl(mask, v, static_cast<int>(delta), 2, "__shfl_up_sync");
-}
-template <typename T> T __shfl_sync(unsigned mask, T v, int src_lane, int = 32) {
-    return ::nanolm::sim::shfl(mask, v, src_lane, 3, "__shfl_sync");
+    return ::nanolm::sim::shfl_xor(mask, v, lane_mask);
 }
 
 // Device math and cache-hinted memory access: the host equivalents.
