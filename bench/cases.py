@@ -65,10 +65,13 @@ def check_outputs(out, ref, tol):
 def backend_unavailable(name, op, device):
     """Why the bench does not run backend `name` for `op` on `device`, or None. On top of the op
     layer's answer: triton on CPU runs only in Triton's interpreter, whose times say nothing
-    about the kernel (its correctness is covered by tests/, not here)."""
+    about the kernel (its correctness is covered by tests/, not here); cuda_sim is the CUDA kernels
+    emulated one fiber per CUDA thread, likewise checked by tests/ and never timed."""
     reason = backends.unavailable_reason(name, op, device)
     if reason is None and name == "triton" and device.type == "cpu":
         return "CPU tensors only run in Triton's interpreter (TRITON_INTERPRET=1), whose timings are meaningless"
+    if reason is None and name == "cuda_sim":
+        return "the CUDA kernels emulated on the CPU (csrc/sim): tests/ check them, their timings are meaningless"
     return reason
 
 

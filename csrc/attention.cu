@@ -91,38 +91,69 @@ struct BwdParams {
 };
 
 // ----------------------------------------------------------------------------- PTX helpers
+// Each helper has a host twin in csrc/sim/ (the NANOLM_CUDA_SIM build) that follows the same
+// PTX ISA semantics on an emulated warp: cp.async lands at its wait_group, ldmatrix and mma
+// trade fragments between the 32 lanes exactly as the layouts below say.
 
+#ifndef NANOLM_CUDA_SIM
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+#endif
 
 // 16-byte global -> shared copy; src_bytes = 0 zero-fills (rows past T).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#ifdef NANOLM_CUDA_SIM
+    sim::cp_async(dst, src, 16, valid);
+#else
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                  ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0));
+#endif
 }
 
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+#ifdef NANOLM_CUDA_SIM
+    sim::cp_async(dst, src, 4, valid);
+#else
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
                  ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0));
+#endif
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef NANOLM_CUDA_SIM
+    sim::cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
 
 // Wait until at most N of this thread's committed groups are still in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#ifdef NANOLM_CUDA_SIM
+    sim::cp_async_wait(N);
+#else
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
 }
 
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+#ifdef NANOLM_CUDA_SIM
+    sim::ldmatrix_x4(r, p, /*trans=*/false);
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+#endif
 }
 
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+#ifdef NANOLM_CUDA_SIM
+    sim::ldmatrix_x4(r, p, /*trans=*/true);
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+#endif
 }
 
 // c (16x8, fp32) += a (16x16, row-major) * b (16x8, col-major). Fragments, with g = lane / 4,
@@ -134,19 +165,27 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
 template <>
 __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
                                                         uint32_t b0, uint32_t b1) {
+#ifdef NANOLM_CUDA_SIM
+    sim::mma_m16n8k16(c, a, b0, b1, /*bf16=*/true);
+#else
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
         "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 template <>
 __device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4],
                                                  uint32_t b0, uint32_t b1) {
+#ifdef NANOLM_CUDA_SIM
+    sim::mma_m16n8k16(c, a, b0, b1, /*bf16=*/false);
+#else
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
         "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Two floats -> one register of two 16-bit values, the first in the low half.
@@ -315,7 +354,7 @@ template <typename T, int HS>
 __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const FwdParams<T> p) {
     constexpr int BM = Tiles<HS>::kFwdQ, BN = Tiles<HS>::kFwdK;
     static_assert(BM == kWarps * 16 && BM == BN, "one 16-row slab per warp; diagonal = one key block");
-    extern __shared__ __align__(16) unsigned char smem[];
+    NANOLM_DYNAMIC_SMEM(smem);
     T* sQ = reinterpret_cast<T*>(smem);  // (BM, HS)
     T* sK = sQ + BM * HS;                 // 2 x (BN, HS)
     T* sV = sK + 2 * BN * HS;             // 2 x (BN, HS)
@@ -413,7 +452,7 @@ template <typename T, int HS>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const BwdParams<T> p) {
     constexpr int BKV = Tiles<HS>::kKvK, BQ = Tiles<HS>::kKvQ;
     static_assert(BKV == kWarps * 16 && BKV % BQ == 0, "one 16-key slab per warp");
-    extern __shared__ __align__(16) unsigned char smem[];
+    NANOLM_DYNAMIC_SMEM(smem);
     T* sK = reinterpret_cast<T*>(smem);  // (BKV, HS)
     T* sV = sK + BKV * HS;                // (BKV, HS)
     T* sQ = sV + BKV * HS;                // 2 x (BQ, HS)
@@ -491,7 +530,7 @@ template <typename T, int HS>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const BwdParams<T> p) {
     constexpr int BQ = Tiles<HS>::kDqQ, BK = Tiles<HS>::kDqK;
     static_assert(BQ == kWarps * 16 && BQ % BK == 0, "one 16-row slab per warp");
-    extern __shared__ __align__(16) unsigned char smem[];
+    NANOLM_DYNAMIC_SMEM(smem);
     T* sQ = reinterpret_cast<T*>(smem);  // (BQ, HS)
     T* sdO = sQ + BQ * HS;                // (BQ, HS)
     T* sK = sdO + BQ * HS;                // 2 x (BK, HS)
@@ -584,7 +623,7 @@ void launch_fwd(const FwdParams<T>& p, int bnh, cudaStream_t stream) {
     using Tl = Tiles<HS>;
     const size_t smem = (Tl::kFwdQ + 4 * Tl::kFwdK) * HS * sizeof(T);
     set_smem(attention_fwd_kernel<T, HS>, smem);
-    attention_fwd_kernel<T, HS><<<dim3(bnh, ceil_div(p.seq_len, Tl::kFwdQ)), kThreads, smem, stream>>>(p);
+    NANOLM_LAUNCH(dim3(bnh, ceil_div(p.seq_len, Tl::kFwdQ)), kThreads, smem, stream, attention_fwd_kernel<T, HS>)(p);
     NANOLM_CHECK_LAUNCH("attention_fwd_kernel");
 }
 
@@ -592,18 +631,17 @@ template <typename T, int HS>
 void launch_bwd(const BwdParams<T>& p, int bnh, cudaStream_t stream) {
     using Tl = Tiles<HS>;
     const int64_t n_rows = static_cast<int64_t>(bnh) * p.seq_len;
-    attention_bwd_delta_kernel<T, HS><<<ceil_div(n_rows, kWarps), kThreads, 0, stream>>>(p, n_rows);
+    NANOLM_LAUNCH(ceil_div(n_rows, kWarps), kThreads, 0, stream, attention_bwd_delta_kernel<T, HS>)(p, n_rows);
     NANOLM_CHECK_LAUNCH("attention_bwd_delta_kernel");
 
     const size_t kv_smem = (2 * Tl::kKvK + 4 * Tl::kKvQ) * HS * sizeof(T) + 4 * Tl::kKvQ * sizeof(float);
     set_smem(attention_bwd_dkdv_kernel<T, HS>, kv_smem);
-    attention_bwd_dkdv_kernel<T, HS>
-        <<<dim3(bnh, ceil_div(p.seq_len, Tl::kKvK)), kThreads, kv_smem, stream>>>(p);
+    NANOLM_LAUNCH(dim3(bnh, ceil_div(p.seq_len, Tl::kKvK)), kThreads, kv_smem, stream, attention_bwd_dkdv_kernel<T, HS>)(p);
     NANOLM_CHECK_LAUNCH("attention_bwd_dkdv_kernel");
 
     const size_t dq_smem = (2 * Tl::kDqQ + 4 * Tl::kDqK) * HS * sizeof(T);
     set_smem(attention_bwd_dq_kernel<T, HS>, dq_smem);
-    attention_bwd_dq_kernel<T, HS><<<dim3(bnh, ceil_div(p.seq_len, Tl::kDqQ)), kThreads, dq_smem, stream>>>(p);
+    NANOLM_LAUNCH(dim3(bnh, ceil_div(p.seq_len, Tl::kDqQ)), kThreads, dq_smem, stream, attention_bwd_dq_kernel<T, HS>)(p);
     NANOLM_CHECK_LAUNCH("attention_bwd_dq_kernel");
 }
 

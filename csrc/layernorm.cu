@@ -212,7 +212,9 @@ layernorm_bwd_kernel(const T* __restrict__ dy,           // (N, C)
 #pragma unroll
             for (int k = 0; k < VEC; ++k) {
                 xh[it][k] = (xh[it][k] - mu) * rs;
-                const float wdy = w[it][k] * g[it][k];
+                // __fmul_rn: w*dy rounded the same here and in step 2 (nvcc would fuse one of
+                // them into an fma): at C = 1, wdy - c2 must be exactly 0
+                const float wdy = __fmul_rn(w[it][k], g[it][k]);
                 s1 += xh[it][k] * wdy;
                 s2 += wdy;
             }
@@ -228,7 +230,7 @@ layernorm_bwd_kernel(const T* __restrict__ dy,           // (N, C)
             if (dresidual != nullptr) load<T, VEC>(dresidual + offset + c, dres);
 #pragma unroll
             for (int k = 0; k < VEC; ++k) {
-                out[k] = (w[it][k] * g[it][k] - (xh[it][k] * c1 + c2)) * rs + dres[k];
+                out[k] = (__fmul_rn(w[it][k], g[it][k]) - (xh[it][k] * c1 + c2)) * rs + dres[k];
                 dw[it][k] += g[it][k] * xh[it][k];
                 db[it][k] += g[it][k];
             }
@@ -340,7 +342,7 @@ void layernorm_fwd_cuda(std::uintptr_t x, std::uintptr_t residual, std::uintptr_
         constexpr int ROWS = rows_per_block(TPR);
         const dim3 block(TPR, ROWS);
         const dim3 grid(static_cast<unsigned>((N + ROWS - 1) / ROWS));
-        layernorm_fwd_kernel<T, VEC, TPR><<<grid, block, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+        NANOLM_LAUNCH(grid, block, 0, reinterpret_cast<cudaStream_t>(stream), layernorm_fwd_kernel<T, VEC, TPR>)(
             ptr<const T>(x), ptr<const T>(residual), ptr<T>(residual_out), ptr<const T>(weight),
             ptr<const T>(bias), ptr<T>(y), ptr<float>(mean), ptr<float>(rstd), N, static_cast<int>(C),
             static_cast<float>(eps));
@@ -372,7 +374,7 @@ void layernorm_bwd_cuda(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weig
             using T = typename decltype(type)::type;
             constexpr int VEC = decltype(vec_c)::value, TPR = decltype(tpr_c)::value;
             const dim3 block(TPR, rows_per_block(TPR));
-            layernorm_bwd_kernel<T, VEC, TPR><<<static_cast<unsigned>(P), block, 0, s>>>(
+            NANOLM_LAUNCH(static_cast<unsigned>(P), block, 0, s, layernorm_bwd_kernel<T, VEC, TPR>)(
                 ptr<const T>(dy), ptr<const T>(x), ptr<const T>(weight), ptr<const float>(mean),
                 ptr<const float>(rstd), ptr<const T>(dresidual), ptr<T>(dx), dw_partial, db_partial, N,
                 static_cast<int>(C));
@@ -381,7 +383,7 @@ void layernorm_bwd_cuda(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weig
     }
     const dim3 block(32, kReduceRows);
     const dim3 grid(static_cast<unsigned>((C + 31) / 32));
-    layernorm_bwd_reduce_kernel<<<grid, block, 0, s>>>(dw_partial, db_partial, ptr<float>(dweight),
+    NANOLM_LAUNCH(grid, block, 0, s, layernorm_bwd_reduce_kernel)(dw_partial, db_partial, ptr<float>(dweight),
                                                        ptr<float>(dbias), static_cast<int>(P),
                                                        static_cast<int>(C));
     NANOLM_CHECK_LAUNCH("layernorm_bwd_reduce_kernel");

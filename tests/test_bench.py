@@ -148,6 +148,7 @@ def test_triton_on_cpu_is_not_timed(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert "meaningless" in backend_unavailable("triton", "layernorm", torch.device("cpu"))
     assert backend_unavailable("torch", "layernorm", torch.device("cpu")) is None
+    assert "meaningless" in backend_unavailable("cuda_sim", "layernorm", torch.device("cpu"))
 
 
 def _patched(backend, name, fn):
