@@ -275,19 +275,33 @@ def attention_bwd_dq_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-def _configs(pairs):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in pairs]
+def _configs(rows):
+    """rows of (BLOCK_M, BLOCK_N, warps, stages, the largest head size the config is tried at)
+    -> the autotune configs and the prune hook that drops the ones too big for the head size."""
+    configs = [(triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s), max_hs)
+               for m, n, w, s, max_hs in rows]
+
+    def prune(candidates, named_args, **kwargs):
+        return [c for c, max_hs in configs if named_args["HS"] <= max_hs and c in candidates]
+    return [c for c, _ in configs], {"early_config_prune": prune}
 
 
 # Candidates for Hopper (H100): 128-row tiles with 4-8 warps, 2-4 pipeline stages. The block
 # on the "owned" side (M for forward and dQ, N for dK/dV) is a multiple of the streamed one.
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-                         (128, 32, 4, 4)])
-_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2),
-                          (16, 128, 4, 4)])
-_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2),
-                        (128, 16, 4, 4)])
+# No config may spill registers on sm_90a (`python -m bench static`, gated by
+# tests/test_triton_static.py; measured with triton 3.6.0 and 3.9.0, bf16). A 4-warp program
+# whose fp32 accumulators hold a 128-row tile at hs = 128 (the forward's and dQ's 128 x 128,
+# dK and dV of 128 x 128 or 64 x 128 together) has 255 registers and spills, so those
+# configs stop at hs = 64; 8-warp configs take their place at hs = 128 (but not dK/dV's
+# (64, 64, 8, 2), which spills there too: a warpgroup's wgmma tile is 64 rows, so 8 warps do not
+# split a 64-key block). Dropped: dK/dV (32, 128, 4, 3) and (64, 64, 4, 2), which spill at
+# hs = 64 already (4-28 bytes), replaced by (32, 128, 8, 3) and (64, 64, 8, 2).
+_FWD_CONFIGS, _FWD_PRUNE = _configs([(128, 64, 4, 3, 64), (128, 64, 8, 3, 128), (128, 128, 8, 2, 128),
+                                     (64, 64, 4, 3, 128), (128, 32, 4, 4, 64)])
+_DKDV_CONFIGS, _DKDV_PRUNE = _configs([(32, 128, 8, 3, 128), (64, 128, 8, 2, 64), (32, 64, 4, 3, 128),
+                                       (64, 64, 8, 2, 64), (16, 128, 4, 4, 64)])
+_DQ_CONFIGS, _DQ_PRUNE = _configs([(128, 32, 4, 3, 64), (128, 64, 8, 2, 128), (64, 32, 4, 3, 128),
+                                   (64, 64, 4, 2, 64), (128, 16, 4, 4, 64), (128, 32, 8, 3, 128)])
 # The interpreter runs one small fixed config: no autotuning on a CPU emulation.
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}
 _KEY = ["HS", "T_BUCKET"]  # autotune also keys on the argument dtypes
@@ -296,9 +310,9 @@ if INTERPRET:
     _fwd_kernel, _dkdv_kernel, _dq_kernel = (attention_fwd_kernel, attention_bwd_dkdv_kernel,
                                              attention_bwd_dq_kernel)
 else:
-    _fwd_kernel = triton.autotune(_FWD_CONFIGS, key=_KEY)(attention_fwd_kernel)
-    _dkdv_kernel = triton.autotune(_DKDV_CONFIGS, key=_KEY)(attention_bwd_dkdv_kernel)
-    _dq_kernel = triton.autotune(_DQ_CONFIGS, key=_KEY)(attention_bwd_dq_kernel)
+    _fwd_kernel = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by=_FWD_PRUNE)(attention_fwd_kernel)
+    _dkdv_kernel = triton.autotune(_DKDV_CONFIGS, key=_KEY, prune_configs_by=_DKDV_PRUNE)(attention_bwd_dkdv_kernel)
+    _dq_kernel = triton.autotune(_DQ_CONFIGS, key=_KEY, prune_configs_by=_DQ_PRUNE)(attention_bwd_dq_kernel)
 
 
 def _launch(kernel, rows_meta, B, nh, T, *args):
