@@ -317,8 +317,9 @@ def compile_triton(launch, arch):
 def _compile_cached(job):
     launch, arch = job
     path = CACHE / f"{_cache_key(launch, arch)}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    if path.exists():  # the compile is the same; the labels are this launch's
+        return {**json.loads(path.read_text()), "case": launch.case, "config": launch.config,
+                "production": launch.production}
     row = compile_triton(launch, arch)
     if row["status"] == "ok":
         CACHE.mkdir(parents=True, exist_ok=True)
