@@ -38,8 +38,7 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-LOG2E = 1.4426950408889634
-HEAD_DIMS = (16, 32, 64, 128)
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E): exp2 is one instruction
 
 
 @triton.jit
@@ -110,7 +109,7 @@ def attention_fwd_kernel(
     rows = offs_m < T
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=rows[:, None])
-    lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634  # back to natural log
+    lse = (m_i + tl.math.log2(l_i)) / LOG2E  # back to natural log
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=rows)
 
 
@@ -147,7 +146,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stri
         in_t = rows < T  # padded query rows load as zeros and so contribute nothing
         qT = tl.load(q_ptrs + start_m * stride_qt, mask=in_t[None, :], other=0.0)      # (HS, BLOCK_M)
         do = tl.load(do_ptrs + start_m * stride_dot, mask=in_t[:, None], other=0.0)    # (BLOCK_M, HS)
-        lse2 = tl.load(lse_ptr + rows, mask=in_t, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(lse_ptr + rows, mask=in_t, other=0.0) * LOG2E
         delta = tl.load(delta_ptr + rows, mask=in_t, other=0.0)
         pT = tl.math.exp2(tl.dot(k, qT) * qk_scale - lse2[None, :])                   # (BLOCK_N, BLOCK_M)
         if DIAGONAL:
@@ -259,7 +258,7 @@ def attention_bwd_dq_kernel(
     stride_dot = nh * HS
     do = tl.load(DO + b * T * stride_dot + h * HS + offs_m[:, None] * stride_dot + offs_d[None, :],
                  mask=rows[:, None], other=0.0)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=rows, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=rows, other=0.0) * LOG2E
     delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=rows, other=0.0)
     k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None]
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[None, :] * stride_vt + offs_d[:, None]

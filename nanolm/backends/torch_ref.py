@@ -4,8 +4,12 @@ Each function is the explicit math of its op's forward or backward in plain PyTo
 through F.*), computed in float32 (float64 when given float64) and cast back to the input dtype.
 The tests check these against float64 autograd; the kernels are checked against these.
 
-Backend contract (every backend module implements the functions of the ops it lists in OPS,
-with exactly these signatures, and `unavailable_reason(device)`):
+Backend contract. Every backend module (torch_ref, triton, cuda, cpu) has, in this order:
+  SUPPORT = {op: Support(...)}    one entry per op it implements (common.Support): the devices
+                                  and dtypes per device, head sizes, max row length, alignment it
+                                  accepts; checks, --kernels, nanolm.info and the tests read it
+  unavailable_reason(device)      None when the backend can run on device at all
+and then, per op in SUPPORT, these functions with exactly these signatures, in this order:
 
   layernorm      layer_norm_fwd(x, weight, bias, eps) -> (y, mean, rstd)
                  add_layer_norm_fwd(x, residual, weight, bias, eps) -> (y, residual_out, mean, rstd)
@@ -29,7 +33,16 @@ import math
 
 import torch
 
-OPS = ("layernorm", "attention", "cross_entropy", "adamw")
+from nanolm.backends.common import Support
+
+# The specification runs everything, unchecked: any float dtype, on any device.
+ANY = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+SUPPORT = {
+    "layernorm": Support(dtypes={"cpu": ANY, "cuda": ANY}),
+    "attention": Support(dtypes={"cpu": ANY, "cuda": ANY}),
+    "cross_entropy": Support(dtypes={"cpu": ANY, "cuda": ANY}),
+    "adamw": Support(dtypes={"cpu": ANY, "cuda": ANY}),
+}
 
 
 def unavailable_reason(device):
