@@ -38,7 +38,9 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E): exp2 is one instruction
+# exp(x) = exp2(x * LOG2E): exp2 is one instruction. A tl.constexpr, because a compiled kernel
+# may read no other global (a plain float passes the interpreter, then fails to compile).
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -334,7 +336,7 @@ def attention_fwd(q, k, v, scale):
     lse = torch.empty((B, nh, T), dtype=torch.float32, device=q.device)
     t_bucket = triton.next_power_of_2(T)
     _launch(_fwd_kernel, "BLOCK_M", B, nh, T, q, k, v, o, lse, *_bth(q), *_bth(k), *_bth(v), *_bth(o),
-            nh, T, t_bucket, scale * LOG2E, hs)
+            nh, T, t_bucket, scale * LOG2E.value, hs)
     return o, lse
 
 
@@ -346,6 +348,6 @@ def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv):
     attention_bwd_delta_kernel[(triton.cdiv(T, block), B * nh)](o, do, delta, nh, T, HS=hs, BLOCK_M=block)
     t_bucket = triton.next_power_of_2(T)
     _launch(_dkdv_kernel, "BLOCK_N", B, nh, T, q, k, v, do, lse, delta, dk, dv,
-            *_bth(q), *_bth(k), *_bth(v), *_bth(dk), *_bth(dv), nh, T, t_bucket, scale, scale * LOG2E, hs)
+            *_bth(q), *_bth(k), *_bth(v), *_bth(dk), *_bth(dv), nh, T, t_bucket, scale, scale * LOG2E.value, hs)
     _launch(_dq_kernel, "BLOCK_M", B, nh, T, q, k, v, do, lse, delta, dq,
-            *_bth(q), *_bth(k), *_bth(v), *_bth(dq), nh, T, t_bucket, scale, scale * LOG2E, hs)
+            *_bth(q), *_bth(k), *_bth(v), *_bth(dq), nh, T, t_bucket, scale, scale * LOG2E.value, hs)

@@ -48,7 +48,8 @@ def test_occupancy(regs, smem, warps, arch, blocks):
 
 
 def test_gate_flags_compile_errors_shared_memory_and_sm90a_spills():
-    ok = {"kernel": "k", "production": True, "status": "ok", "regs": 64, "smem": 1024, "spill_stores": 0}
+    ok = {"kind": "triton", "kernel": "k", "production": True, "status": "ok", "regs": 64, "smem": 1024,
+          "spill_stores": 0}
     rows = [
         dict(ok, arch="sm_90a"),
         dict(ok, arch="sm_80", spill_stores=64),                   # sm_80 spills: reported, not gated
@@ -56,6 +57,7 @@ def test_gate_flags_compile_errors_shared_memory_and_sm90a_spills():
         dict(ok, arch="sm_90a", kernel="spills", spill_stores=64),
         dict(ok, arch="sm_80", kernel="smem", smem=200 * 1024),
         dict(ok, arch="sm_90a", kernel="broken", status="compile error: x"),
+        dict(ok, arch="sm_90a", kind="cuda", spill_stores=64),     # CUDA: reported, not gated
     ]
     bad = static.gate_failures(rows)
     assert [b.split(" ")[0] for b in bad] == ["spills", "smem", "broken"]
