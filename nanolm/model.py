@@ -80,6 +80,7 @@ class GPT(nn.Module):
         if cfg.dropout != 0:
             raise ValueError("GPT: dropout must be 0 (the fused kernels have no dropout)")
         self.cfg, self.impls = cfg, impls
+        self.tp = None  # the tensor-parallel group's communicator, set by tensor_parallel.parallelize
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.padded_vocab, cfg.n_embd),
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
@@ -129,6 +130,8 @@ class GPT(nn.Module):
         real vocabulary (B, vocab_size). With a KVCache (sampling): idx holds only the new
         tokens, the cache the keys and values of the earlier ones."""
         h = self.hidden(idx, cache)
+        if self.tp is not None:  # vocab-parallel lm_head (nanolm/tensor_parallel.py)
+            return self.lm_head(h, targets)
         if targets is None:
             return h[:, -1] @ self.lm_head.weight[: self.cfg.vocab_size].to(h.dtype).t()
         C = h.shape[-1]
