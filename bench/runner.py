@@ -28,15 +28,16 @@ def _rotating(runs):
 
 
 def run_impl(case, impl, input_sets, ref, device):
-    row = {"op": case.op, "case": case.name, "series": case.series, "x": case.x, "x_label": case.x_label, "impl": impl.name,
-           "kind": impl.kind, "metric": case.metric, "status": "ok"}
+    row = {"op": case.op, "case": case.name, "series": case.series, "x": case.x, "x_label": case.x_label,
+           "impl": impl.name, "kind": impl.kind, "metric": case.metric, "status": "ok"}
     try:
         runs = [impl.make(t) for t in input_sets]
         check_outputs(case.view(runs[0]()), ref, case.tol)
         row["peak_mem_bytes"] = timing.peak_memory_bytes(runs[0], device)
         row["time_ms"] = timing.time_ms(_rotating(runs), device, case.budget_ms)
     except Exception as e:  # any failure is reported, and the next implementation still runs
-        return {**row, "status": "FAILED", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+        message = str(e).splitlines()[0][:300] if str(e) else ""
+        return {**row, "status": "FAILED", "error": f"{type(e).__name__}: {message}"}
     row["value"] = case.work / row["time_ms"] / (1e6 if case.metric == "GB/s" else 1e9)
     for key, amount in case.per_call.items():
         row[f"{key}_per_s"] = amount / row["time_ms"] * 1e3

@@ -38,7 +38,9 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E): exp2 is one instruction
+# exp(x) = exp2(x * LOG2E): exp2 is one instruction. A tl.constexpr, because a compiled kernel
+# may read no other global (a plain float passes the interpreter, then fails to compile).
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -274,19 +276,33 @@ def attention_bwd_dq_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-def _configs(pairs):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in pairs]
+def _configs(rows):
+    """rows of (BLOCK_M, BLOCK_N, warps, stages, the largest head size the config is tried at)
+    -> the autotune configs and the prune hook that drops the ones too big for the head size."""
+    configs = [(triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s), max_hs)
+               for m, n, w, s, max_hs in rows]
+
+    def prune(candidates, named_args, **kwargs):
+        return [c for c, max_hs in configs if named_args["HS"] <= max_hs and c in candidates]
+    return [c for c, _ in configs], {"early_config_prune": prune}
 
 
 # Candidates for Hopper (H100): 128-row tiles with 4-8 warps, 2-4 pipeline stages. The block
 # on the "owned" side (M for forward and dQ, N for dK/dV) is a multiple of the streamed one.
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-                         (128, 32, 4, 4)])
-_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2),
-                          (16, 128, 4, 4)])
-_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2),
-                        (128, 16, 4, 4)])
+# No config may spill registers on sm_90a (`python -m bench static`, gated by
+# tests/test_triton_static.py; measured with triton 3.6.0 and 3.9.0, bf16). A 4-warp program
+# whose fp32 accumulators hold a 128-row tile at hs = 128 (the forward's and dQ's 128 x 128,
+# dK and dV of 128 x 128 or 64 x 128 together) has 255 registers and spills, so those
+# configs stop at hs = 64; 8-warp configs take their place at hs = 128 (but not dK/dV's
+# (64, 64, 8, 2), which spills there too: a warpgroup's wgmma tile is 64 rows, so 8 warps do not
+# split a 64-key block). Dropped: dK/dV (32, 128, 4, 3) and (64, 64, 4, 2), which spill at
+# hs = 64 already (4-28 bytes), replaced by (32, 128, 8, 3) and (64, 64, 8, 2).
+_FWD_CONFIGS, _FWD_PRUNE = _configs([(128, 64, 4, 3, 64), (128, 64, 8, 3, 128), (128, 128, 8, 2, 128),
+                                     (64, 64, 4, 3, 128), (128, 32, 4, 4, 64)])
+_DKDV_CONFIGS, _DKDV_PRUNE = _configs([(32, 128, 8, 3, 128), (64, 128, 8, 2, 64), (32, 64, 4, 3, 128),
+                                       (64, 64, 8, 2, 64), (16, 128, 4, 4, 64)])
+_DQ_CONFIGS, _DQ_PRUNE = _configs([(128, 32, 4, 3, 64), (128, 64, 8, 2, 128), (64, 32, 4, 3, 128),
+                                   (64, 64, 4, 2, 64), (128, 16, 4, 4, 64), (128, 32, 8, 3, 128)])
 # The interpreter runs one small fixed config: no autotuning on a CPU emulation.
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}
 _KEY = ["HS", "T_BUCKET"]  # autotune also keys on the argument dtypes
@@ -295,9 +311,9 @@ if INTERPRET:
     _fwd_kernel, _dkdv_kernel, _dq_kernel = (attention_fwd_kernel, attention_bwd_dkdv_kernel,
                                              attention_bwd_dq_kernel)
 else:
-    _fwd_kernel = triton.autotune(_FWD_CONFIGS, key=_KEY)(attention_fwd_kernel)
-    _dkdv_kernel = triton.autotune(_DKDV_CONFIGS, key=_KEY)(attention_bwd_dkdv_kernel)
-    _dq_kernel = triton.autotune(_DQ_CONFIGS, key=_KEY)(attention_bwd_dq_kernel)
+    _fwd_kernel = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by=_FWD_PRUNE)(attention_fwd_kernel)
+    _dkdv_kernel = triton.autotune(_DKDV_CONFIGS, key=_KEY, prune_configs_by=_DKDV_PRUNE)(attention_bwd_dkdv_kernel)
+    _dq_kernel = triton.autotune(_DQ_CONFIGS, key=_KEY, prune_configs_by=_DQ_PRUNE)(attention_bwd_dq_kernel)
 
 
 def _launch(kernel, rows_meta, B, nh, T, *args):
@@ -320,7 +336,7 @@ def attention_fwd(q, k, v, scale):
     lse = torch.empty((B, nh, T), dtype=torch.float32, device=q.device)
     t_bucket = triton.next_power_of_2(T)
     _launch(_fwd_kernel, "BLOCK_M", B, nh, T, q, k, v, o, lse, *_bth(q), *_bth(k), *_bth(v), *_bth(o),
-            nh, T, t_bucket, scale * LOG2E, hs)
+            nh, T, t_bucket, scale * LOG2E.value, hs)
     return o, lse
 
 
@@ -332,6 +348,6 @@ def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv):
     attention_bwd_delta_kernel[(triton.cdiv(T, block), B * nh)](o, do, delta, nh, T, HS=hs, BLOCK_M=block)
     t_bucket = triton.next_power_of_2(T)
     _launch(_dkdv_kernel, "BLOCK_N", B, nh, T, q, k, v, do, lse, delta, dk, dv,
-            *_bth(q), *_bth(k), *_bth(v), *_bth(dk), *_bth(dv), nh, T, t_bucket, scale, scale * LOG2E, hs)
+            *_bth(q), *_bth(k), *_bth(v), *_bth(dk), *_bth(dv), nh, T, t_bucket, scale, scale * LOG2E.value, hs)
     _launch(_dq_kernel, "BLOCK_M", B, nh, T, q, k, v, do, lse, delta, dq,
-            *_bth(q), *_bth(k), *_bth(v), *_bth(dq), nh, T, t_bucket, scale, scale * LOG2E, hs)
+            *_bth(q), *_bth(k), *_bth(v), *_bth(dq), nh, T, t_bucket, scale, scale * LOG2E.value, hs)

@@ -92,24 +92,26 @@ def layernorm_bwd_kernel(
     db = tl.zeros([BLOCK_C], dtype=tl.float32)
     # `while`, not `range`: the interpreter cannot range over a runtime scalar with numpy >= 2.4
     row = pid * rows_per_program
-    row_end = row + rows_per_program
+    # the last program's range may run past N: stop there. (Masking those rows instead, with
+    # `col_ok & (row < N)`, broke under triton 3.9's interpreter: a scalar comparison keeps
+    # its operands' int32 type there, and the int32 mask it splats to is refused by tl.load.)
+    row_end = tl.minimum(row + rows_per_program, N)
     while row < row_end:
-        ok = col_ok & (row < N)  # the last program's range may run past N: masked, adds 0
         offs = row.to(tl.int64) * C + cols
-        x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offs, mask=ok, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + row, mask=row < N, other=0.0)
-        rstd = tl.load(Rstd + row, mask=row < N, other=0.0)
+        x = tl.load(X + offs, mask=col_ok, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=col_ok, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + row)
+        rstd = tl.load(Rstd + row)
         # 1. the row sums c1, c2 (masked columns are 0 in xhat and wdy)
-        xhat = tl.where(ok, (x - mean) * rstd, 0.0)
+        xhat = tl.where(col_ok, (x - mean) * rstd, 0.0)
         wdy = w * dy
         c1 = tl.sum(xhat * wdy, axis=0) / C
         c2 = tl.sum(wdy, axis=0) / C
         # 2. dx, and this row's share of dw, db
         dx = (wdy - (xhat * c1 + c2)) * rstd
         if HAS_DRESIDUAL:
-            dx += tl.load(DRES + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=ok)
+            dx += tl.load(DRES + offs, mask=col_ok, other=0.0).to(tl.float32)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=col_ok)
         dw += dy * xhat
         db += dy
         row += 1

@@ -94,7 +94,8 @@ def _results():
     ceilings = {"memory_GBps": 10.0, "memory_bytes": 1, "matmul_TFLOPs": 1.0, "matmul_shape": "n"}
     return {"env": cli.environment(torch.device("cpu")), "ceilings": ceilings, "size": "tiny",
             "results": runner.add_derived(rows, ceilings),
-            "skipped": skipped + [{"op": "toy", "case": "n=32", "impl": "cuda", "status": "skipped", "reason": "no GPU"}]}
+            "skipped": skipped + [{"op": "toy", "case": "n=32", "impl": "cuda", "status": "skipped",
+                                   "reason": "no GPU"}]}
 
 
 def test_runner_fails_wrong_impl_and_derives_figures():
@@ -237,7 +238,8 @@ case "$*" in
   "-c "*) echo "torch: stub"; exit 0 ;;
   *"-m pytest"*" -k "*) exit 0 ;;
   *"-m pytest"*) [ "$STUB_FAIL" = pytest ] && exit 1; exit 5 ;;
-  *"-m bench"*) [ "$STUB_FAIL" = bench ] && sleep 30; args="$*"; out=${args##*--out }; echo '{"results": []}' > "$out/results.json"; exit 0 ;;
+  *"-m bench"*) [ "$STUB_FAIL" = bench ] && sleep 30
+    args="$*"; out=${args##*--out }; echo '{"results": []}' > "$out/results.json"; exit 0 ;;
   *) exit 0 ;;
 esac
 """

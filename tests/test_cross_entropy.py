@@ -1,7 +1,8 @@
 """Cross-entropy backends and the fused linear cross-entropy against a float64 reference.
 
 CPU runs the cpu backend, the triton backend under the interpreter (fp32, small shapes) and the
-CUDA kernel under the SIMT emulation (cuda_sim: fp32 here and bf16 below); the gpu-marked tests run the cuda and triton backends at bf16 and GPT-2 sizes.
+CUDA kernel under the SIMT emulation (cuda_sim: fp32 here and bf16 below); the gpu-marked tests
+run the cuda and triton backends at bf16 and GPT-2 sizes.
 """
 import math
 

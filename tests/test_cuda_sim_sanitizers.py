@@ -81,7 +81,7 @@ class Builder:
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             built = list(pool.map(lambda job: self.compile(sanitizer, job[0], job[1]), jobs))
         patched_objects = []
-        for (src, _, key), obj in zip(jobs, built):
+        for (_, _, key), obj in zip(jobs, built):
             if key is None:
                 patched_objects.append(obj)
             else:

@@ -77,7 +77,7 @@ def test_flat_layout():
     assert flat.decay_numel == sum(p.numel() for p in a.parameters() if p.dim() >= 2)
     assert flat.flat_param.numel() == sum(p.numel() for p in a.parameters())  # tied once
     offset = 0
-    for (name, off, n), p in zip(flat.layout, flat.params):
+    for (_name, off, n), p in zip(flat.layout, flat.params):
         assert off == offset and p.numel() == n
         assert p.data_ptr() == flat.flat_param[off:].data_ptr()
         assert p.grad.data_ptr() == flat.flat_grad[off:].data_ptr()

@@ -588,7 +588,7 @@ def test_a_timed_out_collective_names_what_the_ranks_waited_for(tmp_path):
     """A rank that times out while rank 0 writes a checkpoint says so, not just 'all_reduce'."""
     import subprocess
     import sys
-    script = f"""
+    script = """
 import datetime, torch
 from nanolm import dist
 env = dist.DistEnv()

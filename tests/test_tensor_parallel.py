@@ -149,7 +149,7 @@ def test_vocab_parallel_cross_entropy_fp32_equals_single_process_op(name):
     N, C, V, Vp, n = 40, 16, 77, 128, 2
     h, w = torch.randn(N, C), torch.randn(Vp, C) * 0.5
     for targets in (torch.randint(0, V, (N,)), torch.full((N,), -100)):
-        def rank(comm):
+        def rank(comm, targets=targets):
             r, rows = comm.env.rank, Vp // n
             w_r = w[r * rows:(r + 1) * rows].clone().requires_grad_()
             h_r = h.clone().requires_grad_()

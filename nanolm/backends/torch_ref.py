@@ -31,8 +31,8 @@ projection are fine); o, do (B, T, nh, hs) contiguous; lse (B, nh, T) float32; d
 (B, T, nh, hs) views with stride(-1) == 1. cross_entropy logits (N, Vp) contiguous, columns >= vocab_size
 are padding; targets (N,) int64; losses (N,) float32. The partial-statistics pair works on one
 vocabulary shard: logits (N, Vp) hold the columns of vocab ids [vocab_start, vocab_start + Vp),
-the first vocab_size (0 allowed) real; stats (N, 3) float32; lse (N,) float32. adamw: 1-D float32 buffers of equal length,
-the first decay_numel elements weight-decayed.
+the first vocab_size (0 allowed) real; stats (N, 3) float32; lse (N,) float32. adamw: 1-D float32
+buffers of equal length, the first decay_numel elements weight-decayed.
 """
 import math
 
