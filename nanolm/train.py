@@ -275,8 +275,10 @@ def log(cfg, run, step, loss, lr, norm, dt):
 
 
 def log_eval(cfg, run, step, val_loss):
-    print(f"step {step:5d} | val loss {val_loss:.4f}", flush=True)
-    run["metrics"].log("eval", step, tokens=step * tokens_per_step(cfg, run), val_loss=val_loss)
+    val_ppl = math.exp(val_loss)
+    print(f"step {step:5d} | val loss {val_loss:.4f} | val ppl {val_ppl:.2f}", flush=True)
+    run["metrics"].log("eval", step, tokens=step * tokens_per_step(cfg, run), val_loss=val_loss,
+                       val_ppl=val_ppl)
 
 
 def sample(cfg, run):
