@@ -7,6 +7,10 @@ final name (os.replace is atomic on POSIX) and fsyncs the directory so the renam
 durable. A crash at any point leaves either the old set of checkpoints or the new one, never a
 truncated file under a checkpoint's name. Only the newest `keep` checkpoints are kept.
 
+`ckpt_best.pt` (BEST) is a checkpoint of the same kind holding the step with the lowest val loss
+so far, written the same way. Its name is outside the ckpt_<step>.pt pattern on purpose:
+retention, `latest` and `--resume=RUN_DIR` never see it; pass its path to use it.
+
 Everything saved is tensors and plain Python values, so loading uses weights_only=True.
 """
 import os
@@ -18,6 +22,7 @@ import numpy as np
 import torch
 
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
+BEST = "ckpt_best.pt"
 
 
 def rng_state():
@@ -65,15 +70,20 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def save(run_dir, step, model_state, optimizer_state, config, loader_state, keep=3):
+def save(run_dir, step, model_state, optimizer_state, config, loader_state, keep=3, best=None,
+         as_best=False):
     """Write ckpt_<step>.pt atomically (RNG states captured here) and keep the newest `keep`
-    (keep=None keeps all). Returns the path."""
+    (keep=None keeps all). Returns the path. `best` (the training loop's record of the lowest
+    val loss, for early stopping) is saved with it; as_best=True writes ckpt_best.pt instead
+    and deletes nothing."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    final = run_dir / f"ckpt_{step:08d}.pt"
+    final = run_dir / (BEST if as_best else f"ckpt_{step:08d}.pt")
     tmp = run_dir / f".{final.name}.tmp{os.getpid()}"
     payload = {"model": model_state, "optimizer": optimizer_state, "step": step,
                "config": config, "loader": loader_state, "rng": rng_state()}
+    if best is not None:
+        payload["best"] = best
     try:
         with open(tmp, "wb") as f:
             torch.save(payload, f)
@@ -83,7 +93,7 @@ def save(run_dir, step, model_state, optimizer_state, config, loader_state, keep
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(run_dir)
-    if keep is not None:
+    if keep is not None and not as_best:
         prune(run_dir, keep)
     return final
 

@@ -42,6 +42,7 @@ class TrainConfig:
     eval_interval: int = 100  # steps between val-loss estimates
     eval_iters: int = 10  # batches per val-loss estimate
     log_interval: int = 25  # steps between log lines
+    early_stop: int = 0  # stop after this many evals in a row without a new lowest val loss; 0 = never
     seed: int = 1337
     device: str = "auto"  # cuda if available, else cpu
     dtype: str = "auto"  # bf16 autocast on cuda, fp32 on cpu
@@ -136,7 +137,7 @@ def validate(cfg):
         if getattr(cfg, k) <= 0:
             raise ConfigError(f"{k} must be positive, got {getattr(cfg, k)}")
     for k in ("lr", "min_lr", "weight_decay", "grad_clip", "warmup", "peak_tflops", "sample_tokens",
-              "n_layer", "n_head", "n_embd", "block_size", "ckpt_interval"):
+              "n_layer", "n_head", "n_embd", "block_size", "ckpt_interval", "early_stop"):
         if getattr(cfg, k) < 0:
             raise ConfigError(f"{k} must be >= 0, got {getattr(cfg, k)}")
     if cfg.min_lr > cfg.lr:

@@ -4,7 +4,9 @@ train(cfg) is the whole run: setup() builds everything (and restore() reloads a 
 resuming), then each step accumulates gradients over grad_accum micro-batches and takes one
 optimizer step, with evaluate(), log() and checkpoints on their intervals, and a sample printed
 at the end. Everything a run writes goes to its run dir: ckpt_<step>.pt (nanolm/checkpoint.py),
-metrics.jsonl and config.json (nanolm/metrics.py).
+ckpt_best.pt (the lowest val loss so far), metrics.jsonl and config.json (nanolm/metrics.py).
+With --early_stop=N the run ends, saving as at its last step, after N evals in a row without a
+new lowest val loss.
 
 Ctrl-C stops the run after the step in flight and saves a checkpoint, so a resumed run
 continues bit-for-bit; a second Ctrl-C aborts at once.
@@ -103,7 +105,7 @@ def setup(cfg):
     val = Loader(val_tokens, cfg.batch_size, mcfg.block_size, cfg.seed + 1)
     return dict(device=device, tokenizer=tokenizer, model=model, opt=opt, train=train, val=val,
                 val_start=val.state_dict(), autocast=autocast_ctx(cfg, device), dist=ctx,
-                config={**as_dict(cfg), "model": dataclasses.asdict(mcfg)})
+                config={**as_dict(cfg), "model": dataclasses.asdict(mcfg)}, best=no_best_yet())
 
 
 # ----------------------------------------------------------------------------- run dir, resume
@@ -179,6 +181,7 @@ def restore(cfg, run, path):
     run["model"].load_state_dict(ckpt["model"])
     run["opt"].load_state_dict(ckpt["optimizer"])
     run["train"].load_state_dict(ckpt["loader"]["train"])
+    run["best"] = ckpt.get("best", no_best_yet())  # checkpoints older than early stopping lack it
     checkpoint.set_rng_state(ckpt["rng"])  # last: nothing above may draw random numbers after it
     return ckpt["step"]
 
@@ -190,15 +193,40 @@ def load_weights(run, path):
     print(f"weights from {path}")
 
 
-def save(cfg, run, step):
-    """Rank 0 writes; every rank calls it, as the ZeRO-1 optimizer state is gathered first."""
+def save(cfg, run, step, as_best=False):
+    """Rank 0 writes; every rank calls it, as the ZeRO-1 optimizer state is gathered first.
+    as_best: to ckpt_best.pt instead of ckpt_<step>.pt."""
     opt_state = run["opt"].state_dict()
     if not run["dist"].is_main:
         return None
     path = checkpoint.save(run["dir"], step, run["model"].state_dict(), opt_state,
-                           run["config"], {"train": run["train"].state_dict()}, cfg.keep_ckpts)
+                           run["config"], {"train": run["train"].state_dict()}, cfg.keep_ckpts,
+                           best=run["best"], as_best=as_best)
     print(f"step {step:5d} | saved {path}", flush=True)
     return path
+
+
+def no_best_yet():
+    """The record of the lowest val loss (early stopping, ckpt_best.pt) before any eval after a
+    training step; saved in every checkpoint so a resumed run stops where the straight one does."""
+    return {"val_loss": math.inf, "step": 0, "evals_since": 0}
+
+
+def track_best(cfg, run, step, val_loss):
+    """After an eval, on every rank (val_loss is rank 0's, None elsewhere): saves ckpt_best.pt
+    if the val loss is the lowest yet; returns True when --early_stop says the run ends here."""
+    best = run["best"]
+    if run["dist"].any(val_loss is not None and val_loss < best["val_loss"]):
+        best.update(val_loss=val_loss, step=step, evals_since=0)
+        save(cfg, run, step, as_best=True)
+    else:
+        best["evals_since"] += 1
+    if cfg.early_stop and best["evals_since"] >= cfg.early_stop:
+        if run["dist"].is_main:
+            print(f"early stop: no lower val loss in {best['evals_since']} evals (best "
+                  f"{best['val_loss']:.4f} at step {best['step']}, in {run['dir'] / checkpoint.BEST})")
+        return True
+    return False
 
 
 class StopOnInterrupt:
@@ -313,10 +341,11 @@ def start(cfg):
 
 def train(cfg):
     """Runs the whole training; returns {'first_val' (fresh runs), 'val', 'sample', 'stopped'
-    (the step a Ctrl-C stopped at, or None), 'checkpoint' (the last one saved)}. Under torchrun
-    only rank 0 evaluates, logs, samples and writes; the other ranks return just 'stopped'."""
+    (the step a Ctrl-C stopped at, or None), 'early_stopped' (the step --early_stop ended the
+    run at, or None), 'checkpoint' (the last one saved)}. Under torchrun only rank 0 evaluates,
+    logs, samples and writes; the other ranks return just 'stopped' and 'early_stopped'."""
     run, first = start(cfg)
-    history, is_main = {"stopped": None}, run["dist"].is_main
+    history, is_main = {"stopped": None, "early_stopped": None}, run["dist"].is_main
     with contextlib.closing(run["dist"]), run["metrics"], StopOnInterrupt() as interrupt:
         if first == 1 and is_main:
             history["first_val"] = evaluate(cfg, run)
@@ -331,12 +360,17 @@ def train(cfg):
                 loss = run["dist"].mean(loss)
                 if is_main:
                     log(cfg, run, step, loss, lr, norm, (time.perf_counter() - t0) / timed)
-            if is_main and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
+            evaluated = step % cfg.eval_interval == 0 or step == cfg.max_steps
+            if is_main and evaluated:
                 history["val"] = evaluate(cfg, run)
                 log_eval(cfg, run, step, history["val"])
+            if evaluated and track_best(cfg, run, step, history.get("val")):
+                history["early_stopped"] = step
             periodic = cfg.ckpt_interval and step % cfg.ckpt_interval == 0
-            if periodic or step == cfg.max_steps or stop:
+            if periodic or step == cfg.max_steps or stop or history["early_stopped"]:
                 history["checkpoint"] = save(cfg, run, step)
+            if history["early_stopped"]:
+                break
             if stop:
                 if is_main:
                     print(f"stopped at step {step}; continue with --resume={run['dir']}")
