@@ -60,6 +60,7 @@ class TrainConfig:
     n_embd: int = 0
     block_size: int = 0
     dropout: float = 0.0
+    recompute: str = "none"  # activations the backward recomputes: none, mlp (GELU in/out) or block (all)
     zero: int = 0  # 1 = ZeRO-1: each of W ranks keeps 1/W of the AdamW state (multi-process only)
     bucket_mb: float = 25.0  # gradient bucket size; ~25 MB hides all-reduce latency (as DDP)
     dist_timeout_s: float = 300.0  # a collective waiting longer aborts the run; must exceed rank 0's eval/save
@@ -152,6 +153,8 @@ def validate(cfg):
     for k in ("bucket_mb", "dist_timeout_s"):
         if getattr(cfg, k) <= 0:
             raise ConfigError(f"{k} must be positive, got {getattr(cfg, k)}")
+    if cfg.recompute not in ("none", "mlp", "block"):
+        raise ConfigError(f"recompute must be none, mlp or block, got {cfg.recompute!r}")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
     model_config(cfg, 256)

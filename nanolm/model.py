@@ -4,12 +4,20 @@ The residual stream is read once per sub-block: each residual add is fused with 
 that follows it (ops.add_layer_norm), so a block receives (normalised input, residual stream)
 and hands the next LayerNorm's weights the MLP output to fuse. No dropout: the fused kernels
 have none, and nanolm trains with dropout=0.
+
+Activation recomputation (GPT(..., recompute=)), as llm.c's -r, trades compute for memory:
+"mlp" keeps only each MLP's input and recomputes its two 4*C-wide activations (the GELU's input
+and output: half of a block's saved activations) in the backward; "block" keeps only each
+block's inputs (h, x) and reruns the whole block. torch.utils.checkpoint (non-reentrant) reruns
+the same code on the same inputs, the op layer's autograd Functions included, so the
+gradients are bit-identical to training without it.
 """
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from nanolm import ops
 
@@ -35,13 +43,29 @@ class Attention(nn.Module):
         return self.c_proj(y)
 
 
+RECOMPUTE = ("none", "mlp", "block")
+
+
+def recomputed(fn, *args):
+    """fn(*args), whose saved activations the backward recomputes instead of keeping. No global
+    RNG state is stashed (preserve_rng_state=False): nothing in a block draws from it (dropout
+    masks are a function of explicit (seed, offset) arguments, which the rerun gets again)."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.recompute = False  # set by GPT for recompute="mlp"
 
     def forward(self, h):
+        return recomputed(self._forward, h) if self.recompute else self._forward(h)
+
+    def _forward(self, h):
         return self.c_proj(F.gelu(self.c_fc(h), approximate="tanh"))
 
 
@@ -61,11 +85,13 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg, kernels):
+    def __init__(self, cfg, kernels, recompute="none"):
         super().__init__()
         if cfg.dropout != 0:
             raise ValueError("GPT: dropout must be 0 (the fused kernels have no dropout)")
-        self.cfg, self.kernels = cfg, kernels
+        if recompute not in RECOMPUTE:
+            raise ValueError(f"GPT: recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
+        self.cfg, self.kernels, self.recompute = cfg, kernels, recompute
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.padded_vocab, cfg.n_embd),
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
@@ -74,6 +100,8 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
+        for block in self.transformer.h:
+            block.mlp.recompute = recompute == "mlp"
         self.apply(self._init)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
@@ -102,7 +130,10 @@ class GPT(nn.Module):
         h = ops.layer_norm(x, first_ln.weight, first_ln.bias, LN_EPS, ln)
         for i, block in enumerate(blocks):
             next_ln = blocks[i + 1].ln_1 if i + 1 < len(blocks) else tr.ln_f
-            h, x = block(h, x, next_ln)
+            if self.recompute == "block":
+                h, x = recomputed(block, h, x, next_ln)
+            else:
+                h, x = block(h, x, next_ln)
         return h
 
     def forward(self, idx, targets=None):

@@ -95,7 +95,7 @@ def setup(cfg):
     if env.is_main:
         print("kernels: " + ", ".join(f"{op}={name}" for op, name in choice.items()))
     kernels = backends.modules(choice)
-    model = GPT(mcfg, kernels).to(device)
+    model = GPT(mcfg, kernels, cfg.recompute).to(device)
     opt = FlatAdamW(model.named_parameters(), cfg.lr, (cfg.beta1, cfg.beta2), 1e-8,
                     cfg.weight_decay, cfg.grad_clip, kernels["adamw"], pad_to=env.world_size)
     ctx = dist.Context(env, device, cfg.dist_timeout_s)
