@@ -39,11 +39,11 @@ def _config(cfg):
                        vocab_size=vocab, bias=True, dropout=0.0)
 
 
-def _nanolm_model(cfg, kernels):
+def _nanolm_model(cfg, kernels, recompute="none"):
     """nanolm's GPT with the bench's fixed initial weights (built on CPU, as train.py does)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        return GPT(_config(cfg), kernels)
+        return GPT(_config(cfg), kernels, recompute)
 
 
 def _copy_weights(src, dst):
@@ -74,10 +74,10 @@ def _autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def nanolm_impl(cfg, device, kernels):
+def nanolm_impl(cfg, device, kernels, recompute="none"):
     """nanolm's train step with `kernels` ({op: backend module}, as train.py's setup builds)."""
     def make(t):
-        model = _nanolm_model(cfg, kernels).to(device)
+        model = _nanolm_model(cfg, kernels, recompute).to(device)
         opt = FlatAdamW(model.named_parameters(), LR, BETAS, EPS, WD, GRAD_CLIP, kernels["adamw"])
 
         def run():
