@@ -53,6 +53,20 @@ def test_keep_rate_and_independence():
     assert abs((a[:-1] == a[1:]).float().mean().item() - 0.5) < 5 * math.sqrt(0.25 / n)
 
 
+def test_cpp_generator_at_large_indices():
+    """csrc/dropout.h at indices whose group number needs the counter's high word (the kernel
+    tests only reach small indices)."""
+    _C = pytest.importorskip("nanolm._C")
+    from nanolm.backends.checks import dropout_scalars
+    index = torch.tensor([0, 3, 4, 2 ** 32 - 1, 2 ** 32, 2 ** 34 + 3, 2 ** 40 + 5, 2 ** 62 + 2, 2 ** 63 - 1])
+    index = torch.cat([index, torch.randint(0, 2 ** 62, (200,))])
+    params = _C.DropoutParams(*dropout_scalars(DROP))
+    got = [_C.dropout_factor(params, i) for i in index.tolist()]
+    keep = torch_ref.dropout_keep(index, DROP)
+    assert [f != 0 for f in got] == keep.tolist()
+    assert {f for f in got if f} == {torch.tensor(1 / (1 - DROP.p), dtype=torch.float32).item()}
+
+
 def test_dropout_arguments():
     assert ops.dropout(0.0, 1, 2) is None  # p = 0: the path without dropout
     for bad in (dict(p=1.0, seed=0, offset=0), dict(p=-0.1, seed=0, offset=0),
