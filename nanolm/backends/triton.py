@@ -12,7 +12,7 @@ from nanolm.backends.checks import (check_adamw_buffers, check_attention_bwd, ch
 from nanolm.kernels.layernorm import add_layer_norm_fwd, layer_norm_bwd, layer_norm_fwd  # noqa: F401
 
 OPS = ("layernorm", "attention", "cross_entropy", "adamw")
-DROPOUT_OPS = ()  # ops whose functions take a dropout argument (see torch_ref)
+DROPOUT_OPS = ("layernorm",)  # ops whose functions take a dropout argument (see torch_ref)
 
 
 def unavailable_reason(device):
