@@ -7,16 +7,18 @@
 #include <array>
 #include <cstdint>
 
+#include "dropout.h"
+
 namespace nanolm {
 
-// CPU
+// CPU. With dropout enabled, P is dropped (O = dropout(P) V) and the backward regenerates its mask.
 void attention_fwd_cpu(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,  // float32
                        std::uintptr_t o, std::uintptr_t lse,
                        int64_t B, int64_t T, int64_t nh, int64_t hs,
                        int64_t sqb, int64_t sqt, int64_t sqh,
                        int64_t skb, int64_t skt, int64_t skh,
                        int64_t svb, int64_t svt, int64_t svh,
-                       double scale);
+                       double scale, const DropoutParams& dropout);
 
 void attention_bwd_cpu(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
                        std::uintptr_t o, std::uintptr_t lse,
@@ -28,7 +30,7 @@ void attention_bwd_cpu(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, 
                        int64_t sdqb, int64_t sdqt, int64_t sdqh,
                        int64_t sdkb, int64_t sdkt, int64_t sdkh,
                        int64_t sdvb, int64_t sdvt, int64_t sdvh,
-                       double scale);
+                       double scale, const DropoutParams& dropout);
 // CUDA
 // Pointers are device addresses (tensor.data_ptr()); strides are (batch, seq, head) strides in
 // elements of a (B, T, nh, hs) tensor whose hs stride is 1. lse and delta are (B, nh, T) fp32.

@@ -10,6 +10,7 @@
 #include "adamw.h"
 #include "attention.h"
 #include "common.h"
+#include "dropout.h"
 #include "layernorm.h"
 #include "cross_entropy.h"
 #ifdef NANOLM_WITH_CUDA
@@ -42,6 +43,16 @@ PYBIND11_MODULE(_C, m) {
     m.doc() = "nanolm's C++ (CPU) and CUDA kernels; see csrc/ and nanolm/backends/";
     m.def("build_info", &build_info, "How this extension was built");
 
+    py::class_<nanolm::DropoutParams>(m, "DropoutParams", "A kernel's dropout arguments (csrc/dropout.h)")
+        .def(py::init<>(), "Dropout disabled")
+        .def(py::init([](std::uint64_t seed, std::uint64_t offset, std::uint32_t threshold, float scale) {
+                 return nanolm::DropoutParams{seed, offset, threshold, scale, true};
+             }),
+             py::arg("seed"), py::arg("offset"), py::arg("threshold"), py::arg("scale"))
+        .def_readonly("enabled", &nanolm::DropoutParams::enabled);
+    m.def("dropout_factor", [](const nanolm::DropoutParams& d, std::uint64_t index) {
+        return nanolm::dropout_factor(d, index);
+    }, "The factor (scale or 0) of one element, as the kernels compute it");
     m.def("layernorm_fwd_cpu", &nanolm::layernorm_fwd_cpu, "LayerNorm forward (+ fused residual add), float32");
     m.def("layernorm_bwd_cpu", &nanolm::layernorm_bwd_cpu, "LayerNorm backward (+ residual grad), float32");
 #ifdef NANOLM_WITH_CUDA

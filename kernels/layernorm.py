@@ -6,6 +6,10 @@
               c1 = sum(xhat * wdy)/C;  c2 = sum(wdy)/C
               dx = (wdy - (xhat * c1 + c2)) * rstd (+ dresidual)
               dw = sum_rows(dy * xhat);  db = sum_rows(dy)
+With dropout of the branch (DROPOUT, kernels/dropout.py): h = x * factor (+ residual, which may
+be absent: the embedding sum), always stored to residual_out; the backward regenerates the
+factors and also writes dbranch = dx * factor. No extra memory traffic beyond dbranch (N*C*s):
+the mask is recomputed, never stored.
 
 Memory traffic, s bytes per element of x (4 fp32, 2 bf16), see `layernorm_bytes`:
     forward   reads N*C*s (+ N*C*s residual) + 2*C*s, writes N*C*s (+ N*C*s residual_out) + 8N
@@ -22,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nanolm.backends.checks import check_layer_norm
+from nanolm.backends.checks import check_layer_norm, dropout_scalars
+from nanolm.kernels.dropout import dropout_factor
 
 MAX_C = 16384  # the whole row lives in registers: BLOCK_C = next_power_of_2(C)
 
@@ -39,15 +44,17 @@ def layernorm_bytes(N, C, dtype, fused, backward=False, partial_rows=0):
 def layernorm_fwd_kernel(
     X,             # (N, C)
     R,             # (N, C) residual, read when HAS_RESIDUAL
-    RO,            # (N, C) residual_out = x + residual, written when HAS_RESIDUAL
+    RO,            # (N, C) residual_out = dropout(x) + residual, written when HAS_RESIDUAL or DROPOUT
     W,             # (C,)
     B,             # (C,), read when HAS_BIAS
     Y,             # (N, C)
     Mean,          # (N,) float32
     Rstd,          # (N,) float32
     N, C, eps,
+    seed, offset, threshold, keep_scale,  # dropout of x, read when DROPOUT (kernels/dropout.py)
     HAS_RESIDUAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ROWS: tl.constexpr,
 ):
@@ -59,8 +66,11 @@ def layernorm_fwd_kernel(
     offs = rows.to(tl.int64)[:, None] * C + cols[None, :]  # int64: N*C can pass 2^31
     # 1. h = x (+ residual): the stream is normalized as stored (rounded), as the backward sees it
     h = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if DROPOUT:  # offs is the element index of the spec: row * C + col
+        h = h * dropout_factor(offs, seed, offset, threshold, keep_scale)
     if HAS_RESIDUAL:
         h += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL or DROPOUT:
         h_stored = h.to(RO.dtype.element_ty)
         tl.store(RO + offs, h_stored, mask=mask)
         h = h_stored.to(tl.float32)
@@ -87,11 +97,14 @@ def layernorm_bwd_kernel(
     Rstd,          # (N,) float32
     DRES,          # (N, C) dresidual, read when HAS_DRESIDUAL
     DX,            # (N, C)
+    DBR,           # (N, C) dbranch = dropout(dx), written when DROPOUT
     DW_partial,    # (P, C) float32, row p = this program's sum of dy * xhat
     DB_partial,    # (P, C) float32, row p = this program's sum of dy
     N, C,
     rows_per_program,
+    seed, offset, threshold, keep_scale,  # the forward's dropout, read when DROPOUT
     HAS_DRESIDUAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -120,6 +133,9 @@ def layernorm_bwd_kernel(
         if HAS_DRESIDUAL:
             dx += tl.load(DRES + offs, mask=ok, other=0.0).to(tl.float32)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=ok)
+        if DROPOUT:
+            factor = dropout_factor(offs, seed, offset, threshold, keep_scale)
+            tl.store(DBR + offs, (dx * factor).to(DBR.dtype.element_ty), mask=ok)
         dw += dy * xhat
         db += dy
         row += 1
@@ -163,12 +179,16 @@ def _num_warps(elements):
     return min(max(elements // 256, 1), 16)
 
 
-def _layer_norm_fwd(op, x, residual, weight, bias, eps):
+# the dropout arguments of a kernel launched without dropout (DROPOUT=False never reads them)
+_NO_DROPOUT = (0, 0, 0, 1.0)
+
+
+def _layer_norm_fwd(op, x, residual, weight, bias, eps, dropout=None):
     check_layer_norm(op, x, weight, dtypes=_DTYPES, rows=[("residual", residual)], vectors=[("bias", bias)],
                      max_c=MAX_C)
     N, C = x.shape
     y = torch.empty_like(x)
-    residual_out = None if residual is None else torch.empty_like(x)
+    residual_out = None if residual is None and dropout is None else torch.empty_like(x)
     mean = torch.empty(N, dtype=torch.float32, device=x.device)
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
     if N == 0:
@@ -178,8 +198,9 @@ def _layer_norm_fwd(op, x, residual, weight, bias, eps):
     layernorm_fwd_kernel[(triton.cdiv(N, ROWS),)](
         x, residual if residual is not None else x, residual_out if residual_out is not None else y,
         weight, bias if bias is not None else weight, y, mean, rstd, N, C, eps,
-        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, BLOCK_C=BLOCK_C, ROWS=ROWS,
-        num_warps=_num_warps(BLOCK_C * ROWS))
+        *(_NO_DROPOUT if dropout is None else dropout_scalars(dropout)),
+        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, DROPOUT=dropout is not None,
+        BLOCK_C=BLOCK_C, ROWS=ROWS, num_warps=_num_warps(BLOCK_C * ROWS))
     return y, residual_out, mean, rstd
 
 
@@ -188,8 +209,10 @@ def layer_norm_fwd(x, weight, bias, eps):
     return y, mean, rstd
 
 
-def add_layer_norm_fwd(x, residual, weight, bias, eps):
-    return _layer_norm_fwd("add_layer_norm_fwd", x, residual, weight, bias, eps)
+def add_layer_norm_fwd(x, residual, weight, bias, eps, dropout=None):
+    if residual is None and dropout is None:
+        raise ValueError("add_layer_norm_fwd: residual may be None only with dropout")
+    return _layer_norm_fwd("add_layer_norm_fwd", x, residual, weight, bias, eps, dropout)
 
 
 def _bwd_programs(N, device):
@@ -202,9 +225,12 @@ def _bwd_programs(N, device):
     return max(1, min(N, per_device))
 
 
-def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual):
+def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual, dropout=None, dbranch=None):
     op = "layer_norm_bwd"
-    check_layer_norm(op, x, weight, dtypes=_DTYPES, rows=[("dy", dy), ("dresidual", dresidual)],
+    if (dropout is None) != (dbranch is None):
+        raise ValueError(f"{op}: dropout and dbranch must be given together")
+    check_layer_norm(op, x, weight, dtypes=_DTYPES,
+                     rows=[("dy", dy), ("dresidual", dresidual), ("dbranch", dbranch)],
                      stats=[("mean", mean), ("rstd", rstd)], max_c=MAX_C)
     N, C = x.shape
     dx = torch.empty_like(x)
@@ -216,8 +242,10 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual):
     BLOCK_C = triton.next_power_of_2(C)
     if P > 0:
         layernorm_bwd_kernel[(P,)](
-            dy, x, weight, mean, rstd, dresidual if dresidual is not None else dy, dx, partial[0], partial[1],
-            N, C, rows_per_program, HAS_DRESIDUAL=dresidual is not None, BLOCK_C=BLOCK_C,
+            dy, x, weight, mean, rstd, dresidual if dresidual is not None else dy, dx,
+            dbranch if dbranch is not None else dx, partial[0], partial[1], N, C, rows_per_program,
+            *(_NO_DROPOUT if dropout is None else dropout_scalars(dropout)),
+            HAS_DRESIDUAL=dresidual is not None, DROPOUT=dropout is not None, BLOCK_C=BLOCK_C,
             num_warps=_num_warps(BLOCK_C))
     BLOCK_R = 64
     layernorm_bwd_reduce_kernel[(triton.cdiv(C, BLOCK_R),)](

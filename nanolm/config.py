@@ -16,7 +16,7 @@ class ModelConfig:
     vocab_size: int = 50257
     vocab_multiple: int = 128  # padded vocab rows; padding is never predicted (loss/sampling mask it)
     bias: bool = True  # GPT-2 has biases in Linear and LayerNorm
-    dropout: float = 0.0  # the fused kernels have no dropout; only 0 is supported
+    dropout: float = 0.0  # embedding sum, residual branches, attention probabilities; 0 = none
 
     @property
     def padded_vocab(self):
@@ -146,8 +146,8 @@ def validate(cfg):
     for k in ("beta1", "beta2"):
         if not 0 <= getattr(cfg, k) < 1:
             raise ConfigError(f"{k} must be in [0, 1), got {getattr(cfg, k)}")
-    if cfg.dropout != 0:
-        raise ConfigError("dropout must be 0: the fused kernels (attention, add+layernorm) have no dropout")
+    if not 0 <= cfg.dropout < 1:
+        raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.zero not in (0, 1):
         raise ConfigError(f"zero must be 0 or 1, got {cfg.zero}")
     for k in ("bucket_mb", "dist_timeout_s"):

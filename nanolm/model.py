@@ -2,15 +2,20 @@
 
 The residual stream is read once per sub-block: each residual add is fused with the LayerNorm
 that follows it (ops.add_layer_norm), so a block receives (normalised input, residual stream)
-and hands the next LayerNorm's weights the MLP output to fuse. No dropout: the fused kernels
-have none, and nanolm trains with dropout=0.
+and hands the next LayerNorm's weights the MLP output to fuse.
+
+Dropout (cfg.dropout > 0, training mode only) sits where nanoGPT puts it, inside the fused
+kernels: on the embedding sum (fused with the first LayerNorm), on each residual branch before
+its add (fused with the add+LayerNorm) and on the attention probabilities (inside the flash
+attention). Masks are Philox streams keyed by (seed, offset), see DropoutStream.
 
 Activation recomputation (GPT(..., recompute=)), as llm.c's -r, trades compute for memory:
 "mlp" keeps only each MLP's input and recomputes its two 4*C-wide activations (the GELU's input
 and output: half of a block's saved activations) in the backward; "block" keeps only each
 block's inputs (h, x) and reruns the whole block. torch.utils.checkpoint (non-reentrant) reruns
-the same code on the same inputs, the op layer's autograd Functions included, so the
-gradients are bit-identical to training without it.
+the same code on the same inputs, the op layer's autograd Functions included, and the rerun
+block gets the same Dropout arguments (seed, offset) as the first run, so the gradients are
+bit-identical to training without it, dropout included.
 """
 import math
 
@@ -31,6 +36,47 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n)) if bias else None
 
 
+class DropoutStream(nn.Module):
+    """Where each dropout mask comes from: one Philox key per rank (seed), and a fresh offset for
+    every call site of every training forward, so no two masks share a counter and a
+    recomputation that reuses a forward's Dropout arguments regenerates its masks exactly.
+    The count of training forwards is in the state dict (extra state), so a resumed run draws
+    the masks the uninterrupted run would have drawn."""
+
+    SITES_PER_LAYER = 3  # attention probabilities, attention branch, MLP branch
+
+    def __init__(self, p, n_layer):
+        super().__init__()
+        self.p, self.n_layer = p, n_layer
+        self.seed = 0  # set by the trainer: see dropout_seed()
+        self.forwards = 0
+
+    @staticmethod
+    def dropout_seed(seed, rank):
+        """Philox key of a rank: the run's seed in the low word, the rank in the high word, so
+        ranks draw independent masks and a run's masks depend on nothing else."""
+        if not 0 <= seed < 2 ** 32:
+            raise ValueError(f"dropout: seed must be in [0, 2^32), got {seed}")
+        return seed | rank << 32
+
+    def next_forward(self):
+        """The Dropout arguments of one training forward: (embedding sum, [(attention
+        probabilities, attention branch, MLP branch) per layer]). Site s of forward n has offset
+        n * sites + s."""
+        sites = 1 + self.SITES_PER_LAYER * self.n_layer
+        base, self.forwards = self.forwards * sites, self.forwards + 1
+        site = lambda s: ops.dropout(self.p, self.seed, base + s)
+        per_layer = self.SITES_PER_LAYER
+        return site(0), [tuple(site(1 + per_layer * i + j) for j in range(per_layer))
+                         for i in range(self.n_layer)]
+
+    def get_extra_state(self):
+        return {"forwards": self.forwards}
+
+    def set_extra_state(self, state):
+        self.forwards = state["forwards"]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg, kernels):
         super().__init__()
@@ -38,8 +84,8 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.n_head, self.kernels = cfg.n_head, kernels
 
-    def forward(self, h):
-        y = ops.causal_attention(self.c_attn(h), self.n_head, self.kernels["attention"])
+    def forward(self, h, dropout=None):
+        y = ops.causal_attention(self.c_attn(h), self.n_head, self.kernels["attention"], dropout)
         return self.c_proj(y)
 
 
@@ -78,20 +124,26 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.ln_backend = kernels["layernorm"]
 
-    def forward(self, h, x, next_ln):
-        """h = ln_1(x) already computed; returns (next_ln(x_out), x_out)."""
-        h, x = ops.add_layer_norm(self.attn(h), x, self.ln_2.weight, self.ln_2.bias, LN_EPS, self.ln_backend)
-        return ops.add_layer_norm(self.mlp(h), x, next_ln.weight, next_ln.bias, LN_EPS, self.ln_backend)
+    def forward(self, h, x, next_ln, dropout=(None, None, None)):
+        """h = ln_1(x) already computed; returns (next_ln(x_out), x_out). dropout: the Dropout
+        arguments (or None) of the attention probabilities, the attention and the MLP branch."""
+        attn_probs, attn_branch, mlp_branch = dropout
+        h, x = ops.add_layer_norm(self.attn(h, attn_probs), x, self.ln_2.weight, self.ln_2.bias, LN_EPS,
+                                  self.ln_backend, attn_branch)
+        return ops.add_layer_norm(self.mlp(h), x, next_ln.weight, next_ln.bias, LN_EPS, self.ln_backend,
+                                  mlp_branch)
 
 
 class GPT(nn.Module):
     def __init__(self, cfg, kernels, recompute="none"):
         super().__init__()
-        if cfg.dropout != 0:
-            raise ValueError("GPT: dropout must be 0 (the fused kernels have no dropout)")
+        if not 0 <= cfg.dropout < 1:
+            raise ValueError(f"GPT: dropout must be in [0, 1), got {cfg.dropout}")
         if recompute not in RECOMPUTE:
             raise ValueError(f"GPT: recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
         self.cfg, self.kernels, self.recompute = cfg, kernels, recompute
+        if cfg.dropout > 0:  # absent at 0: the state dict is then exactly as without dropout
+            self.dropout = DropoutStream(cfg.dropout, cfg.n_layer)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.padded_vocab, cfg.n_embd),
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
@@ -127,13 +179,18 @@ class GPT(nn.Module):
         x = tr.wte(idx) + tr.wpe(torch.arange(T, device=idx.device))
         blocks = list(tr.h)
         first_ln = blocks[0].ln_1 if blocks else tr.ln_f
-        h = ops.layer_norm(x, first_ln.weight, first_ln.bias, LN_EPS, ln)
+        if self.training and self.cfg.dropout > 0:
+            embedding, per_layer = self.dropout.next_forward()
+            h, x = ops.add_layer_norm(x, None, first_ln.weight, first_ln.bias, LN_EPS, ln, embedding)
+        else:
+            per_layer = [(None, None, None)] * len(blocks)
+            h = ops.layer_norm(x, first_ln.weight, first_ln.bias, LN_EPS, ln)
         for i, block in enumerate(blocks):
             next_ln = blocks[i + 1].ln_1 if i + 1 < len(blocks) else tr.ln_f
             if self.recompute == "block":
-                h, x = recomputed(block, h, x, next_ln)
+                h, x = recomputed(block, h, x, next_ln, per_layer[i])
             else:
-                h, x = block(h, x, next_ln)
+                h, x = block(h, x, next_ln, per_layer[i])
         return h
 
     def forward(self, idx, targets=None):

@@ -27,7 +27,7 @@ from nanolm import backends, checkpoint, dist
 from nanolm.config import ConfigError, as_dict, model_config, parse_args, parse_overrides
 from nanolm.data import Loader, get_tokenizer, load_dataset
 from nanolm.metrics import MetricsWriter
-from nanolm.model import GPT
+from nanolm.model import GPT, DropoutStream
 from nanolm.optim import FlatAdamW
 from nanolm.sample import generate
 
@@ -95,7 +95,14 @@ def setup(cfg):
     if env.is_main:
         print("kernels: " + ", ".join(f"{op}={name}" for op, name in choice.items()))
     kernels = backends.modules(choice)
+    if mcfg.dropout > 0:
+        for op in ("layernorm", "attention"):
+            if op not in kernels[op].DROPOUT_OPS:
+                raise ValueError(f"dropout={mcfg.dropout}: the {choice[op]} backend has no dropout for {op}; "
+                                 f"choose another with --kernels (e.g. {op}=torch)")
     model = GPT(mcfg, kernels, cfg.recompute).to(device)
+    if mcfg.dropout > 0:
+        model.dropout.seed = DropoutStream.dropout_seed(cfg.seed, env.rank)
     opt = FlatAdamW(model.named_parameters(), cfg.lr, (cfg.beta1, cfg.beta2), 1e-8,
                     cfg.weight_decay, cfg.grad_clip, kernels["adamw"], pad_to=env.world_size)
     ctx = dist.Context(env, device, cfg.dist_timeout_s)

@@ -48,7 +48,7 @@ def test_lr_schedule():
     (["--n_embd=100", "--n_head=3"], "not divisible"),
     (["--preset=gpt5"], "valid: gpt2"),
     (["--batch_size=0"], "batch_size must be positive"),
-    (["--dropout=0.1"], "dropout must be 0"),
+    (["--dropout=1"], r"dropout must be in \[0, 1\)"),
     (["lr=1"], "--key=value"),
 ])
 def test_config_errors(args, match):

@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from nanolm.backends.torch_ref import dropout_threshold
+
 
 def check_tensor(op, name, t, *, dtypes, device=None, ndim=None, shape=None, contiguous=True):
     if not isinstance(t, torch.Tensor):
@@ -102,3 +104,9 @@ def check_attention_bwd(op, do, q, o, lse, dq, dk, dv):
         check_tensor(op, name, t, dtypes=(q.dtype,), device=q.device, shape=q.shape, contiguous=False)
         if t.stride(-1) != 1:
             raise ValueError(f"{op}: {name} must have stride(-1) == 1, got strides {t.stride()}")
+
+
+def dropout_scalars(dropout):
+    """A kernel's dropout arguments (seed, offset, threshold, scale) from an ops.Dropout: the
+    threshold floor(p * 2^32) and scale 1 / (1 - p) of torch_ref's specification."""
+    return dropout.seed, dropout.offset, dropout_threshold(dropout.p), 1.0 / (1.0 - dropout.p)

@@ -6,9 +6,10 @@ import torch
 
 from nanolm.backends.checks import (adamw_scalars, check_adamw_buffers, check_attention_bwd,
                                    check_attention_qkv, check_cross_entropy, check_layer_norm,
-                                   check_tensor)
+                                   check_tensor, dropout_scalars)
 
 OPS = ("layernorm", "attention", "cross_entropy", "adamw")
+DROPOUT_OPS = ("layernorm", "attention")  # ops whose functions take a dropout argument (see torch_ref)
 
 
 def unavailable_reason(device):
@@ -25,6 +26,11 @@ def _ptr(t):
     return 0 if t is None else t.data_ptr()
 
 
+def _dropout_params(dropout):
+    from nanolm import _C
+    return _C.DropoutParams() if dropout is None else _C.DropoutParams(*dropout_scalars(dropout))
+
+
 # ----------------------------------------------------------------------------- layernorm
 
 def _check_cpu(op, x):
@@ -32,18 +38,19 @@ def _check_cpu(op, x):
         raise ValueError(f"{op}: x is on {x.device}, the cpu backend needs CPU tensors")
 
 
-def _layer_norm_fwd(op, x, residual, weight, bias, eps):
+def _layer_norm_fwd(op, x, residual, weight, bias, eps, dropout=None):
     from nanolm import _C
     check_layer_norm(op, x, weight, dtypes=(torch.float32,), rows=[("residual", residual)],
                      vectors=[("bias", bias)])
     _check_cpu(op, x)
     N, C = x.shape
     y = torch.empty_like(x)
-    residual_out = None if residual is None else torch.empty_like(x)
+    residual_out = None if residual is None and dropout is None else torch.empty_like(x)
     mean = torch.empty(N, dtype=torch.float32)
     rstd = torch.empty(N, dtype=torch.float32)
     _C.layernorm_fwd_cpu(x.data_ptr(), _ptr(residual), _ptr(residual_out), weight.data_ptr(), _ptr(bias),
-                         y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), N, C, float(eps))
+                         y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), N, C, float(eps),
+                         _dropout_params(dropout))
     return y, residual_out, mean, rstd
 
 
@@ -52,14 +59,19 @@ def layer_norm_fwd(x, weight, bias, eps):
     return y, mean, rstd
 
 
-def add_layer_norm_fwd(x, residual, weight, bias, eps):
-    return _layer_norm_fwd("add_layer_norm_fwd", x, residual, weight, bias, eps)
+def add_layer_norm_fwd(x, residual, weight, bias, eps, dropout=None):
+    if residual is None and dropout is None:
+        raise ValueError("add_layer_norm_fwd: residual may be None only with dropout")
+    return _layer_norm_fwd("add_layer_norm_fwd", x, residual, weight, bias, eps, dropout)
 
 
-def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual):
+def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual, dropout=None, dbranch=None):
     from nanolm import _C
     op = "layer_norm_bwd"
-    check_layer_norm(op, x, weight, dtypes=(torch.float32,), rows=[("dy", dy), ("dresidual", dresidual)],
+    if (dropout is None) != (dbranch is None):
+        raise ValueError(f"{op}: dropout and dbranch must be given together")
+    check_layer_norm(op, x, weight, dtypes=(torch.float32,),
+                     rows=[("dy", dy), ("dresidual", dresidual), ("dbranch", dbranch)],
                      stats=[("mean", mean), ("rstd", rstd)])
     _check_cpu(op, x)
     N, C = x.shape
@@ -67,7 +79,8 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual):
     dweight = torch.empty(C, dtype=torch.float32)
     dbias = torch.empty(C, dtype=torch.float32)
     _C.layernorm_bwd_cpu(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-                         _ptr(dresidual), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), N, C)
+                         _ptr(dresidual), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), N, C,
+                         _ptr(dbranch), _dropout_params(dropout))
     return dx, dweight, dbias
 def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_scale, inplace):
     check_cross_entropy("cross_entropy", logits, targets, vocab_size, dtypes=(torch.float32,),
@@ -108,22 +121,23 @@ def _bth(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def attention_fwd(q, k, v, scale):
+def attention_fwd(q, k, v, scale, dropout=None):
     from nanolm import _C
     B, T, nh, hs = check_attention_qkv("attention_fwd", q, k, v, dtypes=(torch.float32,),
                                        head_dims=ATTENTION_HEAD_DIMS)
     o = torch.empty((B, T, nh, hs), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, nh, T), dtype=torch.float32, device=q.device)
     _C.attention_fwd_cpu(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
-                         B, T, nh, hs, *_bth(q), *_bth(k), *_bth(v), float(scale))
+                         B, T, nh, hs, *_bth(q), *_bth(k), *_bth(v), float(scale), _dropout_params(dropout))
     return o, lse
 
 
-def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv):
+def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, dropout=None):
     from nanolm import _C
     B, T, nh, hs = check_attention_qkv("attention_bwd", q, k, v, dtypes=(torch.float32,),
                                        head_dims=ATTENTION_HEAD_DIMS)
     check_attention_bwd("attention_bwd", do, q, o, lse, dq, dk, dv)
     _C.attention_bwd_cpu(do.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
                          lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B, T, nh, hs,
-                         *_bth(q), *_bth(k), *_bth(v), *_bth(dq), *_bth(dk), *_bth(dv), float(scale))
+                         *_bth(q), *_bth(k), *_bth(v), *_bth(dq), *_bth(dk), *_bth(dv), float(scale),
+                         _dropout_params(dropout))

@@ -9,6 +9,7 @@ from nanolm.backends.checks import (adamw_scalars, check_adamw_buffers, check_cr
                                    check_layer_norm, check_same_dtype, check_tensor)
 
 OPS = ("layernorm", "attention", "cross_entropy", "adamw")
+DROPOUT_OPS = ()  # ops whose functions take a dropout argument (see torch_ref)
 
 
 def unavailable_reason(device):

@@ -12,6 +12,7 @@ from nanolm.backends.checks import (check_adamw_buffers, check_attention_bwd, ch
 from nanolm.kernels.layernorm import add_layer_norm_fwd, layer_norm_bwd, layer_norm_fwd  # noqa: F401
 
 OPS = ("layernorm", "attention", "cross_entropy", "adamw")
+DROPOUT_OPS = ("layernorm", "attention")  # ops whose functions take a dropout argument (see torch_ref)
 
 
 def unavailable_reason(device):
@@ -61,14 +62,14 @@ def _check_attention_qkv(op, q, k, v):
     check_attention_qkv(op, q, k, v, dtypes=dtypes, head_dims=attention.HEAD_DIMS)
 
 
-def attention_fwd(q, k, v, scale):
+def attention_fwd(q, k, v, scale, dropout=None):
     from nanolm.kernels import attention
     _check_attention_qkv("attention_fwd", q, k, v)
-    return attention.attention_fwd(q, k, v, scale)
+    return attention.attention_fwd(q, k, v, scale, dropout)
 
 
-def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv):
+def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, dropout=None):
     from nanolm.kernels import attention
     _check_attention_qkv("attention_bwd", q, k, v)
     check_attention_bwd("attention_bwd", do, q, o, lse, dq, dk, dv)
-    attention.attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv)
+    attention.attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, dropout)
