@@ -98,3 +98,27 @@ def test_cli_on_imported_hf_checkpoint(tmp_path, text_file, capsys):
         nanolm_eval.main(args)
     with pytest.raises(SystemExit, match="no checkpoint"):
         nanolm_eval.main([f"--ckpt={tmp_path / 'missing.pt'}"])
+
+
+def test_imported_hf_model_evaluates_as_transformers_does(tmp_path, text_file):
+    """Independent of nanolm's own exporter: a GPT2LMHeadModel written by transformers, imported,
+    gives the loss transformers computes over the same windows (skipped without transformers)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=16, vocab_size=256,
+                                     initializer_range=0.2)  # wide weights: far from uniform output
+    reference = transformers.GPT2LMHeadModel(config).eval()
+    reference.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    hf.main(["import", str(tmp_path / "hf"), str(tmp_path / "imported"), "--tokenizer=byte",
+             "--vocab_multiple=64"])
+    got = nanolm_eval.main([f"--ckpt={tmp_path / 'imported'}", f"--data={text_file}", "--tokens=100",
+                            "--device=cpu", "--kernels=torch"])
+    val = get_tokenizer("byte").encode(TEXT[int(len(TEXT) * 0.9):])
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, 100, 16):
+            end = min(start + 16, 100)
+            logits = reference(torch.tensor(val[start:end])[None]).logits[0]
+            total += F.cross_entropy(logits.double(), torch.tensor(val[start + 1:end + 1]), reduction="sum").item()
+    assert abs(total / 100 - math.log(256)) > 0.1  # the check is not between two uniform models
+    assert got["loss"] == pytest.approx(total / 100, rel=1e-5)
