@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from nanolm.backends.checks import dropout_scalars
-from nanolm.kernels.dropout import dropout_factor
+from nanolm.kernels.dropout import DROPOUT_SCALARS, dropout_factor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
@@ -82,7 +82,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_SCALARS)
 def attention_fwd_kernel(
     Q, K, V,                            # (B, T, nh, hs), stride(-1) == 1
     O,                                  # (B, T, nh, hs) contiguous
@@ -181,7 +181,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stri
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_SCALARS)
 def attention_bwd_dkdv_kernel(
     Q, K, V,                            # (B, T, nh, hs), stride(-1) == 1
     DO,                                 # (B, T, nh, hs) contiguous
@@ -262,7 +262,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kt, stride
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_SCALARS)
 def attention_bwd_dq_kernel(
     Q, K, V,                            # (B, T, nh, hs), stride(-1) == 1
     DO,                                 # (B, T, nh, hs) contiguous

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from nanolm.backends.checks import check_layer_norm, dropout_scalars
-from nanolm.kernels.dropout import dropout_factor
+from nanolm.kernels.dropout import DROPOUT_SCALARS, dropout_factor
 
 MAX_C = 16384  # the whole row lives in registers: BLOCK_C = next_power_of_2(C)
 
@@ -40,7 +40,7 @@ def layernorm_bytes(N, C, dtype, fused, backward=False, partial_rows=0):
     return (3 + fused) * N * C * s + C * s + 8 * N + 8 * C + 2 * 2 * partial_rows * C * 4
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_SCALARS)
 def layernorm_fwd_kernel(
     X,             # (N, C)
     R,             # (N, C) residual, read when HAS_RESIDUAL
@@ -88,7 +88,7 @@ def layernorm_fwd_kernel(
     tl.store(Rstd + rows, rstd, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_SCALARS)
 def layernorm_bwd_kernel(
     DY,            # (N, C)
     X,             # (N, C)
