@@ -6,10 +6,10 @@ and the current CUDA stream to the extension, which throws on any CUDA error.
 import torch
 
 from nanolm.backends.checks import (adamw_scalars, check_adamw_buffers, check_cross_entropy,
-                                   check_layer_norm, check_same_dtype, check_tensor)
+                                   check_layer_norm, check_same_dtype, check_tensor, dropout_scalars)
 
 OPS = ("layernorm", "attention", "cross_entropy", "adamw")
-DROPOUT_OPS = ()  # ops whose functions take a dropout argument (see torch_ref)
+DROPOUT_OPS = ("layernorm",)  # ops whose functions take a dropout argument (see torch_ref)
 
 
 def unavailable_reason(device):
@@ -35,6 +35,10 @@ def _ptr(t):
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
 
 
+def _dropout_params(_C, dropout):
+    return _C.DropoutParams() if dropout is None else _C.DropoutParams(*dropout_scalars(dropout))
+
+
 # ----------------------------------------------------------------------------- layernorm
 
 def _check_layer_norm_cuda(op, x, weight, **groups):
@@ -47,17 +51,17 @@ def _check_layer_norm_cuda(op, x, weight, **groups):
     return _C
 
 
-def _layer_norm_fwd(op, x, residual, weight, bias, eps):
+def _layer_norm_fwd(op, x, residual, weight, bias, eps, dropout=None):
     _C = _check_layer_norm_cuda(op, x, weight, rows=[("residual", residual)], vectors=[("bias", bias)])
     N, C = x.shape
     y = torch.empty_like(x)
-    residual_out = None if residual is None else torch.empty_like(x)
+    residual_out = None if residual is None and dropout is None else torch.empty_like(x)
     mean = torch.empty(N, dtype=torch.float32, device=x.device)
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device):
         _C.layernorm_fwd_cuda(x.data_ptr(), _ptr(residual), _ptr(residual_out), weight.data_ptr(), _ptr(bias),
                               y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), N, C, float(eps),
-                              _DTYPE_CODE[x.dtype], _stream())
+                              _DTYPE_CODE[x.dtype], _dropout_params(_C, dropout), _stream())
     return y, residual_out, mean, rstd
 
 
@@ -66,13 +70,17 @@ def layer_norm_fwd(x, weight, bias, eps):
     return y, mean, rstd
 
 
-def add_layer_norm_fwd(x, residual, weight, bias, eps):
-    return _layer_norm_fwd("add_layer_norm_fwd", x, residual, weight, bias, eps)
+def add_layer_norm_fwd(x, residual, weight, bias, eps, dropout=None):
+    if residual is None and dropout is None:
+        raise ValueError("add_layer_norm_fwd: residual may be None only with dropout")
+    return _layer_norm_fwd("add_layer_norm_fwd", x, residual, weight, bias, eps, dropout)
 
 
-def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual):
+def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual, dropout=None, dbranch=None):
     op = "layer_norm_bwd"
-    _C = _check_layer_norm_cuda(op, x, weight, rows=[("dy", dy), ("dresidual", dresidual)],
+    if (dropout is None) != (dbranch is None):
+        raise ValueError(f"{op}: dropout and dbranch must be given together")
+    _C = _check_layer_norm_cuda(op, x, weight, rows=[("dy", dy), ("dresidual", dresidual), ("dbranch", dbranch)],
                                 stats=[("mean", mean), ("rstd", rstd)])
     N, C = x.shape
     dx = torch.empty_like(x)
@@ -83,7 +91,8 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual):
                                 device=x.device)
         _C.layernorm_bwd_cuda(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
                               _ptr(dresidual), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(),
-                              workspace.data_ptr(), N, C, _DTYPE_CODE[x.dtype], _stream())
+                              workspace.data_ptr(), N, C, _DTYPE_CODE[x.dtype], _ptr(dbranch),
+                              _dropout_params(_C, dropout), _stream())
     return dx, dweight, dbias
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
