@@ -42,6 +42,7 @@ struct AttentionCudaFwdArgs {
     std::int64_t B, T, nh, hs;
     double scale;
     bool bf16;
+    DropoutParams dropout;  // of P (disabled: no dropout); the backward's must be the forward's
 };
 
 struct AttentionCudaBwdArgs {
@@ -51,6 +52,7 @@ struct AttentionCudaBwdArgs {
     std::int64_t B, T, nh, hs;
     double scale;
     bool bf16;
+    DropoutParams dropout;  // of P (disabled: no dropout); the backward's must be the forward's
 };
 
 void attention_fwd_cuda(const AttentionCudaFwdArgs& args, std::uintptr_t stream);

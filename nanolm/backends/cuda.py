@@ -9,7 +9,7 @@ from nanolm.backends.checks import (adamw_scalars, check_adamw_buffers, check_cr
                                    check_layer_norm, check_same_dtype, check_tensor, dropout_scalars)
 
 OPS = ("layernorm", "attention", "cross_entropy", "adamw")
-DROPOUT_OPS = ("layernorm",)  # ops whose functions take a dropout argument (see torch_ref)
+DROPOUT_OPS = ("layernorm", "attention")  # ops whose functions take a dropout argument (see torch_ref)
 
 
 def unavailable_reason(device):
@@ -176,7 +176,7 @@ def _strides(t):
     return tuple(t.stride()[:3])
 
 
-def attention_fwd(q, k, v, scale):
+def attention_fwd(q, k, v, scale, dropout=None):
     op = "attention_fwd"
     _check_attention_inputs(op, q, k, v)
     from nanolm import _C
@@ -186,11 +186,11 @@ def attention_fwd(q, k, v, scale):
     with torch.cuda.device(q.device):
         _C.attention_fwd_cuda(q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v),
                               o.data_ptr(), _strides(o), lse.data_ptr(), B, T, nh, hs, float(scale),
-                              q.dtype == torch.bfloat16, _stream())
+                              q.dtype == torch.bfloat16, _dropout_params(_C, dropout), _stream())
     return o, lse
 
 
-def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv):
+def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, dropout=None):
     op = "attention_bwd"
     _check_attention_inputs(op, q, k, v)
     B, T, nh, hs = q.shape
@@ -208,4 +208,4 @@ def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv):
                               v.data_ptr(), _strides(v), o.data_ptr(), _strides(o), lse.data_ptr(),
                               delta.data_ptr(), dq.data_ptr(), _strides(dq), dk.data_ptr(), _strides(dk),
                               dv.data_ptr(), _strides(dv), B, T, nh, hs, float(scale),
-                              q.dtype == torch.bfloat16, _stream())
+                              q.dtype == torch.bfloat16, _dropout_params(_C, dropout), _stream())
