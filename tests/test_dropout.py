@@ -204,6 +204,13 @@ def test_model_p0_and_eval_run_without_dropout():
     assert torch.equal(dropped(idx, y), a)  # the same (seed, offset): the same masks
 
 
+def test_hf_export_skips_the_dropout_counter():
+    from nanolm.hf import to_hf
+    state = _model(0.2).state_dict()
+    assert "dropout._extra_state" in state
+    assert set(to_hf(state, 50)) == set(to_hf(_model(0.0).state_dict(), 50))
+
+
 @pytest.mark.parametrize("name", ["cpu", "triton"])
 def test_model_backend_matches_reference(name):
     if name not in _backends_with("layernorm") or name not in _backends_with("attention"):
@@ -236,6 +243,56 @@ def test_resume_with_dropout_is_bit_exact(tmp_path, monkeypatch):
             assert torch.equal(v, b["model"][k]), k
     for k in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(a["optimizer"][k], b["optimizer"][k]), k
+
+
+# ----------------------------------------------------------------------------- GPU (cuda, triton)
+
+GPU_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,C", [(1, 777), (1000, 768), (333, 1600)])
+def test_add_layer_norm_gpu(name, dtype, N, C, poison):
+    backend, g = load(name), dict(device="cuda", dtype=dtype)
+    x, residual = torch.randn(N, C, **g) * 2 + 0.5, torch.randn(N, C, **g)
+    weight, bias, dy = torch.rand(C, **g) + 0.5, torch.randn(C, **g), torch.randn(N, C, **g)
+    keep = torch_ref.dropout_keep(torch.arange(N * C, device="cuda").view(N, C), DROP)
+    _, h, mean, rstd = backend.add_layer_norm_fwd(x, None, weight, bias, EPS, DROP)
+    assert torch.equal(h != 0, keep), "forward mask differs from the reference's"
+    y, h, mean, rstd = backend.add_layer_norm_fwd(x, residual, weight, bias, EPS, DROP)
+    y_ref, h_ref, _, _ = torch_ref.add_layer_norm_fwd(x.double(), residual.double(), weight.double(),
+                                                      bias.double(), EPS, DROP)
+    torch.testing.assert_close(h.double(), h_ref, **GPU_TOL[dtype])
+    torch.testing.assert_close(y.double(), y_ref, **GPU_TOL[dtype])
+    dbranch = torch.empty_like(x)
+    dx, _, _ = backend.layer_norm_bwd(dy, h, weight, mean, rstd, None, DROP, dbranch)
+    assert torch.equal(dbranch != 0, keep), "backward mask differs from the reference's"
+    torch.testing.assert_close(dbranch.double(), torch.where(keep, dx.double() / (1 - DROP.p), 0.0),
+                               **GPU_TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+@pytest.mark.parametrize("B,T,nh,hs", [(2, 64, 2, 64), (1, 1000, 3, 64), (2, 257, 2, 128)])
+def test_attention_gpu(name, B, T, nh, hs, poison):
+    backend, g = load(name), dict(device="cuda", dtype=torch.bfloat16)
+    q, k, v, do = (torch.randn(B, T, nh, hs, **g) for _ in range(4))
+    scale = 1 / math.sqrt(hs)
+    o, lse = backend.attention_fwd(q, k, v, scale, DROP)
+    o_ref, lse_ref = torch_ref.attention_fwd(q.double(), k.double(), v.double(), scale, DROP)
+    torch.testing.assert_close(o.double(), o_ref, **GPU_TOL[torch.bfloat16])
+    grads = [torch.empty(B, T, nh, hs, **g) for _ in range(3)]
+    backend.attention_bwd(do, q, k, v, o, lse, scale, *grads, DROP)
+    refs = [torch.empty(B, T, nh, hs, device="cuda", dtype=torch.float64) for _ in range(3)]
+    torch_ref.attention_bwd(do.double(), q.double(), k.double(), v.double(), o_ref, lse_ref, scale, *refs, DROP)
+    for gname, got, want in zip(("dq", "dk", "dv"), grads, refs):
+        torch.testing.assert_close(got.double(), want, atol=5e-2, rtol=5e-2, msg=lambda m: f"{gname}: {m}")
+    if T == hs:  # V = the identity: O's zeros are the mask (see test_attention_mask_bit_for_bit)
+        eye = torch.eye(T, **g).view(1, T, 1, T).expand(B, T, nh, T).contiguous()
+        o, _ = backend.attention_fwd(q, k, eye, scale, DROP)
+        assert torch.equal(o.transpose(1, 2) != 0, _attention_mask(B, T, nh, DROP).cuda())
 
 
 # Compiles (does not run) the Triton dropout paths for an sm_90 GPU: the interpreter accepts code
