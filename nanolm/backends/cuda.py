@@ -186,7 +186,7 @@ def attention_fwd(q, k, v, scale, dropout=None):
     with torch.cuda.device(q.device):
         _C.attention_fwd_cuda(q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v),
                               o.data_ptr(), _strides(o), lse.data_ptr(), B, T, nh, hs, float(scale),
-                              q.dtype == torch.bfloat16, _dropout_params(_C, dropout), _stream())
+                              q.dtype == torch.bfloat16, _stream(), _dropout_params(_C, dropout))
     return o, lse
 
 
@@ -208,4 +208,4 @@ def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, dropout=None):
                               v.data_ptr(), _strides(v), o.data_ptr(), _strides(o), lse.data_ptr(),
                               delta.data_ptr(), dq.data_ptr(), _strides(dq), dk.data_ptr(), _strides(dk),
                               dv.data_ptr(), _strides(dv), B, T, nh, hs, float(scale),
-                              q.dtype == torch.bfloat16, _dropout_params(_C, dropout), _stream())
+                              q.dtype == torch.bfloat16, _stream(), _dropout_params(_C, dropout))
