@@ -47,21 +47,13 @@
 // (from L2 after the first), writes O and lse: about 2 * B*T*nh*D * 4 + 4 * B*nh*T bytes from
 // HBM at 2-byte types. Backward reads Q, K, V, O, dO, lse, delta and writes dQ, dK, dV: about
 // 2 * B*T*nh*D * 8 bytes. At T >= 512 it is compute-bound.
-//
-// Hopper: a wgmma/TMA version would live beside this file (csrc/attention_sm90.cu) with its own
-// kernels taking the same FwdParams / BwdParams; the launchers at the bottom of this file are
-// the single dispatch point, and would route to it when the device reports compute capability
-// 9.0 and the extension was built for sm_90a.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <array>
 #include <cmath>
 #include <cstdint>
 #include <string>
 
 #include "attention.h"
-#include "common.h"
+#include "cuda_common.h"
 #include "dropout.h"
 
 namespace nanolm {
@@ -69,7 +61,6 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // Tile sizes per head dim. The backward kernels hold two fp32 (16, hs) accumulators per warp;
@@ -301,15 +292,9 @@ __device__ __forceinline__ void store_rows(T* head, int64_t row_stride, int row0
     }
 }
 
-__device__ __forceinline__ float quad_max(float x) {
-    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-
-__device__ __forceinline__ float quad_sum(float x) {
-    x += __shfl_xor_sync(0xffffffffu, x, 1);
-    return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
+// The four lanes of a quad hold one accumulator row (mma fragment layout): reduce among them.
+__device__ __forceinline__ float quad_max(float x) { return warp_reduce<4>(x, Max{}); }
+__device__ __forceinline__ float quad_sum(float x) { return warp_reduce<4>(x, Sum{}); }
 
 // ----------------------------------------------------------------------------- forward
 
@@ -729,16 +714,18 @@ void attention_fwd_cuda(const AttentionCudaFwdArgs& a, std::uintptr_t stream) {
     if (bnh == 0 || a.T == 0) return;
     const float scale_log2 = static_cast<float>(a.scale * M_LOG2E);
     auto s = reinterpret_cast<cudaStream_t>(stream);
-    if (a.bf16) fwd_dispatch<__nv_bfloat16>(a, bnh, scale_log2, s);
-    else fwd_dispatch<__half>(a, bnh, scale_log2, s);
+    if (a.dtype == DType::bfloat16) fwd_dispatch<__nv_bfloat16>(a, bnh, scale_log2, s);
+    else if (a.dtype == DType::float16) fwd_dispatch<__half>(a, bnh, scale_log2, s);
+    else unsupported_dtype("attention_fwd_cuda", a.dtype);
 }
 
 void attention_bwd_cuda(const AttentionCudaBwdArgs& a, std::uintptr_t stream) {
     const int bnh = check_sizes("attention_bwd_cuda", a.B, a.T, a.nh, a.hs);
     if (bnh == 0 || a.T == 0) return;
     auto s = reinterpret_cast<cudaStream_t>(stream);
-    if (a.bf16) bwd_dispatch<__nv_bfloat16>(a, bnh, s);
-    else bwd_dispatch<__half>(a, bnh, s);
+    if (a.dtype == DType::bfloat16) bwd_dispatch<__nv_bfloat16>(a, bnh, s);
+    else if (a.dtype == DType::float16) bwd_dispatch<__half>(a, bnh, s);
+    else unsupported_dtype("attention_bwd_cuda", a.dtype);
 }
 
 }  // namespace nanolm

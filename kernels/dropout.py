@@ -21,6 +21,8 @@ PHILOX_W1 = tl.constexpr(0xBB67AE85)
 # Kernels taking dropout arguments list these in do_not_specialize: on a GPU, Triton would
 # otherwise turn an integer argument equal to 1 (a seed, an offset) into a constexpr int.
 DROPOUT_SCALARS = ["seed", "offset", "threshold"]
+# (seed, offset, threshold, keep_scale) of a launch without dropout: DROPOUT=False never reads them
+NO_DROPOUT = (0, 0, 0, 1.0)
 
 
 @triton.jit

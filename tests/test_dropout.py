@@ -12,6 +12,7 @@ import torch
 
 from nanolm import checkpoint, ops
 from nanolm.backends import load, torch_ref
+from nanolm.backends.common import Support
 from nanolm.config import ModelConfig, parse_args
 from nanolm.model import GPT
 from nanolm.train import config_from_args, train
@@ -23,7 +24,7 @@ DROP = ops.dropout(0.3, seed=1234 | 7 << 32, offset=5 << 32 | 11)  # both words 
 
 def _backends_with(op):
     names = ["torch", "cpu", "triton"]
-    return [n for n in names if op in load(n).DROPOUT_OPS]
+    return [n for n in names if load(n).SUPPORT[op].dropout]
 
 
 # ----------------------------------------------------------------------------- the generator
@@ -60,7 +61,7 @@ def test_cpp_generator_at_large_indices():
     """csrc/dropout.h at indices whose group number needs the counter's high word (the kernel
     tests only reach small indices)."""
     _C = pytest.importorskip("nanolm._C")
-    from nanolm.backends.checks import dropout_scalars
+    from nanolm.backends.common import dropout_scalars
     index = torch.tensor([0, 3, 4, 2 ** 32 - 1, 2 ** 32, 2 ** 34 + 3, 2 ** 40 + 5, 2 ** 62 + 2, 2 ** 63 - 1])
     index = torch.cat([index, torch.randint(0, 2 ** 62, (200,))])
     params = _C.DropoutParams(*dropout_scalars(DROP))
@@ -173,7 +174,7 @@ def test_attention_gradcheck():
 
 def test_backend_without_dropout_says_so():
     NoDropout = types.ModuleType("nanolm.backends.fake")
-    NoDropout.DROPOUT_OPS = ()
+    NoDropout.SUPPORT = {op: Support(dtypes={"cpu": (torch.float32,)}) for op in ("layernorm", "attention")}
     with pytest.raises(ValueError, match="fake has no dropout for attention"):
         ops.causal_attention(torch.randn(1, 4, 6), 1, NoDropout, DROP)
     with pytest.raises(ValueError, match="fake has no dropout for layernorm"):
