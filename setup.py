@@ -13,7 +13,8 @@ C++ ABI, fast, and readable as plain C++/CUDA.
 
 Environment knobs:
   NANOLM_CUDA        auto (default: build CUDA sources when nvcc is found) | on | off
-  NANOLM_CUDA_ARCHS  ';'-separated SM targets, default "80;90a" (90a enables Hopper wgmma)
+  NANOLM_CUDA_ARCHS  ';'-separated SM targets, default "80;90a" (Ampere and Hopper SASS; the
+                     kernels use mma.sync, which both run)
   NANOLM_MARCH       -march for the CPU kernels, default "native" (set e.g. x86-64-v3 for a
                      wheel that must run on other machines)
   NANOLM_JOBS        parallel compile jobs, default: number of CPUs

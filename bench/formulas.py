@@ -1,4 +1,5 @@
-"""The model bytes and FLOPs of every benchmarked op: the work units behind GB/s and TFLOP/s.
+"""The model bytes of every memory-bound benchmarked op: the work unit behind GB/s (the FLOP
+counts behind TFLOP/s are in nanolm/flops.py, shared with the trainer's MFU).
 
 Bytes count each tensor the op must touch once (the minimum traffic of an ideal kernel), so
 GB/s / memory bandwidth (bench/timing.py) says how close a kernel is to the memory roofline; temporaries an
@@ -11,14 +12,6 @@ implementation adds are its own cost. `s` is the activation element size (2 for 
   layernorm bwd            read dy, x 2N·C·s, w C·s, mean+rstd 2N·4; write dx N·C·s, dw+db 2C·4
   cross-entropy (logits)   read logits N·Vp·s, targets 8N;        write dlogits N·Vp·s, losses 4N
   adamw                    read p, g, m, v 16 B/param;            write p, m, v 12 B/param = 28 B
-  attention fwd            4·B·nh·T²·hs FLOPs (QK^T and PV), halved for causal
-  attention bwd            2.5x fwd (5 matmuls to the forward's 2, one being a recompute of S)
-  attention fwd+bwd        3.5x fwd
-  linear cross-entropy     6·N·C·Vp FLOPs (logits, dh, dW matmuls: 2·N·C·Vp each)
-  train step               6·n_params + 6·n_layer·C·T FLOPs per token: the matmuls' 6N (PaLM,
-                           appendix B) plus causal attention's 3 x 2·C·T (fwd + bwd, half of
-                           PaLM's non-causal 12·L·C·T); n_params without position embeddings.
-                           The count nanolm/train.py logs MFU with (flops_per_token)
 """
 
 
@@ -38,18 +31,3 @@ def cross_entropy_bytes(N, Vp, s):
 def adamw_bytes(n_params):
     return 28 * n_params
 
-
-ATTENTION_MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
-
-
-def attention_flops(B, nh, T, hs, mode="fwd", causal=True):
-    fwd = 4 * B * nh * T * T * hs / (2 if causal else 1)
-    return fwd * ATTENTION_MODE_FACTOR[mode]
-
-
-def linear_cross_entropy_flops(N, C, Vp):
-    return 6 * N * C * Vp
-
-
-def train_flops_per_token(n_params, n_layer, n_embd, T):
-    return 6 * n_params + 6 * n_layer * n_embd * T

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch._functorch import config as functorch_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench import formulas
 from bench.cases import Case, Impl, op_setup, tol_for
+from nanolm import flops
 from nanolm.backends import torch_ref
 
 SHAPES = {  # (B, T, nh, hs)
@@ -137,7 +137,7 @@ def cases(device, size):
             out.append(Case(
                 op="attention", name=f"{mode} B={B} T={T} nh={nh} hs={hs} {dname}",
                 series=f"{mode} hs={hs} {dname}", x=T, x_label="sequence length T", metric="TFLOP/s",
-                work=formulas.attention_flops(B, nh, T, hs, mode),
+                work=flops.attention_flops(B, nh, T, hs, mode),
                 make_inputs=_inputs(B, T, nh, hs, dtype, device), reference=_reference(mode),
                 impls=impls, tol=tol_for(dtype), working_set=5 * B * T * nh * hs * dtype.itemsize,
                 view=lambda out: tuple(x[:1] for x in out), skipped={**skipped, **sdpa_skipped}))

@@ -5,9 +5,8 @@ that provides the cross_entropy op (the chunk kernel)."""
 import torch
 import torch.nn.functional as F
 
-from bench import formulas
 from bench.cases import Case, Impl, op_setup, tol_for
-from nanolm import ops
+from nanolm import flops, ops
 
 SHAPES = {  # (N, C, Vp, vocab)
     "full_cuda": [(n, c, 50304, 50257) for c in (768, 1600) for n in (8192, 16384, 32768)],
@@ -51,7 +50,7 @@ def cases(device, size):
         impls += [Impl(n, "baseline", _graph(fn)) for n, fn in fns.items()]
         out.append(Case(op="linear_cross_entropy", name=f"N={N} C={C} Vp={Vp} {dname}",
                         series=f"C={C} {dname}", x=N, x_label="rows N", metric="TFLOP/s",
-                        work=formulas.linear_cross_entropy_flops(N, C, Vp),
+                        work=flops.linear_cross_entropy_flops(N, C, Vp),
                         make_inputs=_inputs(N, C, Vp, V, dtype, device),
                         reference=_graph(eager, torch.float32 if dtype != torch.float64 else None),
                         impls=impls, tol=tol_for(dtype), skipped=skipped))

@@ -11,7 +11,7 @@ import torch
 
 from bench import formulas
 from bench.cases import Case, Impl, shape_key
-from bench.op_train_step import TORCH_KERNELS, _nanolm_model, datasheet_peak_tflops, nanolm_impl
+from bench.op_train_step import TORCH_IMPLS, _nanolm_model, datasheet_peak_tflops, nanolm_impl
 from nanolm import backends
 from nanolm.model import RECOMPUTE
 
@@ -28,13 +28,13 @@ CONFIGS = {  # (n_layer, n_head, n_embd, block_size, vocab_size, batch), as op_t
 def _case(name, cfg, device):
     n_layer, n_head, n_embd, block_size, vocab, batch = cfg
     with torch.device("meta"):
-        n_params = _nanolm_model(cfg, TORCH_KERNELS).num_params()
+        n_params = _nanolm_model(cfg, TORCH_IMPLS).num_params()
     choice = backends.resolve("auto", device)
-    kernels = backends.modules(choice)
+    impls = backends.impls(choice)
     # mode none is the baseline: the other modes' speedup over it is their slowdown
     impls = [Impl(f"recompute={mode}", "baseline" if mode == "none" else "nanolm",
-                  nanolm_impl(cfg, device, kernels, mode)) for mode in RECOMPUTE]
-    reference = nanolm_impl(cfg, device, kernels, "none")
+                  nanolm_impl(cfg, device, impls, mode)) for mode in RECOMPUTE]
+    reference = nanolm_impl(cfg, device, impls, "none")
 
     def make_inputs():
         return {"idx": torch.randint(0, vocab, (batch, block_size), device=device),

@@ -3,7 +3,7 @@ flat gradient, forward under autocast, backward, FlatAdamW step with global-norm
 each kernel set the device can run, against the plain-PyTorch GPT-2 of reference_gpt.py (eager,
 and torch.compile of it with SDPA attention) with torch.optim.AdamW and clip_grad_norm_.
 Same model shape, the same initial weights (copied), batch and precision (bf16 autocast on GPU,
-fp32 on CPU). Reported as TFLOP/s of the model FLOPs (formulas.train_flops_per_token, the count
+fp32 on CPU). Reported as TFLOP/s of the model FLOPs (flops.train_flops_per_token in nanolm/flops.py, the count
 train.py logs MFU with), tokens/s, and MFU against the datasheet peak where one is known.
 
 Correctness: every implementation's first step returns (loss, pre-clip gradient norm), checked
@@ -11,14 +11,12 @@ against ReferenceGPT in float64 with the same weights and batch, so a wrong forw
 kernel in any kernel set fails before it is timed."""
 import torch
 
-from bench import formulas
 from bench.cases import Case, Impl, backend_unavailable, shape_key, tol_for
 from bench.reference_gpt import ReferenceGPT
-from nanolm import backends
+from nanolm import backends, flops
 from nanolm.config import ModelConfig
 from nanolm.model import GPT
 from nanolm.optim import FlatAdamW
-from nanolm.train import PEAK_TFLOPS
 
 CONFIGS = {  # (n_layer, n_head, n_embd, block_size, vocab_size, batch); vocab padded to 128s
     "full_cuda": {"gpt2-124M": (12, 12, 768, 1024, 50257, 16), "gpt2-355M": (24, 16, 1024, 1024, 50257, 8)},
@@ -29,7 +27,7 @@ CONFIGS = {  # (n_layer, n_head, n_embd, block_size, vocab_size, batch); vocab p
 }
 LR, BETAS, EPS, WD, GRAD_CLIP = 6e-4, (0.9, 0.95), 1e-8, 0.1, 1.0  # train.py's defaults; GPT-2 124M's lr
 SEED = 1234
-TORCH_KERNELS = backends.modules({op: "torch" for op in backends.OPS})
+TORCH_IMPLS = backends.impls({op: "torch" for op in backends.OPS})
 TINY_COMPILE_SKIPPED = {"torch.compile": "not run at the test suite's toy size (compiling takes ~30 s on CPU)"}
 
 
@@ -39,11 +37,11 @@ def _config(cfg):
                        vocab_size=vocab, bias=True, dropout=0.0)
 
 
-def _nanolm_model(cfg, kernels, recompute="none"):
+def _nanolm_model(cfg, impls, recompute="none"):
     """nanolm's GPT with the bench's fixed initial weights (built on CPU, as train.py does)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        return GPT(_config(cfg), kernels, recompute)
+        return GPT(_config(cfg), impls, recompute)
 
 
 def _copy_weights(src, dst):
@@ -66,7 +64,7 @@ def reference_model(cfg, device, dtype=torch.float32):
     config = _config(cfg)
     ref = ReferenceGPT(config.n_layer, config.n_head, config.n_embd, config.block_size,
                        config.vocab_size, config.padded_vocab)
-    src = _nanolm_model(cfg, TORCH_KERNELS)
+    src = _nanolm_model(cfg, TORCH_IMPLS)
     return _copy_weights(src, ref).to(device=device, dtype=dtype)
 
 
@@ -74,11 +72,11 @@ def _autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def nanolm_impl(cfg, device, kernels, recompute="none"):
-    """nanolm's train step with `kernels` ({op: backend module}, as train.py's setup builds)."""
+def nanolm_impl(cfg, device, impls, recompute="none"):
+    """nanolm's train step with `impls` ({op: backend module}, as train.py's setup builds)."""
     def make(t):
-        model = _nanolm_model(cfg, kernels, recompute).to(device)
-        opt = FlatAdamW(model.named_parameters(), LR, BETAS, EPS, WD, GRAD_CLIP, kernels["adamw"])
+        model = _nanolm_model(cfg, impls, recompute).to(device)
+        opt = FlatAdamW(model.named_parameters(), LR, BETAS, EPS, WD, GRAD_CLIP, impls["adamw"])
 
         def run():
             opt.zero_grad()
@@ -120,8 +118,8 @@ def _float64_reference(cfg):
     return ref
 
 
-def kernel_sets(device):
-    """({label: {op: backend}} of kernel sets to time, {label: why not}): one per backend that
+def backend_choices(device):
+    """({label: {op: backend}} of backend choices to time, {label: why not}): one per backend that
     can run every op here, plus `auto` when it mixes backends (else it equals one of them)."""
     sets, skipped = {}, {}
     for name in backends.BACKENDS:
@@ -142,20 +140,17 @@ def kernel_sets(device):
 
 
 def datasheet_peak_tflops(device):
-    """Dense bf16 peak of the GPU from train.py's table (the MFU denominator), or None."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    """Dense bf16 peak of the GPU from nanolm/flops.py (the trainer's MFU denominator), or None."""
+    return flops.peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 def _case(name, cfg, device, compiled):
     n_layer, n_head, n_embd, block_size, vocab, batch = cfg
     with torch.device("meta"):  # only the parameter count: no memory, no init work
-        n_params = _nanolm_model(cfg, TORCH_KERNELS).num_params()
+        n_params = _nanolm_model(cfg, TORCH_IMPLS).num_params()
     tokens = batch * block_size
-    sets, skipped = kernel_sets(device)
-    impls = [Impl(label, "nanolm", nanolm_impl(cfg, device, backends.modules(choice)))
+    sets, skipped = backend_choices(device)
+    impls = [Impl(label, "nanolm", nanolm_impl(cfg, device, backends.impls(choice)))
              for label, choice in sets.items()]
     impls.append(Impl("eager", "baseline", _reference_impl(cfg, device, False)))
     if compiled:
@@ -168,7 +163,7 @@ def _case(name, cfg, device, compiled):
     label = "bf16 autocast" if device.type == "cuda" else "fp32"
     return Case(op="train_step", name=f"{name} B={batch} T={block_size} {label}", series=label,
                 x=n_params, x_label="parameters (non-embedding)", metric="TFLOP/s",
-                work=tokens * formulas.train_flops_per_token(n_params, n_layer, n_embd, block_size),
+                work=tokens * flops.train_flops_per_token(n_params, n_layer, n_embd, block_size),
                 make_inputs=make_inputs, reference=_float64_reference(cfg), impls=impls,
                 tol=tol_for(precision), skipped=skipped if compiled else {**skipped, **TINY_COMPILE_SKIPPED},
                 budget_ms=2000 if device.type == "cuda" else 1000, per_call={"tokens": tokens},

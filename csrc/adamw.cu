@@ -17,7 +17,7 @@
 #include <algorithm>
 
 #include "adamw.h"
-#include "common.h"
+#include "cuda_common.h"
 
 namespace nanolm {
 namespace {
@@ -70,18 +70,6 @@ __global__ void adamw_vec4_kernel(float4* __restrict__ p, const float4* __restri
     }
 }
 
-__device__ float block_sum(float x) {  // fixed tree: warp shuffles, then warp 0 over warps
-    __shared__ float warp_sums[32];
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    if (lane == 0) warp_sums[warp] = x;
-    __syncthreads();
-    x = lane < blockDim.x / 32 ? warp_sums[lane] : 0.0f;
-    if (warp == 0)
-        for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-    return x;
-}
-
 __global__ void sum_of_squares_partials_kernel(const float* __restrict__ x, int64_t n,
                                                float* __restrict__ partials, bool aligned) {
     const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -97,24 +85,19 @@ __global__ void sum_of_squares_partials_kernel(const float* __restrict__ x, int6
         tail = n / 4 * 4;
     }
     for (int64_t i = tail + first; i < n; i += stride) acc += x[i] * x[i];
-    acc = block_sum(acc);
+    acc = block_reduce<kThreads>(acc, Sum{}, 0.0f);  // a fixed tree: reproducible
     if (threadIdx.x == 0) partials[blockIdx.x] = acc;
 }
 
 __global__ void sum_of_squares_final_kernel(const float* __restrict__ partials, int count,
                                             float* __restrict__ out) {
     const float x = threadIdx.x < count ? partials[threadIdx.x] : 0.0f;
-    const float total = block_sum(x);
+    const float total = block_reduce<kPartials>(x, Sum{}, 0.0f);
     if (threadIdx.x == 0) *out = total;
 }
 
 int grid_for(int64_t work) {
-    static int sms = [] {
-        int device = 0, count = 0;
-        NANOLM_CUDA_CHECK(cudaGetDevice(&device));
-        NANOLM_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-        return count;
-    }();
+    static int sms = sm_count();
     const int64_t blocks = (work + kThreads - 1) / kThreads;
     return int(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(sms) * 16)));
 }

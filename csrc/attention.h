@@ -7,11 +7,14 @@
 #include <array>
 #include <cstdint>
 
+#include "common.h"
 #include "dropout.h"
 
 namespace nanolm {
 
-// CPU. With dropout enabled, P is dropped (O = dropout(P) V) and the backward regenerates its mask.
+// ----------------------------------------------------------------------------- CPU (float32)
+// Strides in elements: s{q,k,v,dq,dk,dv}{b,t,h} are the (batch, seq, head) strides.
+// With dropout enabled, P is dropped (O = dropout(P) V) and the backward regenerates its mask.
 void attention_fwd_cpu(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,  // float32
                        std::uintptr_t o, std::uintptr_t lse,
                        int64_t B, int64_t T, int64_t nh, int64_t hs,
@@ -31,17 +34,20 @@ void attention_bwd_cpu(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, 
                        int64_t sdkb, int64_t sdkt, int64_t sdkh,
                        int64_t sdvb, int64_t sdvt, int64_t sdvh,
                        double scale, const DropoutParams& dropout);
-// CUDA
+
+#ifdef NANOLM_WITH_CUDA
+// ----------------------------------------------------------------------------- CUDA (bf16, fp16)
 // Pointers are device addresses (tensor.data_ptr()); strides are (batch, seq, head) strides in
 // elements of a (B, T, nh, hs) tensor whose hs stride is 1. lse and delta are (B, nh, T) fp32.
-// bf16 selects __nv_bfloat16, otherwise __half. Throws std::invalid_argument for an unsupported
+// dtype is bfloat16 or float16. Throws std::invalid_argument for another dtype or an unsupported
 // head size (64 and 128 are supported) and std::runtime_error for a CUDA error.
 struct AttentionCudaFwdArgs {
     std::uintptr_t q, k, v, o, lse;
     std::array<std::int64_t, 3> q_strides, k_strides, v_strides, o_strides;
     std::int64_t B, T, nh, hs;
     double scale;
-    bool bf16;
+    DType dtype;
+    DropoutParams dropout;  // of P (disabled: no dropout); the backward's must be the forward's
 };
 
 struct AttentionCudaBwdArgs {
@@ -50,12 +56,13 @@ struct AttentionCudaBwdArgs {
     std::array<std::int64_t, 3> dq_strides, dk_strides, dv_strides;
     std::int64_t B, T, nh, hs;
     double scale;
-    bool bf16;
+    DType dtype;
+    DropoutParams dropout;  // of P (disabled: no dropout); the backward's must be the forward's
 };
 
 void attention_fwd_cuda(const AttentionCudaFwdArgs& args, std::uintptr_t stream);
 // delta is an fp32 (B, nh, T) scratch buffer; dq, dk, dv are overwritten.
 void attention_bwd_cuda(const AttentionCudaBwdArgs& args, std::uintptr_t stream);
-// end CUDA
+#endif  // NANOLM_WITH_CUDA
 
 }  // namespace nanolm

@@ -13,8 +13,6 @@
 #include "dropout.h"
 #include "layernorm.h"
 #include "cross_entropy.h"
-#ifdef NANOLM_WITH_CUDA
-#endif
 
 namespace py = pybind11;
 
@@ -42,6 +40,10 @@ static py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
     m.doc() = "nanolm's C++ (CPU) and CUDA kernels; see csrc/ and nanolm/backends/";
     m.def("build_info", &build_info, "How this extension was built");
+    py::enum_<nanolm::DType>(m, "DType", "Element type handed to a launcher (csrc/common.h)")
+        .value("float32", nanolm::DType::float32)
+        .value("bfloat16", nanolm::DType::bfloat16)
+        .value("float16", nanolm::DType::float16);
 
     py::class_<nanolm::DropoutParams>(m, "DropoutParams", "A kernel's dropout arguments (csrc/dropout.h)")
         .def(py::init<>(), "Dropout disabled")
@@ -87,13 +89,15 @@ PYBIND11_MODULE(_C, m) {
         "attention_fwd_cuda",
         [](std::uintptr_t q, Strides q_strides, std::uintptr_t k, Strides k_strides, std::uintptr_t v,
            Strides v_strides, std::uintptr_t o, Strides o_strides, std::uintptr_t lse, std::int64_t B,
-           std::int64_t T, std::int64_t nh, std::int64_t hs, double scale, bool bf16, std::uintptr_t stream) {
+           std::int64_t T, std::int64_t nh, std::int64_t hs, double scale, nanolm::DType dtype, std::uintptr_t stream,
+           const nanolm::DropoutParams& dropout) {
             nanolm::attention_fwd_cuda({q, k, v, o, lse, q_strides, k_strides, v_strides, o_strides,
-                                        B, T, nh, hs, scale, bf16}, stream);
+                                        B, T, nh, hs, scale, dtype, dropout}, stream);
         },
         py::arg("q"), py::arg("q_strides"), py::arg("k"), py::arg("k_strides"), py::arg("v"),
         py::arg("v_strides"), py::arg("o"), py::arg("o_strides"), py::arg("lse"), py::arg("B"),
-        py::arg("T"), py::arg("nh"), py::arg("hs"), py::arg("scale"), py::arg("bf16"), py::arg("stream"),
+        py::arg("T"), py::arg("nh"), py::arg("hs"), py::arg("scale"), py::arg("dtype"), py::arg("stream"),
+        py::arg("dropout") = nanolm::DropoutParams(),
         "Causal flash attention forward: o, lse from (B, T, nh, hs) views q, k, v");
     m.def(
         "attention_bwd_cuda",
@@ -101,16 +105,18 @@ PYBIND11_MODULE(_C, m) {
            Strides k_strides, std::uintptr_t v, Strides v_strides, std::uintptr_t o, Strides o_strides,
            std::uintptr_t lse, std::uintptr_t delta, std::uintptr_t dq, Strides dq_strides, std::uintptr_t dk,
            Strides dk_strides, std::uintptr_t dv, Strides dv_strides, std::int64_t B, std::int64_t T,
-           std::int64_t nh, std::int64_t hs, double scale, bool bf16, std::uintptr_t stream) {
+           std::int64_t nh, std::int64_t hs, double scale, nanolm::DType dtype, std::uintptr_t stream,
+           const nanolm::DropoutParams& dropout) {
             nanolm::attention_bwd_cuda({dout, q, k, v, o, lse, delta, dq, dk, dv, dout_strides, q_strides,
                                         k_strides, v_strides, o_strides, dq_strides, dk_strides, dv_strides,
-                                        B, T, nh, hs, scale, bf16}, stream);
+                                        B, T, nh, hs, scale, dtype, dropout}, stream);
         },
         py::arg("dout"), py::arg("dout_strides"), py::arg("q"), py::arg("q_strides"), py::arg("k"),
         py::arg("k_strides"), py::arg("v"), py::arg("v_strides"), py::arg("o"), py::arg("o_strides"),
         py::arg("lse"), py::arg("delta"), py::arg("dq"), py::arg("dq_strides"), py::arg("dk"),
         py::arg("dk_strides"), py::arg("dv"), py::arg("dv_strides"), py::arg("B"), py::arg("T"),
-        py::arg("nh"), py::arg("hs"), py::arg("scale"), py::arg("bf16"), py::arg("stream"),
+        py::arg("nh"), py::arg("hs"), py::arg("scale"), py::arg("dtype"), py::arg("stream"),
+        py::arg("dropout") = nanolm::DropoutParams(),
         "Causal flash attention backward: writes dq, dk, dv (delta: fp32 (B, nh, T) scratch)");
 #endif
 }

@@ -11,6 +11,26 @@
 
 namespace nanolm {
 
+// The element type of a kernel's tensors, handed from Python as nanolm._C.DType (bound in
+// bindings.cpp; nanolm/backends/common.py maps torch dtypes onto it). Every launcher that
+// takes more than one storage type takes a DType; which ones each accepts is declared in
+// its backend's SUPPORT table (nanolm/backends/).
+enum class DType : int { float32 = 0, bfloat16 = 1, float16 = 2 };
+
+inline const char* dtype_name(DType dtype) {
+    switch (dtype) {
+        case DType::float32: return "float32";
+        case DType::bfloat16: return "bfloat16";
+        case DType::float16: return "float16";
+    }
+    return "unknown";
+}
+
+// The error a launcher throws for a dtype it has no kernel for.
+[[noreturn]] inline void unsupported_dtype(const char* op, DType dtype) {
+    throw std::invalid_argument(std::string(op) + ": unsupported dtype " + dtype_name(dtype));
+}
+
 // Pointers cross the Python boundary as integers (tensor.data_ptr()).
 template <typename T>
 inline T* ptr(std::uintptr_t address) { return reinterpret_cast<T*>(address); }

@@ -18,39 +18,26 @@
 #include <cfloat>
 #include <cstring>
 
-#include "common.h"
 #include "cross_entropy.h"
+#include "cuda_common.h"
 
 namespace nanolm {
 namespace {
 
 constexpr int kThreads = 512;
 constexpr int kUnroll = 4;             // 16-byte loads in flight per thread
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kMaxInit = -FLT_MAX;   // finite: exp(kMaxInit - kMaxInit) = 1, never NaN
 
-__device__ inline float to_float(float x) { return x; }
-__device__ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ inline T from_float(float x);
-template <> __device__ inline float from_float<float>(float x) { return x; }
-template <> __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
 template <typename T>
-struct alignas(16) Pack {
-    static constexpr int kSize = 16 / sizeof(T);
-    T v[kSize];
-};
-
-template <typename T>
-__device__ inline Pack<T> load_pack(const Pack<T>* p, bool last_use) {
+__device__ inline Pack16<T> load_pack(const Pack16<T>* p, bool last_use) {
     int4 raw = last_use ? __ldcs(reinterpret_cast<const int4*>(p)) : *reinterpret_cast<const int4*>(p);
-    Pack<T> out;
+    Pack16<T> out;
     memcpy(&out, &raw, sizeof(out));
     return out;
 }
 
 template <typename T>
-__device__ inline void store_pack(Pack<T>* p, const Pack<T>& v) {
+__device__ inline void store_pack(Pack16<T>* p, const Pack16<T>& v) {
     int4 raw;
     memcpy(&raw, &v, sizeof(raw));
     __stcs(reinterpret_cast<int4*>(p), raw);
@@ -65,8 +52,8 @@ template <typename T>
 __device__ inline RowSplit split_row(const T* x, std::int64_t n) {
     std::int64_t head = ((16 - (reinterpret_cast<std::uintptr_t>(x) & 15)) & 15) / sizeof(T);
     head = head < n ? head : n;
-    std::int64_t packs = (n - head) / Pack<T>::kSize;
-    return {head, packs, head + packs * Pack<T>::kSize};
+    std::int64_t packs = (n - head) / Pack16<T>::kSize;
+    return {head, packs, head + packs * Pack16<T>::kSize};
 }
 
 // (max, sum of exp(x - max)); exp(d) is computed as exp2f(d * log2e) on the exact difference
@@ -80,20 +67,8 @@ __device__ inline MaxSum merge(MaxSum a, MaxSum b) {
     return {m, a.s * exp2f((a.m - m) * kLog2e) + b.s * exp2f((b.m - m) * kLog2e)};
 }
 
-__device__ inline MaxSum warp_reduce(MaxSum v) {
-    for (int offset = 16; offset > 0; offset >>= 1)
-        v = merge(v, {__shfl_xor_sync(0xffffffffu, v.m, offset), __shfl_xor_sync(0xffffffffu, v.s, offset)});
-    return v;
-}
-
-// Every thread returns the block's total: each warp reduces the per-warp partials itself.
-__device__ inline MaxSum block_reduce(MaxSum v) {
-    __shared__ MaxSum partial[kThreads / 32];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    v = warp_reduce(v);
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    return warp_reduce(lane < kThreads / 32 ? partial[lane] : MaxSum{kMaxInit, 0.f});
+__device__ inline MaxSum shfl_xor(MaxSum v, int offset) {  // for warp_reduce / block_reduce
+    return {nanolm::shfl_xor(v.m, offset), nanolm::shfl_xor(v.s, offset)};
 }
 
 // Sweep 1: this thread's online (max, sum) over x[0, V).
@@ -103,9 +78,9 @@ __device__ MaxSum row_max_sum(const T* x, std::int64_t V) {
     auto add = [&](float v) { acc = merge(acc, {v, 1.f}); };
     const RowSplit sp = split_row(x, V);
     for (std::int64_t j = threadIdx.x; j < sp.head; j += kThreads) add(to_float(x[j]));
-    const Pack<T>* packs = reinterpret_cast<const Pack<T>*>(x + sp.head);
+    const Pack16<T>* packs = reinterpret_cast<const Pack16<T>*>(x + sp.head);
     for (std::int64_t p0 = threadIdx.x; p0 < sp.packs; p0 += kThreads * kUnroll) {
-        Pack<T> pk[kUnroll];
+        Pack16<T> pk[kUnroll];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u)
             if (p0 + u * kThreads < sp.packs) pk[u] = load_pack(packs + p0 + u * kThreads, false);
@@ -114,11 +89,11 @@ __device__ MaxSum row_max_sum(const T* x, std::int64_t V) {
             if (p0 + u * kThreads >= sp.packs) break;
             float pm = kMaxInit;
 #pragma unroll
-            for (int k = 0; k < Pack<T>::kSize; ++k) pm = fmaxf(pm, to_float(pk[u].v[k]));
+            for (int k = 0; k < Pack16<T>::kSize; ++k) pm = fmaxf(pm, to_float(pk[u].v[k]));
             const float m = fmaxf(acc.m, pm);
             float s = acc.s * exp2f((acc.m - m) * kLog2e);
 #pragma unroll
-            for (int k = 0; k < Pack<T>::kSize; ++k) s += exp2f((to_float(pk[u].v[k]) - m) * kLog2e);
+            for (int k = 0; k < Pack16<T>::kSize; ++k) s += exp2f((to_float(pk[u].v[k]) - m) * kLog2e);
             acc = {m, s};
         }
     }
@@ -142,25 +117,25 @@ template <typename T>
 __device__ void write_grad(const T* x, T* dx, std::int64_t Vp, GradOp<T> g, bool vec_store) {
     const RowSplit sp = split_row(x, Vp);
     for (std::int64_t j = threadIdx.x; j < sp.head; j += kThreads) dx[j] = from_float<T>(g(to_float(x[j]), j));
-    const Pack<T>* packs = reinterpret_cast<const Pack<T>*>(x + sp.head);
+    const Pack16<T>* packs = reinterpret_cast<const Pack16<T>*>(x + sp.head);
     // All kUnroll loads are issued before any store: in place, the compiler could not hoist a
     // load above a store that may alias it. Each element is read and written by one thread only.
     for (std::int64_t p0 = threadIdx.x; p0 < sp.packs; p0 += kThreads * kUnroll) {
-        Pack<T> pk[kUnroll];
+        Pack16<T> pk[kUnroll];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u)
             if (p0 + u * kThreads < sp.packs) pk[u] = load_pack(packs + p0 + u * kThreads, true);
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
             if (p0 + u * kThreads >= sp.packs) break;
-            const std::int64_t j0 = sp.head + (p0 + u * kThreads) * Pack<T>::kSize;
+            const std::int64_t j0 = sp.head + (p0 + u * kThreads) * Pack16<T>::kSize;
 #pragma unroll
-            for (int k = 0; k < Pack<T>::kSize; ++k) pk[u].v[k] = from_float<T>(g(to_float(pk[u].v[k]), j0 + k));
+            for (int k = 0; k < Pack16<T>::kSize; ++k) pk[u].v[k] = from_float<T>(g(to_float(pk[u].v[k]), j0 + k));
             if (vec_store) {
-                store_pack(reinterpret_cast<Pack<T>*>(dx + j0), pk[u]);
+                store_pack(reinterpret_cast<Pack16<T>*>(dx + j0), pk[u]);
             } else {
 #pragma unroll
-                for (int k = 0; k < Pack<T>::kSize; ++k) dx[j0 + k] = pk[u].v[k];
+                for (int k = 0; k < Pack16<T>::kSize; ++k) dx[j0 + k] = pk[u].v[k];
             }
         }
     }
@@ -189,7 +164,8 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_fwd_kernel(
     }
     const std::int64_t t_safe = t < 0 ? 0 : (t >= V ? V - 1 : t);  // never address outside the row
     const float x_t = to_float(x[t_safe]);  // read before sweep 2 may overwrite it (the reduce syncs)
-    const MaxSum total = block_reduce(row_max_sum(x, V));
+    const MaxSum total = block_reduce<kThreads>(row_max_sum(x, V), [](MaxSum a, MaxSum b) { return merge(a, b); },
+                                                 MaxSum{kMaxInit, 0.f});
     const float log2_s = log2f(total.s);
     const float log_s = log2_s / kLog2e, lse = total.m + log_s;
     if (threadIdx.x == 0) losses[row] = (total.m - x_t) + log_s + z_loss * lse * lse;
@@ -214,17 +190,17 @@ void launch(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t losses
 void cross_entropy_fwd_cuda(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t losses,
                             std::uintptr_t dlogits, std::int64_t N, std::int64_t Vp, std::int64_t V,
                             std::int64_t ignore_index, double z_loss, double grad_scale,
-                            const std::string& dtype, std::uintptr_t stream) {
+                            DType dtype, std::uintptr_t stream) {
     require(N >= 0 && N < (std::int64_t{1} << 31), "cross_entropy_fwd_cuda: N out of range");
     require(V >= 1 && V <= Vp, "cross_entropy_fwd_cuda: need 1 <= V <= Vp");
     if (N == 0) return;
     auto s = reinterpret_cast<cudaStream_t>(stream);
-    if (dtype == "float32")
+    if (dtype == DType::float32)
         launch<float>(logits, targets, losses, dlogits, N, Vp, V, ignore_index, z_loss, grad_scale, s);
-    else if (dtype == "bfloat16")
+    else if (dtype == DType::bfloat16)
         launch<__nv_bfloat16>(logits, targets, losses, dlogits, N, Vp, V, ignore_index, z_loss, grad_scale, s);
     else
-        throw std::invalid_argument("cross_entropy_fwd_cuda: unsupported dtype " + dtype);
+        unsupported_dtype("cross_entropy_fwd_cuda", dtype);
 }
 
 }  // namespace nanolm

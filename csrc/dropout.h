@@ -72,6 +72,23 @@ NANOLM_HOST_DEVICE float dropout_factor(const DropoutParams& d, std::uint64_t in
     return philox_word(r, static_cast<std::uint32_t>(index & 3)) >= d.threshold ? d.scale : 0.f;
 }
 
+// The factors of the VEC consecutive elements first, first + 1, ...; with VEC a multiple of 4,
+// first must be one too (a vectorized row piece) and each Philox call serves 4 elements.
+template <int VEC>
+NANOLM_HOST_DEVICE void dropout_factors_pack(const DropoutParams& d, std::uint64_t first, float (&f)[VEC]) {
+    if constexpr (VEC % 4 == 0) {
+#pragma unroll
+        for (int g = 0; g < VEC; g += 4) {
+            const Philox4 r = philox4x32_10((first + g) >> 2, d.offset, d.seed);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) f[g + j] = r.w[j] >= d.threshold ? d.scale : 0.f;
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) f[k] = dropout_factor(d, first + k);
+    }
+}
+
 // The factors of the n consecutive elements first, first + 1, ...: one Philox call per group.
 inline void dropout_factors(const DropoutParams& d, std::uint64_t first, std::int64_t n, float* out) {
     std::int64_t i = 0;

@@ -10,6 +10,12 @@
 //             dx = (wdy - (xhat * c1 + c2)) * rstd (+ dresidual)
 //             dw = sum_rows(dy * xhat);  db = sum_rows(dy)
 //
+// Dropout of the branch (DROPOUT, csrc/dropout.h): h = x * factor (+ residual, which may then be
+// absent: the embedding sum), always stored to residual_out; the backward regenerates the
+// factors and also writes dbranch = dx * factor (N*C*s more bytes). One Philox call per 4
+// elements on the vectorized path (a thread's pieces start on multiples of 4), per element
+// on the scalar one. DROPOUT = false instantiations are the kernels without dropout.
+//
 // Memory traffic (s = bytes per x element, 4 for fp32, 2 for bf16; weights are read once per
 // row group and stay in L1/L2, counted once):
 //   forward   reads N*C*s (+ N*C*s residual) + 2*C*s, writes N*C*s (+ N*C*s residual_out) + 8N
@@ -36,7 +42,8 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "common.h"
+#include "cuda_common.h"
+#include "dropout.h"
 #include "layernorm.h"
 
 namespace nanolm {
@@ -48,19 +55,6 @@ constexpr int kRowsPerWarpBlock = 4;  // rows per block when a warp owns a row
 constexpr int kReduceRows = 8;        // blockDim.y of the workspace reduction
 
 __host__ __device__ constexpr int rows_per_block(int tpr) { return tpr == 32 ? kRowsPerWarpBlock : 1; }
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-    return __float2bfloat16_rn(v);
-}
-
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-    T v[VEC];
-};
 
 template <typename T, int VEC>
 __device__ __forceinline__ void load(const T* p, float (&out)[VEC]) {
@@ -77,42 +71,27 @@ __device__ __forceinline__ void store(T* p, const float (&in)[VEC]) {
     *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
 }
 
-// Butterfly sum: every lane ends with the same bits (each step only commutes operands).
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    return v;
-}
-
 // Sum over the TPR threads owning a row. For TPR > 32 the block is the row, so the
-// __syncthreads are reached by every thread of the block.
+// block-wide barriers inside block_reduce are reached by every thread of the block.
 template <int TPR>
-__device__ __forceinline__ float row_sum(float v, float* scratch) {
-    v = warp_sum(v);
-    if constexpr (TPR > 32) {
-        __syncthreads();  // earlier readers of scratch are done
-        if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
-        __syncthreads();
-        v = 0.f;
-#pragma unroll
-        for (int i = 0; i < TPR / 32; ++i) v += scratch[i];
-    }
-    return v;
+__device__ __forceinline__ float row_sum(float v) {
+    if constexpr (TPR > 32) return block_reduce<TPR>(v, Sum{}, 0.f);
+    else return warp_sum(v);
 }
 
-template <typename T, int VEC, int TPR>
+template <typename T, int VEC, int TPR, bool DROPOUT>
 __global__ void __launch_bounds__(TPR * rows_per_block(TPR))
 layernorm_fwd_kernel(const T* __restrict__ x,          // (N, C)
                      const T* __restrict__ residual,   // (N, C) or nullptr
-                     T* __restrict__ residual_out,     // (N, C), written when residual is given
+                     T* __restrict__ residual_out,     // (N, C), written when residual is given or DROPOUT
                      const T* __restrict__ weight,     // (C,)
                      const T* __restrict__ bias,       // (C,) or nullptr
                      T* __restrict__ y,                // (N, C)
                      float* __restrict__ mean,         // (N,)
                      float* __restrict__ rstd,         // (N,)
-                     std::int64_t N, int C, float eps) {
+                     std::int64_t N, int C, float eps,
+                     DropoutParams dropout) {          // of x, read when DROPOUT
     constexpr int ITERS = kFwdElems / VEC;
-    __shared__ float scratch[TPR / 32];
     const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
     if (row >= N) return;  // uniform over the threads of a row; only warp rows share a block
     const std::int64_t offset = row * C;  // int64: N*C passes 2^31 at 131k rows of 16k
@@ -127,6 +106,12 @@ layernorm_fwd_kernel(const T* __restrict__ x,          // (N, C)
         for (int k = 0; k < VEC; ++k) h[it][k] = 0.f;
         if (c >= C) continue;
         load<T, VEC>(x + offset + c, h[it]);
+        if constexpr (DROPOUT) {
+            float f[VEC];
+            dropout_factors_pack<VEC>(dropout, static_cast<std::uint64_t>(offset + c), f);
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) h[it][k] *= f[k];
+        }
         if (residual != nullptr) {
             float r[VEC];
             load<T, VEC>(residual + offset + c, r);
@@ -134,11 +119,15 @@ layernorm_fwd_kernel(const T* __restrict__ x,          // (N, C)
 #pragma unroll
             for (int k = 0; k < VEC; ++k) h[it][k] = to_float(from_float<T>(h[it][k] + r[k]));
             store<T, VEC>(residual_out + offset + c, h[it]);
+        } else if constexpr (DROPOUT) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) h[it][k] = to_float(from_float<T>(h[it][k]));
+            store<T, VEC>(residual_out + offset + c, h[it]);
         }
 #pragma unroll
         for (int k = 0; k < VEC; ++k) sum += h[it][k];
     }
-    const float mu = row_sum<TPR>(sum, scratch) / C;
+    const float mu = row_sum<TPR>(sum) / C;
 
     // 2. variance from the cached row (two passes over registers: no cancellation)
     float sq = 0.f;
@@ -148,7 +137,7 @@ layernorm_fwd_kernel(const T* __restrict__ x,          // (N, C)
 #pragma unroll
         for (int k = 0; k < VEC; ++k) sq += (h[it][k] - mu) * (h[it][k] - mu);
     }
-    const float rs = rsqrtf(row_sum<TPR>(sq, scratch) / C + eps);
+    const float rs = rsqrtf(row_sum<TPR>(sq) / C + eps);
 
     // 3. normalize, scale, shift
 #pragma unroll
@@ -201,7 +190,7 @@ __device__ __forceinline__ void write_partial_row(float (&acc)[kBwdElems / VEC][
     }
 }
 
-template <typename T, int VEC, int TPR>
+template <typename T, int VEC, int TPR, bool DROPOUT>
 __global__ void __launch_bounds__(TPR * rows_per_block(TPR))
 layernorm_bwd_kernel(const T* __restrict__ dy,           // (N, C)
                      const T* __restrict__ x,            // (N, C)
@@ -210,12 +199,13 @@ layernorm_bwd_kernel(const T* __restrict__ dy,           // (N, C)
                      const float* __restrict__ rstd,     // (N,)
                      const T* __restrict__ dresidual,    // (N, C) or nullptr
                      T* __restrict__ dx,                 // (N, C)
+                     T* __restrict__ dbranch,            // (N, C) dropout(dx), written when DROPOUT
                      float* __restrict__ dw_partial,     // (gridDim.x, C)
                      float* __restrict__ db_partial,     // (gridDim.x, C)
-                     std::int64_t N, int C) {
+                     std::int64_t N, int C,
+                     DropoutParams dropout) {            // the forward's, read when DROPOUT
     constexpr int ITERS = kBwdElems / VEC;
     constexpr int ROWS = rows_per_block(TPR);
-    __shared__ float scratch[TPR / 32];
     __shared__ float combine[ROWS > 1 ? ROWS * kBwdElems * 32 : 1];
     float w[ITERS][VEC], dw[ITERS][VEC] = {}, db[ITERS][VEC] = {};
 #pragma unroll
@@ -247,8 +237,8 @@ layernorm_bwd_kernel(const T* __restrict__ dy,           // (N, C)
                 s2 += wdy;
             }
         }
-        const float c1 = row_sum<TPR>(s1, scratch) / C;
-        const float c2 = row_sum<TPR>(s2, scratch) / C;
+        const float c1 = row_sum<TPR>(s1) / C;
+        const float c2 = row_sum<TPR>(s2) / C;
         // 2. dx, and this row's share of dw, db
 #pragma unroll
         for (int it = 0; it < ITERS; ++it) {
@@ -263,6 +253,13 @@ layernorm_bwd_kernel(const T* __restrict__ dy,           // (N, C)
                 db[it][k] += g[it][k];
             }
             store<T, VEC>(dx + offset + c, out);
+            if constexpr (DROPOUT) {
+                float f[VEC];
+                dropout_factors_pack<VEC>(dropout, static_cast<std::uint64_t>(offset + c), f);
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) out[k] *= f[k];
+                store<T, VEC>(dbranch + offset + c, out);
+            }
         }
     }
 
@@ -305,6 +302,15 @@ layernorm_bwd_reduce_kernel(const float* __restrict__ dw_partial,  // (P, C)
 template <typename T> struct TypeTag { using type = T; };
 template <int V> using Int = std::integral_constant<int, V>;
 
+// Calls f(std::true_type) with dropout enabled, f(std::false_type) without.
+template <typename F>
+void with_dropout(const DropoutParams& dropout, F&& f) {
+    if (dropout.enabled)
+        f(std::true_type{});
+    else
+        f(std::false_type{});
+}
+
 int threads_per_row(std::int64_t C, int elems) {
     int tpr = 32;
     while (static_cast<std::int64_t>(tpr) * elems < C) tpr *= 2;
@@ -315,7 +321,7 @@ bool aligned16(std::uintptr_t p) { return p % 16 == 0; }
 
 // Calls f(TypeTag<T>, Int<VEC>, Int<TPR>) for the runtime dtype, vector choice and TPR.
 template <typename F>
-void dispatch(int dtype, bool vectorized, int tpr, F&& f) {
+void dispatch(DType dtype, bool vectorized, int tpr, F&& f) {
     auto with_tpr = [&](auto type, auto vec) {
         switch (tpr) {
             case 32: return f(type, vec, Int<32>{});
@@ -327,13 +333,12 @@ void dispatch(int dtype, bool vectorized, int tpr, F&& f) {
             default: throw std::invalid_argument("layernorm: unsupported threads per row " + std::to_string(tpr));
         }
     };
-    if (dtype == 0) {
+    if (dtype == DType::float32) {
         vectorized ? with_tpr(TypeTag<float>{}, Int<4>{}) : with_tpr(TypeTag<float>{}, Int<1>{});
-    } else if (dtype == 1) {
+    } else if (dtype == DType::bfloat16) {
         vectorized ? with_tpr(TypeTag<__nv_bfloat16>{}, Int<8>{}) : with_tpr(TypeTag<__nv_bfloat16>{}, Int<1>{});
     } else {
-        throw std::invalid_argument("layernorm: dtype code must be 0 (float32) or 1 (bfloat16), got " +
-                                    std::to_string(dtype));
+        unsupported_dtype("layernorm", dtype);
     }
 }
 
@@ -341,13 +346,6 @@ void check_sizes(const char* op, std::int64_t N, std::int64_t C) {
     require(N >= 0, std::string(op) + ": N must be >= 0, got " + std::to_string(N));
     require(C >= 1 && C <= kLayerNormCudaMaxC, std::string(op) + ": C must be in [1, " +
             std::to_string(kLayerNormCudaMaxC) + "], got " + std::to_string(C));
-}
-
-int sm_count() {
-    int device = 0, sms = 0;
-    NANOLM_CUDA_CHECK(cudaGetDevice(&device));
-    NANOLM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    return sms;
 }
 
 // Backward blocks: enough for ~16 resident warps per SM, fewer partial rows than that would
@@ -363,12 +361,16 @@ std::int64_t bwd_blocks(std::int64_t N, std::int64_t C) {
 void layernorm_fwd_cuda(std::uintptr_t x, std::uintptr_t residual, std::uintptr_t residual_out,
                         std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t y,
                         std::uintptr_t mean, std::uintptr_t rstd, std::int64_t N, std::int64_t C,
-                        double eps, int dtype, std::uintptr_t stream) {
+                        double eps, DType dtype, const DropoutParams& dropout,
+                        std::uintptr_t stream) {
     check_sizes("layernorm_fwd_cuda", N, C);
-    require((residual == 0) == (residual_out == 0),
-            "layernorm_fwd_cuda: residual and residual_out must be given together");
+    if (dropout.enabled)
+        require(residual_out != 0, "layernorm_fwd_cuda: dropout needs residual_out");
+    else
+        require((residual == 0) == (residual_out == 0),
+                "layernorm_fwd_cuda: residual and residual_out must be given together");
     if (N == 0) return;
-    const int vec = dtype == 0 ? 4 : 8;
+    const int vec = dtype == DType::float32 ? 4 : 8;
     const bool vectorized = C % vec == 0 && aligned16(x) && aligned16(residual) &&
                             aligned16(residual_out) && aligned16(weight) && aligned16(bias) && aligned16(y);
     const int tpr = threads_per_row(C, kFwdElems);
@@ -378,11 +380,14 @@ void layernorm_fwd_cuda(std::uintptr_t x, std::uintptr_t residual, std::uintptr_
         constexpr int ROWS = rows_per_block(TPR);
         const dim3 block(TPR, ROWS);
         const dim3 grid(static_cast<unsigned>((N + ROWS - 1) / ROWS));
-        layernorm_fwd_kernel<T, VEC, TPR><<<grid, block, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-            ptr<const T>(x), ptr<const T>(residual), ptr<T>(residual_out), ptr<const T>(weight),
-            ptr<const T>(bias), ptr<T>(y), ptr<float>(mean), ptr<float>(rstd), N, static_cast<int>(C),
-            static_cast<float>(eps));
-        NANOLM_CHECK_LAUNCH("layernorm_fwd_kernel");
+        with_dropout(dropout, [&](auto drop) {
+            layernorm_fwd_kernel<T, VEC, TPR, decltype(drop)::value>
+                <<<grid, block, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+                    ptr<const T>(x), ptr<const T>(residual), ptr<T>(residual_out), ptr<const T>(weight),
+                    ptr<const T>(bias), ptr<T>(y), ptr<float>(mean), ptr<float>(rstd), N, static_cast<int>(C),
+                    static_cast<float>(eps), dropout);
+            NANOLM_CHECK_LAUNCH("layernorm_fwd_kernel");
+        });
     });
 }
 
@@ -394,27 +399,30 @@ std::int64_t layernorm_bwd_workspace_rows_cuda(std::int64_t N, std::int64_t C) {
 void layernorm_bwd_cuda(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weight,
                         std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t dresidual,
                         std::uintptr_t dx, std::uintptr_t dweight, std::uintptr_t dbias,
-                        std::uintptr_t workspace, std::int64_t N, std::int64_t C, int dtype,
-                        std::uintptr_t stream) {
+                        std::uintptr_t workspace, std::int64_t N, std::int64_t C, DType dtype,
+                        std::uintptr_t dbranch, const DropoutParams& dropout, std::uintptr_t stream) {
     check_sizes("layernorm_bwd_cuda", N, C);
+    require(!dropout.enabled || dbranch != 0, "layernorm_bwd_cuda: dropout needs dbranch");
     const std::int64_t P = bwd_blocks(N, C);
     float* dw_partial = ptr<float>(workspace);
     float* db_partial = dw_partial + P * C;
     auto s = reinterpret_cast<cudaStream_t>(stream);
-    const int vec = dtype == 0 ? 4 : 8;
+    const int vec = dtype == DType::float32 ? 4 : 8;
     const bool vectorized = C % vec == 0 && aligned16(dy) && aligned16(x) && aligned16(weight) &&
-                            aligned16(dresidual) && aligned16(dx);
+                            aligned16(dresidual) && aligned16(dx) && aligned16(dbranch);
     const int tpr = threads_per_row(C, kBwdElems);
     if (N > 0) {
         dispatch(dtype, vectorized, tpr, [&](auto type, auto vec_c, auto tpr_c) {
             using T = typename decltype(type)::type;
             constexpr int VEC = decltype(vec_c)::value, TPR = decltype(tpr_c)::value;
             const dim3 block(TPR, rows_per_block(TPR));
-            layernorm_bwd_kernel<T, VEC, TPR><<<static_cast<unsigned>(P), block, 0, s>>>(
-                ptr<const T>(dy), ptr<const T>(x), ptr<const T>(weight), ptr<const float>(mean),
-                ptr<const float>(rstd), ptr<const T>(dresidual), ptr<T>(dx), dw_partial, db_partial, N,
-                static_cast<int>(C));
-            NANOLM_CHECK_LAUNCH("layernorm_bwd_kernel");
+            with_dropout(dropout, [&](auto drop) {
+                layernorm_bwd_kernel<T, VEC, TPR, decltype(drop)::value><<<static_cast<unsigned>(P), block, 0, s>>>(
+                    ptr<const T>(dy), ptr<const T>(x), ptr<const T>(weight), ptr<const float>(mean),
+                    ptr<const float>(rstd), ptr<const T>(dresidual), ptr<T>(dx), ptr<T>(dbranch), dw_partial,
+                    db_partial, N, static_cast<int>(C), dropout);
+                NANOLM_CHECK_LAUNCH("layernorm_bwd_kernel");
+            });
         });
     }
     const dim3 block(32, kReduceRows);

@@ -1,10 +1,11 @@
 // LayerNorm launchers (forward with optional fused residual add, backward with optional
 // residual gradient). Pointers are tensor.data_ptr() values; 0 means "absent" for the optional
-// ones (residual, residual_out, bias, dresidual). dtype codes: 0 = float32, 1 = bfloat16
-// (CUDA only). mean, rstd, dweight, dbias are always float32.
+// ones (residual, residual_out, bias, dresidual). The CPU kernels take float32; the CUDA ones
+// float32 or bfloat16 (dtype). mean, rstd, dweight, dbias are always float32.
 #pragma once
 #include <cstdint>
 
+#include "common.h"
 #include "dropout.h"
 
 namespace nanolm {
@@ -30,15 +31,16 @@ constexpr std::int64_t kLayerNormCudaMaxC = 16384;
 void layernorm_fwd_cuda(std::uintptr_t x, std::uintptr_t residual, std::uintptr_t residual_out,
                         std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t y,
                         std::uintptr_t mean, std::uintptr_t rstd, std::int64_t N, std::int64_t C,
-                        double eps, int dtype, std::uintptr_t stream);
+                        double eps, DType dtype, const DropoutParams& dropout,
+                        std::uintptr_t stream);
 
 // workspace: 2 * layernorm_bwd_workspace_rows_cuda(N, C) * C float32 values (partial dw, db).
 std::int64_t layernorm_bwd_workspace_rows_cuda(std::int64_t N, std::int64_t C);
 void layernorm_bwd_cuda(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weight,
                         std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t dresidual,
                         std::uintptr_t dx, std::uintptr_t dweight, std::uintptr_t dbias,
-                        std::uintptr_t workspace, std::int64_t N, std::int64_t C, int dtype,
-                        std::uintptr_t stream);
+                        std::uintptr_t workspace, std::int64_t N, std::int64_t C, DType dtype,
+                        std::uintptr_t dbranch, const DropoutParams& dropout, std::uintptr_t stream);
 #endif
 
 }  // namespace nanolm

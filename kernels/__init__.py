@@ -1,5 +1,6 @@
 """nanolm's Triton kernels, imported as `nanolm.kernels` (see setup.py for why).
 
-One file per op: the @triton.jit kernels first, then the launchers the Triton backend
-(nanolm/backends/triton.py) re-exports with the backend signatures of nanolm/backends/torch_ref.py.
+One file per op: the @triton.jit kernels first, then the launchers (shapes, allocation, block
+sizes, warps). They trust their inputs and import nothing from nanolm: the Triton backend
+(nanolm/backends/triton.py) checks every tensor against its support table, then calls them.
 """

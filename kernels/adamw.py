@@ -18,8 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from nanolm.backends.checks import adamw_scalars
-
 ADAMW_BLOCK = 4096
 SUMSQ_BLOCK = 4096
 MAX_PARTIALS = 1024
@@ -82,16 +80,14 @@ def sum_of_squares_final_kernel(
     tl.store(out_ptr, tl.sum(tl.load(partials_ptr + offs, mask=offs < count, other=0.0), axis=0))
 
 
-def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
-               decay_numel, grad_scale):
+def adamw_step(param, grad, exp_avg, exp_avg_sq, decay_numel, scalars):
+    """In place over the flat buffers; scalars = (1 - beta1, beta2, 1 - beta2, eps, decay_factor,
+    step_size, bc2_sqrt, grad_scale), the host-side values of the update above."""
     n = param.numel()
     if n == 0:
         return
-    w1, w2, decay_factor, step_size, bc2_sqrt = adamw_scalars(lr, beta1, beta2, weight_decay, step)
     adamw_step_kernel[(triton.cdiv(n, ADAMW_BLOCK),)](
-        param, grad, exp_avg, exp_avg_sq, n, decay_numel,
-        w1, beta2, w2, eps, decay_factor, step_size, bc2_sqrt, grad_scale,
-        BLOCK=ADAMW_BLOCK, num_warps=8)
+        param, grad, exp_avg, exp_avg_sq, n, decay_numel, *scalars, BLOCK=ADAMW_BLOCK, num_warps=8)
 
 
 def sum_of_squares(x):

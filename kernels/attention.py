@@ -41,12 +41,12 @@ import torch
 import triton
 import triton.language as tl
 
-from nanolm.backends.checks import dropout_scalars
-from nanolm.kernels.dropout import dropout_factor
+from nanolm.kernels.dropout import DROPOUT_SCALARS, NO_DROPOUT, dropout_factor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-LOG2E = 1.4426950408889634
-HEAD_DIMS = (16, 32, 64, 128)
+# exp(x) = exp2(x * LOG2E): exp2 is one instruction. A tl.constexpr value: the compiler (unlike
+# the interpreter) lets kernels read no other globals; the launchers use LOG2E.value.
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -82,7 +82,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_SCALARS)
 def attention_fwd_kernel(
     Q, K, V,                            # (B, T, nh, hs), stride(-1) == 1
     O,                                  # (B, T, nh, hs) contiguous
@@ -125,7 +125,7 @@ def attention_fwd_kernel(
     rows = offs_m < T
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=rows[:, None])
-    lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634  # back to natural log
+    lse = (m_i + tl.math.log2(l_i)) / LOG2E  # back to natural log
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=rows)
 
 
@@ -163,7 +163,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stri
         in_t = rows < T  # padded query rows load as zeros and so contribute nothing
         qT = tl.load(q_ptrs + start_m * stride_qt, mask=in_t[None, :], other=0.0)      # (HS, BLOCK_M)
         do = tl.load(do_ptrs + start_m * stride_dot, mask=in_t[:, None], other=0.0)    # (BLOCK_M, HS)
-        lse2 = tl.load(lse_ptr + rows, mask=in_t, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(lse_ptr + rows, mask=in_t, other=0.0) * LOG2E
         delta = tl.load(delta_ptr + rows, mask=in_t, other=0.0)
         pT = tl.math.exp2(tl.dot(k, qT) * qk_scale - lse2[None, :])                   # (BLOCK_N, BLOCK_M)
         if DIAGONAL:
@@ -181,7 +181,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stri
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_SCALARS)
 def attention_bwd_dkdv_kernel(
     Q, K, V,                            # (B, T, nh, hs), stride(-1) == 1
     DO,                                 # (B, T, nh, hs) contiguous
@@ -262,7 +262,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kt, stride
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_SCALARS)
 def attention_bwd_dq_kernel(
     Q, K, V,                            # (B, T, nh, hs), stride(-1) == 1
     DO,                                 # (B, T, nh, hs) contiguous
@@ -292,7 +292,7 @@ def attention_bwd_dq_kernel(
     stride_dot = nh * HS
     do = tl.load(DO + b * T * stride_dot + h * HS + offs_m[:, None] * stride_dot + offs_d[None, :],
                  mask=rows[:, None], other=0.0)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=rows, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=rows, other=0.0) * LOG2E
     delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=rows, other=0.0)
     k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None]
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[None, :] * stride_vt + offs_d[:, None]
@@ -337,13 +337,12 @@ else:
     _dq_kernel = triton.autotune(_DQ_CONFIGS, key=_KEY)(attention_bwd_dq_kernel)
 
 
-def _launch(kernel, rows_meta, B, nh, T, *args, hs, dropout=None):
+def _launch(kernel, rows_meta, B, nh, T, *args, hs, dropout_args=None):
     """Grid: (blocks of `rows_meta` rows over T, B * nh). The dropout arguments follow args."""
     def grid(meta):
         return (triton.cdiv(T, meta[rows_meta]), B * nh)
     meta = _INTERPRET_META if INTERPRET else {}
-    dropout_args = (0, 0, 0, 1.0) if dropout is None else dropout_scalars(dropout)  # unread without DROPOUT
-    kernel[grid](*args, *dropout_args, HS=hs, DROPOUT=dropout is not None, **meta)
+    kernel[grid](*args, *(dropout_args or NO_DROPOUT), HS=hs, DROPOUT=dropout_args is not None, **meta)
 
 
 def _bth(t):
@@ -351,18 +350,19 @@ def _bth(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def attention_fwd(q, k, v, scale, dropout=None):
-    """q, k, v (B, T, nh, hs), stride(-1) == 1 -> o (B, T, nh, hs) contiguous, lse (B, nh, T) fp32."""
+def attention_fwd(q, k, v, scale, dropout_args=None):
+    """q, k, v (B, T, nh, hs), stride(-1) == 1 -> o (B, T, nh, hs) contiguous, lse (B, nh, T) fp32.
+    dropout_args: None or (seed, offset, threshold, keep_scale) of P's dropout."""
     B, T, nh, hs = q.shape
     o = torch.empty((B, T, nh, hs), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, nh, T), dtype=torch.float32, device=q.device)
     t_bucket = triton.next_power_of_2(T)
     _launch(_fwd_kernel, "BLOCK_M", B, nh, T, q, k, v, o, lse, *_bth(q), *_bth(k), *_bth(v), *_bth(o),
-            nh, T, t_bucket, scale * LOG2E, hs=hs, dropout=dropout)
+            nh, T, t_bucket, scale * LOG2E.value, hs=hs, dropout_args=dropout_args)
     return o, lse
 
 
-def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, dropout=None):
+def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, dropout_args=None):
     """Writes dq, dk, dv (B, T, nh, hs), stride(-1) == 1; do, o contiguous; lse (B, nh, T)."""
     B, T, nh, hs = q.shape
     delta = torch.empty((B, nh, T), dtype=torch.float32, device=q.device)
@@ -370,8 +370,8 @@ def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, dropout=None):
     attention_bwd_delta_kernel[(triton.cdiv(T, block), B * nh)](o, do, delta, nh, T, HS=hs, BLOCK_M=block)
     t_bucket = triton.next_power_of_2(T)
     _launch(_dkdv_kernel, "BLOCK_N", B, nh, T, q, k, v, do, lse, delta, dk, dv,
-            *_bth(q), *_bth(k), *_bth(v), *_bth(dk), *_bth(dv), nh, T, t_bucket, scale, scale * LOG2E,
-            hs=hs, dropout=dropout)
+            *_bth(q), *_bth(k), *_bth(v), *_bth(dk), *_bth(dv), nh, T, t_bucket, scale, scale * LOG2E.value,
+            hs=hs, dropout_args=dropout_args)
     _launch(_dq_kernel, "BLOCK_M", B, nh, T, q, k, v, do, lse, delta, dq,
-            *_bth(q), *_bth(k), *_bth(v), *_bth(dq), nh, T, t_bucket, scale, scale * LOG2E, hs=hs,
-            dropout=dropout)
+            *_bth(q), *_bth(k), *_bth(v), *_bth(dq), nh, T, t_bucket, scale, scale * LOG2E.value, hs=hs,
+            dropout_args=dropout_args)

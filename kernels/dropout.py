@@ -12,10 +12,17 @@ working on any tile shape. No memory traffic: the mask is never stored.
 import triton
 import triton.language as tl
 
-PHILOX_M0: tl.constexpr = 0xD2511F53
-PHILOX_M1: tl.constexpr = 0xCD9E8D57
-PHILOX_W0: tl.constexpr = 0x9E3779B9
-PHILOX_W1: tl.constexpr = 0xBB67AE85
+# tl.constexpr(...) values, not annotations: the compiler (unlike the interpreter) reads only those
+PHILOX_M0 = tl.constexpr(0xD2511F53)
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+PHILOX_W0 = tl.constexpr(0x9E3779B9)
+PHILOX_W1 = tl.constexpr(0xBB67AE85)
+
+# Kernels taking dropout arguments list these in do_not_specialize: on a GPU, Triton would
+# otherwise turn an integer argument equal to 1 (a seed, an offset) into a constexpr int.
+DROPOUT_SCALARS = ["seed", "offset", "threshold"]
+# (seed, offset, threshold, keep_scale) of a launch without dropout: DROPOUT=False never reads them
+NO_DROPOUT = (0, 0, 0, 1.0)
 
 
 @triton.jit

@@ -11,7 +11,7 @@ be absent: the embedding sum), always stored to residual_out; the backward regen
 factors and also writes dbranch = dx * factor. No extra memory traffic beyond dbranch (N*C*s):
 the mask is recomputed, never stored.
 
-Memory traffic, s bytes per element of x (4 fp32, 2 bf16), see `layernorm_bytes`:
+Memory traffic, s bytes per element of x (4 fp32, 2 bf16):
     forward   reads N*C*s (+ N*C*s residual) + 2*C*s, writes N*C*s (+ N*C*s residual_out) + 8N
     backward  reads 2*N*C*s (+ N*C*s dresidual) + C*s + 8N, writes N*C*s + 8C,
               plus 2*P*C*4 bytes of partial dw/db written and read back (P programs)
@@ -26,21 +26,12 @@ import torch
 import triton
 import triton.language as tl
 
-from nanolm.backends.checks import check_layer_norm, dropout_scalars
-from nanolm.kernels.dropout import dropout_factor
+from nanolm.kernels.dropout import DROPOUT_SCALARS, NO_DROPOUT, dropout_factor
 
 MAX_C = 16384  # the whole row lives in registers: BLOCK_C = next_power_of_2(C)
 
 
-def layernorm_bytes(N, C, dtype, fused, backward=False, partial_rows=0):
-    """Bytes a forward (or backward) moves; fused = with the residual add (or dresidual)."""
-    s = torch.empty((), dtype=dtype).element_size()
-    if not backward:
-        return (2 + 2 * fused) * N * C * s + 2 * C * s + 8 * N
-    return (3 + fused) * N * C * s + C * s + 8 * N + 8 * C + 2 * 2 * partial_rows * C * 4
-
-
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_SCALARS)
 def layernorm_fwd_kernel(
     X,             # (N, C)
     R,             # (N, C) residual, read when HAS_RESIDUAL
@@ -88,7 +79,7 @@ def layernorm_fwd_kernel(
     tl.store(Rstd + rows, rstd, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_SCALARS)
 def layernorm_bwd_kernel(
     DY,            # (N, C)
     X,             # (N, C)
@@ -172,23 +163,16 @@ def layernorm_bwd_reduce_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def _num_warps(elements):
     return min(max(elements // 256, 1), 16)
 
 
-# the dropout arguments of a kernel launched without dropout (DROPOUT=False never reads them)
-_NO_DROPOUT = (0, 0, 0, 1.0)
-
-
-def _layer_norm_fwd(op, x, residual, weight, bias, eps, dropout=None):
-    check_layer_norm(op, x, weight, dtypes=_DTYPES, rows=[("residual", residual)], vectors=[("bias", bias)],
-                     max_c=MAX_C)
+def layernorm_fwd(x, residual, weight, bias, eps, dropout_args=None):
+    """x, residual (N, C) (residual may be None) -> y, residual_out (None without residual or
+    dropout), mean, rstd. dropout_args: None or (seed, offset, threshold, keep_scale) of x's dropout."""
     N, C = x.shape
     y = torch.empty_like(x)
-    residual_out = None if residual is None and dropout is None else torch.empty_like(x)
+    residual_out = None if residual is None and dropout_args is None else torch.empty_like(x)
     mean = torch.empty(N, dtype=torch.float32, device=x.device)
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
     if N == 0:
@@ -197,22 +181,10 @@ def _layer_norm_fwd(op, x, residual, weight, bias, eps, dropout=None):
     ROWS = max(1, min(16, 2048 // BLOCK_C))  # short rows: several per program
     layernorm_fwd_kernel[(triton.cdiv(N, ROWS),)](
         x, residual if residual is not None else x, residual_out if residual_out is not None else y,
-        weight, bias if bias is not None else weight, y, mean, rstd, N, C, eps,
-        *(_NO_DROPOUT if dropout is None else dropout_scalars(dropout)),
-        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, DROPOUT=dropout is not None,
+        weight, bias if bias is not None else weight, y, mean, rstd, N, C, eps, *(dropout_args or NO_DROPOUT),
+        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, DROPOUT=dropout_args is not None,
         BLOCK_C=BLOCK_C, ROWS=ROWS, num_warps=_num_warps(BLOCK_C * ROWS))
     return y, residual_out, mean, rstd
-
-
-def layer_norm_fwd(x, weight, bias, eps):
-    y, _, mean, rstd = _layer_norm_fwd("layer_norm_fwd", x, None, weight, bias, eps)
-    return y, mean, rstd
-
-
-def add_layer_norm_fwd(x, residual, weight, bias, eps, dropout=None):
-    if residual is None and dropout is None:
-        raise ValueError("add_layer_norm_fwd: residual may be None only with dropout")
-    return _layer_norm_fwd("add_layer_norm_fwd", x, residual, weight, bias, eps, dropout)
 
 
 def _bwd_programs(N, device):
@@ -225,13 +197,9 @@ def _bwd_programs(N, device):
     return max(1, min(N, per_device))
 
 
-def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual, dropout=None, dbranch=None):
-    op = "layer_norm_bwd"
-    if (dropout is None) != (dbranch is None):
-        raise ValueError(f"{op}: dropout and dbranch must be given together")
-    check_layer_norm(op, x, weight, dtypes=_DTYPES,
-                     rows=[("dy", dy), ("dresidual", dresidual), ("dbranch", dbranch)],
-                     stats=[("mean", mean), ("rstd", rstd)], max_c=MAX_C)
+def layernorm_bwd(dy, x, weight, mean, rstd, dresidual, dropout_args=None, dbranch=None):
+    """-> dx (N, C), dweight, dbias (C,) float32; dresidual (N, C) is added to dx when given.
+    With dropout_args (the forward's), also writes dbranch (N, C) = dropout(dx)."""
     N, C = x.shape
     dx = torch.empty_like(x)
     rows_per_program = triton.cdiv(max(N, 1), _bwd_programs(N, x.device))
@@ -244,9 +212,8 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual, dropout=None, dbranch=N
         layernorm_bwd_kernel[(P,)](
             dy, x, weight, mean, rstd, dresidual if dresidual is not None else dy, dx,
             dbranch if dbranch is not None else dx, partial[0], partial[1], N, C, rows_per_program,
-            *(_NO_DROPOUT if dropout is None else dropout_scalars(dropout)),
-            HAS_DRESIDUAL=dresidual is not None, DROPOUT=dropout is not None, BLOCK_C=BLOCK_C,
-            num_warps=_num_warps(BLOCK_C))
+            *(dropout_args or NO_DROPOUT), HAS_DRESIDUAL=dresidual is not None,
+            DROPOUT=dropout_args is not None, BLOCK_C=BLOCK_C, num_warps=_num_warps(BLOCK_C))
     BLOCK_R = 64
     layernorm_bwd_reduce_kernel[(triton.cdiv(C, BLOCK_R),)](
         partial[0], partial[1], dweight, dbias, P, C, BLOCK_P=32, BLOCK_C=BLOCK_R)

@@ -46,7 +46,9 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # cuda if available, else cpu
     dtype: str = "auto"  # bf16 autocast on cuda, fp32 on cpu
-    kernels: str = "auto"  # see nanolm/backends/__init__.py
+    # --kernels picks the backend of each op (the model's `impls`): "auto", one backend name, or
+    # per-op overrides such as "auto,attention=triton"; see nanolm/backends/__init__.py
+    kernels: str = "auto"
     peak_tflops: float = 0.0  # overrides the device peak table for MFU; 0 = look up
     out_dir: str = ""  # run dir (checkpoints, metrics.jsonl, config.json); "" = runs/<preset>-<time>
     ckpt_interval: int = 500  # steps between checkpoints (one is also written at the end); 0 = end only

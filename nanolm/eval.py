@@ -36,8 +36,8 @@ def load(path, device, kernels="auto"):
     """(model in eval mode, tokenizer, checkpoint dict without its tensors) from a checkpoint
     file or a run dir (its newest checkpoint)."""
     ckpt = checkpoint.load(path, map_location=device)
-    kernel_modules = backends.modules(backends.resolve(kernels, torch.device(device)))
-    model = GPT(ModelConfig(**ckpt["config"]["model"]), kernel_modules)
+    impls = backends.impls(backends.resolve(kernels, torch.device(device)))
+    model = GPT(ModelConfig(**ckpt["config"]["model"]), impls)
     model.load_state_dict(ckpt.pop("model"))
     return model.to(device).eval(), get_tokenizer(ckpt["config"]["tokenizer"]), ckpt
 

@@ -1,8 +1,12 @@
-"""`python -m nanolm.info`: how nanolm._C was built, library versions, devices, and which kernel
-backend can run each op on each device (with the reason when one cannot)."""
+"""`python -m nanolm.info`: how nanolm._C was built, library versions, devices, and the support
+matrix: per device, for each op and backend, which dtypes it runs, with the reason where not.
+Every cell is read from the backends' SUPPORT tables (nanolm/backends/)."""
 import torch
 
 from nanolm import backends
+from nanolm.backends.common import dtype_name
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def build_info():
@@ -23,26 +27,42 @@ def library_versions():
 
 
 def devices():
+    """CPU, each visible GPU, and a cuda device even without one (its column says why not)."""
     found = [torch.device("cpu")]
-    found += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    found += [torch.device("cuda", i) for i in range(torch.cuda.device_count())] or [torch.device("cuda")]
     return found
 
 
 def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device) if torch.cuda.is_available() else "none present"
+    return "cpu"
+
+
+def support_rows(device):
+    """(op, backend, cell per dtype, why) for every op and backend on device. A cell is "yes"
+    (runs here), "no" (not in the backend's table) or "(yes)" (in the table, but the backend
+    cannot run here now: not built, no GPU, ...)."""
+    rows = []
+    for op in backends.OPS:
+        for name in backends.BACKENDS:
+            table = [backends.support_reason(name, op, device, dtype) for dtype in DTYPES]
+            here = None if all(table) else backends.load(name).unavailable_reason(device)
+            cells = ["no" if t else "(yes)" if here else "yes" for t in table]
+            why = [here] + list(dict.fromkeys(table))
+            rows.append((op, name, cells, "; ".join(r for r in why if r)))
+    return rows
 
 
 def main():
     print(f"nanolm._C: {build_info()}")
     print(f"libraries: {library_versions()}")
+    header = ["op", "backend"] + [dtype_name(d) for d in DTYPES] + ["why not"]
     for device in devices():
         print(f"\n{device} ({device_name(device)}):")
-        for op in backends.OPS:
-            cells = []
-            for name in backends.BACKENDS:
-                reason = backends.unavailable_reason(name, op, device)
-                cells.append(f"{name}: yes" if reason is None else f"{name}: no ({reason})")
-            print(f"  {op:<14} " + "; ".join(cells))
+        print("  " + "  ".join(f"{h:<13}" if i < 2 else f"{h:<9}" for i, h in enumerate(header)))
+        for op, name, cells, why in support_rows(device):
+            print(f"  {op:<13}  {name:<13}  " + "  ".join(f"{c:<9}" for c in cells) + f"  {why}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ block's inputs (h, x) and reruns the whole block. torch.utils.checkpoint (non-re
 the same code on the same inputs, the op layer's autograd Functions included, and the rerun
 block gets the same Dropout arguments (seed, offset) as the first run, so the gradients are
 bit-identical to training without it, dropout included.
+
+One forward serves training and sampling: given a KVCache (nanolm/kvcache.py), GPT.forward
+runs only the new positions and attention reads the earlier keys and values from the cache.
+`impls` is the {op: backend module} mapping from nanolm.backends.impls().
 """
 import math
 
@@ -78,14 +82,18 @@ class DropoutStream(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, kernels):
+    def __init__(self, cfg, impls, layer):
         super().__init__()
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.n_head, self.kernels = cfg.n_head, kernels
+        self.n_head, self.layer, self.backend = cfg.n_head, layer, impls["attention"]
 
-    def forward(self, h, dropout=None):
-        y = ops.causal_attention(self.c_attn(h), self.n_head, self.kernels["attention"], dropout)
+    def forward(self, h, cache=None, dropout=None):
+        qkv = self.c_attn(h)  # (B, T, 3C)
+        if cache is None:
+            y = ops.causal_attention(qkv, self.n_head, self.backend, dropout)
+        else:  # the new positions attend over the cached ones too
+            y = cache.attend(self.layer, qkv, self.n_head)
         return self.c_proj(y)
 
 
@@ -116,38 +124,44 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, kernels):
+    """The pre-LN GPT-2 block, unfused:
+        x = x + attn(ln_1(x))
+        x = x + mlp(ln_2(x))
+    Here each residual add is fused with the LayerNorm after it (ops.add_layer_norm), so the
+    block takes h = ln_1(x) from the previous one and returns (next_ln(x_out), x_out)."""
+
+    def __init__(self, cfg, impls, layer):
         super().__init__()
         self.ln_1 = LayerNorm(cfg.n_embd, cfg.bias)
-        self.attn = Attention(cfg, kernels)
+        self.attn = Attention(cfg, impls, layer)
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.bias)
         self.mlp = MLP(cfg)
-        self.ln_backend = kernels["layernorm"]
+        self.ln_backend = impls["layernorm"]
 
-    def forward(self, h, x, next_ln, dropout=(None, None, None)):
-        """h = ln_1(x) already computed; returns (next_ln(x_out), x_out). dropout: the Dropout
-        arguments (or None) of the attention probabilities, the attention and the MLP branch."""
+    def forward(self, h, x, next_ln, cache=None, dropout=(None, None, None)):
+        """dropout: the Dropout arguments (or None) of the attention probabilities, the attention
+        branch and the MLP branch (training only: never with a cache)."""
         attn_probs, attn_branch, mlp_branch = dropout
-        h, x = ops.add_layer_norm(self.attn(h, attn_probs), x, self.ln_2.weight, self.ln_2.bias, LN_EPS,
+        h, x = ops.add_layer_norm(self.attn(h, cache, attn_probs), x, self.ln_2.weight, self.ln_2.bias, LN_EPS,
                                   self.ln_backend, attn_branch)
         return ops.add_layer_norm(self.mlp(h), x, next_ln.weight, next_ln.bias, LN_EPS, self.ln_backend,
                                   mlp_branch)
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg, kernels, recompute="none"):
+    def __init__(self, cfg, impls, recompute="none"):
         super().__init__()
         if not 0 <= cfg.dropout < 1:
             raise ValueError(f"GPT: dropout must be in [0, 1), got {cfg.dropout}")
         if recompute not in RECOMPUTE:
             raise ValueError(f"GPT: recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
-        self.cfg, self.kernels, self.recompute = cfg, kernels, recompute
+        self.cfg, self.impls, self.recompute = cfg, impls, recompute
         if cfg.dropout > 0:  # absent at 0: the state dict is then exactly as without dropout
             self.dropout = DropoutStream(cfg.dropout, cfg.n_layer)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.padded_vocab, cfg.n_embd),
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-            h=nn.ModuleList(Block(cfg, kernels) for _ in range(cfg.n_layer)),
+            h=nn.ModuleList(Block(cfg, impls, i) for i in range(cfg.n_layer)),
             ln_f=LayerNorm(cfg.n_embd, cfg.bias),
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab, bias=False)
@@ -170,16 +184,19 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def hidden(self, idx):
-        """Final-LayerNorm hidden states (B, T, C)."""
+    def hidden(self, idx, cache=None):
+        """Final-LayerNorm hidden states (B, T, C) of idx, the tokens at positions
+        [start, start + T): start is 0, or cache.pos with a cache (which this advances)."""
         B, T = idx.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
-        tr, ln = self.transformer, self.kernels["layernorm"]
-        x = tr.wte(idx) + tr.wpe(torch.arange(T, device=idx.device))
+        start = 0 if cache is None else cache.pos
+        if start + T > self.cfg.block_size:
+            length = f"sequence length {T}" if cache is None else f"{start} cached + {T} new tokens"
+            raise ValueError(f"{length} exceeds block_size {self.cfg.block_size}")
+        tr, ln = self.transformer, self.impls["layernorm"]
+        x = tr.wte(idx) + tr.wpe(torch.arange(start, start + T, device=idx.device))
         blocks = list(tr.h)
         first_ln = blocks[0].ln_1 if blocks else tr.ln_f
-        if self.training and self.cfg.dropout > 0:
+        if self.training and self.cfg.dropout > 0 and cache is None:
             embedding, per_layer = self.dropout.next_forward()
             h, x = ops.add_layer_norm(x, None, first_ln.weight, first_ln.bias, LN_EPS, ln, embedding)
         else:
@@ -188,17 +205,20 @@ class GPT(nn.Module):
         for i, block in enumerate(blocks):
             next_ln = blocks[i + 1].ln_1 if i + 1 < len(blocks) else tr.ln_f
             if self.recompute == "block":
-                h, x = recomputed(block, h, x, next_ln, per_layer[i])
+                h, x = recomputed(block, h, x, next_ln, cache, per_layer[i])
             else:
-                h, x = block(h, x, next_ln, per_layer[i])
+                h, x = block(h, x, next_ln, cache, per_layer[i])
+        if cache is not None:
+            cache.pos += T
         return h
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
         """With targets: mean loss over all positions. Without: last-position logits over the
-        real vocabulary (B, vocab_size)."""
-        h = self.hidden(idx)
+        real vocabulary (B, vocab_size). With a KVCache (sampling): idx holds only the new
+        tokens, the cache the keys and values of the earlier ones."""
+        h = self.hidden(idx, cache)
         if targets is None:
             return h[:, -1] @ self.lm_head.weight[: self.cfg.vocab_size].to(h.dtype).t()
         C = h.shape[-1]
         return ops.linear_cross_entropy(h.reshape(-1, C), self.lm_head.weight, targets.reshape(-1),
-                                        self.kernels["cross_entropy"], vocab_size=self.cfg.vocab_size)
+                                        self.impls["cross_entropy"], vocab_size=self.cfg.vocab_size)

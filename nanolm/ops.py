@@ -37,8 +37,9 @@ def dropout(p, seed, offset):
 
 
 def _check_dropout(backend, op, dropout):
-    if dropout is not None and op not in getattr(backend, "DROPOUT_OPS", ()):
-        raise ValueError(f"{op}: backend {backend.__name__.rsplit('.', 1)[-1]} has no dropout for {op}")
+    if dropout is not None and not backend.SUPPORT[op].dropout:
+        raise ValueError(f"{op}: backend {backend.__name__.rsplit('.', 1)[-1]} has no dropout for {op} "
+                         f"(its SUPPORT table says dropout=False)")
 
 
 # ----------------------------------------------------------------------------- layernorm

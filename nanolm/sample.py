@@ -3,7 +3,7 @@
     python -m nanolm.sample --ckpt runs/x [--prompt "def "] [--temperature 0.8] [--top_k 200]
                             [--max_new_tokens 500] [--seed 1337]
 
-Decoding uses the KV cache (nanolm/kvcache.py), so cost is linear in the number of tokens.
+Decoding runs the model's forward with a KV cache (nanolm/kvcache.py), so cost is linear in the number of tokens.
 When the context reaches block_size the window slides by half a block (the newest block_size/2
 tokens are re-read into a fresh cache): the model then sees between T/2 and T tokens of
 context, and the re-reads stay linear overall.
@@ -16,7 +16,7 @@ import torch
 from nanolm import backends, checkpoint
 from nanolm.config import ModelConfig
 from nanolm.data import StreamDecoder, get_tokenizer
-from nanolm.kvcache import KVCache, forward_cached
+from nanolm.kvcache import KVCache
 from nanolm.model import GPT
 
 
@@ -43,7 +43,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, seed=0, st
     vocab_size = vocab_size or model.cfg.vocab_size
     generator = torch.Generator(device=idx.device).manual_seed(seed)
     cache = KVCache.for_model(model, idx.shape[0])
-    logits = forward_cached(model, idx[:, -block:], cache)
+    logits = model(idx[:, -block:], cache=cache)
     out = [idx]
     for i in range(max_new_tokens):
         nxt = pick(logits, temperature, top_k, generator, vocab_size)
@@ -54,9 +54,9 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, seed=0, st
             break
         if cache.pos == block:
             cache.pos = 0
-            logits = forward_cached(model, torch.cat(out, dim=1)[:, -(block // 2):], cache)
+            logits = model(torch.cat(out, dim=1)[:, -(block // 2):], cache=cache)
         else:
-            logits = forward_cached(model, nxt, cache)
+            logits = model(nxt, cache=cache)
     return torch.cat(out, dim=1)
 
 
@@ -66,7 +66,7 @@ def load_model(ckpt_path, device, kernels="auto"):
     ckpt = checkpoint.load(ckpt_path, map_location=device)
     device = torch.device(device)
     model = GPT(ModelConfig(**ckpt["config"]["model"]),
-                backends.modules(backends.resolve(kernels, device)))
+                backends.impls(backends.resolve(kernels, device)))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), get_tokenizer(ckpt["config"]["tokenizer"])
 
@@ -80,7 +80,7 @@ def main(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=500)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--kernels", default="auto", help="kernel backends, as in nanolm.train")
+    p.add_argument("--kernels", default="auto", help="the backend per op (model impls), as --kernels of nanolm.train")
     args = p.parse_args(argv)
 
     model, tok = load_model(args.ckpt, args.device, args.kernels)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanolm import backends, checkpoint, dist
+from nanolm import backends, checkpoint, dist, flops
 from nanolm.config import ConfigError, as_dict, model_config, parse_args, parse_overrides
 from nanolm.data import Loader, get_tokenizer, load_dataset
 from nanolm.metrics import MetricsWriter
@@ -33,9 +33,6 @@ from nanolm.sample import generate
 
 RUNS = Path("runs")  # where fresh runs without --out_dir go
 
-# Dense bf16 tensor-core peak, TFLOP/s, matched by substring of the device name.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0,
-               "RTX 4090": 165.0, "RTX 3090": 71.0}
 
 
 def pick_device(cfg, local_rank=0):
@@ -60,8 +57,8 @@ def peak_flops(cfg, device):
         return cfg.peak_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
+    peak = flops.peak_tflops(torch.cuda.get_device_name(device))
+    return None if peak is None else peak * 1e12
 
 
 def get_lr(cfg, step):
@@ -73,9 +70,33 @@ def get_lr(cfg, step):
 
 
 def flops_per_token(model):
-    """6N for the matmuls plus attention's 6*L*T*C (forward + backward), as in the PaLM paper."""
+    """Model FLOPs per trained token (nanolm/flops.py)."""
     c = model.cfg
-    return 6 * model.num_params() + 6 * c.n_layer * c.block_size * c.n_embd
+    return flops.train_flops_per_token(model.num_params(), c.n_layer, c.n_embd, c.block_size)
+
+
+def no_best_yet():
+    """The record of the lowest val loss (early stopping, ckpt_best.pt) before any eval after a
+    training step; saved in every checkpoint so a resumed run stops where the straight one does."""
+    return {"val_loss": math.inf, "step": 0, "evals_since": 0}
+
+
+@dataclasses.dataclass
+class Run:
+    """What a training run holds: built by setup(), the run dir and metrics added by start()."""
+    device: torch.device
+    tokenizer: object
+    model: GPT
+    opt: FlatAdamW
+    train: Loader  # this rank's share of every global batch
+    val: Loader
+    val_start: dict  # the val loader's state, rewound to before every evaluation
+    autocast: contextlib.AbstractContextManager  # bf16 autocast, or nothing in fp32
+    dist: dist.Context
+    config: dict  # the run's config with the model's, saved with every checkpoint
+    dir: Path | None = None
+    metrics: MetricsWriter | contextlib.AbstractContextManager | None = None  # a no-op off rank 0
+    best: dict = dataclasses.field(default_factory=no_best_yet)  # lowest val loss: track_best
 
 
 def setup(cfg):
@@ -91,28 +112,28 @@ def setup(cfg):
         if len(tokens) <= mcfg.block_size + 1:
             raise ValueError(f"block_size={mcfg.block_size} is larger than the {split} data "
                              f"({len(tokens)} tokens)")
-    choice = backends.resolve(cfg.kernels, device)
+    choice = backends.resolve(cfg.kernels, device)  # --kernels: {op: backend name}
     if env.is_main:
         print("kernels: " + ", ".join(f"{op}={name}" for op, name in choice.items()))
-    kernels = backends.modules(choice)
+    impls = backends.impls(choice)
     if mcfg.dropout > 0:
         for op in ("layernorm", "attention"):
-            if op not in kernels[op].DROPOUT_OPS:
+            if not impls[op].SUPPORT[op].dropout:
                 raise ValueError(f"dropout={mcfg.dropout}: the {choice[op]} backend has no dropout for {op}; "
                                  f"choose another with --kernels (e.g. {op}=torch)")
-    model = GPT(mcfg, kernels, cfg.recompute).to(device)
+    model = GPT(mcfg, impls, cfg.recompute).to(device)
     if mcfg.dropout > 0:
         model.dropout.seed = DropoutStream.dropout_seed(cfg.seed, env.rank)
     opt = FlatAdamW(model.named_parameters(), cfg.lr, (cfg.beta1, cfg.beta2), 1e-8,
-                    cfg.weight_decay, cfg.grad_clip, kernels["adamw"], pad_to=env.world_size)
+                    cfg.weight_decay, cfg.grad_clip, impls["adamw"], pad_to=env.world_size)
     ctx = dist.Context(env, device, cfg.dist_timeout_s)
     ctx.attach(opt, cfg.bucket_mb, cfg.zero)
     # each rank reads its own batch_size windows of every global step: see Loader
     train = Loader(train_tokens, cfg.batch_size, mcfg.block_size, cfg.seed, env.rank, env.world_size)
     val = Loader(val_tokens, cfg.batch_size, mcfg.block_size, cfg.seed + 1)
-    return dict(device=device, tokenizer=tokenizer, model=model, opt=opt, train=train, val=val,
-                val_start=val.state_dict(), autocast=autocast_ctx(cfg, device), dist=ctx,
-                config={**as_dict(cfg), "model": dataclasses.asdict(mcfg)}, best=no_best_yet())
+    return Run(device=device, tokenizer=tokenizer, model=model, opt=opt, train=train, val=val,
+               val_start=val.state_dict(), autocast=autocast_ctx(cfg, device), dist=ctx,
+               config={**as_dict(cfg), "model": dataclasses.asdict(mcfg)})
 
 
 # ----------------------------------------------------------------------------- run dir, resume
@@ -181,57 +202,51 @@ def per_rank_batch(loader_state, world_size):
 
 def restore(cfg, run, path):
     """Load model, optimizer, data position and RNG states from a checkpoint; returns its step."""
-    ckpt = checkpoint.load(path, model_config={"model": run["config"]["model"]})
+    ckpt = checkpoint.load(path, model_config={"model": run.config["model"]})
     if ckpt["step"] >= cfg.max_steps:
         raise ConfigError(f"{path} is at step {ckpt['step']} and max_steps={cfg.max_steps}: "
                           f"nothing left to train (raise --max_steps to continue)")
-    run["model"].load_state_dict(ckpt["model"])
-    run["opt"].load_state_dict(ckpt["optimizer"])
-    run["train"].load_state_dict(ckpt["loader"]["train"])
-    run["best"] = ckpt.get("best", no_best_yet())  # checkpoints older than early stopping lack it
+    run.model.load_state_dict(ckpt["model"])
+    run.opt.load_state_dict(ckpt["optimizer"])
+    run.train.load_state_dict(ckpt["loader"]["train"])
+    run.best = ckpt.get("best", no_best_yet())  # checkpoints older than early stopping lack it
     checkpoint.set_rng_state(ckpt["rng"])  # last: nothing above may draw random numbers after it
     return ckpt["step"]
 
 
 def load_weights(run, path):
     """Model weights only (e.g. GPT-2 imported with `python -m nanolm.hf import`)."""
-    ckpt = checkpoint.load(path, model_config={"model": run["config"]["model"]})
-    run["model"].load_state_dict(ckpt["model"])
+    ckpt = checkpoint.load(path, model_config={"model": run.config["model"]})
+    run.model.load_state_dict(ckpt["model"])
     print(f"weights from {path}")
 
 
 def save(cfg, run, step, as_best=False):
     """Rank 0 writes; every rank calls it, as the ZeRO-1 optimizer state is gathered first.
     as_best: to ckpt_best.pt instead of ckpt_<step>.pt."""
-    opt_state = run["opt"].state_dict()
-    if not run["dist"].is_main:
+    opt_state = run.opt.state_dict()
+    if not run.dist.is_main:
         return None
-    path = checkpoint.save(run["dir"], step, run["model"].state_dict(), opt_state,
-                           run["config"], {"train": run["train"].state_dict()}, cfg.keep_ckpts,
-                           best=run["best"], as_best=as_best)
+    path = checkpoint.save(run.dir, step, run.model.state_dict(), opt_state,
+                           run.config, {"train": run.train.state_dict()}, cfg.keep_ckpts,
+                           best=run.best, as_best=as_best)
     print(f"step {step:5d} | saved {path}", flush=True)
     return path
-
-
-def no_best_yet():
-    """The record of the lowest val loss (early stopping, ckpt_best.pt) before any eval after a
-    training step; saved in every checkpoint so a resumed run stops where the straight one does."""
-    return {"val_loss": math.inf, "step": 0, "evals_since": 0}
 
 
 def track_best(cfg, run, step, val_loss):
     """After an eval, on every rank (val_loss is rank 0's, None elsewhere): saves ckpt_best.pt
     if the val loss is the lowest yet; returns True when --early_stop says the run ends here."""
-    best = run["best"]
-    if run["dist"].any(val_loss is not None and val_loss < best["val_loss"]):
+    best = run.best
+    if run.dist.any(val_loss is not None and val_loss < best["val_loss"]):
         best.update(val_loss=val_loss, step=step, evals_since=0)
         save(cfg, run, step, as_best=True)
     else:
         best["evals_since"] += 1
     if cfg.early_stop and best["evals_since"] >= cfg.early_stop:
-        if run["dist"].is_main:
+        if run.dist.is_main:
             print(f"early stop: no lower val loss in {best['evals_since']} evals (best "
-                  f"{best['val_loss']:.4f} at step {best['step']}, in {run['dir'] / checkpoint.BEST})")
+                  f"{best['val_loss']:.4f} at step {best['step']}, in {run.dir / checkpoint.BEST})")
         return True
     return False
 
@@ -262,67 +277,67 @@ class StopOnInterrupt:
 @torch.no_grad()
 def evaluate(cfg, run):
     """Mean loss over the same eval_iters validation batches every time (the loader is rewound)."""
-    run["model"].eval()
-    run["val"].load_state_dict(run["val_start"])
+    run.model.eval()
+    run.val.load_state_dict(run.val_start)
     total = 0.0
     for _ in range(cfg.eval_iters):
-        x, y = run["val"].next_batch(run["device"])
-        with run["autocast"]:
-            total += run["model"](x, y).item()
-    run["model"].train()
+        x, y = run.val.next_batch(run.device)
+        with run.autocast:
+            total += run.model(x, y).item()
+    run.model.train()
     return total / cfg.eval_iters
 
 
 def train_step(cfg, run, lr):
     """grad_accum micro-batches, each loss scaled by 1/grad_accum, then one optimizer step.
     With several ranks, gradients are averaged during the last micro-batch's backward."""
-    model, opt = run["model"], run["opt"]
+    model, opt = run.model, run.opt
     opt.zero_grad()
     losses = []  # kept on the device: reading each one would stall the GPU once per micro-batch
     for i in range(cfg.grad_accum):
-        x, y = run["train"].next_batch(run["device"])
-        with run["autocast"]:
+        x, y = run.train.next_batch(run.device)
+        with run.autocast:
             loss = model(x, y) / cfg.grad_accum
         if i == cfg.grad_accum - 1:
-            run["dist"].arm()
+            run.dist.arm()
         loss.backward()
         losses.append(loss.detach())
-    run["dist"].finish()
+    run.dist.finish()
     norm = opt.step(lr)
     return torch.stack(losses).sum().item(), norm
 
 
 def tokens_per_step(cfg, run):
     """Over all ranks."""
-    return cfg.batch_size * cfg.grad_accum * run["model"].cfg.block_size * run["dist"].env.world_size
+    return cfg.batch_size * cfg.grad_accum * run.model.cfg.block_size * run.dist.env.world_size
 
 
 def log(cfg, run, step, loss, lr, norm, dt):
     tokens = tokens_per_step(cfg, run)
-    peak = peak_flops(cfg, run["device"])
-    mfu = (f"{100 * flops_per_token(run['model']) * tokens / dt / (peak * run['dist'].env.world_size):.1f}%"
+    peak = peak_flops(cfg, run.device)
+    mfu = (f"{100 * flops_per_token(run.model) * tokens / dt / (peak * run.dist.env.world_size):.1f}%"
            if peak else "-")
-    skipped = f" skipped {run['opt'].skipped}" if run["opt"].skipped else ""
+    skipped = f" skipped {run.opt.skipped}" if run.opt.skipped else ""
     print(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | "
           f"{1000 * dt:.0f} ms/step | {tokens / dt:.0f} tok/s | mfu {mfu}{skipped}", flush=True)
-    run["metrics"].log("train", step, tokens=step * tokens, loss=loss, lr=lr, grad_norm=norm,
+    run.metrics.log("train", step, tokens=step * tokens, loss=loss, lr=lr, grad_norm=norm,
                        tokens_per_s=tokens / dt)
 
 
 def log_eval(cfg, run, step, val_loss):
     val_ppl = math.exp(val_loss)
     print(f"step {step:5d} | val loss {val_loss:.4f} | val ppl {val_ppl:.2f}", flush=True)
-    run["metrics"].log("eval", step, tokens=step * tokens_per_step(cfg, run), val_loss=val_loss,
-                       val_ppl=val_ppl)
+    run.metrics.log("eval", step, tokens=step * tokens_per_step(cfg, run), val_loss=val_loss,
+                    val_ppl=val_ppl)
 
 
 def sample(cfg, run):
-    tok = run["tokenizer"]
+    tok = run.tokenizer
     ids = tok.encode(cfg.sample_prompt) or [tok.eot]
-    prompt = torch.tensor([ids], dtype=torch.long, device=run["device"])
-    run["model"].eval()
-    with run["autocast"]:
-        out = generate(run["model"], prompt, cfg.sample_tokens, top_k=50, seed=cfg.seed)
+    prompt = torch.tensor([ids], dtype=torch.long, device=run.device)
+    run.model.eval()
+    with run.autocast:
+        out = generate(run.model, prompt, cfg.sample_tokens, top_k=50, seed=cfg.seed)
     return tok.decode(out[0].tolist())
 
 
@@ -336,13 +351,13 @@ def start(cfg):
         done = restore(cfg, run, resume_from) if resume_from else 0
     except ValueError as e:  # bad data/kernels/shape/checkpoint choices, before any work
         raise ConfigError(str(e)) from e
-    run["dir"] = run_dir
-    if not run["dist"].is_main:  # only rank 0 writes the run dir and prints
-        run["metrics"] = contextlib.nullcontext()
+    run.dir = run_dir
+    if not run.dist.is_main:  # only rank 0 writes the run dir and prints
+        run.metrics = contextlib.nullcontext()
         return run, done + 1
-    run["metrics"] = MetricsWriter(run_dir, run["config"], resume_step=done if resume_from else None)
+    run.metrics = MetricsWriter(run_dir, run.config, resume_step=done if resume_from else None)
     print(f"run dir: {run_dir}" + (f" (resumed from {resume_from}, step {done})" if resume_from else ""))
-    print(f"model: {run['model'].num_params() / 1e6:.2f}M non-embedding params on {run['device']}")
+    print(f"model: {run.model.num_params() / 1e6:.2f}M non-embedding params on {run.device}")
     return run, done + 1
 
 
@@ -352,8 +367,8 @@ def train(cfg):
     run at, or None), 'checkpoint' (the last one saved)}. Under torchrun only rank 0 evaluates,
     logs, samples and writes; the other ranks return just 'stopped' and 'early_stopped'."""
     run, first = start(cfg)
-    history, is_main = {"stopped": None, "early_stopped": None}, run["dist"].is_main
-    with contextlib.closing(run["dist"]), run["metrics"], StopOnInterrupt() as interrupt:
+    history, is_main = {"stopped": None, "early_stopped": None}, run.dist.is_main
+    with contextlib.closing(run.dist), run.metrics, StopOnInterrupt() as interrupt:
         if first == 1 and is_main:
             history["first_val"] = evaluate(cfg, run)
             log_eval(cfg, run, 0, history["first_val"])
@@ -362,9 +377,9 @@ def train(cfg):
             lr = get_lr(cfg, step - 1)
             loss, norm = train_step(cfg, run, lr)
             timed += 1
-            stop = run["dist"].any(interrupt.requested)  # every rank stops after the same step
+            stop = run.dist.any(interrupt.requested)  # every rank stops after the same step
             if step % cfg.log_interval == 0:
-                loss = run["dist"].mean(loss)
+                loss = run.dist.mean(loss)
                 if is_main:
                     log(cfg, run, step, loss, lr, norm, (time.perf_counter() - t0) / timed)
             evaluated = step % cfg.eval_interval == 0 or step == cfg.max_steps
@@ -380,7 +395,7 @@ def train(cfg):
                 break
             if stop:
                 if is_main:
-                    print(f"stopped at step {step}; continue with --resume={run['dir']}")
+                    print(f"stopped at step {step}; continue with --resume={run.dir}")
                 history["stopped"] = step
                 return history
             if step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or periodic:

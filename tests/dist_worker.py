@@ -23,9 +23,9 @@ from nanolm.config import ModelConfig
 from nanolm.data import Loader
 from nanolm.model import GPT
 from nanolm.optim import FlatAdamW
-from nanolm.train import train_step
+from nanolm.train import Run, train_step
 
-TORCH = backends.modules(backends.resolve("torch", torch.device("cpu")))
+TORCH = backends.impls(backends.resolve("torch", torch.device("cpu")))
 MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=40, vocab_multiple=64)
 BATCH, GRAD_ACCUM, LR = 2, 2, 3e-3  # per-rank batch; grad_accum micro-steps per step
 TOKENS = np.random.default_rng(0).integers(0, MODEL.vocab_size, 4000)
@@ -41,8 +41,8 @@ def make_run(ctx, batch, zero=0, bucket_mb=25.0):
                     backend=TORCH["adamw"], pad_to=env.world_size)
     ctx.attach(opt, bucket_mb, zero)
     loader = Loader(TOKENS, batch, MODEL.block_size, seed=5, rank=env.rank, world_size=env.world_size)
-    return dict(model=model, opt=opt, train=loader, device=torch.device("cpu"),
-                autocast=contextlib.nullcontext(), dist=ctx)
+    return Run(device=torch.device("cpu"), tokenizer=None, model=model, opt=opt, train=loader, val=None,
+               val_start=None, autocast=contextlib.nullcontext(), dist=ctx, config={})
 
 
 def train(run, steps, on_step=None):
@@ -54,7 +54,7 @@ def train(run, steps, on_step=None):
 
 
 def weights(run):
-    return {n: p.detach().clone() for n, p in run["model"].named_parameters()}
+    return {n: p.detach().clone() for n, p in run.model.named_parameters()}
 
 
 def fault(spec, rank):
@@ -75,9 +75,9 @@ def main():
         run = make_run(ctx, BATCH, r["zero"], r["bucket_mb"])
         train(run, r["steps"], fault(spec, ctx.env.rank))
         results[r["name"]] = dict(
-            weights=weights(run), opt=run["opt"].state_dict(), loader=run["train"].state_dict(),
-            buckets=[(b.start, b.end) for b in ctx.reducer.buckets], moments_numel=run["opt"].exp_avg.numel(),
-            flat_numel=run["opt"].flat_param.numel())
+            weights=weights(run), opt=run.opt.state_dict(), loader=run.train.state_dict(),
+            buckets=[(b.start, b.end) for b in ctx.reducer.buckets], moments_numel=run.opt.exp_avg.numel(),
+            flat_numel=run.opt.flat_param.numel())
         train(run, r.get("more_steps", 0))
         results[r["name"]]["more_weights"] = weights(run)
     torch.save(results, os.path.join(spec["out"], f"rank{ctx.env.rank}.pt"))

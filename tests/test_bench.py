@@ -15,6 +15,7 @@ import torch
 
 from bench import cli, collect, formulas, op_train_step, readme_table, report, runner, timing
 from bench.cases import Case, Impl, backend_unavailable, build_cases, check_outputs
+from nanolm import flops
 from nanolm.backends import torch_ref
 
 ROOT = Path(__file__).parent.parent
@@ -52,21 +53,21 @@ def test_byte_formulas():
 
 
 def test_flop_formulas():
-    fwd = formulas.attention_flops(2, 12, 1024, 64)
+    fwd = flops.attention_flops(2, 12, 1024, 64)
     assert fwd == 4 * 2 * 12 * 1024 ** 2 * 64 / 2
-    assert formulas.attention_flops(2, 12, 1024, 64, causal=False) == 2 * fwd
-    assert formulas.attention_flops(2, 12, 1024, 64, "bwd") == 2.5 * fwd
-    assert formulas.attention_flops(2, 12, 1024, 64, "fwd+bwd") == 3.5 * fwd
-    assert formulas.linear_cross_entropy_flops(8, 16, 32) == 6 * 8 * 16 * 32
-    assert formulas.train_flops_per_token(100, 2, 8, 16) == 600 + 6 * 2 * 8 * 16
+    assert flops.attention_flops(2, 12, 1024, 64, causal=False) == 2 * fwd
+    assert flops.attention_flops(2, 12, 1024, 64, "bwd") == 2.5 * fwd
+    assert flops.attention_flops(2, 12, 1024, 64, "fwd+bwd") == 3.5 * fwd
+    assert flops.linear_cross_entropy_flops(8, 16, 32) == 6 * 8 * 16 * 32
+    assert flops.train_flops_per_token(100, 2, 8, 16) == 600 + 6 * 2 * 8 * 16
 
 
 def test_train_flops_match_what_train_py_logs():
     from nanolm.train import flops_per_token
     cfg = op_train_step.CONFIGS["tiny"]["tiny"]
-    model = op_train_step._nanolm_model(cfg, op_train_step.TORCH_KERNELS)
+    model = op_train_step._nanolm_model(cfg, op_train_step.TORCH_IMPLS)
     n_layer, _, n_embd, block_size = cfg[:4]
-    assert formulas.train_flops_per_token(model.num_params(), n_layer, n_embd, block_size) == flops_per_token(model)
+    assert flops.train_flops_per_token(model.num_params(), n_layer, n_embd, block_size) == flops_per_token(model)
 
 
 def test_check_outputs_catches_wrong_results():
@@ -181,10 +182,10 @@ def test_train_step_wrong_backward_kernel_fails(one_thread):
     def bad_bwd(*args):
         dx, dw, db = torch_ref.layer_norm_bwd(*args)
         return dx * 0.9, dw, db
-    kernels = dict(op_train_step.TORCH_KERNELS, layernorm=_patched(torch_ref, "layer_norm_bwd", bad_bwd))
+    impls = dict(op_train_step.TORCH_IMPLS, layernorm=_patched(torch_ref, "layer_norm_bwd", bad_bwd))
     case = build_cases("train_step", torch.device("cpu"), "tiny")[0]
     cfg = op_train_step.CONFIGS["tiny"]["tiny"]
-    case.impls = [Impl("wrong", "nanolm", op_train_step.nanolm_impl(cfg, torch.device("cpu"), kernels))]
+    case.impls = [Impl("wrong", "nanolm", op_train_step.nanolm_impl(cfg, torch.device("cpu"), impls))]
     (row,), _ = runner.run_case(case, torch.device("cpu"), log=lambda m: None)
     assert row["status"] == "FAILED" and "output 1" in row["error"] and "time_ms" not in row
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from nanolm import ops
-from nanolm.backends import cpu, load, torch_ref, unavailable_reason
+from nanolm.backends import BACKENDS, cpu, load, torch_ref, unavailable_reason
 
 IGNORE = -100
 TOL = {torch.float32: dict(rtol=1e-5, atol=2e-6), torch.bfloat16: dict(rtol=1e-2, atol=1e-5)}
@@ -18,7 +18,7 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=2e-6), torch.bfloat16: dict(rtol=1e-2
 
 def cpu_backends():
     """Backends that run on CPU tensors here: cpu (if built), triton (interpreter)."""
-    return [n for n in ("cpu", "triton") if unavailable_reason(n, "cross_entropy", torch.device("cpu")) is None]
+    return [n for n in BACKENDS if n != "torch" and unavailable_reason(n, "cross_entropy", torch.device("cpu")) is None]
 
 
 def gpu_backends():

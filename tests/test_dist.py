@@ -124,7 +124,7 @@ def test_zero_shards_optimizer_state(world, two_ranks, three_ranks):
     r = ranks[0]["zero_small"]
     assert r["flat_numel"] % world == 0 and r["moments_numel"] == r["flat_numel"] // world
     assert len(r["buckets"]) > 3  # several buckets, so pieces are scattered over the buffer
-    decay = FlatAdamW(W.make_run(dist.Context(dist.DistEnv(), torch.device("cpu")), 1)["model"]
+    decay = FlatAdamW(W.make_run(dist.Context(dist.DistEnv(), torch.device("cpu")), 1).model
                       .named_parameters(), 1e-3).decay_numel
     pieces = [dist.piece(dist.Bucket(s, e, 0), rank, world) for s, e in r["buckets"] for rank in range(world)]
     cut = decay // world * world  # the 1-D parameters after it get buckets of their own
@@ -142,10 +142,10 @@ def test_resume_two_rank_checkpoint_on_one_rank(two_ranks):
     and lands where the 2 ranks themselves went on to."""
     saved = two_ranks[0]["zero_small"]
     run = W.make_run(dist.Context(dist.DistEnv(), torch.device("cpu")), 2 * W.BATCH)
-    for name, p in run["model"].named_parameters():
+    for name, p in run.model.named_parameters():
         p.data.copy_(saved["weights"][name])
-    run["opt"].load_state_dict(saved["opt"])
-    run["train"].load_state_dict(saved["loader"])
+    run.opt.load_state_dict(saved["opt"])
+    run.train.load_state_dict(saved["loader"])
     W.train(run, MORE)
     assert_weights_close(W.weights(run), saved["more_weights"])
     _, want = reference(2, STEPS, MORE)
@@ -228,7 +228,7 @@ def test_sharded_update_straddling_decay_matches_whole_buffer():
     """Updating the buffer piece by piece (decay_numel translated per piece, one piece across
     the decay boundary) is the same AdamW as one call over the whole buffer."""
     ctx = dist.Context(dist.DistEnv(), torch.device("cpu"))
-    whole, pieces = W.make_run(ctx, 1)["opt"], W.make_run(ctx, 1)["opt"]
+    whole, pieces = W.make_run(ctx, 1).opt, W.make_run(ctx, 1).opt
     d, n = whole.decay_numel, whole.flat_param.numel()
     cuts = [0, d // 2, d + 5, n - 1, n]  # the piece [d//2, d+5) straddles the boundary
     pieces.shard(OneRankComm(), [((a, b), (a, b)) for a, b in zip(cuts, cuts[1:])])
@@ -242,7 +242,7 @@ def test_sharded_update_straddling_decay_matches_whole_buffer():
 
 
 def test_padding_is_never_updated():
-    opt = FlatAdamW(W.make_run(dist.Context(dist.DistEnv(), torch.device("cpu")), 1)["model"]
+    opt = FlatAdamW(W.make_run(dist.Context(dist.DistEnv(), torch.device("cpu")), 1).model
                     .named_parameters(), 1e-2, weight_decay=0.1, backend=W.TORCH["adamw"], pad_to=7)
     assert opt.flat_param.numel() % 7 == 0 and opt.flat_param.numel() - opt.numel < 7
     opt.flat_grad[:opt.numel].normal_()

@@ -2,6 +2,9 @@
 keep rate and scaling, gradients by finite differences of the same masked function, and the
 model/trainer wiring (eval without dropout, p=0 unchanged, bit-exact resume)."""
 import math
+import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -9,6 +12,7 @@ import torch
 
 from nanolm import checkpoint, ops
 from nanolm.backends import load, torch_ref
+from nanolm.backends.common import Support
 from nanolm.config import ModelConfig, parse_args
 from nanolm.model import GPT
 from nanolm.train import config_from_args, train
@@ -20,7 +24,7 @@ DROP = ops.dropout(0.3, seed=1234 | 7 << 32, offset=5 << 32 | 11)  # both words 
 
 def _backends_with(op):
     names = ["torch", "cpu", "triton"]
-    return [n for n in names if op in load(n).DROPOUT_OPS]
+    return [n for n in names if load(n).SUPPORT[op].dropout]
 
 
 # ----------------------------------------------------------------------------- the generator
@@ -57,7 +61,7 @@ def test_cpp_generator_at_large_indices():
     """csrc/dropout.h at indices whose group number needs the counter's high word (the kernel
     tests only reach small indices)."""
     _C = pytest.importorskip("nanolm._C")
-    from nanolm.backends.checks import dropout_scalars
+    from nanolm.backends.common import dropout_scalars
     index = torch.tensor([0, 3, 4, 2 ** 32 - 1, 2 ** 32, 2 ** 34 + 3, 2 ** 40 + 5, 2 ** 62 + 2, 2 ** 63 - 1])
     index = torch.cat([index, torch.randint(0, 2 ** 62, (200,))])
     params = _C.DropoutParams(*dropout_scalars(DROP))
@@ -170,7 +174,7 @@ def test_attention_gradcheck():
 
 def test_backend_without_dropout_says_so():
     NoDropout = types.ModuleType("nanolm.backends.fake")
-    NoDropout.DROPOUT_OPS = ()
+    NoDropout.SUPPORT = {op: Support(dtypes={"cpu": (torch.float32,)}) for op in ("layernorm", "attention")}
     with pytest.raises(ValueError, match="fake has no dropout for attention"):
         ops.causal_attention(torch.randn(1, 4, 6), 1, NoDropout, DROP)
     with pytest.raises(ValueError, match="fake has no dropout for layernorm"):
@@ -199,6 +203,13 @@ def test_model_p0_and_eval_run_without_dropout():
     assert dropped.dropout.forwards == 2 and not torch.equal(a, b)  # each forward a fresh mask
     dropped.dropout.forwards = 0
     assert torch.equal(dropped(idx, y), a)  # the same (seed, offset): the same masks
+
+
+def test_hf_export_skips_the_dropout_counter():
+    from nanolm.hf import to_hf
+    state = _model(0.2).state_dict()
+    assert "dropout._extra_state" in state
+    assert set(to_hf(state, 50)) == set(to_hf(_model(0.0).state_dict(), 50))
 
 
 @pytest.mark.parametrize("name", ["cpu", "triton"])
@@ -233,3 +244,83 @@ def test_resume_with_dropout_is_bit_exact(tmp_path, monkeypatch):
             assert torch.equal(v, b["model"][k]), k
     for k in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(a["optimizer"][k], b["optimizer"][k]), k
+
+
+# ----------------------------------------------------------------------------- GPU (cuda, triton)
+
+GPU_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,C", [(1, 777), (1000, 768), (333, 1600)])
+def test_add_layer_norm_gpu(name, dtype, N, C, poison):
+    backend, g = load(name), dict(device="cuda", dtype=dtype)
+    x, residual = torch.randn(N, C, **g) * 2 + 0.5, torch.randn(N, C, **g)
+    weight, bias, dy = torch.rand(C, **g) + 0.5, torch.randn(C, **g), torch.randn(N, C, **g)
+    keep = torch_ref.dropout_keep(torch.arange(N * C, device="cuda").view(N, C), DROP)
+    _, h, mean, rstd = backend.add_layer_norm_fwd(x, None, weight, bias, EPS, DROP)
+    assert torch.equal(h != 0, keep), "forward mask differs from the reference's"
+    y, h, mean, rstd = backend.add_layer_norm_fwd(x, residual, weight, bias, EPS, DROP)
+    y_ref, h_ref, _, _ = torch_ref.add_layer_norm_fwd(x.double(), residual.double(), weight.double(),
+                                                      bias.double(), EPS, DROP)
+    torch.testing.assert_close(h.double(), h_ref, **GPU_TOL[dtype])
+    torch.testing.assert_close(y.double(), y_ref, **GPU_TOL[dtype])
+    dbranch = torch.empty_like(x)
+    dx, _, _ = backend.layer_norm_bwd(dy, h, weight, mean, rstd, None, DROP, dbranch)
+    assert torch.equal(dbranch != 0, keep), "backward mask differs from the reference's"
+    torch.testing.assert_close(dbranch.double(), torch.where(keep, dx.double() / (1 - DROP.p), 0.0),
+                               **GPU_TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+@pytest.mark.parametrize("B,T,nh,hs", [(2, 64, 2, 64), (1, 1000, 3, 64), (2, 257, 2, 128)])
+def test_attention_gpu(name, B, T, nh, hs, poison):
+    backend, g = load(name), dict(device="cuda", dtype=torch.bfloat16)
+    q, k, v, do = (torch.randn(B, T, nh, hs, **g) for _ in range(4))
+    scale = 1 / math.sqrt(hs)
+    o, lse = backend.attention_fwd(q, k, v, scale, DROP)
+    o_ref, lse_ref = torch_ref.attention_fwd(q.double(), k.double(), v.double(), scale, DROP)
+    torch.testing.assert_close(o.double(), o_ref, **GPU_TOL[torch.bfloat16])
+    grads = [torch.empty(B, T, nh, hs, **g) for _ in range(3)]
+    backend.attention_bwd(do, q, k, v, o, lse, scale, *grads, DROP)
+    refs = [torch.empty(B, T, nh, hs, device="cuda", dtype=torch.float64) for _ in range(3)]
+    torch_ref.attention_bwd(do.double(), q.double(), k.double(), v.double(), o_ref, lse_ref, scale, *refs, DROP)
+    for gname, got, want in zip(("dq", "dk", "dv"), grads, refs):
+        torch.testing.assert_close(got.double(), want, atol=5e-2, rtol=5e-2, msg=lambda m: f"{gname}: {m}")
+    if T == hs:  # V = the identity: O's zeros are the mask (see test_attention_mask_bit_for_bit)
+        eye = torch.eye(T, **g).view(1, T, 1, T).expand(B, T, nh, T).contiguous()
+        o, _ = backend.attention_fwd(q, k, eye, scale, DROP)
+        assert torch.equal(o.transpose(1, 2) != 0, _attention_mask(B, T, nh, DROP).cuda())
+
+
+# Compiles (does not run) the Triton dropout paths for an sm_90 GPU: the interpreter accepts code
+# the compiler rejects (it read a plain module-level global, which the compiler refuses).
+_COMPILE_SCRIPT = """
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from nanolm.kernels import attention, layernorm
+f32, i32, i64, c = "*fp32", "i32", "i64", "constexpr"
+drop = dict(seed=i32, offset=i64, threshold=i64, keep_scale="fp32")
+ln = dict(X=f32, R=f32, RO=f32, W=f32, B=f32, Y=f32, Mean=f32, Rstd=f32, N=i32, C=i32, eps="fp32", **drop,
+          HAS_RESIDUAL=c, HAS_BIAS=c, DROPOUT=c, BLOCK_C=c, ROWS=c)
+strides = {f"stride_{t}{d}": i64 for t in "qkvo" for d in "bth"}
+attn = dict(Q=f32, K=f32, V=f32, O=f32, LSE=f32, **strides, nh=i32, T=i32, T_BUCKET=i32, qk_scale="fp32",
+            **drop, HS=c, DROPOUT=c, BLOCK_M=c, BLOCK_N=c)
+for kernel, signature, constants in [
+        (layernorm.layernorm_fwd_kernel, ln, dict(HAS_RESIDUAL=True, HAS_BIAS=True, DROPOUT=True, BLOCK_C=256, ROWS=1)),
+        (attention.attention_fwd_kernel, attn, dict(HS=16, DROPOUT=True, BLOCK_M=32, BLOCK_N=32))]:
+    ptx = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    assert "mul.hi.u32" in ptx, kernel  # Philox's umulhi made it into the code
+print("compiled")
+"""
+
+
+def test_triton_dropout_compiles_for_gpu():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

@@ -21,7 +21,7 @@ VAL_AT_STEP = {0: 5.0, 2: 3.0, 4: 2.0, 6: 2.5, 8: 2.0, 10: 2.6, 12: 1.0}  # best
 @pytest.fixture
 def scripted_val(monkeypatch):
     """evaluate() returns VAL_AT_STEP at the optimizer's step instead of measuring."""
-    monkeypatch.setattr(train_module, "evaluate", lambda cfg, run: VAL_AT_STEP[run["opt"].step_count])
+    monkeypatch.setattr(train_module, "evaluate", lambda cfg, run: VAL_AT_STEP[run.opt.step_count])
 
 
 def weights_and_moments(ckpt):
@@ -47,7 +47,7 @@ def test_stops_after_n_evals_without_improvement_and_keeps_the_best(tmp_path, sc
 @pytest.fixture
 def kept_run(tmp_path_factory, monkeypatch):
     """8 steps keeping every checkpoint, val losses scripted (best at step 4)."""
-    monkeypatch.setattr(train_module, "evaluate", lambda cfg, run: VAL_AT_STEP[run["opt"].step_count])
+    monkeypatch.setattr(train_module, "evaluate", lambda cfg, run: VAL_AT_STEP[run.opt.step_count])
     out = tmp_path_factory.mktemp("kept")
     train(parse_args(TINY + ["--max_steps=8", "--ckpt_interval=2", "--keep_ckpts=10", f"--out_dir={out}"]))
     monkeypatch.undo()

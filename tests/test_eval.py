@@ -17,7 +17,7 @@ TEXT = "".join(f"line {i}: café, naïve, 日本語 — {i * i}\n" for i in rang
 def tiny_model(block_size=16):
     cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=block_size, vocab_size=256,
                       vocab_multiple=64)
-    return GPT(cfg, backends.modules(backends.resolve("torch", torch.device("cpu")))).eval()
+    return GPT(cfg, backends.impls(backends.resolve("torch", torch.device("cpu")))).eval()
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ from nanolm.config import ModelConfig, PRESETS
 from nanolm.model import GPT
 from nanolm.sample import generate
 
-TORCH = backends.modules(backends.resolve("torch", torch.device("cpu")))
+TORCH = backends.impls(backends.resolve("torch", torch.device("cpu")))
 
 
 def tiny(**kw):

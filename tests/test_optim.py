@@ -8,7 +8,7 @@ from nanolm.config import ModelConfig
 from nanolm.model import GPT
 from nanolm.optim import FlatAdamW
 
-TORCH = backends.modules(backends.resolve("torch", torch.device("cpu")))
+TORCH = backends.impls(backends.resolve("torch", torch.device("cpu")))
 HP = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
 
 

@@ -15,9 +15,9 @@ BATCH = 3
 
 def build(recompute, kernel_set, dropout=0.0):
     torch.manual_seed(7)  # the same initial weights for every mode
-    kernels = backends.modules(backends.resolve(kernel_set, torch.device("cpu")))
-    model = GPT(dataclasses.replace(CFG, dropout=dropout), kernels, recompute)
-    return model, FlatAdamW(model.named_parameters(), 1e-2, (0.9, 0.95), 1e-8, 0.1, 1.0, kernels["adamw"])
+    impls = backends.impls(backends.resolve(kernel_set, torch.device("cpu")))
+    model = GPT(dataclasses.replace(CFG, dropout=dropout), impls, recompute)
+    return model, FlatAdamW(model.named_parameters(), 1e-2, (0.9, 0.95), 1e-8, 0.1, 1.0, impls["adamw"])
 
 
 def batches(n):
@@ -81,7 +81,7 @@ def test_recompute_config():
     with pytest.raises(ConfigError, match="recompute must be none, mlp or block, got 'all'"):
         parse_args(["--recompute=all"])
     with pytest.raises(ValueError, match="recompute must be one of"):
-        GPT(CFG, backends.modules(backends.resolve("torch", torch.device("cpu"))), "some")
+        GPT(CFG, backends.impls(backends.resolve("torch", torch.device("cpu"))), "some")
 
 
 def test_train_cli_with_recompute_and_dropout_ends_where_plain_training_does(tmp_path):

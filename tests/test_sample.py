@@ -5,7 +5,7 @@ import torch
 
 from nanolm import backends, checkpoint, sample
 from nanolm.config import ModelConfig
-from nanolm.kvcache import KVCache, forward_cached
+from nanolm.kvcache import KVCache
 from nanolm.model import GPT
 
 VOCAB = 256  # byte tokenizer; the model pads its rows to 320
@@ -15,7 +15,7 @@ def make_model(kernels="torch", device="cpu"):
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=VOCAB,
                       vocab_multiple=64)
-    kernels = backends.modules(backends.resolve(kernels, torch.device(device)))
+    kernels = backends.impls(backends.resolve(kernels, torch.device(device)))
     return GPT(cfg, kernels).to(device).eval()
 
 
@@ -39,8 +39,8 @@ def test_cached_logits_match_full_forward(model):
     idx = torch.randint(0, 256, (2, 20))
     full = all_logits(model, idx)
     cache = KVCache.for_model(model, 2)
-    got = [forward_cached(model, idx[:, :7], cache)]  # prefill, then one token at a time
-    got += [forward_cached(model, idx[:, t:t + 1], cache) for t in range(7, 20)]
+    got = [model(idx[:, :7], cache=cache)]  # prefill, then one token at a time
+    got += [model(idx[:, t:t + 1], cache=cache) for t in range(7, 20)]
     torch.testing.assert_close(torch.stack(got, 1), full[:, 6:], rtol=1e-5, atol=1e-5)
 
 
@@ -48,8 +48,8 @@ def test_cached_logits_match_full_forward(model):
 def test_chunked_prefill_matches(model):
     idx = torch.randint(0, 256, (1, 12))
     cache = KVCache.for_model(model, 1)
-    forward_cached(model, idx[:, :5], cache)
-    last = forward_cached(model, idx[:, 5:], cache)  # t > 1 after cached positions: masked
+    model(idx[:, :5], cache=cache)
+    last = model(idx[:, 5:], cache=cache)  # t > 1 after cached positions: masked
     torch.testing.assert_close(last, model(idx), rtol=1e-5, atol=1e-5)
 
 
@@ -108,6 +108,6 @@ def test_cuda_sampling_deterministic_and_cached_matches_full(kernels):
     assert torch.equal(a, sample.generate(model, idx, 40, temperature=1.0, top_k=50, seed=7))
     with torch.no_grad():
         cache = KVCache.for_model(model, 2)
-        forward_cached(model, idx, cache)
-        step = forward_cached(model, a[:, 5:6], cache)
+        model(idx, cache=cache)
+        step = model(a[:, 5:6], cache=cache)
         torch.testing.assert_close(step, model(a[:, :6]), rtol=1e-4, atol=1e-4)

@@ -1,17 +1,34 @@
 """Backend selection: which implementation runs each hot op.
 
-A backend is a module of plain functions with the signatures listed in torch_ref.py, plus
-`OPS` (the ops it implements) and `unavailable_reason(device)` (None when usable there).
-Selection strings, as given to `--kernels`:
+A backend is a module of plain functions with the signatures of the contract in torch_ref.py,
+plus two names: `SUPPORT`, its table {op: common.Support} of what it accepts (devices, dtypes
+per device, head sizes, max row length, alignment), and `unavailable_reason(device)` (None when
+it can run there at all: built, installed, device present). Selection strings, as given to
+`--kernels`:
   "auto"                          the best available backend per op on the device
   "triton"                        one backend for every op (an error if it lacks one)
   "auto,attention=triton,layernorm=cuda"   a default followed by per-op overrides
 Asking for a backend that is not built or not usable on the device is an error, never a
-silent fallback.
+silent fallback. The result, {op: backend module}, is what the model and optimizer hold; it is
+called `impls` everywhere.
+
+To add a dtype, head size or device to a backend: edit its SUPPORT entry, and make the kernel
+handle it (tests/test_contract.py then checks it is accepted and everything else rejected).
+To add a backend: a module with SUPPORT, unavailable_reason and the functions below, a line in
+BACKENDS (and in AUTO_ORDER if `auto` should pick it). To add an op: a line in OPS, its functions
+in torch_ref.py (the specification) and an entry in the SUPPORT of each backend implementing it.
 """
 import importlib
 
-OPS = ("layernorm", "attention", "cross_entropy", "adamw")
+from nanolm.backends.common import dtype_name
+
+# The contract: each op and the functions a backend implements for it (signatures in torch_ref.py).
+OPS = {
+    "layernorm": ("layer_norm_fwd", "add_layer_norm_fwd", "layer_norm_bwd"),
+    "attention": ("attention_fwd", "attention_bwd"),
+    "cross_entropy": ("cross_entropy_fwd",),
+    "adamw": ("adamw_step", "sum_of_squares"),
+}
 BACKENDS = {"torch": "torch_ref", "triton": "triton", "cuda": "cuda", "cpu": "cpu"}
 
 # What `auto` tries, best first, per device type; torch is always last and always works.
@@ -29,15 +46,30 @@ def load(name):
     return importlib.import_module(f"nanolm.backends.{BACKENDS[name]}")
 
 
-def unavailable_reason(name, op, device):
-    """Why backend `name` cannot run `op` on `device`, or None if it can."""
+def support_reason(name, op, device, dtype=None):
+    """Why backend `name`'s SUPPORT table excludes `op` on `device` (for `dtype`, when given),
+    or None if the table lists it."""
     try:
         module = load(name)
     except ImportError as e:
         return f"could not be imported ({e})"
-    if op not in module.OPS:
+    support = module.SUPPORT.get(op)
+    if support is None:
         return f"does not implement {op}"
-    return module.unavailable_reason(device)
+    dtypes = support.dtypes.get(device.type)
+    if dtypes is None:
+        return f"runs {op} on {' or '.join(support.devices())} only"
+    if dtype is not None and dtype not in dtypes:
+        names = ", ".join(map(dtype_name, dtypes))
+        note = support.notes.get(device.type)
+        return f"{op} on {device.type} takes {names}" + (f" ({note})" if note else "")
+    return None
+
+
+def unavailable_reason(name, op, device, dtype=None):
+    """Why backend `name` cannot run `op` on `device` (for `dtype`, when given), or None if it
+    can: its SUPPORT table lists it, and the backend runs there (built, installed, device present)."""
+    return support_reason(name, op, device, dtype) or load(name).unavailable_reason(device)
 
 
 def resolve(spec, device):
@@ -64,6 +96,6 @@ def resolve(spec, device):
     return choice
 
 
-def modules(choice):
-    """{op: backend name} -> {op: backend module}, what the model and optimizer hold."""
+def impls(choice):
+    """{op: backend name} -> {op: backend module}: the `impls` the model and optimizer hold."""
     return {op: load(name) for op, name in choice.items()}

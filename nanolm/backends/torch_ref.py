@@ -4,8 +4,12 @@ Each function is the explicit math of its op's forward or backward in plain PyTo
 through F.*), computed in float32 (float64 when given float64) and cast back to the input dtype.
 The tests check these against float64 autograd; the kernels are checked against these.
 
-Backend contract (every backend module implements the functions of the ops it lists in OPS,
-with exactly these signatures, and `unavailable_reason(device)`):
+Backend contract. Every backend module (torch_ref, triton, cuda, cpu) has, in this order:
+  SUPPORT = {op: Support(...)}    one entry per op it implements (common.Support): the devices
+                                  and dtypes per device, head sizes, max row length, alignment it
+                                  accepts; checks, --kernels, nanolm.info and the tests read it
+  unavailable_reason(device)      None when the backend can run on device at all
+and then, per op in SUPPORT, these functions with exactly these signatures, in this order:
 
   layernorm      layer_norm_fwd(x, weight, bias, eps) -> (y, mean, rstd)
                  add_layer_norm_fwd(x, residual, weight, bias, eps, dropout=None)
@@ -29,15 +33,23 @@ are padding; targets (N,) int64; losses (N,) float32. adamw: 1-D float32 buffers
 the first decay_numel elements weight-decayed.
 
 dropout: None (no dropout: exactly the path without it) or an object with p (0 < p < 1), seed
-and offset (ops.Dropout); the mask is specified once, in the dropout section below. A backend
-lists the ops whose functions take it in DROPOUT_OPS and rejects it elsewhere.
+and offset (ops.Dropout); the mask is specified once, in the dropout section below. A backend's
+functions take it where its SUPPORT entry says dropout=True.
 """
 import math
 
 import torch
 
-OPS = ("layernorm", "attention", "cross_entropy", "adamw")
-DROPOUT_OPS = ("layernorm", "attention")
+from nanolm.backends.common import Support
+
+# The specification runs everything, unchecked: any float dtype, on any device.
+ANY = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+SUPPORT = {
+    "layernorm": Support(dtypes={"cpu": ANY, "cuda": ANY}, dropout=True),
+    "attention": Support(dtypes={"cpu": ANY, "cuda": ANY}, dropout=True),
+    "cross_entropy": Support(dtypes={"cpu": ANY, "cuda": ANY}),
+    "adamw": Support(dtypes={"cpu": ANY, "cuda": ANY}),
+}
 
 
 def unavailable_reason(device):

@@ -1,25 +1,35 @@
 """The `triton` backend: the Triton kernels of kernels/ (imported as nanolm.kernels).
 
 Runs on CUDA devices, and on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1,
-set before triton is imported), which is how CI tests these kernels.
+set before triton is imported), which is how CI tests these kernels. Each function checks its
+tensors against SUPPORT (checks.py) and calls the kernel file's launcher.
 """
 import os
 
 import torch
 
-from nanolm.backends.checks import (check_adamw_buffers, check_attention_bwd, check_attention_qkv,
-                                   check_cross_entropy, check_tensor)
-from nanolm.kernels.layernorm import add_layer_norm_fwd, layer_norm_bwd, layer_norm_fwd  # noqa: F401
+from nanolm.backends.checks import (check_adamw, check_attention, check_attention_bwd, check_cross_entropy,
+                                    check_dropout, check_layer_norm_bwd, check_layer_norm_fwd,
+                                    check_sum_of_squares)
+from nanolm.backends.common import Support, adamw_scalars, dropout_scalars, layer_norm_forwards
+from nanolm.kernels import adamw, attention, cross_entropy, layernorm
 
-OPS = ("layernorm", "attention", "cross_entropy", "adamw")
-DROPOUT_OPS = ("layernorm", "attention")  # ops whose functions take a dropout argument (see torch_ref)
+ANY = (torch.float32, torch.bfloat16, torch.float16)
+F32 = (torch.float32,)
+SUPPORT = {
+    "layernorm": Support(dtypes={"cpu": ANY, "cuda": ANY}, max_row=layernorm.MAX_C, dropout=True),
+    "attention": Support(
+        dtypes={"cpu": F32, "cuda": (torch.bfloat16, torch.float16)},
+        head_sizes=(16, 32, 64, 128),  # tl.arange needs a power of two; tl.dot a K of 16 or more
+        notes={"cpu": "the interpreter's tl.dot returns garbage on bf16/fp16",
+               "cuda": "no float32: tl.dot would silently compute in tf32"},
+        dropout=True),
+    "cross_entropy": Support(dtypes={"cpu": ANY, "cuda": ANY}),
+    "adamw": Support(dtypes={"cpu": F32, "cuda": F32}),
+}
 
 
 def unavailable_reason(device):
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed"
     if device.type == "cuda":
         return None if torch.cuda.is_available() else "CUDA is not available"
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -27,49 +37,58 @@ def unavailable_reason(device):
     return "Triton runs on CUDA devices, or on CPU only under TRITON_INTERPRET=1"
 
 
+def _dropout_args(dropout):
+    """The kernels' (seed, offset, threshold, keep_scale), or None without dropout."""
+    return None if dropout is None else dropout_scalars(dropout)
+
+
+# ----------------------------------------------------------------------------- layernorm
+
+def _layer_norm_fwd(op, x, residual, weight, bias, eps, dropout):
+    check_layer_norm_fwd(op, SUPPORT["layernorm"], x, residual, weight, bias, dropout)
+    return layernorm.layernorm_fwd(x, residual, weight, bias, eps, _dropout_args(dropout))
+
+
+layer_norm_fwd, add_layer_norm_fwd = layer_norm_forwards(_layer_norm_fwd)
+
+
+def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual, dropout=None, dbranch=None):
+    check_layer_norm_bwd("layer_norm_bwd", SUPPORT["layernorm"], dy, x, weight, mean, rstd, dresidual,
+                         dropout, dbranch)
+    return layernorm.layernorm_bwd(dy, x, weight, mean, rstd, dresidual, _dropout_args(dropout), dbranch)
+
+
+# ----------------------------------------------------------------------------- attention
+
+def attention_fwd(q, k, v, scale, dropout=None):
+    check_dropout("attention_fwd", SUPPORT["attention"], dropout)
+    check_attention("attention_fwd", SUPPORT["attention"], q, k, v)
+    return attention.attention_fwd(q, k, v, scale, _dropout_args(dropout))
+
+
+def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, dropout=None):
+    check_dropout("attention_bwd", SUPPORT["attention"], dropout)
+    check_attention_bwd("attention_bwd", SUPPORT["attention"], do, q, k, v, o, lse, dq, dk, dv)
+    attention.attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, _dropout_args(dropout))
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+
 def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_scale, inplace):
-    check_cross_entropy("cross_entropy", logits, targets, vocab_size,
-                        dtypes=(torch.float32, torch.bfloat16, torch.float16),
-                        device_type=None)
-    from nanolm.kernels import cross_entropy
+    check_cross_entropy("cross_entropy", SUPPORT["cross_entropy"], logits, targets, vocab_size)
     return cross_entropy.cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss,
-                                           grad_scale, inplace)
+                                                   grad_scale, inplace)
 
 
 # ----------------------------------------------------------------------------- adamw
 
 def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
                decay_numel, grad_scale):
-    from nanolm.kernels import adamw
-    check_adamw_buffers("adamw_step", param, grad, exp_avg, exp_avg_sq, decay_numel, step)
-    adamw.adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
-                     decay_numel, grad_scale)
+    check_adamw("adamw_step", SUPPORT["adamw"], param, grad, exp_avg, exp_avg_sq, decay_numel, step)
+    adamw.adamw_step(param, grad, exp_avg, exp_avg_sq, decay_numel,
+                             adamw_scalars(lr, beta1, beta2, eps, weight_decay, step, grad_scale))
 
 
 def sum_of_squares(x):
-    from nanolm.kernels import adamw
-    check_tensor("sum_of_squares", "x", x, dtypes=(torch.float32,), ndim=1)
+    check_sum_of_squares("sum_of_squares", SUPPORT["adamw"], x)
     return adamw.sum_of_squares(x)
-
-
-# ----------------------------------------------------------------------------- attention
-
-def _check_attention_qkv(op, q, k, v):
-    from nanolm.kernels import attention
-    check_tensor(op, "q", q, dtypes=(torch.float32, torch.bfloat16, torch.float16), contiguous=False)
-    # fp32 only where tl.dot is exact fp32 (the interpreter); on a GPU it would silently be tf32
-    dtypes = (torch.float32,) if q.device.type == "cpu" else (torch.bfloat16, torch.float16)
-    check_attention_qkv(op, q, k, v, dtypes=dtypes, head_dims=attention.HEAD_DIMS)
-
-
-def attention_fwd(q, k, v, scale, dropout=None):
-    from nanolm.kernels import attention
-    _check_attention_qkv("attention_fwd", q, k, v)
-    return attention.attention_fwd(q, k, v, scale, dropout)
-
-
-def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, dropout=None):
-    from nanolm.kernels import attention
-    _check_attention_qkv("attention_bwd", q, k, v)
-    check_attention_bwd("attention_bwd", do, q, o, lse, dq, dk, dv)
-    attention.attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, dropout)
