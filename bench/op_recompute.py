@@ -2,17 +2,16 @@
 kernels train.py picks on the device (`auto`), for each mode, none | mlp | block, as in
 op_train_step. The point is the peak memory column (activations and gradients allocated during
 the step) against the time the recomputation costs. TFLOP/s counts the model FLOPs of a step
-without recomputation (formulas.train_flops_per_token), so the recomputed forward shows as a
+without recomputation (nanolm/flops.py), so the recomputed forward shows as a
 lower rate, not as extra work.
 
 Correctness: each mode's first step must return exactly the (loss, pre-clip gradient norm) of
 mode none (tolerance 0): recomputation is bit-identical, not merely close."""
 import torch
 
-from bench import formulas
 from bench.cases import Case, Impl, shape_key
 from bench.op_train_step import TORCH_IMPLS, _nanolm_model, datasheet_peak_tflops, nanolm_impl
-from nanolm import backends
+from nanolm import backends, flops
 from nanolm.model import RECOMPUTE
 
 CONFIGS = {  # (n_layer, n_head, n_embd, block_size, vocab_size, batch), as op_train_step
@@ -30,11 +29,11 @@ def _case(name, cfg, device):
     with torch.device("meta"):
         n_params = _nanolm_model(cfg, TORCH_IMPLS).num_params()
     choice = backends.resolve("auto", device)
-    impls = backends.impls(choice)
+    step_impls = backends.impls(choice)
     # mode none is the baseline: the other modes' speedup over it is their slowdown
     impls = [Impl(f"recompute={mode}", "baseline" if mode == "none" else "nanolm",
-                  nanolm_impl(cfg, device, impls, mode)) for mode in RECOMPUTE]
-    reference = nanolm_impl(cfg, device, impls, "none")
+                  nanolm_impl(cfg, device, step_impls, mode)) for mode in RECOMPUTE]
+    reference = nanolm_impl(cfg, device, step_impls, "none")
 
     def make_inputs():
         return {"idx": torch.randint(0, vocab, (batch, block_size), device=device),
@@ -44,7 +43,7 @@ def _case(name, cfg, device):
     tokens = batch * block_size
     return Case(op="recompute", name=f"{name} B={batch} T={block_size} {label} kernels={kernel_names}",
                 series=label, x=n_params, x_label="parameters (non-embedding)", metric="TFLOP/s",
-                work=tokens * formulas.train_flops_per_token(n_params, n_layer, n_embd, block_size),
+                work=tokens * flops.train_flops_per_token(n_params, n_layer, n_embd, block_size),
                 make_inputs=make_inputs, reference=lambda t: reference(t)(), impls=impls, tol=0.0,
                 budget_ms=2000 if device.type == "cuda" else 1000, per_call={"tokens": tokens},
                 peak_tflops=datasheet_peak_tflops(device))
