@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanolm.kernels.dropout import DROPOUT_SCALARS, NO_DROPOUT, dropout_factor
+from .dropout import DROPOUT_SCALARS, NO_DROPOUT, dropout_factor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # exp(x) = exp2(x * LOG2E): exp2 is one instruction. A tl.constexpr value: the compiler (unlike

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanolm.kernels.dropout import DROPOUT_SCALARS, NO_DROPOUT, dropout_factor
+from .dropout import DROPOUT_SCALARS, NO_DROPOUT, dropout_factor
 
 MAX_C = 16384  # the whole row lives in registers: BLOCK_C = next_power_of_2(C)
 
