@@ -70,6 +70,16 @@ def environment(device):
     return env
 
 
+def check_impls(impls, cases):
+    """Every --impls name must be an implementation (run or skipped here) of some chosen op."""
+    known = {op: sorted({i.name for c in op_cases for i in c.impls} | {n for c in op_cases for n in c.skipped})
+             for op, op_cases in cases.items()}
+    unknown = [name for name in impls if not any(name in names for names in known.values())]
+    if unknown:
+        sys.exit(f"error: --impls: no {', '.join(cases)} implementation named {unknown[0]!r}; known: "
+                 + "; ".join(f"{op}: {', '.join(names)}" for op, names in known.items()))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["comm"]:  # its own arguments and process model (torchrun): see bench/comm.py
@@ -80,6 +90,8 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: CUDA is not available")
     torch.manual_seed(0)
+    cases = {op: build_cases(op, device, args.size) for op in args.ops}
+    check_impls(args.impls, cases)
     rows, skipped, env = [], [], environment(device)
     if device.type == "cpu":
         env["malloc_reuses_freed_memory"] = timing.reuse_freed_cpu_memory()
@@ -87,7 +99,7 @@ def main(argv=None):
     print(f"ceilings: memory {ceilings['memory_GBps']:.0f} GB/s, matmul {ceilings['matmul_TFLOPs']:.2f} TFLOP/s",
           file=sys.stderr)
     for op in args.ops:
-        for case in build_cases(op, device, args.size):
+        for case in cases[op]:
             if args.size == "tiny":
                 case.budget_ms = 10  # the tests' toy shapes: what matters is that every case runs
             r, s = runner.run_case(case, device, args.impls, log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -5,13 +5,21 @@ A checkpoint is one torch file `ckpt_<step>.pt` in the run dir holding
 Saving writes a temp file in the same directory, flushes and fsyncs it, renames it over the
 final name (os.replace is atomic on POSIX) and fsyncs the directory so the rename itself is
 durable. A crash at any point leaves either the old set of checkpoints or the new one, never a
-truncated file under a checkpoint's name. Only the newest `keep` checkpoints are kept.
+truncated file under a checkpoint's name. Retention keeps the newest `keep` checkpoints up to
+the one just saved and never deletes a newer one; only files named ckpt_<digits>.pt are ever
+deleted (a ckpt_best.pt or any other name is left alone).
+A checkpoint whose weights or optimizer moments hold a NaN or inf is never written: it could
+only replace a good one.
 
 Everything saved is tensors and plain Python values, so loading uses weights_only=True.
+A CRC-32 of every tensor's bytes is saved beside them ("crc32") and checked on load: torch.load
+itself accepts a flipped bit inside tensor data. A checkpoint that cannot be read, or fails
+the check, raises ValueError naming it and the previous checkpoint in its run dir.
 """
 import os
 import random
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -41,14 +49,16 @@ def set_rng_state(state):
     random.setstate((version, tuple(internal), gauss_next))
 
 
+def step_of(path):
+    """The step in a ckpt_<step>.pt name, or None for any other name."""
+    m = _NAME.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def checkpoints(run_dir):
     """Paths of the complete checkpoints in run_dir, oldest step first."""
-    found = []
-    for p in Path(run_dir).glob("ckpt_*.pt"):
-        m = _NAME.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+    found = sorted((step_of(p), p) for p in Path(run_dir).glob("ckpt_*.pt") if step_of(p) is not None)
+    return [p for _, p in found]
 
 
 def latest(run_dir):
@@ -65,32 +75,72 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def tensors_crc32(tree, crc=0):
+    """CRC-32 over the bytes of every tensor in a nested dict/list, in order."""
+    items = tree.values() if isinstance(tree, dict) else tree
+    for value in items:
+        if isinstance(value, (dict, list, tuple)):
+            crc = tensors_crc32(value, crc)
+        elif isinstance(value, torch.Tensor):
+            data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            crc = zlib.crc32(data, crc)
+    return crc
+
+
+def non_finite(state, prefix=""):
+    """Name of the first floating-point tensor in a (nested) state dict holding a NaN or inf,
+    or None."""
+    items = state.items() if isinstance(state, dict) else enumerate(state)
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, (dict, list, tuple)):
+            found = non_finite(value, name + ".")
+            if found:
+                return found
+        elif isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(value.isfinite().all()):
+            return name
+    return None
+
+
 def save(run_dir, step, model_state, optimizer_state, config, loader_state, keep=3):
     """Write ckpt_<step>.pt atomically (RNG states captured here) and keep the newest `keep`
-    (keep=None keeps all). Returns the path."""
+    (keep=None keeps all). Returns the path. Raises ValueError, writing nothing, if a weight or
+    optimizer tensor is not finite."""
+    bad = non_finite(model_state) or non_finite(optimizer_state, "optimizer.")
+    if bad:
+        raise ValueError(f"not saving checkpoint at step {step}: {bad} holds non-finite values")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"ckpt_{step:08d}.pt"
     tmp = run_dir / f".{final.name}.tmp{os.getpid()}"
     payload = {"model": model_state, "optimizer": optimizer_state, "step": step,
                "config": config, "loader": loader_state, "rng": rng_state()}
+    payload["crc32"] = tensors_crc32(payload)
     try:
         with open(tmp, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
+    except RuntimeError as e:  # torch.save turns a failed write (a full disk) into RuntimeError
+        if isinstance(e.__context__, OSError):
+            raise OSError(e.__context__.errno, f"{e.__context__.strerror} (writing a checkpoint)",
+                          str(final)) from e
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(run_dir)
     if keep is not None:
-        prune(run_dir, keep)
+        prune(run_dir, keep, step)
     return final
 
 
-def prune(run_dir, keep):
-    """Delete all but the newest `keep` checkpoints, and temp files left by crashed saves."""
-    for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
+def prune(run_dir, keep, newest):
+    """Of the checkpoints up to step `newest` (the one just saved), delete all but the newest
+    `keep`; later ones (another branch's, see nanolm.train.set_aside_future) are never touched.
+    Also deletes temp files left by crashed saves."""
+    candidates = [p for p in checkpoints(run_dir) if step_of(p) <= newest]
+    for old in candidates[:-keep] if keep > 0 else []:
         old.unlink()
     for stale in Path(run_dir).glob(".ckpt_*.pt.tmp*"):
         stale.unlink(missing_ok=True)
@@ -115,10 +165,32 @@ def config_diff(saved, expected):
             for k, v in expected.items() if saved.get(k, missing) != v]
 
 
+def read(path, map_location="cpu", mmap=False):
+    """torch.load of a checkpoint file; an unreadable or corrupt one (checked against its
+    CRC-32 unless mmap, which reads no tensor data) raises ValueError naming it and the
+    previous checkpoint in its run dir."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        damaged = not mmap and "crc32" in ckpt and ckpt["crc32"] != tensors_crc32(
+            {k: v for k, v in ckpt.items() if k != "crc32"})
+        reason = "its tensors fail their CRC-32 check" if damaged else None
+    except Exception as e:  # torch reports a damaged zip or pickle under many exception types
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    if reason:
+        step = step_of(path)
+        older = [p for p in checkpoints(path.parent) if step is not None and step_of(p) < step]
+        hint = f"; resume from the previous one: --resume={older[-1]}" if older else ""
+        raise ValueError(f"{path} is damaged and cannot be loaded ({reason}){hint}")
+    return ckpt
+
+
 def saved_run(path):
     """(config, train loader state) stored in a checkpoint file, read without loading its
     tensors (mmap)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    ckpt = read(path, mmap=True)
     return ckpt["config"], ckpt["loader"]["train"]
 
 
@@ -130,9 +202,9 @@ def load(path, map_location="cpu", model_config=None):
     if path.is_dir():
         found = latest(path)
         if found is None:
-            raise FileNotFoundError(f"no checkpoint (ckpt_*.pt) in {path}")
+            raise ValueError(f"no checkpoint (ckpt_*.pt) in {path}")
         path = found
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    ckpt = read(path, map_location)
     if model_config is not None:
         diff = config_diff(ckpt["config"], model_config)
         if diff:

@@ -1,10 +1,37 @@
-"""Configs: dataclasses with presets and `--key=value` overrides, validated before any work."""
+"""Configs: dataclasses with presets and `--key=value` overrides, validated before any work;
+and cli(), which every entry point runs under so a user's error is one `error:` line."""
 import dataclasses
+import math
+import os
+import re
+import sys
+import traceback
 from dataclasses import dataclass, fields
 
 
 class ConfigError(ValueError):
     """A bad config or CLI value, reported before any training work."""
+
+
+def describe(error):
+    """One line for an error: an OSError as 'path: reason' (its [Errno N] prefix dropped)."""
+    if isinstance(error, OSError) and error.strerror:
+        where = error.filename if error.filename is not None else ""
+        return f"{where}: {error.strerror}" if where else error.strerror
+    return str(error)
+
+
+def cli(main, argv, errors=()):
+    """Run main(argv) as a command: a user's error (ValueError, which ConfigError is, OSError,
+    or one of `errors`) exits with code 1 and one `error: ...` line, no traceback. `--debug` in
+    argv, or NANOLM_DEBUG=1, shows the traceback as well."""
+    debug = "--debug" in argv or os.environ.get("NANOLM_DEBUG", "") not in ("", "0")
+    try:
+        return main([a for a in argv if a != "--debug"])
+    except (ValueError, OSError, *errors) as e:
+        if debug:
+            traceback.print_exc()
+        sys.exit(f"error: {describe(e)}")
 
 
 @dataclass
@@ -39,8 +66,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95  # GPT-3 value, steadier than 0.999 at large batch
     grad_clip: float = 1.0  # global norm; 0 disables
+    max_skipped_steps: int = 10  # consecutive non-finite steps (each skipped) before the run stops as diverged
     eval_interval: int = 100  # steps between val-loss estimates
-    eval_iters: int = 10  # batches per val-loss estimate
+    eval_iters: int = 10  # global batches (batch_size on each rank) per val-loss estimate
     log_interval: int = 25  # steps between log lines
     seed: int = 1337
     device: str = "auto"  # cuda if available, else cpu
@@ -63,7 +91,7 @@ class TrainConfig:
     dropout: float = 0.0
     zero: int = 0  # 1 = ZeRO-1: each of W ranks keeps 1/W of the AdamW state (multi-process only)
     bucket_mb: float = 25.0  # gradient bucket size; ~25 MB hides all-reduce latency (as DDP)
-    dist_timeout_s: float = 300.0  # a collective waiting longer aborts the run; must exceed rank 0's eval/save
+    dist_timeout_s: float = 300.0  # a collective waiting longer aborts the run; must exceed rank 0's checkpoint save
 
 
 PRESETS = {
@@ -132,8 +160,12 @@ def model_config(cfg, vocab_size):
 
 
 def validate(cfg):
+    for f in fields(TrainConfig):  # nan passes every comparison below, so it is caught first
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value}")
     positive = ("batch_size", "grad_accum", "max_steps", "eval_iters", "log_interval", "eval_interval",
-                "keep_ckpts")
+                "keep_ckpts", "max_skipped_steps")
     for k in positive:
         if getattr(cfg, k) <= 0:
             raise ConfigError(f"{k} must be positive, got {getattr(cfg, k)}")
@@ -153,6 +185,12 @@ def validate(cfg):
     for k in ("bucket_mb", "dist_timeout_s"):
         if getattr(cfg, k) <= 0:
             raise ConfigError(f"{k} must be positive, got {getattr(cfg, k)}")
+    if cfg.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", cfg.device):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.resume and cfg.init_from:
+        raise ConfigError("--resume and --init_from exclude each other: --resume continues a run "
+                          "(its weights, optimizer and data position), --init_from starts a new one "
+                          "from weights")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
     model_config(cfg, 256)

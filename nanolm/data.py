@@ -13,12 +13,17 @@ Datasets by name or path (`load_dataset`):
 
 Shard format: a header of 256 int32 (magic 20240520, version 1, token count, rest zero), then
 the tokens as uint16. Write them with
-    python -m nanolm.data prepare <dataset> --out DIR --tokenizer gpt2|byte
+    python -m nanolm.data prepare <dataset> --out DIR --tokenizer gpt2|byte [--overwrite]
+which also writes DIR/shards.json, {"tokenizer": name, "vocab_size": n}: the .bin files stay
+exactly llm.c's format for other tools, and a run with another tokenizer is refused. Shards
+without it (e.g. llm.c's own) are accepted; every shard's largest token id is checked against
+the vocab when it is opened.
 """
 import argparse
 import codecs
 import glob
 import hashlib
+import json
 import os
 import re
 import sys
@@ -35,6 +40,7 @@ SHARD_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 SHARD_TOKENS = 100_000_000  # llm.c's shard size: 200 MB of uint16 per file
+SHARDS_INFO = "shards.json"  # beside the shards: the tokenizer that made them
 
 PYSTDLIB_MAX_BYTES = 2 * 1024 * 1024  # ~half the stdlib: gpt2-tokenizes in a few seconds
 
@@ -76,7 +82,7 @@ class GPT2Tokenizer:
         try:
             self.enc = tiktoken.get_encoding("r50k_base")
         except Exception as e:  # tiktoken surfaces network failures as many exception types
-            raise RuntimeError(
+            raise OSError(
                 "could not load the GPT-2 BPE file (tiktoken 'r50k_base'). Offline, point "
                 "TIKTOKEN_CACHE_DIR at a folder holding the cached file "
                 "(here: ../shared/tiktoken relative to the repo root), e.g. "
@@ -203,13 +209,13 @@ def shakespeare_path():
         try:
             download(SHAKESPEARE_URL, path)
         except OSError as e:
-            raise RuntimeError(
+            raise OSError(
                 f"tiny Shakespeare is not cached at {path} and could not be downloaded from "
                 f"{SHAKESPEARE_URL} ({e}). Offline, copy the file there by hand, or set "
                 "NANOLM_CACHE to a folder holding tinyshakespeare.txt.") from e
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != SHAKESPEARE_SHA256:
-        raise RuntimeError(f"{path}: sha256 {digest} is not tiny Shakespeare's "
+        raise ValueError(f"{path}: sha256 {digest} is not tiny Shakespeare's "
                            f"{SHAKESPEARE_SHA256}; delete it to download again")
     return path
 
@@ -230,7 +236,15 @@ def split_text(text, val_fraction=0.1):
 def text_dataset(name):
     """(train_text, val_text) for 'shakespeare' or a .txt path."""
     path = shakespeare_path() if name == "shakespeare" else Path(name)
-    return split_text(path.read_text(encoding="utf-8"))
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x})") from None
+    if not text:
+        raise ValueError(f"{path} is empty: nothing to tokenize")
+    return split_text(text)
 
 
 def encode_dataset(name, tokenizer):
@@ -299,8 +313,14 @@ class ConcatTokens:
 
 
 def shard_files(spec):
-    paths = sorted(glob.glob(os.path.join(spec, "*.bin")) if os.path.isdir(spec)
-                   else glob.glob(spec))
+    """(train, val) shard paths of a directory or a glob. A directory's own name is never a
+    pattern (run[1]/ is a name), nor is that of the directory a glob's file pattern sits in."""
+    if os.path.isdir(spec):
+        paths = glob.glob(os.path.join(glob.escape(spec), "*.bin"))
+    else:
+        folder, pattern = os.path.split(spec)
+        paths = glob.glob(spec) or glob.glob(os.path.join(glob.escape(folder), pattern))
+    paths = sorted(paths)
     if not paths:
         raise FileNotFoundError(f"no token shards match {spec!r}")
     val = [p for p in paths if "val" in os.path.basename(p)]
@@ -311,13 +331,40 @@ def shard_files(spec):
     return train, val
 
 
-def open_shards(paths):
+def check_shards_tokenizer(paths, tokenizer):
+    """Refuse shards whose shards.json names another tokenizer than the run's."""
+    for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
+        info = os.path.join(folder, SHARDS_INFO)
+        if os.path.exists(info):
+            with open(info) as f:
+                made_with = json.load(f)["tokenizer"]
+            if made_with != tokenizer.name:
+                raise ValueError(f"{info}: these shards were made with tokenizer {made_with!r}, "
+                                 f"but the run has --tokenizer={tokenizer.name}")
+
+
+def open_shards(paths, tokenizer):
+    """The shards as one token sequence, every token id checked against the vocab: a max over
+    each memory-mapped shard, one read of the data at start, instead of an IndexError (or a
+    device-side assert) whenever the bad batch comes up."""
+    check_shards_tokenizer(paths, tokenizer)
     parts = [read_shard(p) for p in paths]
+    for path, part in zip(paths, parts):
+        top = int(part.max()) if len(part) else 0
+        if top >= tokenizer.vocab_size:
+            raise ValueError(f"{path} holds token id {top}, outside the {tokenizer.name} tokenizer's "
+                             f"vocab of {tokenizer.vocab_size}: it was written with another tokenizer")
     return parts[0] if len(parts) == 1 else ConcatTokens(parts)
 
 
 def is_shard_spec(name):
-    return os.path.isdir(name) or any(c in name for c in "*?[")
+    return os.path.isdir(name) or (not os.path.isfile(name) and any(c in name for c in "*?["))
+
+
+def resolve_data(name):
+    """A dataset path made absolute (names stay names), so that a run resumed from another
+    directory finds its data."""
+    return name if name in ("pystdlib", "shakespeare") else os.path.abspath(name)
 
 
 def load_dataset(name, tokenizer):
@@ -325,19 +372,36 @@ def load_dataset(name, tokenizer):
     Shards hold token ids only: they must have been written with the same tokenizer."""
     if is_shard_spec(name):
         train, val = shard_files(name)
-        return open_shards(train), open_shards(val)
+        return open_shards(train, tokenizer), open_shards(val, tokenizer)
     if name in ("pystdlib", "shakespeare") or name.endswith(".txt"):
         return encode_dataset(name, tokenizer)
     raise ValueError(f"unknown dataset {name!r}: expected pystdlib, shakespeare, a .txt file, "
                      "or a directory / glob of token shards")
 
 
-def prepare(name, out, tokenizer_name, shard_tokens=SHARD_TOKENS):
-    """Tokenize a text dataset into <out>/<stem>_{val,train}_NNNNNN.bin shards."""
+def clear_for_shards(out, overwrite):
+    """An empty (or new) out dir; with overwrite, an old dataset's shards and shards.json are
+    deleted first, so none of them are mixed into the new one."""
+    if not os.path.isdir(out) or not os.listdir(out):
+        return
+    if not overwrite:
+        raise ValueError(f"{out} is not empty: shards already there would be mixed into the new "
+                         f"dataset; pass --overwrite to replace them, or choose another --out")
+    for old in glob.glob(os.path.join(glob.escape(out), "*.bin")) + [os.path.join(out, SHARDS_INFO)]:
+        if os.path.exists(old):
+            os.remove(old)
+
+
+def prepare(name, out, tokenizer_name, shard_tokens=SHARD_TOKENS, overwrite=False):
+    """Tokenize a text dataset into <out>/<stem>_{val,train}_NNNNNN.bin shards and
+    <out>/shards.json."""
+    clear_for_shards(out, overwrite)
     tokenizer = get_tokenizer(tokenizer_name)
     train, val = encode_dataset(name, tokenizer)
     stem = Path(name).stem
     os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, SHARDS_INFO), "w") as f:
+        json.dump({"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size}, f)
     written = []
     for split, tokens in (("val", val), ("train", train)):
         for k, start in enumerate(range(0, len(tokens), shard_tokens)):
@@ -426,6 +490,11 @@ class Loader:
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
+    from nanolm.config import cli
+    cli(run_cli, sys.argv[1:] if argv is None else argv)
+
+
+def run_cli(argv):
     p = argparse.ArgumentParser(prog="python -m nanolm.data")
     sub = p.add_subparsers(dest="cmd", required=True)
     prep = sub.add_parser("prepare", help="tokenize a text dataset into train/val shards")
@@ -433,8 +502,10 @@ def main(argv=None):
     prep.add_argument("--out", required=True, help="output directory")
     prep.add_argument("--tokenizer", choices=("gpt2", "byte"), default="gpt2")
     prep.add_argument("--shard_tokens", type=int, default=SHARD_TOKENS)
+    prep.add_argument("--overwrite", action="store_true",
+                      help="replace the shards (and shards.json) already in --out")
     args = p.parse_args(argv)
-    for path in prepare(args.dataset, args.out, args.tokenizer, args.shard_tokens):
+    for path in prepare(args.dataset, args.out, args.tokenizer, args.shard_tokens, args.overwrite):
         print(f"{path}: {len(read_shard(path)):,} tokens")
 
 

@@ -76,11 +76,13 @@ def rendezvous_store(env, timeout_s):
     return tdist.PrefixStore(f"nanolm/attempt_{attempt}", store)
 
 
-def fail(env, what):
-    """A collective failed or timed out: say which rank and which collective, and exit at once.
+def fail(env, what, waiting_for=""):
+    """A collective failed or timed out: say which rank and which collective, and what the ranks
+    were waiting for if the training loop said (Context.waiting_for), and exit at once.
     os._exit rather than an exception: unwinding would run the communicator's and the process
     group's teardown, which can block on the very peer that is gone."""
-    print(f"nanolm.dist: rank {env.rank}/{env.world_size}: {what}; exiting", file=sys.stderr, flush=True)
+    why = f" while waiting for {waiting_for}" if waiting_for else ""
+    print(f"nanolm.dist: rank {env.rank}/{env.world_size}: {what}{why}; exiting", file=sys.stderr, flush=True)
     os._exit(1)
 
 
@@ -152,7 +154,7 @@ class NcclComm:
     """One non-blocking NCCL communicator per process, with its own CUDA stream."""
 
     def __init__(self, env, store, timeout_s=300.0):
-        self.env, self.timeout_s = env, timeout_s
+        self.env, self.timeout_s, self.waiting_for = env, timeout_s, ""
         self.device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(self.device)  # before NCCL: the communicator binds the current device
         self.lib = load_libnccl()
@@ -179,7 +181,7 @@ class NcclComm:
 
     def _check(self, result, what):
         if result not in (NCCL_SUCCESS, NCCL_IN_PROGRESS):
-            fail(self.env, f"{what} failed: {self._message(result)}")
+            fail(self.env, f"{what} failed: {self._message(result)}", self.waiting_for)
 
     def async_error(self):
         state = ctypes.c_int()
@@ -254,7 +256,7 @@ class NcclComm:
         aborter = threading.Thread(target=self.abort, daemon=True)
         aborter.start()
         aborter.join(5.0)
-        fail(self.env, what)
+        fail(self.env, what, self.waiting_for)
 
     def close(self):
         if self.comm:
@@ -314,7 +316,7 @@ class GlooComm:
     run asynchronously on gloo's threads; `wait` blocks the host until one is done."""
 
     def __init__(self, env, store, timeout_s=300.0):
-        self.env, self.timeout_s, self.device = env, timeout_s, torch.device("cpu")
+        self.env, self.timeout_s, self.device, self.waiting_for = env, timeout_s, torch.device("cpu"), ""
         tdist.init_process_group("gloo", store=store, rank=env.rank, world_size=env.world_size,
                                  timeout=datetime.timedelta(seconds=timeout_s))
 
@@ -322,7 +324,7 @@ class GlooComm:
         try:
             return GlooWork(name, launch(), scale)
         except RuntimeError as e:
-            fail(self.env, f"{name} failed: {e}")
+            fail(self.env, f"{name} failed: {e}", self.waiting_for)
 
     def all_reduce(self, tensor, average=True):
         return self._start("all_reduce", lambda: tdist.all_reduce(tensor, async_op=True),
@@ -342,7 +344,7 @@ class GlooComm:
         try:
             handle.work.wait(datetime.timedelta(seconds=self.timeout_s))
         except RuntimeError as e:  # a peer died (connection closed) or the timeout passed
-            fail(self.env, f"{handle.name} failed (timeout {self.timeout_s:g} s): {e}")
+            fail(self.env, f"{handle.name} failed (timeout {self.timeout_s:g} s): {e}", self.waiting_for)
         if handle.scale is not None:
             handle.scale.div_(self.env.world_size)
 
@@ -493,6 +495,12 @@ class Context:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         self.comm.wait(self.comm.all_reduce(t))
         return t.item()
+
+    def waiting_for(self, what):
+        """Name what the next collectives may wait on beyond the other ranks' own work (e.g.
+        rank 0 writing a checkpoint), for the error if they time out; "" clears it."""
+        if self.comm is not None:
+            self.comm.waiting_for = what
 
     def any(self, flag):
         """True on every rank if it is True on any (e.g. a Ctrl-C seen by some ranks only)."""

@@ -20,11 +20,14 @@ import dataclasses
 import json
 import os
 import re
+import sys
 
 import torch
 
-from nanolm import checkpoint
-from nanolm.config import ModelConfig
+from nanolm import backends, checkpoint
+from nanolm.config import ModelConfig, cli
+from nanolm.data import ByteTokenizer, GPT2Tokenizer
+from nanolm.model import GPT
 
 TRANSPOSED = re.compile(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 # buffers older HF GPT-2 files carry (the causal mask); nanolm has no such state
@@ -59,9 +62,10 @@ def to_hf(state_dict, vocab_size):
     return out
 
 
-def from_hf(tensors, padded_vocab_size):
+def from_hf(tensors, padded_vocab_size, vocab_size=None):
     """HF GPT-2 tensors (with or without the 'transformer.' prefix, as on the Hub) ->
-    nanolm state dict with wte padded with zero rows and lm_head tied."""
+    nanolm state dict with wte padded with zero rows and lm_head tied. With vocab_size, wte
+    must have exactly that many rows."""
     out = {}
     for name, t in tensors.items():
         if HF_BUFFERS.search(name) or name == "lm_head.weight":
@@ -72,6 +76,8 @@ def from_hf(tensors, padded_vocab_size):
             t = t.t()
         out[name] = t.contiguous()
     wte = out[WTE]
+    if vocab_size is not None and wte.shape[0] != vocab_size:
+        raise ValueError(f"{WTE}: weights {tuple(wte.shape)}, config {(vocab_size, wte.shape[1])}")
     if wte.shape[0] > padded_vocab_size:
         raise ValueError(f"{WTE} has {wte.shape[0]} rows, more than padded_vocab_size "
                          f"{padded_vocab_size}")
@@ -102,27 +108,55 @@ def export(state_dict, out_dir, n_head, vocab_size=50257):
         json.dump(hf_config(state_dict, n_head, vocab_size), f, indent=2)
 
 
-def load(path, padded_vocab_size):
+def load(path, padded_vocab_size, vocab_size=None):
     """A nanolm state dict from a model.safetensors file or a directory holding one."""
     if os.path.isdir(path):
         path = os.path.join(path, "model.safetensors")
-    return from_hf(_safetensors().load_file(path), padded_vocab_size)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    return from_hf(_safetensors().load_file(path), padded_vocab_size, vocab_size)
+
+
+def check_shapes(state, mcfg):
+    """Every tensor of an imported state dict against the model its config.json describes (built
+    on the meta device: shapes only, no memory). Raises ValueError listing each difference."""
+    if mcfg.n_embd % mcfg.n_head:
+        raise ValueError(f"config.json: n_embd={mcfg.n_embd} is not divisible by n_head={mcfg.n_head}")
+    with torch.device("meta"):
+        model = GPT(mcfg, backends.impls(backends.resolve("torch", torch.device("cpu"))))
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    diff = [f"{k}: in the config's model, missing from the weights" for k in want if k not in got]
+    diff += [f"{k}: in the weights, not in the config's model" for k in got if k not in want]
+    diff += [f"{k}: weights {got[k]}, config {want[k]}" for k in want if k in got and got[k] != want[k]]
+    if diff:
+        raise ValueError("config.json does not describe these weights:\n  " + "\n  ".join(diff))
+
+
+TOKENIZER_VOCAB = {"byte": ByteTokenizer.vocab_size, "gpt2": GPT2Tokenizer.vocab_size}
 
 
 def import_checkpoint(src, run_dir, tokenizer="gpt2", vocab_multiple=128):
     """An HF GPT-2 export (model.safetensors + config.json) as a nanolm checkpoint at step 0.
     vocab_multiple must be the padding the training config uses (presets: 128; quickstart: 64)."""
+    if not os.path.exists(src):
+        raise ValueError(f"{src}: no such file or directory")
     src_dir = src if os.path.isdir(src) else os.path.dirname(src)
     config_path = os.path.join(src_dir, "config.json")
     if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} not found: the HF config gives n_head, which the "
+        raise ValueError(f"{config_path} not found: the HF config gives n_head, which the "
                                 f"weights alone do not")
     with open(config_path) as f:
         hc = json.load(f)
     mcfg = ModelConfig(n_layer=hc["n_layer"], n_head=hc["n_head"], n_embd=hc["n_embd"],
                        block_size=hc["n_positions"], vocab_size=hc["vocab_size"],
                        vocab_multiple=vocab_multiple)
-    state = load(src, mcfg.padded_vocab)
+    if TOKENIZER_VOCAB[tokenizer] > mcfg.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer!r} has {TOKENIZER_VOCAB[tokenizer]} tokens but the model's "
+                         f"embedding only {mcfg.vocab_size} rows: pass the tokenizer it was trained "
+                         f"with (--tokenizer byte for a byte-level model)")
+    state = load(src, mcfg.padded_vocab, mcfg.vocab_size)
+    check_shapes(state, mcfg)
     config = {"model": dataclasses.asdict(mcfg), "tokenizer": tokenizer}
     return checkpoint.save(run_dir, 0, state, {}, config, {}, keep=None)
 
@@ -134,6 +168,10 @@ def export_checkpoint(ckpt_path, out_dir):
 
 
 def main(argv=None):
+    cli(run_cli, sys.argv[1:] if argv is None else argv)
+
+
+def run_cli(argv):
     p = argparse.ArgumentParser(prog="python -m nanolm.hf")
     sub = p.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("export", help="a nanolm checkpoint -> HF model.safetensors + config.json")

@@ -7,6 +7,9 @@ metrics.jsonl holds one JSON object per line, appended and flushed as the run go
 "kind", "step" and "time" (seconds since the writer opened, plus any resumed offset) are
 written by the writer; the rest is whatever the caller logs. `nanolm.plot` reads "loss",
 "val_loss", "tokens" and "tokens_per_s".
+
+A process killed (or a disk filling up) mid-append leaves a torn last line: readers drop it.
+The resume rewrite goes to a temp file renamed over the old one, so it never tears the file.
 """
 import json
 import os
@@ -14,20 +17,39 @@ import time
 from pathlib import Path
 
 
-def write_config(run_dir, config):
-    """config.json, written to a temp file and renamed so a reader never sees half of it."""
-    path = Path(run_dir) / "config.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+def replace_text(path, text):
+    """Write `text` to a temp file beside `path` and rename it over `path`: a reader, or a
+    crash, sees the old file or the new one, never half of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def write_config(run_dir, config):
+    replace_text(Path(run_dir) / "config.json",
+                 json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+
+
 def read_metrics(run_dir):
+    """The records of run_dir/metrics.jsonl; a torn last line is dropped, any other line that
+    is not JSON raises ValueError naming it."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    lines = path.read_text().splitlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n < len(lines):  # the last line may be an append cut short
+                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+    return records
 
 
 class MetricsWriter:
@@ -43,7 +65,7 @@ class MetricsWriter:
         if resume_step is not None and path.exists():
             kept = [r for r in read_metrics(self.run_dir) if r["step"] <= resume_step]
             self.time_offset = max((r.get("time", 0.0) for r in kept), default=0.0)
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            replace_text(path, "".join(json.dumps(r) + "\n" for r in kept))
         self.file = open(path, "a" if resume_step is not None else "w")
         self.start = time.time()
 

@@ -184,6 +184,11 @@ def _scale_grad(grad, grad_output):
 
 
 class CrossEntropy(torch.autograd.Function):
+    """Returns (loss, dlogits). With inplace, dlogits is the logits tensor itself, overwritten:
+    it is marked dirty (its version counter bumped) so that autograd raises, as for any torch
+    in-place op, if an earlier op saved those logits for its backward; the backends write
+    through raw pointers, which autograd cannot see."""
+
     @staticmethod
     @_amp_fwd
     def forward(ctx, logits, targets, vocab_size, ignore_index, z_loss, inplace, backend):
@@ -191,12 +196,15 @@ class CrossEntropy(torch.autograd.Function):
         scale = 1.0 / max(n_valid, 1)  # mean over valid tokens; all ignored -> loss 0, grad 0
         losses, dlogits = backend.cross_entropy_fwd(logits.contiguous(), targets, vocab_size,
                                                     ignore_index, z_loss, scale, inplace)
+        if dlogits is logits:
+            ctx.mark_dirty(logits)
+        ctx.mark_non_differentiable(dlogits)
         ctx.save_for_backward(dlogits)
-        return losses.sum() * scale
+        return losses.sum() * scale, dlogits
 
     @staticmethod
     @_amp_bwd
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _):
         (dlogits,) = ctx.saved_tensors
         return _scale_grad(dlogits, grad_output), None, None, None, None, None, None
 
@@ -205,7 +213,8 @@ def cross_entropy(logits, targets, backend, vocab_size=None, ignore_index=-100, 
     """Mean cross-entropy over logits (N, Vp) whose first vocab_size columns are real.
     The gradient is computed in the forward (in place over logits if inplace=True)."""
     vocab_size = logits.shape[-1] if vocab_size is None else vocab_size
-    return CrossEntropy.apply(logits, targets, vocab_size, ignore_index, z_loss, inplace, backend)
+    loss, _ = CrossEntropy.apply(logits, targets, vocab_size, ignore_index, z_loss, inplace, backend)
+    return loss
 
 
 MIN_CHUNK_ROWS = 512
@@ -306,5 +315,19 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weigh
 
 
 def grad_norm(grad, backend):
-    """L2 norm of a flat gradient buffer, by a deterministic reduction."""
-    return backend.sum_of_squares(grad).sqrt()
+    """L2 norm of a flat gradient buffer, by a deterministic reduction. The backends sum the
+    squares in fp32, which overflows to inf once the norm passes ~1.8e19 although every gradient
+    is finite; then the sum is taken again over grad / max|grad| (<= 1, so it cannot overflow)
+    and scaled back in fp64. That costs a copy and two more passes, only in this rare case."""
+    sumsq = backend.sum_of_squares(grad)
+    if not torch.isinf(sumsq):
+        return sumsq.sqrt()
+    return scaled_norm(grad.abs().max(), lambda scale: backend.sum_of_squares(grad / scale))
+
+
+def scaled_norm(scale, sum_of_squares):
+    """scale * sqrt(sum_of_squares(scale)) in fp64, where sum_of_squares(scale) sums the squares
+    of the gradients divided by scale (>= their max |value|); inf if scale is (a gradient is)."""
+    if not torch.isfinite(scale):
+        return scale.double().abs()
+    return sum_of_squares(scale).double().sqrt() * scale.double()

@@ -98,10 +98,20 @@ class FlatAdamW:
     def _grad_norm(self):
         if self.comm is None:
             return ops.grad_norm(self.flat_grad, self.backend).item()
-        sumsq = torch.stack([self.backend.sum_of_squares(self.flat_grad[s:e]) for s, e in self.pieces])
-        sumsq = sumsq.sum().reshape(1)
-        self.comm.wait(self.comm.all_reduce(sumsq, average=False))
-        return sumsq.sqrt().item()
+        sumsq = self._sum_over_ranks(lambda s, e: self.backend.sum_of_squares(self.flat_grad[s:e]))
+        if not torch.isinf(sumsq):  # the same on every rank, so every rank takes the same branch
+            return sumsq.sqrt().item()
+        # fp32 overflow with finite gradients, as in ops.grad_norm; the scale is the sum of the
+        # ranks' max |g|, which every rank then knows and which bounds every |g|
+        scale = self._sum_over_ranks(lambda s, e: self.flat_grad[s:e].abs().max())
+        return ops.scaled_norm(scale, lambda scale: self._sum_over_ranks(
+            lambda s, e: self.backend.sum_of_squares(self.flat_grad[s:e] / scale))).item()
+
+    def _sum_over_ranks(self, of_piece):
+        """The sum over every rank's pieces of of_piece(start, end), a 0-d tensor."""
+        total = torch.stack([of_piece(s, e) for s, e in self.pieces]).sum().reshape(1)
+        self.comm.wait(self.comm.all_reduce(total, average=False))
+        return total[0]
 
     def _all_gather(self, buffer):
         handles = [self.comm.all_gather(buffer[bs:be], buffer[ps:pe])

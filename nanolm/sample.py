@@ -5,16 +5,17 @@
 
 Decoding runs the model's forward with a KV cache (nanolm/kvcache.py), so cost is linear in the number of tokens.
 When the context reaches block_size the window slides by half a block (the newest block_size/2
-tokens are re-read into a fresh cache): the model then sees between T/2 and T tokens of
-context, and the re-reads stay linear overall.
+tokens, at least one, are re-read into a fresh cache): the model then sees between T/2 and T
+tokens of context, and the re-reads stay linear overall.
 """
 import argparse
+import math
 import sys
 
 import torch
 
 from nanolm import backends, checkpoint
-from nanolm.config import ModelConfig
+from nanolm.config import ModelConfig, cli
 from nanolm.data import StreamDecoder, get_tokenizer
 from nanolm.kvcache import KVCache
 from nanolm.model import GPT
@@ -34,11 +35,21 @@ def pick(logits, temperature, top_k, generator, vocab_size):
     return torch.multinomial(probs, 1, generator=generator)
 
 
+def check_sampling(temperature, top_k):
+    """Raise ValueError for a temperature that is negative or nan (a negative one would sample
+    the least likely tokens) or a top_k below 1."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+
+
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, seed=0, stream=None,
              vocab_size=None):
     """Extend idx (B, t) by max_new_tokens sampled tokens; stream(ids) gets each step's (B, 1)
     tokens as soon as they exist. Same seed, model and prompt -> same tokens."""
+    check_sampling(temperature, top_k)
     block = model.cfg.block_size
     vocab_size = vocab_size or model.cfg.vocab_size
     generator = torch.Generator(device=idx.device).manual_seed(seed)
@@ -54,7 +65,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, seed=0, st
             break
         if cache.pos == block:
             cache.pos = 0
-            logits = model(torch.cat(out, dim=1)[:, -(block // 2):], cache=cache)
+            logits = model(torch.cat(out, dim=1)[:, -max(1, block // 2):], cache=cache)
         else:
             logits = model(nxt, cache=cache)
     return torch.cat(out, dim=1)
@@ -72,6 +83,10 @@ def load_model(ckpt_path, device, kernels="auto"):
 
 
 def main(argv=None):
+    cli(run_cli, sys.argv[1:] if argv is None else argv)
+
+
+def run_cli(argv):
     p = argparse.ArgumentParser(prog="python -m nanolm.sample")
     p.add_argument("--ckpt", required=True, help="checkpoint file, or a run dir (its latest)")
     p.add_argument("--prompt", default="")
@@ -82,7 +97,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--kernels", default="auto", help="the backend per op (model impls), as --kernels of nanolm.train")
     args = p.parse_args(argv)
-
+    check_sampling(args.temperature, args.top_k)
     model, tok = load_model(args.ckpt, args.device, args.kernels)
     ids = tok.encode(args.prompt) or [tok.eot]  # an empty prompt starts a fresh document
     decode = StreamDecoder(tok)

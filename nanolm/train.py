@@ -6,13 +6,21 @@ optimizer step, with evaluate(), log() and checkpoints on their intervals, and a
 at the end. Everything a run writes goes to its run dir: ckpt_<step>.pt (nanolm/checkpoint.py),
 metrics.jsonl and config.json (nanolm/metrics.py).
 
-Ctrl-C stops the run after the step in flight and saves a checkpoint, so a resumed run
-continues bit-for-bit; a second Ctrl-C aborts at once.
+Ctrl-C or SIGTERM stops the run after the step in flight and saves a checkpoint, so a resumed
+run continues bit-for-bit; a second one aborts at once.
+
+A step whose gradient norm is not finite is skipped (one bad batch). No checkpoint is written
+after a skipped step, and max_skipped_steps skipped in a row stop the run as diverged
+(Diverged), so the checkpoints from before the divergence are the newest ones left.
 """
 import contextlib
 import dataclasses
+import fcntl
+import json
 import math
+import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -22,15 +30,19 @@ import numpy as np
 import torch
 
 from nanolm import backends, checkpoint, dist, flops
-from nanolm.config import ConfigError, as_dict, model_config, parse_args, parse_overrides
-from nanolm.data import Loader, get_tokenizer, load_dataset
-from nanolm.metrics import MetricsWriter
+from nanolm.config import ConfigError, as_dict, cli, model_config, parse_args, parse_overrides
+from nanolm.data import Loader, get_tokenizer, load_dataset, resolve_data
+from nanolm.metrics import MetricsWriter, read_metrics
 from nanolm.model import GPT, DropoutStream
 from nanolm.optim import FlatAdamW
 from nanolm.sample import generate
 
 RUNS = Path("runs")  # where fresh runs without --out_dir go
 
+
+
+class Diverged(Exception):
+    """Too many consecutive non-finite steps: the weights or the loss have blown up."""
 
 
 def pick_device(cfg, local_rank=0):
@@ -75,7 +87,8 @@ def flops_per_token(model):
 
 @dataclasses.dataclass
 class Run:
-    """What a training run holds: built by setup(), the run dir and metrics added by start()."""
+    """What a training run holds: built by setup(), the run dir, its lock and metrics added by
+    start()."""
     device: torch.device
     tokenizer: object
     model: GPT
@@ -88,6 +101,7 @@ class Run:
     config: dict  # the run's config with the model's, saved with every checkpoint
     dir: Path | None = None
     metrics: MetricsWriter | contextlib.AbstractContextManager | None = None  # a no-op off rank 0
+    lock: "RunDirLock | contextlib.AbstractContextManager | None" = None  # the run dir's, on rank 0
 
 
 def setup(cfg):
@@ -95,6 +109,9 @@ def setup(cfg):
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     env = dist.env_from_torchrun()
+    if cfg.zero and env.world_size == 1:
+        raise ConfigError("--zero=1 needs several processes (torchrun --nproc_per_node=N): ZeRO-1 "
+                          "shards the optimizer state over the ranks")
     device = pick_device(cfg, env.local_rank)
     tokenizer = get_tokenizer(cfg.tokenizer)
     train_tokens, val_tokens = load_dataset(cfg.data, tokenizer)
@@ -119,12 +136,32 @@ def setup(cfg):
                     cfg.weight_decay, cfg.grad_clip, impls["adamw"], pad_to=env.world_size)
     ctx = dist.Context(env, device, cfg.dist_timeout_s)
     ctx.attach(opt, cfg.bucket_mb, cfg.zero)
+    try_kernels(cfg, model, opt, autocast_ctx(cfg, device), device)
     # each rank reads its own batch_size windows of every global step: see Loader
     train = Loader(train_tokens, cfg.batch_size, mcfg.block_size, cfg.seed, env.rank, env.world_size)
-    val = Loader(val_tokens, cfg.batch_size, mcfg.block_size, cfg.seed + 1)
+    # and of the validation batches, so their mean over the ranks is the same global estimate
+    # (the same windows) on any number of ranks
+    val = Loader(val_tokens, cfg.batch_size, mcfg.block_size, cfg.seed + 1, env.rank, env.world_size)
     return Run(device=device, tokenizer=tokenizer, model=model, opt=opt, train=train, val=val,
                val_start=val.state_dict(), autocast=autocast_ctx(cfg, device), dist=ctx,
-               config={**as_dict(cfg), "model": dataclasses.asdict(mcfg)})
+               config={**as_dict(cfg), "data": resolve_data(cfg.data), "model": dataclasses.asdict(mcfg)})
+
+
+def try_kernels(cfg, model, opt, autocast, device):
+    """One forward and backward on a single sequence of zeros, so that a kernel that cannot run
+    this dtype or shape (e.g. --dtype=bfloat16 on the fp32 CPU kernels) is a config error before
+    the run dir exists, not a crash at the first evaluation. Draws no random numbers; the
+    gradients it leaves are zeroed by the first step."""
+    x = torch.zeros((1, model.cfg.block_size), dtype=torch.long, device=device)
+    try:
+        with autocast:
+            loss = model(x, x)
+        loss.backward()
+    except ValueError as e:
+        raise ConfigError(f"--kernels={cfg.kernels} --dtype={cfg.dtype} on {device}: {e}") from e
+    opt.zero_grad()
+    if model.cfg.dropout > 0:  # it drew dropout masks too: the run's first forward starts the stream
+        model.dropout.forwards = 0
 
 
 # ----------------------------------------------------------------------------- run dir, resume
@@ -164,21 +201,84 @@ def locate(cfg):
     ckpt = checkpoint.latest(source) if source.is_dir() else source
     if ckpt is None or not ckpt.is_file():
         raise ConfigError(f"--resume: no checkpoint (ckpt_*.pt) at {source}")
+    if out and out.resolve() != ckpt.parent.resolve() and holds_run(out):
+        raise ConfigError(f"--out_dir={out} already holds a run, and {ckpt} is not one of its "
+                          f"checkpoints: leave out --out_dir to continue in {ckpt.parent}, or pass "
+                          f"an empty one")
     return ckpt, out or ckpt.parent
+
+
+def holds_run(run_dir):
+    return checkpoint.latest(run_dir) is not None or (run_dir / "metrics.jsonl").exists()
+
+
+class RunDirLock:
+    """Held while a run writes its run dir, so a second trainer on the same dir is refused with
+    the holder's pid, host and start time (read from the lock file). An flock: the kernel drops
+    it when the holder dies, so a lock file left by a killed run never blocks a resume."""
+
+    def __init__(self, run_dir):
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(run_dir / ".lock", "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise ConfigError(f"{run_dir} is in use by {holder}: wait for that run to end, "
+                              f"or pass another --out_dir") from None
+        self.file.truncate(0)
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()  # releases the flock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def set_aside_future(run_dir, step):
+    """Resuming from step S in a run dir that holds later checkpoints (e.g. the newest was
+    corrupt): those and the metrics after S belong to an abandoned future. They are moved to
+    run_dir/abandoned-after-<S>-<time>/, so this branch's retention and a later --resume see only
+    its own lineage, and nothing is lost. Returns that dir, or None."""
+    later = [p for p in checkpoint.checkpoints(run_dir) if checkpoint.step_of(p) > step]
+    if not later:
+        return None
+    aside = run_dir / f"abandoned-after-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for path in later:
+        os.replace(path, aside / path.name)
+    if (run_dir / "metrics.jsonl").exists():
+        future = [r for r in read_metrics(run_dir) if r["step"] > step]
+        (aside / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in future))
+    print(f"set aside the checkpoints after step {step} (another branch) in {aside}")
+    return aside
 
 
 def config_from_args(argv):
     """The run's config. When resuming, the checkpoint's saved config replaces the defaults, so
     `--resume` alone continues a run as it was started; values given on the command line still
     win (a changed model shape is then reported by restore()). On another number of ranks the
-    per-rank batch_size is rescaled so the global batch, and with it the data order, is kept."""
+    per-rank batch_size is rescaled so the global batch, and with it the data order, is kept;
+    on one process ZeRO-1 is off."""
     cfg = parse_args(argv)
     if not cfg.resume:
         return cfg
     saved, loader = checkpoint.saved_run(locate(cfg)[0])
     keep = {k: v for k, v in saved.items() if k not in ("resume", "out_dir", "model")}
-    if "batch_size" not in parse_overrides(argv):
-        keep["batch_size"] = per_rank_batch(loader, dist.env_from_torchrun().world_size)
+    given, world_size = parse_overrides(argv), dist.env_from_torchrun().world_size
+    if "batch_size" not in given:
+        keep["batch_size"] = per_rank_batch(loader, world_size)
+    if world_size == 1:  # a ZeRO-1 run resumed on one process: there is nothing to shard
+        keep["zero"] = 0
     return parse_args(argv, defaults=keep)
 
 
@@ -223,31 +323,40 @@ def save(cfg, run, step):
 
 
 class StopOnInterrupt:
-    """Turns the first Ctrl-C into a request the training loop honours between steps (so the
-    checkpoint it saves holds a whole step); a second Ctrl-C raises KeyboardInterrupt at once."""
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM (what SLURM, Kubernetes and torchrun send to
+    stop a job; torchrun forwards it to every rank) into a request the training loop honours
+    between steps, so the checkpoint it saves holds a whole step. A second signal acts at once:
+    KeyboardInterrupt for Ctrl-C, termination for SIGTERM."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested, self.previous = False, None
+        self.requested, self.previous = False, {}
 
     def _handle(self, signum, frame):
         self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
-        print("\ninterrupted: finishing this step and saving a checkpoint "
-              "(Ctrl-C again to abort)", flush=True)
+        self._restore()
+        print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+              "(send it again to abort)", flush=True)
+
+    def _restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        self._restore()
 
 
 @torch.no_grad()
 def evaluate(cfg, run):
-    """Mean loss over the same eval_iters validation batches every time (the loader is rewound)."""
+    """Mean loss over the same eval_iters global validation batches every time (the loader is
+    rewound); every rank evaluates its share of them. Returns the same value on every rank."""
     run.model.eval()
     run.val.load_state_dict(run.val_start)
     total = 0.0
@@ -256,7 +365,7 @@ def evaluate(cfg, run):
         with run.autocast:
             total += run.model(x, y).item()
     run.model.train()
-    return total / cfg.eval_iters
+    return run.dist.mean(total / cfg.eval_iters)
 
 
 def train_step(cfg, run, lr):
@@ -276,6 +385,21 @@ def train_step(cfg, run, lr):
     run.dist.finish()
     norm = opt.step(lr)
     return torch.stack(losses).sum().item(), norm
+
+
+def count_skipped(cfg, run, streak, step, norm):
+    """The number of non-finite (skipped) steps in a row ending at `step`; raises Diverged when
+    it reaches cfg.max_skipped_steps. The norm is global, so every rank agrees."""
+    if math.isfinite(norm):
+        return 0
+    streak += 1
+    if streak >= cfg.max_skipped_steps:
+        last = checkpoint.latest(run.dir) if run.dist.is_main else None
+        kept = f"the last checkpoint is {last}" if last else "no checkpoint was saved"
+        raise Diverged(f"training diverged: {streak} consecutive steps (to step {step}) had a "
+                       f"non-finite loss or gradient; {kept}. Lower --lr or raise --warmup, then "
+                       f"resume from a checkpoint before the divergence or start again")
+    return streak
 
 
 def tokens_per_step(cfg, run):
@@ -322,9 +446,16 @@ def start(cfg):
         raise ConfigError(str(e)) from e
     run.dir = run_dir
     if not run.dist.is_main:  # only rank 0 writes the run dir and prints
-        run.metrics = contextlib.nullcontext()
+        run.lock, run.metrics = contextlib.nullcontext(), contextlib.nullcontext()
         return run, done + 1
-    run.metrics = MetricsWriter(run_dir, run.config, resume_step=done if resume_from else None)
+    run.lock = RunDirLock(run_dir)
+    try:
+        if resume_from:
+            set_aside_future(run_dir, done)
+        run.metrics = MetricsWriter(run_dir, run.config, resume_step=done if resume_from else None)
+    except BaseException:
+        run.lock.close()
+        raise
     print(f"run dir: {run_dir}" + (f" (resumed from {resume_from}, step {done})" if resume_from else ""))
     print(f"model: {run.model.num_params() / 1e6:.2f}M non-embedding params on {run.device}")
     return run, done + 1
@@ -333,29 +464,41 @@ def start(cfg):
 def train(cfg):
     """Runs the whole training; returns {'first_val' (fresh runs), 'val', 'sample', 'stopped'
     (the step a Ctrl-C stopped at, or None), 'checkpoint' (the last one saved)}. Under torchrun
-    only rank 0 evaluates, logs, samples and writes; the other ranks return just 'stopped'."""
+    every rank evaluates its share of the validation batches; only rank 0 logs, samples and
+    writes, and the other ranks return no 'sample' or 'checkpoint'."""
     run, first = start(cfg)
     history, is_main = {"stopped": None}, run.dist.is_main
-    with contextlib.closing(run.dist), run.metrics, StopOnInterrupt() as interrupt:
-        if first == 1 and is_main:
+    with contextlib.closing(run.dist), run.lock, run.metrics, StopOnInterrupt() as interrupt:
+        if first == 1:
             history["first_val"] = evaluate(cfg, run)
-            log_eval(cfg, run, 0, history["first_val"])
+            if is_main:
+                log_eval(cfg, run, 0, history["first_val"])
         t0, timed = time.perf_counter(), 0  # timed steps since t0: evals and saves excluded
+        skipped = 0  # non-finite steps in a row
         for step in range(first, cfg.max_steps + 1):
             lr = get_lr(cfg, step - 1)
             loss, norm = train_step(cfg, run, lr)
+            run.dist.waiting_for("")
             timed += 1
             stop = run.dist.any(interrupt.requested)  # every rank stops after the same step
             if step % cfg.log_interval == 0:
                 loss = run.dist.mean(loss)
                 if is_main:
                     log(cfg, run, step, loss, lr, norm, (time.perf_counter() - t0) / timed)
-            if is_main and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
+            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                 history["val"] = evaluate(cfg, run)
-                log_eval(cfg, run, step, history["val"])
+                if is_main:
+                    log_eval(cfg, run, step, history["val"])
+            skipped = count_skipped(cfg, run, skipped, step, norm)
             periodic = cfg.ckpt_interval and step % cfg.ckpt_interval == 0
-            if periodic or step == cfg.max_steps or stop:
+            if (periodic or step == cfg.max_steps or stop) and skipped:
+                if is_main:
+                    print(f"step {step:5d} | not saving a checkpoint: this step was skipped "
+                          f"(non-finite gradient)", flush=True)
+            elif periodic or step == cfg.max_steps or stop:
                 history["checkpoint"] = save(cfg, run, step)
+                run.dist.waiting_for(f"rank 0 to write the step-{step} checkpoint (raise "
+                                        f"--dist_timeout_s={cfg.dist_timeout_s:g} if saves take longer)")
             if stop:
                 if is_main:
                     print(f"stopped at step {step}; continue with --resume={run.dir}")
@@ -363,17 +506,16 @@ def train(cfg):
                 return history
             if step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or periodic:
                 t0, timed = time.perf_counter(), 0
-    if is_main:
+    if is_main and skipped:
+        print("no sample: the last step was skipped (non-finite gradient)")
+    elif is_main:
         history["sample"] = sample(cfg, run)
         print("sample:\n" + history["sample"])
     return history
 
 
 def main(argv=None):
-    try:
-        train(config_from_args(sys.argv[1:] if argv is None else argv))
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    cli(lambda args: train(config_from_args(args)), sys.argv[1:] if argv is None else argv, (Diverged,))
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def test_gpt2_offline_error_names_cache_dir(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(RuntimeError, match="TIKTOKEN_CACHE_DIR"):
+    with pytest.raises(OSError, match="TIKTOKEN_CACHE_DIR"):
         data.get_tokenizer("gpt2")
 
 
@@ -112,14 +112,14 @@ def test_shakespeare_offline_error(tmp_path, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(data, "download", offline)
-    with pytest.raises(RuntimeError, match="NANOLM_CACHE"):
+    with pytest.raises(OSError, match="NANOLM_CACHE"):
         data.load_dataset("shakespeare", data.get_tokenizer("byte"))
 
 
 def test_shakespeare_bad_checksum(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOLM_CACHE", str(tmp_path))
     (tmp_path / "tinyshakespeare.txt").write_text("not shakespeare")
-    with pytest.raises(RuntimeError, match="sha256"):
+    with pytest.raises(ValueError, match="sha256"):
         data.shakespeare_path()
 
 
@@ -202,7 +202,7 @@ def test_prepare_cli(tmp_path):
     data.main(["prepare", str(src), "--out", str(tmp_path / "out"), "--tokenizer", "byte",
                "--shard_tokens", "700"])
     names = sorted(os.listdir(tmp_path / "out"))
-    assert names == ["tiny_train_000000.bin", "tiny_train_000001.bin", "tiny_train_000002.bin",
+    assert names == ["shards.json", "tiny_train_000000.bin", "tiny_train_000001.bin", "tiny_train_000002.bin",
                      "tiny_val_000000.bin"]
     tr, va = data.load_dataset(str(tmp_path / "out"), data.get_tokenizer("byte"))
     want_tr, want_va = data.load_dataset(str(src), data.get_tokenizer("byte"))
@@ -289,7 +289,8 @@ def test_loader_reads_memmapped_shards(tmp_path):
     data.write_shard(tmp_path / "m_train_000000.bin", _tokens(300))
     data.write_shard(tmp_path / "m_train_000001.bin", _tokens(300) + 300)
     data.write_shard(tmp_path / "m_val_000000.bin", _tokens(100))
-    tr, _ = data.load_dataset(str(tmp_path), data.get_tokenizer("byte"))
+    vocab_1k = type("Tok", (), {"name": "test", "vocab_size": 1024})()
+    tr, _ = data.load_dataset(str(tmp_path), vocab_1k)
     loader = data.Loader(tr, 2, 50, seed=0, shuffle=False)
     for _ in range(5):
         x, y = loader.next_batch()

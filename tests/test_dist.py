@@ -17,6 +17,7 @@ import torch
 
 import dist_worker as W
 from nanolm import dist
+from nanolm.metrics import read_metrics
 from nanolm.optim import FlatAdamW
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")
@@ -294,6 +295,10 @@ def test_torchrun_train_zero1_resumes_on_one_rank(tmp_path, monkeypatch):
     one = torch.load(tmp_path / "one" / "ckpt_00000006.pt", weights_only=True)
     assert two["optimizer"]["exp_avg"].numel() == one["optimizer"]["exp_avg"].numel()
     assert_weights_close(one["model"], two["model"])
+    # the val loss is a global estimate: the same windows on 2 ranks of 2 as on 1 rank of 4
+    val = {d: [r["val_loss"] for r in read_metrics(tmp_path / d) if r["kind"] == "eval" and r["step"] == 6]
+           for d in ("one", "two")}
+    assert val["one"][0] == pytest.approx(val["two"][0], rel=1e-4)
 
 
 def test_per_rank_batch_keeps_the_global_batch():
