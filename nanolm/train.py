@@ -175,6 +175,8 @@ def try_kernels(cfg, model, opt, autocast, device):
     if masks is not None:
         masks.set_extra_state(counter)
     opt.zero_grad()
+    if model.cfg.dropout > 0:  # it drew dropout masks too: the run's first forward starts the stream
+        model.dropout.forwards = 0
 
 
 # ----------------------------------------------------------------------------- run dir, resume
