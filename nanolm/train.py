@@ -159,12 +159,8 @@ def setup(cfg):
 def try_kernels(cfg, model, opt, autocast, device):
     """One forward and backward on a single sequence of zeros, so that a kernel that cannot run
     this dtype or shape (e.g. --dtype=bfloat16 on the fp32 CPU kernels) is a config error before
-    the run dir exists, not a crash at the first evaluation. Draws no random numbers and leaves
-    the dropout mask counter where it was (a resumed run restores it from the checkpoint, so a
-    trial counted here would shift every later mask of a fresh run only); the gradients it
-    leaves are zeroed by the first step."""
-    masks = getattr(model, "dropout", None)  # DropoutStream, present when dropout > 0
-    counter = masks.get_extra_state() if masks is not None else None
+    the run dir exists, not a crash at the first evaluation. Draws no random numbers; the
+    gradients it leaves are zeroed by the first step."""
     x = torch.zeros((1, model.cfg.block_size), dtype=torch.long, device=device)
     try:
         with autocast:
@@ -172,8 +168,6 @@ def try_kernels(cfg, model, opt, autocast, device):
         loss.backward()
     except ValueError as e:
         raise ConfigError(f"--kernels={cfg.kernels} --dtype={cfg.dtype} on {device}: {e}") from e
-    if masks is not None:
-        masks.set_extra_state(counter)
     opt.zero_grad()
     if model.cfg.dropout > 0:  # it drew dropout masks too: the run's first forward starts the stream
         model.dropout.forwards = 0
