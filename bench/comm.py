@@ -22,6 +22,22 @@ ring runs at the intra-node busbw (NVLink); beyond one node at the inter-node on
 as fast as its slowest link). Efficiency = t_step / projected step (weak scaling: same batch
 per GPU). ZeRO-1 moves the same bytes (reduce-scatter + all-gather), but its all-gather waits
 for the optimizer, so it adds about t_comm/2 un-hidden to the overlap figure.
+
+Tensor parallel (--tp N, with --n_layer, --n_embd, --tokens: the micro-batch B*T of one step):
+one training step of a tp group issues (nanolm/tensor_parallel.py)
+    forward   2 all-reduces of (B*T, C) per block (attention and MLP c_proj outputs, in the
+              autocast dtype: --act_bytes, 2 for bf16) + 1 at the embedding (fp32)
+    backward  2 all-reduces of (B*T, C) per block (gradients at c_attn and c_fc inputs) + 1 at
+              the lm_head input, in the fp32 residual stream's dtype
+    loss      1 all-gather of 3 fp32 per row and rank (the softmax statistics) per chunk
+Under torchrun with --tp it times each of them at its size (run with N = tp processes, one
+node). The projection takes the per-layer all-reduce volume
+    t_layer = 2(n-1)/n * B*T*C * (2 act_bytes + 2*4) / busbw
+against the per-layer compute of the 1-GPU step split n ways, t_step / (n L). nanolm issues each
+all-reduce on the critical path (its result feeds the next op), so nothing hides it: the
+projected step is t_step / n + L t_layer (+ the two fp32 all-reduces at the embedding and the
+lm_head), at the intra-node (NVLink) and inter-node busbw. The statistics all-gather (12n bytes
+a row) is left out: latency-bound, well under one layer's all-reduce.
 """
 import argparse
 import json
@@ -120,6 +136,71 @@ def projection_table(step_seconds, n_params, intra_busbw_gbs, inter_busbw_gbs, g
     return rows
 
 
+def tp_collectives(n_layer, n_embd, tokens, tp, act_bytes=2):
+    """The tensor-parallel collectives of one training step of a tp group: rows of
+    (collective, where, bytes of one call, calls per step)."""
+    rows_x_c = tokens * n_embd
+    return [dict(collective="all_reduce", where="c_proj outputs (fwd)", bytes=rows_x_c * act_bytes,
+                 count=2 * n_layer),
+            dict(collective="all_reduce", where="c_attn, c_fc inputs (bwd)", bytes=rows_x_c * 4, count=2 * n_layer),
+            dict(collective="all_reduce", where="embedding (fwd), lm_head input (bwd)", bytes=rows_x_c * 4, count=2),
+            dict(collective="all_gather", where="cross-entropy statistics", bytes=tokens * 3 * 4 * tp, count=1)]
+
+
+def measure_tp(comm, collectives, iters=20, warmup=5):
+    """Median time of each TP collective at its own size on comm (every rank calls it)."""
+    n, device = comm.env.world_size, comm.device
+    rows = []
+    for c in collectives:
+        numel = max(n, c["bytes"] // 4 // n * n)  # fp32 elements (bf16 rows: same bytes)
+        buffer = torch.randn(numel, device=device)
+        piece = buffer[comm.env.rank * (numel // n):(comm.env.rank + 1) * (numel // n)]
+        times = []
+        for _ in range(warmup + iters):
+            _sync(device)
+            t0 = time.perf_counter()
+            comm.wait(_run_once(comm, c["collective"], buffer, piece))
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        median = sorted(times[warmup:])[iters // 2]
+        rows.append(dict(c, time_us=median * 1e6, step_ms=median * c["count"] * 1e3,
+                         busbw_gbs=bus_bandwidth(c["collective"], numel * 4, median, n)[1]))
+    return rows
+
+
+def project_tp(step_seconds, n_layer, n_embd, tokens, tp, busbw_gbs, act_bytes=2):
+    """Projected step of a tp group from the 1-GPU step: compute split tp ways plus the TP
+    all-reduces, which sit on the critical path. Also the per-layer comparison."""
+    factor = BUS_FACTOR["all_reduce"](tp)
+    layer_bytes = tokens * n_embd * (2 * act_bytes + 2 * 4)
+    layer_comm = factor * layer_bytes / (busbw_gbs * 1e9)
+    layer_compute = step_seconds / tp / n_layer
+    ends = factor * tokens * n_embd * 4 * 2 / (busbw_gbs * 1e9)  # embedding, lm_head input: fp32
+    step = step_seconds / tp + n_layer * layer_comm + ends
+    return dict(tp=tp, busbw_gbs=busbw_gbs, layer_mb=layer_bytes / 2**20, layer_comm_ms=layer_comm * 1e3,
+                layer_compute_ms=layer_compute * 1e3, step_ms=step * 1e3,
+                efficiency=step_seconds / tp / step)
+
+
+def format_tp(rows):
+    lines = ["| collective | where | size | calls/step | time (us) | per step (ms) | busbw (GB/s) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['collective']} | {r['where']} | {_size(r['bytes'])} | {r['count']} | "
+                     f"{r['time_us']:.1f} | {r['step_ms']:.2f} | {r['busbw_gbs']:.3g} |")
+    return "\n".join(lines)
+
+
+def format_tp_projection(rows):
+    lines = ["| tp | link | busbw (GB/s) | all-reduce bytes/layer | comm/layer (ms) | compute/layer (ms) | "
+             "step (ms) | eff. |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['tp']} | {r['link']} | {r['busbw_gbs']:.3g} | {r['layer_mb']:.1f} MB | "
+                     f"{r['layer_comm_ms']:.2f} | {r['layer_compute_ms']:.2f} | {r['step_ms']:.1f} | "
+                     f"{100 * r['efficiency']:.0f}% |")
+    return "\n".join(lines)
+
+
 def format_bandwidth(rows):
     lines = ["| collective | size | ranks | time (us) | algbw (GB/s) | busbw (GB/s) |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -159,6 +240,13 @@ def parse_args(argv):
                    "(default: measured here at the bucket size)")
     p.add_argument("--inter_busbw", type=float, default=0, help="all-reduce busbw across nodes, GB/s")
     p.add_argument("--gpus_per_node", type=int, default=8)
+    p.add_argument("--tp", type=int, default=0, help="tensor-parallel size: time (under torchrun) and "
+                   "project the TP collectives of one step")
+    p.add_argument("--n_layer", type=int, default=12, help="model shape for --tp (default GPT-2 124M)")
+    p.add_argument("--n_embd", type=int, default=768)
+    p.add_argument("--tokens", type=int, default=8 * 1024, help="micro-batch tokens B*T per tp group")
+    p.add_argument("--act_bytes", type=int, default=2, help="bytes per activation in the forward "
+                   "all-reduces (2: bf16 autocast, 4: fp32)")
     p.add_argument("--timeout_s", type=float, default=300.0)
     return p.parse_args(argv)
 
@@ -172,14 +260,21 @@ def _measure_here(args):
     max_bytes = args.max_bytes or (1 << 30 if device.type == "cuda" else 16 << 20)
     iters = args.iters or (20 if device.type == "cuda" else 5)
     rows = measure(comm, [s for s in SIZES if s <= max_bytes], iters, warmup=max(1, iters // 4))
+    tp_rows = []
+    if args.tp:
+        if args.tp != env.world_size:
+            sys.exit(f"python -m bench comm: --tp={args.tp} times the TP collectives on one tp group: "
+                     f"run it with {args.tp} processes, not {env.world_size}")
+        tp_rows = measure_tp(comm, tp_collectives(args.n_layer, args.n_embd, args.tokens, args.tp, args.act_bytes),
+                             iters, warmup=max(1, iters // 4))
     comm.close()
-    return rows if env.is_main else []
+    return (rows, tp_rows) if env.is_main else ([], [])
 
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    rows = _measure_here(args) if world > 1 else []
+    rows, tp_rows = _measure_here(args) if world > 1 else ([], [])
     if world > 1 and not rows:
         return 0  # not rank 0: rank 0 reports
     if rows:
@@ -188,6 +283,11 @@ def main(argv=None):
         sys.exit("python -m bench comm: run under torchrun with >= 2 processes to measure, "
                  "or give --step_ms (and --intra_busbw) for a projection")
     result = {"bandwidth": rows}
+    if tp_rows:
+        print(f"\ntensor-parallel collectives of one step: tp={args.tp}, L={args.n_layer}, C={args.n_embd}, "
+              f"B*T={args.tokens}")
+        print(format_tp(tp_rows))
+        result["tp_collectives"] = tp_rows
     if args.step_ms:
         bucket = int(args.bucket_mb * 2**20)
         intra = args.intra_busbw or (busbw_at(rows, bucket) if rows else None)
@@ -199,6 +299,14 @@ def main(argv=None):
         print(f"\nprojection: {args.params / 1e6:g}M params, 1-GPU step {args.step_ms:g} ms, "
               f"{args.bucket_mb:g} MB buckets")
         print(format_projection(result["projection"]))
+        if args.tp:
+            links = [("intra-node", intra), ("inter-node", args.inter_busbw or None)]
+            result["tp_projection"] = [dict(project_tp(args.step_ms / 1e3, args.n_layer, args.n_embd, args.tokens,
+                                                       args.tp, bw, args.act_bytes), link=link)
+                                       for link, bw in links if bw]
+            print(f"\ntensor parallel tp={args.tp}: L={args.n_layer}, C={args.n_embd}, B*T={args.tokens} tokens; "
+                  "each all-reduce is on the critical path (exposed)")
+            print(format_tp_projection(result["tp_projection"]))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "comm.json"), "w") as f:

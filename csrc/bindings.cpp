@@ -66,9 +66,17 @@ PYBIND11_MODULE(_C, m) {
 #endif
     m.def("cross_entropy_fwd_cpu", &nanolm::cross_entropy_fwd_cpu,
           "Cross-entropy losses and gradient over float32 logits (N, Vp), OpenMP over rows");
+    m.def("cross_entropy_stats_cpu", &nanolm::cross_entropy_stats_cpu,
+          "Partial softmax statistics (max, sum exp, target logit) of a vocabulary shard, float32");
+    m.def("cross_entropy_grad_cpu", &nanolm::cross_entropy_grad_cpu,
+          "dlogits of a vocabulary shard in place, given the global logsumexp, float32");
 #ifdef NANOLM_WITH_CUDA
     m.def("cross_entropy_fwd_cuda", &nanolm::cross_entropy_fwd_cuda,
           "Cross-entropy losses and gradient over fp32/bf16 logits (N, Vp), one block per row");
+    m.def("cross_entropy_stats_cuda", &nanolm::cross_entropy_stats_cuda,
+          "Partial softmax statistics (max, sum exp, target logit) of a vocabulary shard, fp32/bf16");
+    m.def("cross_entropy_grad_cuda", &nanolm::cross_entropy_grad_cuda,
+          "dlogits of a vocabulary shard in place, given the global logsumexp, fp32/bf16");
 #endif
     py::class_<nanolm::AdamWScalars>(m, "AdamWScalars")
         .def(py::init<float, float, float, float, float, float, float, float>(),

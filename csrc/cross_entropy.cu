@@ -13,9 +13,17 @@
 // Ignored rows skip sweep 1 and only write zeros.
 // Memory traffic: reads N*Vp logits twice + N targets, writes N*Vp gradients + N losses; the
 // bench counts 3 * N * Vp * elt + 12 * N bytes. ~2 exp per logit; memory-bound.
+//
+// The vocab-parallel pair, on one vocabulary shard (ids [vocab_start, vocab_start + Vp), the
+// first V real, V = 0 allowed; contract in nanolm/backends/torch_ref.py), from the same sweeps:
+//   cross_entropy_stats_kernel  sweep 1 only: (m, s, x_t or 0) -> stats (N, 3) fp32; reads
+//                               N*Vp, writes 3N floats.
+//   cross_entropy_grad_kernel   sweep 2 only, in place, with the global lse given: GradOp with
+//                               m = lse, log s = 0; reads and writes N*Vp.
 #include <cuda_bf16.h>
 
 #include <cfloat>
+#include <cmath>
 #include <cstring>
 
 #include "cross_entropy.h"
@@ -185,7 +193,96 @@ void launch(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t losses
     NANOLM_CHECK_LAUNCH("cross_entropy_fwd_kernel");
 }
 
+template <typename T>
+__global__ void __launch_bounds__(kThreads) cross_entropy_stats_kernel(
+    const T* logits,               // (N, Vp): one vocabulary shard
+    const std::int64_t* targets,   // (N,) global ids
+    float* stats,                  // (N, 3): max, sum exp(x - max), target logit or 0
+    std::int64_t N, std::int64_t Vp, std::int64_t V, std::int64_t vocab_start) {
+    const std::int64_t row = blockIdx.x;
+    if (row >= N) return;
+    const T* x = logits + row * Vp;
+    const MaxSum total = block_reduce<kThreads>(row_max_sum(x, V), [](MaxSum a, MaxSum b) { return merge(a, b); },
+                                                 MaxSum{kMaxInit, 0.f});  // V = 0: (kMaxInit, 0)
+    if (threadIdx.x == 0) {
+        const std::int64_t local = targets[row] - vocab_start;
+        stats[3 * row] = V > 0 ? total.m : -INFINITY;
+        stats[3 * row + 1] = total.s;
+        stats[3 * row + 2] = (local >= 0 && local < V) ? to_float(x[local]) : 0.f;
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) cross_entropy_grad_kernel(
+    T* logits,                     // (N, Vp): one vocabulary shard, overwritten by its gradient
+    const std::int64_t* targets,   // (N,)
+    const float* lse,              // (N,) over the whole vocabulary
+    std::int64_t N, std::int64_t Vp, std::int64_t V, std::int64_t vocab_start, std::int64_t ignore_index,
+    float z_loss, float grad_scale) {
+    const std::int64_t row = blockIdx.x;
+    if (row >= N) return;
+    T* x = logits + row * Vp;
+    const std::int64_t t = targets[row];
+    if (t == ignore_index) {
+        write_grad(x, x, Vp, GradOp<T>{0, -1, 0.f, 0.f, 0.f, 0.f}, true);
+        return;
+    }
+    const std::int64_t local = t - vocab_start;
+    const std::int64_t t_local = (local >= 0 && local < V) ? local : -1;  // -1: another shard's
+    const float l = lse[row];
+    write_grad(x, x, Vp, GradOp<T>{V, t_local, l, 0.f, grad_scale * (1.f + 2.f * z_loss * l), grad_scale}, true);
+}
+
+template <typename T>
+void launch_stats(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t stats, std::int64_t N,
+                  std::int64_t Vp, std::int64_t V, std::int64_t vocab_start, cudaStream_t stream) {
+    cross_entropy_stats_kernel<T><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+        ptr<const T>(logits), ptr<const std::int64_t>(targets), ptr<float>(stats), N, Vp, V, vocab_start);
+    NANOLM_CHECK_LAUNCH("cross_entropy_stats_kernel");
+}
+
+template <typename T>
+void launch_grad(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t lse, std::int64_t N,
+                 std::int64_t Vp, std::int64_t V, std::int64_t vocab_start, std::int64_t ignore_index,
+                 double z_loss, double grad_scale, cudaStream_t stream) {
+    cross_entropy_grad_kernel<T><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+        ptr<T>(logits), ptr<const std::int64_t>(targets), ptr<const float>(lse), N, Vp, V, vocab_start,
+        ignore_index, static_cast<float>(z_loss), static_cast<float>(grad_scale));
+    NANOLM_CHECK_LAUNCH("cross_entropy_grad_kernel");
+}
+
 }  // namespace
+
+void cross_entropy_stats_cuda(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t stats,
+                              std::int64_t N, std::int64_t Vp, std::int64_t V, std::int64_t vocab_start,
+                              DType dtype, std::uintptr_t stream) {
+    require(N >= 0 && N < (std::int64_t{1} << 31), "cross_entropy_stats_cuda: N out of range");
+    require(V >= 0 && V <= Vp, "cross_entropy_stats_cuda: need 0 <= V <= Vp");
+    if (N == 0) return;
+    auto s = reinterpret_cast<cudaStream_t>(stream);
+    if (dtype == DType::float32)
+        launch_stats<float>(logits, targets, stats, N, Vp, V, vocab_start, s);
+    else if (dtype == DType::bfloat16)
+        launch_stats<__nv_bfloat16>(logits, targets, stats, N, Vp, V, vocab_start, s);
+    else
+        unsupported_dtype("cross_entropy_stats_cuda", dtype);
+}
+
+void cross_entropy_grad_cuda(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t lse,
+                             std::int64_t N, std::int64_t Vp, std::int64_t V, std::int64_t vocab_start,
+                             std::int64_t ignore_index, double z_loss, double grad_scale,
+                             DType dtype, std::uintptr_t stream) {
+    require(N >= 0 && N < (std::int64_t{1} << 31), "cross_entropy_grad_cuda: N out of range");
+    require(V >= 0 && V <= Vp, "cross_entropy_grad_cuda: need 0 <= V <= Vp");
+    if (N == 0) return;
+    auto s = reinterpret_cast<cudaStream_t>(stream);
+    if (dtype == DType::float32)
+        launch_grad<float>(logits, targets, lse, N, Vp, V, vocab_start, ignore_index, z_loss, grad_scale, s);
+    else if (dtype == DType::bfloat16)
+        launch_grad<__nv_bfloat16>(logits, targets, lse, N, Vp, V, vocab_start, ignore_index, z_loss, grad_scale, s);
+    else
+        unsupported_dtype("cross_entropy_grad_cuda", dtype);
+}
 
 void cross_entropy_fwd_cuda(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t losses,
                             std::uintptr_t dlogits, std::int64_t N, std::int64_t Vp, std::int64_t V,

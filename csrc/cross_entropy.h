@@ -13,10 +13,30 @@ void cross_entropy_fwd_cuda(std::uintptr_t logits, std::uintptr_t targets, std::
                             std::int64_t V, std::int64_t ignore_index, double z_loss,
                             double grad_scale, DType dtype, std::uintptr_t stream);
 
+// The vocab-parallel pair on one vocabulary shard (see cross_entropy.cu), fp32 or bf16 logits:
+// stats (N, 3) float32; grad in place over logits given lse (N,) float32.
+void cross_entropy_stats_cuda(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t stats,
+                              std::int64_t N, std::int64_t Vp, std::int64_t V, std::int64_t vocab_start,
+                              DType dtype, std::uintptr_t stream);
+void cross_entropy_grad_cuda(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t lse,
+                             std::int64_t N, std::int64_t Vp, std::int64_t V, std::int64_t vocab_start,
+                             std::int64_t ignore_index, double z_loss, double grad_scale,
+                             DType dtype, std::uintptr_t stream);
+
 // float32 only.
 void cross_entropy_fwd_cpu(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t losses,
                            std::uintptr_t dlogits, std::int64_t N, std::int64_t Vp,
                            std::int64_t V, std::int64_t ignore_index, double z_loss,
                            double grad_scale);
+
+// Vocab-parallel cross-entropy, float32 (see cross_entropy_cpu.cpp): logits (N, Vp) are one
+// vocabulary shard starting at id vocab_start, the first V (0 <= V <= Vp) real.
+// stats (N, 3) float32 = per row (max, sum exp(x - max), target logit or 0).
+void cross_entropy_stats_cpu(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t stats,
+                             std::int64_t N, std::int64_t Vp, std::int64_t V, std::int64_t vocab_start);
+// In place: logits become dlogits, given the global lse (N,) float32.
+void cross_entropy_grad_cpu(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t lse,
+                            std::int64_t N, std::int64_t Vp, std::int64_t V, std::int64_t vocab_start,
+                            std::int64_t ignore_index, double z_loss, double grad_scale);
 
 }  // namespace nanolm

@@ -11,6 +11,15 @@ logits of +-1e4 never overflow; sweep 2 reads the row again and writes dx (in pl
 Memory traffic: reads N*Vp logits twice (the second read mostly hits L2: one row is 100 KB in
 bf16) + N targets, writes N*Vp gradients + N losses; 3 exp per logit; memory-bound.
 The bench counts 3 * N * Vp * elt + 12 * N bytes.
+
+The vocab-parallel pair (logits: one shard of the vocabulary, ids [vocab_start, vocab_start + Vp),
+its first V real, V = 0 allowed; see nanolm/backends/torch_ref.py for the contract):
+    cross_entropy_stats_kernel  per row  m, s (as sweep 1 above) and x_t if t is in the shard
+                                else 0 -> stats (N, 3) fp32 (m = -inf, s = 0 when V = 0);
+                                reads N*Vp logits + N targets, writes 3N floats.
+    cross_entropy_grad_kernel   dx_j = grad_scale * (exp(x_j - lse) (1 + 2 z_loss lse)
+                                - [j == t - vocab_start]) with the global lse; reads N*Vp + 2N,
+                                writes N*Vp (in place).
 """
 import torch
 import triton
@@ -81,3 +90,88 @@ def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_sc
         logits, dlogits, targets, losses, ignore_index, float(z_loss), float(grad_scale),
         Vp=Vp, V=vocab_size, BLOCK=block, num_warps=8)
     return losses, dlogits
+
+
+@triton.jit
+def cross_entropy_stats_kernel(
+    logits_ptr,   # (N, Vp) fp32 or bf16, row-contiguous: one vocabulary shard
+    targets_ptr,  # (N,) int64 global vocab ids (or ignore_index)
+    stats_ptr,    # (N, 3) fp32: max, sum exp(x - max), target logit or 0
+    vocab_start,  # global id of column 0
+    Vp: tl.constexpr,
+    V: tl.constexpr,  # real columns of this shard, 0 <= V <= Vp
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = logits_ptr + row * Vp
+    cols = tl.arange(0, BLOCK)
+    m = tl.full([BLOCK], -3.0e38, tl.float32)
+    s = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, V, BLOCK):  # online max/sum per lane, as sweep 1 of the forward
+        j = start + cols
+        x = tl.load(x_row + j, mask=j < Vp).to(tl.float32)
+        x = tl.where(j < V, x, float("-inf"))
+        m_new = tl.maximum(m, x)
+        s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
+        m = m_new
+    m_row = tl.max(m, axis=0)
+    s_row = tl.sum(s * tl.exp(m - m_row), axis=0)
+    local = tl.load(targets_ptr + row) - vocab_start
+    mine = (local >= 0) & (local < V)
+    x_t = tl.load(x_row + tl.where(mine, local, 0), mask=mine, other=0.0).to(tl.float32)
+    tl.store(stats_ptr + row * 3, tl.where(V > 0, m_row, float("-inf")))
+    tl.store(stats_ptr + row * 3 + 1, s_row)
+    tl.store(stats_ptr + row * 3 + 2, tl.where(mine, x_t, 0.0))
+
+
+@triton.jit
+def cross_entropy_grad_kernel(
+    logits_ptr,   # (N, Vp) fp32 or bf16: one vocabulary shard, overwritten by its gradient
+    targets_ptr,  # (N,) int64
+    lse_ptr,      # (N,) fp32 logsumexp over the whole vocabulary
+    vocab_start,
+    ignore_index,
+    z_loss,
+    grad_scale,
+    Vp: tl.constexpr,
+    V: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = logits_ptr + row * Vp
+    cols = tl.arange(0, BLOCK)
+    t = tl.load(targets_ptr + row)
+    valid = t != ignore_index
+    local = t - vocab_start
+    lse = tl.load(lse_ptr + row)
+    row_scale = tl.where(valid, grad_scale, 0.0)
+    coef = row_scale * (1.0 + 2.0 * z_loss * lse)
+    for start in range(0, Vp, BLOCK):
+        j = start + cols
+        x = tl.load(x_row + j, mask=j < Vp).to(tl.float32)
+        x = tl.where(j < V, x, float("-inf"))  # padding may hold anything, NaN included
+        dx = tl.exp(x - lse) * coef - tl.where((j == local) & (j < V), row_scale, 0.0)
+        dx = tl.where(valid, dx, 0.0)
+        tl.store(x_row + j, dx.to(logits_ptr.dtype.element_ty), mask=j < Vp)
+
+
+def _block(logits):
+    return min(triton.next_power_of_2(logits.shape[1]), 4096 if logits.element_size() == 2 else 2048)
+
+
+def cross_entropy_stats(logits, targets, vocab_start, vocab_size):
+    N, Vp = logits.shape
+    stats = torch.empty(N, 3, dtype=torch.float32, device=logits.device)
+    if N:
+        cross_entropy_stats_kernel[(N,)](logits, targets, stats, vocab_start, Vp=Vp, V=vocab_size,
+                                         BLOCK=_block(logits), num_warps=8)
+    return stats
+
+
+def cross_entropy_grad(logits, targets, lse, vocab_start, vocab_size, ignore_index, z_loss, grad_scale):
+    N, Vp = logits.shape
+    if N:
+        cross_entropy_grad_kernel[(N,)](logits, targets, lse, vocab_start, ignore_index, float(z_loss),
+                                        float(grad_scale), Vp=Vp, V=vocab_size, BLOCK=_block(logits),
+                                        num_warps=8)
+    return logits

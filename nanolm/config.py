@@ -56,7 +56,7 @@ class TrainConfig:
     preset: str = "quickstart"  # model shape, see PRESETS
     data: str = "pystdlib"  # embedded corpus: needs no download
     tokenizer: str = "byte"  # vocab 256, no files needed
-    batch_size: int = 16  # sequences per micro-batch per rank; global batch = batch_size*grad_accum*W
+    batch_size: int = 16  # sequences per micro-batch per data-parallel replica; global = batch_size*grad_accum*W/tp
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 450  # optimizer steps; quickstart ~1 min on 2 idle CPU cores
     lr: float = 2e-3  # small models tolerate a high peak lr
@@ -92,6 +92,7 @@ class TrainConfig:
     dropout: float = 0.0
     recompute: str = "none"  # activations the backward recomputes: none, mlp (GELU in/out) or block (all)
     zero: int = 0  # 1 = ZeRO-1: each of W ranks keeps 1/W of the AdamW state (multi-process only)
+    tp: int = 1  # tensor-parallel ranks per model (consecutive ranks: keep within a node); dp = W/tp
     bucket_mb: float = 25.0  # gradient bucket size; ~25 MB hides all-reduce latency (as DDP)
     dist_timeout_s: float = 300.0  # a collective waiting longer aborts the run; must exceed rank 0's checkpoint save
 
@@ -182,6 +183,8 @@ def validate(cfg):
             raise ConfigError(f"{k} must be in [0, 1), got {getattr(cfg, k)}")
     if not 0 <= cfg.dropout < 1:
         raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.tp < 1:
+        raise ConfigError(f"tp must be >= 1, got {cfg.tp}")
     if cfg.zero not in (0, 1):
         raise ConfigError(f"zero must be 0 or 1, got {cfg.zero}")
     for k in ("bucket_mb", "dist_timeout_s"):
@@ -197,7 +200,9 @@ def validate(cfg):
                           "from weights")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
-    model_config(cfg, 256)
+    mc = model_config(cfg, 256)
+    if mc.n_head % cfg.tp:
+        raise ConfigError(f"n_head={mc.n_head} is not divisible by tp={cfg.tp}")
 
 
 def as_dict(cfg):

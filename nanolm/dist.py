@@ -27,8 +27,15 @@ pending collectives; if one outlives the timeout or NCCL reports an error (a pee
 aborts the communicator and exits non-zero naming the rank and the collective, so a dead or
 hung peer never hangs the others forever.
 
+Tensor parallel (nanolm/tensor_parallel.py) lays the world out as tp x dp (layout_groups): each
+tp group is tp consecutive ranks (one node), each dp group the ranks holding the same model
+slice. `split` builds a communicator per group from the same bootstrap store (NCCL: one more
+ncclCommInitRank per group, its unique id published under the group's key; gloo: new_group);
+data parallel and ZeRO-1 then run over the dp group exactly as above, and the model's
+activation all-reduces over the tp group, each on its own stream.
+
 On CPU the same interface runs on torch.distributed's gloo backend (GlooComm), so CI runs real
-multi-process data parallel and ZeRO-1. Every collective returns a handle; `comm.wait(handle)`
+multi-process data parallel, ZeRO-1 and tensor parallel. Every collective returns a handle; `comm.wait(handle)`
 orders the caller after it (a stream wait on NCCL, a host wait on gloo).
 """
 import ctypes
@@ -51,6 +58,7 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    group: str = ""  # "" for all ranks; else which group this rank and world_size are within
 
     @property
     def is_main(self):
@@ -76,13 +84,18 @@ def rendezvous_store(env, timeout_s):
     return tdist.PrefixStore(f"nanolm/attempt_{attempt}", store)
 
 
+def describe(env):
+    within = f" of the {env.group} group" if env.group else ""
+    return f"rank {env.rank}/{env.world_size}{within}"
+
+
 def fail(env, what, waiting_for=""):
     """A collective failed or timed out: say which rank and which collective, and what the ranks
     were waiting for if the training loop said (Context.waiting_for), and exit at once.
     os._exit rather than an exception: unwinding would run the communicator's and the process
     group's teardown, which can block on the very peer that is gone."""
     why = f" while waiting for {waiting_for}" if waiting_for else ""
-    print(f"nanolm.dist: rank {env.rank}/{env.world_size}: {what}{why}; exiting", file=sys.stderr, flush=True)
+    print(f"nanolm.dist: {describe(env)}: {what}{why}; exiting", file=sys.stderr, flush=True)
     os._exit(1)
 
 
@@ -151,10 +164,12 @@ def ptr(tensor):
 
 
 class NcclComm:
-    """One non-blocking NCCL communicator per process, with its own CUDA stream."""
+    """One non-blocking NCCL communicator per process and group, with its own CUDA stream.
+    `env` gives this rank's place in the group; the group's rank 0 publishes the unique id
+    under `key` in the store."""
 
-    def __init__(self, env, store, timeout_s=300.0):
-        self.env, self.timeout_s, self.waiting_for = env, timeout_s, ""
+    def __init__(self, env, store, timeout_s=300.0, key="nccl_unique_id"):
+        self.env, self.store, self.timeout_s, self.waiting_for = env, store, timeout_s, ""
         self.device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(self.device)  # before NCCL: the communicator binds the current device
         self.lib = load_libnccl()
@@ -166,9 +181,9 @@ class NcclComm:
         unique_id = NcclUniqueId()
         if env.is_main:
             self._check(self.lib.ncclGetUniqueId(ctypes.byref(unique_id)), "ncclGetUniqueId")
-            store.set("nccl_unique_id", bytes(unique_id))
+            store.set(key, bytes(unique_id))
         else:
-            ctypes.memmove(ctypes.byref(unique_id), store.get("nccl_unique_id"), ctypes.sizeof(unique_id))
+            ctypes.memmove(ctypes.byref(unique_id), store.get(key), ctypes.sizeof(unique_id))
         config = NcclConfig(ctypes.sizeof(NcclConfig), NCCL_CONFIG_MAGIC, NCCL_CONFIG_VERSION, 0)
         self._enqueue("ncclCommInitRankConfig", self.lib.ncclCommInitRankConfig(
             ctypes.byref(self.comm), env.world_size, unique_id, env.rank, ctypes.byref(config)))
@@ -241,6 +256,14 @@ class NcclComm:
         """Order the caller's stream after a collective (the host does not block)."""
         torch.cuda.current_stream(self.device).wait_event(done)
 
+    def split(self, groups, kind):
+        """This rank's communicator among `groups` (lists of global ranks partitioning the
+        world): a new NCCL communicator from the same bootstrap store. Every rank calls it
+        with the same groups, and only builds its own group's communicator."""
+        ranks = next(g for g in groups if self.env.rank in g)
+        env = DistEnv(ranks.index(self.env.rank), len(ranks), self.env.local_rank, f"{kind} {ranks}")
+        return NcclComm(env, self.store, self.timeout_s, key=f"nccl_unique_id/{kind}/{ranks[0]}")
+
     # -- teardown
     def abort(self):
         if self.comm:
@@ -251,7 +274,7 @@ class NcclComm:
         """Report, abort the communicator (so NCCL's kernels and proxy threads stop) and exit.
         The abort gets a few seconds: it frees device memory, which waits for the device, and
         a wedged kernel must not keep the process alive."""
-        print(f"nanolm.dist: rank {self.env.rank}/{self.env.world_size}: {what}; aborting the "
+        print(f"nanolm.dist: {describe(self.env)}: {what}; aborting the "
               "communicator", file=sys.stderr, flush=True)
         aborter = threading.Thread(target=self.abort, daemon=True)
         aborter.start()
@@ -313,12 +336,26 @@ class GlooWork:
 
 class GlooComm:
     """The NcclComm interface on torch.distributed gloo, for CPU runs and tests. Collectives
-    run asynchronously on gloo's threads; `wait` blocks the host until one is done."""
+    run asynchronously on gloo's threads; `wait` blocks the host until one is done. Built with
+    a store it is the world's group; `split` makes sub-groups (group = their process group)."""
 
-    def __init__(self, env, store, timeout_s=300.0):
-        self.env, self.timeout_s, self.device, self.waiting_for = env, timeout_s, torch.device("cpu"), ""
-        tdist.init_process_group("gloo", store=store, rank=env.rank, world_size=env.world_size,
-                                 timeout=datetime.timedelta(seconds=timeout_s))
+    def __init__(self, env, store, timeout_s=300.0, group=None):
+        self.env, self.timeout_s, self.device, self.group = env, timeout_s, torch.device("cpu"), group
+        self.waiting_for = ""
+        if group is None:
+            tdist.init_process_group("gloo", store=store, rank=env.rank, world_size=env.world_size,
+                                     timeout=datetime.timedelta(seconds=timeout_s))
+
+    def split(self, groups, kind):
+        """As NcclComm.split. torch.distributed needs every rank to create every group, in
+        the same order; this rank keeps its own."""
+        mine = None
+        for ranks in groups:
+            pg = tdist.new_group(ranks, timeout=datetime.timedelta(seconds=self.timeout_s))
+            if self.env.rank in ranks:
+                env = DistEnv(ranks.index(self.env.rank), len(ranks), self.env.local_rank, f"{kind} {ranks}")
+                mine = GlooComm(env, None, self.timeout_s, group=pg)
+        return mine
 
     def _start(self, name, launch, scale=None):
         try:
@@ -327,18 +364,22 @@ class GlooComm:
             fail(self.env, f"{name} failed: {e}", self.waiting_for)
 
     def all_reduce(self, tensor, average=True):
-        return self._start("all_reduce", lambda: tdist.all_reduce(tensor, async_op=True),
+        return self._start("all_reduce", lambda: tdist.all_reduce(tensor, group=self.group, async_op=True),
                            tensor if average else None)
 
     def reduce_scatter(self, output, input, average=True):
-        return self._start("reduce_scatter", lambda: _reduce_scatter_flat(output, input, async_op=True),
+        return self._start("reduce_scatter", lambda: _reduce_scatter_flat(output, input, group=self.group,
+                                                                          async_op=True),
                            output if average else None)
 
     def all_gather(self, output, input):
-        return self._start("all_gather", lambda: _all_gather_flat(output, input, async_op=True))
+        return self._start("all_gather", lambda: _all_gather_flat(output, input, group=self.group,
+                                                                  async_op=True))
 
     def broadcast(self, tensor, root=0):
-        return self._start("broadcast", lambda: tdist.broadcast(tensor, root, async_op=True))
+        """root: the rank within this group."""
+        return self._start("broadcast", lambda: tdist.broadcast(tensor, group=self.group, group_src=root,
+                                                                async_op=True))
 
     def wait(self, handle):
         try:
@@ -349,7 +390,8 @@ class GlooComm:
             handle.scale.div_(self.env.world_size)
 
     def close(self):
-        tdist.destroy_process_group()
+        if self.group is None:  # the world's: destroys the sub-groups too
+            tdist.destroy_process_group()
 
 
 def init(env, device, timeout_s=300.0):
@@ -463,22 +505,52 @@ def data_parallel(comm, opt, bucket_mb, zero):
     return reducer
 
 
+def layout_groups(world_size, tp):
+    """The 2-D layout world = tp x dp: global rank = dp_rank * tp + tp_rank, so each
+    tensor-parallel group is `tp` consecutive ranks (one node, under torchrun's numbering)
+    and each data-parallel group takes the ranks with the same tp_rank across them.
+    Returns (tp groups, dp groups) as lists of global ranks."""
+    if tp < 1 or world_size % tp:
+        raise ValueError(f"tp={tp} does not divide the world size {world_size}")
+    dp = world_size // tp
+    return ([[d * tp + t for t in range(tp)] for d in range(dp)],
+            [[d * tp + t for d in range(dp)] for t in range(tp)])
+
+
 class Context:
     """What the training loop needs from the other ranks. With one process every method is a
-    no-op, so the single-GPU loop is the same code."""
+    no-op, so the single-GPU loop is the same code.
 
-    def __init__(self, env, device, timeout_s=300.0):
+    With tp > 1 the world is laid out tp x dp (layout_groups): `tp_comm` links the ranks that
+    share one model (its tensor-parallel slices), `dp_comm` the ranks holding the same slice,
+    which average gradients (ZeRO-1 shards over them). Either is None when its group has one
+    rank; `comm` spans the world."""
+
+    def __init__(self, env, device, timeout_s=300.0, tp=1):
+        tp_groups, dp_groups = layout_groups(env.world_size, tp)
         self.env, self.device, self.reducer = env, device, None
+        self.tp, self.dp = tp, env.world_size // tp
+        self.tp_rank, self.dp_rank = env.rank % tp, env.rank // tp
         self.comm = init(env, device, timeout_s)
+        self.tp_comm = self.dp_comm = None
+        if 1 < tp < env.world_size:
+            self.tp_comm, self.dp_comm = self.comm.split(tp_groups, "tp"), self.comm.split(dp_groups, "dp")
+        elif tp == env.world_size:
+            self.tp_comm = self.comm
+        else:
+            self.dp_comm = self.comm
 
     @property
     def is_main(self):
         return self.env.is_main
 
     def attach(self, opt, bucket_mb=25.0, zero=0):
-        """Data parallel over opt's flat buffers (see data_parallel)."""
-        if self.comm is not None:
-            self.reducer = data_parallel(self.comm, opt, bucket_mb, zero)
+        """Data parallel over opt's flat buffers (see data_parallel), within the dp group;
+        the optimizer's gradient norm also sums over the tp group."""
+        if self.tp_comm is not None:
+            opt.tensor_parallel(self.tp_comm)
+        if self.dp_comm is not None:
+            self.reducer = data_parallel(self.dp_comm, opt, bucket_mb, zero)
 
     def arm(self):
         if self.reducer is not None:
@@ -499,14 +571,18 @@ class Context:
     def waiting_for(self, what):
         """Name what the next collectives may wait on beyond the other ranks' own work (e.g.
         rank 0 writing a checkpoint), for the error if they time out; "" clears it."""
-        if self.comm is not None:
-            self.comm.waiting_for = what
+        for comm in (self.comm, self.tp_comm, self.dp_comm):
+            if comm is not None:
+                comm.waiting_for = what
 
     def any(self, flag):
         """True on every rank if it is True on any (e.g. a Ctrl-C seen by some ranks only)."""
         return self.mean(float(flag)) > 0 if self.comm is not None else flag
 
     def close(self):
+        for sub in (self.tp_comm, self.dp_comm):
+            if sub is not None and sub is not self.comm:
+                sub.close()
         if self.comm is not None:
             self.comm.close()
-            self.comm = None
+        self.comm = self.tp_comm = self.dp_comm = None

@@ -156,6 +156,7 @@ class GPT(nn.Module):
         if recompute not in RECOMPUTE:
             raise ValueError(f"GPT: recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
         self.cfg, self.impls, self.recompute = cfg, impls, recompute
+        self.tp = None  # the tensor-parallel group's communicator, set by tensor_parallel.parallelize
         if cfg.dropout > 0:  # absent at 0: the state dict is then exactly as without dropout
             self.dropout = DropoutStream(cfg.dropout, cfg.n_layer)
         self.transformer = nn.ModuleDict(dict(
@@ -217,6 +218,8 @@ class GPT(nn.Module):
         real vocabulary (B, vocab_size). With a KVCache (sampling): idx holds only the new
         tokens, the cache the keys and values of the earlier ones."""
         h = self.hidden(idx, cache)
+        if self.tp is not None:  # vocab-parallel lm_head (nanolm/tensor_parallel.py)
+            return self.lm_head(h, targets)
         if targets is None:
             return h[:, -1] @ self.lm_head.weight[: self.cfg.vocab_size].to(h.dtype).t()
         C = h.shape[-1]

@@ -305,6 +305,82 @@ def linear_cross_entropy(h, weight, targets, backend, vocab_size=None, ignore_in
                                     need_grad, backend)
 
 
+class VocabParallelLinearCrossEntropy(torch.autograd.Function):
+    """LinearCrossEntropy with the vocabulary split over the ranks of `comm`: weight holds this
+    rank's rows, vocab ids [vocab_start, vocab_start + rows), the first local_vocab real.
+    Per chunk of rows, the backend's partial statistics of the local logits, per row
+        m_r = max_j x_j,  s_r = sum_j exp(x_j - m_r),  x_t if this rank holds the target else 0,
+    are all-gathered (3 floats per row and rank) and combined alike on every rank:
+        M = max_r m_r,  lse = M + log sum_r s_r exp(m_r - M),  x_t = sum_r (x_t)_r,
+        loss = lse - x_t + z_loss * lse^2;
+    then the backend turns the local logits into their gradient with that lse. dh is this rank's
+    part, dlogits_r @ W_r (the caller's copy_to_group sums it over the ranks in the backward);
+    dW is local. The full (N, V) logits never exist anywhere."""
+
+    @staticmethod
+    @_amp_fwd
+    def forward(ctx, h, weight, targets, comm, vocab_start, local_vocab, vocab_size, ignore_index, z_loss,
+                chunk_rows, need_grad, backend):
+        N, C = h.shape
+        n_valid = _check_targets(targets, N, vocab_size, ignore_index, "vocab_parallel_linear_cross_entropy")
+        scale = 1.0 / max(n_valid, 1)
+        compute_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else h.dtype
+        h_c, w_c = h.to(compute_dtype), weight.to(compute_dtype)
+        acc = torch.float64 if compute_dtype == torch.float64 else torch.float32
+        dh, dweight = None, None
+        if need_grad:
+            dh = torch.empty_like(h_c)
+            dweight = (torch.empty if N else torch.zeros)(weight.shape, dtype=acc, device=h.device)
+        total = torch.zeros((), dtype=acc, device=h.device)
+        chunk_rows = min(chunk_rows or default_chunk_rows(N, C, weight.shape[0]), max(N, 1))
+        logits_buf = torch.empty(chunk_rows, weight.shape[0], dtype=compute_dtype, device=h.device)
+        ranks = comm.env.world_size
+        for start in range(0, N, chunk_rows):
+            end = min(start + chunk_rows, N)
+            h_chunk, logits, t = h_c[start:end], logits_buf[: end - start], targets[start:end]
+            torch.matmul(h_chunk, w_c.t(), out=logits)
+            stats = backend.cross_entropy_stats(logits, t, vocab_start, local_vocab)  # (rows, 3) fp32
+            every = torch.empty((ranks, *stats.shape), dtype=stats.dtype, device=stats.device)
+            comm.wait(comm.all_gather(every.view(-1), stats.view(-1)))
+            m = every[..., 0].max(dim=0).values
+            lse = m + (every[..., 1] * torch.exp(every[..., 0] - m)).sum(dim=0).log()
+            losses = lse - every[..., 2].sum(dim=0) + z_loss * lse.square()
+            total += torch.where(t != ignore_index, losses, 0.0).sum()
+            if need_grad:
+                dlogits = backend.cross_entropy_grad(logits, t, lse, vocab_start, local_vocab, ignore_index,
+                                                     z_loss, scale)
+                torch.matmul(dlogits, w_c, out=dh[start:end])
+                _accumulate_dweight(dweight, dlogits, h_chunk, first=start == 0)
+        ctx.save_for_backward(dh, dweight)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        return total * scale
+
+    @staticmethod
+    @_amp_bwd
+    def backward(ctx, grad_output):
+        dh, dweight = ctx.saved_tensors
+        dh = _scale_grad(dh, grad_output).to(ctx.dtypes[0])
+        dweight = _scale_grad(dweight, grad_output).to(ctx.dtypes[1])
+        return dh, dweight, None, None, None, None, None, None, None, None, None, None
+
+
+def vocab_parallel_linear_cross_entropy(h, weight, targets, comm, backend, vocab_start, local_vocab,
+                                        vocab_size, ignore_index=-100, z_loss=0.0, chunk_rows=None):
+    """Mean cross-entropy of h (N, C) against targets (N,) over a vocabulary of vocab_size ids
+    whose rows are split over comm's ranks: weight (rows, C) holds ids [vocab_start,
+    vocab_start + rows) here, of which the first local_vocab are real (0 <= local_vocab <= rows).
+    Every rank of comm calls it with the same h and targets and gets the same loss."""
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
+        raise ValueError(f"vocab_parallel_linear_cross_entropy: h {tuple(h.shape)} and weight "
+                         f"{tuple(weight.shape)} must be (N, C) and (rows, C)")
+    if not 0 <= local_vocab <= weight.shape[0]:
+        raise ValueError(f"vocab_parallel_linear_cross_entropy: local_vocab={local_vocab} outside "
+                         f"[0, {weight.shape[0]}] (weight rows)")
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return VocabParallelLinearCrossEntropy.apply(h, weight, targets, comm, vocab_start, local_vocab, vocab_size,
+                                                 ignore_index, z_loss, chunk_rows, need_grad, backend)
+
+
 # ----------------------------------------------------------------------------- adamw
 
 def adamw_step(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step,

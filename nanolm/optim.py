@@ -12,6 +12,13 @@ ZeRO-1 (`shard`): the optimizer then updates only this rank's pieces of the buff
 AdamW moments for those alone (optimizer memory / W); the gradient norm is the all-reduced sum
 of every rank's piece sums of squares, so every rank clips, and skips a non-finite step, alike;
 the updated pieces are all-gathered so every rank again holds all the weights.
+
+Tensor parallel (`tensor_parallel`, nanolm/tensor_parallel.py): parameters with a `tp_split`
+attribute are this rank's slices; the others are replicated, identical on every rank of the
+group. The buffer then holds 2-D slices, 2-D replicated, 1-D replicated, 1-D slices, so the
+replicated ones form one range and the decayed 2-D ones still a prefix; the global norm adds
+every rank's slices once and the replicated parameters once (_sum_over_ranks):
+    norm^2 = sum over the group of (sumsq(buffer) - (1 - 1/n) * sumsq(replicated range)).
 """
 import math
 
@@ -31,7 +38,7 @@ class FlatAdamW:
                 seen.add(id(p))
                 self.params.append(p)
                 names.append(name)
-        order = sorted(range(len(self.params)), key=lambda i: self.params[i].dim() < 2)
+        order = sorted(range(len(self.params)), key=lambda i: self._buffer_position(self.params[i]))
         self.params = [self.params[i] for i in order]
         self.names = [names[i] for i in order]
         self.decay_numel = sum(p.numel() for p in self.params if p.dim() >= 2)
@@ -40,7 +47,22 @@ class FlatAdamW:
         # Ranges [start, end) of the flat buffers this optimizer updates, its moment buffers
         # being their concatenation: the whole buffer, until shard() keeps this rank's pieces.
         self.pieces, self.buckets, self.comm = [(0, self.flat_param.numel())], [], None
+        replicated = [(off, off + n) for (_, off, n), p in zip(self.layout, self.params)
+                      if not hasattr(p, "tp_split")]
+        self.replicated = (replicated[0][0], replicated[-1][1]) if replicated else (0, 0)  # one range
+        self.tp_comm = None
         self.step_count, self.skipped = 0, 0
+
+    @staticmethod
+    def _buffer_position(p):
+        """2-D before 1-D (decay prefix); tensor-parallel slices at the two ends (see above)."""
+        one_d = p.dim() < 2
+        return one_d, hasattr(p, "tp_split") == one_d
+
+    def tensor_parallel(self, comm):
+        """Sum the gradient norm over the tensor-parallel group of comm, counting the
+        replicated parameters once."""
+        self.tp_comm = comm
 
     def _flatten(self, padded):
         device = self.params[0].device
@@ -96,21 +118,32 @@ class FlatAdamW:
         return norm
 
     def _grad_norm(self):
-        if self.comm is None:
+        if self.comm is None and self.tp_comm is None:
             return ops.grad_norm(self.flat_grad, self.backend).item()
         sumsq = self._sum_over_ranks(lambda s, e: self.backend.sum_of_squares(self.flat_grad[s:e]))
         if not torch.isinf(sumsq):  # the same on every rank, so every rank takes the same branch
             return sumsq.sqrt().item()
         # fp32 overflow with finite gradients, as in ops.grad_norm; the scale is the sum of the
         # ranks' max |g|, which every rank then knows and which bounds every |g|
-        scale = self._sum_over_ranks(lambda s, e: self.flat_grad[s:e].abs().max())
+        scale = self._sum_over_ranks(lambda s, e: self.flat_grad[s:e].abs().max(), replicated_once=False)
         return ops.scaled_norm(scale, lambda scale: self._sum_over_ranks(
             lambda s, e: self.backend.sum_of_squares(self.flat_grad[s:e] / scale))).item()
 
-    def _sum_over_ranks(self, of_piece):
-        """The sum over every rank's pieces of of_piece(start, end), a 0-d tensor."""
-        total = torch.stack([of_piece(s, e) for s, e in self.pieces]).sum().reshape(1)
-        self.comm.wait(self.comm.all_reduce(total, average=False))
+    def _sum_over_ranks(self, of_piece, replicated_once=True):
+        """The sum over every rank's pieces of of_piece(start, end), a 0-d tensor: over the dp
+        group (ZeRO-1) and the tp group, where the replicated range, alike on all n ranks of it,
+        counts once (1/n on each) when replicated_once."""
+        total = torch.stack([of_piece(s, e) for s, e in self.pieces]).sum()
+        if self.tp_comm is not None and replicated_once:
+            lo, hi = self.replicated
+            overlaps = [(max(s, lo), min(e, hi)) for s, e in self.pieces if max(s, lo) < min(e, hi)]
+            if overlaps:
+                replicated = torch.stack([of_piece(s, e) for s, e in overlaps]).sum()
+                total = total - (1 - 1 / self.tp_comm.env.world_size) * replicated
+        total = total.reshape(1)
+        for comm in (self.comm, self.tp_comm):
+            if comm is not None:
+                comm.wait(comm.all_reduce(total, average=False))
         return total[0]
 
     def _all_gather(self, buffer):

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanolm import backends, checkpoint, dist, flops
+from nanolm import backends, checkpoint, dist, flops, tensor_parallel
 from nanolm.config import ConfigError, as_dict, cli, model_config, parse_args, parse_overrides
 from nanolm.data import Loader, get_tokenizer, load_dataset, resolve_data
 from nanolm.metrics import MetricsWriter, read_metrics
@@ -81,10 +81,12 @@ def get_lr(cfg, step):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
 
 
-def flops_per_token(model):
-    """Model FLOPs per trained token (nanolm/flops.py)."""
+def flops_per_token(model, n_params=None):
+    """Model FLOPs per trained token (nanolm/flops.py). n_params: the whole model's, when
+    `model` is a tensor-parallel slice of it."""
     c = model.cfg
-    return flops.train_flops_per_token(model.num_params(), c.n_layer, c.n_embd, c.block_size)
+    n = model.num_params() if n_params is None else n_params
+    return flops.train_flops_per_token(n, c.n_layer, c.n_embd, c.block_size)
 
 
 def no_best_yet():
@@ -107,6 +109,7 @@ class Run:
     autocast: contextlib.AbstractContextManager  # bf16 autocast, or nothing in fp32
     dist: dist.Context
     config: dict  # the run's config with the model's, saved with every checkpoint
+    n_params: int  # non-embedding parameters of the whole model (with --tp, not only this rank's slice)
     dir: Path | None = None
     metrics: MetricsWriter | contextlib.AbstractContextManager | None = None  # a no-op off rank 0
     lock: "RunDirLock | contextlib.AbstractContextManager | None" = None  # the run dir's, on rank 0
@@ -118,9 +121,9 @@ def setup(cfg):
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     env = dist.env_from_torchrun()
-    if cfg.zero and env.world_size == 1:
-        raise ConfigError("--zero=1 needs several processes (torchrun --nproc_per_node=N): ZeRO-1 "
-                          "shards the optimizer state over the ranks")
+    if cfg.zero and env.world_size // cfg.tp <= 1:
+        raise ConfigError("--zero=1 needs several processes, as data-parallel replicas (torchrun "
+                          "--nproc_per_node=N, N > tp): ZeRO-1 shards the optimizer state over them")
     device = pick_device(cfg, env.local_rank)
     tokenizer = get_tokenizer(cfg.tokenizer)
     train_tokens, val_tokens = load_dataset(cfg.data, tokenizer)
@@ -138,22 +141,29 @@ def setup(cfg):
             if not impls[op].SUPPORT[op].dropout:
                 raise ValueError(f"dropout={mcfg.dropout}: the {choice[op]} backend has no dropout for {op}; "
                                  f"choose another with --kernels (e.g. {op}=torch)")
+    if env.world_size % cfg.tp:
+        raise ValueError(f"tp={cfg.tp} does not divide the {env.world_size} ranks")
+    ctx = dist.Context(env, device, cfg.dist_timeout_s, cfg.tp)
     model = GPT(mcfg, impls, cfg.recompute).to(device)
     if mcfg.dropout > 0:
         model.dropout.seed = DropoutStream.dropout_seed(cfg.seed, env.rank)
+    n_params = model.num_params()
+    if ctx.tp_comm is not None:  # this rank's slice of the model just initialised
+        tensor_parallel.parallelize(model, ctx.tp_comm)
     opt = FlatAdamW(model.named_parameters(), cfg.lr, (cfg.beta1, cfg.beta2), 1e-8,
-                    cfg.weight_decay, cfg.grad_clip, impls["adamw"], pad_to=env.world_size)
-    ctx = dist.Context(env, device, cfg.dist_timeout_s)
+                    cfg.weight_decay, cfg.grad_clip, impls["adamw"], pad_to=ctx.dp)
     ctx.attach(opt, cfg.bucket_mb, cfg.zero)
     try_kernels(cfg, model, opt, autocast_ctx(cfg, device), device)
-    # each rank reads its own batch_size windows of every global step: see Loader
-    train = Loader(train_tokens, cfg.batch_size, mcfg.block_size, cfg.seed, env.rank, env.world_size)
+    # each data-parallel replica (all ranks of one tp group alike) reads its own batch_size
+    # windows of every global step: see Loader
+    train = Loader(train_tokens, cfg.batch_size, mcfg.block_size, cfg.seed, ctx.dp_rank, ctx.dp)
     # and of the validation batches, so their mean over the ranks is the same global estimate
     # (the same windows) on any number of ranks
-    val = Loader(val_tokens, cfg.batch_size, mcfg.block_size, cfg.seed + 1, env.rank, env.world_size)
+    val = Loader(val_tokens, cfg.batch_size, mcfg.block_size, cfg.seed + 1, ctx.dp_rank, ctx.dp)
     return Run(device=device, tokenizer=tokenizer, model=model, opt=opt, train=train, val=val,
                val_start=val.state_dict(), autocast=autocast_ctx(cfg, device), dist=ctx,
-               config={**as_dict(cfg), "data": resolve_data(cfg.data), "model": dataclasses.asdict(mcfg)})
+               config={**as_dict(cfg), "data": resolve_data(cfg.data), "model": dataclasses.asdict(mcfg)},
+               n_params=n_params)
 
 
 def try_kernels(cfg, model, opt, autocast, device):
@@ -275,24 +285,31 @@ def set_aside_future(run_dir, step):
 def config_from_args(argv):
     """The run's config. When resuming, the checkpoint's saved config replaces the defaults, so
     `--resume` alone continues a run as it was started; values given on the command line still
-    win (a changed model shape is then reported by restore()). On another number of ranks the
-    per-rank batch_size is rescaled so the global batch, and with it the data order, is kept;
-    on one process ZeRO-1 is off."""
+    win (a changed model shape is then reported by restore()). The saved tp is kept only if it
+    divides the number of ranks (else tp=1, or --tp). On another number of data-parallel
+    replicas the per-replica batch_size is rescaled so the global batch, and with it the data
+    order, is kept; on one replica ZeRO-1 is off."""
     cfg = parse_args(argv)
     if not cfg.resume:
         return cfg
     saved, loader = checkpoint.saved_run(locate(cfg)[0])
+    world, overrides = dist.env_from_torchrun().world_size, parse_overrides(argv)
     keep = {k: v for k, v in saved.items() if k not in ("resume", "out_dir", "model")}
-    given, world_size = parse_overrides(argv), dist.env_from_torchrun().world_size
-    if "batch_size" not in given:
-        keep["batch_size"] = per_rank_batch(loader, world_size)
-    if world_size == 1:  # a ZeRO-1 run resumed on one process: there is nothing to shard
+    if world % keep.get("tp", 1):
+        keep.pop("tp")
+    tp = overrides.get("tp", keep.get("tp", 1))
+    if world % tp:
+        raise ConfigError(f"tp={tp} does not divide the {world} ranks")
+    if "batch_size" not in overrides:
+        keep["batch_size"] = per_rank_batch(loader, world // tp)
+    if world == tp:  # a ZeRO-1 run resumed on one data-parallel replica: there is nothing to shard
         keep["zero"] = 0
     return parse_args(argv, defaults=keep)
 
 
 def per_rank_batch(loader_state, world_size):
-    """The batch_size per rank that keeps a checkpoint's global batch on world_size ranks."""
+    """The batch_size per rank that keeps a checkpoint's global batch on world_size ranks
+    (data-parallel replicas: a tp group reads one batch)."""
     B, W = loader_state["batch_size"], loader_state["world_size"]
     if B * W % world_size:
         raise ConfigError(f"the checkpoint's global batch of {B * W} sequences ({B} on each of {W} ranks) "
@@ -306,8 +323,8 @@ def restore(cfg, run, path):
     if ckpt["step"] >= cfg.max_steps:
         raise ConfigError(f"{path} is at step {ckpt['step']} and max_steps={cfg.max_steps}: "
                           f"nothing left to train (raise --max_steps to continue)")
-    run.model.load_state_dict(ckpt["model"])
-    run.opt.load_state_dict(ckpt["optimizer"])
+    tensor_parallel.load_full_state_dict(run.model, ckpt["model"])
+    run.opt.load_state_dict(tensor_parallel.shard_optimizer_state(run.opt, ckpt["optimizer"], run.model))
     run.train.load_state_dict(ckpt["loader"]["train"])
     run.best = ckpt.get("best", no_best_yet())  # checkpoints older than early stopping lack it
     checkpoint.set_rng_state(ckpt["rng"])  # last: nothing above may draw random numbers after it
@@ -317,17 +334,20 @@ def restore(cfg, run, path):
 def load_weights(run, path):
     """Model weights only (e.g. GPT-2 imported with `python -m nanolm.hf import`)."""
     ckpt = checkpoint.load(path, model_config={"model": run.config["model"]})
-    run.model.load_state_dict(ckpt["model"])
-    print(f"weights from {path}")
+    tensor_parallel.load_full_state_dict(run.model, ckpt["model"])
+    if run.dist.is_main:
+        print(f"weights from {path}")
 
 
 def save(cfg, run, step, as_best=False):
-    """Rank 0 writes; every rank calls it, as the ZeRO-1 optimizer state is gathered first.
-    as_best: to ckpt_best.pt instead of ckpt_<step>.pt."""
-    opt_state = run.opt.state_dict()
+    """Rank 0 writes; every rank calls it, as the ZeRO-1 optimizer state and the
+    tensor-parallel slices are gathered first: the file holds the 1-process model and state,
+    and loads on any layout. as_best: to ckpt_best.pt instead of ckpt_<step>.pt."""
+    model_state = tensor_parallel.gather_state_dict(run.model)
+    opt_state = tensor_parallel.gather_optimizer_state(run.opt, run.opt.state_dict(), run.model)
     if not run.dist.is_main:
         return None
-    path = checkpoint.save(run.dir, step, run.model.state_dict(), opt_state,
+    path = checkpoint.save(run.dir, step, model_state, opt_state,
                            run.config, {"train": run.train.state_dict()}, cfg.keep_ckpts,
                            best=run.best, as_best=as_best)
     print(f"step {step:5d} | saved {path}", flush=True)
@@ -432,15 +452,15 @@ def count_skipped(cfg, run, streak, step, norm):
 
 
 def tokens_per_step(cfg, run):
-    """Over all ranks."""
-    return cfg.batch_size * cfg.grad_accum * run.model.cfg.block_size * run.dist.env.world_size
+    """Over all data-parallel replicas."""
+    return cfg.batch_size * cfg.grad_accum * run.model.cfg.block_size * run.dist.dp
 
 
 def log(cfg, run, step, loss, lr, norm, dt):
     tokens = tokens_per_step(cfg, run)
     peak = peak_flops(cfg, run.device)
-    mfu = (f"{100 * flops_per_token(run.model) * tokens / dt / (peak * run.dist.env.world_size):.1f}%"
-           if peak else "-")
+    model_flops = flops_per_token(run.model, run.n_params) * tokens / dt
+    mfu = f"{100 * model_flops / (peak * run.dist.env.world_size):.1f}%" if peak else "-"
     skipped = f" skipped {run.opt.skipped}" if run.opt.skipped else ""
     print(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | "
           f"{1000 * dt:.0f} ms/step | {tokens / dt:.0f} tok/s | mfu {mfu}{skipped}", flush=True)
@@ -455,13 +475,27 @@ def log_eval(cfg, run, step, val_loss):
                     val_ppl=val_ppl)
 
 
-def sample(cfg, run):
+def sampling_model(run):
+    """The model rank 0 samples from: the training model, or with tensor parallelism a
+    1-process copy of it on rank 0 (every rank calls this: the slices are gathered)."""
+    model = run.model
+    if model.tp is None:
+        return model
+    state = tensor_parallel.gather_state_dict(model)
+    if not run.dist.is_main:
+        return None
+    full = GPT(model.cfg, model.impls).to(run.device)
+    full.load_state_dict(state)
+    return full
+
+
+def sample(cfg, run, model):
     tok = run.tokenizer
     ids = tok.encode(cfg.sample_prompt) or [tok.eot]
     prompt = torch.tensor([ids], dtype=torch.long, device=run.device)
-    run.model.eval()
+    model.eval()
     with run.autocast:
-        out = generate(run.model, prompt, cfg.sample_tokens, top_k=50, seed=cfg.seed)
+        out = generate(model, prompt, cfg.sample_tokens, top_k=50, seed=cfg.seed)
     return tok.decode(out[0].tolist())
 
 
@@ -488,7 +522,8 @@ def start(cfg):
         run.lock.close()
         raise
     print(f"run dir: {run_dir}" + (f" (resumed from {resume_from}, step {done})" if resume_from else ""))
-    print(f"model: {run.model.num_params() / 1e6:.2f}M non-embedding params on {run.device}")
+    layout = f" (tp={run.dist.tp} x dp={run.dist.dp})" if run.dist.tp > 1 else ""
+    print(f"model: {run.n_params / 1e6:.2f}M non-embedding params on {run.device}{layout}")
     return run, done + 1
 
 
@@ -496,8 +531,8 @@ def train(cfg):
     """Runs the whole training; returns {'first_val' (fresh runs), 'val', 'sample', 'stopped'
     (the step a Ctrl-C stopped at, or None), 'early_stopped' (the step --early_stop ended the
     run at, or None), 'checkpoint' (the last one saved)}. Under torchrun every rank evaluates
-    its share of the validation batches; only rank 0 logs, samples and writes, and the other
-    ranks return no 'sample' or 'checkpoint'."""
+    its share of the validation batches (a tp group shares one); only rank 0 logs, samples and
+    writes, and the other ranks return no 'sample' or 'checkpoint'."""
     run, first = start(cfg)
     history, is_main = {"stopped": None, "early_stopped": None}, run.dist.is_main
     with contextlib.closing(run.dist), run.lock, run.metrics, StopOnInterrupt() as interrupt:
@@ -544,10 +579,11 @@ def train(cfg):
                 return history
             if step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or periodic:
                 t0, timed = time.perf_counter(), 0
+        sampler = sampling_model(run)
     if is_main and skipped:
         print("no sample: the last step was skipped (non-finite gradient)")
     elif is_main:
-        history["sample"] = sample(cfg, run)
+        history["sample"] = sample(cfg, run, sampler)
         print("sample:\n" + history["sample"])
     return history
 

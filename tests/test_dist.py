@@ -415,6 +415,21 @@ def test_comm_bench_formulas_and_projection():
     assert comm.busbw_at(table, 25 << 20) == (1 << 24) / 1e6
 
 
+def test_comm_bench_tensor_parallel_projection():
+    from bench import comm
+    # GPT-2 124M, B*T = 8192, bf16 forward: 8192*768*(2*2 + 2*4) bytes = 72 MiB per layer;
+    # at tp=8 and 360 GB/s: 2*7/8 * 75.5 MB / 360 GB/s = 0.367 ms per layer
+    r = comm.project_tp(0.3, 12, 768, 8192, 8, 360.0)
+    assert r["layer_mb"] == pytest.approx(72.0)
+    assert r["layer_comm_ms"] == pytest.approx(2 * 7 / 8 * 8192 * 768 * 12 / 360e9 * 1e3)
+    assert r["layer_compute_ms"] == pytest.approx(300 / 8 / 12)
+    ends = 2 * 7 / 8 * 8192 * 768 * 8 / 360e9 * 1e3
+    assert r["step_ms"] == pytest.approx(300 / 8 + 12 * r["layer_comm_ms"] + ends)
+    assert comm.project_tp(0.3, 12, 768, 8192, 8, 45.0)["efficiency"] < r["efficiency"] < 1
+    calls = comm.tp_collectives(12, 768, 8192, 8)
+    assert sum(c["count"] for c in calls if c["collective"] == "all_reduce") == 4 * 12 + 2
+
+
 def test_comm_bench_cli_projection(capsys, tmp_path):
     from bench.cli import main
     assert main(["comm", "--step_ms=300", "--params=124e6", "--intra_busbw=360", "--inter_busbw=45",
@@ -430,7 +445,8 @@ def test_comm_bench_measures_under_torchrun(tmp_path):
     """Two gloo processes through the bench CLI: bandwidth rows for every collective and size."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "bench", "comm", "--max_bytes=4096", "--iters=2", "--step_ms=100", f"--out={tmp_path}"]
+           "-m", "bench", "comm", "--max_bytes=4096", "--iters=2", "--step_ms=100", f"--out={tmp_path}",
+           "--tp=2", "--n_layer=2", "--n_embd=16", "--tokens=64"]
     p = subprocess.run(cmd, cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0, p.stderr
@@ -439,3 +455,8 @@ def test_comm_bench_measures_under_torchrun(tmp_path):
         ("all_reduce", 1024), ("reduce_scatter", 1024), ("all_gather", 1024)]
     assert len(rows) == 6 and all(r["busbw_gbs"] > 0 and r["ranks"] == 2 for r in rows)
     assert p.stdout.count("| all_gather | 4 KB | 2 |") == 1  # rank 0 alone reports
+    tp = json.loads((tmp_path / "comm.json").read_text())["tp_collectives"]  # --tp: one step's TP collectives
+    assert [(r["collective"], r["bytes"], r["count"]) for r in tp] == [
+        ("all_reduce", 64 * 16 * 2, 4), ("all_reduce", 64 * 16 * 4, 4), ("all_reduce", 64 * 16 * 4, 2),
+        ("all_gather", 64 * 3 * 4 * 2, 1)]
+    assert all(r["time_us"] > 0 for r in tp) and "| c_proj outputs (fwd) |" in p.stdout

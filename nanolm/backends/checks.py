@@ -97,6 +97,18 @@ def check_cross_entropy(op, support, logits, targets, vocab_size):
         raise ValueError(f"{op}: vocab_size={vocab_size} outside [1, {logits.shape[1]}] (logits columns)")
 
 
+def check_cross_entropy_shard(op, support, logits, targets, vocab_size, lse=None):
+    """The vocab-parallel pair (cross_entropy_stats / _grad): as check_cross_entropy, but a
+    shard may hold no real column (0 <= vocab_size <= Vp); lse (N,) float32 when given."""
+    check_first(op, support, "logits", logits, ndim=2)
+    check_tensor(op, "targets", targets, dtypes=(torch.int64,), device=logits.device,
+                 shape=(logits.shape[0],))
+    if not 0 <= vocab_size <= logits.shape[1]:
+        raise ValueError(f"{op}: vocab_size={vocab_size} outside [0, {logits.shape[1]}] (logits columns)")
+    if lse is not None:
+        check_tensor(op, "lse", lse, dtypes=(torch.float32,), device=logits.device, shape=(logits.shape[0],))
+
+
 def check_adamw(op, support, param, grad, exp_avg, exp_avg_sq, decay_numel, step):
     """The four AdamW buffers: 1-D, contiguous, one dtype, one device, one length."""
     check_first(op, support, "param", param, ndim=1)

@@ -7,8 +7,8 @@ current CUDA stream to the extension, which throws on any CUDA error. Every laun
 import torch
 
 from nanolm.backends.checks import (check_adamw, check_attention, check_attention_bwd, check_cross_entropy,
-                                    check_dropout, check_layer_norm_bwd, check_layer_norm_fwd,
-                                    check_sum_of_squares)
+                                    check_cross_entropy_shard, check_dropout, check_layer_norm_bwd,
+                                    check_layer_norm_fwd, check_sum_of_squares)
 from nanolm.backends.common import (_C, Support, adamw_scalars, bth_strides, c_dtype, dropout_scalars,
                                     layer_norm_bwd_outputs, layer_norm_forwards, layer_norm_outputs, ptr)
 
@@ -107,6 +107,25 @@ def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_sc
                                   dlogits.data_ptr(), N, Vp, vocab_size, ignore_index, z_loss, grad_scale,
                                   c_dtype(logits), _stream())
     return losses, dlogits
+
+
+def cross_entropy_stats(logits, targets, vocab_start, vocab_size):
+    check_cross_entropy_shard("cross_entropy_stats", SUPPORT["cross_entropy"], logits, targets, vocab_size)
+    N, Vp = logits.shape
+    stats = torch.empty(N, 3, dtype=torch.float32, device=logits.device)
+    with torch.cuda.device(logits.device):
+        _C.cross_entropy_stats_cuda(logits.data_ptr(), targets.data_ptr(), stats.data_ptr(), N, Vp, vocab_size,
+                                    vocab_start, c_dtype(logits), _stream())
+    return stats
+
+
+def cross_entropy_grad(logits, targets, lse, vocab_start, vocab_size, ignore_index, z_loss, grad_scale):
+    check_cross_entropy_shard("cross_entropy_grad", SUPPORT["cross_entropy"], logits, targets, vocab_size, lse)
+    N, Vp = logits.shape
+    with torch.cuda.device(logits.device):
+        _C.cross_entropy_grad_cuda(logits.data_ptr(), targets.data_ptr(), lse.data_ptr(), N, Vp, vocab_size,
+                                   vocab_start, ignore_index, z_loss, grad_scale, c_dtype(logits), _stream())
+    return logits
 
 
 # ----------------------------------------------------------------------------- adamw

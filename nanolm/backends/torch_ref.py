@@ -21,6 +21,9 @@ and then, per op in SUPPORT, these functions with exactly these signatures, in t
                                    -> None (writes dq, dk, dv)
   cross_entropy  cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss,
                                    grad_scale, inplace) -> (losses, dlogits)
+                 cross_entropy_stats(logits, targets, vocab_start, vocab_size) -> stats
+                 cross_entropy_grad(logits, targets, lse, vocab_start, vocab_size, ignore_index,
+                                    z_loss, grad_scale) -> dlogits (in place over logits)
   adamw          adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps,
                             weight_decay, step, decay_numel, grad_scale) -> None (in place)
                  sum_of_squares(x) -> 0-d float32 tensor
@@ -29,7 +32,9 @@ Shapes: layernorm x, dy (N, C) contiguous; weight, bias (C,) (bias may be None);
 float32. attention q, k, v (B, T, nh, hs) with stride(-1) == 1 (views into the fused qkv
 projection are fine); o, do (B, T, nh, hs) contiguous; lse (B, nh, T) float32; dq, dk, dv
 (B, T, nh, hs) views with stride(-1) == 1. cross_entropy logits (N, Vp) contiguous, columns >= vocab_size
-are padding; targets (N,) int64; losses (N,) float32. adamw: 1-D float32 buffers of equal length,
+are padding; targets (N,) int64; losses (N,) float32. The partial-statistics pair works on one
+vocabulary shard: logits (N, Vp) hold the columns of vocab ids [vocab_start, vocab_start + Vp),
+the first vocab_size (0 allowed) real; stats (N, 3) float32; lse (N,) float32. adamw: 1-D float32 buffers of equal length,
 the first decay_numel elements weight-decayed.
 
 dropout: None (no dropout: exactly the path without it) or an object with p (0 < p < 1), seed
@@ -233,6 +238,45 @@ def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_sc
     dlogits[:, :vocab_size] = grad.to(logits.dtype)
     dlogits[:, vocab_size:] = 0
     return losses, dlogits
+
+
+# Vocab-parallel cross-entropy (ops.vocab_parallel_linear_cross_entropy): each rank holds a
+# shard of the vocabulary. cross_entropy_stats gives, per row, the shard's partial softmax
+# statistics (m = max_j x_j, s = sum_j exp(x_j - m), and x_t if the target t lies in the shard,
+# else 0), with m = -inf and s = 0 for a shard of padding only; the op layer combines them into
+# the global lse, and cross_entropy_grad writes the shard's dlogits with it:
+#   grad_scale * (exp(x_j - lse) * (1 + 2 z_loss lse) - [j == t - vocab_start]).
+# lse is fp32: near |lse| ~ 1e4 it rounds by ~1e-3 (cross_entropy_fwd keeps m and log s apart
+# for that case); training logits stay far below.
+
+def _in_shard(targets, vocab_start, vocab_size):
+    local = targets - vocab_start
+    return local, (local >= 0) & (local < vocab_size)
+
+
+def cross_entropy_stats(logits, targets, vocab_start, vocab_size):
+    acc = _acc(logits.dtype)
+    x = logits[:, :vocab_size].to(acc)
+    no_logit = torch.full((x.shape[0], 1), float("-inf"), dtype=acc, device=x.device)
+    m = torch.cat([x, no_logit], dim=1).max(dim=1).values  # -inf when the shard has no real column
+    s = torch.exp(x - m[:, None]).sum(dim=1)
+    local, mine = _in_shard(targets, vocab_start, vocab_size)
+    target_logit = x.gather(1, torch.where(mine, local, 0)[:, None]).squeeze(1) if vocab_size else m
+    return torch.stack([m, s, torch.where(mine, target_logit, 0.0)], dim=1)
+
+
+def cross_entropy_grad(logits, targets, lse, vocab_start, vocab_size, ignore_index, z_loss, grad_scale):
+    acc = _acc(logits.dtype)
+    x = logits[:, :vocab_size].to(acc)
+    lse = lse.to(acc)
+    grad = torch.exp(x - lse[:, None]) * (1 + 2 * z_loss * lse)[:, None]
+    local, mine = _in_shard(targets, vocab_start, vocab_size)
+    rows = mine.nonzero().squeeze(1)
+    grad[rows, local[rows]] -= 1
+    grad = torch.where((targets != ignore_index)[:, None], grad * grad_scale, 0.0)
+    logits[:, :vocab_size] = grad.to(logits.dtype)
+    logits[:, vocab_size:] = 0
+    return logits
 
 
 # ----------------------------------------------------------------------------- adamw

@@ -9,8 +9,8 @@ import os
 import torch
 
 from nanolm.backends.checks import (check_adamw, check_attention, check_attention_bwd, check_cross_entropy,
-                                    check_dropout, check_layer_norm_bwd, check_layer_norm_fwd,
-                                    check_sum_of_squares)
+                                    check_cross_entropy_shard, check_dropout, check_layer_norm_bwd,
+                                    check_layer_norm_fwd, check_sum_of_squares)
 from nanolm.backends.common import Support, adamw_scalars, dropout_scalars, layer_norm_forwards
 from nanolm.kernels import adamw, attention, cross_entropy, layernorm
 
@@ -78,6 +78,17 @@ def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_sc
     check_cross_entropy("cross_entropy", SUPPORT["cross_entropy"], logits, targets, vocab_size)
     return cross_entropy.cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss,
                                                    grad_scale, inplace)
+
+
+def cross_entropy_stats(logits, targets, vocab_start, vocab_size):
+    check_cross_entropy_shard("cross_entropy_stats", SUPPORT["cross_entropy"], logits, targets, vocab_size)
+    return cross_entropy.cross_entropy_stats(logits, targets, vocab_start, vocab_size)
+
+
+def cross_entropy_grad(logits, targets, lse, vocab_start, vocab_size, ignore_index, z_loss, grad_scale):
+    check_cross_entropy_shard("cross_entropy_grad", SUPPORT["cross_entropy"], logits, targets, vocab_size, lse)
+    return cross_entropy.cross_entropy_grad(logits, targets, lse, vocab_start, vocab_size, ignore_index, z_loss,
+                                            grad_scale)
 
 
 # ----------------------------------------------------------------------------- adamw

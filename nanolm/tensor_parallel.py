@@ -1,0 +1,282 @@
+"""Tensor parallelism (Megatron-LM style): each block's matmuls and the tied embedding/lm_head
+split over the n ranks of a tensor-parallel group, on the communicators of nanolm/dist.py.
+
+A block on rank r of n (X the (B*T, C) LayerNorm output, identical on every rank):
+  attention  c_attn is column-parallel: W (3C, C) keeps the rows of r's heads in each of q, k, v,
+             so X W_r^T (B, T, 3C/n) is already the fused [q | k | v] layout of nh/n heads that
+             ops.causal_attention reads; c_proj is row-parallel: W (C, C) keeps the input columns
+             of those heads, each rank's Y_r W_r^T is a partial sum, one all-reduce adds them.
+  MLP        c_fc column-parallel (4C/n of the hidden units), c_proj row-parallel + all-reduce.
+The conjugate pair of collectives (Megatron's f and g):
+  copy_to_group    identity forward, all-reduce of the gradient backward: at every
+                   column-parallel input, since each rank's slice contributes a part of dX.
+  reduce_from_group  all-reduce forward, identity backward: after every row-parallel matmul.
+Per block: 2 all-reduces of (B*T, C) forward, in the matmuls' dtype (bf16 under autocast), and
+2 backward, in the residual stream's fp32: 2*(2 + 4)*B*T*C bytes per block under bf16 autocast,
+whatever n is (bench/comm.py --tp times them).
+
+Replicated parameters (LayerNorms, row-parallel biases, wpe) stay identical BY CONSTRUCTION,
+with no gradient all-reduce of their own: every activation they touch comes out of an
+all-reduce (bitwise identical on every rank), so their gradients are bitwise identical too, and
+the optimizer, whose clipping norm is computed once for the whole model (optim.py), takes the
+same step on every rank. tests/test_tensor_parallel.py checks they end bitwise equal.
+
+Vocab parallel: wte (Vp, C) and the tied lm_head are split by rows, rank r holding vocab ids
+[r*R, (r+1)*R), R = ceil(Vp/n). The embedding looks up the ids it holds (zeros elsewhere) and
+all-reduces; the loss is ops.vocab_parallel_linear_cross_entropy, which never gathers the logits.
+
+Parameters carry `tp_split = (dim, groups, full size)`: the dim they are cut along, how many
+interleaved groups it holds (3 for c_attn's q, k, v; the cut takes rank r's part of each), and
+its 1-process length (the vocabulary rows are padded to a multiple of n when n does not divide
+them, so any n that divides n_head works).
+Checkpoints are gathered to the 1-process tensors (gather_state_dict), so one file loads on any
+layout. parallelize() slices an initialised 1-process model, so a run with --tp=n starts from
+the very weights a 1-process run with the same seed starts from (at the cost of one whole
+fp32 model per rank during setup).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanolm import ops
+
+
+# ----------------------------------------------------------------------------- collectives
+
+class CopyToGroup(torch.autograd.Function):
+    """Identity forward; all-reduce (sum) of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()  # autograd may hand the same tensor to another branch
+        ctx.comm.wait(ctx.comm.all_reduce(grad, average=False))
+        return grad, None
+
+
+class ReduceFromGroup(torch.autograd.Function):
+    """All-reduce (sum) forward, in place over the fresh matmul output; identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.mark_dirty(x)
+        comm.wait(comm.all_reduce(x, average=False))
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def copy_to_group(x, comm):
+    return CopyToGroup.apply(x, comm)
+
+
+def reduce_from_group(x, comm):
+    return ReduceFromGroup.apply(x.contiguous(), comm)
+
+
+# ----------------------------------------------------------------------------- slicing
+
+def shard(full, split, rank, n):
+    """Rank's slice of a full tensor: dim `split[0]` holds split[1] groups, each cut in n. An
+    ungrouped dim that n does not divide (the vocabulary rows) is first padded with zero rows
+    to a multiple of n: the last ranks hold the padding, which no id looks up or predicts."""
+    dim, groups, size = split
+    if groups == 1 and size % n:
+        pad = list(full.shape)
+        pad[dim] = -size % n
+        full, size = torch.cat([full, full.new_zeros(pad)], dim), size + pad[dim]
+    if size % (groups * n):
+        raise ValueError(f"tensor parallel: dim {dim} of size {size} does not split into {groups} "
+                         f"groups of {n} equal parts")
+    return full.unflatten(dim, (groups, n, size // (groups * n))).select(dim + 1, rank).flatten(dim, dim + 1)
+
+
+def gather(local, split, comm):
+    """The full tensor from every rank's slice (a collective: every rank of the group calls it)."""
+    dim, groups, size = split
+    n = comm.env.world_size
+    out = torch.empty((n, *local.shape), dtype=local.dtype, device=local.device)
+    comm.wait(comm.all_gather(out.view(-1), local.detach().contiguous().view(-1)))
+    # (n, ..., groups*m, ...) -> (..., groups, n, m, ...) -> (..., groups*n*m, ...), less any padding
+    return out.unflatten(dim + 1, (groups, -1)).movedim(0, dim + 1).flatten(dim, dim + 2).narrow(dim, 0, size)
+
+
+def _sharded_parameter(full, dim, groups, comm):
+    split = (dim, groups, full.shape[dim])
+    p = nn.Parameter(shard(full.detach(), split, comm.env.rank, comm.env.world_size).clone())
+    p.tp_split = split
+    return p
+
+
+# ----------------------------------------------------------------------------- layers
+
+class ColumnParallelLinear(nn.Module):
+    """y_r = x W_r^T + b_r: this rank's `out/n` output features (of each of `groups` groups)."""
+
+    def __init__(self, full, comm, groups=1):
+        super().__init__()
+        self.comm = comm
+        self.weight = _sharded_parameter(full.weight, 0, groups, comm)
+        self.bias = None if full.bias is None else _sharded_parameter(full.bias, 0, groups, comm)
+
+    def forward(self, x):
+        return F.linear(copy_to_group(x, self.comm), self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum_r x_r W_r^T + b: x_r is this rank's slice of the input features; the bias is
+    replicated and added once, after the all-reduce."""
+
+    def __init__(self, full, comm):
+        super().__init__()
+        self.comm = comm
+        self.weight = _sharded_parameter(full.weight, 1, 1, comm)
+        self.bias = None if full.bias is None else nn.Parameter(full.bias.detach().clone())
+
+    def forward(self, x):
+        y = reduce_from_group(F.linear(x, self.weight), self.comm)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [vocab_start, vocab_start + ceil(Vp/n)) of the token embedding (zero rows past Vp on
+    the last ranks); ids elsewhere look up zeros here and their own rank's row arrives through
+    the all-reduce."""
+
+    def __init__(self, full, comm):
+        super().__init__()
+        self.comm = comm
+        self.weight = _sharded_parameter(full.weight, 0, 1, comm)
+        self.vocab_start = comm.env.rank * self.weight.shape[0]
+
+    def forward(self, idx):
+        local = idx - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        x = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0.0)
+        return reduce_from_group(x, self.comm)
+
+
+class VocabParallelHead(nn.Module):
+    """The lm_head tied to a VocabParallelEmbedding: the loss over this rank's vocab rows, with
+    the softmax statistics combined across the group (ops.vocab_parallel_linear_cross_entropy)."""
+
+    def __init__(self, wte, vocab_size, backend):
+        super().__init__()
+        self.weight = wte.weight
+        self.comm, self.backend, self.vocab_size = wte.comm, backend, vocab_size
+        self.vocab_start = wte.vocab_start
+        self.local_vocab = min(max(vocab_size - self.vocab_start, 0), self.weight.shape[0])
+
+    def forward(self, h, targets):
+        if targets is None:
+            raise ValueError("a tensor-parallel GPT computes losses only; sample from the gathered "
+                             "model (tensor_parallel.gather_state_dict into a 1-process GPT)")
+        C = h.shape[-1]
+        return ops.vocab_parallel_linear_cross_entropy(
+            copy_to_group(h.reshape(-1, C), self.comm), self.weight, targets.reshape(-1), self.comm,
+            self.backend, self.vocab_start, self.local_vocab, self.vocab_size)
+
+
+# ----------------------------------------------------------------------------- the model
+
+def parallelize(model, comm):
+    """Turn an initialised 1-process GPT into rank comm.env.rank's tensor-parallel slice of it,
+    in place. Rank 0's weights are broadcast first, so the slices come from one model."""
+    n, cfg = comm.env.world_size, model.cfg
+    if cfg.n_head % n:
+        raise ValueError(f"tensor parallel: n_head={cfg.n_head} is not divisible by tp={n}")
+    for p in model.parameters():
+        comm.wait(comm.broadcast(p.data, root=0))
+    for block in model.transformer.h:
+        attn, mlp = block.attn, block.mlp
+        attn.c_attn = ColumnParallelLinear(attn.c_attn, comm, groups=3)  # [q | k | v]: r's heads of each
+        attn.c_proj = RowParallelLinear(attn.c_proj, comm)
+        attn.n_head = cfg.n_head // n
+        mlp.c_fc = ColumnParallelLinear(mlp.c_fc, comm)
+        mlp.c_proj = RowParallelLinear(mlp.c_proj, comm)
+    model.transformer.wte = VocabParallelEmbedding(model.transformer.wte, comm)
+    model.lm_head = VocabParallelHead(model.transformer.wte, cfg.vocab_size, model.impls["cross_entropy"])
+    model.tp = comm
+    return model
+
+
+def gather_state_dict(model):
+    """The 1-process state dict (every rank calls it: a collective per sliced tensor)."""
+    if model.tp is None:
+        return model.state_dict()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {name: gather(t, params[name].tp_split, model.tp) if hasattr(params.get(name), "tp_split")
+            else t for name, t in model.state_dict().items()}
+
+
+def load_full_state_dict(model, state):
+    """Load a 1-process state dict into a (possibly) tensor-parallel model: each sliced
+    parameter takes its rank's slice."""
+    if model.tp is None:
+        return model.load_state_dict(state)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    rank, n = model.tp.env.rank, model.tp.env.world_size
+    local = {name: shard(t, params[name].tp_split, rank, n) if hasattr(params.get(name), "tp_split") else t
+             for name, t in state.items()}
+    return model.load_state_dict(local)
+
+
+def gather_optimizer_state(opt, state, model):
+    """FlatAdamW.state_dict() of this rank's slices -> the state a 1-process FlatAdamW over the
+    full model would hold (its layout: the full parameters, 2-D first, in model order)."""
+    if model.tp is None:
+        return state
+    full_shapes, moments = _full_shapes(model), {}
+    for key in ("exp_avg", "exp_avg_sq"):
+        moments[key] = {name: gather(state[key][off:off + n].view(p.shape), p.tp_split, model.tp)
+                        if hasattr(p, "tp_split") else state[key][off:off + n].view(p.shape)
+                        for (name, off, n), p in zip(opt.layout, opt.params)}
+    layout, offset = [], 0
+    for name, shape in full_shapes:
+        layout.append((name, offset, shape.numel()))
+        offset += shape.numel()
+    return {"step": state["step"], "skipped": state["skipped"], "layout": layout,
+            **{key: torch.cat([moments[key][name].reshape(-1) for name, _ in full_shapes])
+               for key in moments}}
+
+
+def shard_optimizer_state(opt, state, model):
+    """The inverse of gather_optimizer_state: a 1-process FlatAdamW state -> this rank's."""
+    if model.tp is None:
+        return state
+    full = {name: (off, n) for name, off, n in state["layout"]}
+    rank, size = model.tp.env.rank, model.tp.env.world_size
+    out = {"step": state["step"], "skipped": state["skipped"], "layout": list(opt.layout)}
+    for key in ("exp_avg", "exp_avg_sq"):
+        parts = []
+        for (name, _, _), p in zip(opt.layout, opt.params):
+            off, n = full[name]
+            whole = state[key][off:off + n].view(_full_shape(p))
+            parts.append((shard(whole, p.tp_split, rank, size) if hasattr(p, "tp_split") else whole).reshape(-1))
+        out[key] = torch.cat(parts)
+    return out
+
+
+def _full_shape(p):
+    if not hasattr(p, "tp_split"):
+        return p.shape
+    dim, _, size = p.tp_split
+    shape = list(p.shape)
+    shape[dim] = size
+    return torch.Size(shape)
+
+
+def _full_shapes(model):
+    """(name, full shape) of each parameter in a 1-process FlatAdamW's buffer order."""
+    seen, named = set(), []
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            named.append((name, _full_shape(p), p.dim() < 2))
+    return [(name, shape) for name, shape, one_d in sorted(named, key=lambda x: x[2])]
