@@ -136,6 +136,7 @@ OPS = {
     "linear_cross_entropy": "bench.op_linear_cross_entropy",
     "adamw": "bench.op_adamw",
     "train_step": "bench.op_train_step",
+    "recompute": "bench.op_recompute",
 }
 
 

@@ -37,11 +37,11 @@ def _config(cfg):
                        vocab_size=vocab, bias=True, dropout=0.0)
 
 
-def _nanolm_model(cfg, impls):
+def _nanolm_model(cfg, impls, recompute="none"):
     """nanolm's GPT with the bench's fixed initial weights (built on CPU, as train.py does)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        return GPT(_config(cfg), impls)
+        return GPT(_config(cfg), impls, recompute)
 
 
 def _copy_weights(src, dst):
@@ -72,10 +72,10 @@ def _autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def nanolm_impl(cfg, device, impls):
+def nanolm_impl(cfg, device, impls, recompute="none"):
     """nanolm's train step with `impls` ({op: backend module}, as train.py's setup builds)."""
     def make(t):
-        model = _nanolm_model(cfg, impls).to(device)
+        model = _nanolm_model(cfg, impls, recompute).to(device)
         opt = FlatAdamW(model.named_parameters(), LR, BETAS, EPS, WD, GRAD_CLIP, impls["adamw"])
 
         def run():

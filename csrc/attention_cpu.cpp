@@ -13,6 +13,12 @@
 // deterministic. Cost as kernels/attention.py: forward 4*B*nh*T^2*hs/2 FLOPs, backward 5
 // matmuls (2.5x); memory traffic is small (tiles stay in L1/L2): compute-bound.
 //
+// Dropout of P (dropout.h), when enabled: O = Pd V with Pd = P * factor, the softmax's sums
+// taken over the undropped P; factors of a (query tile, key tile) pair are generated into a
+// transposed tile like S^T (one Philox call per 4 keys of a query row). The backward
+// regenerates them: dV = Pd^T dO and dS = P * (dO V^T * factor - delta). Disabled, the
+// kDropout = false instantiations are the code without dropout.
+//
 // Layout: q, k, v, dq, dk, dv rows are hs contiguous floats at any (b, t, h) strides; o, do are
 // contiguous (B, T, nh, hs). Offsets are int64 (B*T*3C passes 2^31 at GPT-2 sizes). hs must
 // be a multiple of 16 up to 256 (the matmul works in 16-column panels).
@@ -27,6 +33,7 @@
 #include <vector>
 
 #include "common.h"
+#include "dropout.h"
 
 namespace nanolm {
 namespace {
@@ -139,12 +146,23 @@ void scale_and_mask(float* St, int nk, int i0, int j0, float c) {
     }
 }
 
+// Transposed dropout factors Ft[key c][query r] of queries i0.. (nq of BQ; 0 for the rest) and
+// keys j0.. (nk) of head bh: element ((bh * T + i) * T + j) of the (B, nh, T, T) probabilities.
+void dropout_tile(const DropoutParams& d, float* ft, float* row, int64_t bh, int64_t T, int i0, int nq,
+                  int j0, int nk) {
+    for (int r = 0; r < BQ; ++r) {
+        if (r < nq)
+            dropout_factors(d, static_cast<uint64_t>((bh * T + i0 + r) * T + j0), nk, row);
+        for (int col = 0; col < nk; ++col) ft[col * BQ + r] = r < nq ? row[col] : 0.0f;
+    }
+}
+
 // Forward of one (b, h, query tile), on transposed tiles: St = K Q^T puts the queries along the
 // vectors, so the softmax's per-query max, sum and rescale are plain vector operations.
 struct FwdBuffers {
-    std::vector<float> qt, st, acc;
+    std::vector<float> qt, st, acc, ft, frow;  // ft, frow: dropout factors (tile, one row)
     vf m[BQ / 8], l[BQ / 8];
-    explicit FwdBuffers(int hs) : qt(hs * BQ), st(BK * BQ), acc(BQ * hs) {}
+    explicit FwdBuffers(int hs) : qt(hs * BQ), st(BK * BQ), acc(BQ * hs), ft(BK * BQ), frow(BK) {}
 };
 
 void online_softmax_update(FwdBuffers& w, int nk, int hs) {
@@ -171,8 +189,10 @@ void online_softmax_update(FwdBuffers& w, int nk, int hs) {
     }
 }
 
+template <bool kDropout>
 void fwd_tile(const Heads& q, const Heads& k, const Heads& v, float* o, float* lse, int64_t b,
-              int64_t h, int64_t T, int64_t nh, int hs, int i0, float c, FwdBuffers& w) {
+              int64_t h, int64_t T, int64_t nh, int hs, int i0, float c, const DropoutParams& dropout,
+              FwdBuffers& w) {
     int nq = std::min<int64_t>(BQ, T - i0);
     transpose(q.row(b, h, i0), q.st, nq, hs, w.qt.data(), BQ);
     std::fill(w.acc.begin(), w.acc.end(), 0.0f);
@@ -183,6 +203,10 @@ void fwd_tile(const Heads& q, const Heads& k, const Heads& v, float* o, float* l
         gemm(k.row(b, h, j0), k.st, w.qt.data(), BQ, w.st.data(), BQ, nk, hs, BQ);  // S^T = K Q^T
         scale_and_mask(w.st.data(), nk, i0, j0, c);
         online_softmax_update(w, nk, hs);
+        if constexpr (kDropout) {  // P~ -> P~ * factor, after its sum went into l
+            dropout_tile(dropout, w.ft.data(), w.frow.data(), b * nh + h, T, i0, nq, j0, nk);
+            for (int e = 0; e < nk * BQ; e += 8) storeu(&w.st[e], loadu(&w.st[e]) * loadu(&w.ft[e]));
+        }
         gemm<true>(w.st.data(), BQ, v.row(b, h, j0), v.st, w.acc.data(), hs, nq, nk, hs);  // O += P V
     }
     for (int r = 0; r < nq; ++r) {
@@ -204,7 +228,7 @@ void check_sizes(const char* op, int64_t B, int64_t T, int64_t nh, int64_t hs) {
 void attention_fwd_cpu(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t o,
                        std::uintptr_t lse, int64_t B, int64_t T, int64_t nh, int64_t hs,
                        int64_t sqb, int64_t sqt, int64_t sqh, int64_t skb, int64_t skt, int64_t skh,
-                       int64_t svb, int64_t svt, int64_t svh, double scale) {
+                       int64_t svb, int64_t svt, int64_t svh, double scale, const DropoutParams& dropout) {
     check_sizes("attention_fwd_cpu", B, T, nh, hs);
     const Heads Q{ptr<float>(q), sqb, sqt, sqh}, K{ptr<float>(k), skb, skt, skh},
         V{ptr<float>(v), svb, svt, svh};
@@ -217,8 +241,9 @@ void attention_fwd_cpu(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std
         for (int64_t task = 0; task < tasks; ++task) {
             int64_t tile = tiles - 1 - task / (B * nh);  // longest (last) query tiles first
             int64_t bh = task % (B * nh);
-            fwd_tile(Q, K, V, ptr<float>(o), ptr<float>(lse), bh / nh, bh % nh, T, nh,
-                     static_cast<int>(hs), static_cast<int>(tile * BQ), c, w);
+            auto run = dropout.enabled ? fwd_tile<true> : fwd_tile<false>;
+            run(Q, K, V, ptr<float>(o), ptr<float>(lse), bh / nh, bh % nh, T, nh, static_cast<int>(hs),
+                static_cast<int>(tile * BQ), c, dropout, w);
         }
     }
 }
@@ -228,17 +253,18 @@ namespace {
 // Per-head buffers of the backward; qt, dot (Q^T, dO^T) are padded with zeros to whole tiles.
 struct BwdBuffers {
     int64_t tp;  // T rounded up to a multiple of BQ
-    std::vector<float> qt, dot, st, dpt, dk, dv, dq, lse2, delta;
+    std::vector<float> qt, dot, st, dpt, dk, dv, dq, lse2, delta, ft, frow;
     BwdBuffers(int hs, int64_t T)
         : tp((T + BQ - 1) / BQ * BQ), qt(hs * tp), dot(hs * tp), st(BK * BQ), dpt(BK * BQ),
-          dk(BK * hs), dv(BK * hs), dq(T * hs), lse2(tp), delta(tp) {}
+          dk(BK * hs), dv(BK * hs), dq(T * hs), lse2(tp), delta(tp), ft(BK * BQ), frow(BK) {}
 };
 
 // One query tile's contribution to key tile j0: dV, dK (of the key tile), dQ (of the query
 // tile). Scores are formed transposed (keys x queries) from Q^T, dO^T made once per head.
+template <bool kDropout>
 void bwd_tile_pair(const Heads& q, const Heads& k, const Heads& v, const float* dout, int64_t b,
                    int64_t h, int64_t T, int64_t nh, int hs, int i0, int j0, int nk, float c,
-                   BwdBuffers& w) {
+                   const DropoutParams& dropout, BwdBuffers& w) {
     int nq = std::min<int64_t>(BQ, T - i0);
     const float* do0 = dout + ((b * T + i0) * nh + h) * hs;
     std::fill(w.st.begin(), w.st.end(), 0.0f);
@@ -246,13 +272,20 @@ void bwd_tile_pair(const Heads& q, const Heads& k, const Heads& v, const float* 
     std::fill(w.dpt.begin(), w.dpt.end(), 0.0f);
     gemm(v.row(b, h, j0), v.st, w.dot.data() + i0, w.tp, w.dpt.data(), BQ, nk, hs, BQ);  // dP^T
     scale_and_mask(w.st.data(), nk, i0, j0, c);
+    if constexpr (kDropout) dropout_tile(dropout, w.ft.data(), w.frow.data(), b * nh + h, T, i0, nq, j0, nk);
     for (int col = 0; col < nk; ++col) {
         for (int r = 0; r < BQ; r += 8) {
             float* s = &w.st[col * BQ + r];
             float* dp = &w.dpt[col * BQ + r];
             vf p = exp2v(loadu(s) - loadu(&w.lse2[i0 + r]));
-            storeu(s, p);                                          // P^T
-            storeu(dp, p * (loadu(dp) - loadu(&w.delta[i0 + r])));  // dS^T = P^T (dP^T - delta)
+            if constexpr (kDropout) {
+                vf f = loadu(&w.ft[col * BQ + r]);
+                storeu(s, p * f);                                               // Pd^T
+                storeu(dp, p * (loadu(dp) * f - loadu(&w.delta[i0 + r])));     // dS^T
+            } else {
+                storeu(s, p);                                          // P^T
+                storeu(dp, p * (loadu(dp) - loadu(&w.delta[i0 + r])));  // dS^T = P^T (dP^T - delta)
+            }
         }
     }
     gemm(w.st.data(), BQ, do0, nh * hs, w.dv.data(), hs, nk, nq, hs);             // dV += P^T dO
@@ -268,9 +301,11 @@ void store_rows(const float* src, int rows, int hs, float factor, const Heads& d
     }
 }
 
+template <bool kDropout>
 void bwd_head(const Heads& q, const Heads& k, const Heads& v, const float* dout, const float* o,
               const float* lse, const Heads& dq, const Heads& dk, const Heads& dv, int64_t b,
-              int64_t h, int64_t T, int64_t nh, int hs, float scale, BwdBuffers& w) {
+              int64_t h, int64_t T, int64_t nh, int hs, float scale, const DropoutParams& dropout,
+              BwdBuffers& w) {
     const float* do_head = dout + (b * T * nh + h) * hs;
     std::fill(w.lse2.begin(), w.lse2.end(), 0.0f);  // padding queries: finite values, never used
     std::fill(w.delta.begin(), w.delta.end(), 0.0f);
@@ -291,7 +326,7 @@ void bwd_head(const Heads& q, const Heads& k, const Heads& v, const float* dout,
         std::fill(w.dk.begin(), w.dk.end(), 0.0f);
         std::fill(w.dv.begin(), w.dv.end(), 0.0f);
         for (int i0 = j0; i0 < T; i0 += BQ)
-            bwd_tile_pair(q, k, v, dout, b, h, T, nh, hs, i0, j0, nk, c, w);
+            bwd_tile_pair<kDropout>(q, k, v, dout, b, h, T, nh, hs, i0, j0, nk, c, dropout, w);
         store_rows(w.dk.data(), nk, hs, scale, dk, b, h, j0);
         store_rows(w.dv.data(), nk, hs, 1.0f, dv, b, h, j0);
     }
@@ -306,7 +341,7 @@ void attention_bwd_cpu(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, 
                        int64_t sqb, int64_t sqt, int64_t sqh, int64_t skb, int64_t skt, int64_t skh,
                        int64_t svb, int64_t svt, int64_t svh, int64_t sdqb, int64_t sdqt,
                        int64_t sdqh, int64_t sdkb, int64_t sdkt, int64_t sdkh, int64_t sdvb,
-                       int64_t sdvt, int64_t sdvh, double scale) {
+                       int64_t sdvt, int64_t sdvh, double scale, const DropoutParams& dropout) {
     check_sizes("attention_bwd_cpu", B, T, nh, hs);
     const Heads Q{ptr<float>(q), sqb, sqt, sqh}, K{ptr<float>(k), skb, skt, skh},
         V{ptr<float>(v), svb, svt, svh}, DQ{ptr<float>(dq), sdqb, sdqt, sdqh},
@@ -315,10 +350,11 @@ void attention_bwd_cpu(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, 
     {
         BwdBuffers w(static_cast<int>(hs), T);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t bh = 0; bh < B * nh; ++bh)
-            bwd_head(Q, K, V, ptr<const float>(dout), ptr<const float>(o), ptr<const float>(lse),
-                     DQ, DK, DV, bh / nh, bh % nh, T, nh, static_cast<int>(hs),
-                     static_cast<float>(scale), w);
+        for (int64_t bh = 0; bh < B * nh; ++bh) {
+            auto run = dropout.enabled ? bwd_head<true> : bwd_head<false>;
+            run(Q, K, V, ptr<const float>(dout), ptr<const float>(o), ptr<const float>(lse), DQ, DK, DV,
+                bh / nh, bh % nh, T, nh, static_cast<int>(hs), static_cast<float>(scale), dropout, w);
+        }
     }
 }
 

@@ -11,6 +11,7 @@
 #include "adamw.h"
 #include "attention.h"
 #include "common.h"
+#include "dropout.h"
 #include "layernorm.h"
 #include "cross_entropy.h"
 
@@ -52,6 +53,16 @@ static void bind_common(py::module_& m) {
         .def(py::init<float, float, float, float, float, float, float, float>(),
              py::arg("one_minus_beta1"), py::arg("beta2"), py::arg("one_minus_beta2"), py::arg("eps"),
              py::arg("decay_factor"), py::arg("step_size"), py::arg("bc2_sqrt"), py::arg("grad_scale"));
+    py::class_<nanolm::DropoutParams>(m, "DropoutParams", py::module_local(), "A kernel's dropout arguments (csrc/dropout.h)")
+        .def(py::init<>(), "Dropout disabled")
+        .def(py::init([](std::uint64_t seed, std::uint64_t offset, std::uint32_t threshold, float scale) {
+                 return nanolm::DropoutParams{seed, offset, threshold, scale, true};
+             }),
+             py::arg("seed"), py::arg("offset"), py::arg("threshold"), py::arg("scale"))
+        .def_readonly("enabled", &nanolm::DropoutParams::enabled);
+    m.def("dropout_factor", [](const nanolm::DropoutParams& d, std::uint64_t index) {
+        return nanolm::dropout_factor(d, index);
+    }, "The factor (scale or 0) of one element, as the kernels compute it");
 }
 
 #ifndef NANOLM_CUDA_SIM
@@ -94,13 +105,15 @@ static void bind_cuda(py::module_& m) {
         "attention_fwd_cuda",
         [](std::uintptr_t q, Strides q_strides, std::uintptr_t k, Strides k_strides, std::uintptr_t v,
            Strides v_strides, std::uintptr_t o, Strides o_strides, std::uintptr_t lse, std::int64_t B,
-           std::int64_t T, std::int64_t nh, std::int64_t hs, double scale, nanolm::DType dtype, std::uintptr_t stream) {
+           std::int64_t T, std::int64_t nh, std::int64_t hs, double scale, nanolm::DType dtype, std::uintptr_t stream,
+           const nanolm::DropoutParams& dropout) {
             nanolm::attention_fwd_cuda({q, k, v, o, lse, q_strides, k_strides, v_strides, o_strides,
-                                        B, T, nh, hs, scale, dtype}, stream);
+                                        B, T, nh, hs, scale, dtype, dropout}, stream);
         },
         py::arg("q"), py::arg("q_strides"), py::arg("k"), py::arg("k_strides"), py::arg("v"),
         py::arg("v_strides"), py::arg("o"), py::arg("o_strides"), py::arg("lse"), py::arg("B"),
         py::arg("T"), py::arg("nh"), py::arg("hs"), py::arg("scale"), py::arg("dtype"), py::arg("stream"),
+        py::arg("dropout") = nanolm::DropoutParams(),
         "Causal flash attention forward: o, lse from (B, T, nh, hs) views q, k, v");
     m.def(
         "attention_bwd_cuda",
@@ -108,16 +121,18 @@ static void bind_cuda(py::module_& m) {
            Strides k_strides, std::uintptr_t v, Strides v_strides, std::uintptr_t o, Strides o_strides,
            std::uintptr_t lse, std::uintptr_t delta, std::uintptr_t dq, Strides dq_strides, std::uintptr_t dk,
            Strides dk_strides, std::uintptr_t dv, Strides dv_strides, std::int64_t B, std::int64_t T,
-           std::int64_t nh, std::int64_t hs, double scale, nanolm::DType dtype, std::uintptr_t stream) {
+           std::int64_t nh, std::int64_t hs, double scale, nanolm::DType dtype, std::uintptr_t stream,
+           const nanolm::DropoutParams& dropout) {
             nanolm::attention_bwd_cuda({dout, q, k, v, o, lse, delta, dq, dk, dv, dout_strides, q_strides,
                                         k_strides, v_strides, o_strides, dq_strides, dk_strides, dv_strides,
-                                        B, T, nh, hs, scale, dtype}, stream);
+                                        B, T, nh, hs, scale, dtype, dropout}, stream);
         },
         py::arg("dout"), py::arg("dout_strides"), py::arg("q"), py::arg("q_strides"), py::arg("k"),
         py::arg("k_strides"), py::arg("v"), py::arg("v_strides"), py::arg("o"), py::arg("o_strides"),
         py::arg("lse"), py::arg("delta"), py::arg("dq"), py::arg("dq_strides"), py::arg("dk"),
         py::arg("dk_strides"), py::arg("dv"), py::arg("dv_strides"), py::arg("B"), py::arg("T"),
         py::arg("nh"), py::arg("hs"), py::arg("scale"), py::arg("dtype"), py::arg("stream"),
+        py::arg("dropout") = nanolm::DropoutParams(),
         "Causal flash attention backward: writes dq, dk, dv (delta: fp32 (B, nh, T) scratch)");
 }
 #endif

@@ -30,6 +30,7 @@ def test_few_steps_reduce_loss(capsys):
     assert history["val"] < history["first_val"] - 0.5
     out = capsys.readouterr().out
     assert "kernels: layernorm=torch" in out and "tok/s" in out and "sample:" in out
+    assert f"val loss {history['val']:.4f} | val ppl {math.exp(history['val']):.2f}" in out
 
 
 def test_lr_schedule():
@@ -47,7 +48,7 @@ def test_lr_schedule():
     (["--n_embd=100", "--n_head=3"], "not divisible"),
     (["--preset=gpt5"], "valid: gpt2"),
     (["--batch_size=0"], "batch_size must be positive"),
-    (["--dropout=0.1"], "dropout must be 0"),
+    (["--dropout=1"], r"dropout must be in \[0, 1\)"),
     (["lr=1"], "--key=value"),
 ])
 def test_config_errors(args, match):
@@ -184,3 +185,6 @@ def test_run_dir_records(straight_run):
     assert [r["step"] for r in train_records] == [2, 4, 6, 8]
     assert train_records[-1]["tokens"] == 8 * 4 * 32
     assert all(r["tokens_per_s"] > 0 and math.isfinite(r["loss"]) for r in train_records)
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 4, 8]
+    assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in evals)

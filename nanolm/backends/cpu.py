@@ -5,15 +5,15 @@ Each function checks its tensors against SUPPORT (checks.py) and passes raw poin
 import torch
 
 from nanolm.backends.checks import (check_adamw, check_attention, check_attention_bwd, check_cross_entropy,
-                                    check_cross_entropy_shard, check_layer_norm_bwd, check_layer_norm_fwd,
-                                    check_sum_of_squares)
-from nanolm.backends.common import (_C, Support, adamw_scalars, bth_strides, layer_norm_bwd_outputs,
-                                    layer_norm_forwards, layer_norm_outputs, ptr)
+                                    check_cross_entropy_shard, check_dropout, check_layer_norm_bwd,
+                                    check_layer_norm_fwd, check_sum_of_squares)
+from nanolm.backends.common import (_C, Support, adamw_scalars, bth_strides, dropout_scalars,
+                                    layer_norm_bwd_outputs, layer_norm_forwards, layer_norm_outputs, ptr)
 
 F32 = (torch.float32,)
 SUPPORT = {
-    "layernorm": Support(dtypes={"cpu": F32}),
-    "attention": Support(dtypes={"cpu": F32}, head_sizes=tuple(range(16, 257, 16))),  # 16-column panels
+    "layernorm": Support(dtypes={"cpu": F32}, dropout=True),
+    "attention": Support(dtypes={"cpu": F32}, head_sizes=tuple(range(16, 257, 16)), dropout=True),  # 16-column panels
     "cross_entropy": Support(dtypes={"cpu": F32}),
     "adamw": Support(dtypes={"cpu": F32}),
 }
@@ -23,45 +23,56 @@ def unavailable_reason(device):
     return None if _C is not None else "nanolm._C is not built"
 
 
+def _dropout_params(dropout):
+    return _C.DropoutParams() if dropout is None else _C.DropoutParams(*dropout_scalars(dropout))
+
+
 # ----------------------------------------------------------------------------- layernorm
 
-def _layer_norm_fwd(op, x, residual, weight, bias, eps):
-    check_layer_norm_fwd(op, SUPPORT["layernorm"], x, residual, weight, bias)
-    y, residual_out, mean, rstd = layer_norm_outputs(x, residual)
+def _layer_norm_fwd(op, x, residual, weight, bias, eps, dropout):
+    check_layer_norm_fwd(op, SUPPORT["layernorm"], x, residual, weight, bias, dropout)
+    y, residual_out, mean, rstd = layer_norm_outputs(x, residual, dropout)
     _C.layernorm_fwd_cpu(x.data_ptr(), ptr(residual), ptr(residual_out), weight.data_ptr(), ptr(bias),
-                         y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), *x.shape, float(eps))
+                         y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), *x.shape, float(eps),
+                         _dropout_params(dropout))
     return y, residual_out, mean, rstd
 
 
 layer_norm_fwd, add_layer_norm_fwd = layer_norm_forwards(_layer_norm_fwd)
 
 
-def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual):
-    check_layer_norm_bwd("layer_norm_bwd", SUPPORT["layernorm"], dy, x, weight, mean, rstd, dresidual)
+def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual, dropout=None, dbranch=None):
+    check_layer_norm_bwd("layer_norm_bwd", SUPPORT["layernorm"], dy, x, weight, mean, rstd, dresidual,
+                         dropout, dbranch)
     N, C = x.shape
     dx, dweight, dbias = layer_norm_bwd_outputs(x)
     _C.layernorm_bwd_cpu(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-                         ptr(dresidual), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), N, C)
+                         ptr(dresidual), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), N, C,
+                         ptr(dbranch), _dropout_params(dropout))
     return dx, dweight, dbias
 
 
 # ----------------------------------------------------------------------------- attention
 
-def attention_fwd(q, k, v, scale):
+def attention_fwd(q, k, v, scale, dropout=None):
+    check_dropout("attention_fwd", SUPPORT["attention"], dropout)
     B, T, nh, hs = check_attention("attention_fwd", SUPPORT["attention"], q, k, v)
     o = torch.empty((B, T, nh, hs), dtype=q.dtype)
     lse = torch.empty((B, nh, T), dtype=torch.float32)
     _C.attention_fwd_cpu(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
-                         B, T, nh, hs, *bth_strides(q), *bth_strides(k), *bth_strides(v), float(scale))
+                         B, T, nh, hs, *bth_strides(q), *bth_strides(k), *bth_strides(v), float(scale),
+                         _dropout_params(dropout))
     return o, lse
 
 
-def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv):
+def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, dropout=None):
+    check_dropout("attention_bwd", SUPPORT["attention"], dropout)
     B, T, nh, hs = check_attention_bwd("attention_bwd", SUPPORT["attention"], do, q, k, v, o, lse, dq, dk, dv)
     _C.attention_bwd_cpu(do.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
                          lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B, T, nh, hs,
                          *bth_strides(q), *bth_strides(k), *bth_strides(v),
-                         *bth_strides(dq), *bth_strides(dk), *bth_strides(dv), float(scale))
+                         *bth_strides(dq), *bth_strides(dk), *bth_strides(dv), float(scale),
+                         _dropout_params(dropout))
 
 
 # ----------------------------------------------------------------------------- cross-entropy

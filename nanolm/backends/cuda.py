@@ -11,16 +11,17 @@ of csrc/sim/ (CPU tensors): it rebinds the names that tie this file to a GPU, `_
 import torch
 
 from nanolm.backends.checks import (check_adamw, check_attention, check_attention_bwd, check_cross_entropy,
-                                    check_cross_entropy_shard, check_layer_norm_bwd, check_layer_norm_fwd,
-                                    check_sum_of_squares)
-from nanolm.backends.common import (_C, Support, adamw_scalars, bth_strides, c_dtype, layer_norm_bwd_outputs,
-                                    layer_norm_forwards, layer_norm_outputs, ptr)
+                                    check_cross_entropy_shard, check_dropout, check_layer_norm_bwd,
+                                    check_layer_norm_fwd, check_sum_of_squares)
+from nanolm.backends.common import (_C, Support, adamw_scalars, bth_strides, c_dtype, dropout_scalars,
+                                    layer_norm_bwd_outputs, layer_norm_forwards, layer_norm_outputs, ptr)
 
 SUPPORT = {
     # max_row: kLayerNormCudaMaxC (csrc/layernorm.h): each thread caches at most 16 values of a row
-    "layernorm": Support(dtypes={"cuda": (torch.float32, torch.bfloat16)}, max_row=16384),
+    "layernorm": Support(dtypes={"cuda": (torch.float32, torch.bfloat16)}, max_row=16384, dropout=True),
     # mma.sync takes bf16/fp16; 16-byte cp.async copies need the alignment (qkv views have it)
-    "attention": Support(dtypes={"cuda": (torch.bfloat16, torch.float16)}, head_sizes=(64, 128), align_bytes=16),
+    "attention": Support(dtypes={"cuda": (torch.bfloat16, torch.float16)}, head_sizes=(64, 128), align_bytes=16,
+                         dropout=True),
     "cross_entropy": Support(dtypes={"cuda": (torch.float32, torch.bfloat16)}),
     "adamw": Support(dtypes={"cuda": (torch.float32,)}),
 }
@@ -63,23 +64,28 @@ def _stream():
 _device = torch.cuda.device  # the context a launch runs in
 
 
+def _dropout_params(dropout):
+    return _C.DropoutParams() if dropout is None else _C.DropoutParams(*dropout_scalars(dropout))
+
+
 # ----------------------------------------------------------------------------- layernorm
 
-def _layer_norm_fwd(op, x, residual, weight, bias, eps):
-    check_layer_norm_fwd(op, SUPPORT["layernorm"], x, residual, weight, bias)
-    y, residual_out, mean, rstd = layer_norm_outputs(x, residual)
+def _layer_norm_fwd(op, x, residual, weight, bias, eps, dropout):
+    check_layer_norm_fwd(op, SUPPORT["layernorm"], x, residual, weight, bias, dropout)
+    y, residual_out, mean, rstd = layer_norm_outputs(x, residual, dropout)
     with _device(x.device):
         _C.layernorm_fwd_cuda(x.data_ptr(), ptr(residual), ptr(residual_out), weight.data_ptr(), ptr(bias),
                               y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), *x.shape, float(eps),
-                              c_dtype(x), _stream())
+                              c_dtype(x), _dropout_params(dropout), _stream())
     return y, residual_out, mean, rstd
 
 
 layer_norm_fwd, add_layer_norm_fwd = layer_norm_forwards(_layer_norm_fwd)
 
 
-def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual):
-    check_layer_norm_bwd("layer_norm_bwd", SUPPORT["layernorm"], dy, x, weight, mean, rstd, dresidual)
+def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual, dropout=None, dbranch=None):
+    check_layer_norm_bwd("layer_norm_bwd", SUPPORT["layernorm"], dy, x, weight, mean, rstd, dresidual,
+                         dropout, dbranch)
     N, C = x.shape
     dx, dweight, dbias = layer_norm_bwd_outputs(x)
     with _device(x.device):
@@ -87,24 +93,27 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual):
                                 device=x.device)
         _C.layernorm_bwd_cuda(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
                               ptr(dresidual), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(),
-                              workspace.data_ptr(), N, C, c_dtype(x), _stream())
+                              workspace.data_ptr(), N, C, c_dtype(x), ptr(dbranch), _dropout_params(dropout),
+                              _stream())
     return dx, dweight, dbias
 
 
 # ----------------------------------------------------------------------------- attention
 
-def attention_fwd(q, k, v, scale):
+def attention_fwd(q, k, v, scale, dropout=None):
+    check_dropout("attention_fwd", SUPPORT["attention"], dropout)
     B, T, nh, hs = check_attention("attention_fwd", SUPPORT["attention"], q, k, v)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, nh, T), dtype=torch.float32, device=q.device)
     with _device(q.device):
         _C.attention_fwd_cuda(q.data_ptr(), bth_strides(q), k.data_ptr(), bth_strides(k), v.data_ptr(),
                               bth_strides(v), o.data_ptr(), bth_strides(o), lse.data_ptr(), B, T, nh, hs,
-                              float(scale), c_dtype(q), _stream())
+                              float(scale), c_dtype(q), _stream(), _dropout_params(dropout))
     return o, lse
 
 
-def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv):
+def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, dropout=None):
+    check_dropout("attention_bwd", SUPPORT["attention"], dropout)
     B, T, nh, hs = check_attention_bwd("attention_bwd", SUPPORT["attention"], do, q, k, v, o, lse, dq, dk, dv)
     delta = torch.empty((B, nh, T), dtype=torch.float32, device=q.device)
     with _device(q.device):
@@ -112,7 +121,7 @@ def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv):
                               bth_strides(k), v.data_ptr(), bth_strides(v), o.data_ptr(), bth_strides(o),
                               lse.data_ptr(), delta.data_ptr(), dq.data_ptr(), bth_strides(dq), dk.data_ptr(),
                               bth_strides(dk), dv.data_ptr(), bth_strides(dv), B, T, nh, hs, float(scale),
-                              c_dtype(q), _stream())
+                              c_dtype(q), _stream(), _dropout_params(dropout))
 
 
 # ----------------------------------------------------------------------------- cross-entropy
