@@ -18,7 +18,14 @@ Environment knobs:
   NANOLM_MARCH       -march for the CPU kernels, default "native" (set e.g. x86-64-v3 for a
                      wheel that must run on other machines)
   NANOLM_JOBS        parallel compile jobs, default: number of CPUs
+  NANOLM_CUDA_SIM    auto (default: build nanolm._C_sim when the CUDA headers are found) | on |
+                     off | debug (-O0 -g, for stepping through the kernels in gdb)
+
+nanolm._C_sim is the same csrc/*.cu compiled by the host C++ compiler against the SIMT
+emulation in csrc/sim/ (the cuda_sim backend: CUDA kernels on CPU tensors). It needs only the
+toolkit's headers (cuda_bf16.h, cuda_fp16.h), not nvcc or a GPU.
 """
+import hashlib
 import os
 import re
 import shutil
@@ -48,6 +55,34 @@ def find_cuda_home():
     return None
 
 
+def find_cuda_include():
+    """A directory holding the CUDA toolkit's cuda_bf16.h (and cuda_fp16.h), or None."""
+    home = find_cuda_home()
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
+                  home and str(home)]
+    for root in filter(None, candidates):
+        include = Path(root) / "include"
+        if (include / "cuda_bf16.h").exists() and (include / "cuda_fp16.h").exists():
+            return include
+    return None
+
+
+def cuda_sim_mode():
+    """(include dir, extra compile flags) for nanolm._C_sim, or None to skip it."""
+    mode = os.environ.get("NANOLM_CUDA_SIM", "auto").lower()
+    if mode not in ("auto", "on", "off", "debug"):
+        sys.exit(f"NANOLM_CUDA_SIM must be auto, on, off or debug, got {mode!r}")
+    include = find_cuda_include() if mode != "off" else None
+    if mode in ("on", "debug") and include is None:
+        sys.exit(f"NANOLM_CUDA_SIM={mode} but no CUDA headers (include/cuda_bf16.h) were found; set CUDA_HOME")
+    if include is None:
+        return None
+    # -fno-strict-aliasing: the kernels type-pun registers (uint32_t <-> bf16x2) as CUDA allows.
+    # -march: FMA instructions, so that a * b + c contracts to one rounding as nvcc makes it.
+    flags = ["-O0", "-g"] if mode == "debug" else ["-O2"]
+    return include, flags + ["-fno-strict-aliasing", f"-march={os.environ.get('NANOLM_MARCH', 'native')}"]
+
+
 def cuda_mode():
     mode = os.environ.get("NANOLM_CUDA", "auto").lower()
     if mode not in ("auto", "on", "off"):
@@ -75,11 +110,18 @@ def tool_version(cmd, line):
     return out.strip().splitlines()[line]
 
 
+def macros(build_info):
+    """{'NAME': 'text'} -> string-literal -D macros."""
+    return [(k, '"' + v.replace('"', "'") + '"') for k, v in build_info.items()]
+
+
 class BuildExt(build_ext):
     """Compiles csrc/*.cu with nvcc (incrementally, in parallel), then lets setuptools build
     the C++ sources and link everything into nanolm._C."""
 
     def build_extension(self, ext):
+        if ext.name == "nanolm._C_sim":
+            return self.build_cuda_sim(ext)
         cuda_home = cuda_mode()
         headers = sorted(str(p) for p in CSRC.glob("*.h"))
         cu_sources = sorted(str(p) for p in CSRC.glob("*.cu"))
@@ -97,25 +139,47 @@ class BuildExt(build_ext):
             ext.define_macros += [("NANOLM_WITH_CUDA", "1")]
             build_info["NANOLM_CUDA_ARCHS"] = ";".join(archs)
             build_info["NANOLM_NVCC_VERSION"] = tool_version([str(nvcc), "--version"], -1)
-        ext.define_macros += [(k, '"' + v.replace('"', "'") + '"') for k, v in build_info.items()]
+        ext.define_macros += macros(build_info)
+        super().build_extension(ext)
+
+    def build_cuda_sim(self, ext):
+        include, flags = cuda_sim_mode()
+        headers = sorted(str(p) for p in CSRC.glob("*.h")) + sorted(str(p) for p in (CSRC / "sim").glob("*.h"))
+        cu_sources = sorted(str(p) for p in CSRC.glob("*.cu"))
+        ext.depends = headers + cu_sources
+        defines = ["-DNANOLM_CUDA_SIM=1", "-DNANOLM_WITH_CUDA=1"]
+        cxx = os.environ.get("CXX", "c++")
+        compile_flags = [*flags, "-std=c++17", "-fPIC", *defines, f"-I{CSRC}", f"-I{include}", "-x", "c++"]
+        ext.extra_objects = self.compile_objects([cxx, *compile_flags], cu_sources, headers, "cuda_sim")
+        ext.include_dirs += [str(include)]
+        ext.extra_compile_args = flags
+        ext.define_macros += [("NANOLM_CUDA_SIM", "1"), ("NANOLM_WITH_CUDA", "1")] + macros({
+            "NANOLM_CXX_VERSION": tool_version([cxx, "--version"], 0),
+            "NANOLM_MARCH": os.environ.get("NANOLM_MARCH", "native"),
+        })
         super().build_extension(ext)
 
     def compile_cuda(self, nvcc, sources, headers, archs):
-        out_dir = Path(self.build_temp) / "cuda"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        newest_header = max((os.path.getmtime(h) for h in headers), default=0)
         flags = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr",
                  "-Xcompiler", "-fPIC", "-DNANOLM_WITH_CUDA=1", f"-I{CSRC}"] + gencode_flags(archs)
+        return self.compile_objects([str(nvcc), *flags], sources, headers, "cuda")
+
+    def compile_objects(self, command, sources, headers, folder):
+        """Compiles each source with `command` into build_temp/folder-<hash of command>
+        (incremental: a source is rebuilt when it or a header is newer than its object)."""
+        out_dir = Path(self.build_temp) / f"{folder}-{hashlib.sha1(' '.join(command).encode()).hexdigest()[:8]}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        newest_header = max((os.path.getmtime(h) for h in headers), default=0)
 
         def compile_one(src):
             obj = out_dir / (Path(src).stem + ".o")
             stale = not obj.exists() or obj.stat().st_mtime < max(os.path.getmtime(src), newest_header)
             if stale:
-                cmd = [str(nvcc), *flags, "-c", src, "-o", str(obj)]
+                cmd = [*command, "-c", src, "-o", str(obj)]
                 print(" ".join(cmd), flush=True)
                 result = subprocess.run(cmd, capture_output=True, text=True)
                 if result.returncode != 0:
-                    raise RuntimeError(f"nvcc failed on {src}:\n{result.stdout}{result.stderr}")
+                    raise RuntimeError(f"{command[0]} failed on {src}:\n{result.stdout}{result.stderr}")
             return str(obj)
 
         jobs = int(os.environ.get("NANOLM_JOBS", os.cpu_count() or 1))
@@ -134,4 +198,14 @@ extension = Pybind11Extension(
     extra_link_args=["-fopenmp"],
 )
 
-setup(ext_modules=[extension], cmdclass={"build_ext": BuildExt})
+# The cuda_sim backend's module: bindings.cpp and the emulation runtime here, csrc/*.cu added by
+# BuildExt.build_cuda_sim (compiled as C++).
+cuda_sim_extension = Pybind11Extension(
+    "nanolm._C_sim",
+    ["csrc/bindings.cpp", "csrc/sim/cuda_sim.cpp"],
+    include_dirs=[str(CSRC)],
+    cxx_std=17,
+)
+
+extensions = [extension] + ([cuda_sim_extension] if cuda_sim_mode() is not None else [])
+setup(ext_modules=extensions, cmdclass={"build_ext": BuildExt})

@@ -66,10 +66,14 @@ def check_outputs(out, ref, tol):
 def backend_unavailable(name, op, device, dtype=None):
     """Why the bench does not run backend `name` for `op` on `device` (in `dtype`, when given),
     or None. On top of the op layer's answer: triton on CPU runs only in Triton's interpreter,
-    whose times say nothing about the kernel (its correctness is covered by tests/, not here)."""
+    whose times say nothing about the kernel (its correctness is covered by tests/, not here);
+    cuda_sim is the CUDA kernels emulated one fiber per CUDA thread, likewise checked by tests/
+    and never timed."""
     reason = backends.unavailable_reason(name, op, device, dtype)
     if reason is None and name == "triton" and device.type == "cpu":
         return "CPU tensors only run in Triton's interpreter (TRITON_INTERPRET=1), whose timings are meaningless"
+    if reason is None and name == "cuda_sim":
+        return "the CUDA kernels emulated on the CPU (csrc/sim): tests/ check them, their timings are meaningless"
     return reason
 
 
@@ -142,6 +146,7 @@ OPS = {
     "linear_cross_entropy": "bench.op_linear_cross_entropy",
     "adamw": "bench.op_adamw",
     "train_step": "bench.op_train_step",
+    "recompute": "bench.op_recompute",
 }
 
 

@@ -5,7 +5,8 @@ and torch.compile of it with SDPA attention) with torch.optim.AdamW and clip_gra
 Same model shape, the same initial weights (copied), batch and precision: bf16 autocast on GPU;
 on CPU fp32, and also bf16 autocast (torch.autocast("cpu")) where the CPU computes bf16 natively,
 at the CPU_BF16 shapes. On CPU the implementations of a case are timed interleaved (one call
-of each in turn), so load from other jobs on a shared machine falls on all of them alike. Reported as TFLOP/s of the model FLOPs (flops.train_flops_per_token in nanolm/flops.py, the count
+of each in turn), so load from other jobs on a shared machine falls on all of them alike.
+Reported as TFLOP/s of the model FLOPs (flops.train_flops_per_token in nanolm/flops.py, the count
 train.py logs MFU with), tokens/s, and MFU against the datasheet peak where one is known.
 
 Correctness: every implementation's first step returns (loss, pre-clip gradient norm), checked
@@ -42,11 +43,11 @@ def _config(cfg):
                        vocab_size=vocab, bias=True, dropout=0.0)
 
 
-def _nanolm_model(cfg, impls):
+def _nanolm_model(cfg, impls, recompute="none"):
     """nanolm's GPT with the bench's fixed initial weights (built on CPU, as train.py does)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        return GPT(_config(cfg), impls)
+        return GPT(_config(cfg), impls, recompute)
 
 
 def _copy_weights(src, dst):
@@ -77,10 +78,10 @@ def _autocast(device, precision):
     return torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32)
 
 
-def nanolm_impl(cfg, device, impls, precision=torch.float32):
+def nanolm_impl(cfg, device, impls, recompute="none", precision=torch.float32):
     """nanolm's train step with `impls` ({op: backend module}, as train.py's setup builds)."""
     def make(t):
-        model = _nanolm_model(cfg, impls).to(device)
+        model = _nanolm_model(cfg, impls, recompute).to(device)
         opt = FlatAdamW(model.named_parameters(), LR, BETAS, EPS, WD, GRAD_CLIP, impls["adamw"])
 
         def run():
@@ -155,7 +156,7 @@ def _case(name, cfg, device, compiled, precision):
         n_params = _nanolm_model(cfg, TORCH_IMPLS).num_params()
     tokens = batch * block_size
     sets, skipped = backend_choices(device)
-    impls = [Impl(label, "nanolm", nanolm_impl(cfg, device, backends.impls(choice), precision))
+    impls = [Impl(label, "nanolm", nanolm_impl(cfg, device, backends.impls(choice), precision=precision))
              for label, choice in sets.items()]
     impls.append(Impl("eager", "baseline", _reference_impl(cfg, device, False, precision)))
     if compiled:

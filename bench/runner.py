@@ -30,13 +30,14 @@ def _rotating(runs):
 
 
 def _failed(row, e):
-    return {**row, "status": "FAILED", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+    message = str(e).splitlines()[0][:300] if str(e) else ""
+    return {**row, "status": "FAILED", "error": f"{type(e).__name__}: {message}"}
 
 
 def _prepare(case, impl, input_sets, ref, device):
     """(row, the rotating timed call, or None if the implementation failed)."""
-    row = {"op": case.op, "case": case.name, "series": case.series, "x": case.x, "x_label": case.x_label, "impl": impl.name,
-           "kind": impl.kind, "metric": case.metric, "status": "ok"}
+    row = {"op": case.op, "case": case.name, "series": case.series, "x": case.x, "x_label": case.x_label,
+           "impl": impl.name, "kind": impl.kind, "metric": case.metric, "status": "ok"}
     try:
         runs = [impl.make(t) for t in input_sets]
         check_outputs(case.view(runs[0]()), ref, case.tol)

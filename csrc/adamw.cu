@@ -115,7 +115,7 @@ void adamw_step_cuda(std::uintptr_t param, std::uintptr_t grad, std::uintptr_t e
     const bool same_offset = grad % 16 == offset && exp_avg % 16 == offset && exp_avg_sq % 16 == offset;
     const int64_t head = same_offset ? std::min<int64_t>(numel, (16 - offset) % 16 / 4) : numel;
     if (head > 0) {
-        adamw_scalar_kernel<<<grid_for(head), kThreads, 0, st>>>(
+        NANOLM_LAUNCH(grid_for(head), kThreads, 0, st, adamw_scalar_kernel)(
             ptr<float>(param), ptr<const float>(grad), ptr<float>(exp_avg), ptr<float>(exp_avg_sq),
             head, decay_numel, s);
         NANOLM_CHECK_LAUNCH("adamw_scalar_kernel (head)");
@@ -123,13 +123,13 @@ void adamw_step_cuda(std::uintptr_t param, std::uintptr_t grad, std::uintptr_t e
     const int64_t n4 = (numel - head) / 4, tail = head + 4 * n4;
     if (n4 > 0) {
         const int64_t shifted = decay_numel - head;  // may be negative: then nothing decays
-        adamw_vec4_kernel<<<grid_for(n4), kThreads, 0, st>>>(
+        NANOLM_LAUNCH(grid_for(n4), kThreads, 0, st, adamw_vec4_kernel)(
             ptr<float4>(param + 4 * head), ptr<const float4>(grad + 4 * head), ptr<float4>(exp_avg + 4 * head),
             ptr<float4>(exp_avg_sq + 4 * head), n4, shifted, s);
         NANOLM_CHECK_LAUNCH("adamw_vec4_kernel");
     }
     if (tail < numel) {
-        adamw_scalar_kernel<<<grid_for(numel - tail), kThreads, 0, st>>>(
+        NANOLM_LAUNCH(grid_for(numel - tail), kThreads, 0, st, adamw_scalar_kernel)(
             ptr<float>(param) + tail, ptr<const float>(grad) + tail, ptr<float>(exp_avg) + tail,
             ptr<float>(exp_avg_sq) + tail, numel - tail, decay_numel - tail, s);
         NANOLM_CHECK_LAUNCH("adamw_scalar_kernel (tail)");
@@ -144,10 +144,10 @@ void sum_of_squares_cuda(std::uintptr_t x, int64_t numel, std::uintptr_t partial
     auto st = reinterpret_cast<cudaStream_t>(stream);
     // Block count from numel alone (never from the device), so the partition is fixed.
     const int blocks = int(std::max<int64_t>(1, std::min<int64_t>(kPartials, (numel + 4095) / 4096)));
-    sum_of_squares_partials_kernel<<<blocks, kThreads, 0, st>>>(
+    NANOLM_LAUNCH(blocks, kThreads, 0, st, sum_of_squares_partials_kernel)(
         ptr<const float>(x), numel, ptr<float>(partials), x % 16 == 0);
     NANOLM_CHECK_LAUNCH("sum_of_squares_partials_kernel");
-    sum_of_squares_final_kernel<<<1, kPartials, 0, st>>>(ptr<const float>(partials), blocks,
+    NANOLM_LAUNCH(1, kPartials, 0, st, sum_of_squares_final_kernel)(ptr<const float>(partials), blocks,
                                                          ptr<float>(out));
     NANOLM_CHECK_LAUNCH("sum_of_squares_final_kernel");
 }

@@ -19,6 +19,14 @@
 //    diagonal: dQ += dS K. Each output element has exactly one writer, so the backward uses no
 //    atomics and is bit-for-bit deterministic (FA2's atomicAdd dQ is not).
 //
+// Dropout of P (DROPOUT, csrc/dropout.h): the forward multiplies each P fragment element by its
+// factor after the softmax's sums (O = Pd V, l over the undropped P); the dK/dV kernel forms
+// dS^T = P^T * (dP^T * factor - delta) and then Pd^T = P^T * factor for dV += Pd^T dO; the dQ
+// kernel dS = P * (dP * factor - delta). Factors are regenerated from (seed, offset, element
+// ((b * nh + h) * T + query) * T + key) by each thread for its own fragment elements, one
+// Philox call per element (its 4 words serve one element: fragment pairs are not 4-aligned).
+// DROPOUT = false instantiations are the kernels without dropout.
+//
 // Tensor cores: mma.sync m16n8k16 (bf16/fp16 inputs, fp32 accumulators) through inline PTX.
 // Fragments come from shared memory with ldmatrix.x4; .trans where the B operand is stored
 // k-major (V in P V; dO, Q, K in P^T dO, dS^T Q, dS K). Shared-memory tiles are (rows, hs)
@@ -46,6 +54,7 @@
 
 #include "attention.h"
 #include "cuda_common.h"
+#include "dropout.h"
 
 namespace nanolm {
 namespace {
@@ -78,6 +87,7 @@ struct FwdParams {
     float* lse;  // (B, nh, T)
     int nh, seq_len;  // seq_len = T
     float scale_log2;  // softmax scale * log2(e)
+    DropoutParams dropout;  // of P, read by the DROPOUT instantiation
 };
 
 template <typename T>
@@ -88,41 +98,79 @@ struct BwdParams {
     float* delta;      // (B, nh, T), written by the delta kernel
     int nh, seq_len;  // seq_len = T
     float scale, scale_log2;
+    DropoutParams dropout;  // the forward's, read by the DROPOUT instantiations
 };
 
-// ----------------------------------------------------------------------------- PTX helpers
+// The dropout factor of P[bh, query, key] (element ((bh * T + query) * T + key)).
+__device__ __forceinline__ float p_factor(const DropoutParams& d, int bh, int seq_len, int query, int key) {
+    const int64_t index = (static_cast<int64_t>(bh) * seq_len + query) * seq_len + key;
+    return dropout_factor(d, static_cast<uint64_t>(index));
+}
 
+// ----------------------------------------------------------------------------- PTX helpers
+// Each helper has a host twin in csrc/sim/ (the NANOLM_CUDA_SIM build) that follows the same
+// PTX ISA semantics on an emulated warp: cp.async lands at its wait_group, ldmatrix and mma
+// trade fragments between the 32 lanes exactly as the layouts below say.
+
+#ifndef NANOLM_CUDA_SIM
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+#endif
 
 // 16-byte global -> shared copy; src_bytes = 0 zero-fills (rows past T).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#ifdef NANOLM_CUDA_SIM
+    sim::cp_async(dst, src, 16, valid);
+#else
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                  ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0));
+#endif
 }
 
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+#ifdef NANOLM_CUDA_SIM
+    sim::cp_async(dst, src, 4, valid);
+#else
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
                  ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0));
+#endif
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef NANOLM_CUDA_SIM
+    sim::cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
 
 // Wait until at most N of this thread's committed groups are still in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#ifdef NANOLM_CUDA_SIM
+    sim::cp_async_wait(N);
+#else
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
 }
 
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+#ifdef NANOLM_CUDA_SIM
+    sim::ldmatrix_x4(r, p, /*trans=*/false);
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+#endif
 }
 
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+#ifdef NANOLM_CUDA_SIM
+    sim::ldmatrix_x4(r, p, /*trans=*/true);
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+#endif
 }
 
 // c (16x8, fp32) += a (16x16, row-major) * b (16x8, col-major). Fragments, with g = lane / 4,
@@ -134,19 +182,27 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
 template <>
 __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
                                                         uint32_t b0, uint32_t b1) {
+#ifdef NANOLM_CUDA_SIM
+    sim::mma_m16n8k16(c, a, b0, b1, /*bf16=*/true);
+#else
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
         "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 template <>
 __device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4],
                                                  uint32_t b0, uint32_t b1) {
+#ifdef NANOLM_CUDA_SIM
+    sim::mma_m16n8k16(c, a, b0, b1, /*bf16=*/false);
+#else
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
         "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Two floats -> one register of two 16-bit values, the first in the low half.
@@ -311,11 +367,11 @@ __device__ __forceinline__ void online_softmax(float (&s)[BN / 8][4], float (&m)
     }
 }
 
-template <typename T, int HS>
+template <typename T, int HS, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const FwdParams<T> p) {
     constexpr int BM = Tiles<HS>::kFwdQ, BN = Tiles<HS>::kFwdK;
     static_assert(BM == kWarps * 16 && BM == BN, "one 16-row slab per warp; diagonal = one key block");
-    extern __shared__ __align__(16) unsigned char smem[];
+    NANOLM_DYNAMIC_SMEM(smem);
     T* sQ = reinterpret_cast<T*>(smem);  // (BM, HS)
     T* sK = sQ + BM * HS;                 // 2 x (BN, HS)
     T* sV = sK + 2 * BN * HS;             // 2 x (BN, HS)
@@ -360,6 +416,14 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const FwdParams
             }
         // 2. online softmax; 3. O += P V
         online_softmax<HS, BN>(s, m, l, o);
+        if constexpr (DROPOUT) {  // after the sums went into l: P -> Pd
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    s[n][e] *= p_factor(p.dropout, bh, p.seq_len, row0 + 8 * (e >> 1),
+                                        kb * BN + n * 8 + 2 * (lane % 4) + (e & 1));
+        }
         mma_frags_by_tile<HS, BN>(o, s, sV + buf * BN * HS);
         __syncthreads();  // every warp is done with `buf` before it is refilled
     }
@@ -409,11 +473,11 @@ __device__ __forceinline__ void load_row_stats(float* s_lse, float* s_delta, con
 }
 
 // One CTA per key block: dK, dV of keys [k0, k0 + BKV); warp w owns keys k0 + 16w .. + 15.
-template <typename T, int HS>
+template <typename T, int HS, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const BwdParams<T> p) {
     constexpr int BKV = Tiles<HS>::kKvK, BQ = Tiles<HS>::kKvQ;
     static_assert(BKV == kWarps * 16 && BKV % BQ == 0, "one 16-key slab per warp");
-    extern __shared__ __align__(16) unsigned char smem[];
+    NANOLM_DYNAMIC_SMEM(smem);
     T* sK = reinterpret_cast<T*>(smem);  // (BKV, HS)
     T* sV = sK + BKV * HS;                // (BKV, HS)
     T* sQ = sV + BKV * HS;                // 2 x (BQ, HS)
@@ -466,18 +530,36 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const BwdP
                 const bool drop = masked && (key0 + 8 * (e >> 1) > query || query >= p.seq_len);
                 pt[n][e] = drop ? 0.f : exp2f(pt[n][e] * p.scale_log2 - tLse[col] * kLog2e);
             }
-        // 3. dV += P^T dO
-        mma_frags_by_tile<HS, BQ>(dv, pt, tdO);
-        // 4. dP^T = V dO^T;  5. dS^T = P^T * (dP^T - delta)
-        float dst[BQ / 8][4] = {};
-        mma_rows_by_rows<HS, BQ>(dst, sV, warp * 16, tdO);
+        if constexpr (DROPOUT) {
+            // 3. dP^T = V dO^T;  4. dS^T = P^T * (dP^T * factor - delta), then P^T -> Pd^T
+            float dst[BQ / 8][4] = {};
+            mma_rows_by_rows<HS, BQ>(dst, sV, warp * 16, tdO);
 #pragma unroll
-        for (int n = 0; n < BQ / 8; ++n)
+            for (int n = 0; n < BQ / 8; ++n)
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
-                dst[n][e] = pt[n][e] * (dst[n][e] - tDelta[n * 8 + 2 * (lane % 4) + (e & 1)]);
-        // 6. dK += dS^T Q (scaled at the end)
-        mma_frags_by_tile<HS, BQ>(dk, dst, tQ);
+                for (int e = 0; e < 4; ++e) {
+                    const int col = n * 8 + 2 * (lane % 4) + (e & 1);
+                    const float f = p_factor(p.dropout, bh, p.seq_len, q0 + col, key0 + 8 * (e >> 1));
+                    dst[n][e] = pt[n][e] * (dst[n][e] * f - tDelta[col]);
+                    pt[n][e] *= f;
+                }
+            // 5. dV += Pd^T dO;  6. dK += dS^T Q (scaled at the end)
+            mma_frags_by_tile<HS, BQ>(dv, pt, tdO);
+            mma_frags_by_tile<HS, BQ>(dk, dst, tQ);
+        } else {
+            // 3. dV += P^T dO
+            mma_frags_by_tile<HS, BQ>(dv, pt, tdO);
+            // 4. dP^T = V dO^T;  5. dS^T = P^T * (dP^T - delta)
+            float dst[BQ / 8][4] = {};
+            mma_rows_by_rows<HS, BQ>(dst, sV, warp * 16, tdO);
+#pragma unroll
+            for (int n = 0; n < BQ / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    dst[n][e] = pt[n][e] * (dst[n][e] - tDelta[n * 8 + 2 * (lane % 4) + (e & 1)]);
+            // 6. dK += dS^T Q (scaled at the end)
+            mma_frags_by_tile<HS, BQ>(dk, dst, tQ);
+        }
         __syncthreads();  // every warp is done with `buf` before it is refilled
     }
 
@@ -487,11 +569,11 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const BwdP
 }
 
 // One CTA per query block: dQ of rows [q0, q0 + BQ); warp w owns rows q0 + 16w .. + 15.
-template <typename T, int HS>
+template <typename T, int HS, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const BwdParams<T> p) {
     constexpr int BQ = Tiles<HS>::kDqQ, BK = Tiles<HS>::kDqK;
     static_assert(BQ == kWarps * 16 && BQ % BK == 0, "one 16-row slab per warp");
-    extern __shared__ __align__(16) unsigned char smem[];
+    NANOLM_DYNAMIC_SMEM(smem);
     T* sQ = reinterpret_cast<T*>(smem);  // (BQ, HS)
     T* sdO = sQ + BQ * HS;                // (BQ, HS)
     T* sK = sdO + BQ * HS;                // 2 x (BK, HS)
@@ -545,9 +627,17 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const BwdPar
                 const bool drop = masked && key > row0 + 8 * (e >> 1);
                 pr[n][e] = drop ? 0.f : exp2f(pr[n][e] * p.scale_log2 - lse2[e >> 1]);
             }
-        // 3. dP = dO V^T;  4. dS = P * (dP - delta)
+        // 3. dP = dO V^T (times the forward's factors with DROPOUT);  4. dS = P * (dP - delta)
         float ds[BK / 8][4] = {};
         mma_rows_by_rows<HS, BK>(ds, sdO, warp * 16, sV + buf * BK * HS);
+        if constexpr (DROPOUT) {
+#pragma unroll
+            for (int n = 0; n < BK / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    ds[n][e] *= p_factor(p.dropout, bh, p.seq_len, row0 + 8 * (e >> 1),
+                                         k0 + n * 8 + 2 * (lane % 4) + (e & 1));
+        }
 #pragma unroll
         for (int n = 0; n < BK / 8; ++n)
 #pragma unroll
@@ -579,31 +669,33 @@ View<T> make_view(std::uintptr_t address, const std::array<int64_t, 3>& strides)
     return View<T>{ptr<T>(address), strides[0], strides[1], strides[2]};
 }
 
-template <typename T, int HS>
+template <typename T, int HS, bool DROPOUT>
 void launch_fwd(const FwdParams<T>& p, int bnh, cudaStream_t stream) {
     using Tl = Tiles<HS>;
     const size_t smem = (Tl::kFwdQ + 4 * Tl::kFwdK) * HS * sizeof(T);
-    set_smem(attention_fwd_kernel<T, HS>, smem);
-    attention_fwd_kernel<T, HS><<<dim3(bnh, ceil_div(p.seq_len, Tl::kFwdQ)), kThreads, smem, stream>>>(p);
+    set_smem(attention_fwd_kernel<T, HS, DROPOUT>, smem);
+    NANOLM_LAUNCH(dim3(bnh, ceil_div(p.seq_len, Tl::kFwdQ)), kThreads, smem, stream,
+                  attention_fwd_kernel<T, HS, DROPOUT>)(p);
     NANOLM_CHECK_LAUNCH("attention_fwd_kernel");
 }
 
-template <typename T, int HS>
+template <typename T, int HS, bool DROPOUT>
 void launch_bwd(const BwdParams<T>& p, int bnh, cudaStream_t stream) {
     using Tl = Tiles<HS>;
     const int64_t n_rows = static_cast<int64_t>(bnh) * p.seq_len;
-    attention_bwd_delta_kernel<T, HS><<<ceil_div(n_rows, kWarps), kThreads, 0, stream>>>(p, n_rows);
+    NANOLM_LAUNCH(ceil_div(n_rows, kWarps), kThreads, 0, stream, attention_bwd_delta_kernel<T, HS>)(p, n_rows);
     NANOLM_CHECK_LAUNCH("attention_bwd_delta_kernel");
 
     const size_t kv_smem = (2 * Tl::kKvK + 4 * Tl::kKvQ) * HS * sizeof(T) + 4 * Tl::kKvQ * sizeof(float);
-    set_smem(attention_bwd_dkdv_kernel<T, HS>, kv_smem);
-    attention_bwd_dkdv_kernel<T, HS>
-        <<<dim3(bnh, ceil_div(p.seq_len, Tl::kKvK)), kThreads, kv_smem, stream>>>(p);
+    set_smem(attention_bwd_dkdv_kernel<T, HS, DROPOUT>, kv_smem);
+    NANOLM_LAUNCH(dim3(bnh, ceil_div(p.seq_len, Tl::kKvK)), kThreads, kv_smem, stream,
+                  attention_bwd_dkdv_kernel<T, HS, DROPOUT>)(p);
     NANOLM_CHECK_LAUNCH("attention_bwd_dkdv_kernel");
 
     const size_t dq_smem = (2 * Tl::kDqQ + 4 * Tl::kDqK) * HS * sizeof(T);
-    set_smem(attention_bwd_dq_kernel<T, HS>, dq_smem);
-    attention_bwd_dq_kernel<T, HS><<<dim3(bnh, ceil_div(p.seq_len, Tl::kDqQ)), kThreads, dq_smem, stream>>>(p);
+    set_smem(attention_bwd_dq_kernel<T, HS, DROPOUT>, dq_smem);
+    NANOLM_LAUNCH(dim3(bnh, ceil_div(p.seq_len, Tl::kDqQ)), kThreads, dq_smem, stream,
+                  attention_bwd_dq_kernel<T, HS, DROPOUT>)(p);
     NANOLM_CHECK_LAUNCH("attention_bwd_dq_kernel");
 }
 
@@ -620,21 +712,24 @@ int check_sizes(const char* op, int64_t B, int64_t T, int64_t nh, int64_t hs) {
 
 template <typename T>
 void fwd_typed(const FwdParams<T>& p, int bnh, int64_t hs, cudaStream_t stream) {
-    if (hs == 64) launch_fwd<T, 64>(p, bnh, stream);
-    else launch_fwd<T, 128>(p, bnh, stream);
+    const bool drop = p.dropout.enabled;
+    if (hs == 64) (drop ? launch_fwd<T, 64, true> : launch_fwd<T, 64, false>)(p, bnh, stream);
+    else (drop ? launch_fwd<T, 128, true> : launch_fwd<T, 128, false>)(p, bnh, stream);
 }
 
 template <typename T>
 void bwd_typed(const BwdParams<T>& p, int bnh, int64_t hs, cudaStream_t stream) {
-    if (hs == 64) launch_bwd<T, 64>(p, bnh, stream);
-    else launch_bwd<T, 128>(p, bnh, stream);
+    const bool drop = p.dropout.enabled;
+    if (hs == 64) (drop ? launch_bwd<T, 64, true> : launch_bwd<T, 64, false>)(p, bnh, stream);
+    else (drop ? launch_bwd<T, 128, true> : launch_bwd<T, 128, false>)(p, bnh, stream);
 }
 
 template <typename T>
 void fwd_dispatch(const AttentionCudaFwdArgs& a, int bnh, float scale_log2, cudaStream_t stream) {
     const FwdParams<T> p{make_view<const T>(a.q, a.q_strides), make_view<const T>(a.k, a.k_strides),
                          make_view<const T>(a.v, a.v_strides), make_view<T>(a.o, a.o_strides),
-                         ptr<float>(a.lse), static_cast<int>(a.nh), static_cast<int>(a.T), scale_log2};
+                         ptr<float>(a.lse), static_cast<int>(a.nh), static_cast<int>(a.T), scale_log2,
+                         a.dropout};
     fwd_typed<T>(p, bnh, a.hs, stream);
 }
 
@@ -646,7 +741,8 @@ void bwd_dispatch(const AttentionCudaBwdArgs& a, int bnh, cudaStream_t stream) {
                          make_view<T>(a.dk, a.dk_strides),       make_view<T>(a.dv, a.dv_strides),
                          ptr<const float>(a.lse),                ptr<float>(a.delta),
                          static_cast<int>(a.nh),                 static_cast<int>(a.T),
-                         static_cast<float>(a.scale),            static_cast<float>(a.scale * M_LOG2E)};
+                         static_cast<float>(a.scale),            static_cast<float>(a.scale * M_LOG2E),
+                         a.dropout};
     bwd_typed<T>(p, bnh, a.hs, stream);
 }
 

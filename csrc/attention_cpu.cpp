@@ -23,6 +23,13 @@
 // FMA): S^T = K Q^T straight from the bf16 inputs, and O += P V with P rounded to bf16, as
 // FlashAttention does on GPUs. The softmax and every accumulator stay fp32.
 //
+// Dropout of P (dropout.h), when enabled: O = Pd V with Pd = P * factor, the softmax's sums
+// taken over the undropped P; factors of a (query tile, key tile) pair are generated into a
+// transposed tile like S^T (one Philox call per 4 keys of a query row) and applied to the fp32
+// P (before it is rounded to bf16 on the dot-product path). The backward regenerates them:
+// dV = Pd^T dO and dS = P * (dO V^T * factor - delta). Disabled, the kDropout = false
+// instantiations are the code without dropout.
+//
 // Layout: q, k, v, dq, dk, dv rows are hs contiguous values at any (b, t, h) strides; o, do are
 // contiguous (B, T, nh, hs). Offsets are int64 (B*T*3C passes 2^31 at GPT-2 sizes). hs must
 // be a multiple of 16 up to 256 (the matmul works in 16-column panels).
@@ -39,6 +46,7 @@
 
 #include "common.h"
 #include "cpu_bf16.h"
+#include "dropout.h"
 
 namespace nanolm {
 namespace {
@@ -183,18 +191,38 @@ void scale_and_mask(float* St, int nk, int i0, int j0, float c) {
     }
 }
 
+// Transposed dropout factors Ft[key c][query r] of queries i0.. (nq of BQ; 0 for the rest) and
+// keys j0.. (nk) of head bh: element ((bh * T + i) * T + j) of the (B, nh, T, T) probabilities.
+void dropout_tile(const DropoutParams& d, float* ft, float* row, int64_t bh, int64_t T, int i0, int nq,
+                  int j0, int nk) {
+    for (int r = 0; r < BQ; ++r) {
+        if (r < nq)
+            dropout_factors(d, static_cast<uint64_t>((bh * T + i0 + r) * T + j0), nk, row);
+        for (int col = 0; col < nk; ++col) ft[col * BQ + r] = r < nq ? row[col] : 0.0f;
+    }
+}
+
 // Forward of one (b, h, query tile), on transposed tiles: St = K Q^T puts the queries along the
 // vectors, so the softmax's per-query max, sum and rescale are plain vector operations.
 struct FwdBuffers {
     std::vector<float> qt, st, acc, kv;  // kv: a 16-bit key tile's K and V widened (else unused)
+    std::vector<float> ft, frow;         // dropout factors (tile, one row)
     bool dot;  // the bf16 dot-product path: qp, kp, vp, pp hold its bf16 pairs (below)
     std::vector<std::uint32_t> qp, kp, vp, pp;
     vf m[BQ / 8], l[BQ / 8];
     FwdBuffers(int hs, bool widen_kv, bool dot)
-        : qt(hs * BQ), st(BK * BQ), acc(BQ * hs), kv(widen_kv && !dot ? 2 * BK * hs : 0), dot(dot),
+        : qt(hs * BQ), st(BK * BQ), acc(BQ * hs), kv(widen_kv && !dot ? 2 * BK * hs : 0), ft(BK * BQ),
+          frow(BK), dot(dot),
           qp(dot ? hs / 2 * BQ : 0), kp(dot ? BK * hs / 2 : 0), vp(dot ? BK / 2 * hs : 0), pp(dot ? BQ * BK / 2 : 0) {}
 };
 
+// P~ -> P~ * factor for the tile of queries i0.. (nq) and keys j0.. (nk) of head bh, after its
+// sum went into l.
+void apply_dropout(FwdBuffers& w, const DropoutParams& dropout, int64_t bh, int64_t T, int i0, int nq, int j0,
+                   int nk) {
+    dropout_tile(dropout, w.ft.data(), w.frow.data(), bh, T, i0, nq, j0, nk);
+    for (int e = 0; e < nk * BQ; e += 8) storeu(&w.st[e], loadu(&w.st[e]) * loadu(&w.ft[e]));
+}
 
 void online_softmax_update(FwdBuffers& w, int nk, int hs) {
     vf alpha[BQ / 8];
@@ -285,8 +313,10 @@ void gemm_pairs(const std::uint32_t* A, int64_t lda, const std::uint32_t* B, int
 }
 
 // One key tile of the forward with bf16 dot products (see the file header).
-void fwd_key_tile_dot(const Heads<bf16>& k, const Heads<bf16>& v, int64_t b, int64_t h, int hs, int i0,
-                      int j0, int nk, int nq, float c, FwdBuffers& w) {
+template <bool kDropout>
+void fwd_key_tile_dot(const Heads<bf16>& k, const Heads<bf16>& v, int64_t b, int64_t h, int64_t T, int64_t nh,
+                      int hs, int i0, int j0, int nk, int nq, float c, const DropoutParams& dropout,
+                      FwdBuffers& w) {
     // K's rows are pairs along d already (copied for 4-byte alignment); B = qp, Q^T's pairs
     for (int r = 0; r < nk; ++r)
         for (int dp = 0; dp < hs / 2; ++dp) w.kp[r * (hs / 2) + dp] = pair_at(k.row(b, h, j0 + r) + 2 * dp);
@@ -294,6 +324,7 @@ void fwd_key_tile_dot(const Heads<bf16>& k, const Heads<bf16>& v, int64_t b, int
     gemm_pairs(w.kp.data(), hs / 2, w.qp.data(), BQ, w.st.data(), BQ, nk, hs / 2, BQ);  // S^T = K Q^T
     scale_and_mask(w.st.data(), nk, i0, j0, c);
     online_softmax_update(w, nk, hs);
+    if constexpr (kDropout) apply_dropout(w, dropout, b * nh + h, T, i0, nq, j0, nk);
     const int kpairs = (nk + 1) / 2;  // an odd last key is paired with a zero
     for (int r = 0; r < nq; ++r)
         for (int cp = 0; cp < kpairs; ++cp) {
@@ -312,9 +343,10 @@ void fwd_key_tile_dot(const Heads<bf16>& k, const Heads<bf16>& v, int64_t b, int
 bool cpu_has_bf16_dot() { return false; }
 #endif
 
-template <typename E>
+template <typename E, bool kDropout>
 void fwd_tile(const Heads<E>& q, const Heads<E>& k, const Heads<E>& v, E* o, float* lse, int64_t b,
-              int64_t h, int64_t T, int64_t nh, int hs, int i0, float c, FwdBuffers& w) {
+              int64_t h, int64_t T, int64_t nh, int hs, int i0, float c, const DropoutParams& dropout,
+              FwdBuffers& w) {
     int nq = std::min<int64_t>(BQ, T - i0);
     std::fill(w.acc.begin(), w.acc.end(), 0.0f);
     for (int g = 0; g < BQ / 8; ++g) w.m[g] = splat(NEG_INF), w.l[g] = vf{};
@@ -324,7 +356,8 @@ void fwd_tile(const Heads<E>& q, const Heads<E>& k, const Heads<E>& v, E* o, flo
             for (int dp = 0; dp < hs / 2; ++dp)
                 for (int r = 0; r < BQ; ++r) w.qp[dp * BQ + r] = r < nq ? pair_at(q.row(b, h, i0 + r) + 2 * dp) : 0u;
             for (int j0 = 0; j0 < i0 + nq; j0 += BK)
-                fwd_key_tile_dot(k, v, b, h, hs, i0, j0, std::min(BK, i0 + nq - j0), nq, c, w);
+                fwd_key_tile_dot<kDropout>(k, v, b, h, T, nh, hs, i0, j0, std::min(BK, i0 + nq - j0), nq, c,
+                                           dropout, w);
         }
     }
 #endif
@@ -338,6 +371,7 @@ void fwd_tile(const Heads<E>& q, const Heads<E>& k, const Heads<E>& v, E* o, flo
         gemm(kt, ldk, w.qt.data(), BQ, w.st.data(), BQ, nk, hs, BQ);  // S^T = K Q^T
         scale_and_mask(w.st.data(), nk, i0, j0, c);
         online_softmax_update(w, nk, hs);
+        if constexpr (kDropout) apply_dropout(w, dropout, b * nh + h, T, i0, nq, j0, nk);
         gemm<true>(w.st.data(), BQ, vt, ldv, w.acc.data(), hs, nq, nk, hs);  // O += P V
     }
     for (int r = 0; r < nq; ++r) {
@@ -361,7 +395,8 @@ bool attention_cpu_bf16_dot() { return cpu_has_bf16_dot(); }
 void attention_fwd_cpu(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t o,
                        std::uintptr_t lse, int64_t B, int64_t T, int64_t nh, int64_t hs,
                        int64_t sqb, int64_t sqt, int64_t sqh, int64_t skb, int64_t skt, int64_t skh,
-                       int64_t svb, int64_t svt, int64_t svh, double scale, DType dtype) {
+                       int64_t svb, int64_t svt, int64_t svh, double scale, DType dtype,
+                       const DropoutParams& dropout) {
     check_sizes("attention_fwd_cpu", B, T, nh, hs);
     const int64_t tiles = (T + BQ - 1) / BQ, tasks = B * nh * tiles;
     const float c = static_cast<float>(scale) * LOG2E;
@@ -375,8 +410,9 @@ void attention_fwd_cpu(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std
             for (int64_t task = 0; task < tasks; ++task) {
                 int64_t tile = tiles - 1 - task / (B * nh);  // longest (last) query tiles first
                 int64_t bh = task % (B * nh);
-                fwd_tile(Q, K, V, ptr<E>(o), ptr<float>(lse), bh / nh, bh % nh, T, nh,
-                         static_cast<int>(hs), static_cast<int>(tile * BQ), c, w);
+                auto run = dropout.enabled ? fwd_tile<E, true> : fwd_tile<E, false>;
+                run(Q, K, V, ptr<E>(o), ptr<float>(lse), bh / nh, bh % nh, T, nh, static_cast<int>(hs),
+                    static_cast<int>(tile * BQ), c, dropout, w);
             }
         }
     });
@@ -387,19 +423,21 @@ namespace {
 // Per-head buffers of the backward; qt, dot (Q^T, dO^T) are padded with zeros to whole tiles.
 struct BwdBuffers {
     int64_t tp;  // T rounded up to a multiple of BQ
-    std::vector<float> qt, dot, st, dpt, dk, dv, dq, lse2, delta;
+    std::vector<float> qt, dot, st, dpt, dk, dv, dq, lse2, delta, ft, frow;  // ft, frow: dropout factors
     std::vector<float> q32, k32, v32, do32;  // a 16-bit head's q, k, v, do widened (else unused)
     BwdBuffers(int hs, int64_t T)
         : tp((T + BQ - 1) / BQ * BQ), qt(hs * tp), dot(hs * tp), st(BK * BQ), dpt(BK * BQ),
-          dk(BK * hs), dv(BK * hs), dq(T * hs), lse2(tp), delta(tp) {}
+          dk(BK * hs), dv(BK * hs), dq(T * hs), lse2(tp), delta(tp), ft(BK * BQ), frow(BK) {}
 };
 
 // One query tile's contribution to key tile j0: dV, dK (of the key tile), dQ (of the query
 // tile). Scores are formed transposed (keys x queries) from Q^T, dO^T made once per head.
 using F32Heads = Heads<const float>;
 
+template <bool kDropout>
 void bwd_tile_pair(const F32Heads& q, const F32Heads& k, const F32Heads& v, const F32Heads& dout, int64_t b,
-                   int64_t h, int64_t T, int hs, int i0, int j0, int nk, float c, BwdBuffers& w) {
+                   int64_t h, int64_t T, int64_t nh, int hs, int i0, int j0, int nk, float c,
+                   const DropoutParams& dropout, BwdBuffers& w) {
     int nq = std::min<int64_t>(BQ, T - i0);
     const float* do0 = dout.row(b, h, i0);
     std::fill(w.st.begin(), w.st.end(), 0.0f);
@@ -407,13 +445,20 @@ void bwd_tile_pair(const F32Heads& q, const F32Heads& k, const F32Heads& v, cons
     std::fill(w.dpt.begin(), w.dpt.end(), 0.0f);
     gemm(v.row(b, h, j0), v.st, w.dot.data() + i0, w.tp, w.dpt.data(), BQ, nk, hs, BQ);  // dP^T
     scale_and_mask(w.st.data(), nk, i0, j0, c);
+    if constexpr (kDropout) dropout_tile(dropout, w.ft.data(), w.frow.data(), b * nh + h, T, i0, nq, j0, nk);
     for (int col = 0; col < nk; ++col) {
         for (int r = 0; r < BQ; r += 8) {
             float* s = &w.st[col * BQ + r];
             float* dp = &w.dpt[col * BQ + r];
             vf p = exp2v(loadu(s) - loadu(&w.lse2[i0 + r]));
-            storeu(s, p);                                          // P^T
-            storeu(dp, p * (loadu(dp) - loadu(&w.delta[i0 + r])));  // dS^T = P^T (dP^T - delta)
+            if constexpr (kDropout) {
+                vf f = loadu(&w.ft[col * BQ + r]);
+                storeu(s, p * f);                                            // Pd^T
+                storeu(dp, p * (loadu(dp) * f - loadu(&w.delta[i0 + r])));  // dS^T
+            } else {
+                storeu(s, p);                                          // P^T
+                storeu(dp, p * (loadu(dp) - loadu(&w.delta[i0 + r])));  // dS^T = P^T (dP^T - delta)
+            }
         }
     }
     gemm(w.st.data(), BQ, do0, dout.st, w.dv.data(), hs, nk, nq, hs);             // dV += P^T dO
@@ -430,10 +475,11 @@ void store_rows(const float* src, int rows, int hs, float factor, const Heads<T>
     }
 }
 
-template <typename E>
+template <typename E, bool kDropout>
 void bwd_head(const Heads<E>& q_in, const Heads<E>& k_in, const Heads<E>& v_in, const Heads<E>& dout_in,
               const Heads<E>& o, const float* lse, const Heads<E>& dq, const Heads<E>& dk, const Heads<E>& dv,
-              int64_t b, int64_t h, int64_t T, int64_t nh, int hs, float scale, BwdBuffers& w) {
+              int64_t b, int64_t h, int64_t T, int64_t nh, int hs, float scale, const DropoutParams& dropout,
+              BwdBuffers& w) {
     const int Ti = static_cast<int>(T);
     const F32Heads q = head_f32(q_in, b, h, T, hs, w.q32), k = head_f32(k_in, b, h, T, hs, w.k32),
                    v = head_f32(v_in, b, h, T, hs, w.v32), dout = head_f32(dout_in, b, h, T, hs, w.do32);
@@ -456,7 +502,7 @@ void bwd_head(const Heads<E>& q_in, const Heads<E>& k_in, const Heads<E>& v_in, 
         std::fill(w.dk.begin(), w.dk.end(), 0.0f);
         std::fill(w.dv.begin(), w.dv.end(), 0.0f);
         for (int i0 = j0; i0 < T; i0 += BQ)
-            bwd_tile_pair(q, k, v, dout, b, h, T, hs, i0, j0, nk, c, w);
+            bwd_tile_pair<kDropout>(q, k, v, dout, b, h, T, nh, hs, i0, j0, nk, c, dropout, w);
         store_rows(w.dk.data(), nk, hs, scale, dk, b, h, j0);
         store_rows(w.dv.data(), nk, hs, 1.0f, dv, b, h, j0);
     }
@@ -471,7 +517,7 @@ void attention_bwd_cpu(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, 
                        int64_t sqb, int64_t sqt, int64_t sqh, int64_t skb, int64_t skt, int64_t skh,
                        int64_t svb, int64_t svt, int64_t svh, int64_t sdqb, int64_t sdqt,
                        int64_t sdqh, int64_t sdkb, int64_t sdkt, int64_t sdkh, int64_t sdvb,
-                       int64_t sdvt, int64_t sdvh, double scale, DType dtype) {
+                       int64_t sdvt, int64_t sdvh, double scale, DType dtype, const DropoutParams& dropout) {
     check_sizes("attention_bwd_cpu", B, T, nh, hs);
     dispatch_cpu_dtype(dtype, "attention_bwd_cpu", [&](auto tag) {
         using E = decltype(tag);
@@ -483,9 +529,11 @@ void attention_bwd_cpu(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, 
         {
             BwdBuffers w(static_cast<int>(hs), T);
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t bh = 0; bh < B * nh; ++bh)
-                bwd_head(Q, K, V, DO, O, ptr<const float>(lse), DQ, DK, DV, bh / nh, bh % nh, T, nh,
-                         static_cast<int>(hs), static_cast<float>(scale), w);
+            for (int64_t bh = 0; bh < B * nh; ++bh) {
+                auto run = dropout.enabled ? bwd_head<E, true> : bwd_head<E, false>;
+                run(Q, K, V, DO, O, ptr<const float>(lse), DQ, DK, DV, bh / nh, bh % nh, T, nh,
+                    static_cast<int>(hs), static_cast<float>(scale), dropout, w);
+            }
         }
     });
 }

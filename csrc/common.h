@@ -41,8 +41,18 @@ inline void require(bool ok, const std::string& message) {
 
 }  // namespace nanolm
 
-#ifdef __CUDACC__
+#if defined(__CUDACC__)
 #include <cuda_runtime.h>
+// Launches and dynamic shared memory are written through these two macros so that the SIMT
+// emulation (csrc/sim/, built with NANOLM_CUDA_SIM) compiles the same sources with the host
+// C++ compiler: NANOLM_LAUNCH(grid, block, smem, stream, kernel<...>)(args...).
+#define NANOLM_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define NANOLM_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#elif defined(NANOLM_CUDA_SIM)
+#include "sim/cuda_sim.h"
+#endif
+
+#if defined(__CUDACC__) || defined(NANOLM_CUDA_SIM)
 
 // Throw on a failed CUDA API call, naming the call and the source line.
 #define NANOLM_CUDA_CHECK(call)                                                          \

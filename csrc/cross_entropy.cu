@@ -187,7 +187,7 @@ void launch(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t losses
             std::int64_t N, std::int64_t Vp, std::int64_t V, std::int64_t ignore_index, double z_loss,
             double grad_scale, cudaStream_t stream) {
     const bool vec_store = (logits - dlogits) % 16 == 0;
-    cross_entropy_fwd_kernel<T><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+    NANOLM_LAUNCH(static_cast<unsigned>(N), kThreads, 0, stream, cross_entropy_fwd_kernel<T>)(
         ptr<const T>(logits), ptr<const std::int64_t>(targets), ptr<float>(losses), ptr<T>(dlogits), N, Vp,
         V, ignore_index, static_cast<float>(z_loss), static_cast<float>(grad_scale), vec_store);
     NANOLM_CHECK_LAUNCH("cross_entropy_fwd_kernel");
@@ -236,7 +236,7 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_grad_kernel(
 template <typename T>
 void launch_stats(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t stats, std::int64_t N,
                   std::int64_t Vp, std::int64_t V, std::int64_t vocab_start, cudaStream_t stream) {
-    cross_entropy_stats_kernel<T><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+    NANOLM_LAUNCH(static_cast<unsigned>(N), kThreads, 0, stream, cross_entropy_stats_kernel<T>)(
         ptr<const T>(logits), ptr<const std::int64_t>(targets), ptr<float>(stats), N, Vp, V, vocab_start);
     NANOLM_CHECK_LAUNCH("cross_entropy_stats_kernel");
 }
@@ -245,7 +245,7 @@ template <typename T>
 void launch_grad(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t lse, std::int64_t N,
                  std::int64_t Vp, std::int64_t V, std::int64_t vocab_start, std::int64_t ignore_index,
                  double z_loss, double grad_scale, cudaStream_t stream) {
-    cross_entropy_grad_kernel<T><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+    NANOLM_LAUNCH(static_cast<unsigned>(N), kThreads, 0, stream, cross_entropy_grad_kernel<T>)(
         ptr<T>(logits), ptr<const std::int64_t>(targets), ptr<const float>(lse), N, Vp, V, vocab_start,
         ignore_index, static_cast<float>(z_loss), static_cast<float>(grad_scale));
     NANOLM_CHECK_LAUNCH("cross_entropy_grad_kernel");

@@ -7,9 +7,7 @@
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include "common.h"
+#include "common.h"  // cuda_runtime.h, or the emulation's csrc/sim/cuda_sim.h
 
 namespace nanolm {
 

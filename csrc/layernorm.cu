@@ -10,6 +10,12 @@
 //             dx = (wdy - (xhat * c1 + c2)) * rstd (+ dresidual)
 //             dw = sum_rows(dy * xhat);  db = sum_rows(dy)
 //
+// Dropout of the branch (DROPOUT, csrc/dropout.h): h = x * factor (+ residual, which may then be
+// absent: the embedding sum), always stored to residual_out; the backward regenerates the
+// factors and also writes dbranch = dx * factor (N*C*s more bytes). One Philox call per 4
+// elements on the vectorized path (a thread's pieces start on multiples of 4), per element
+// on the scalar one. DROPOUT = false instantiations are the kernels without dropout.
+//
 // Memory traffic (s = bytes per x element, 4 for fp32, 2 for bf16; weights are read once per
 // row group and stay in L1/L2, counted once):
 //   forward   reads N*C*s (+ N*C*s residual) + 2*C*s, writes N*C*s (+ N*C*s residual_out) + 8N
@@ -37,6 +43,7 @@
 #include <type_traits>
 
 #include "cuda_common.h"
+#include "dropout.h"
 #include "layernorm.h"
 
 namespace nanolm {
@@ -72,17 +79,18 @@ __device__ __forceinline__ float row_sum(float v) {
     else return warp_sum(v);
 }
 
-template <typename T, int VEC, int TPR>
+template <typename T, int VEC, int TPR, bool DROPOUT>
 __global__ void __launch_bounds__(TPR * rows_per_block(TPR))
 layernorm_fwd_kernel(const T* __restrict__ x,          // (N, C)
                      const T* __restrict__ residual,   // (N, C) or nullptr
-                     T* __restrict__ residual_out,     // (N, C), written when residual is given
+                     T* __restrict__ residual_out,     // (N, C), written when residual is given or DROPOUT
                      const T* __restrict__ weight,     // (C,)
                      const T* __restrict__ bias,       // (C,) or nullptr
                      T* __restrict__ y,                // (N, C)
                      float* __restrict__ mean,         // (N,)
                      float* __restrict__ rstd,         // (N,)
-                     std::int64_t N, int C, float eps) {
+                     std::int64_t N, int C, float eps,
+                     DropoutParams dropout) {          // of x, read when DROPOUT
     constexpr int ITERS = kFwdElems / VEC;
     const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
     if (row >= N) return;  // uniform over the threads of a row; only warp rows share a block
@@ -98,12 +106,22 @@ layernorm_fwd_kernel(const T* __restrict__ x,          // (N, C)
         for (int k = 0; k < VEC; ++k) h[it][k] = 0.f;
         if (c >= C) continue;
         load<T, VEC>(x + offset + c, h[it]);
+        if constexpr (DROPOUT) {
+            float f[VEC];
+            dropout_factors_pack<VEC>(dropout, static_cast<std::uint64_t>(offset + c), f);
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) h[it][k] *= f[k];
+        }
         if (residual != nullptr) {
             float r[VEC];
             load<T, VEC>(residual + offset + c, r);
             // normalize the stream as stored (rounded to T), which the backward re-reads
 #pragma unroll
             for (int k = 0; k < VEC; ++k) h[it][k] = to_float(from_float<T>(h[it][k] + r[k]));
+            store<T, VEC>(residual_out + offset + c, h[it]);
+        } else if constexpr (DROPOUT) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) h[it][k] = to_float(from_float<T>(h[it][k]));
             store<T, VEC>(residual_out + offset + c, h[it]);
         }
 #pragma unroll
@@ -172,7 +190,7 @@ __device__ __forceinline__ void write_partial_row(float (&acc)[kBwdElems / VEC][
     }
 }
 
-template <typename T, int VEC, int TPR>
+template <typename T, int VEC, int TPR, bool DROPOUT>
 __global__ void __launch_bounds__(TPR * rows_per_block(TPR))
 layernorm_bwd_kernel(const T* __restrict__ dy,           // (N, C)
                      const T* __restrict__ x,            // (N, C)
@@ -181,9 +199,11 @@ layernorm_bwd_kernel(const T* __restrict__ dy,           // (N, C)
                      const float* __restrict__ rstd,     // (N,)
                      const T* __restrict__ dresidual,    // (N, C) or nullptr
                      T* __restrict__ dx,                 // (N, C)
+                     T* __restrict__ dbranch,            // (N, C) dropout(dx), written when DROPOUT
                      float* __restrict__ dw_partial,     // (gridDim.x, C)
                      float* __restrict__ db_partial,     // (gridDim.x, C)
-                     std::int64_t N, int C) {
+                     std::int64_t N, int C,
+                     DropoutParams dropout) {            // the forward's, read when DROPOUT
     constexpr int ITERS = kBwdElems / VEC;
     constexpr int ROWS = rows_per_block(TPR);
     __shared__ float combine[ROWS > 1 ? ROWS * kBwdElems * 32 : 1];
@@ -212,7 +232,9 @@ layernorm_bwd_kernel(const T* __restrict__ dy,           // (N, C)
 #pragma unroll
             for (int k = 0; k < VEC; ++k) {
                 xh[it][k] = (xh[it][k] - mu) * rs;
-                const float wdy = w[it][k] * g[it][k];
+                // __fmul_rn: w*dy rounded the same here and in step 2 (nvcc would fuse one of
+                // them into an fma): at C = 1, wdy - c2 must be exactly 0
+                const float wdy = __fmul_rn(w[it][k], g[it][k]);
                 s1 += xh[it][k] * wdy;
                 s2 += wdy;
             }
@@ -228,11 +250,18 @@ layernorm_bwd_kernel(const T* __restrict__ dy,           // (N, C)
             if (dresidual != nullptr) load<T, VEC>(dresidual + offset + c, dres);
 #pragma unroll
             for (int k = 0; k < VEC; ++k) {
-                out[k] = (w[it][k] * g[it][k] - (xh[it][k] * c1 + c2)) * rs + dres[k];
+                out[k] = (__fmul_rn(w[it][k], g[it][k]) - (xh[it][k] * c1 + c2)) * rs + dres[k];
                 dw[it][k] += g[it][k] * xh[it][k];
                 db[it][k] += g[it][k];
             }
             store<T, VEC>(dx + offset + c, out);
+            if constexpr (DROPOUT) {
+                float f[VEC];
+                dropout_factors_pack<VEC>(dropout, static_cast<std::uint64_t>(offset + c), f);
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) out[k] *= f[k];
+                store<T, VEC>(dbranch + offset + c, out);
+            }
         }
     }
 
@@ -274,6 +303,15 @@ layernorm_bwd_reduce_kernel(const float* __restrict__ dw_partial,  // (P, C)
 
 template <typename T> struct TypeTag { using type = T; };
 template <int V> using Int = std::integral_constant<int, V>;
+
+// Calls f(std::true_type) with dropout enabled, f(std::false_type) without.
+template <typename F>
+void with_dropout(const DropoutParams& dropout, F&& f) {
+    if (dropout.enabled)
+        f(std::true_type{});
+    else
+        f(std::false_type{});
+}
 
 int threads_per_row(std::int64_t C, int elems) {
     int tpr = 32;
@@ -325,10 +363,14 @@ std::int64_t bwd_blocks(std::int64_t N, std::int64_t C) {
 void layernorm_fwd_cuda(std::uintptr_t x, std::uintptr_t residual, std::uintptr_t residual_out,
                         std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t y,
                         std::uintptr_t mean, std::uintptr_t rstd, std::int64_t N, std::int64_t C,
-                        double eps, DType dtype, std::uintptr_t stream) {
+                        double eps, DType dtype, const DropoutParams& dropout,
+                        std::uintptr_t stream) {
     check_sizes("layernorm_fwd_cuda", N, C);
-    require((residual == 0) == (residual_out == 0),
-            "layernorm_fwd_cuda: residual and residual_out must be given together");
+    if (dropout.enabled)
+        require(residual_out != 0, "layernorm_fwd_cuda: dropout needs residual_out");
+    else
+        require((residual == 0) == (residual_out == 0),
+                "layernorm_fwd_cuda: residual and residual_out must be given together");
     if (N == 0) return;
     const int vec = dtype == DType::float32 ? 4 : 8;
     const bool vectorized = C % vec == 0 && aligned16(x) && aligned16(residual) &&
@@ -340,11 +382,14 @@ void layernorm_fwd_cuda(std::uintptr_t x, std::uintptr_t residual, std::uintptr_
         constexpr int ROWS = rows_per_block(TPR);
         const dim3 block(TPR, ROWS);
         const dim3 grid(static_cast<unsigned>((N + ROWS - 1) / ROWS));
-        layernorm_fwd_kernel<T, VEC, TPR><<<grid, block, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-            ptr<const T>(x), ptr<const T>(residual), ptr<T>(residual_out), ptr<const T>(weight),
-            ptr<const T>(bias), ptr<T>(y), ptr<float>(mean), ptr<float>(rstd), N, static_cast<int>(C),
-            static_cast<float>(eps));
-        NANOLM_CHECK_LAUNCH("layernorm_fwd_kernel");
+        with_dropout(dropout, [&](auto drop) {
+            NANOLM_LAUNCH(grid, block, 0, reinterpret_cast<cudaStream_t>(stream),
+                          layernorm_fwd_kernel<T, VEC, TPR, decltype(drop)::value>)(
+                    ptr<const T>(x), ptr<const T>(residual), ptr<T>(residual_out), ptr<const T>(weight),
+                    ptr<const T>(bias), ptr<T>(y), ptr<float>(mean), ptr<float>(rstd), N, static_cast<int>(C),
+                    static_cast<float>(eps), dropout);
+            NANOLM_CHECK_LAUNCH("layernorm_fwd_kernel");
+        });
     });
 }
 
@@ -357,31 +402,35 @@ void layernorm_bwd_cuda(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weig
                         std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t dresidual,
                         std::uintptr_t dx, std::uintptr_t dweight, std::uintptr_t dbias,
                         std::uintptr_t workspace, std::int64_t N, std::int64_t C, DType dtype,
-                        std::uintptr_t stream) {
+                        std::uintptr_t dbranch, const DropoutParams& dropout, std::uintptr_t stream) {
     check_sizes("layernorm_bwd_cuda", N, C);
+    require(!dropout.enabled || dbranch != 0, "layernorm_bwd_cuda: dropout needs dbranch");
     const std::int64_t P = bwd_blocks(N, C);
     float* dw_partial = ptr<float>(workspace);
     float* db_partial = dw_partial + P * C;
     auto s = reinterpret_cast<cudaStream_t>(stream);
     const int vec = dtype == DType::float32 ? 4 : 8;
     const bool vectorized = C % vec == 0 && aligned16(dy) && aligned16(x) && aligned16(weight) &&
-                            aligned16(dresidual) && aligned16(dx);
+                            aligned16(dresidual) && aligned16(dx) && aligned16(dbranch);
     const int tpr = threads_per_row(C, kBwdElems);
     if (N > 0) {
         dispatch(dtype, vectorized, tpr, [&](auto type, auto vec_c, auto tpr_c) {
             using T = typename decltype(type)::type;
             constexpr int VEC = decltype(vec_c)::value, TPR = decltype(tpr_c)::value;
             const dim3 block(TPR, rows_per_block(TPR));
-            layernorm_bwd_kernel<T, VEC, TPR><<<static_cast<unsigned>(P), block, 0, s>>>(
-                ptr<const T>(dy), ptr<const T>(x), ptr<const T>(weight), ptr<const float>(mean),
-                ptr<const float>(rstd), ptr<const T>(dresidual), ptr<T>(dx), dw_partial, db_partial, N,
-                static_cast<int>(C));
-            NANOLM_CHECK_LAUNCH("layernorm_bwd_kernel");
+            with_dropout(dropout, [&](auto drop) {
+                NANOLM_LAUNCH(static_cast<unsigned>(P), block, 0, s,
+                              layernorm_bwd_kernel<T, VEC, TPR, decltype(drop)::value>)(
+                    ptr<const T>(dy), ptr<const T>(x), ptr<const T>(weight), ptr<const float>(mean),
+                    ptr<const float>(rstd), ptr<const T>(dresidual), ptr<T>(dx), ptr<T>(dbranch), dw_partial,
+                    db_partial, N, static_cast<int>(C), dropout);
+                NANOLM_CHECK_LAUNCH("layernorm_bwd_kernel");
+            });
         });
     }
     const dim3 block(32, kReduceRows);
     const dim3 grid(static_cast<unsigned>((C + 31) / 32));
-    layernorm_bwd_reduce_kernel<<<grid, block, 0, s>>>(dw_partial, db_partial, ptr<float>(dweight),
+    NANOLM_LAUNCH(grid, block, 0, s, layernorm_bwd_reduce_kernel)(dw_partial, db_partial, ptr<float>(dweight),
                                                        ptr<float>(dbias), static_cast<int>(P),
                                                        static_cast<int>(C));
     NANOLM_CHECK_LAUNCH("layernorm_bwd_reduce_kernel");

@@ -4,10 +4,15 @@
 // 16-bit rows are widened into a per-thread fp32 row first; statistics, dw and db stay fp32
 // (mean, rstd, dweight, dbias are fp32 whatever the input dtype), and x + residual is rounded to
 // the storage type before it is normalized, so forward and backward see the same residual_out.
+// Dropout of the branch (dropout.h), when enabled: h = x * factor (+ residual), the factors
+// (1/(1-p) or 0) of a row generated into a per-thread buffer and applied in fp32 to the widened
+// x; h is rounded to the storage type and stored to residual_out. The backward regenerates them
+// and writes dbranch = dx * factor in the same pass. Disabled, the kDropout = false
+// instantiation is the code without dropout.
 //
 // Memory traffic, s-byte values (4 fp32, 2 bf16/fp16): forward reads N*C (+ N*C residual) + 2C,
 // writes N*C (+ N*C residual_out) values + 2N fp32; backward reads 2*N*C (+ N*C dresidual) + C
-// values + 2N fp32, writes N*C values + 2C fp32, plus the per-chunk dw/db partial sums
+// values + 2N fp32, writes N*C (+ N*C dbranch with dropout) values + 2C fp32, plus the per-chunk dw/db partial sums
 // (kChunks * C * 2 fp32, in cache).
 //
 // dw/db are deterministic whatever the thread count: rows are cut into at most kChunks fixed
@@ -22,6 +27,7 @@
 
 #include "common.h"
 #include "cpu_bf16.h"
+#include "dropout.h"
 #include "layernorm.h"
 
 namespace nanolm {
@@ -29,16 +35,46 @@ namespace {
 
 constexpr std::int64_t kChunks = 64;
 
-// h = x (+ residual, stored to residual_out) as fp32: for fp32 without a residual, x itself;
-// else written to buf (for bf16 the sum is rounded to bf16 first, as it is stored).
-template <typename T>
-const float* load_row(const T* x, const T* residual, T* residual_out, float* buf, std::int64_t C) {
+// h = x (+ residual), or with kDropout h = x * factor (+ residual), as fp32. Stored to
+// residual_out when there is a residual or kDropout (rounded to T first, as it is stored, and
+// for 16-bit T widened back into buf); for fp32 x without either, x itself; else widened into buf.
+template <typename T, bool kDropout>
+const float* load_row(const T* x, const T* residual, T* residual_out, const float* factor, float* buf,
+                      std::int64_t C) {
     if constexpr (std::is_same_v<T, float>) {
+        if constexpr (kDropout) {
+            if (residual != nullptr) {
+#pragma omp simd
+                for (std::int64_t c = 0; c < C; ++c) residual_out[c] = x[c] * factor[c] + residual[c];
+            } else {
+#pragma omp simd
+                for (std::int64_t c = 0; c < C; ++c) residual_out[c] = x[c] * factor[c];
+            }
+            return residual_out;
+        }
         if (residual == nullptr) return x;
 #pragma omp simd
         for (std::int64_t c = 0; c < C; ++c) residual_out[c] = x[c] + residual[c];
         return residual_out;
     } else {
+        if constexpr (kDropout) {
+            if (residual != nullptr) {
+#pragma omp simd
+                for (std::int64_t c = 0; c < C; ++c) {
+                    const T h = from_float<T>(to_float(x[c]) * factor[c] + to_float(residual[c]));
+                    residual_out[c] = h;
+                    buf[c] = to_float(h);
+                }
+            } else {
+#pragma omp simd
+                for (std::int64_t c = 0; c < C; ++c) {
+                    const T h = from_float<T>(to_float(x[c]) * factor[c]);
+                    residual_out[c] = h;
+                    buf[c] = to_float(h);
+                }
+            }
+            return buf;
+        }
         if (residual == nullptr) {
             widen(x, buf, C);
             return buf;
@@ -85,9 +121,11 @@ const float* as_float(const T* v, std::vector<float>& buf, std::int64_t C) {
     }
 }
 
-// dx for one row; adds the row's dy*xhat and dy into dw, db.
+// dx for one row (and dbranch = dx * factor with kDropout); adds the row's dy*xhat and dy into dw, db.
+template <bool kDropout>
 void backward_row(const float* dy, const float* x, const float* w, float mu, float rs,
-                  const float* dresidual, float* dx, float* dw, float* db, std::int64_t C) {
+                  const float* dresidual, float* dx, float* dw, float* db, const float* factor,
+                  float* dbranch, std::int64_t C) {
     float s1 = 0.f, s2 = 0.f;
 #pragma omp simd reduction(+ : s1, s2)
     for (std::int64_t c = 0; c < C; ++c) {
@@ -102,22 +140,25 @@ void backward_row(const float* dy, const float* x, const float* w, float mu, flo
         float g = (w[c] * dy[c] - (xhat * c1 + c2)) * rs;
         if (dresidual != nullptr) g += dresidual[c];
         dx[c] = g;
+        if constexpr (kDropout) dbranch[c] = g * factor[c];
         dw[c] += dy[c] * xhat;
         db[c] += dy[c];
     }
 }
 
-// Each chunk of rows: dx, and the chunk's dw/db column sums into its row of `part`.
-template <typename T>
+// Each chunk of rows: dx (and dbranch with kDropout), and the chunk's dw/db column sums into
+// its row of `part`.
+template <typename T, bool kDropout>
 void backward_chunks(const T* dy, const T* x, const T* weight, const float* mean, const float* rstd,
-                     const T* dresidual, T* dx, float* part, std::int64_t N, std::int64_t C,
-                     std::int64_t chunks, std::int64_t rows_per_chunk) {
+                     const T* dresidual, T* dx, T* dbranch, float* part, std::int64_t N, std::int64_t C,
+                     std::int64_t chunks, std::int64_t rows_per_chunk, const DropoutParams& dropout) {
     constexpr bool kFloat = std::is_same_v<T, float>;
     std::vector<float> w_buf;
     const float* w = as_float(weight, w_buf, C);
 #pragma omp parallel
     {
-        std::vector<float> rows(kFloat ? 0 : 4 * C);  // dy, x, dresidual, dx of one row, as fp32
+        std::vector<float> rows(kFloat ? 0 : 5 * C);  // dy, x, dresidual, dx, dbranch of one row, as fp32
+        std::vector<float> factor(kDropout ? C : 0);  // the row's dropout factors, regenerated
 #pragma omp for schedule(static)
         for (std::int64_t chunk = 0; chunk < chunks; ++chunk) {
             float* dw = part + 2 * chunk * C;
@@ -126,39 +167,45 @@ void backward_chunks(const T* dy, const T* x, const T* weight, const float* mean
             const std::int64_t end = std::min(N, (chunk + 1) * rows_per_chunk);
             for (std::int64_t row = chunk * rows_per_chunk; row < end; ++row) {
                 const std::int64_t off = row * C;
+                if constexpr (kDropout) dropout_factors(dropout, static_cast<std::uint64_t>(off), C, factor.data());
                 if constexpr (kFloat) {
-                    backward_row(dy + off, x + off, w, mean[row], rstd[row],
-                                 dresidual ? dresidual + off : nullptr, dx + off, dw, db, C);
+                    backward_row<kDropout>(dy + off, x + off, w, mean[row], rstd[row],
+                                           dresidual ? dresidual + off : nullptr, dx + off, dw, db,
+                                           factor.data(), kDropout ? dbranch + off : nullptr, C);
                 } else {
                     float *dy_f = rows.data(), *x_f = dy_f + C, *dres_f = x_f + C, *dx_f = dres_f + C;
+                    float* dbranch_f = dx_f + C;
                     widen(dy + off, dy_f, C);
                     widen(x + off, x_f, C);
                     if (dresidual) widen(dresidual + off, dres_f, C);
-                    backward_row(dy_f, x_f, w, mean[row], rstd[row], dresidual ? dres_f : nullptr, dx_f,
-                                 dw, db, C);
+                    backward_row<kDropout>(dy_f, x_f, w, mean[row], rstd[row], dresidual ? dres_f : nullptr,
+                                           dx_f, dw, db, factor.data(), dbranch_f, C);
                     narrow(dx_f, dx + off, C);
+                    if constexpr (kDropout) narrow(dbranch_f, dbranch + off, C);
                 }
             }
         }
     }
 }
 
-}  // namespace
-
-template <typename T>
+template <typename T, bool kDropout>
 void forward_rows(const T* x, const T* residual, T* residual_out, const T* weight, const T* bias, T* y,
-                  float* mean, float* rstd, std::int64_t N, std::int64_t C, float eps) {
+                  float* mean, float* rstd, std::int64_t N, std::int64_t C, float eps,
+                  const DropoutParams& dropout) {
     std::vector<float> w_buf, b_buf;
     const float* w = as_float(weight, w_buf, C);
     const float* b = as_float(bias, b_buf, C);
 #pragma omp parallel
     {
         std::vector<float> row(std::is_same_v<T, float> ? 0 : 2 * C);  // h, then y
+        std::vector<float> factor(kDropout ? C : 0);                    // the row's dropout factors
 #pragma omp for schedule(static)
         for (std::int64_t r = 0; r < N; ++r) {
             const std::int64_t off = r * C;
-            const float* h = load_row(x + off, residual ? residual + off : nullptr,
-                                      residual ? residual_out + off : nullptr, row.data(), C);
+            if constexpr (kDropout) dropout_factors(dropout, static_cast<std::uint64_t>(off), C, factor.data());
+            const float* h = load_row<T, kDropout>(x + off, residual ? residual + off : nullptr,
+                                                   residual_out ? residual_out + off : nullptr, factor.data(),
+                                                   row.data(), C);
             float mu, rs;
             row_stats(h, C, eps, mu, rs);
             float* out = std::is_same_v<T, float> ? reinterpret_cast<float*>(y + off) : row.data() + C;
@@ -176,28 +223,47 @@ void forward_rows(const T* x, const T* residual, T* residual_out, const T* weigh
     }
 }
 
+// Calls fn(std::true_type) with dropout enabled, fn(std::false_type) without.
+template <typename Fn>
+void with_dropout(const DropoutParams& dropout, Fn&& fn) {
+    if (dropout.enabled)
+        fn(std::true_type{});
+    else
+        fn(std::false_type{});
+}
+
+}  // namespace
+
 void layernorm_fwd_cpu(std::uintptr_t x, std::uintptr_t residual, std::uintptr_t residual_out,
                        std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t y,
                        std::uintptr_t mean, std::uintptr_t rstd, std::int64_t N, std::int64_t C,
-                       double eps, DType dtype) {
+                       double eps, DType dtype, const DropoutParams& dropout) {
     require(N >= 0 && C >= 1, "layernorm_fwd_cpu: need N >= 0 and C >= 1, got N=" + std::to_string(N) +
                                   " C=" + std::to_string(C));
-    require((residual == 0) == (residual_out == 0),
-            "layernorm_fwd_cpu: residual and residual_out must be given together");
+    if (dropout.enabled)
+        require(residual_out != 0, "layernorm_fwd_cpu: dropout needs residual_out");
+    else
+        require((residual == 0) == (residual_out == 0),
+                "layernorm_fwd_cpu: residual and residual_out must be given together");
     dispatch_cpu_dtype(dtype, "layernorm_fwd_cpu", [&](auto t) {
         using T = decltype(t);
-        forward_rows(ptr<const T>(x), ptr<const T>(residual), ptr<T>(residual_out), ptr<const T>(weight),
-                     ptr<const T>(bias), ptr<T>(y), ptr<float>(mean), ptr<float>(rstd), N, C,
-                     static_cast<float>(eps));
+        with_dropout(dropout, [&](auto drop) {
+            forward_rows<T, decltype(drop)::value>(ptr<const T>(x), ptr<const T>(residual), ptr<T>(residual_out),
+                                                   ptr<const T>(weight), ptr<const T>(bias), ptr<T>(y),
+                                                   ptr<float>(mean), ptr<float>(rstd), N, C,
+                                                   static_cast<float>(eps), dropout);
+        });
     });
 }
 
 void layernorm_bwd_cpu(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weight,
                        std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t dresidual,
                        std::uintptr_t dx, std::uintptr_t dweight, std::uintptr_t dbias,
-                       std::int64_t N, std::int64_t C, DType dtype) {
+                       std::int64_t N, std::int64_t C, DType dtype,
+                       std::uintptr_t dbranch, const DropoutParams& dropout) {
     require(N >= 0 && C >= 1, "layernorm_bwd_cpu: need N >= 0 and C >= 1, got N=" + std::to_string(N) +
                                   " C=" + std::to_string(C));
+    require(!dropout.enabled || dbranch != 0, "layernorm_bwd_cpu: dropout needs dbranch");
     const std::int64_t chunks = std::min(N, kChunks);
     const std::int64_t rows_per_chunk = chunks > 0 ? (N + chunks - 1) / chunks : 0;
     // Reused across calls (per calling thread): a fresh buffer of this size would be mmap'ed and
@@ -207,9 +273,12 @@ void layernorm_bwd_cpu(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weigh
     float* part = partial.data();
     dispatch_cpu_dtype(dtype, "layernorm_bwd_cpu", [&](auto t) {
         using T = decltype(t);
-        backward_chunks(ptr<const T>(dy), ptr<const T>(x), ptr<const T>(weight), ptr<const float>(mean),
-                        ptr<const float>(rstd), ptr<const T>(dresidual), ptr<T>(dx), part, N, C, chunks,
-                        rows_per_chunk);
+        with_dropout(dropout, [&](auto drop) {
+            backward_chunks<T, decltype(drop)::value>(ptr<const T>(dy), ptr<const T>(x), ptr<const T>(weight),
+                                                      ptr<const float>(mean), ptr<const float>(rstd),
+                                                      ptr<const T>(dresidual), ptr<T>(dx), ptr<T>(dbranch), part,
+                                                      N, C, chunks, rows_per_chunk, dropout);
+        });
     });
     // chunk partials added in chunk order for every column; columns split over threads
     float* dw_out = ptr<float>(dweight);

@@ -5,6 +5,10 @@ Math, per (batch b, head h), with S = scale * Q K^T masked above the diagonal:
     delta = rowsum(dO * O),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),
     dQ = scale * dS K,  dK = scale * dS^T Q                           (backward)
 The T x T matrices S and P are never stored: they are recomputed block by block.
+With dropout (DROPOUT, kernels/dropout.py) P is dropped after the softmax's sums: O = Pd V,
+Pd = P * factor; the backward regenerates the factors of each block (never stored):
+dV = Pd^T dO, dS = P * (dO V^T * factor - delta). The factor of P[b, h, i, j] is that of
+element ((b * nh + h) * T + i) * T + j.
 
 Algorithm.
   Forward: one program per (query block of BLOCK_M rows, b * nh). It streams key/value blocks
@@ -37,15 +41,20 @@ import torch
 import triton
 import triton.language as tl
 
+from .dropout import DROPOUT_SCALARS, NO_DROPOUT, dropout_factor
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E): exp2 is one instruction
+# exp(x) = exp2(x * LOG2E): exp2 is one instruction. A tl.constexpr value: the compiler (unlike
+# the interpreter) lets kernels read no other globals; the launchers use LOG2E.value.
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, lo, hi, T,
-                    qk_scale,
+                    qk_scale, row_base, seed, offset, threshold, keep_scale,
                     BLOCK_N: tl.constexpr,
-                    DIAGONAL: tl.constexpr):
+                    DIAGONAL: tl.constexpr,
+                    DROPOUT: tl.constexpr):
     """Online softmax over key blocks [lo, hi): masked (DIAGONAL) or not."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
@@ -65,12 +74,15 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:  # after the sum: the softmax normalises the undropped P
+            index = (row_base + offs_m[:, None]) * T + keys[None, :]
+            p = p * dropout_factor(index, seed, offset, threshold, keep_scale)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_SCALARS)
 def attention_fwd_kernel(
     Q, K, V,                            # (B, T, nh, hs), stride(-1) == 1
     O,                                  # (B, T, nh, hs) contiguous
@@ -81,7 +93,9 @@ def attention_fwd_kernel(
     stride_ob, stride_ot, stride_oh,
     nh, T, T_BUCKET,                    # T_BUCKET: the autotune key (next power of two of T)
     qk_scale,                           # scale * log2(e)
+    seed, offset, threshold, keep_scale,  # dropout of P, read when DROPOUT
     HS: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -100,11 +114,13 @@ def attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HS], tl.float32)
+    row_base = bh.to(tl.int64) * T  # the first row of this head in the (B*nh*T, T) probabilities
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                                    0, start_m, T, qk_scale, BLOCK_N, False)
+                                    0, start_m, T, qk_scale, row_base, seed, offset, threshold, keep_scale,
+                                    BLOCK_N, False, DROPOUT)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                                    start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale,
-                                    BLOCK_N, True)
+                                    start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, row_base,
+                                    seed, offset, threshold, keep_scale, BLOCK_N, True, DROPOUT)
 
     rows = offs_m < T
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
@@ -135,9 +151,10 @@ def attention_bwd_delta_kernel(
 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot,
-                         offs_n, lo, hi, T, qk_scale,
+                         offs_n, lo, hi, T, qk_scale, row_base, seed, offset, threshold, keep_scale,
                          BLOCK_M: tl.constexpr,
-                         DIAGONAL: tl.constexpr):
+                         DIAGONAL: tl.constexpr,
+                         DROPOUT: tl.constexpr):
     """Adds the query blocks [lo, hi) to this key block's dK, dV (transposed scores: the key
     block is the M side of every dot, so dK, dV stay in registers)."""
     offs_m = tl.arange(0, BLOCK_M)
@@ -151,14 +168,20 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stri
         pT = tl.math.exp2(tl.dot(k, qT) * qk_scale - lse2[None, :])                   # (BLOCK_N, BLOCK_M)
         if DIAGONAL:
             pT = tl.where(rows[None, :] >= offs_n[:, None], pT, 0.0)
-        dv = tl.dot(pT.to(do.dtype), do, dv)
         dpT = tl.dot(v, tl.trans(do))
+        if DROPOUT:  # the forward's factors, transposed: key j along rows, query i along columns
+            factor = dropout_factor((row_base + rows[None, :]) * T + offs_n[:, None], seed, offset, threshold,
+                                    keep_scale)
+            dv = tl.dot((pT * factor).to(do.dtype), do, dv)
+            dpT = dpT * factor
+        else:
+            dv = tl.dot(pT.to(do.dtype), do, dv)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_SCALARS)
 def attention_bwd_dkdv_kernel(
     Q, K, V,                            # (B, T, nh, hs), stride(-1) == 1
     DO,                                 # (B, T, nh, hs) contiguous
@@ -171,7 +194,9 @@ def attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvt, stride_dvh,
     nh, T, T_BUCKET,
     scale, qk_scale,
+    seed, offset, threshold, keep_scale,  # the forward's dropout, read when DROPOUT
     HS: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,              # query rows per step
     BLOCK_N: tl.constexpr,              # keys owned by this program; a multiple of BLOCK_M
 ):
@@ -195,10 +220,13 @@ def attention_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HS], tl.float32)
     dv = tl.zeros([BLOCK_N, HS], tl.float32)
     diag_end = tl.minimum(start_n + BLOCK_N, T)
+    row_base = bh.to(tl.int64) * T
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt,
-                                  stride_dot, offs_n, start_n, diag_end, T, qk_scale, BLOCK_M, True)
+                                  stride_dot, offs_n, start_n, diag_end, T, qk_scale, row_base, seed, offset,
+                                  threshold, keep_scale, BLOCK_M, True, DROPOUT)
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt,
-                                  stride_dot, offs_n, start_n + BLOCK_N, T, T, qk_scale, BLOCK_M, False)
+                                  stride_dot, offs_n, start_n + BLOCK_N, T, T, qk_scale, row_base, seed,
+                                  offset, threshold, keep_scale, BLOCK_M, False, DROPOUT)
 
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=keys)
@@ -208,9 +236,10 @@ def attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, lo, hi,
-                       T, qk_scale,
+                       T, qk_scale, row_base, seed, offset, threshold, keep_scale,
                        BLOCK_N: tl.constexpr,
-                       DIAGONAL: tl.constexpr):
+                       DIAGONAL: tl.constexpr,
+                       DROPOUT: tl.constexpr):
     """Adds the key blocks [lo, hi) to this query block's dQ."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
@@ -225,12 +254,15 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kt, stride
         if DIAGONAL:
             p = tl.where(offs_m[:, None] >= keys[None, :], p, 0.0)
         dp = tl.dot(do, vT)
+        if DROPOUT:
+            index = (row_base + offs_m[:, None]) * T + keys[None, :]
+            dp = dp * dropout_factor(index, seed, offset, threshold, keep_scale)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_SCALARS)
 def attention_bwd_dq_kernel(
     Q, K, V,                            # (B, T, nh, hs), stride(-1) == 1
     DO,                                 # (B, T, nh, hs) contiguous
@@ -242,7 +274,9 @@ def attention_bwd_dq_kernel(
     stride_dqb, stride_dqt, stride_dqh,
     nh, T, T_BUCKET,
     scale, qk_scale,
+    seed, offset, threshold, keep_scale,  # the forward's dropout, read when DROPOUT
     HS: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,              # query rows owned by this program; a multiple of BLOCK_N
     BLOCK_N: tl.constexpr,              # keys per step
 ):
@@ -264,29 +298,46 @@ def attention_bwd_dq_kernel(
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[None, :] * stride_vt + offs_d[:, None]
 
     dq = tl.zeros([BLOCK_M, HS], tl.float32)
+    row_base = bh.to(tl.int64) * T
     dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                            start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, BLOCK_N, True)
+                            start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, row_base, seed, offset,
+                            threshold, keep_scale, BLOCK_N, True, DROPOUT)
     dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                            0, start_m, T, qk_scale, BLOCK_N, False)
+                            0, start_m, T, qk_scale, row_base, seed, offset, threshold, keep_scale,
+                            BLOCK_N, False, DROPOUT)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=rows[:, None])
 
 
 # ----------------------------------------------------------------------------- launchers
 
-def _configs(pairs):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in pairs]
+def _configs(rows):
+    """rows of (BLOCK_M, BLOCK_N, warps, stages, the largest head size the config is tried at)
+    -> the autotune configs and the prune hook that drops the ones too big for the head size."""
+    configs = [(triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s), max_hs)
+               for m, n, w, s, max_hs in rows]
+
+    def prune(candidates, named_args, **kwargs):
+        return [c for c, max_hs in configs if named_args["HS"] <= max_hs and c in candidates]
+    return [c for c, _ in configs], {"early_config_prune": prune}
 
 
 # Candidates for Hopper (H100): 128-row tiles with 4-8 warps, 2-4 pipeline stages. The block
 # on the "owned" side (M for forward and dQ, N for dK/dV) is a multiple of the streamed one.
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-                         (128, 32, 4, 4)])
-_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2),
-                          (16, 128, 4, 4)])
-_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2),
-                        (128, 16, 4, 4)])
+# No config may spill registers on sm_90a (`python -m bench static`, gated by
+# tests/test_triton_static.py; measured with triton 3.6.0 and 3.9.0, bf16). A 4-warp program
+# whose fp32 accumulators hold a 128-row tile at hs = 128 (the forward's and dQ's 128 x 128,
+# dK and dV of 128 x 128 or 64 x 128 together) has 255 registers and spills, so those
+# configs stop at hs = 64; 8-warp configs take their place at hs = 128 (but not dK/dV's
+# (64, 64, 8, 2), which spills there too: a warpgroup's wgmma tile is 64 rows, so 8 warps do not
+# split a 64-key block). Dropped: dK/dV (32, 128, 4, 3) and (64, 64, 4, 2), which spill at
+# hs = 64 already (4-28 bytes), replaced by (32, 128, 8, 3) and (64, 64, 8, 2).
+_FWD_CONFIGS, _FWD_PRUNE = _configs([(128, 64, 4, 3, 64), (128, 64, 8, 3, 128), (128, 128, 8, 2, 128),
+                                     (64, 64, 4, 3, 128), (128, 32, 4, 4, 64)])
+_DKDV_CONFIGS, _DKDV_PRUNE = _configs([(32, 128, 8, 3, 128), (64, 128, 8, 2, 64), (32, 64, 4, 3, 128),
+                                       (64, 64, 8, 2, 64), (16, 128, 4, 4, 64)])
+_DQ_CONFIGS, _DQ_PRUNE = _configs([(128, 32, 4, 3, 64), (128, 64, 8, 2, 128), (64, 32, 4, 3, 128),
+                                   (64, 64, 4, 2, 64), (128, 16, 4, 4, 64), (128, 32, 8, 3, 128)])
 # The interpreter runs one small fixed config: no autotuning on a CPU emulation.
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}
 _KEY = ["HS", "T_BUCKET"]  # autotune also keys on the argument dtypes
@@ -295,17 +346,17 @@ if INTERPRET:
     _fwd_kernel, _dkdv_kernel, _dq_kernel = (attention_fwd_kernel, attention_bwd_dkdv_kernel,
                                              attention_bwd_dq_kernel)
 else:
-    _fwd_kernel = triton.autotune(_FWD_CONFIGS, key=_KEY)(attention_fwd_kernel)
-    _dkdv_kernel = triton.autotune(_DKDV_CONFIGS, key=_KEY)(attention_bwd_dkdv_kernel)
-    _dq_kernel = triton.autotune(_DQ_CONFIGS, key=_KEY)(attention_bwd_dq_kernel)
+    _fwd_kernel = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by=_FWD_PRUNE)(attention_fwd_kernel)
+    _dkdv_kernel = triton.autotune(_DKDV_CONFIGS, key=_KEY, prune_configs_by=_DKDV_PRUNE)(attention_bwd_dkdv_kernel)
+    _dq_kernel = triton.autotune(_DQ_CONFIGS, key=_KEY, prune_configs_by=_DQ_PRUNE)(attention_bwd_dq_kernel)
 
 
-def _launch(kernel, rows_meta, B, nh, T, *args):
-    """Grid: (blocks of `rows_meta` rows over T, B * nh)."""
+def _launch(kernel, rows_meta, B, nh, T, *args, hs, dropout_args=None):
+    """Grid: (blocks of `rows_meta` rows over T, B * nh). The dropout arguments follow args."""
     def grid(meta):
         return (triton.cdiv(T, meta[rows_meta]), B * nh)
     meta = _INTERPRET_META if INTERPRET else {}
-    kernel[grid](*args, **meta)
+    kernel[grid](*args, *(dropout_args or NO_DROPOUT), HS=hs, DROPOUT=dropout_args is not None, **meta)
 
 
 def _bth(t):
@@ -313,18 +364,19 @@ def _bth(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def attention_fwd(q, k, v, scale):
-    """q, k, v (B, T, nh, hs), stride(-1) == 1 -> o (B, T, nh, hs) contiguous, lse (B, nh, T) fp32."""
+def attention_fwd(q, k, v, scale, dropout_args=None):
+    """q, k, v (B, T, nh, hs), stride(-1) == 1 -> o (B, T, nh, hs) contiguous, lse (B, nh, T) fp32.
+    dropout_args: None or (seed, offset, threshold, keep_scale) of P's dropout."""
     B, T, nh, hs = q.shape
     o = torch.empty((B, T, nh, hs), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, nh, T), dtype=torch.float32, device=q.device)
     t_bucket = triton.next_power_of_2(T)
     _launch(_fwd_kernel, "BLOCK_M", B, nh, T, q, k, v, o, lse, *_bth(q), *_bth(k), *_bth(v), *_bth(o),
-            nh, T, t_bucket, scale * LOG2E, hs)
+            nh, T, t_bucket, scale * LOG2E.value, hs=hs, dropout_args=dropout_args)
     return o, lse
 
 
-def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv):
+def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, dropout_args=None):
     """Writes dq, dk, dv (B, T, nh, hs), stride(-1) == 1; do, o contiguous; lse (B, nh, T)."""
     B, T, nh, hs = q.shape
     delta = torch.empty((B, nh, T), dtype=torch.float32, device=q.device)
@@ -332,6 +384,8 @@ def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv):
     attention_bwd_delta_kernel[(triton.cdiv(T, block), B * nh)](o, do, delta, nh, T, HS=hs, BLOCK_M=block)
     t_bucket = triton.next_power_of_2(T)
     _launch(_dkdv_kernel, "BLOCK_N", B, nh, T, q, k, v, do, lse, delta, dk, dv,
-            *_bth(q), *_bth(k), *_bth(v), *_bth(dk), *_bth(dv), nh, T, t_bucket, scale, scale * LOG2E, hs)
+            *_bth(q), *_bth(k), *_bth(v), *_bth(dk), *_bth(dv), nh, T, t_bucket, scale, scale * LOG2E.value,
+            hs=hs, dropout_args=dropout_args)
     _launch(_dq_kernel, "BLOCK_M", B, nh, T, q, k, v, do, lse, delta, dq,
-            *_bth(q), *_bth(k), *_bth(v), *_bth(dq), nh, T, t_bucket, scale, scale * LOG2E, hs)
+            *_bth(q), *_bth(k), *_bth(v), *_bth(dq), nh, T, t_bucket, scale, scale * LOG2E.value, hs=hs,
+            dropout_args=dropout_args)

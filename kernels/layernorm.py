@@ -6,6 +6,10 @@
               c1 = sum(xhat * wdy)/C;  c2 = sum(wdy)/C
               dx = (wdy - (xhat * c1 + c2)) * rstd (+ dresidual)
               dw = sum_rows(dy * xhat);  db = sum_rows(dy)
+With dropout of the branch (DROPOUT, kernels/dropout.py): h = x * factor (+ residual, which may
+be absent: the embedding sum), always stored to residual_out; the backward regenerates the
+factors and also writes dbranch = dx * factor. No extra memory traffic beyond dbranch (N*C*s):
+the mask is recomputed, never stored.
 
 Memory traffic, s bytes per element of x (4 fp32, 2 bf16):
     forward   reads N*C*s (+ N*C*s residual) + 2*C*s, writes N*C*s (+ N*C*s residual_out) + 8N
@@ -22,22 +26,26 @@ import torch
 import triton
 import triton.language as tl
 
+from .dropout import DROPOUT_SCALARS, NO_DROPOUT, dropout_factor
+
 MAX_C = 16384  # the whole row lives in registers: BLOCK_C = next_power_of_2(C)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_SCALARS)
 def layernorm_fwd_kernel(
     X,             # (N, C)
     R,             # (N, C) residual, read when HAS_RESIDUAL
-    RO,            # (N, C) residual_out = x + residual, written when HAS_RESIDUAL
+    RO,            # (N, C) residual_out = dropout(x) + residual, written when HAS_RESIDUAL or DROPOUT
     W,             # (C,)
     B,             # (C,), read when HAS_BIAS
     Y,             # (N, C)
     Mean,          # (N,) float32
     Rstd,          # (N,) float32
     N, C, eps,
+    seed, offset, threshold, keep_scale,  # dropout of x, read when DROPOUT (kernels/dropout.py)
     HAS_RESIDUAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ROWS: tl.constexpr,
 ):
@@ -49,8 +57,11 @@ def layernorm_fwd_kernel(
     offs = rows.to(tl.int64)[:, None] * C + cols[None, :]  # int64: N*C can pass 2^31
     # 1. h = x (+ residual): the stream is normalized as stored (rounded), as the backward sees it
     h = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if DROPOUT:  # offs is the element index of the spec: row * C + col
+        h = h * dropout_factor(offs, seed, offset, threshold, keep_scale)
     if HAS_RESIDUAL:
         h += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL or DROPOUT:
         h_stored = h.to(RO.dtype.element_ty)
         tl.store(RO + offs, h_stored, mask=mask)
         h = h_stored.to(tl.float32)
@@ -68,7 +79,7 @@ def layernorm_fwd_kernel(
     tl.store(Rstd + rows, rstd, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_SCALARS)
 def layernorm_bwd_kernel(
     DY,            # (N, C)
     X,             # (N, C)
@@ -77,11 +88,14 @@ def layernorm_bwd_kernel(
     Rstd,          # (N,) float32
     DRES,          # (N, C) dresidual, read when HAS_DRESIDUAL
     DX,            # (N, C)
+    DBR,           # (N, C) dbranch = dropout(dx), written when DROPOUT
     DW_partial,    # (P, C) float32, row p = this program's sum of dy * xhat
     DB_partial,    # (P, C) float32, row p = this program's sum of dy
     N, C,
     rows_per_program,
+    seed, offset, threshold, keep_scale,  # the forward's dropout, read when DROPOUT
     HAS_DRESIDUAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -92,24 +106,29 @@ def layernorm_bwd_kernel(
     db = tl.zeros([BLOCK_C], dtype=tl.float32)
     # `while`, not `range`: the interpreter cannot range over a runtime scalar with numpy >= 2.4
     row = pid * rows_per_program
-    row_end = row + rows_per_program
+    # the last program's range may run past N: stop there. (Masking those rows instead, with
+    # `col_ok & (row < N)`, broke under triton 3.9's interpreter: a scalar comparison keeps
+    # its operands' int32 type there, and the int32 mask it splats to is refused by tl.load.)
+    row_end = tl.minimum(row + rows_per_program, N)
     while row < row_end:
-        ok = col_ok & (row < N)  # the last program's range may run past N: masked, adds 0
         offs = row.to(tl.int64) * C + cols
-        x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offs, mask=ok, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + row, mask=row < N, other=0.0)
-        rstd = tl.load(Rstd + row, mask=row < N, other=0.0)
+        x = tl.load(X + offs, mask=col_ok, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=col_ok, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + row)
+        rstd = tl.load(Rstd + row)
         # 1. the row sums c1, c2 (masked columns are 0 in xhat and wdy)
-        xhat = tl.where(ok, (x - mean) * rstd, 0.0)
+        xhat = tl.where(col_ok, (x - mean) * rstd, 0.0)
         wdy = w * dy
         c1 = tl.sum(xhat * wdy, axis=0) / C
         c2 = tl.sum(wdy, axis=0) / C
         # 2. dx, and this row's share of dw, db
         dx = (wdy - (xhat * c1 + c2)) * rstd
         if HAS_DRESIDUAL:
-            dx += tl.load(DRES + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=ok)
+            dx += tl.load(DRES + offs, mask=col_ok, other=0.0).to(tl.float32)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=col_ok)
+        if DROPOUT:
+            factor = dropout_factor(offs, seed, offset, threshold, keep_scale)
+            tl.store(DBR + offs, (dx * factor).to(DBR.dtype.element_ty), mask=col_ok)
         dw += dy * xhat
         db += dy
         row += 1
@@ -150,11 +169,12 @@ def _num_warps(elements):
     return min(max(elements // 256, 1), 16)
 
 
-def layernorm_fwd(x, residual, weight, bias, eps):
-    """x, residual (N, C) (residual may be None) -> y, residual_out (None without residual), mean, rstd."""
+def layernorm_fwd(x, residual, weight, bias, eps, dropout_args=None):
+    """x, residual (N, C) (residual may be None) -> y, residual_out (None without residual or
+    dropout), mean, rstd. dropout_args: None or (seed, offset, threshold, keep_scale) of x's dropout."""
     N, C = x.shape
     y = torch.empty_like(x)
-    residual_out = None if residual is None else torch.empty_like(x)
+    residual_out = None if residual is None and dropout_args is None else torch.empty_like(x)
     mean = torch.empty(N, dtype=torch.float32, device=x.device)
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
     if N == 0:
@@ -163,9 +183,9 @@ def layernorm_fwd(x, residual, weight, bias, eps):
     ROWS = max(1, min(16, 2048 // BLOCK_C))  # short rows: several per program
     layernorm_fwd_kernel[(triton.cdiv(N, ROWS),)](
         x, residual if residual is not None else x, residual_out if residual_out is not None else y,
-        weight, bias if bias is not None else weight, y, mean, rstd, N, C, eps,
-        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, BLOCK_C=BLOCK_C, ROWS=ROWS,
-        num_warps=_num_warps(BLOCK_C * ROWS))
+        weight, bias if bias is not None else weight, y, mean, rstd, N, C, eps, *(dropout_args or NO_DROPOUT),
+        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, DROPOUT=dropout_args is not None,
+        BLOCK_C=BLOCK_C, ROWS=ROWS, num_warps=_num_warps(BLOCK_C * ROWS))
     return y, residual_out, mean, rstd
 
 
@@ -179,8 +199,9 @@ def _bwd_programs(N, device):
     return max(1, min(N, per_device))
 
 
-def layernorm_bwd(dy, x, weight, mean, rstd, dresidual):
-    """-> dx (N, C), dweight, dbias (C,) float32; dresidual (N, C) is added to dx when given."""
+def layernorm_bwd(dy, x, weight, mean, rstd, dresidual, dropout_args=None, dbranch=None):
+    """-> dx (N, C), dweight, dbias (C,) float32; dresidual (N, C) is added to dx when given.
+    With dropout_args (the forward's), also writes dbranch (N, C) = dropout(dx)."""
     N, C = x.shape
     dx = torch.empty_like(x)
     rows_per_program = triton.cdiv(max(N, 1), _bwd_programs(N, x.device))
@@ -191,9 +212,10 @@ def layernorm_bwd(dy, x, weight, mean, rstd, dresidual):
     BLOCK_C = triton.next_power_of_2(C)
     if P > 0:
         layernorm_bwd_kernel[(P,)](
-            dy, x, weight, mean, rstd, dresidual if dresidual is not None else dy, dx, partial[0], partial[1],
-            N, C, rows_per_program, HAS_DRESIDUAL=dresidual is not None, BLOCK_C=BLOCK_C,
-            num_warps=_num_warps(BLOCK_C))
+            dy, x, weight, mean, rstd, dresidual if dresidual is not None else dy, dx,
+            dbranch if dbranch is not None else dx, partial[0], partial[1], N, C, rows_per_program,
+            *(dropout_args or NO_DROPOUT), HAS_DRESIDUAL=dresidual is not None,
+            DROPOUT=dropout_args is not None, BLOCK_C=BLOCK_C, num_warps=_num_warps(BLOCK_C))
     BLOCK_R = 64
     layernorm_bwd_reduce_kernel[(triton.cdiv(C, BLOCK_R),)](
         partial[0], partial[1], dweight, dbias, P, C, BLOCK_P=32, BLOCK_C=BLOCK_R)

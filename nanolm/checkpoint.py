@@ -11,6 +11,10 @@ deleted (a ckpt_best.pt or any other name is left alone).
 A checkpoint whose weights or optimizer moments hold a NaN or inf is never written: it could
 only replace a good one.
 
+`ckpt_best.pt` (BEST) is a checkpoint of the same kind holding the step with the lowest val loss
+so far, written the same way. Its name is outside the ckpt_<step>.pt pattern on purpose:
+retention, `latest` and `--resume=RUN_DIR` never see it; pass its path to use it.
+
 Everything saved is tensors and plain Python values, so loading uses weights_only=True.
 A CRC-32 of every tensor's bytes is saved beside them ("crc32") and checked on load: torch.load
 itself accepts a flipped bit inside tensor data. A checkpoint that cannot be read, or fails
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
+BEST = "ckpt_best.pt"
 
 
 def rng_state():
@@ -102,19 +107,24 @@ def non_finite(state, prefix=""):
     return None
 
 
-def save(run_dir, step, model_state, optimizer_state, config, loader_state, keep=3):
+def save(run_dir, step, model_state, optimizer_state, config, loader_state, keep=3, best=None,
+         as_best=False):
     """Write ckpt_<step>.pt atomically (RNG states captured here) and keep the newest `keep`
     (keep=None keeps all). Returns the path. Raises ValueError, writing nothing, if a weight or
-    optimizer tensor is not finite."""
+    optimizer tensor is not finite. `best` (the training loop's record of the lowest val loss,
+    for early stopping) is saved with it; as_best=True writes ckpt_best.pt instead and deletes
+    nothing."""
     bad = non_finite(model_state) or non_finite(optimizer_state, "optimizer.")
     if bad:
         raise ValueError(f"not saving checkpoint at step {step}: {bad} holds non-finite values")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    final = run_dir / f"ckpt_{step:08d}.pt"
+    final = run_dir / (BEST if as_best else f"ckpt_{step:08d}.pt")
     tmp = run_dir / f".{final.name}.tmp{os.getpid()}"
     payload = {"model": model_state, "optimizer": optimizer_state, "step": step,
                "config": config, "loader": loader_state, "rng": rng_state()}
+    if best is not None:
+        payload["best"] = best
     payload["crc32"] = tensors_crc32(payload)
     try:
         with open(tmp, "wb") as f:
@@ -130,7 +140,7 @@ def save(run_dir, step, model_state, optimizer_state, config, loader_state, keep
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(run_dir)
-    if keep is not None:
+    if keep is not None and not as_best:
         prune(run_dir, keep, step)
     return final
 

@@ -43,7 +43,7 @@ class ModelConfig:
     vocab_size: int = 50257
     vocab_multiple: int = 128  # padded vocab rows; padding is never predicted (loss/sampling mask it)
     bias: bool = True  # GPT-2 has biases in Linear and LayerNorm
-    dropout: float = 0.0  # the fused kernels have no dropout; only 0 is supported
+    dropout: float = 0.0  # embedding sum, residual branches, attention probabilities; 0 = none
 
     @property
     def padded_vocab(self):
@@ -70,6 +70,7 @@ class TrainConfig:
     eval_interval: int = 100  # steps between val-loss estimates
     eval_iters: int = 10  # global batches (batch_size on each rank) per val-loss estimate
     log_interval: int = 25  # steps between log lines
+    early_stop: int = 0  # stop after this many evals in a row without a new lowest val loss; 0 = never
     seed: int = 1337
     device: str = "auto"  # cuda if available, else cpu
     dtype: str = "auto"  # autocast: bf16 on cuda and on CPUs with native bf16, else fp32; or float16 (loss-scaled)
@@ -90,6 +91,7 @@ class TrainConfig:
     n_embd: int = 0
     block_size: int = 0
     dropout: float = 0.0
+    recompute: str = "none"  # activations the backward recomputes: none, mlp (GELU in/out) or block (all)
     zero: int = 0  # 1 = ZeRO-1: each of W ranks keeps 1/W of the AdamW state (multi-process only)
     tp: int = 1  # tensor-parallel ranks per model (consecutive ranks: keep within a node); dp = W/tp
     bucket_mb: float = 25.0  # gradient bucket size; ~25 MB hides all-reduce latency (as DDP)
@@ -172,7 +174,7 @@ def validate(cfg):
         if getattr(cfg, k) <= 0:
             raise ConfigError(f"{k} must be positive, got {getattr(cfg, k)}")
     for k in ("lr", "min_lr", "weight_decay", "grad_clip", "warmup", "peak_tflops", "sample_tokens",
-              "n_layer", "n_head", "n_embd", "block_size", "ckpt_interval"):
+              "n_layer", "n_head", "n_embd", "block_size", "ckpt_interval", "early_stop"):
         if getattr(cfg, k) < 0:
             raise ConfigError(f"{k} must be >= 0, got {getattr(cfg, k)}")
     if cfg.min_lr > cfg.lr:
@@ -180,8 +182,8 @@ def validate(cfg):
     for k in ("beta1", "beta2"):
         if not 0 <= getattr(cfg, k) < 1:
             raise ConfigError(f"{k} must be in [0, 1), got {getattr(cfg, k)}")
-    if cfg.dropout != 0:
-        raise ConfigError("dropout must be 0: the fused kernels (attention, add+layernorm) have no dropout")
+    if not 0 <= cfg.dropout < 1:
+        raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.tp < 1:
         raise ConfigError(f"tp must be >= 1, got {cfg.tp}")
     if cfg.zero not in (0, 1):
@@ -189,6 +191,8 @@ def validate(cfg):
     for k in ("bucket_mb", "dist_timeout_s"):
         if getattr(cfg, k) <= 0:
             raise ConfigError(f"{k} must be positive, got {getattr(cfg, k)}")
+    if cfg.recompute not in ("none", "mlp", "block"):
+        raise ConfigError(f"recompute must be none, mlp or block, got {cfg.recompute!r}")
     if cfg.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", cfg.device):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.resume and cfg.init_from:

@@ -51,7 +51,7 @@ def to_hf(state_dict, vocab_size):
                          "so an untied model cannot be exported")
     out = {}
     for name, t in state_dict.items():
-        if name == "lm_head.weight":
+        if name == "lm_head.weight" or not isinstance(t, torch.Tensor):  # extra state: the dropout counter
             continue
         t = t.detach()
         if TRANSPOSED.search(name):

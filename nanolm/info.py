@@ -1,9 +1,11 @@
-"""`python -m nanolm.info`: how nanolm._C was built, library versions, devices, and the support
-matrix: per device, for each op and backend, which dtypes it runs, with the reason where not.
-Every cell is read from the backends' SUPPORT tables (nanolm/backends/)."""
+"""`python -m nanolm.info`: how nanolm._C (and nanolm._C_sim) was built, library versions,
+devices, the support matrix: per device, for each op and backend, which dtypes it runs, with the
+reason where not (every cell is read from the backends' SUPPORT tables, nanolm/backends/), and
+how each CUDA kernel has been verified (cuda.KERNELS, cuda.GPU_RUNS)."""
 import torch
 
 from nanolm import backends
+from nanolm.backends import cuda, cuda_sim
 from nanolm.backends.common import dtype_name
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -15,6 +17,33 @@ def build_info():
     except ImportError as e:
         return f"not built ({e})"
     return ", ".join(f"{k}={v}" for k, v in _C.build_info().items())
+
+
+def sim_build_info():
+    reason = cuda_sim.unavailable_reason(torch.device("cpu"))
+    if reason is not None:
+        return reason
+    return ", ".join(f"{k}={v}" for k, v in cuda_sim._C_sim.build_info().items() if k in ("cxx", "march"))
+
+
+def cuda_kernel_status():
+    """One line per CUDA kernel: emulated / compiled / run on a GPU; then whether auto takes cuda."""
+    emulated = "emulated: cuda_sim op tests + ASan + TSan in CI"
+    if cuda_sim.unavailable_reason(torch.device("cpu")) is not None:
+        emulated += " (cuda_sim not built here)"
+    try:
+        from nanolm import _C
+        archs = _C.build_info()["cuda_archs"]
+    except ImportError:
+        archs = ""
+    compiled = f"compiled here: {archs}" if archs else "not compiled here (no nvcc at install)"
+    lines = []
+    for op, kernels in cuda.KERNELS.items():
+        for kernel in kernels:
+            lines.append(f"  {kernel:<32} {emulated}; {compiled}; run on a GPU: {cuda.GPU_RUNS.get(kernel, 'never')}")
+        auto = "in auto on CUDA" if cuda.verified_on_gpu(op) else "not in auto (no GPU run yet)"
+        lines.append(f"  {'':<32} -> cuda for {op}: {auto}")
+    return "\n".join(lines)
 
 
 def library_versions():
@@ -56,6 +85,7 @@ def support_rows(device):
 
 def main():
     print(f"nanolm._C: {build_info()}")
+    print(f"nanolm._C_sim: {sim_build_info()}")
     print(f"libraries: {library_versions()}")
     header = ["op", "backend"] + [dtype_name(d) for d in DTYPES] + ["why not"]
     for device in devices():
@@ -63,6 +93,7 @@ def main():
         print("  " + "  ".join(f"{h:<13}" if i < 2 else f"{h:<9}" for i, h in enumerate(header)))
         for op, name, cells, why in support_rows(device):
             print(f"  {op:<13}  {name:<13}  " + "  ".join(f"{c:<9}" for c in cells) + f"  {why}")
+    print(f"\nCUDA kernels (csrc/*.cu), how each is verified:\n{cuda_kernel_status()}")
 
 
 if __name__ == "__main__":

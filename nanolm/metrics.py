@@ -3,7 +3,8 @@
 metrics.jsonl holds one JSON object per line, appended and flushed as the run goes:
     {"kind": "train", "step": 100, "tokens": 819200, "loss": 3.21, "lr": 6e-4,
      "tokens_per_s": 51234.0, "time": 12.3}          # one per log interval
-    {"kind": "eval", "step": 250, "tokens": 2048000, "val_loss": 3.05, "time": 30.1}
+    {"kind": "eval", "step": 250, "tokens": 2048000, "val_loss": 3.05, "val_ppl": 21.1,
+     "time": 30.1}                                     # val_ppl = exp(val_loss)
 "kind", "step" and "time" (seconds since the writer opened, plus any resumed offset) are
 written by the writer; the rest is whatever the caller logs. `nanolm.plot` reads "loss",
 "val_loss", "tokens" and "tokens_per_s".

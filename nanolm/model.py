@@ -2,8 +2,20 @@
 
 The residual stream is read once per sub-block: each residual add is fused with the LayerNorm
 that follows it (ops.add_layer_norm), so a block receives (normalised input, residual stream)
-and hands the next LayerNorm's weights the MLP output to fuse. No dropout: the fused kernels
-have none, and nanolm trains with dropout=0.
+and hands the next LayerNorm's weights the MLP output to fuse.
+
+Dropout (cfg.dropout > 0, training mode only) sits where nanoGPT puts it, inside the fused
+kernels: on the embedding sum (fused with the first LayerNorm), on each residual branch before
+its add (fused with the add+LayerNorm) and on the attention probabilities (inside the flash
+attention). Masks are Philox streams keyed by (seed, offset), see DropoutStream.
+
+Activation recomputation (GPT(..., recompute=)), as llm.c's -r, trades compute for memory:
+"mlp" keeps only each MLP's input and recomputes its two 4*C-wide activations (the GELU's input
+and output: half of a block's saved activations) in the backward; "block" keeps only each
+block's inputs (h, x) and reruns the whole block. torch.utils.checkpoint (non-reentrant) reruns
+the same code on the same inputs, the op layer's autograd Functions included, and the rerun
+block gets the same Dropout arguments (seed, offset) as the first run, so the gradients are
+bit-identical to training without it, dropout included.
 
 One forward serves training and sampling: given a KVCache (nanolm/kvcache.py), GPT.forward
 runs only the new positions and attention reads the earlier keys and values from the cache.
@@ -14,6 +26,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from nanolm import ops
 
@@ -27,6 +40,50 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n)) if bias else None
 
 
+class DropoutStream(nn.Module):
+    """Where each dropout mask comes from: one Philox key per rank (seed), and a fresh offset for
+    every call site of every training forward, so no two masks share a counter and a
+    recomputation that reuses a forward's Dropout arguments regenerates its masks exactly.
+    The count of training forwards is in the state dict (extra state), so a resumed run draws
+    the masks the uninterrupted run would have drawn."""
+
+    SITES_PER_LAYER = 3  # attention probabilities, attention branch, MLP branch
+
+    def __init__(self, p, n_layer):
+        super().__init__()
+        self.p, self.n_layer = p, n_layer
+        self.seed = 0  # set by the trainer: see dropout_seed()
+        self.forwards = 0
+
+    @staticmethod
+    def dropout_seed(seed, rank):
+        """Philox key of a rank: the run's seed in the low word, the rank in the high word, so
+        ranks draw independent masks and a run's masks depend on nothing else."""
+        if not 0 <= seed < 2 ** 32:
+            raise ValueError(f"dropout: seed must be in [0, 2^32), got {seed}")
+        return seed | rank << 32
+
+    def next_forward(self):
+        """The Dropout arguments of one training forward: (embedding sum, [(attention
+        probabilities, attention branch, MLP branch) per layer]). Site s of forward n has offset
+        n * sites + s."""
+        sites = 1 + self.SITES_PER_LAYER * self.n_layer
+        base, self.forwards = self.forwards * sites, self.forwards + 1
+
+        def site(s):
+            return ops.dropout(self.p, self.seed, base + s)
+
+        per_layer = self.SITES_PER_LAYER
+        return site(0), [tuple(site(1 + per_layer * i + j) for j in range(per_layer))
+                         for i in range(self.n_layer)]
+
+    def get_extra_state(self):
+        return {"forwards": self.forwards}
+
+    def set_extra_state(self, state):
+        self.forwards = state["forwards"]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg, impls, layer):
         super().__init__()
@@ -34,13 +91,25 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.n_head, self.layer, self.backend = cfg.n_head, layer, impls["attention"]
 
-    def forward(self, h, cache=None):
+    def forward(self, h, cache=None, dropout=None):
         qkv = self.c_attn(h)  # (B, T, 3C)
         if cache is None:
-            y = ops.causal_attention(qkv, self.n_head, self.backend)
+            y = ops.causal_attention(qkv, self.n_head, self.backend, dropout)
         else:  # the new positions attend over the cached ones too
             y = cache.attend(self.layer, qkv, self.n_head)
         return self.c_proj(y)
+
+
+RECOMPUTE = ("none", "mlp", "block")
+
+
+def recomputed(fn, *args):
+    """fn(*args), whose saved activations the backward recomputes instead of keeping. No global
+    RNG state is stashed (preserve_rng_state=False): nothing in a block draws from it (dropout
+    masks are a function of explicit (seed, offset) arguments, which the rerun gets again)."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
 
 
 class MLP(nn.Module):
@@ -48,8 +117,12 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.recompute = False  # set by GPT for recompute="mlp"
 
     def forward(self, h):
+        return recomputed(self._forward, h) if self.recompute else self._forward(h)
+
+    def _forward(self, h):
         return self.c_proj(F.gelu(self.c_fc(h), approximate="tanh"))
 
 
@@ -68,19 +141,27 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.ln_backend = impls["layernorm"]
 
-    def forward(self, h, x, next_ln, cache=None):
-        h, x = ops.add_layer_norm(self.attn(h, cache), x, self.ln_2.weight, self.ln_2.bias, LN_EPS,
-                                  self.ln_backend)
-        return ops.add_layer_norm(self.mlp(h), x, next_ln.weight, next_ln.bias, LN_EPS, self.ln_backend)
+    def forward(self, h, x, next_ln, cache=None, dropout=(None, None, None)):
+        """dropout: the Dropout arguments (or None) of the attention probabilities, the attention
+        branch and the MLP branch (training only: never with a cache)."""
+        attn_probs, attn_branch, mlp_branch = dropout
+        h, x = ops.add_layer_norm(self.attn(h, cache, attn_probs), x, self.ln_2.weight, self.ln_2.bias, LN_EPS,
+                                  self.ln_backend, attn_branch)
+        return ops.add_layer_norm(self.mlp(h), x, next_ln.weight, next_ln.bias, LN_EPS, self.ln_backend,
+                                  mlp_branch)
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg, impls):
+    def __init__(self, cfg, impls, recompute="none"):
         super().__init__()
-        if cfg.dropout != 0:
-            raise ValueError("GPT: dropout must be 0 (the fused kernels have no dropout)")
-        self.cfg, self.impls = cfg, impls
+        if not 0 <= cfg.dropout < 1:
+            raise ValueError(f"GPT: dropout must be in [0, 1), got {cfg.dropout}")
+        if recompute not in RECOMPUTE:
+            raise ValueError(f"GPT: recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
+        self.cfg, self.impls, self.recompute = cfg, impls, recompute
         self.tp = None  # the tensor-parallel group's communicator, set by tensor_parallel.parallelize
+        if cfg.dropout > 0:  # absent at 0: the state dict is then exactly as without dropout
+            self.dropout = DropoutStream(cfg.dropout, cfg.n_layer)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.padded_vocab, cfg.n_embd),
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
@@ -89,6 +170,8 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
+        for block in self.transformer.h:
+            block.mlp.recompute = recompute == "mlp"
         self.apply(self._init)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
@@ -117,10 +200,18 @@ class GPT(nn.Module):
         x = tr.wte(idx) + tr.wpe(torch.arange(start, start + T, device=idx.device))
         blocks = list(tr.h)
         first_ln = blocks[0].ln_1 if blocks else tr.ln_f
-        h = ops.layer_norm(x, first_ln.weight, first_ln.bias, LN_EPS, ln)
+        if self.training and self.cfg.dropout > 0 and cache is None:
+            embedding, per_layer = self.dropout.next_forward()
+            h, x = ops.add_layer_norm(x, None, first_ln.weight, first_ln.bias, LN_EPS, ln, embedding)
+        else:
+            per_layer = [(None, None, None)] * len(blocks)
+            h = ops.layer_norm(x, first_ln.weight, first_ln.bias, LN_EPS, ln)
         for i, block in enumerate(blocks):
             next_ln = blocks[i + 1].ln_1 if i + 1 < len(blocks) else tr.ln_f
-            h, x = block(h, x, next_ln, cache)
+            if self.recompute == "block":
+                h, x = recomputed(block, h, x, next_ln, cache, per_layer[i])
+            else:
+                h, x = block(h, x, next_ln, cache, per_layer[i])
         if cache is not None:
             cache.pos += T
         return h

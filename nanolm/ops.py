@@ -8,6 +8,7 @@ are on, CPU or CUDA) so the backward runs under the same autocast state as the f
 """
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -38,6 +39,33 @@ def _amp_bwd(backward):
     return wrapper
 
 
+# ----------------------------------------------------------------------------- dropout
+
+class Dropout(NamedTuple):
+    """Drop with probability p, the mask a function of (seed, offset, element index): the
+    specification is the dropout section of nanolm/backends/torch_ref.py."""
+    p: float
+    seed: int  # 0 <= seed < 2^63: the Philox key
+    offset: int  # 0 <= offset < 2^63: one per call site and step (the counter's upper half)
+
+
+def dropout(p, seed, offset):
+    """The dropout argument of the fused ops: None when p == 0, so that case runs the very
+    code path it runs without dropout."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    for name, value in (("seed", seed), ("offset", offset)):
+        if not 0 <= value < 2 ** 63:
+            raise ValueError(f"dropout: {name} must be in [0, 2^63), got {value}")
+    return Dropout(float(p), int(seed), int(offset)) if p > 0 else None
+
+
+def _check_dropout(backend, op, dropout):
+    if dropout is not None and not backend.SUPPORT[op].dropout:
+        raise ValueError(f"{op}: backend {backend.__name__.rsplit('.', 1)[-1]} has no dropout for {op} "
+                         f"(its SUPPORT table says dropout=False)")
+
+
 # ----------------------------------------------------------------------------- layernorm
 
 class LayerNorm(torch.autograd.Function):
@@ -61,17 +89,22 @@ class LayerNorm(torch.autograd.Function):
 
 
 class AddLayerNorm(torch.autograd.Function):
-    """residual_out = x + residual; y = layer_norm(residual_out): one read of the stream."""
+    """residual_out = dropout(x) + residual; y = layer_norm(residual_out): one read of the
+    stream. The backward applies the same mask to the branch's gradient, in the same pass."""
 
     @staticmethod
     @_amp_fwd
-    def forward(ctx, x, residual, weight, bias, eps, backend):
+    def forward(ctx, x, residual, weight, bias, eps, backend, dropout=None):
         shape = x.shape
         x2d = x.reshape(-1, shape[-1]).contiguous()
-        r2d = residual.reshape(-1, shape[-1]).contiguous()
-        y, residual_out, mean, rstd = backend.add_layer_norm_fwd(x2d, r2d, weight, bias, eps)
+        r2d = None if residual is None else residual.reshape(-1, shape[-1]).contiguous()
+        if dropout is None:  # the call without dropout, unchanged
+            y, residual_out, mean, rstd = backend.add_layer_norm_fwd(x2d, r2d, weight, bias, eps)
+        else:
+            y, residual_out, mean, rstd = backend.add_layer_norm_fwd(x2d, r2d, weight, bias, eps, dropout)
         ctx.save_for_backward(residual_out, weight, mean, rstd)
-        ctx.backend, ctx.has_bias = backend, bias is not None
+        ctx.backend, ctx.has_bias, ctx.dropout = backend, bias is not None, dropout
+        ctx.has_residual = residual is not None
         return y.view(shape), residual_out.view(shape)
 
     @staticmethod
@@ -80,21 +113,32 @@ class AddLayerNorm(torch.autograd.Function):
         residual_out, weight, mean, rstd = ctx.saved_tensors
         dy2d = dy.reshape(residual_out.shape).contiguous()
         dres2d = None if dresidual_out is None else dresidual_out.reshape(residual_out.shape).contiguous()
-        dx, dweight, dbias = ctx.backend.layer_norm_bwd(dy2d, residual_out, weight, mean, rstd, dres2d)
-        dx = dx.view(dy.shape)
+        if ctx.dropout is None:
+            dx, dweight, dbias = ctx.backend.layer_norm_bwd(dy2d, residual_out, weight, mean, rstd, dres2d)
+            dx = dx.view(dy.shape)
+            dbranch = dx
+        else:
+            dbranch = torch.empty_like(residual_out)
+            dx, dweight, dbias = ctx.backend.layer_norm_bwd(dy2d, residual_out, weight, mean, rstd, dres2d,
+                                                            ctx.dropout, dbranch)
+            dx, dbranch = dx.view(dy.shape), dbranch.view(dy.shape)
         dbias = dbias.to(weight.dtype) if ctx.has_bias else None
-        return dx, dx, dweight.to(weight.dtype), dbias, None, None
+        return dbranch, dx if ctx.has_residual else None, dweight.to(weight.dtype), dbias, None, None, None
 
 
 def layer_norm(x, weight, bias, eps, backend):
     return LayerNorm.apply(x, weight, bias, eps, backend)
 
 
-def add_layer_norm(x, residual, weight, bias, eps, backend):
-    """Returns (layer_norm(x + residual), x + residual)."""
-    if x.dtype != residual.dtype:
+def add_layer_norm(x, residual, weight, bias, eps, backend, dropout=None):
+    """Returns (layer_norm(dropout(x) + residual), dropout(x) + residual). residual may be None
+    when dropout is given (dropout of the embedding sum, fused with the first LayerNorm)."""
+    if residual is None and dropout is None:
+        raise ValueError("add_layer_norm: residual may be None only with dropout")
+    _check_dropout(backend, "layernorm", dropout)
+    if residual is not None and x.dtype != residual.dtype:
         x, residual = x.to(residual.dtype), residual
-    return AddLayerNorm.apply(x, residual, weight, bias, eps, backend)
+    return AddLayerNorm.apply(x, residual, weight, bias, eps, backend, dropout)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -106,14 +150,15 @@ class CausalAttention(torch.autograd.Function):
 
     @staticmethod
     @_amp_fwd
-    def forward(ctx, qkv, n_head, backend):
+    def forward(ctx, qkv, n_head, backend, dropout=None):
         B, T, C3 = qkv.shape
         hs = C3 // (3 * n_head)
         q, k, v = qkv.view(B, T, 3, n_head, hs).unbind(2)  # each (B, T, nh, hs)
         scale = 1.0 / math.sqrt(hs)
-        o, lse = backend.attention_fwd(q, k, v, scale)
+        extra = () if dropout is None else (dropout,)  # without dropout, the call unchanged
+        o, lse = backend.attention_fwd(q, k, v, scale, *extra)
         ctx.save_for_backward(qkv, o, lse)
-        ctx.backend, ctx.n_head, ctx.scale = backend, n_head, scale
+        ctx.backend, ctx.n_head, ctx.scale, ctx.extra = backend, n_head, scale, extra
         return o.view(B, T, C3 // 3)
 
     @staticmethod
@@ -125,16 +170,19 @@ class CausalAttention(torch.autograd.Function):
         q, k, v = qkv.view(shape).unbind(2)
         dqkv = torch.empty(shape, dtype=qkv.dtype, device=qkv.device)
         dq, dk, dv = dqkv.unbind(2)
-        ctx.backend.attention_bwd(do.reshape(o.shape).contiguous(), q, k, v, o, lse, ctx.scale, dq, dk, dv)
-        return dqkv.view(B, T, C3), None, None
+        ctx.backend.attention_bwd(do.reshape(o.shape).contiguous(), q, k, v, o, lse, ctx.scale, dq, dk, dv,
+                                  *ctx.extra)
+        return dqkv.view(B, T, C3), None, None, None
 
 
-def causal_attention(qkv, n_head, backend):
-    """qkv (B, T, 3*C) laid out [q | k | v], heads contiguous inside each -> (B, T, C)."""
+def causal_attention(qkv, n_head, backend, dropout=None):
+    """qkv (B, T, 3*C) laid out [q | k | v], heads contiguous inside each -> (B, T, C), with
+    dropout (None or a Dropout) on the attention probabilities."""
     if qkv.dim() != 3 or qkv.shape[-1] % (3 * n_head) != 0:
         raise ValueError(f"causal_attention: qkv must be (B, T, 3*C) with C divisible by n_head={n_head}, "
                          f"got {tuple(qkv.shape)}")
-    return CausalAttention.apply(qkv.contiguous(), n_head, backend)
+    _check_dropout(backend, "attention", dropout)
+    return CausalAttention.apply(qkv.contiguous(), n_head, backend, dropout)
 
 
 # ----------------------------------------------------------------------------- cross-entropy

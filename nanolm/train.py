@@ -4,7 +4,9 @@ train(cfg) is the whole run: setup() builds everything (and restore() reloads a 
 resuming), then each step accumulates gradients over grad_accum micro-batches and takes one
 optimizer step, with evaluate(), log() and checkpoints on their intervals, and a sample printed
 at the end. Everything a run writes goes to its run dir: ckpt_<step>.pt (nanolm/checkpoint.py),
-metrics.jsonl and config.json (nanolm/metrics.py).
+ckpt_best.pt (the lowest val loss so far), metrics.jsonl and config.json (nanolm/metrics.py).
+With --early_stop=N the run ends, saving as at its last step, after N evals in a row without a
+new lowest val loss.
 
 Ctrl-C or SIGTERM stops the run after the step in flight and saves a checkpoint, so a resumed
 run continues bit-for-bit; a second one aborts at once.
@@ -33,7 +35,7 @@ from nanolm import backends, checkpoint, dist, flops, tensor_parallel
 from nanolm.config import ConfigError, as_dict, cli, model_config, parse_args, parse_overrides
 from nanolm.data import Loader, get_tokenizer, load_dataset, resolve_data
 from nanolm.metrics import MetricsWriter, read_metrics
-from nanolm.model import GPT
+from nanolm.model import GPT, DropoutStream
 from nanolm.optim import DynamicLossScale, FlatAdamW
 from nanolm.sample import generate
 
@@ -117,6 +119,12 @@ def flops_per_token(model, n_params=None):
     return flops.train_flops_per_token(n, c.n_layer, c.n_embd, c.block_size)
 
 
+def no_best_yet():
+    """The record of the lowest val loss (early stopping, ckpt_best.pt) before any eval after a
+    training step; saved in every checkpoint so a resumed run stops where the straight one does."""
+    return {"val_loss": math.inf, "step": 0, "evals_since": 0}
+
+
 @dataclasses.dataclass
 class Run:
     """What a training run holds: built by setup(), the run dir, its lock and metrics added by
@@ -135,6 +143,7 @@ class Run:
     dir: Path | None = None
     metrics: MetricsWriter | contextlib.AbstractContextManager | None = None  # a no-op off rank 0
     lock: "RunDirLock | contextlib.AbstractContextManager | None" = None  # the run dir's, on rank 0
+    best: dict = dataclasses.field(default_factory=no_best_yet)  # lowest val loss: track_best
 
 
 def setup(cfg):
@@ -160,10 +169,17 @@ def setup(cfg):
         print("kernels: " + ", ".join(f"{op}={name}" for op, name in choice.items()))
         print(f"dtype: {dtype} ({why})")
     impls = backends.impls(choice)
+    if mcfg.dropout > 0:
+        for op in ("layernorm", "attention"):
+            if not impls[op].SUPPORT[op].dropout:
+                raise ValueError(f"dropout={mcfg.dropout}: the {choice[op]} backend has no dropout for {op}; "
+                                 f"choose another with --kernels (e.g. {op}=torch)")
     if env.world_size % cfg.tp:
         raise ValueError(f"tp={cfg.tp} does not divide the {env.world_size} ranks")
     ctx = dist.Context(env, device, cfg.dist_timeout_s, cfg.tp)
-    model = GPT(mcfg, impls).to(device)
+    model = GPT(mcfg, impls, cfg.recompute).to(device)
+    if mcfg.dropout > 0:
+        model.dropout.seed = DropoutStream.dropout_seed(cfg.seed, env.rank)
     n_params = model.num_params()
     if ctx.tp_comm is not None:  # this rank's slice of the model just initialised
         tensor_parallel.parallelize(model, ctx.tp_comm)
@@ -197,6 +213,8 @@ def try_kernels(cfg, model, opt, autocast, device):
     except ValueError as e:
         raise ConfigError(f"--kernels={cfg.kernels} --dtype={cfg.dtype} on {device}: {e}") from e
     opt.zero_grad()
+    if model.cfg.dropout > 0:  # it drew dropout masks too: the run's first forward starts the stream
+        model.dropout.forwards = 0
 
 
 # ----------------------------------------------------------------------------- run dir, resume
@@ -342,6 +360,7 @@ def restore(cfg, run, path):
     tensor_parallel.load_full_state_dict(run.model, ckpt["model"])
     run.opt.load_state_dict(tensor_parallel.shard_optimizer_state(run.opt, ckpt["optimizer"], run.model))
     run.train.load_state_dict(ckpt["loader"]["train"])
+    run.best = ckpt.get("best", no_best_yet())  # checkpoints older than early stopping lack it
     checkpoint.set_rng_state(ckpt["rng"])  # last: nothing above may draw random numbers after it
     return ckpt["step"]
 
@@ -354,18 +373,36 @@ def load_weights(run, path):
         print(f"weights from {path}")
 
 
-def save(cfg, run, step):
+def save(cfg, run, step, as_best=False):
     """Rank 0 writes; every rank calls it, as the ZeRO-1 optimizer state and the
     tensor-parallel slices are gathered first: the file holds the 1-process model and state,
-    and loads on any layout."""
+    and loads on any layout. as_best: to ckpt_best.pt instead of ckpt_<step>.pt."""
     model_state = tensor_parallel.gather_state_dict(run.model)
     opt_state = tensor_parallel.gather_optimizer_state(run.opt, run.opt.state_dict(), run.model)
     if not run.dist.is_main:
         return None
     path = checkpoint.save(run.dir, step, model_state, opt_state,
-                           run.config, {"train": run.train.state_dict()}, cfg.keep_ckpts)
+                           run.config, {"train": run.train.state_dict()}, cfg.keep_ckpts,
+                           best=run.best, as_best=as_best)
     print(f"step {step:5d} | saved {path}", flush=True)
     return path
+
+
+def track_best(cfg, run, step, val_loss):
+    """After an eval, on every rank (each holds the same val loss): saves ckpt_best.pt if the
+    val loss is the lowest yet; returns True when --early_stop says the run ends here."""
+    best = run.best
+    if val_loss < best["val_loss"]:
+        best.update(val_loss=val_loss, step=step, evals_since=0)
+        save(cfg, run, step, as_best=True)
+    else:
+        best["evals_since"] += 1
+    if cfg.early_stop and best["evals_since"] >= cfg.early_stop:
+        if run.dist.is_main:
+            print(f"early stop: no lower val loss in {best['evals_since']} evals (best "
+                  f"{best['val_loss']:.4f} at step {best['step']}, in {run.dir / checkpoint.BEST})")
+        return True
+    return False
 
 
 class StopOnInterrupt:
@@ -471,8 +508,10 @@ def log(cfg, run, step, loss, lr, norm, dt):
 
 
 def log_eval(cfg, run, step, val_loss):
-    print(f"step {step:5d} | val loss {val_loss:.4f}", flush=True)
-    run.metrics.log("eval", step, tokens=step * tokens_per_step(cfg, run), val_loss=val_loss)
+    val_ppl = math.exp(val_loss)
+    print(f"step {step:5d} | val loss {val_loss:.4f} | val ppl {val_ppl:.2f}", flush=True)
+    run.metrics.log("eval", step, tokens=step * tokens_per_step(cfg, run), val_loss=val_loss,
+                    val_ppl=val_ppl)
 
 
 def sampling_model(run):
@@ -529,11 +568,12 @@ def start(cfg):
 
 def train(cfg):
     """Runs the whole training; returns {'first_val' (fresh runs), 'val', 'sample', 'stopped'
-    (the step a Ctrl-C stopped at, or None), 'checkpoint' (the last one saved)}. Under torchrun
-    every rank evaluates its share of the validation batches (a tp group shares one); only rank 0
-    logs, samples and writes, and the other ranks return no 'sample' or 'checkpoint'."""
+    (the step a Ctrl-C stopped at, or None), 'early_stopped' (the step --early_stop ended the
+    run at, or None), 'checkpoint' (the last one saved)}. Under torchrun every rank evaluates
+    its share of the validation batches (a tp group shares one); only rank 0 logs, samples and
+    writes, and the other ranks return no 'sample' or 'checkpoint'."""
     run, first = start(cfg)
-    history, is_main = {"stopped": None}, run.dist.is_main
+    history, is_main = {"stopped": None, "early_stopped": None}, run.dist.is_main
     with contextlib.closing(run.dist), run.lock, run.metrics, StopOnInterrupt() as interrupt:
         if first == 1:
             history["first_val"] = evaluate(cfg, run)
@@ -551,20 +591,26 @@ def train(cfg):
                 loss = run.dist.mean(loss)
                 if is_main:
                     log(cfg, run, step, loss, lr, norm, (time.perf_counter() - t0) / timed)
-            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            evaluated = step % cfg.eval_interval == 0 or step == cfg.max_steps
+            if evaluated:
                 history["val"] = evaluate(cfg, run)
                 if is_main:
                     log_eval(cfg, run, step, history["val"])
             skipped = count_skipped(cfg, run, skipped, step, norm)
+            if evaluated and not skipped and track_best(cfg, run, step, history["val"]):
+                history["early_stopped"] = step
             periodic = cfg.ckpt_interval and step % cfg.ckpt_interval == 0
-            if (periodic or step == cfg.max_steps or stop) and skipped:
+            ends = periodic or step == cfg.max_steps or stop or history["early_stopped"]
+            if ends and skipped:
                 if is_main:
                     print(f"step {step:5d} | not saving a checkpoint: this step was skipped "
                           f"(non-finite gradient)", flush=True)
-            elif periodic or step == cfg.max_steps or stop:
+            elif ends:
                 history["checkpoint"] = save(cfg, run, step)
                 run.dist.waiting_for(f"rank 0 to write the step-{step} checkpoint (raise "
                                         f"--dist_timeout_s={cfg.dist_timeout_s:g} if saves take longer)")
+            if history["early_stopped"]:
+                break
             if stop:
                 if is_main:
                     print(f"stopped at step {step}; continue with --resume={run.dir}")

@@ -10,12 +10,17 @@ if not torch.cuda.is_available():
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    from nanolm.backends import unavailable_reason
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA device")
+    sim_missing = unavailable_reason("cuda_sim", "layernorm", torch.device("cpu"))
+    if sim_missing is not None:
+        skips["cuda_sim"] = pytest.mark.skip(reason=f"cuda_sim: {sim_missing}")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+        for keyword, skip in skips.items():
+            if keyword in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nanolm.backends import cpu, cuda, torch_ref, triton
+from nanolm.backends import cpu, cuda, cuda_sim, torch_ref, triton
 
 HP = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8)
 CPU_SHAPES = [(50257, 8), (777,), (1,), (13, 7)]
@@ -10,10 +10,13 @@ GPU_SHAPES = [(50257, 768), (768, 3072), (777,), (1,), (2304,)]
 TRITON_INTERP_SHAPES = [(300, 7), (777,), (1,)]
 
 
+SIM = pytest.param("cpu", cuda_sim, id="cuda_sim", marks=pytest.mark.cuda_sim)
+
+
 def backends_on(device):
     if device == "cpu":
         return [pytest.param(torch_ref, id="torch"), pytest.param(cpu, id="cpu"),
-                pytest.param(triton, id="triton")]
+                pytest.param(triton, id="triton"), pytest.param(cuda_sim, id="cuda_sim", marks=pytest.mark.cuda_sim)]
     return [pytest.param(cuda, id="cuda", marks=pytest.mark.gpu),
             pytest.param(triton, id="triton", marks=pytest.mark.gpu)]
 
@@ -72,7 +75,7 @@ def flat_state(n, device, offset=0):
     return p, g, m, v
 
 
-@pytest.mark.parametrize("device,backend", [("cpu", cpu), ("cpu", triton),
+@pytest.mark.parametrize("device,backend", [("cpu", cpu), ("cpu", triton), SIM,
                                             pytest.param("cuda", cuda, marks=pytest.mark.gpu),
                                             pytest.param("cuda", triton, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("n,offset,decay_numel", [(1, 0, 1), (1003, 1, 517), (1003, 3, 0),
@@ -94,7 +97,7 @@ def test_every_element_updated(device, backend, n, offset, decay_numel):
     assert torch.equal(state[1], before[1])
 
 
-@pytest.mark.parametrize("device,backend", [("cpu", cpu), ("cpu", torch_ref), ("cpu", triton),
+@pytest.mark.parametrize("device,backend", [("cpu", cpu), ("cpu", torch_ref), ("cpu", triton), SIM,
                                             pytest.param("cuda", cuda, marks=pytest.mark.gpu),
                                             pytest.param("cuda", triton, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("n", [1, 777, 4097, 300_001])
@@ -110,7 +113,8 @@ def test_sum_of_squares(device, backend, n, poison):
     assert torch.equal(backend.sum_of_squares(x.clone()), got)  # same bits, fresh buffer
 
 
-@pytest.mark.parametrize("backend", [cpu, triton, pytest.param(cuda, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("backend", [cpu, triton, pytest.param(cuda_sim, marks=pytest.mark.cuda_sim),
+                                     pytest.param(cuda, marks=pytest.mark.gpu)])
 def test_bad_inputs(backend):
     device = "cuda" if backend is cuda else "cpu"
     p, g, m, v = flat_state(64, device)

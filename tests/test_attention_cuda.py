@@ -1,4 +1,6 @@
-"""The CUDA causal flash attention (csrc/attention.cu) against the float64 torch reference.
+"""The CUDA causal flash attention (csrc/attention.cu) against the float64 torch reference:
+on a GPU (cuda), and on the CPU through the SIMT emulation (cuda_sim, scaled-down shapes: every
+block shape, partial and multiple key blocks, each layout, both dtypes and head sizes).
 
 Every check prints the tensor, shape, dtype and layout it failed on, so one GPU run tells what
 is wrong. Errors are relative norms ||x - ref|| / ||ref|| (with a small absolute floor for
@@ -11,7 +13,7 @@ import torch
 
 from nanolm import ops
 from nanolm.backends import cuda as cuda_backend
-from nanolm.backends import torch_ref
+from nanolm.backends import cuda_sim, torch_ref
 
 # bf16 keeps 8 mantissa bits (P and dS are rounded to it before their matmuls): ~4e-3 typical.
 TOL = {torch.bfloat16: 1e-2, torch.float16: 3e-3}
@@ -23,13 +25,13 @@ SEQ_LENS = [1, 17, 64, 1000, 1024, 2048]
 LAYOUTS = ["qkv", "contiguous", "heads_first"]
 
 
-def _make_qkv(B, T, nh, hs, dtype, layout, fill=None):
+def _make_qkv(B, T, nh, hs, dtype, layout, fill=None, device="cuda"):
     """Three (B, T, nh, hs) tensors in the given memory layout: views of one fused qkv buffer
     (the model's), three contiguous tensors, or (B, nh, T, hs) tensors transposed."""
     def new(shape):
         if fill is None:
-            return torch.randn(shape, device="cuda", dtype=dtype)
-        return torch.full(shape, fill, device="cuda", dtype=dtype)
+            return torch.randn(shape, device=device, dtype=dtype)
+        return torch.full(shape, fill, device=device, dtype=dtype)
     if layout == "qkv":
         return new((B, T, 3, nh, hs)).unbind(2)
     if layout == "contiguous":
@@ -61,13 +63,38 @@ def _reference(q, k, v, do, scale):
     return o, lse, grads
 
 
-def _run(q, k, v, do, scale, layout):
+def _run(q, k, v, do, scale, layout, backend=cuda_backend):
     """Forward (o, lse NaN-filled first under the `poison` fixture), then backward into NaN-filled gradients."""
     B, T, nh, hs = q.shape
-    o, lse = cuda_backend.attention_fwd(q, k, v, scale)
-    grads = _make_qkv(B, T, nh, hs, q.dtype, layout, fill=float("nan"))
-    cuda_backend.attention_bwd(do, q, k, v, o, lse, scale, *grads)
+    o, lse = backend.attention_fwd(q, k, v, scale)
+    grads = _make_qkv(B, T, nh, hs, q.dtype, layout, fill=float("nan"), device=q.device)
+    backend.attention_bwd(do, q, k, v, o, lse, scale, *grads)
     return o, lse, grads
+
+
+def _check_against_reference(backend, device, dtype, hs, B, nh, T, layout, scale):
+    q, k, v = _make_qkv(B, T, nh, hs, dtype, layout, device=device)
+    do = torch.randn(B, T, nh, hs, device=device, dtype=dtype)
+    o, lse, grads = _run(q, k, v, do, scale, layout, backend)
+    o_ref, lse_ref, grads_ref = _reference(q, k, v, do, scale)
+    failures = []
+    _check(failures, "o", o, o_ref, TOL[dtype])
+    _check(failures, "lse", lse, lse_ref, LSE_TOL)
+    for name, x, ref in zip(("dq", "dk", "dv"), grads, grads_ref):
+        _check(failures, name, x, ref, TOL[dtype])
+    case = f"dtype={dtype}, (B, T, nh, hs)=({B}, {T}, {nh}, {hs}), layout={layout}, scale={scale}"
+    assert not failures, f"{case}:\n  " + "\n  ".join(failures)
+
+
+def _check_deterministic(backend, device, dtype, hs, B, T, nh):
+    q, k, v = _make_qkv(B, T, nh, hs, dtype, "qkv", device=device)
+    do = torch.randn(B, T, nh, hs, device=device, dtype=dtype)
+    scale = 1.0 / math.sqrt(hs)
+    first = _run(q, k, v, do, scale, "qkv", backend)
+    second = _run(q, k, v, do, scale, "qkv", backend)
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), (first[0], first[1], *first[2]),
+                          (second[0], second[1], *second[2])):
+        assert torch.equal(a, b), f"{name} differs between two identical runs (dtype={dtype}, hs={hs})"
 
 
 @pytest.mark.gpu
@@ -77,49 +104,62 @@ def _run(q, k, v, do, scale, layout):
 @pytest.mark.parametrize("hs", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_matches_float64_reference(dtype, hs, B, nh, T, layout, poison):
-    q, k, v = _make_qkv(B, T, nh, hs, dtype, layout)
-    do = torch.randn(B, T, nh, hs, device="cuda", dtype=dtype)
-    scale = 1.0 / math.sqrt(hs)
-    o, lse, grads = _run(q, k, v, do, scale, layout)
-    o_ref, lse_ref, grads_ref = _reference(q, k, v, do, scale)
-    torch.cuda.synchronize()
-
-    failures = []
-    _check(failures, "o", o, o_ref, TOL[dtype])
-    _check(failures, "lse", lse, lse_ref, LSE_TOL)
-    for name, x, ref in zip(("dq", "dk", "dv"), grads, grads_ref):
-        _check(failures, name, x, ref, TOL[dtype])
-    case = f"dtype={dtype}, (B, T, nh, hs)=({B}, {T}, {nh}, {hs}), layout={layout}"
-    assert not failures, f"{case}:\n  " + "\n  ".join(failures)
+    _check_against_reference(cuda_backend, "cuda", dtype, hs, B, nh, T, layout, 1.0 / math.sqrt(hs))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("hs", [64, 128])
 def test_softmax_scale_argument(hs, poison):
-    B, T, nh, dtype, scale = 2, 333, 3, torch.bfloat16, 0.37
-    q, k, v = _make_qkv(B, T, nh, hs, dtype, "qkv")
-    do = torch.randn(B, T, nh, hs, device="cuda", dtype=dtype)
-    o, lse, grads = _run(q, k, v, do, scale, "qkv")
-    o_ref, lse_ref, grads_ref = _reference(q, k, v, do, scale)
-    failures = []
-    for name, x, ref in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, *grads), (o_ref, lse_ref, *grads_ref)):
-        _check(failures, name, x, ref, LSE_TOL if name == "lse" else TOL[dtype])
-    assert not failures, f"scale={scale}, hs={hs}:\n  " + "\n  ".join(failures)
+    _check_against_reference(cuda_backend, "cuda", torch.bfloat16, hs, 2, 3, 333, "qkv", 0.37)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("hs", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_deterministic(dtype, hs, poison):
-    B, T, nh = 2, 1000, 3
-    q, k, v = _make_qkv(B, T, nh, hs, dtype, "qkv")
-    do = torch.randn(B, T, nh, hs, device="cuda", dtype=dtype)
-    scale = 1.0 / math.sqrt(hs)
-    first = _run(q, k, v, do, scale, "qkv")
-    second = _run(q, k, v, do, scale, "qkv")
-    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), (first[0], first[1], *first[2]),
-                          (second[0], second[1], *second[2])):
-        assert torch.equal(a, b), f"{name} differs between two identical runs (dtype={dtype}, hs={hs})"
+    _check_deterministic(cuda_backend, "cuda", dtype, hs, 2, 1000, 3)
+
+
+# ----------------------------------------------------------------------------- CPU: cuda_sim
+# The same kernels on emulated warps (slow: shapes scaled down). T = 1, 17: one partial block;
+# 64: exactly one; 80: a partial second block; 130 (with hs 128: BQ = 32 in the backward, so
+# five query blocks per key block); 200: a prefetch into a buffer freed the iteration before.
+SIM_CASES = [(1, 1, 1, "qkv"), (1, 1, 17, "contiguous"), (1, 2, 64, "heads_first"), (2, 1, 80, "qkv"),
+             (1, 2, 130, "contiguous"), (1, 1, 200, "qkv")]  # (B, nh, T, layout)
+
+
+@pytest.mark.cuda_sim
+@pytest.mark.parametrize("B,nh,T,layout", SIM_CASES)
+@pytest.mark.parametrize("hs", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_sim_matches_float64_reference(dtype, hs, B, nh, T, layout, poison):
+    _check_against_reference(cuda_sim, "cpu", dtype, hs, B, nh, T, layout, 1.0 / math.sqrt(hs))
+
+
+@pytest.mark.cuda_sim
+def test_cuda_sim_softmax_scale_argument(poison):
+    _check_against_reference(cuda_sim, "cpu", torch.bfloat16, 64, 1, 2, 33, "qkv", 0.37)
+
+
+@pytest.mark.cuda_sim
+def test_cuda_sim_through_op_layer():
+    """The model's autograd path on the emulated kernels: fused qkv (B, T, 3C) in, dqkv out."""
+    B, T, nh, hs = 1, 80, 2, 64
+    qkv = torch.randn(B, T, 3 * nh * hs, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(B, T, nh * hs, dtype=torch.bfloat16)
+    ops.causal_attention(qkv, nh, cuda_sim).backward(dy)
+    qkv64 = qkv.detach().double().requires_grad_()
+    y_ref = ops.causal_attention(qkv64, nh, torch_ref)
+    y_ref.backward(dy.double())
+    failures = []
+    _check(failures, "dqkv", qkv.grad, qkv64.grad, TOL[torch.bfloat16])
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.cuda_sim
+@pytest.mark.parametrize("hs", [64, 128])
+def test_cuda_sim_deterministic(hs, poison):
+    _check_deterministic(cuda_sim, "cpu", torch.bfloat16, hs, 1, 130, 2)
 
 
 @pytest.mark.gpu

@@ -94,7 +94,8 @@ def _results():
     ceilings = {"memory_GBps": 10.0, "memory_bytes": 1, "matmul_TFLOPs": 1.0, "matmul_shape": "n"}
     return {"env": cli.environment(torch.device("cpu")), "ceilings": ceilings, "size": "tiny",
             "results": runner.add_derived(rows, ceilings),
-            "skipped": skipped + [{"op": "toy", "case": "n=32", "impl": "cuda", "status": "skipped", "reason": "no GPU"}]}
+            "skipped": skipped + [{"op": "toy", "case": "n=32", "impl": "cuda", "status": "skipped",
+                                   "reason": "no GPU"}]}
 
 
 def test_runner_fails_wrong_impl_and_derives_figures():
@@ -148,6 +149,7 @@ def test_triton_on_cpu_is_not_timed(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert "meaningless" in backend_unavailable("triton", "layernorm", torch.device("cpu"))
     assert backend_unavailable("torch", "layernorm", torch.device("cpu")) is None
+    assert "meaningless" in backend_unavailable("cuda_sim", "layernorm", torch.device("cpu"))
 
 
 def _patched(backend, name, fn):
@@ -203,8 +205,11 @@ def test_smoke_cli_every_op_every_cpu_backend(tmp_path):
     cpu_built = backend_unavailable("cpu", "layernorm", torch.device("cpu")) is None
     for op in cli.OPS:
         impls = {r["impl"] for r in rows if r["op"] == op}
-        name = "nanolm[{}]" if op == "train_step" else "{}"
-        assert name.format("torch") in impls and (name.format("cpu") in impls or not cpu_built), (op, impls)
+        if op == "recompute":  # the auto kernel set, one row per mode
+            assert impls == {"recompute=none", "recompute=mlp", "recompute=block"}
+        else:
+            name = "nanolm[{}]" if op == "train_step" else "{}"
+            assert name.format("torch") in impls and (name.format("cpu") in impls or not cpu_built), (op, impls)
         assert any(r["kind"] == "baseline" for r in rows if r["op"] == op), op
         assert f"### {op}" in proc.stdout
     step = [r for r in rows if r["op"] == "train_step"]
@@ -236,7 +241,8 @@ case "$*" in
   "-c "*) echo "torch: stub"; exit 0 ;;
   *"-m pytest"*" -k "*) exit 0 ;;
   *"-m pytest"*) [ "$STUB_FAIL" = pytest ] && exit 1; exit 5 ;;
-  *"-m bench"*) [ "$STUB_FAIL" = bench ] && sleep 30; args="$*"; out=${args##*--out }; echo '{"results": []}' > "$out/results.json"; exit 0 ;;
+  *"-m bench"*) [ "$STUB_FAIL" = bench ] && sleep 30
+    args="$*"; out=${args##*--out }; echo '{"results": []}' > "$out/results.json"; exit 0 ;;
   *) exit 0 ;;
 esac
 """

@@ -1,7 +1,8 @@
 """Cross-entropy backends and the fused linear cross-entropy against a float64 reference.
 
-CPU runs the cpu backend and the triton backend under the interpreter (fp32, small shapes);
-the gpu-marked tests run the cuda and triton backends at bf16 and GPT-2 sizes.
+CPU runs the cpu backend, the triton backend under the interpreter (fp32, small shapes) and the
+CUDA kernel under the SIMT emulation (cuda_sim: fp32 here and bf16 below); the gpu-marked tests
+run the cuda and triton backends at bf16 and GPT-2 sizes.
 """
 import math
 
@@ -18,8 +19,11 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=2e-6), torch.bfloat16: dict(rtol=1e-2
 
 
 def cpu_backends():
-    """Backends that run on CPU tensors here: cpu (if built), triton (interpreter)."""
-    return [n for n in BACKENDS if n != "torch" and unavailable_reason(n, "cross_entropy", torch.device("cpu")) is None]
+    """Backends that run on CPU tensors here: cpu (if built), triton (interpreter), cuda_sim
+    (skipped where nanolm._C_sim is not built)."""
+    built = [n for n in BACKENDS if n not in ("torch", "cuda_sim")
+             and unavailable_reason(n, "cross_entropy", torch.device("cpu")) is None]
+    return built + [pytest.param("cuda_sim", marks=pytest.mark.cuda_sim)]
 
 
 def gpu_backends():
@@ -311,6 +315,27 @@ def test_linear_cross_entropy_bad_input():
         ops.linear_cross_entropy(h, torch.randn(777, 9), torch.tensor([0, 1, 2, 3]), cpu)
     with pytest.raises(ValueError, match="targets must be int64"):
         ops.linear_cross_entropy(h, weight, torch.tensor([0, 1, 2, 3], dtype=torch.int32), cpu)
+
+
+# ----------------------------------------------------------------------------- CPU: the CUDA kernel (cuda_sim)
+
+@pytest.mark.cuda_sim
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("N,V,Vp", [(1, 50257, 50304), (17, 777, 777), (9, 5001, 5003)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cuda_sim_matches_reference(dtype, N, V, Vp, inplace):
+    logits, targets = make_inputs(N, V, Vp, dtype=dtype, n_ignored=N // 4, extreme=N > 1)
+    check_against_reference(load("cuda_sim"), logits, targets, V, 1e-4, 1 / N, inplace)
+
+
+@pytest.mark.cuda_sim
+def test_cuda_sim_misaligned_output():
+    N, V = 3, 5001
+    logits, targets = make_inputs(N, V, V, dtype=torch.bfloat16)
+    shifted = torch.empty(N * V + 1, dtype=torch.bfloat16)[1:].view(N, V)
+    shifted.copy_(logits)
+    check_against_reference(load("cuda_sim"), shifted, targets, V, 0.0, 1.0, False)
+    check_against_reference(load("cuda_sim"), shifted, targets, V, 0.0, 1.0, True)
 
 
 # ----------------------------------------------------------------------------- GPU

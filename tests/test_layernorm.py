@@ -1,7 +1,8 @@
 """LayerNorm backends (cpu, triton, cuda) against the float64 torch reference.
 
-CPU part: the cpu backend (fp32, bf16, fp16) and the Triton kernels under the interpreter (fp32,
-small shapes).
+CPU part: the cpu backend (fp32, bf16, fp16), the Triton kernels under the interpreter (fp32,
+small shapes) and the CUDA kernels under the SIMT emulation (cuda_sim: fp32 and bf16, every
+threads-per-row layout, vector and scalar loads).
 GPU part (@pytest.mark.gpu): cuda and triton at fp32/bf16 up to GPT-2-sized and larger rows.
 """
 import pytest
@@ -73,9 +74,10 @@ def _check_deterministic(backend, N, C, dtype, device):
 
 # ----------------------------------------------------------------------------- CPU: cpu, triton (interpreter)
 
-# Every backend whose SUPPORT table lists layernorm float32 on CPU (the specification aside).
-CPU_BACKENDS = [n for n in BACKENDS if n != "torch" and support_reason(n, "layernorm", torch.device("cpu"),
-                                                                         torch.float32) is None]
+# Every backend whose SUPPORT table lists layernorm float32 on CPU (the specification aside);
+# cuda_sim is skipped where nanolm._C_sim is not built.
+CPU_BACKENDS = [pytest.param(n, marks=pytest.mark.cuda_sim) if n == "cuda_sim" else n for n in BACKENDS
+                if n != "torch" and support_reason(n, "layernorm", torch.device("cpu"), torch.float32) is None]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -195,6 +197,32 @@ def test_op_layer_autograd_cpu(shape):
         _close(name, a.grad, b_.grad, GRAD_SUM_TOL[torch.float32])
 
 
+# ----------------------------------------------------------------------------- CPU: the CUDA kernels (cuda_sim)
+# Rows of 1 to 16384: one warp per row (C <= 512 backward, 1024 forward) up to 1024 threads per
+# row; C % 8 != 0 takes the scalar loads.
+SIM_SHAPES = [(1, 777), (17, 768), (9, 1600), (3, 5000), (2, 16384), (5, 1), (70, 33)]
+
+
+@pytest.mark.cuda_sim
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,C", SIM_SHAPES)
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_sim_matches_reference(dtype, N, C, fused, poison):
+    _check_backend(load("cuda_sim"), N, C, dtype, "cpu", fused, with_bias=(N % 2 == 1))
+
+
+@pytest.mark.cuda_sim
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_sim_misaligned_pointers(dtype, poison):
+    _check_misaligned(load("cuda_sim"), dtype, "cpu")
+
+
+@pytest.mark.cuda_sim
+@pytest.mark.parametrize("C", [768, 777])
+def test_cuda_sim_deterministic(C):
+    _check_deterministic(load("cuda_sim"), 300, C, torch.bfloat16, "cpu")
+
+
 # ----------------------------------------------------------------------------- GPU: cuda, triton
 
 GPU_BACKENDS = ["cuda", "triton"]
@@ -213,16 +241,19 @@ def test_matches_reference_gpu(backend, dtype, N, C, fused, poison):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_misaligned_pointers_gpu(backend, dtype, poison):
+    _check_misaligned(load(backend), dtype, "cuda")
+
+
+def _check_misaligned(b, dtype, device):
     """Views starting one element in: the CUDA launcher must drop to scalar loads."""
     N, C = 33, 768
-    t = _inputs(N, C, dtype, "cuda")
-    storage = {k: torch.empty(v.numel() + 1, dtype=dtype, device="cuda") for k, v in t.items() if v is not None}
+    t = _inputs(N, C, dtype, device)
+    storage = {k: torch.empty(v.numel() + 1, dtype=dtype, device=device) for k, v in t.items() if v is not None}
     shifted = {}
     for k, v in storage.items():
         view = v[1:].view(t[k].shape)
         view.copy_(t[k])
         shifted[k] = view
-    b = load(backend)
     y, h, mean, rstd = b.add_layer_norm_fwd(shifted["x"], shifted["residual"], shifted["weight"], shifted["bias"], EPS)
     y_ref, h_ref, mean_ref, rstd_ref = torch_ref.add_layer_norm_fwd(
         t["x"].double(), t["residual"].double(), t["weight"].double(), t["bias"].double(), EPS)

@@ -10,6 +10,10 @@ from nanolm.optim import DynamicLossScale, FlatAdamW
 
 TORCH = backends.impls(backends.resolve("torch", torch.device("cpu")))
 HP = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+# The optimizer's AdamW step and gradient norm: the torch reference, and the CUDA kernels on the
+# CPU (cuda_sim: clipping through grad_scale, the non-finite skip through sum_of_squares; the
+# unclipped step is tests/test_adamw.py's).
+ADAMW_BACKENDS = ["torch", pytest.param("cuda_sim", marks=pytest.mark.cuda_sim)]
 
 
 def model_pair(seed=0):
@@ -44,10 +48,12 @@ def run_steps(flat_model, flat, ref_model, ref, steps, clip, loss_scale=1.0):
         assert norm == pytest.approx(ref_norm.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("clip,loss_scale", [(0.0, 1.0), (0.5, 1.0), (1.0, 0.01)])
-def test_matches_torch_adamw(clip, loss_scale):
+@pytest.mark.parametrize("backend,clip,loss_scale", [
+    ("torch", 0.0, 1.0), ("torch", 0.5, 1.0), ("torch", 1.0, 0.01),
+    *(pytest.param("cuda_sim", clip, scale, marks=pytest.mark.cuda_sim) for clip, scale in ((0.5, 1.0), (1.0, 0.01)))])
+def test_matches_torch_adamw(backend, clip, loss_scale):
     a, b = model_pair()
-    flat = FlatAdamW(a.named_parameters(), weight_decay=0.1, grad_clip=clip, backend=TORCH["adamw"], **HP)
+    flat = FlatAdamW(a.named_parameters(), weight_decay=0.1, grad_clip=clip, backend=backends.load(backend), **HP)
     ref = torch_adamw(b, flat, 0.1)
     run_steps(a, flat, b, ref, 30, clip, loss_scale)
     assert_params_close(a, b)
@@ -71,7 +77,7 @@ def test_flat_layout():
     assert flat.decay_numel == sum(p.numel() for p in a.parameters() if p.dim() >= 2)
     assert flat.flat_param.numel() == sum(p.numel() for p in a.parameters())  # tied once
     offset = 0
-    for (name, off, n), p in zip(flat.layout, flat.params):
+    for (_name, off, n), p in zip(flat.layout, flat.params):
         assert off == offset and p.numel() == n
         assert p.data_ptr() == flat.flat_param[off:].data_ptr()
         assert p.grad.data_ptr() == flat.flat_grad[off:].data_ptr()
@@ -79,9 +85,10 @@ def test_flat_layout():
     assert all(p.dim() >= 2 for p in flat.params[:sum(1 for p in flat.params if p.dim() >= 2)])
 
 
-def test_non_finite_grad_skips():
+@pytest.mark.parametrize("backend", ADAMW_BACKENDS)
+def test_non_finite_grad_skips(backend):
     a, _ = model_pair()
-    flat = FlatAdamW(a.named_parameters(), weight_decay=0.1, grad_clip=1.0, backend=TORCH["adamw"], **HP)
+    flat = FlatAdamW(a.named_parameters(), weight_decay=0.1, grad_clip=1.0, backend=backends.load(backend), **HP)
     before = flat.flat_param.clone()
     flat.flat_grad.normal_()
     flat.flat_grad[3] = float("nan")
@@ -154,7 +161,7 @@ def test_loss_scaled_step_equals_unscaled(name, clip):
     scaled = FlatAdamW(a.named_parameters(), weight_decay=0.1, grad_clip=clip, backend=impls["adamw"],
                        loss_scale=DynamicLossScale(init_scale=2.0 ** 12), **HP)
     plain = FlatAdamW(b.named_parameters(), weight_decay=0.1, grad_clip=clip, backend=impls["adamw"], **HP)
-    for i in range(3):
+    for _ in range(3):
         g = torch.randn_like(plain.flat_grad)
         scaled.flat_grad.copy_(g * 2.0 ** 12)
         plain.flat_grad.copy_(g)

@@ -537,7 +537,7 @@ def test_a_full_disk_is_one_line(tmp_path):
     p = subprocess.run([sys.executable, "-m", "nanolm.train", *TINY, "--max_steps=2", "--out_dir=out"],
                        cwd=tmp_path, capture_output=True, text=True, preexec_fn=small_files)
     assert p.returncode == 1 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
-    assert "ckpt_00000002.pt" in p.stderr
+    assert "ckpt_best.pt" in p.stderr  # the first write: the eval at step 2 is the best so far
 
 
 # ----------------------------------------------------------------------------- 13. smaller
@@ -588,7 +588,7 @@ def test_a_timed_out_collective_names_what_the_ranks_waited_for(tmp_path):
     """A rank that times out while rank 0 writes a checkpoint says so, not just 'all_reduce'."""
     import subprocess
     import sys
-    script = f"""
+    script = """
 import datetime, torch
 from nanolm import dist
 env = dist.DistEnv()

@@ -31,6 +31,7 @@ def test_few_steps_reduce_loss(capsys):
     assert history["val"] < history["first_val"] - 0.5
     out = capsys.readouterr().out
     assert "kernels: layernorm=torch" in out and "tok/s" in out and "sample:" in out
+    assert f"val loss {history['val']:.4f} | val ppl {math.exp(history['val']):.2f}" in out
 
 
 def test_lr_schedule():
@@ -48,7 +49,7 @@ def test_lr_schedule():
     (["--n_embd=100", "--n_head=3"], "not divisible"),
     (["--preset=gpt5"], "valid: gpt2"),
     (["--batch_size=0"], "batch_size must be positive"),
-    (["--dropout=0.1"], "dropout must be 0"),
+    (["--dropout=1"], r"dropout must be in \[0, 1\)"),
     (["lr=1"], "--key=value"),
 ])
 def test_config_errors(args, match):
@@ -185,6 +186,9 @@ def test_run_dir_records(straight_run):
     assert [r["step"] for r in train_records] == [2, 4, 6, 8]
     assert train_records[-1]["tokens"] == 8 * 4 * 32
     assert all(r["tokens_per_s"] > 0 and math.isfinite(r["loss"]) for r in train_records)
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 4, 8]
+    assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in evals)
 
 
 # ----------------------------------------------------------------------------- dtype, fp16 loss scaling
@@ -252,6 +256,7 @@ def test_dtype_a_kernel_lacks_fails_before_the_run_dir(tmp_path):
     """Triton on CPU runs in the interpreter with fp32 attention only: bf16 there is refused
     before anything is written."""
     out = tmp_path / "run"
-    with pytest.raises(ConfigError, match="kernel backend 'triton' cannot run attention in it: attention on cpu takes float32"):
+    with pytest.raises(ConfigError,
+                       match="kernel backend 'triton' cannot run attention in it: attention on cpu takes float32"):
         train(parse_args(TINY + ["--max_steps=1", "--dtype=bfloat16", "--kernels=triton", f"--out_dir={out}"]))
     assert not out.exists()

@@ -26,16 +26,20 @@ from nanolm.backends.common import dtype_name
 OPS = {
     "layernorm": ("layer_norm_fwd", "add_layer_norm_fwd", "layer_norm_bwd"),
     "attention": ("attention_fwd", "attention_bwd"),
-    "cross_entropy": ("cross_entropy_fwd",),
+    "cross_entropy": ("cross_entropy_fwd", "cross_entropy_stats", "cross_entropy_grad"),
     "adamw": ("adamw_step", "sum_of_squares"),
 }
-BACKENDS = {"torch": "torch_ref", "triton": "triton", "cuda": "cuda", "cpu": "cpu"}
+BACKENDS = {"torch": "torch_ref", "triton": "triton", "cuda": "cuda", "cpu": "cpu", "cuda_sim": "cuda_sim"}
+
+from nanolm.backends import cuda  # noqa: E402  (after OPS: cuda's imports read this module)
 
 # What `auto` tries, best first, per device type; torch is always last and always works.
 # On CUDA, triton first: its attention passed the GPU tests on an H100 and beat SDPA's flash
-# backend there; the cuda kernels have not yet run on a GPU, so they are chosen only by name.
+# backend there. cuda joins an op's order only once all of its kernels passed on a GPU
+# (cuda.GPU_RUNS; emulation in CI is not enough); until then it is chosen only by name.
+# cuda_sim (the CUDA kernels emulated on the CPU, for tests and study) is never automatic.
 AUTO_ORDER = {
-    "cuda": {op: ("triton", "torch") for op in OPS},
+    "cuda": {op: ("triton", "cuda", "torch") if cuda.verified_on_gpu(op) else ("triton", "torch") for op in OPS},
     "cpu": {op: ("cpu", "torch") for op in OPS},
 }
 

@@ -67,12 +67,24 @@ def check_layer_norm(op, support, x, weight, *, rows=(), vectors=(), stats=()):
         check_tensor(op, name, t, dtypes=(torch.float32,), device=x.device, shape=(N,))
 
 
-def check_layer_norm_fwd(op, support, x, residual, weight, bias):
+def check_dropout(op, support, dropout):
+    """dropout (None or an ops.Dropout) only where the table says the kernels take it."""
+    if dropout is not None and not support.dropout:
+        raise ValueError(f"{op}: this backend has no dropout here (its SUPPORT entry says dropout=False)")
+
+
+def check_layer_norm_fwd(op, support, x, residual, weight, bias, dropout=None):
+    check_dropout(op, support, dropout)
+    if residual is None and dropout is None and op == "add_layer_norm_fwd":
+        raise ValueError(f"{op}: residual may be None only with dropout")
     check_layer_norm(op, support, x, weight, rows=[("residual", residual)], vectors=[("bias", bias)])
 
 
-def check_layer_norm_bwd(op, support, dy, x, weight, mean, rstd, dresidual):
-    check_layer_norm(op, support, x, weight, rows=[("dy", dy), ("dresidual", dresidual)],
+def check_layer_norm_bwd(op, support, dy, x, weight, mean, rstd, dresidual, dropout=None, dbranch=None):
+    check_dropout(op, support, dropout)
+    if (dropout is None) != (dbranch is None):
+        raise ValueError(f"{op}: dropout and dbranch must be given together")
+    check_layer_norm(op, support, x, weight, rows=[("dy", dy), ("dresidual", dresidual), ("dbranch", dbranch)],
                      stats=[("mean", mean), ("rstd", rstd)])
 
 

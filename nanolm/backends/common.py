@@ -25,6 +25,7 @@ class Support:
     head_sizes: tuple = ()  # attention: the hs values a kernel exists for; () = any
     max_row: int | None = None  # layernorm: the largest row length C; None = no limit
     align_bytes: int = 0  # attention: base address and (b, t, h) strides in multiples of this
+    dropout: bool = False  # layernorm, attention: the functions take a dropout argument (torch_ref)
     notes: dict = field(default_factory=dict)  # device type -> why its dtypes are limited
 
     def devices(self):
@@ -55,21 +56,21 @@ def c_dtype(t):
 
 def layer_norm_forwards(fused):
     """The contract's two layernorm forwards from one launcher
-    fused(op, x, residual, weight, bias, eps) -> (y, residual_out, mean, rstd)."""
+    fused(op, x, residual, weight, bias, eps, dropout) -> (y, residual_out, mean, rstd)."""
     def layer_norm_fwd(x, weight, bias, eps):
-        y, _, mean, rstd = fused("layer_norm_fwd", x, None, weight, bias, eps)
+        y, _, mean, rstd = fused("layer_norm_fwd", x, None, weight, bias, eps, None)
         return y, mean, rstd
 
-    def add_layer_norm_fwd(x, residual, weight, bias, eps):
-        return fused("add_layer_norm_fwd", x, residual, weight, bias, eps)
+    def add_layer_norm_fwd(x, residual, weight, bias, eps, dropout=None):
+        return fused("add_layer_norm_fwd", x, residual, weight, bias, eps, dropout)
 
     return layer_norm_fwd, add_layer_norm_fwd
 
 
-def layer_norm_outputs(x, residual):
-    """Empty y, residual_out (None without a residual), mean, rstd for a forward over x (N, C)."""
+def layer_norm_outputs(x, residual, dropout=None):
+    """Empty y, residual_out (None without a residual or dropout), mean, rstd for a forward over x (N, C)."""
     N = x.shape[0]
-    residual_out = None if residual is None else torch.empty_like(x)
+    residual_out = None if residual is None and dropout is None else torch.empty_like(x)
     mean = torch.empty(N, dtype=torch.float32, device=x.device)
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
     return torch.empty_like(x), residual_out, mean, rstd
@@ -90,3 +91,10 @@ def adamw_scalars(lr, beta1, beta2, eps, weight_decay, step, grad_scale):
     grad_scale)."""
     return (1 - beta1, beta2, 1 - beta2, eps, 1 - lr * weight_decay, lr / (1 - beta1 ** step),
             math.sqrt(1 - beta2 ** step), grad_scale)
+
+
+def dropout_scalars(dropout):
+    """A kernel's dropout arguments (seed, offset, threshold, scale) from an ops.Dropout: the
+    threshold floor(p * 2^32) and scale 1 / (1 - p) of torch_ref's specification."""
+    from nanolm.backends.torch_ref import dropout_threshold  # torch_ref imports this module
+    return dropout.seed, dropout.offset, dropout_threshold(dropout.p), 1.0 / (1.0 - dropout.p)

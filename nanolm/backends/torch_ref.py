@@ -12,10 +12,13 @@ Backend contract. Every backend module (torch_ref, triton, cuda, cpu) has, in th
 and then, per op in SUPPORT, these functions with exactly these signatures, in this order:
 
   layernorm      layer_norm_fwd(x, weight, bias, eps) -> (y, mean, rstd)
-                 add_layer_norm_fwd(x, residual, weight, bias, eps) -> (y, residual_out, mean, rstd)
-                 layer_norm_bwd(dy, x, weight, mean, rstd, dresidual) -> (dx, dweight, dbias)
-  attention      attention_fwd(q, k, v, scale) -> (o, lse)
-                 attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv) -> None (writes dq, dk, dv)
+                 add_layer_norm_fwd(x, residual, weight, bias, eps, dropout=None)
+                                   -> (y, residual_out, mean, rstd)
+                 layer_norm_bwd(dy, x, weight, mean, rstd, dresidual, dropout=None, dbranch=None)
+                                   -> (dx, dweight, dbias) (and writes dbranch with dropout)
+  attention      attention_fwd(q, k, v, scale, dropout=None) -> (o, lse)
+                 attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, dropout=None)
+                                   -> None (writes dq, dk, dv)
   cross_entropy  cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss,
                                    grad_scale, inplace) -> (losses, dlogits)
                  cross_entropy_stats(logits, targets, vocab_start, vocab_size) -> stats
@@ -31,8 +34,12 @@ projection are fine); o, do (B, T, nh, hs) contiguous; lse (B, nh, T) float32; d
 (B, T, nh, hs) views with stride(-1) == 1. cross_entropy logits (N, Vp) contiguous, columns >= vocab_size
 are padding; targets (N,) int64; losses (N,) float32. The partial-statistics pair works on one
 vocabulary shard: logits (N, Vp) hold the columns of vocab ids [vocab_start, vocab_start + Vp),
-the first vocab_size (0 allowed) real; stats (N, 3) float32; lse (N,) float32. adamw: 1-D float32 buffers of equal length,
-the first decay_numel elements weight-decayed.
+the first vocab_size (0 allowed) real; stats (N, 3) float32; lse (N,) float32. adamw: 1-D float32
+buffers of equal length, the first decay_numel elements weight-decayed.
+
+dropout: None (no dropout: exactly the path without it) or an object with p (0 < p < 1), seed
+and offset (ops.Dropout); the mask is specified once, in the dropout section below. A backend's
+functions take it where its SUPPORT entry says dropout=True.
 """
 import math
 
@@ -43,8 +50,8 @@ from nanolm.backends.common import Support
 # The specification runs everything, unchecked: any float dtype, on any device.
 ANY = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 SUPPORT = {
-    "layernorm": Support(dtypes={"cpu": ANY, "cuda": ANY}),
-    "attention": Support(dtypes={"cpu": ANY, "cuda": ANY}),
+    "layernorm": Support(dtypes={"cpu": ANY, "cuda": ANY}, dropout=True),
+    "attention": Support(dtypes={"cpu": ANY, "cuda": ANY}, dropout=True),
     "cross_entropy": Support(dtypes={"cpu": ANY, "cuda": ANY}),
     "adamw": Support(dtypes={"cpu": ANY, "cuda": ANY}),
 }
@@ -57,6 +64,71 @@ def unavailable_reason(device):
 def _acc(dtype):
     """Accumulation dtype: float32, or float64 when the inputs already are."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- dropout
+# The dropout mask, specified here once; every backend implements it bit for bit.
+#
+# Generator: Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11;
+# the generator of cuRAND and FlashAttention), counter-based: the random bits of an element are a
+# pure function of (seed, offset, element index), so a backward or a recomputation regenerates
+# the forward's mask instead of storing it, in any order, on any backend.
+#   key     (k0, k1)         = (seed mod 2^32, seed >> 32)                0 <= seed < 2^63
+#   counter (c0, c1, c2, c3) = (g mod 2^32, g >> 32, offset mod 2^32, offset >> 32),  g = i >> 2
+#   10 rounds, all arithmetic mod 2^32, hi/lo the upper/lower 32 bits of a 64-bit product:
+#     (c0, c1, c2, c3) <- (hi(M1 c2) ^ c1 ^ k0,  lo(M1 c2),  hi(M0 c0) ^ c3 ^ k1,  lo(M0 c0))
+#     (k0, k1)         <- (k0 + W0, k1 + W1)
+#   M0 = 0xD2511F53, M1 = 0xCD9E8D57, W0 = 0x9E3779B9, W1 = 0xBB67AE85.
+#   Element i takes the 32-bit word u = c[i mod 4] of its group's output (4 elements per call).
+# The element index i is the flat row-major index in the tensor being dropped, int64:
+#   residual branch / embedding sum (N, C):   i = row * C + col
+#   attention probabilities (B, nh, T, T):   i = ((b * nh + h) * T + t_q) * T + t_k
+# Decision: keep iff u >= t, t = floor(p * 2^32) (a uint32: 0 < p < 1), so P(keep) = 1 - t / 2^32;
+# kept values are multiplied by scale = 1 / (1 - p) (rounded to float32 in float32 kernels),
+# dropped ones are 0. Each call site gets its own offset (see GPT.dropout_sites), so no two
+# masks of a training step share a counter.
+
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+_U32 = 0xFFFFFFFF
+
+
+def dropout_threshold(p):
+    """t = floor(p * 2^32): u < t is dropped."""
+    return math.floor(p * 2.0 ** 32)
+
+
+def _mulhilo(a, m):
+    """(hi, lo) 32-bit halves of a * m for int64 tensors a of uint32 values and a uint32 m,
+    through 16-bit halves of m so no int64 product overflows (a * m alone can reach 2^64)."""
+    p_lo, p_hi = a * (m & 0xFFFF), a * (m >> 16)  # each < 2^48
+    return (p_hi + (p_lo >> 16)) >> 16, (p_lo + ((p_hi & 0xFFFF) << 16)) & _U32
+
+
+def philox4x32_10(c0, c1, c2, c3, seed):
+    """Philox4x32-10 of the counters (int64 tensors of uint32 values) under key `seed`."""
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(c0, PHILOX_M0)
+        hi1, lo1 = _mulhilo(c2, PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + PHILOX_W0) & _U32, (k1 + PHILOX_W1) & _U32
+    return c0, c1, c2, c3
+
+
+def dropout_keep(index, dropout):
+    """Keep mask (bool) of the elements with flat int64 indices `index` (any shape)."""
+    g = index >> 2
+    words = philox4x32_10(g & _U32, g >> 32, torch.full_like(g, dropout.offset & _U32),
+                          torch.full_like(g, dropout.offset >> 32), dropout.seed)
+    u = torch.stack(words, dim=-1).gather(-1, (index & 3).unsqueeze(-1)).squeeze(-1)
+    return u >= dropout_threshold(dropout.p)
+
+
+def _dropped(x, shape, dropout):
+    """x * keep * scale in x's dtype (the accumulation dtype), with keep of a tensor of `shape`."""
+    index = torch.arange(math.prod(shape), device=x.device).view(shape)
+    return torch.where(dropout_keep(index, dropout), x * (1.0 / (1.0 - dropout.p)), 0.0)
 
 
 # ----------------------------------------------------------------------------- layernorm
@@ -72,13 +144,19 @@ def layer_norm_fwd(x, weight, bias, eps):
     return y.to(x.dtype), mean, rstd
 
 
-def add_layer_norm_fwd(x, residual, weight, bias, eps):
-    residual_out = x + residual
+def add_layer_norm_fwd(x, residual, weight, bias, eps, dropout=None):
+    """residual_out = dropout(x) + residual (residual may be None with dropout: the embedding
+    sum); y = layer_norm(residual_out)."""
+    if dropout is None:
+        residual_out = x + residual
+    else:
+        h = _dropped(x.to(_acc(x.dtype)), x.shape, dropout)
+        residual_out = (h if residual is None else h + residual.to(h.dtype)).to(x.dtype)
     y, mean, rstd = layer_norm_fwd(residual_out, weight, bias, eps)
     return y, residual_out, mean, rstd
 
 
-def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual):
+def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual, dropout=None, dbranch=None):
     # With xhat = (x - mean) * rstd and wdy = w * dy:
     #   dx = rstd * (wdy - (xhat * c1 + c2)),  c1 = mean(xhat * wdy),  c2 = mean(wdy)
     acc = _acc(x.dtype)
@@ -90,12 +168,15 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual):
     dx = (wdy - (xhat * c1 + c2)) * rstd[:, None]
     if dresidual is not None:
         dx = dx + dresidual.to(acc)
+    if dropout is not None:  # the gradient of the branch that was dropped before the add
+        dbranch.copy_(_dropped(dx, dx.shape, dropout))
     return dx.to(x.dtype), (dyf * xhat).sum(dim=0), dyf.sum(dim=0)
 
 
 # ----------------------------------------------------------------------------- attention
 # Causal softmax attention per (batch, head): S = scale * Q K^T masked above the diagonal,
 # P = softmax(S), O = P V; lse = logsumexp of each row of S is saved for the backward.
+# With dropout, O = Pd V with Pd = dropout(P) (the softmax normalises the undropped P).
 
 def _heads_first(t, acc):
     return t.transpose(1, 2).to(acc)  # (B, T, nh, hs) -> (B, nh, T, hs)
@@ -108,26 +189,33 @@ def _causal_scores(q, k, scale):
     return s.masked_fill(future, float("-inf"))
 
 
-def attention_fwd(q, k, v, scale):
+def attention_fwd(q, k, v, scale, dropout=None):
     acc = _acc(q.dtype)
     qh, kh, vh = (_heads_first(t, acc) for t in (q, k, v))
     s = _causal_scores(qh, kh, scale)
     lse = torch.logsumexp(s, dim=-1)
-    o = torch.exp(s - lse[..., None]) @ vh
+    p = torch.exp(s - lse[..., None])
+    if dropout is not None:
+        p = _dropped(p, p.shape, dropout)
+    o = p @ vh
     return o.transpose(1, 2).to(q.dtype).contiguous(), lse
 
 
-def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv):
-    # dV = P^T dO;  dP = dO V^T;  dS = P * (dP - delta), delta = rowsum(dO * O);
-    # dQ = scale * dS K;  dK = scale * dS^T Q
+def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, dropout=None):
+    # dV = Pd^T dO;  dPd = dO V^T, dP = dropout(dPd) (same mask);  dS = P * (dP - delta),
+    # delta = rowsum(dO * O) = rowsum(P * dP);  dQ = scale * dS K;  dK = scale * dS^T Q
     acc = _acc(q.dtype)
     qh, kh, vh, doh, oh = (_heads_first(t, acc) for t in (q, k, v, do, o))
     p = torch.exp(_causal_scores(qh, kh, scale) - lse[..., None])
     delta = (doh * oh).sum(dim=-1, keepdim=True)
-    ds = p * (doh @ vh.transpose(-1, -2) - delta)
+    dp = doh @ vh.transpose(-1, -2)
+    pd = p
+    if dropout is not None:
+        pd, dp = _dropped(p, p.shape, dropout), _dropped(dp, dp.shape, dropout)
+    ds = p * (dp - delta)
     dq.copy_((ds @ kh * scale).transpose(1, 2))
     dk.copy_((ds.transpose(-1, -2) @ qh * scale).transpose(1, 2))
-    dv.copy_((p.transpose(-1, -2) @ doh).transpose(1, 2))
+    dv.copy_((pd.transpose(-1, -2) @ doh).transpose(1, 2))
 
 
 # ----------------------------------------------------------------------------- cross-entropy

@@ -9,20 +9,21 @@ import os
 import torch
 
 from nanolm.backends.checks import (check_adamw, check_attention, check_attention_bwd, check_cross_entropy,
-                                    check_cross_entropy_shard, check_layer_norm_bwd, check_layer_norm_fwd,
-                                    check_sum_of_squares)
-from nanolm.backends.common import Support, adamw_scalars, layer_norm_forwards
+                                    check_cross_entropy_shard, check_dropout, check_layer_norm_bwd,
+                                    check_layer_norm_fwd, check_sum_of_squares)
+from nanolm.backends.common import Support, adamw_scalars, dropout_scalars, layer_norm_forwards
 from nanolm.kernels import adamw, attention, cross_entropy, layernorm
 
 ANY = (torch.float32, torch.bfloat16, torch.float16)
 F32 = (torch.float32,)
 SUPPORT = {
-    "layernorm": Support(dtypes={"cpu": ANY, "cuda": ANY}, max_row=layernorm.MAX_C),
+    "layernorm": Support(dtypes={"cpu": ANY, "cuda": ANY}, max_row=layernorm.MAX_C, dropout=True),
     "attention": Support(
         dtypes={"cpu": F32, "cuda": (torch.bfloat16, torch.float16)},
         head_sizes=(16, 32, 64, 128),  # tl.arange needs a power of two; tl.dot a K of 16 or more
         notes={"cpu": "the interpreter's tl.dot returns garbage on bf16/fp16",
-               "cuda": "no float32: tl.dot would silently compute in tf32"}),
+               "cuda": "no float32: tl.dot would silently compute in tf32"},
+        dropout=True),
     "cross_entropy": Support(dtypes={"cpu": ANY, "cuda": ANY}),
     "adamw": Support(dtypes={"cpu": F32, "cuda": F32}),
 }
@@ -36,31 +37,39 @@ def unavailable_reason(device):
     return "Triton runs on CUDA devices, or on CPU only under TRITON_INTERPRET=1"
 
 
+def _dropout_args(dropout):
+    """The kernels' (seed, offset, threshold, keep_scale), or None without dropout."""
+    return None if dropout is None else dropout_scalars(dropout)
+
+
 # ----------------------------------------------------------------------------- layernorm
 
-def _layer_norm_fwd(op, x, residual, weight, bias, eps):
-    check_layer_norm_fwd(op, SUPPORT["layernorm"], x, residual, weight, bias)
-    return layernorm.layernorm_fwd(x, residual, weight, bias, eps)
+def _layer_norm_fwd(op, x, residual, weight, bias, eps, dropout):
+    check_layer_norm_fwd(op, SUPPORT["layernorm"], x, residual, weight, bias, dropout)
+    return layernorm.layernorm_fwd(x, residual, weight, bias, eps, _dropout_args(dropout))
 
 
 layer_norm_fwd, add_layer_norm_fwd = layer_norm_forwards(_layer_norm_fwd)
 
 
-def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual):
-    check_layer_norm_bwd("layer_norm_bwd", SUPPORT["layernorm"], dy, x, weight, mean, rstd, dresidual)
-    return layernorm.layernorm_bwd(dy, x, weight, mean, rstd, dresidual)
+def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual, dropout=None, dbranch=None):
+    check_layer_norm_bwd("layer_norm_bwd", SUPPORT["layernorm"], dy, x, weight, mean, rstd, dresidual,
+                         dropout, dbranch)
+    return layernorm.layernorm_bwd(dy, x, weight, mean, rstd, dresidual, _dropout_args(dropout), dbranch)
 
 
 # ----------------------------------------------------------------------------- attention
 
-def attention_fwd(q, k, v, scale):
+def attention_fwd(q, k, v, scale, dropout=None):
+    check_dropout("attention_fwd", SUPPORT["attention"], dropout)
     check_attention("attention_fwd", SUPPORT["attention"], q, k, v)
-    return attention.attention_fwd(q, k, v, scale)
+    return attention.attention_fwd(q, k, v, scale, _dropout_args(dropout))
 
 
-def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv):
+def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, dropout=None):
+    check_dropout("attention_bwd", SUPPORT["attention"], dropout)
     check_attention_bwd("attention_bwd", SUPPORT["attention"], do, q, k, v, o, lse, dq, dk, dv)
-    attention.attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv)
+    attention.attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, _dropout_args(dropout))
 
 
 # ----------------------------------------------------------------------------- cross-entropy
