@@ -318,7 +318,8 @@ def _configs(rows):
                for m, n, w, s, max_hs in rows]
 
     def prune(candidates, named_args, **kwargs):
-        return [c for c, max_hs in configs if named_args["HS"] <= max_hs and c in candidates]
+        hs = {**named_args, **kwargs}["HS"]  # positional or keyword, as the launcher passed it
+        return [c for c, max_hs in configs if hs <= max_hs and c in candidates]
     return [c for c, _ in configs], {"early_config_prune": prune}
 
 
