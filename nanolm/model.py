@@ -69,7 +69,10 @@ class DropoutStream(nn.Module):
         n * sites + s."""
         sites = 1 + self.SITES_PER_LAYER * self.n_layer
         base, self.forwards = self.forwards * sites, self.forwards + 1
-        site = lambda s: ops.dropout(self.p, self.seed, base + s)
+
+        def site(s):
+            return ops.dropout(self.p, self.seed, base + s)
+
         per_layer = self.SITES_PER_LAYER
         return site(0), [tuple(site(1 + per_layer * i + j) for j in range(per_layer))
                          for i in range(self.n_layer)]

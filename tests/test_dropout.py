@@ -146,7 +146,7 @@ def test_attention_matches_reference(name, B, T, nh, hs, poison):
     torch_ref.attention_bwd(do.double(), q.double(), k.double(), v.double(), o_ref, lse_ref,
                             1 / math.sqrt(hs), *refs, DROP)
     for gname, got, want in zip(("dq", "dk", "dv"), grads, refs):
-        torch.testing.assert_close(got.double(), want, msg=lambda m: f"{gname}: {m}", **TOL)
+        torch.testing.assert_close(got.double(), want, msg=lambda m, gname=gname: f"{gname}: {m}", **TOL)
 
 
 @pytest.mark.parametrize("name", _backends_with("attention"))
@@ -222,7 +222,7 @@ def test_model_backend_matches_reference(name):
     loss_ref.backward(), loss.backward()
     torch.testing.assert_close(loss, loss_ref, **TOL)
     for (n, p), p_ref in zip(other.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
 
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--grad_accum=2",
@@ -289,7 +289,7 @@ def test_attention_gpu(name, B, T, nh, hs, poison):
     refs = [torch.empty(B, T, nh, hs, device="cuda", dtype=torch.float64) for _ in range(3)]
     torch_ref.attention_bwd(do.double(), q.double(), k.double(), v.double(), o_ref, lse_ref, scale, *refs, DROP)
     for gname, got, want in zip(("dq", "dk", "dv"), grads, refs):
-        torch.testing.assert_close(got.double(), want, atol=5e-2, rtol=5e-2, msg=lambda m: f"{gname}: {m}")
+        torch.testing.assert_close(got.double(), want, atol=5e-2, rtol=5e-2, msg=lambda m, gname=gname: f"{gname}: {m}")
     if T == hs:  # V = the identity: O's zeros are the mask (see test_attention_mask_bit_for_bit)
         eye = torch.eye(T, **g).view(1, T, 1, T).expand(B, T, nh, T).contiguous()
         o, _ = backend.attention_fwd(q, k, eye, scale, DROP)
