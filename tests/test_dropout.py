@@ -352,8 +352,7 @@ def test_attention_gpu(name, B, T, nh, hs, poison):
     refs = [torch.empty(B, T, nh, hs, device="cuda", dtype=torch.float64) for _ in range(3)]
     torch_ref.attention_bwd(do.double(), q.double(), k.double(), v.double(), o_ref, lse_ref, scale, *refs, DROP)
     for gname, got, want in zip(("dq", "dk", "dv"), grads, refs):
-        torch.testing.assert_close(got.double(), want, atol=5e-2, rtol=5e-2,
-                                   msg=lambda m, gname=gname: f"{gname}: {m}")
+        torch.testing.assert_close(got.double(), want, atol=5e-2, rtol=5e-2, msg=lambda m, gname=gname: f"{gname}: {m}")
     if T == hs:  # V = the identity: O's zeros are the mask (see test_attention_mask_bit_for_bit)
         eye = torch.eye(T, **g).view(1, T, 1, T).expand(B, T, nh, T).contiguous()
         o, _ = backend.attention_fwd(q, k, eye, scale, DROP)
