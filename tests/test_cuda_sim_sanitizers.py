@@ -150,7 +150,7 @@ def test_wrong_cp_async_wait_count_is_caught(builder):
 @pytest.mark.parametrize("patch,op,error", [
     # attention forward at hs 128 takes 80 KB of dynamic shared memory: without the opt-in the
     # launch fails on a GPU, and here
-    (("attention.cu", "    set_smem(attention_fwd_kernel<T, HS>, smem);\n", ""), "attention",
+    (("attention.cu", "    set_smem(attention_fwd_kernel<T, HS, DROPOUT>, smem);\n", ""), "attention",
      "bytes of dynamic shared memory need cudaFuncSetAttribute"),
     # a (32, 64) block is 2048 threads, past CUDA's 1024
     (("layernorm.cu", "constexpr int kReduceRows = 8;", "constexpr int kReduceRows = 64;"), "layernorm",

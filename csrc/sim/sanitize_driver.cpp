@@ -48,19 +48,27 @@ void require_finite(const char* what, const std::vector<T>& v) {
         require(std::isfinite(float(v[i])), std::string(what) + ": element " + std::to_string(i) + " is not finite");
 }
 
+// Dropout on (enabled) or off: every kernel runs both instantiations.
+nanolm::DropoutParams dropout_of(bool on) {
+    return on ? nanolm::DropoutParams{1234, 56, 858993459u, 1.25f, true} : nanolm::DropoutParams{};  // p = 0.2
+}
+
 template <typename T>
-void layernorm(DType dtype, std::int64_t N, std::int64_t C) {
+void layernorm(DType dtype, std::int64_t N, std::int64_t C, bool drop = false) {
     auto x = random_vector<T>(N * C), res = random_vector<T>(N * C), w = random_vector<T>(C, 0.2f, 1.f),
          b = random_vector<T>(C), dy = random_vector<T>(N * C), dres = random_vector<T>(N * C);
     auto y = nan_vector<T>(N * C), res_out = nan_vector<T>(N * C), dx = nan_vector<T>(N * C);
     auto mean = nan_vector<float>(N), rstd = nan_vector<float>(N), dw = nan_vector<float>(C), db = nan_vector<float>(C);
     nanolm::layernorm_fwd_cuda(addr(x.data()), addr(res.data()), addr(res_out.data()), addr(w.data()),
                                addr(b.data()), addr(y.data()), addr(mean.data()), addr(rstd.data()), N, C, 1e-5,
-                               dtype, 0);
+                               dtype, dropout_of(drop), 0);
     auto workspace = nan_vector<float>(2 * nanolm::layernorm_bwd_workspace_rows_cuda(N, C) * C);
+    auto dbranch = nan_vector<T>(N * C);
     nanolm::layernorm_bwd_cuda(addr(dy.data()), addr(res_out.data()), addr(w.data()), addr(mean.data()),
                                addr(rstd.data()), addr(dres.data()), addr(dx.data()), addr(dw.data()),
-                               addr(db.data()), addr(workspace.data()), N, C, dtype, 0);
+                               addr(db.data()), addr(workspace.data()), N, C, dtype,
+                               drop ? addr(dbranch.data()) : 0, dropout_of(drop), 0);
+    if (drop) require_finite("layernorm dbranch", dbranch);
     for (auto* v : {&y, &res_out, &dx}) require_finite("layernorm", *v);
     for (auto* v : {&mean, &rstd, &dw, &db}) require_finite("layernorm stats", *v);
 }
@@ -76,6 +84,15 @@ void cross_entropy(DType dtype, std::int64_t N, std::int64_t V, std::int64_t Vp)
                                    addr(dlogits.data()), N, Vp, V, -100, 1e-3, 0.5, dtype, 0);
     require_finite("cross_entropy losses", losses);
     require_finite("cross_entropy dlogits", dlogits);
+    // the vocabulary-parallel pair on the same rows as one shard starting at id 100
+    auto stats = nan_vector<float>(3 * N);
+    nanolm::cross_entropy_stats_cuda(addr(logits.data()), addr(targets.data()), addr(stats.data()), N, Vp, V, 100,
+                                     dtype, 0);
+    require_finite("cross_entropy_stats", stats);
+    std::vector<float> lse(N, 9.f);
+    nanolm::cross_entropy_grad_cuda(addr(logits.data()), addr(targets.data()), addr(lse.data()), N, Vp, V, 100, -100,
+                                    1e-3, 0.5, dtype, 0);
+    require_finite("cross_entropy_grad", logits);
 }
 
 void adamw(std::int64_t n, std::int64_t offset) {
@@ -92,7 +109,7 @@ void adamw(std::int64_t n, std::int64_t offset) {
 }
 
 template <typename T>
-void attention(DType dtype, std::int64_t B, std::int64_t T_len, std::int64_t nh, std::int64_t hs) {
+void attention(DType dtype, std::int64_t B, std::int64_t T_len, std::int64_t nh, std::int64_t hs, bool drop = false) {
     const std::int64_t n = B * T_len * nh * hs;
     const std::array<std::int64_t, 3> qkv_strides{T_len * 3 * nh * hs, 3 * nh * hs, hs},
         strides{T_len * nh * hs, nh * hs, hs};
@@ -103,10 +120,10 @@ void attention(DType dtype, std::int64_t B, std::int64_t T_len, std::int64_t nh,
     const std::uintptr_t dq = addr(dqkv.data()), dk = dq + nh * hs * sizeof(T), dv = dk + nh * hs * sizeof(T);
     const double scale = 1.0 / std::sqrt(double(hs));
     nanolm::attention_fwd_cuda({q, k, v, addr(o.data()), addr(lse.data()), qkv_strides, qkv_strides, qkv_strides,
-                                strides, B, T_len, nh, hs, scale, dtype}, 0);
+                                strides, B, T_len, nh, hs, scale, dtype, dropout_of(drop)}, 0);
     nanolm::attention_bwd_cuda({addr(dout.data()), q, k, v, addr(o.data()), addr(lse.data()), addr(delta.data()), dq,
                                 dk, dv, strides, qkv_strides, qkv_strides, qkv_strides, strides, qkv_strides,
-                                qkv_strides, qkv_strides, B, T_len, nh, hs, scale, dtype}, 0);
+                                qkv_strides, qkv_strides, B, T_len, nh, hs, scale, dtype, dropout_of(drop)}, 0);
     require_finite("attention o", o);
     require_finite("attention lse", lse);
     require_finite("attention dq, dk, dv", dqkv);
@@ -116,6 +133,8 @@ const std::map<std::string, std::function<void()>> kOps = {
     {"layernorm", [] {
          layernorm<float>(DType::float32, 5, 64);              // a warp per row, float4 loads
          layernorm<__nv_bfloat16>(DType::bfloat16, 3, 777);     // 64 threads per row, scalar loads
+         layernorm<float>(DType::float32, 5, 64, true);        // the dropout instantiations
+         layernorm<__nv_bfloat16>(DType::bfloat16, 3, 777, true);
      }},
     {"cross_entropy", [] {
          cross_entropy<float>(DType::float32, 3, 777, 800);
@@ -128,6 +147,7 @@ const std::map<std::string, std::function<void()>> kOps = {
     {"attention", [] {
          attention<__nv_bfloat16>(DType::bfloat16, 1, 80, 1, 64);  // a partial second block
          attention<__half>(DType::float16, 1, 40, 1, 128);
+         attention<__nv_bfloat16>(DType::bfloat16, 1, 80, 1, 64, true);  // dropout on P
      }},
 };
 
