@@ -40,6 +40,7 @@ class Case:
     x_label: str = "size"
     per_call: dict = field(default_factory=dict)  # extra figures derived from time (tokens/s)
     peak_tflops: float = None  # datasheet peak, when known: TFLOP/s rows also get an MFU against it
+    interleave: bool = False  # time the impls in turn, one call each (see runner.run_case)
 
 
 def tol_for(dtype):
@@ -62,12 +63,13 @@ def check_outputs(out, ref, tol):
             raise AssertionError(f"output {i}: max error {err:.2e} relative to max |ref| > tol {tol:.0e}")
 
 
-def backend_unavailable(name, op, device):
-    """Why the bench does not run backend `name` for `op` on `device`, or None. On top of the op
-    layer's answer: triton on CPU runs only in Triton's interpreter, whose times say nothing
-    about the kernel (its correctness is covered by tests/, not here); cuda_sim is the CUDA kernels
-    emulated one fiber per CUDA thread, likewise checked by tests/ and never timed."""
-    reason = backends.unavailable_reason(name, op, device)
+def backend_unavailable(name, op, device, dtype=None):
+    """Why the bench does not run backend `name` for `op` on `device` (in `dtype`, when given),
+    or None. On top of the op layer's answer: triton on CPU runs only in Triton's interpreter,
+    whose times say nothing about the kernel (its correctness is covered by tests/, not here);
+    cuda_sim is the CUDA kernels emulated one fiber per CUDA thread, likewise checked by tests/
+    and never timed."""
+    reason = backends.unavailable_reason(name, op, device, dtype)
     if reason is None and name == "triton" and device.type == "cpu":
         return "CPU tensors only run in Triton's interpreter (TRITON_INTERPRET=1), whose timings are meaningless"
     if reason is None and name == "cuda_sim":
@@ -75,11 +77,11 @@ def backend_unavailable(name, op, device):
     return reason
 
 
-def nanolm_backends(op, device):
-    """({name: module} of backends the bench runs for op on device, {name: why not})."""
+def nanolm_backends(op, device, dtype=None):
+    """({name: module} of backends the bench runs for op on device (in dtype), {name: why not})."""
     available, skipped = {}, {}
     for name in backends.BACKENDS:
-        reason = backend_unavailable(name, op, device)
+        reason = backend_unavailable(name, op, device, dtype)
         if reason is None:
             available[name] = backends.load(name)
         else:
@@ -111,18 +113,26 @@ def shape_key(size, device):
 
 class OpSetup(NamedTuple):
     key: str          # see shape_key
-    dtype: torch.dtype  # timed in bf16 on GPU, fp32 on CPU
+    dtype: torch.dtype  # one of op_dtypes(device)
     dname: str
     available: dict   # nanolm backends to run, see nanolm_backends
     skipped: dict     # {name: why not}, torch.compile included
     compiled: bool    # whether to run torch.compile baselines
 
 
-def op_setup(op, device, size):
-    """What the cases() of an op over activations starts from."""
+def op_dtypes(device):
+    """The activation dtypes the op cases run in: bf16 on GPU; fp32 on CPU, and bf16 too where
+    the CPU computes bf16 natively (there it is what training uses)."""
+    from nanolm.train import native_bf16_cpu
+    if device.type == "cuda":
+        return (torch.bfloat16,)
+    return (torch.float32, torch.bfloat16) if native_bf16_cpu() else (torch.float32,)
+
+
+def op_setup(op, device, size, dtype):
+    """What the cases() of an op over activations in `dtype` starts from."""
     quick = size != "full"
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    available, skipped = nanolm_backends(op, device)
+    available, skipped = nanolm_backends(op, device, dtype)
     return OpSetup(shape_key(size, device), dtype, str(dtype).replace("torch.", ""), available,
                    {**skipped, **compile_skipped(device, quick)}, compile_baselines(device, quick))
 

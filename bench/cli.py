@@ -1,4 +1,4 @@
-"""`python -m bench [op ...] [--quick] [--out DIR] [--device cuda|cpu] [--impls a,b]`;
+"""`python -m bench [op ...] [--quick] [--out DIR] [--device cuda|cpu] [--impls a,b] [--cases s,t]`;
 `python -m bench comm ...` for collective bandwidth and multi-GPU projections (bench/comm.py);
 `python -m bench static ...` for the compiled kernels' registers, spills, shared memory and SASS
 (bench/static.py)."""
@@ -24,11 +24,14 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=("cuda", "cpu"),
                    default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--impls", default="", help="comma-separated implementation names to run (default: all)")
+    p.add_argument("--cases", default="", help="comma-separated substrings: run only the cases whose name "
+                                              "holds one of them (e.g. 'bf16')")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: toy shapes
     args = p.parse_args(argv)
     args.ops = args.ops or list(OPS)
     args.size = "tiny" if args.tiny else ("quick" if args.quick else "full")
     args.impls = [s for s in args.impls.split(",") if s]
+    args.cases = [s for s in args.cases.split(",") if s]
     return args
 
 
@@ -105,6 +108,8 @@ def main(argv=None):
           file=sys.stderr)
     for op in args.ops:
         for case in cases[op]:
+            if args.cases and not any(c in case.name for c in args.cases):
+                continue
             if args.size == "tiny":
                 case.budget_ms = 10  # the tests' toy shapes: what matters is that every case runs
             r, s = runner.run_case(case, device, args.impls, log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch._functorch import config as functorch_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.cases import Case, Impl, op_setup, tol_for
+from bench.cases import Case, Impl, op_dtypes, op_setup, tol_for
 from nanolm import flops
 from nanolm.backends import torch_ref
 
@@ -126,7 +126,11 @@ def _baselines(device, compiled, probe):
 
 
 def cases(device, size):
-    key, dtype, dname, available, skipped, compiled = op_setup("attention", device, size)
+    return [case for dtype in op_dtypes(device) for case in _cases(device, size, dtype)]
+
+
+def _cases(device, size, dtype):
+    key, dtype, dname, available, skipped, compiled = op_setup("attention", device, size, dtype)
     out = []
     for B, T, nh, hs in SHAPES[key]:
         probe = [torch.randn(1, 16, nh, hs, dtype=dtype, device=device) for _ in range(3)] + [hs ** -0.5]

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import formulas
-from bench.cases import Case, Impl, op_setup, tol_for
+from bench.cases import Case, Impl, op_dtypes, op_setup, tol_for
 from nanolm.backends import torch_ref
 
 SHAPES = {  # (N, Vp, vocab)
@@ -43,7 +43,11 @@ def _baseline(fn):
 
 
 def cases(device, size):
-    key, dtype, dname, available, skipped, compiled = op_setup("cross_entropy", device, size)
+    return [case for dtype in op_dtypes(device) for case in _cases(device, size, dtype)]
+
+
+def _cases(device, size, dtype):
+    key, dtype, dname, available, skipped, compiled = op_setup("cross_entropy", device, size, dtype)
     out = []
     for N, Vp, V in SHAPES[key]:
         def eager(x, targets, V=V):

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import formulas
-from bench.cases import Case, Impl, op_setup, tol_for
+from bench.cases import Case, Impl, op_dtypes, op_setup, tol_for
 from nanolm.backends import torch_ref
 
 EPS = 1e-5
@@ -71,7 +71,11 @@ def _bwd_impls(available, compiled):
 
 
 def cases(device, size):
-    key, dtype, dname, available, skipped, compiled = op_setup("layernorm", device, size)
+    return [case for dtype in op_dtypes(device) for case in _cases(device, size, dtype)]
+
+
+def _cases(device, size, dtype):
+    key, dtype, dname, available, skipped, compiled = op_setup("layernorm", device, size, dtype)
     s = dtype.itemsize
     out = []
     for N, C in SHAPES[key]:

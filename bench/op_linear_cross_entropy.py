@@ -5,7 +5,7 @@ that provides the cross_entropy op (the chunk kernel)."""
 import torch
 import torch.nn.functional as F
 
-from bench.cases import Case, Impl, op_setup, tol_for
+from bench.cases import Case, Impl, op_dtypes, op_setup, tol_for
 from nanolm import flops, ops
 
 SHAPES = {  # (N, C, Vp, vocab)
@@ -36,7 +36,11 @@ def _graph(fn, dtype=None):
 
 
 def cases(device, size):
-    key, dtype, dname, available, skipped, compiled = op_setup("cross_entropy", device, size)
+    return [case for dtype in op_dtypes(device) for case in _cases(device, size, dtype)]
+
+
+def _cases(device, size, dtype):
+    key, dtype, dname, available, skipped, compiled = op_setup("cross_entropy", device, size, dtype)
     out = []
     for N, C, Vp, V in SHAPES[key]:
         def eager(h, w, targets, V=V):

@@ -2,8 +2,11 @@
 flat gradient, forward under autocast, backward, FlatAdamW step with global-norm clipping), for
 each kernel set the device can run, against the plain-PyTorch GPT-2 of reference_gpt.py (eager,
 and torch.compile of it with SDPA attention) with torch.optim.AdamW and clip_grad_norm_.
-Same model shape, the same initial weights (copied), batch and precision (bf16 autocast on GPU,
-fp32 on CPU). Reported as TFLOP/s of the model FLOPs (flops.train_flops_per_token in nanolm/flops.py, the count
+Same model shape, the same initial weights (copied), batch and precision: bf16 autocast on GPU;
+on CPU fp32, and also bf16 autocast (torch.autocast("cpu")) where the CPU computes bf16 natively,
+at the CPU_BF16 shapes. On CPU the implementations of a case are timed interleaved (one call
+of each in turn), so load from other jobs on a shared machine falls on all of them alike.
+Reported as TFLOP/s of the model FLOPs (flops.train_flops_per_token in nanolm/flops.py, the count
 train.py logs MFU with), tokens/s, and MFU against the datasheet peak where one is known.
 
 Correctness: every implementation's first step returns (loss, pre-clip gradient norm), checked
@@ -17,10 +20,12 @@ from nanolm import backends, flops
 from nanolm.config import ModelConfig
 from nanolm.model import GPT
 from nanolm.optim import FlatAdamW
+from nanolm.train import native_bf16_cpu
 
 CONFIGS = {  # (n_layer, n_head, n_embd, block_size, vocab_size, batch); vocab padded to 128s
     "full_cuda": {"gpt2-124M": (12, 12, 768, 1024, 50257, 16), "gpt2-355M": (24, 16, 1024, 1024, 50257, 8)},
-    "full_cpu": {"small": (2, 4, 256, 128, 8192, 4), "6L-384": (6, 6, 384, 256, 50257, 4)},
+    "full_cpu": {"small": (2, 4, 256, 128, 8192, 4), "6L-384": (6, 6, 384, 256, 50257, 4),
+                 "quickstart": (4, 4, 128, 128, 256, 16), "6L-384-byte": (6, 6, 384, 256, 256, 8)},
     "quick_cuda": {"gpt2-124M": (12, 12, 768, 1024, 50257, 8)},
     "quick_cpu": {"small": (2, 4, 256, 128, 8192, 4)},
     "tiny": {"tiny": (1, 2, 32, 16, 64, 2)},
@@ -28,6 +33,7 @@ CONFIGS = {  # (n_layer, n_head, n_embd, block_size, vocab_size, batch); vocab p
 LR, BETAS, EPS, WD, GRAD_CLIP = 6e-4, (0.9, 0.95), 1e-8, 0.1, 1.0  # train.py's defaults; GPT-2 124M's lr
 SEED = 1234
 TORCH_IMPLS = backends.impls({op: "torch" for op in backends.OPS})
+CPU_BF16 = ("quickstart", "6L-384-byte")  # also timed in bf16 on a CPU with native bf16 (issue 18's shapes)
 TINY_COMPILE_SKIPPED = {"torch.compile": "not run at the test suite's toy size (compiling takes ~30 s on CPU)"}
 
 
@@ -68,11 +74,11 @@ def reference_model(cfg, device, dtype=torch.float32):
     return _copy_weights(src, ref).to(device=device, dtype=dtype)
 
 
-def _autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def _autocast(device, precision):
+    return torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32)
 
 
-def nanolm_impl(cfg, device, impls, recompute="none"):
+def nanolm_impl(cfg, device, impls, recompute="none", precision=torch.float32):
     """nanolm's train step with `impls` ({op: backend module}, as train.py's setup builds)."""
     def make(t):
         model = _nanolm_model(cfg, impls, recompute).to(device)
@@ -80,7 +86,7 @@ def nanolm_impl(cfg, device, impls, recompute="none"):
 
         def run():
             opt.zero_grad()
-            with _autocast(device):
+            with _autocast(device, precision):
                 loss = model(t["idx"], t["targets"])
             loss.backward()
             norm = opt.step(LR)
@@ -89,7 +95,7 @@ def nanolm_impl(cfg, device, impls, recompute="none"):
     return make
 
 
-def _reference_impl(cfg, device, compiled):
+def _reference_impl(cfg, device, compiled, precision):
     def make(t):
         model = reference_model(cfg, device)
         params = list(model.parameters())
@@ -98,7 +104,7 @@ def _reference_impl(cfg, device, compiled):
 
         def run():
             opt.zero_grad(set_to_none=True)
-            with _autocast(device):
+            with _autocast(device, precision):
                 loss = forward(t["idx"], t["targets"])
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
@@ -144,30 +150,29 @@ def datasheet_peak_tflops(device):
     return flops.peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
-def _case(name, cfg, device, compiled):
+def _case(name, cfg, device, compiled, precision):
     n_layer, n_head, n_embd, block_size, vocab, batch = cfg
     with torch.device("meta"):  # only the parameter count: no memory, no init work
         n_params = _nanolm_model(cfg, TORCH_IMPLS).num_params()
     tokens = batch * block_size
     sets, skipped = backend_choices(device)
-    impls = [Impl(label, "nanolm", nanolm_impl(cfg, device, backends.impls(choice)))
+    impls = [Impl(label, "nanolm", nanolm_impl(cfg, device, backends.impls(choice), precision=precision))
              for label, choice in sets.items()]
-    impls.append(Impl("eager", "baseline", _reference_impl(cfg, device, False)))
+    impls.append(Impl("eager", "baseline", _reference_impl(cfg, device, False, precision)))
     if compiled:
-        impls.append(Impl("torch.compile", "baseline", _reference_impl(cfg, device, True)))
+        impls.append(Impl("torch.compile", "baseline", _reference_impl(cfg, device, True, precision)))
 
     def make_inputs():
         return {"idx": torch.randint(0, vocab, (batch, block_size), device=device),
                 "targets": torch.randint(0, vocab, (batch, block_size), device=device)}
-    precision = torch.bfloat16 if device.type == "cuda" else torch.float32
-    label = "bf16 autocast" if device.type == "cuda" else "fp32"
+    label = "fp32" if precision == torch.float32 else "bf16 autocast"
     return Case(op="train_step", name=f"{name} B={batch} T={block_size} {label}", series=label,
                 x=n_params, x_label="parameters (non-embedding)", metric="TFLOP/s",
                 work=tokens * flops.train_flops_per_token(n_params, n_layer, n_embd, block_size),
                 make_inputs=make_inputs, reference=_float64_reference(cfg), impls=impls,
                 tol=tol_for(precision), skipped=skipped if compiled else {**skipped, **TINY_COMPILE_SKIPPED},
                 budget_ms=2000 if device.type == "cuda" else 1000, per_call={"tokens": tokens},
-                peak_tflops=datasheet_peak_tflops(device))
+                peak_tflops=datasheet_peak_tflops(device), interleave=device.type == "cpu")
 
 
 def cases(device, size):
@@ -176,4 +181,9 @@ def cases(device, size):
     user needs. Only the test suite's toy size leaves it out."""
     key = shape_key(size, device)
     compiled = device.type == "cuda" or size != "tiny"
-    return [_case(name, cfg, device, compiled) for name, cfg in CONFIGS[key].items()]
+    if device.type == "cuda":
+        return [_case(name, cfg, device, compiled, torch.bfloat16) for name, cfg in CONFIGS[key].items()]
+    bf16 = native_bf16_cpu() is not None
+    return [_case(name, cfg, device, compiled, precision) for name, cfg in CONFIGS[key].items()
+            for precision in (torch.float32, torch.bfloat16) if precision == torch.float32 or
+            (bf16 and (name in CPU_BF16 or size == "tiny"))]

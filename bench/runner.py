@@ -1,6 +1,8 @@
 """Runs cases: for each implementation, setup, one correctness check against the reference
 (a wrong or crashing implementation is reported FAILED and gets no time), peak memory, then
-the median time over rotating input sets."""
+the median time over rotating input sets. A case marked `interleave` first sets up every
+implementation, then times them in turn, one call each per round, so that load from other jobs
+on a shared machine falls on all of them alike."""
 import gc
 import itertools
 
@@ -27,17 +29,36 @@ def _rotating(runs):
     return lambda: next(cycle)()
 
 
-def run_impl(case, impl, input_sets, ref, device):
+def _failed(row, e):
+    message = str(e).splitlines()[0][:300] if str(e) else ""
+    return {**row, "status": "FAILED", "error": f"{type(e).__name__}: {message}"}
+
+
+def _prepare(case, impl, input_sets, ref, device):
+    """(row, the rotating timed call, or None if the implementation failed)."""
     row = {"op": case.op, "case": case.name, "series": case.series, "x": case.x, "x_label": case.x_label,
            "impl": impl.name, "kind": impl.kind, "metric": case.metric, "status": "ok"}
     try:
         runs = [impl.make(t) for t in input_sets]
         check_outputs(case.view(runs[0]()), ref, case.tol)
         row["peak_mem_bytes"] = timing.peak_memory_bytes(runs[0], device)
-        row["time_ms"] = timing.time_ms(_rotating(runs), device, case.budget_ms)
     except Exception as e:  # any failure is reported, and the next implementation still runs
-        message = str(e).splitlines()[0][:300] if str(e) else ""
-        return {**row, "status": "FAILED", "error": f"{type(e).__name__}: {message}"}
+        return _failed(row, e), None
+    return row, _rotating(runs)
+
+
+def run_impl(case, impl, input_sets, ref, device):
+    row, call = _prepare(case, impl, input_sets, ref, device)
+    if call is None:
+        return row
+    try:
+        return _with_time(case, row, timing.time_ms(call, device, case.budget_ms))
+    except Exception as e:
+        return _failed(row, e)
+
+
+def _with_time(case, row, time_ms):
+    row["time_ms"] = time_ms
     row["value"] = case.work / row["time_ms"] / (1e6 if case.metric == "GB/s" else 1e9)
     for key, amount in case.per_call.items():
         row[f"{key}_per_s"] = amount / row["time_ms"] * 1e3
@@ -60,19 +81,31 @@ def add_derived(rows, ceilings):
     return rows
 
 
+def _run_interleaved(case, impls, input_sets, ref, device):
+    prepared = [_prepare(case, impl, input_sets, ref, device) for impl in impls]
+    timed = [(row, call) for row, call in prepared if call is not None]
+    try:
+        times = timing.time_interleaved([call for _, call in timed], device, case.budget_ms)
+    except Exception as e:  # which one failed is unknown: every timed row reports the error
+        return [_failed(row, e) if call is not None else row for row, call in prepared]
+    for (row, _), t in zip(timed, times):
+        _with_time(case, row, t)
+    return [row for row, _ in prepared]
+
+
 def run_case(case, device, impl_filter=None, log=print):
     input_sets = [case.make_inputs()]
     ref = case.reference(input_sets[0])
     input_sets += [case.make_inputs() for _ in range(timing.rotation_count(case.working_set, device) - 1)]
-    rows = []
-    for impl in case.impls:
-        if impl_filter and impl.name not in impl_filter:
-            continue
-        rows.append(run_impl(case, impl, input_sets, ref, device))
-        r = rows[-1]
+    impls = [impl for impl in case.impls if not impl_filter or impl.name in impl_filter]
+    rows = _run_interleaved(case, impls, input_sets, ref, device) if case.interleave else []
+    for impl in impls:
+        if not case.interleave:
+            rows.append(run_impl(case, impl, input_sets, ref, device))
+            _free(device)
+        r = next(r for r in rows if r["impl"] == impl.name)
         log(f"  {case.op:>20} {case.name:<40} {impl.name:<32} "
             + (f"{r['time_ms']:9.3f} ms" if r["status"] == "ok" else f"FAILED {r['error']}"))
-        _free(device)
     skipped = [{"op": case.op, "case": case.name, "impl": n, "status": "skipped", "reason": why}
                for n, why in case.skipped.items() if not impl_filter or n in impl_filter]
     del input_sets, ref

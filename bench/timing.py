@@ -59,6 +59,30 @@ def time_cpu(fn, budget_ms=200, min_reps=5, max_reps=200):
     return statistics.median(times)
 
 
+def time_interleaved(fns, device, budget_ms=None, min_reps=5, max_reps=200):
+    """Median milliseconds of each fn, timed in rounds of one call of each (A, B, C, A, B, C,
+    ...): on a machine shared with other jobs the load then falls on every fn alike. Two
+    warm-up rounds; budget_ms is per fn, as time_ms's."""
+    if not fns:
+        return []
+    for fn in fns:
+        fn()
+    start = time.perf_counter()
+    for fn in fns:
+        fn()
+    synchronize(device)
+    per_fn = max(time.perf_counter() - start, 1e-6) * 1e3 / len(fns)
+    reps = max(min_reps, min(max_reps, int((budget_ms or 200) / per_fn)))
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, t in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            t.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
 def time_ms(fn, device, budget_ms=None):
     if device.type == "cuda":
         return time_gpu(fn, budget_ms or 100)

@@ -12,16 +12,20 @@
 
 namespace nanolm {
 
-// ----------------------------------------------------------------------------- CPU (float32)
-// Strides in elements: s{q,k,v,dq,dk,dv}{b,t,h} are the (batch, seq, head) strides.
+// ----------------------------------------------------------------------------- CPU (fp32, bf16, fp16)
+// Whether the bf16 forward uses AVX512-BF16 dot products (compiled in, and this CPU has them).
+bool attention_cpu_bf16_dot();
+
+// Strides in elements: s{q,k,v,dq,dk,dv}{b,t,h} are the (batch, seq, head) strides. dtype is
+// that of q, k, v, o, do, dq, dk, dv: float32, bfloat16 or float16; lse is float32.
 // With dropout enabled, P is dropped (O = dropout(P) V) and the backward regenerates its mask.
-void attention_fwd_cpu(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,  // float32
+void attention_fwd_cpu(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
                        std::uintptr_t o, std::uintptr_t lse,
                        int64_t B, int64_t T, int64_t nh, int64_t hs,
                        int64_t sqb, int64_t sqt, int64_t sqh,
                        int64_t skb, int64_t skt, int64_t skh,
                        int64_t svb, int64_t svt, int64_t svh,
-                       double scale, const DropoutParams& dropout);
+                       double scale, DType dtype, const DropoutParams& dropout);
 
 void attention_bwd_cpu(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
                        std::uintptr_t o, std::uintptr_t lse,
@@ -33,7 +37,7 @@ void attention_bwd_cpu(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, 
                        int64_t sdqb, int64_t sdqt, int64_t sdqh,
                        int64_t sdkb, int64_t sdkt, int64_t sdkh,
                        int64_t sdvb, int64_t sdvt, int64_t sdvh,
-                       double scale, const DropoutParams& dropout);
+                       double scale, DType dtype, const DropoutParams& dropout);
 
 #ifdef NANOLM_WITH_CUDA
 // ----------------------------------------------------------------------------- CUDA (bf16, fp16)

@@ -34,6 +34,9 @@ static py::dict build_info() {
 #endif
     info["cxx"] = NANOLM_CXX_VERSION;
     info["march"] = NANOLM_MARCH;
+#ifndef NANOLM_CUDA_SIM
+    info["cpu_bf16_dot"] = nanolm::attention_cpu_bf16_dot();  // AVX512-BF16 in the cpu attention
+#endif
 #ifdef _OPENMP
     info["openmp"] = _OPENMP;
 #else
@@ -68,18 +71,18 @@ static void bind_common(py::module_& m) {
 #ifndef NANOLM_CUDA_SIM
 // The CPU kernels (csrc/*_cpu.cpp).
 static void bind_cpu(py::module_& m) {
-    m.def("layernorm_fwd_cpu", &nanolm::layernorm_fwd_cpu, "LayerNorm forward (+ fused residual add), float32");
-    m.def("layernorm_bwd_cpu", &nanolm::layernorm_bwd_cpu, "LayerNorm backward (+ residual grad), float32");
+    m.def("layernorm_fwd_cpu", &nanolm::layernorm_fwd_cpu, "LayerNorm forward (+ fused residual add), float32, bf16 or fp16");
+    m.def("layernorm_bwd_cpu", &nanolm::layernorm_bwd_cpu, "LayerNorm backward (+ residual grad), float32, bf16 or fp16");
     m.def("cross_entropy_fwd_cpu", &nanolm::cross_entropy_fwd_cpu,
-          "Cross-entropy losses and gradient over float32 logits (N, Vp), OpenMP over rows");
+          "Cross-entropy losses and gradient over float32, bf16 or fp16 logits (N, Vp), OpenMP over rows");
     m.def("cross_entropy_stats_cpu", &nanolm::cross_entropy_stats_cpu,
           "Partial softmax statistics (max, sum exp, target logit) of a vocabulary shard, float32");
     m.def("cross_entropy_grad_cpu", &nanolm::cross_entropy_grad_cpu,
           "dlogits of a vocabulary shard in place, given the global logsumexp, float32");
     m.def("adamw_step_cpu", &nanolm::adamw_step_cpu);
     m.def("sum_of_squares_cpu", &nanolm::sum_of_squares_cpu);
-    m.def("attention_fwd_cpu", &nanolm::attention_fwd_cpu, "Causal flash attention forward (fp32, CPU)");
-    m.def("attention_bwd_cpu", &nanolm::attention_bwd_cpu, "Causal flash attention backward (fp32, CPU)");
+    m.def("attention_fwd_cpu", &nanolm::attention_fwd_cpu, "Causal flash attention forward (fp32, bf16 or fp16, CPU)");
+    m.def("attention_bwd_cpu", &nanolm::attention_bwd_cpu, "Causal flash attention backward (fp32, bf16 or fp16, CPU)");
 }
 #endif
 

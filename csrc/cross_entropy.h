@@ -23,11 +23,11 @@ void cross_entropy_grad_cuda(std::uintptr_t logits, std::uintptr_t targets, std:
                              std::int64_t ignore_index, double z_loss, double grad_scale,
                              DType dtype, std::uintptr_t stream);
 
-// float32 only.
+// dtype: float32, bfloat16 or float16; losses are float32 either way.
 void cross_entropy_fwd_cpu(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t losses,
                            std::uintptr_t dlogits, std::int64_t N, std::int64_t Vp,
                            std::int64_t V, std::int64_t ignore_index, double z_loss,
-                           double grad_scale);
+                           double grad_scale, DType dtype);
 
 // Vocab-parallel cross-entropy, float32 (see cross_entropy_cpu.cpp): logits (N, Vp) are one
 // vocabulary shard starting at id vocab_start, the first V (0 <= V <= Vp) real.

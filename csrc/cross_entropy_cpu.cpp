@@ -1,4 +1,4 @@
-// Cross-entropy forward with its gradient on the CPU, float32, OpenMP over rows.
+// Cross-entropy forward with its gradient on the CPU, float32, bf16 or fp16 logits, OpenMP over rows.
 //
 // Per row with target t (columns >= V are padding, excluded from the softmax):
 //   lse  = m + log(s),  m = max_j x_j,  s = sum_j exp(x_j - m)      (j < V)
@@ -8,8 +8,11 @@
 // Algorithm, per row (a 200 KB row stays in L2): max; then e_j = exp(x_j - m) written to dx
 // while summing s; then dx_j *= coef / s. One exp per logit. The exp is a polynomial that
 // gcc vectorizes (libm's expf would not be, under -O3 without -ffast-math).
-// Memory traffic: reads N*Vp logits (three passes, two from cache) + N targets, writes N*Vp
-// gradients (read back once from cache) + N losses.
+// 16-bit logits are widened as they are read; max, sum, lse, loss and exp values stay fp32 (the
+// exp values go to a per-thread fp32 row, as a 16-bit dx would round them twice), and only the
+// final dx is rounded to the logits' type.
+// Memory traffic, s-byte logits (4 fp32, 2 bf16/fp16): reads N*Vp logits (three passes, two from
+// cache) + N targets, writes N*Vp gradients (read back once from cache) + N fp32 losses.
 //
 // The vocab-parallel pair (logits: one vocabulary shard, ids [vocab_start, vocab_start + Vp),
 // the first V real, V = 0 allowed; see nanolm/backends/torch_ref.py):
@@ -20,8 +23,11 @@
 #include <cmath>
 #include <climits>
 #include <cstdint>
+#include <type_traits>
+#include <vector>
 
 #include "common.h"
+#include "cpu_bf16.h"
 #include "cross_entropy.h"
 
 namespace nanolm {
@@ -63,12 +69,12 @@ struct RowStats {
     float m, log_s;  // lse = m + log_s, kept apart: lse ~ 1e4 rounds by 1e-3 in fp32
 };
 
-// Writes dx[0, V) = exp(x - lse) * coef (x may equal dx); coef is a function of lse.
-template <typename CoefFn>
-RowStats softmax_row(const float* x, float* dx, std::int64_t V, CoefFn coef_of_lse) {
+// Writes e[0, V) = exp(x - m) and returns the row's m and log(sum e).
+template <typename T>
+RowStats softmax_row(const T* x, float* e, std::int64_t V) {
     std::int32_t m_key = INT32_MIN;
 #pragma omp simd reduction(max : m_key)
-    for (std::int64_t j = 0; j < V; ++j) m_key = std::max(m_key, order_key(x[j]));
+    for (std::int64_t j = 0; j < V; ++j) m_key = std::max(m_key, order_key(to_float(x[j])));
     const float m = __builtin_bit_cast(float, order_key_inverse(m_key));
     // fp32 lanes summing a whole row (~V/8 terms each) lose 1e-4 relative at V = 50257: sum
     // blocks of kBlock in fp32 (vectorized), the blocks in double.
@@ -78,17 +84,52 @@ RowStats softmax_row(const float* x, float* dx, std::int64_t V, CoefFn coef_of_l
         float block_sum = 0.f;
 #pragma omp simd reduction(+ : block_sum)
         for (std::int64_t j = j0; j < j1; ++j) {
-            const float e = exp_nonpositive(x[j] - m);
-            dx[j] = e;
-            block_sum += e;
+            const float ej = exp_nonpositive(to_float(x[j]) - m);
+            e[j] = ej;
+            block_sum += ej;
         }
         s += block_sum;
     }
-    const float log_s = static_cast<float>(std::log(s));
-    const float c = static_cast<float>(coef_of_lse(m + log_s) / s);
+    return {m, static_cast<float>(std::log(s))};
+}
+
+// One row: dx[0, V) from e = exp(x - m) (e may alias dx when T is float), the loss returned.
+template <typename T>
+float row_loss_and_grad(const T* x, T* dx, float* e, std::int64_t V, std::int64_t t, float z, float scale) {
+    const float x_t = to_float(x[t]);  // read before dx (maybe x itself) is written
+    const RowStats st = softmax_row(x, e, V);
+    const float lse = st.m + st.log_s;
+    // dx_j = scale (1 + 2 z lse) exp(x_j - lse) = c e_j, with exp(x_j - lse) = e_j / exp(log_s)
+    const float c = scale * (1.f + 2.f * z * lse) * std::exp(-st.log_s);
+    const float dx_t = e[t] * c - scale;
 #pragma omp simd
-    for (std::int64_t j = 0; j < V; ++j) dx[j] *= c;
-    return {m, log_s};
+    for (std::int64_t j = 0; j < V; ++j) dx[j] = from_float<T>(e[j] * c);
+    dx[t] = from_float<T>(dx_t);
+    return (st.m - x_t) + st.log_s + z * lse * lse;
+}
+
+template <typename T>
+void cross_entropy_rows(const T* x_all, const std::int64_t* t_all, float* loss_all, T* dx_all, std::int64_t N,
+                        std::int64_t Vp, std::int64_t V, std::int64_t ignore_index, float z, float scale) {
+#pragma omp parallel
+    {
+        std::vector<float> e_row(std::is_same_v<T, float> ? 0 : V);
+#pragma omp for schedule(static)
+        for (std::int64_t row = 0; row < N; ++row) {
+            const T* x = x_all + row * Vp;  // int64: N * Vp exceeds 2^31 past 42k rows of 50304
+            T* dx = dx_all + row * Vp;
+            const std::int64_t t = t_all[row];
+            std::fill(dx + V, dx + Vp, from_float<T>(0.f));
+            if (t == ignore_index) {
+                std::fill(dx, dx + V, from_float<T>(0.f));
+                loss_all[row] = 0.f;
+                continue;
+            }
+            const std::int64_t t_safe = std::clamp<std::int64_t>(t, 0, V - 1);  // never outside the row
+            float* e = std::is_same_v<T, float> ? reinterpret_cast<float*>(dx) : e_row.data();
+            loss_all[row] = row_loss_and_grad(x, dx, e, V, t_safe, z, scale);
+        }
+    }
 }
 
 // max over x[0, V) (V >= 1), as an integer max of order keys (see order_key)
@@ -162,32 +203,15 @@ void cross_entropy_grad_cpu(std::uintptr_t logits, std::uintptr_t targets, std::
 
 void cross_entropy_fwd_cpu(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t losses,
                            std::uintptr_t dlogits, std::int64_t N, std::int64_t Vp, std::int64_t V,
-                           std::int64_t ignore_index, double z_loss, double grad_scale) {
+                           std::int64_t ignore_index, double z_loss, double grad_scale, DType dtype) {
     require(N >= 0, "cross_entropy_fwd_cpu: N must be >= 0");
     require(V >= 1 && V <= Vp, "cross_entropy_fwd_cpu: need 1 <= V <= Vp");
-    const float* x_all = ptr<const float>(logits);
-    const std::int64_t* t_all = ptr<const std::int64_t>(targets);
-    float* loss_all = ptr<float>(losses);
-    float* dx_all = ptr<float>(dlogits);
-    const float z = static_cast<float>(z_loss), scale = static_cast<float>(grad_scale);
-#pragma omp parallel for schedule(static)
-    for (std::int64_t row = 0; row < N; ++row) {
-        const float* x = x_all + row * Vp;  // int64: N * Vp exceeds 2^31 past 42k rows of 50304
-        float* dx = dx_all + row * Vp;
-        const std::int64_t t = t_all[row];
-        std::fill(dx + V, dx + Vp, 0.f);
-        if (t == ignore_index) {
-            std::fill(dx, dx + V, 0.f);
-            loss_all[row] = 0.f;
-            continue;
-        }
-        const std::int64_t t_safe = std::clamp<std::int64_t>(t, 0, V - 1);  // never outside the row
-        const float x_t = x[t_safe];  // read before dx (maybe x itself) is written
-        const RowStats st = softmax_row(x, dx, V, [&](float lse) { return scale * (1.f + 2.f * z * lse); });
-        dx[t_safe] -= scale;
-        const float lse = st.m + st.log_s;
-        loss_all[row] = (st.m - x_t) + st.log_s + z * lse * lse;
-    }
+    dispatch_cpu_dtype(dtype, "cross_entropy_fwd_cpu", [&](auto tag) {
+        using T = decltype(tag);
+        cross_entropy_rows(ptr<const T>(logits), ptr<const std::int64_t>(targets), ptr<float>(losses),
+                           ptr<T>(dlogits), N, Vp, V, ignore_index, static_cast<float>(z_loss),
+                           static_cast<float>(grad_scale));
+    });
 }
 
 }  // namespace nanolm

@@ -1,7 +1,7 @@
 // LayerNorm launchers (forward with optional fused residual add, backward with optional
 // residual gradient). Pointers are tensor.data_ptr() values; 0 means "absent" for the optional
-// ones (residual, residual_out, bias, dresidual). The CPU kernels take float32; the CUDA ones
-// float32 or bfloat16 (dtype). mean, rstd, dweight, dbias are always float32.
+// ones (residual, residual_out, bias, dresidual). The CPU kernels take float32, bfloat16 or
+// float16; the CUDA ones float32 or bfloat16 (dtype). mean, rstd, dweight, dbias are always float32.
 #pragma once
 #include <cstdint>
 
@@ -15,14 +15,15 @@ namespace nanolm {
 void layernorm_fwd_cpu(std::uintptr_t x, std::uintptr_t residual, std::uintptr_t residual_out,
                        std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t y,
                        std::uintptr_t mean, std::uintptr_t rstd, std::int64_t N, std::int64_t C,
-                       double eps, const DropoutParams& dropout);
+                       double eps, DType dtype, const DropoutParams& dropout);
 
 // dx = rstd * (w*dy - (xhat * c1 + c2)) (+ dresidual); dweight = sum_rows dy*xhat; dbias = sum_rows dy.
 // With dropout enabled also dbranch = dropout(dx), the same mask as the forward's.
 void layernorm_bwd_cpu(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weight,
                        std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t dresidual,
                        std::uintptr_t dx, std::uintptr_t dweight, std::uintptr_t dbias,
-                       std::int64_t N, std::int64_t C, std::uintptr_t dbranch, const DropoutParams& dropout);
+                       std::int64_t N, std::int64_t C, DType dtype,
+                       std::uintptr_t dbranch, const DropoutParams& dropout);
 
 #ifdef NANOLM_WITH_CUDA
 // Largest row length the CUDA kernels take (each thread caches at most 16 values of a row).

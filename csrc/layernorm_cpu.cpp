@@ -1,14 +1,19 @@
-// LayerNorm forward and backward on the CPU, float32, with the residual add fused (see
-// layernorm.cu for the math). OpenMP splits rows over threads; each row's loops are written so
+// LayerNorm forward and backward on the CPU, float32, bf16 or fp16 values, with the residual add fused
+// (see layernorm.cu for the math). OpenMP splits rows over threads; each row's loops are written so
 // the compiler vectorizes them (`omp simd` reductions; no aliasing between the arrays).
+// 16-bit rows are widened into a per-thread fp32 row first; statistics, dw and db stay fp32
+// (mean, rstd, dweight, dbias are fp32 whatever the input dtype), and x + residual is rounded to
+// the storage type before it is normalized, so forward and backward see the same residual_out.
 // Dropout of the branch (dropout.h), when enabled: h = x * factor (+ residual), the factors
-// (1/(1-p) or 0) of a row generated into a per-thread buffer; the backward regenerates them
+// (1/(1-p) or 0) of a row generated into a per-thread buffer and applied in fp32 to the widened
+// x; h is rounded to the storage type and stored to residual_out. The backward regenerates them
 // and writes dbranch = dx * factor in the same pass. Disabled, the kDropout = false
 // instantiation is the code without dropout.
 //
-// Memory traffic, 4-byte values: forward reads N*C (+ N*C residual) + 2C, writes N*C
-// (+ N*C residual_out) + 2N; backward reads 2*N*C (+ N*C dresidual) + C + 2N, writes N*C + 2C,
-// plus the per-chunk dw/db partial sums (kChunks * C * 2 values, in cache).
+// Memory traffic, s-byte values (4 fp32, 2 bf16/fp16): forward reads N*C (+ N*C residual) + 2C,
+// writes N*C (+ N*C residual_out) values + 2N fp32; backward reads 2*N*C (+ N*C dresidual) + C
+// values + 2N fp32, writes N*C (+ N*C dbranch with dropout) values + 2C fp32, plus the per-chunk dw/db partial sums
+// (kChunks * C * 2 fp32, in cache).
 //
 // dw/db are deterministic whatever the thread count: rows are cut into at most kChunks fixed
 // ranges (depending on N only); each range's column sums go to its own row of a partial
@@ -17,9 +22,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
+#include "cpu_bf16.h"
 #include "dropout.h"
 #include "layernorm.h"
 
@@ -28,26 +35,62 @@ namespace {
 
 constexpr std::int64_t kChunks = 64;
 
-// h = x (+ residual, written to residual_out); with kDropout h = x * factor (+ residual), always
-// written to residual_out. Returns h's row and sets its mean and rstd.
-template <bool kDropout>
-const float* row_stats(const float* x, const float* residual, float* residual_out, const float* factor,
-                       std::int64_t C, float eps, float& mean_out, float& rstd_out) {
-    const float* h = x;
-    if constexpr (kDropout) {
-        if (residual != nullptr) {
+// h = x (+ residual), or with kDropout h = x * factor (+ residual), as fp32. Stored to
+// residual_out when there is a residual or kDropout (rounded to T first, as it is stored, and
+// for 16-bit T widened back into buf); for fp32 x without either, x itself; else widened into buf.
+template <typename T, bool kDropout>
+const float* load_row(const T* x, const T* residual, T* residual_out, const float* factor, float* buf,
+                      std::int64_t C) {
+    if constexpr (std::is_same_v<T, float>) {
+        if constexpr (kDropout) {
+            if (residual != nullptr) {
 #pragma omp simd
-            for (std::int64_t c = 0; c < C; ++c) residual_out[c] = x[c] * factor[c] + residual[c];
-        } else {
+                for (std::int64_t c = 0; c < C; ++c) residual_out[c] = x[c] * factor[c] + residual[c];
+            } else {
 #pragma omp simd
-            for (std::int64_t c = 0; c < C; ++c) residual_out[c] = x[c] * factor[c];
+                for (std::int64_t c = 0; c < C; ++c) residual_out[c] = x[c] * factor[c];
+            }
+            return residual_out;
         }
-        h = residual_out;
-    } else if (residual != nullptr) {
+        if (residual == nullptr) return x;
 #pragma omp simd
         for (std::int64_t c = 0; c < C; ++c) residual_out[c] = x[c] + residual[c];
-        h = residual_out;
+        return residual_out;
+    } else {
+        if constexpr (kDropout) {
+            if (residual != nullptr) {
+#pragma omp simd
+                for (std::int64_t c = 0; c < C; ++c) {
+                    const T h = from_float<T>(to_float(x[c]) * factor[c] + to_float(residual[c]));
+                    residual_out[c] = h;
+                    buf[c] = to_float(h);
+                }
+            } else {
+#pragma omp simd
+                for (std::int64_t c = 0; c < C; ++c) {
+                    const T h = from_float<T>(to_float(x[c]) * factor[c]);
+                    residual_out[c] = h;
+                    buf[c] = to_float(h);
+                }
+            }
+            return buf;
+        }
+        if (residual == nullptr) {
+            widen(x, buf, C);
+            return buf;
+        }
+#pragma omp simd
+        for (std::int64_t c = 0; c < C; ++c) {
+            const T h = from_float<T>(to_float(x[c]) + to_float(residual[c]));
+            residual_out[c] = h;
+            buf[c] = to_float(h);
+        }
+        return buf;
     }
+}
+
+// The mean and rstd of a row h.
+void row_stats(const float* h, std::int64_t C, float eps, float& mean_out, float& rstd_out) {
     // one pass of shifted moments: shifting by a sample of the row (h[0]) keeps
     // E[(h-K)^2] - E[h-K]^2 free of the cancellation a large mean would cause
     const float K = h[0];
@@ -63,7 +106,19 @@ const float* row_stats(const float* x, const float* residual, float* residual_ou
     const float var = std::max(s2 / C - shifted_mean * shifted_mean, 0.f);
     mean_out = mu;
     rstd_out = 1.f / std::sqrt(var + eps);
-    return h;
+}
+
+// A (C,) vector as fp32: the vector itself, or widened into buf (empty for a null vector).
+template <typename T>
+const float* as_float(const T* v, std::vector<float>& buf, std::int64_t C) {
+    if constexpr (std::is_same_v<T, float>) {
+        return v;
+    } else {
+        if (v == nullptr) return nullptr;
+        buf.resize(C);
+        widen(v, buf.data(), C);
+        return buf.data();
+    }
 }
 
 // dx for one row (and dbranch = dx * factor with kDropout); adds the row's dy*xhat and dy into dw, db.
@@ -91,64 +146,90 @@ void backward_row(const float* dy, const float* x, const float* w, float mu, flo
     }
 }
 
-template <bool kDropout>
-void forward_rows(std::uintptr_t x, std::uintptr_t residual, std::uintptr_t residual_out,
-                  std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t y, std::uintptr_t mean,
-                  std::uintptr_t rstd, std::int64_t N, std::int64_t C, double eps,
-                  const DropoutParams& dropout) {
-    const float* w = ptr<const float>(weight);
-    const float* b = ptr<const float>(bias);
-#pragma omp parallel for schedule(static)
-    for (std::int64_t row = 0; row < N; ++row) {
-        const std::int64_t off = row * C;
-        float mu, rs;
-        static thread_local std::vector<float> factor;  // the row's dropout factors
-        if constexpr (kDropout) {
-            factor.resize(C);
-            dropout_factors(dropout, static_cast<std::uint64_t>(off), C, factor.data());
+// Each chunk of rows: dx (and dbranch with kDropout), and the chunk's dw/db column sums into
+// its row of `part`.
+template <typename T, bool kDropout>
+void backward_chunks(const T* dy, const T* x, const T* weight, const float* mean, const float* rstd,
+                     const T* dresidual, T* dx, T* dbranch, float* part, std::int64_t N, std::int64_t C,
+                     std::int64_t chunks, std::int64_t rows_per_chunk, const DropoutParams& dropout) {
+    constexpr bool kFloat = std::is_same_v<T, float>;
+    std::vector<float> w_buf;
+    const float* w = as_float(weight, w_buf, C);
+#pragma omp parallel
+    {
+        std::vector<float> rows(kFloat ? 0 : 5 * C);  // dy, x, dresidual, dx, dbranch of one row, as fp32
+        std::vector<float> factor(kDropout ? C : 0);  // the row's dropout factors, regenerated
+#pragma omp for schedule(static)
+        for (std::int64_t chunk = 0; chunk < chunks; ++chunk) {
+            float* dw = part + 2 * chunk * C;
+            float* db = dw + C;
+            std::fill(dw, db + C, 0.f);
+            const std::int64_t end = std::min(N, (chunk + 1) * rows_per_chunk);
+            for (std::int64_t row = chunk * rows_per_chunk; row < end; ++row) {
+                const std::int64_t off = row * C;
+                if constexpr (kDropout) dropout_factors(dropout, static_cast<std::uint64_t>(off), C, factor.data());
+                if constexpr (kFloat) {
+                    backward_row<kDropout>(dy + off, x + off, w, mean[row], rstd[row],
+                                           dresidual ? dresidual + off : nullptr, dx + off, dw, db,
+                                           factor.data(), kDropout ? dbranch + off : nullptr, C);
+                } else {
+                    float *dy_f = rows.data(), *x_f = dy_f + C, *dres_f = x_f + C, *dx_f = dres_f + C;
+                    float* dbranch_f = dx_f + C;
+                    widen(dy + off, dy_f, C);
+                    widen(x + off, x_f, C);
+                    if (dresidual) widen(dresidual + off, dres_f, C);
+                    backward_row<kDropout>(dy_f, x_f, w, mean[row], rstd[row], dresidual ? dres_f : nullptr,
+                                           dx_f, dw, db, factor.data(), dbranch_f, C);
+                    narrow(dx_f, dx + off, C);
+                    if constexpr (kDropout) narrow(dbranch_f, dbranch + off, C);
+                }
+            }
         }
-        const float* h = row_stats<kDropout>(ptr<const float>(x) + off,
-                                             residual ? ptr<const float>(residual) + off : nullptr,
-                                             residual_out ? ptr<float>(residual_out) + off : nullptr,
-                                             factor.data(), C, static_cast<float>(eps), mu, rs);
-        float* out = ptr<float>(y) + off;
-        if (b != nullptr) {
-#pragma omp simd
-            for (std::int64_t c = 0; c < C; ++c) out[c] = (h[c] - mu) * rs * w[c] + b[c];
-        } else {
-#pragma omp simd
-            for (std::int64_t c = 0; c < C; ++c) out[c] = (h[c] - mu) * rs * w[c];
-        }
-        ptr<float>(mean)[row] = mu;
-        ptr<float>(rstd)[row] = rs;
     }
 }
 
-// dx (and dbranch) of the rows of each chunk; the chunk's dw, db column sums into part.
-template <bool kDropout>
-void backward_chunks(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weight, std::uintptr_t mean,
-                     std::uintptr_t rstd, std::uintptr_t dresidual, std::uintptr_t dx, std::uintptr_t dbranch,
-                     float* part, std::int64_t chunks, std::int64_t rows_per_chunk, std::int64_t N,
-                     std::int64_t C, const DropoutParams& dropout) {
-    const float* w = ptr<const float>(weight);
-    const float* m = ptr<const float>(mean);
-    const float* r = ptr<const float>(rstd);
-#pragma omp parallel for schedule(static)
-    for (std::int64_t chunk = 0; chunk < chunks; ++chunk) {
-        float* dw = part + 2 * chunk * C;
-        float* db = dw + C;
-        std::fill(dw, db + C, 0.f);
-        static thread_local std::vector<float> factor;  // the row's dropout factors, regenerated
-        if constexpr (kDropout) factor.resize(C);
-        const std::int64_t end = std::min(N, (chunk + 1) * rows_per_chunk);
-        for (std::int64_t row = chunk * rows_per_chunk; row < end; ++row) {
-            const std::int64_t off = row * C;
+template <typename T, bool kDropout>
+void forward_rows(const T* x, const T* residual, T* residual_out, const T* weight, const T* bias, T* y,
+                  float* mean, float* rstd, std::int64_t N, std::int64_t C, float eps,
+                  const DropoutParams& dropout) {
+    std::vector<float> w_buf, b_buf;
+    const float* w = as_float(weight, w_buf, C);
+    const float* b = as_float(bias, b_buf, C);
+#pragma omp parallel
+    {
+        std::vector<float> row(std::is_same_v<T, float> ? 0 : 2 * C);  // h, then y
+        std::vector<float> factor(kDropout ? C : 0);                    // the row's dropout factors
+#pragma omp for schedule(static)
+        for (std::int64_t r = 0; r < N; ++r) {
+            const std::int64_t off = r * C;
             if constexpr (kDropout) dropout_factors(dropout, static_cast<std::uint64_t>(off), C, factor.data());
-            backward_row<kDropout>(ptr<const float>(dy) + off, ptr<const float>(x) + off, w, m[row], r[row],
-                                   dresidual ? ptr<const float>(dresidual) + off : nullptr, ptr<float>(dx) + off,
-                                   dw, db, factor.data(), kDropout ? ptr<float>(dbranch) + off : nullptr, C);
+            const float* h = load_row<T, kDropout>(x + off, residual ? residual + off : nullptr,
+                                                   residual_out ? residual_out + off : nullptr, factor.data(),
+                                                   row.data(), C);
+            float mu, rs;
+            row_stats(h, C, eps, mu, rs);
+            float* out = std::is_same_v<T, float> ? reinterpret_cast<float*>(y + off) : row.data() + C;
+            if (b != nullptr) {
+#pragma omp simd
+                for (std::int64_t c = 0; c < C; ++c) out[c] = (h[c] - mu) * rs * w[c] + b[c];
+            } else {
+#pragma omp simd
+                for (std::int64_t c = 0; c < C; ++c) out[c] = (h[c] - mu) * rs * w[c];
+            }
+            if constexpr (!std::is_same_v<T, float>) narrow(out, y + off, C);
+            mean[r] = mu;
+            rstd[r] = rs;
         }
     }
+}
+
+// Calls fn(std::true_type) with dropout enabled, fn(std::false_type) without.
+template <typename Fn>
+void with_dropout(const DropoutParams& dropout, Fn&& fn) {
+    if (dropout.enabled)
+        fn(std::true_type{});
+    else
+        fn(std::false_type{});
 }
 
 }  // namespace
@@ -156,23 +237,30 @@ void backward_chunks(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weight,
 void layernorm_fwd_cpu(std::uintptr_t x, std::uintptr_t residual, std::uintptr_t residual_out,
                        std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t y,
                        std::uintptr_t mean, std::uintptr_t rstd, std::int64_t N, std::int64_t C,
-                       double eps, const DropoutParams& dropout) {
+                       double eps, DType dtype, const DropoutParams& dropout) {
     require(N >= 0 && C >= 1, "layernorm_fwd_cpu: need N >= 0 and C >= 1, got N=" + std::to_string(N) +
                                   " C=" + std::to_string(C));
-    if (dropout.enabled) {
+    if (dropout.enabled)
         require(residual_out != 0, "layernorm_fwd_cpu: dropout needs residual_out");
-        forward_rows<true>(x, residual, residual_out, weight, bias, y, mean, rstd, N, C, eps, dropout);
-    } else {
+    else
         require((residual == 0) == (residual_out == 0),
                 "layernorm_fwd_cpu: residual and residual_out must be given together");
-        forward_rows<false>(x, residual, residual_out, weight, bias, y, mean, rstd, N, C, eps, dropout);
-    }
+    dispatch_cpu_dtype(dtype, "layernorm_fwd_cpu", [&](auto t) {
+        using T = decltype(t);
+        with_dropout(dropout, [&](auto drop) {
+            forward_rows<T, decltype(drop)::value>(ptr<const T>(x), ptr<const T>(residual), ptr<T>(residual_out),
+                                                   ptr<const T>(weight), ptr<const T>(bias), ptr<T>(y),
+                                                   ptr<float>(mean), ptr<float>(rstd), N, C,
+                                                   static_cast<float>(eps), dropout);
+        });
+    });
 }
 
 void layernorm_bwd_cpu(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weight,
                        std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t dresidual,
                        std::uintptr_t dx, std::uintptr_t dweight, std::uintptr_t dbias,
-                       std::int64_t N, std::int64_t C, std::uintptr_t dbranch, const DropoutParams& dropout) {
+                       std::int64_t N, std::int64_t C, DType dtype,
+                       std::uintptr_t dbranch, const DropoutParams& dropout) {
     require(N >= 0 && C >= 1, "layernorm_bwd_cpu: need N >= 0 and C >= 1, got N=" + std::to_string(N) +
                                   " C=" + std::to_string(C));
     require(!dropout.enabled || dbranch != 0, "layernorm_bwd_cpu: dropout needs dbranch");
@@ -183,12 +271,15 @@ void layernorm_bwd_cpu(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weigh
     static thread_local std::vector<float> partial;
     partial.resize(std::max(partial.size(), static_cast<std::size_t>(2 * chunks * C)));
     float* part = partial.data();
-    if (dropout.enabled)
-        backward_chunks<true>(dy, x, weight, mean, rstd, dresidual, dx, dbranch, part, chunks, rows_per_chunk,
-                              N, C, dropout);
-    else
-        backward_chunks<false>(dy, x, weight, mean, rstd, dresidual, dx, dbranch, part, chunks, rows_per_chunk,
-                               N, C, dropout);
+    dispatch_cpu_dtype(dtype, "layernorm_bwd_cpu", [&](auto t) {
+        using T = decltype(t);
+        with_dropout(dropout, [&](auto drop) {
+            backward_chunks<T, decltype(drop)::value>(ptr<const T>(dy), ptr<const T>(x), ptr<const T>(weight),
+                                                      ptr<const float>(mean), ptr<const float>(rstd),
+                                                      ptr<const T>(dresidual), ptr<T>(dx), ptr<T>(dbranch), part,
+                                                      N, C, chunks, rows_per_chunk, dropout);
+        });
+    });
     // chunk partials added in chunk order for every column; columns split over threads
     float* dw_out = ptr<float>(dweight);
     float* db_out = ptr<float>(dbias);

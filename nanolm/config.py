@@ -73,7 +73,8 @@ class TrainConfig:
     early_stop: int = 0  # stop after this many evals in a row without a new lowest val loss; 0 = never
     seed: int = 1337
     device: str = "auto"  # cuda if available, else cpu
-    dtype: str = "auto"  # bf16 autocast on cuda, fp32 on cpu
+    dtype: str = "auto"  # autocast: bf16 on cuda and on CPUs with native bf16, else fp32; or float16 (loss-scaled)
+    loss_scale_window: int = 2000  # float16: clean steps before the loss scale doubles (torch GradScaler's)
     # --kernels picks the backend of each op (the model's `impls`): "auto", one backend name, or
     # per-op overrides such as "auto,attention=triton"; see nanolm/backends/__init__.py
     kernels: str = "auto"
@@ -198,8 +199,10 @@ def validate(cfg):
         raise ConfigError("--resume and --init_from exclude each other: --resume continues a run "
                           "(its weights, optimizer and data position), --init_from starts a new one "
                           "from weights")
-    if cfg.dtype not in ("auto", "float32", "bfloat16"):
-        raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
+    if cfg.loss_scale_window < 1:
+        raise ConfigError(f"loss_scale_window must be >= 1, got {cfg.loss_scale_window}")
     mc = model_config(cfg, 256)
     if mc.n_head % cfg.tp:
         raise ConfigError(f"n_head={mc.n_head} is not divisible by tp={cfg.tp}")

@@ -3,16 +3,40 @@
 Every function takes `backend`, a module from nanolm/backends/ (see torch_ref.py for the
 contract), so the model and optimizer choose implementations once and never branch on them.
 The autograd Functions here save what the backward needs and reshape; the math lives in the
-backends. They are wrapped with torch.amp.custom_fwd/custom_bwd so the backward runs under the
-same autocast state as the forward.
+backends. They are wrapped with torch.amp.custom_fwd/custom_bwd (for the device their inputs
+are on, CPU or CUDA) so the backward runs under the same autocast state as the forward.
 """
+import functools
 import math
 from typing import NamedTuple
 
 import torch
 
-_amp_fwd = torch.amp.custom_fwd(device_type="cuda")
-_amp_bwd = torch.amp.custom_bwd(device_type="cuda")
+
+def _device_type(args):
+    return next(a.device.type for a in args if isinstance(a, torch.Tensor))
+
+
+def _amp_fwd(forward):
+    """torch.amp.custom_fwd for the device type of the first tensor argument (custom_fwd itself
+    takes one device type, fixed when decorating)."""
+    by_device = {d: torch.amp.custom_fwd(forward, device_type=d) for d in ("cpu", "cuda")}
+
+    @functools.wraps(forward)
+    def wrapper(ctx, *args):
+        ctx.amp_device = _device_type(args)
+        return by_device[ctx.amp_device](ctx, *args)
+    return wrapper
+
+
+def _amp_bwd(backward):
+    """torch.amp.custom_bwd for the device type the forward recorded."""
+    by_device = {d: torch.amp.custom_bwd(backward, device_type=d) for d in ("cpu", "cuda")}
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        return by_device[ctx.amp_device](ctx, *grads)
+    return wrapper
 
 
 # ----------------------------------------------------------------------------- dropout
@@ -257,7 +281,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         N, C = h.shape
         n_valid = _check_targets(targets, N, vocab_size, ignore_index, "linear_cross_entropy")
         scale = 1.0 / max(n_valid, 1)
-        compute_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else h.dtype
+        device = h.device.type
+        compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         h_c, w_c = h.to(compute_dtype), weight.to(compute_dtype)
         acc = torch.float64 if compute_dtype == torch.float64 else torch.float32
         dh, dweight = None, None

@@ -13,6 +13,12 @@ AdamW moments for those alone (optimizer memory / W); the gradient norm is the a
 of every rank's piece sums of squares, so every rank clips, and skips a non-finite step, alike;
 the updated pieces are all-gathered so every rank again holds all the weights.
 
+fp16 training (`loss_scale`, a DynamicLossScale): the loss is multiplied by the scale before
+backward so small fp16 gradients do not flush to zero; the step divides the gradient norm by it
+and folds 1/scale into the AdamW kernel's grad_scale with the clip coefficient, so unscaling
+costs no extra pass over the gradients (as llm.c's grad_scale). A non-finite norm (an fp16
+overflow) skips the step and halves the scale; `growth_interval` clean steps double it.
+
 Tensor parallel (`tensor_parallel`, nanolm/tensor_parallel.py): parameters with a `tp_split`
 attribute are this rank's slices; the others are replicated, identical on every rank of the
 group. The buffer then holds 2-D slices, 2-D replicated, 1-D replicated, 1-D slices, so the
@@ -27,10 +33,35 @@ import torch
 from nanolm import ops
 
 
+class DynamicLossScale:
+    """The loss scale of fp16 training: halved on an overflow, doubled after growth_interval
+    steps in a row without one. 2^16 to start, as torch's GradScaler."""
+
+    def __init__(self, growth_interval=2000, init_scale=2.0 ** 16):
+        if growth_interval < 1:
+            raise ValueError(f"DynamicLossScale: growth_interval must be >= 1, got {growth_interval}")
+        self.scale, self.growth_interval, self.clean_steps = init_scale, growth_interval, 0
+
+    def update(self, finite):
+        if not finite:
+            self.scale, self.clean_steps = self.scale / 2, 0
+            return
+        self.clean_steps += 1
+        if self.clean_steps == self.growth_interval:
+            self.scale, self.clean_steps = self.scale * 2, 0
+
+    def state_dict(self):
+        return {"scale": self.scale, "clean_steps": self.clean_steps}
+
+    def load_state_dict(self, state):
+        self.scale, self.clean_steps = float(state["scale"]), int(state["clean_steps"])
+
+
 class FlatAdamW:
     def __init__(self, named_params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 grad_clip=0.0, backend=None, pad_to=1):
+                 grad_clip=0.0, backend=None, pad_to=1, loss_scale=None):
         self.lr, self.betas, self.eps = lr, betas, eps
+        self.loss_scale = loss_scale  # a DynamicLossScale (fp16), or None
         self.weight_decay, self.grad_clip, self.backend = weight_decay, grad_clip, backend
         self.params, names, seen = [], [], set()
         for name, p in named_params:
@@ -93,14 +124,19 @@ class FlatAdamW:
         self.flat_grad.zero_()
 
     def step(self, lr=None):
-        """Clip by global norm and update; returns the pre-clip grad norm (a float).
-        A non-finite norm skips the update (nothing is written) and counts it in `skipped`."""
+        """Clip by global norm and update; returns the pre-clip grad norm (a float, of the
+        unscaled gradients). A non-finite norm skips the update (nothing is written), counts it
+        in `skipped` and, with a loss scale, halves the scale."""
         lr = self.lr if lr is None else lr
-        norm = self._grad_norm()
+        loss_scale = self.loss_scale.scale if self.loss_scale else 1.0
+        norm = self._grad_norm() / loss_scale
+        if self.loss_scale:
+            self.loss_scale.update(math.isfinite(norm))
         if not math.isfinite(norm):
             self.skipped += 1
             return norm
-        scale = min(1.0, self.grad_clip / (norm + 1e-6)) if self.grad_clip > 0 else 1.0
+        clip = min(1.0, self.grad_clip / (norm + 1e-6)) if self.grad_clip > 0 else 1.0
+        scale = clip / loss_scale  # one multiply per gradient in the kernel: unscale and clip
         self.step_count += 1
         offset = 0
         for start, end in self.pieces:
@@ -170,10 +206,13 @@ class FlatAdamW:
     def state_dict(self):
         """Whole, unpadded moments, so a checkpoint loads on any world size. When sharded this
         gathers them: every rank must call it."""
-        return {"step": self.step_count, "skipped": self.skipped,
-                "exp_avg": self._full(self.exp_avg)[:self.numel].clone(),
-                "exp_avg_sq": self._full(self.exp_avg_sq)[:self.numel].clone(),
-                "layout": list(self.layout)}
+        state = {"step": self.step_count, "skipped": self.skipped,
+                 "exp_avg": self._full(self.exp_avg)[:self.numel].clone(),
+                 "exp_avg_sq": self._full(self.exp_avg_sq)[:self.numel].clone(),
+                 "layout": list(self.layout)}
+        if self.loss_scale:
+            state["loss_scale"] = self.loss_scale.state_dict()
+        return state
 
     def load_state_dict(self, state):
         """Accepts this class's state_dict (saved on any world size), or a torch.optim.AdamW one
@@ -184,6 +223,8 @@ class FlatAdamW:
             raise ValueError("FlatAdamW.load_state_dict: parameter layout differs from this model's")
         self.step_count, self.skipped = state["step"], state["skipped"]
         self._set_moments(state["exp_avg"], state["exp_avg_sq"])
+        if self.loss_scale and "loss_scale" in state:  # absent: a run that was not fp16 before
+            self.loss_scale.load_state_dict(state["loss_scale"])
 
     def _set_moments(self, exp_avg, exp_avg_sq):
         """Whole unpadded moments -> this rank's pieces."""

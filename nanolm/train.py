@@ -36,7 +36,7 @@ from nanolm.config import ConfigError, as_dict, cli, model_config, parse_args, p
 from nanolm.data import Loader, get_tokenizer, load_dataset, resolve_data
 from nanolm.metrics import MetricsWriter, read_metrics
 from nanolm.model import GPT, DropoutStream
-from nanolm.optim import FlatAdamW
+from nanolm.optim import DynamicLossScale, FlatAdamW
 from nanolm.sample import generate
 
 RUNS = Path("runs")  # where fresh runs without --out_dir go
@@ -57,11 +57,41 @@ def pick_device(cfg, local_rank=0):
     return device
 
 
-def autocast_ctx(cfg, device):
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+def native_bf16_cpu():
+    """The CPU's bf16 instructions (avx512_bf16 dot products, AMX tiles), or None when it has
+    none and bf16 would only be emulated (slower than fp32)."""
+    found = [name for name, has in (("avx512_bf16", torch.cpu._is_avx512_bf16_supported()),
+                                    ("amx", torch.cpu._is_amx_tile_supported())) if has]
+    return ", ".join(found) or None
+
+
+def pick_dtype(cfg, device):
+    """(autocast dtype name, why): --dtype, or for auto bf16 on CUDA and on a CPU that computes
+    bf16 natively (matmuls 4.5-5x fp32's on an AVX512-BF16 EPYC), fp32 on other CPUs."""
+    if cfg.dtype != "auto":
+        return cfg.dtype, "--dtype"
+    if device.type == "cuda":
+        return "bfloat16", "auto: CUDA"
+    native = native_bf16_cpu()
+    if native:
+        return "bfloat16", f"auto: this CPU computes bf16 natively ({native})"
+    return "float32", "auto: this CPU has no native bf16"
+
+
+def check_kernels_take(dtype, choice, device):
+    """Under autocast, attention and the lm_head's cross-entropy receive `dtype` activations
+    (layernorm and AdamW stay fp32): a chosen backend whose SUPPORT lacks it is an error here,
+    before the run dir exists, not at the first evaluation."""
+    for op in ("attention", "cross_entropy"):
+        reason = backends.unavailable_reason(choice[op], op, device, getattr(torch, dtype))
+        if reason is not None:
+            raise ValueError(f"--dtype={dtype}: kernel backend {choice[op]!r} cannot run {op} in it: {reason}")
+
+
+def autocast_ctx(dtype, device):
     if dtype == "float32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
 
 
 def peak_flops(cfg, device):
@@ -106,7 +136,7 @@ class Run:
     train: Loader  # this rank's share of every global batch
     val: Loader
     val_start: dict  # the val loader's state, rewound to before every evaluation
-    autocast: contextlib.AbstractContextManager  # bf16 autocast, or nothing in fp32
+    autocast: contextlib.AbstractContextManager  # bf16/fp16 autocast, or nothing in fp32
     dist: dist.Context
     config: dict  # the run's config with the model's, saved with every checkpoint
     n_params: int  # non-embedding parameters of the whole model (with --tp, not only this rank's slice)
@@ -133,8 +163,11 @@ def setup(cfg):
             raise ValueError(f"block_size={mcfg.block_size} is larger than the {split} data "
                              f"({len(tokens)} tokens)")
     choice = backends.resolve(cfg.kernels, device)  # --kernels: {op: backend name}
+    dtype, why = pick_dtype(cfg, device)
+    check_kernels_take(dtype, choice, device)
     if env.is_main:
         print("kernels: " + ", ".join(f"{op}={name}" for op, name in choice.items()))
+        print(f"dtype: {dtype} ({why})")
     impls = backends.impls(choice)
     if mcfg.dropout > 0:
         for op in ("layernorm", "attention"):
@@ -150,10 +183,11 @@ def setup(cfg):
     n_params = model.num_params()
     if ctx.tp_comm is not None:  # this rank's slice of the model just initialised
         tensor_parallel.parallelize(model, ctx.tp_comm)
+    loss_scale = DynamicLossScale(cfg.loss_scale_window) if dtype == "float16" else None
     opt = FlatAdamW(model.named_parameters(), cfg.lr, (cfg.beta1, cfg.beta2), 1e-8,
-                    cfg.weight_decay, cfg.grad_clip, impls["adamw"], pad_to=ctx.dp)
+                    cfg.weight_decay, cfg.grad_clip, impls["adamw"], pad_to=ctx.dp, loss_scale=loss_scale)
     ctx.attach(opt, cfg.bucket_mb, cfg.zero)
-    try_kernels(cfg, model, opt, autocast_ctx(cfg, device), device)
+    try_kernels(cfg, model, opt, autocast_ctx(dtype, device), device)
     # each data-parallel replica (all ranks of one tp group alike) reads its own batch_size
     # windows of every global step: see Loader
     train = Loader(train_tokens, cfg.batch_size, mcfg.block_size, cfg.seed, ctx.dp_rank, ctx.dp)
@@ -161,7 +195,7 @@ def setup(cfg):
     # (the same windows) on any number of ranks
     val = Loader(val_tokens, cfg.batch_size, mcfg.block_size, cfg.seed + 1, ctx.dp_rank, ctx.dp)
     return Run(device=device, tokenizer=tokenizer, model=model, opt=opt, train=train, val=val,
-               val_start=val.state_dict(), autocast=autocast_ctx(cfg, device), dist=ctx,
+               val_start=val.state_dict(), autocast=autocast_ctx(dtype, device), dist=ctx,
                config={**as_dict(cfg), "data": resolve_data(cfg.data), "model": dataclasses.asdict(mcfg)},
                n_params=n_params)
 
@@ -418,9 +452,11 @@ def evaluate(cfg, run):
 
 
 def train_step(cfg, run, lr):
-    """grad_accum micro-batches, each loss scaled by 1/grad_accum, then one optimizer step.
-    With several ranks, gradients are averaged during the last micro-batch's backward."""
+    """grad_accum micro-batches, each loss scaled by 1/grad_accum (and by the loss scale in
+    fp16), then one optimizer step. With several ranks, gradients are averaged during the last
+    micro-batch's backward."""
     model, opt = run.model, run.opt
+    loss_scale = opt.loss_scale.scale if opt.loss_scale else 1.0
     opt.zero_grad()
     losses = []  # kept on the device: reading each one would stall the GPU once per micro-batch
     for i in range(cfg.grad_accum):
@@ -429,7 +465,7 @@ def train_step(cfg, run, lr):
             loss = model(x, y) / cfg.grad_accum
         if i == cfg.grad_accum - 1:
             run.dist.arm()
-        loss.backward()
+        (loss * loss_scale if opt.loss_scale else loss).backward()
         losses.append(loss.detach())
     run.dist.finish()
     norm = opt.step(lr)
@@ -462,10 +498,13 @@ def log(cfg, run, step, loss, lr, norm, dt):
     model_flops = flops_per_token(run.model, run.n_params) * tokens / dt
     mfu = f"{100 * model_flops / (peak * run.dist.env.world_size):.1f}%" if peak else "-"
     skipped = f" skipped {run.opt.skipped}" if run.opt.skipped else ""
+    scaler = run.opt.loss_scale
+    scale = {"loss_scale": scaler.scale} if scaler else {}
     print(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | "
-          f"{1000 * dt:.0f} ms/step | {tokens / dt:.0f} tok/s | mfu {mfu}{skipped}", flush=True)
+          f"{1000 * dt:.0f} ms/step | {tokens / dt:.0f} tok/s | mfu {mfu}{skipped}"
+          + (f" | loss scale {scaler.scale:g}" if scaler else ""), flush=True)
     run.metrics.log("train", step, tokens=step * tokens, loss=loss, lr=lr, grad_norm=norm,
-                       tokens_per_s=tokens / dt)
+                    tokens_per_s=tokens / dt, **scale)
 
 
 def log_eval(cfg, run, step, val_loss):

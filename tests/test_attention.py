@@ -63,16 +63,31 @@ def check_backend(backend, B, T, nh, hs, dtype, device, fused=True):
 @pytest.mark.parametrize("B,T,nh,hs", [(1, 1, 2, 64), (2, 17, 3, 64), (1, 70, 2, 32), (2, 130, 2, 16),
                                        (1, 1000, 2, 64), (1, 1000, 1, 128)])
 @pytest.mark.parametrize("fused", [True, False])
-def test_cpu_matches_reference(B, T, nh, hs, fused, poison):
-    check_backend(cpu, B, T, nh, hs, torch.float32, "cpu", fused)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_matches_reference(B, T, nh, hs, fused, dtype, poison):
+    check_backend(cpu, B, T, nh, hs, dtype, "cpu", fused)
 
 
-def test_cpu_backward_deterministic():
-    q, k, v = make_qkv(2, 200, 3, 64, torch.float32, "cpu")
-    do = torch.randn(2, 200, 3, 64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_backward_deterministic(dtype):
+    q, k, v = make_qkv(2, 200, 3, 64, dtype, "cpu")
+    do = torch.randn(2, 200, 3, 64, dtype=dtype)
     first, second = run(cpu, q, k, v, do, 0.125), run(cpu, q, k, v, do, 0.125)
     for name, a, b in zip(NAMES, first, second):
         assert torch.equal(a, b), name
+
+
+def test_cpu_bf16_forward_uses_dot_products_where_the_cpu_has_them():
+    """With -march=native, the bf16 tests above run the AVX512-BF16 path on a CPU that has it
+    (the widened fp32 path is the fp16 one)."""
+    from nanolm import _C
+    if _C.build_info()["march"] == "native":
+        assert _C.build_info()["cpu_bf16_dot"] == torch.cpu._is_avx512_bf16_supported()
+
+
+def test_cpu_rejects_float64():
+    with pytest.raises(ValueError, match="float64"):
+        cpu.attention_fwd(*make_qkv(1, 8, 2, 64, torch.float64, "cpu"), 0.125)
 
 
 def test_cpu_through_op_layer_autograd():

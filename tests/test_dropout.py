@@ -174,6 +174,69 @@ def test_attention_gradcheck():
     assert torch.autograd.gradcheck(lambda t: ops.causal_attention(t, nh, torch_ref, dropout), (qkv,))
 
 
+# ----------------------------------------------------------------------------- 16-bit cpu kernels
+
+LN_TOL16 = {torch.bfloat16: dict(atol=2e-2, rtol=2e-2), torch.float16: dict(atol=3e-3, rtol=3e-3)}
+ATTENTION_TOL16 = {torch.bfloat16: 2e-2, torch.float16: 4e-3}  # times max(|ref|, 1), as tests/test_attention.py
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_cpu_add_layer_norm_16bit(dtype, with_residual, poison):
+    """The cpu kernels on bf16/fp16 rows: the same mask bit for bit, applied in fp32 to the widened
+    x; y and the gradients are checked against the float64 reference on the stored (rounded) h."""
+    backend, N, C = load("cpu"), 5, 777
+    t = {name: value.to(dtype) for name, value in _ln_inputs(N, C).items()}
+    residual = t["residual"] if with_residual else None
+    keep = torch_ref.dropout_keep(torch.arange(N * C).view(N, C), DROP)
+    y, h, mean, rstd = backend.add_layer_norm_fwd(t["x"], residual, t["weight"], t["bias"], EPS, DROP)
+    assert h.dtype == y.dtype == dtype
+    if not with_residual:
+        assert torch.equal(h != 0, keep), "forward mask differs from the reference's"
+    h_ref = torch.where(keep, t["x"].double() / (1 - DROP.p), 0.0)
+    if with_residual:
+        h_ref = h_ref + t["residual"].double()
+    torch.testing.assert_close(h.double(), h_ref, **LN_TOL16[dtype])
+    y_ref, mean_ref, rstd_ref = torch_ref.layer_norm_fwd(h.double(), t["weight"].double(), t["bias"].double(), EPS)
+    torch.testing.assert_close(y.double(), y_ref, **LN_TOL16[dtype])
+    dbranch = torch.empty_like(h)
+    dx, _, _ = backend.layer_norm_bwd(t["dy"], h, t["weight"], mean, rstd, t["dresidual"], DROP, dbranch)
+    dx_ref, _, _ = torch_ref.layer_norm_bwd(t["dy"].double(), h.double(), t["weight"].double(), mean_ref,
+                                            rstd_ref, t["dresidual"].double())
+    assert torch.equal(dbranch != 0, keep), "backward mask differs from the reference's"
+    torch.testing.assert_close(dx.double(), dx_ref, **LN_TOL16[dtype])
+    torch.testing.assert_close(dbranch.double(), torch.where(keep, dx_ref / (1 - DROP.p), 0.0), **LN_TOL16[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_attention_16bit(dtype, poison):
+    """The cpu attention on bf16 (its AVX512-BF16 dot-product forward where the CPU has it) and
+    fp16: values against the float64 reference, and the mask bit for bit (V = the identity)."""
+    backend, (B, T, nh, hs) = load("cpu"), (2, 67, 3, 64)
+    scale = 1 / math.sqrt(hs)
+    q, k, v, do = (torch.randn(B, T, nh, hs, dtype=dtype) for _ in range(4))
+    o, lse = backend.attention_fwd(q, k, v, scale, DROP)
+    grads = [torch.empty(B, T, nh, hs, dtype=dtype) for _ in range(3)]
+    backend.attention_bwd(do, q, k, v, o, lse, scale, *grads, DROP)
+    o_ref, lse_ref = torch_ref.attention_fwd(q.double(), k.double(), v.double(), scale, DROP)
+    refs = [torch.empty(B, T, nh, hs, dtype=torch.float64) for _ in range(3)]
+    torch_ref.attention_bwd(do.double(), q.double(), k.double(), v.double(), o.double(), lse_ref, scale, *refs,
+                            DROP)
+    for name, got, want in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, *grads), (o_ref, lse_ref, *refs)):
+        err = (got.double() - want).abs().max().item()
+        bound = ATTENTION_TOL16[dtype] * max(want.abs().max().item(), 1.0)
+        assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} ({dtype})"
+    T = hs
+    q, k = torch.randn(B, T, nh, hs, dtype=dtype), torch.randn(B, T, nh, hs, dtype=dtype)
+    eye = torch.eye(T, dtype=dtype).view(1, T, 1, T).expand(B, T, nh, T).contiguous()
+    o, lse = backend.attention_fwd(q, k, eye, scale, DROP)
+    keep = _attention_mask(B, T, nh, DROP)
+    assert torch.equal(o.transpose(1, 2) != 0, keep), "forward mask differs from the reference's"
+    dq, dk, dv = (torch.empty(B, T, nh, hs, dtype=dtype) for _ in range(3))
+    backend.attention_bwd(eye, q, k, eye, o, lse, scale, dq, dk, dv, DROP)
+    assert torch.equal(dv.transpose(1, 2).transpose(-1, -2) != 0, keep), "backward mask differs"
+
+
 def test_backend_without_dropout_says_so():
     NoDropout = types.ModuleType("nanolm.backends.fake")
     NoDropout.SUPPORT = {op: Support(dtypes={"cpu": (torch.float32,)}) for op in ("layernorm", "attention")}

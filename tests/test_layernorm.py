@@ -1,8 +1,8 @@
 """LayerNorm backends (cpu, triton, cuda) against the float64 torch reference.
 
-CPU part: the cpu backend, the Triton kernels under the interpreter (fp32, small shapes) and
-the CUDA kernels under the SIMT emulation (cuda_sim: fp32 and bf16, every threads-per-row
-layout, vector and scalar loads).
+CPU part: the cpu backend (fp32, bf16, fp16), the Triton kernels under the interpreter (fp32,
+small shapes) and the CUDA kernels under the SIMT emulation (cuda_sim: fp32 and bf16, every
+threads-per-row layout, vector and scalar loads).
 GPU part (@pytest.mark.gpu): cuda and triton at fp32/bf16 up to GPT-2-sized and larger rows.
 """
 import pytest
@@ -12,9 +12,11 @@ from nanolm import ops
 from nanolm.backends import BACKENDS, load, support_reason, torch_ref
 
 EPS = 1e-5
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+       torch.float16: dict(atol=3e-3, rtol=3e-3)}
 # dw/db sum N rows: their absolute error grows with sqrt(N) times the per-element error
-GRAD_SUM_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=1e-1, rtol=2e-2)}
+GRAD_SUM_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=1e-1, rtol=2e-2),
+                torch.float16: dict(atol=1e-2, rtol=3e-3)}
 CPU_SHAPES = [(1, 777), (5, 768), (3, 1600), (17, 64), (70, 33)]
 GPU_SHAPES = [(1, 777), (17, 768), (1000, 777), (4096, 1600), (16384, 768), (2048, 8192), (333, 8192),
               (64, 16384), (5, 1)]
@@ -86,9 +88,22 @@ def test_matches_reference_cpu(backend, N, C, fused, with_bias, poison):
     _check_backend(load(backend), N, C, torch.float32, "cpu", fused, with_bias)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,C", CPU_SHAPES + [(300, 2048)])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_cpu_16bit_matches_reference(dtype, N, C, fused, with_bias, poison):
+    _check_backend(load("cpu"), N, C, dtype, "cpu", fused, with_bias)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_deterministic_cpu(backend):
     _check_deterministic(load(backend), 150, 96, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_deterministic_cpu_16bit(dtype):
+    _check_deterministic(load("cpu"), 150, 777, dtype, "cpu")
 
 
 def test_cpu_gradients_do_not_depend_on_thread_count():
@@ -152,9 +167,9 @@ def test_bad_backward_inputs(backend):
         b.layer_norm_bwd(t["dy"].t().contiguous().t(), t["x"], t["weight"], mean, rstd, None)
 
 
-def test_cpu_backend_rejects_bf16():
-    t = _inputs(2, 8, torch.bfloat16, "cpu")
-    with pytest.raises(ValueError, match="dtype"):
+def test_cpu_backend_rejects_float64():
+    t = _inputs(2, 8, torch.float64, "cpu")
+    with pytest.raises(ValueError, match="float64"):
         load("cpu").layer_norm_fwd(t["x"], t["weight"], t["bias"], EPS)
 
 

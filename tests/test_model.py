@@ -69,3 +69,32 @@ def test_causal():
 def test_too_long_sequence():
     with pytest.raises(ValueError, match="block_size"):
         GPT(tiny(), TORCH)(torch.zeros(1, 17, dtype=torch.long))
+
+
+def _loss_and_grads(model, idx, targets):
+    model.zero_grad()
+    loss = model(idx, targets)
+    loss.backward()
+    return loss.detach().double(), [p.grad.double() for p in model.parameters()]
+
+
+@pytest.mark.skipif(backends.unavailable_reason("cpu", "attention", torch.device("cpu")) is not None,
+                    reason="nanolm._C not built")
+def test_cpu_kernels_under_cpu_bf16_autocast():
+    """Under torch.autocast("cpu", bfloat16) the op layer passes bf16 activations to the cpu
+    kernels (attention, the lm_head logits) and the backward runs as the forward did: loss and
+    every gradient agree with the float64 model to bf16 accuracy."""
+    torch.manual_seed(0)
+    cfg = tiny(n_embd=64, n_head=2, block_size=32, vocab_size=300)
+    cpu_impls = backends.impls(backends.resolve("cpu", torch.device("cpu")))
+    model = GPT(cfg, cpu_impls)
+    ref = GPT(cfg, TORCH).double()
+    ref.load_state_dict(model.state_dict())
+    idx, targets = torch.randint(0, 300, (3, 32)), torch.randint(0, 300, (3, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = _loss_and_grads(model, idx, targets)
+    ref_loss, ref_grads = _loss_and_grads(ref, idx, targets)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=0)
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        err = (g - r).norm() / r.norm()
+        assert err < 3e-2, f"{name}: relative error {err:.3g}"

@@ -6,7 +6,7 @@ import torch
 from nanolm import backends
 from nanolm.config import ModelConfig
 from nanolm.model import GPT
-from nanolm.optim import FlatAdamW
+from nanolm.optim import DynamicLossScale, FlatAdamW
 
 TORCH = backends.impls(backends.resolve("torch", torch.device("cpu")))
 HP = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
@@ -134,3 +134,53 @@ def test_load_torch_adamw_state():
     ref.step()
     assert flat.step_count == 4
     assert_params_close(a, b)
+
+
+# ----------------------------------------------------------------------------- fp16 loss scale
+
+def test_dynamic_loss_scale_halves_on_overflow_and_doubles_after_clean_steps():
+    s = DynamicLossScale(growth_interval=3, init_scale=1024.0)
+    s.update(False)
+    assert s.scale == 512
+    for _ in range(2):
+        s.update(True)
+    s.update(False)  # the overflow resets the clean-step count
+    assert s.scale == 256
+    for _ in range(3):
+        s.update(True)
+    assert s.scale == 512 and s.state_dict() == {"scale": 512, "clean_steps": 0}
+
+
+@pytest.mark.parametrize("name", ["torch", "cpu"])
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_loss_scaled_step_equals_unscaled(name, clip):
+    """Gradients of a loss scaled by 2^k, unscaled inside the AdamW step (with the clip
+    coefficient, one grad_scale): the same update, bit for bit, and the same (unscaled) norm."""
+    impls = backends.impls(backends.resolve(name, torch.device("cpu")))
+    a, b = model_pair()
+    scaled = FlatAdamW(a.named_parameters(), weight_decay=0.1, grad_clip=clip, backend=impls["adamw"],
+                       loss_scale=DynamicLossScale(init_scale=2.0 ** 12), **HP)
+    plain = FlatAdamW(b.named_parameters(), weight_decay=0.1, grad_clip=clip, backend=impls["adamw"], **HP)
+    for _ in range(3):
+        g = torch.randn_like(plain.flat_grad)
+        scaled.flat_grad.copy_(g * 2.0 ** 12)
+        plain.flat_grad.copy_(g)
+        assert scaled.step() == plain.step()
+    assert torch.equal(scaled.flat_param, plain.flat_param)
+    assert torch.equal(scaled.exp_avg_sq, plain.exp_avg_sq)
+
+
+def test_loss_scaled_overflow_skips_and_halves_and_is_saved():
+    a, b = model_pair()
+    flat = FlatAdamW(a.named_parameters(), weight_decay=0.1, grad_clip=1.0, backend=TORCH["adamw"],
+                     loss_scale=DynamicLossScale(init_scale=2.0 ** 16), **HP)
+    before = flat.flat_param.clone()
+    flat.flat_grad.normal_()
+    flat.flat_grad[5] = float("inf")
+    assert not math.isfinite(flat.step())
+    assert flat.skipped == 1 and flat.step_count == 0 and torch.equal(flat.flat_param, before)
+    assert flat.loss_scale.scale == 2.0 ** 15
+    other = FlatAdamW(b.named_parameters(), weight_decay=0.1, grad_clip=1.0, backend=TORCH["adamw"],
+                      loss_scale=DynamicLossScale(), **HP)
+    other.load_state_dict(flat.state_dict())
+    assert other.loss_scale.state_dict() == flat.loss_scale.state_dict()

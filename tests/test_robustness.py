@@ -480,7 +480,7 @@ def bad_checksum(monkeypatch, tmp_path):
     (["--data=shakespeare"], bad_checksum, "sha256"),
     (["--data=latin1.txt"], "latin1", "latin1.txt: not UTF-8"),
     (["--device=tpu"], None, "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
-    (["--dtype=bfloat16", "--kernels=cpu"], None, "--dtype=bfloat16"),
+    (["--dtype=bfloat16", "--kernels=triton"], None, "--dtype=bfloat16"),
     (["--resume", "--init_from=x"], None, "--resume and --init_from"),
     (["--zero=1"], None, "--zero=1 needs several processes"),
     (["--out_dir=a_file/run"], "a_file", "a_file"),

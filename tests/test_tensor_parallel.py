@@ -323,7 +323,8 @@ def test_torchrun_tp2_dp2_matches_one_process_and_resumes_across_layouts(tmp_pat
     from nanolm.train import config_from_args, train
     args = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--eval_iters=1",
             "--log_interval=2", "--max_steps=6", "--eval_interval=100", "--sample_tokens=4",
-            "--kernels=cpu", "--grad_accum=2", "--ckpt_interval=4", "--warmup=2", "--lr=3e-3"]
+            "--kernels=cpu", "--grad_accum=2", "--ckpt_interval=4", "--warmup=2", "--lr=3e-3",
+            "--dtype=float32"]  # compared at fp32 tolerance across layouts: no bf16 autocast
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC")}
 
     def torchrun(ranks, *more):

@@ -11,6 +11,7 @@ from nanolm import train as train_module
 from nanolm.config import ConfigError, parse_args
 from nanolm.data import Loader, get_tokenizer
 from nanolm.metrics import read_metrics
+from nanolm.optim import FlatAdamW
 from nanolm.train import config_from_args, get_lr, main, train
 
 @pytest.fixture(autouse=True)
@@ -188,3 +189,74 @@ def test_run_dir_records(straight_run):
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 4, 8]
     assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in evals)
+
+
+# ----------------------------------------------------------------------------- dtype, fp16 loss scaling
+
+@pytest.mark.parametrize("native,dtype", [("avx512_bf16", "bfloat16"), (None, "float32")])
+def test_dtype_auto_on_cpu_follows_native_bf16(native, dtype, monkeypatch):
+    monkeypatch.setattr(train_module, "native_bf16_cpu", lambda: native)
+    picked, why = train_module.pick_dtype(parse_args([]), torch.device("cpu"))
+    assert picked == dtype and why.startswith("auto")
+    assert train_module.pick_dtype(parse_args(["--dtype=float32"]), torch.device("cpu"))[0] == "float32"
+
+
+def test_dtype_is_printed(capsys):
+    train(parse_args(TINY + ["--max_steps=1", "--eval_interval=1", "--dtype=bfloat16", "--kernels=cpu"]))
+    assert "dtype: bfloat16 (--dtype)" in capsys.readouterr().out
+
+
+FP16 = RESUMABLE + ["--dtype=float16", "--loss_scale_window=3"]
+
+
+@pytest.fixture(scope="module")
+def fp16_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp16")
+    train(parse_args(FP16 + [f"--out_dir={out}"]))
+    return out
+
+
+def test_fp16_loss_scale_is_logged_saved_and_resumes_bit_for_bit(fp16_run, tmp_path):
+    """The loss scale is logged every log line and saved in each checkpoint, so resuming from
+    checkpoint 4 ends exactly where the straight run did, with the same scale. (This tiny model
+    overflows fp16 at the initial 2^16 on its first step: that step is skipped, as it should.)"""
+    train_records = [r for r in read_metrics(fp16_run) if r["kind"] == "train"]
+    assert len(train_records) == 4 and all(r["loss_scale"] >= 1 for r in train_records)
+    train(config_from_args([f"--resume={fp16_run / 'ckpt_00000004.pt'}", f"--out_dir={tmp_path}"]))
+    assert_same_state(final_state(fp16_run), final_state(tmp_path))
+    saved = [checkpoint.load(d)["optimizer"]["loss_scale"] for d in (fp16_run, tmp_path)]
+    assert saved[0] == saved[1] and saved[0]["scale"] == train_records[-1]["loss_scale"]
+
+
+def test_fp16_injected_overflow_skips_the_step_and_halves_the_scale(tmp_path, monkeypatch):
+    """An inf written into the gradients before the 3rd and 4th optimizer steps (as an fp16
+    overflow leaves them): each is skipped with the weights untouched, each halves the scale,
+    and training goes on to a finite loss."""
+    real_step, calls, injected = FlatAdamW.step, [], []
+
+    def step_with_overflow(self, lr=None):
+        calls.append(1)
+        if len(calls) not in (3, 4):
+            return real_step(self, lr)
+        self.flat_grad[7] = float("inf")
+        weights, scale, skipped = self.flat_param.clone(), self.loss_scale.scale, self.skipped
+        norm = real_step(self, lr)
+        injected.append(torch.equal(self.flat_param, weights) and self.loss_scale.scale == scale / 2
+                        and self.skipped == skipped + 1)
+        return norm
+
+    monkeypatch.setattr(FlatAdamW, "step", step_with_overflow)
+    history = train(parse_args(FP16 + ["--loss_scale_window=100", f"--out_dir={tmp_path}"]))
+    assert injected == [True, True]
+    assert checkpoint.load(tmp_path)["optimizer"]["skipped"] >= 2
+    assert math.isfinite(history["val"]) and history["val"] < history["first_val"]
+
+
+def test_dtype_a_kernel_lacks_fails_before_the_run_dir(tmp_path):
+    """Triton on CPU runs in the interpreter with fp32 attention only: bf16 there is refused
+    before anything is written."""
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError,
+                       match="kernel backend 'triton' cannot run attention in it: attention on cpu takes float32"):
+        train(parse_args(TINY + ["--max_steps=1", "--dtype=bfloat16", "--kernels=triton", f"--out_dir={out}"]))
+    assert not out.exists()
