@@ -23,7 +23,8 @@ def op_table(op, rows, skipped):
         if r["status"] != "ok":
             cells = [r["case"], r["impl"], "FAILED", r["error"].replace("|", "/")] + [""] * (len(head) - 4)
         else:
-            cells = [r["case"], r["impl"], f"{r['time_ms']:.3f}", f"{r['value']:.4g}", f"{r['pct_ceiling']:.0f}%",
+            impl = f"{r['impl']} (emulated)" if r["kind"] == "emulated" else r["impl"]
+            cells = [r["case"], impl, f"{r['time_ms']:.3f}", f"{r['value']:.4g}", f"{r['pct_ceiling']:.0f}%",
                      _mem(r.get("peak_mem_bytes"))]
             cells += [f"{r['speedup'][b]:.2f}x" if b in r["speedup"] else "" for b in baselines]
         lines.append("| " + " | ".join(cells) + " |")
