@@ -344,28 +344,30 @@ def device_capability(device):
 # (64, 128, 8, 2), which spills 20 bytes at hs = 64 under triton 3.9 once the kernel carries the
 # (constexpr-disabled) dropout path.
 # With dropout each score also runs a Philox call (about 40 more live registers), so the
-# dropout column stops earlier where sm_90a spills (triton 3.6.0): forward (128, 64, 4, 3)
-# (172 B at hs = 32, 672 B at 64), (128, 32, 4, 4) (16 B at 64), (128, 128, 8, 2) (360 B at
-# 128); dK/dV (16, 128, 4, 4) (84 B at 64), (32, 64, 4, 3) (80 B at 128); dQ (128, 32, 4, 3)
-# (8 B at 32, 140 B at 64).
-# sm_8x (A100: same register file, no wgmma, ptxas allocates differently) spills in other
-# configs; its columns drop each config at the head sizes where sm_80 spills, wherever another
-# config of the same kernel, head size and dropout compiles without spilling (bench/results/
-# 2026-11-29-static). That cannot cost sm_90 anything: its columns are the first two. Left
-# spilling on sm_80, with no spill-free config to take their place: dK/dV at hs = 128 (12-484 B)
-# and with dropout at hs = 64 (8-108 B). Each column keeps the config up to a largest head
-# size, so where sm_80 spills at hs = 32 but not 64 the config is kept at 32 (dQ (128, 32, 8, 3)
-# 8 B, dK/dV (32, 64, 4, 3) with dropout 8 B; neither is a production head size).
+# dropout column stops earlier where sm_90a spills (triton 3.6.0 / 3.9.0): forward (128, 64, 4, 3)
+# (172 B at hs = 32, 672 B at 64), (128, 32, 4, 4) (16 B at 64), (128, 128, 8, 2) (1320 B at 64
+# under 3.9), (64, 64, 4, 3) (88 B at 128 under 3.9); dK/dV (16, 128, 4, 4) (84 B at 64),
+# (32, 64, 4, 3) (80 B at 128), (32, 128, 8, 3) (60 B at 128 under 3.9); dQ (128, 32, 4, 3) (8 B
+# at 32, 140 B at 64). Added for head size 128 with dropout, spill-free on both archs and both
+# Triton versions: forward (128, 32, 8, 3) and dK/dV (16, 128, 8, 3).
+# sm_8x (A100: the same register file, no wgmma) spills in other configs; its columns drop each
+# config at the head sizes where sm_80 spills (triton 3.6.0), wherever another config of the
+# same kernel, head size and dropout compiles without spilling (bench/results/2026-11-29-static).
+# That cannot cost sm_90 anything: its columns are the first two. Each column keeps a config up
+# to a largest head size, so where sm_80 spills at hs = 32 but not at 64, the config is kept at
+# 32 (dQ (128, 32, 8, 3): 8 B, not a production head size).
 #                               largest head size: sm_90  +dropout  sm_8x  +dropout
 _FWD_CONFIGS, _FWD_PRUNE = _configs([(128, 64, 4, 3,   64, 16, 32, 16),
                                      (128, 64, 8, 3,   128, 128, 128, 64),
-                                     (128, 128, 8, 2,  128, 64, 32, 16),
-                                     (64, 64, 4, 3,    128, 128, 128, 128),
-                                     (128, 32, 4, 4,   64, 32, 64, 32)])
-_DKDV_CONFIGS, _DKDV_PRUNE = _configs([(32, 128, 8, 3,  128, 128, 128, 128),
-                                       (32, 64, 4, 3,   128, 64, 128, 128),
-                                       (64, 64, 8, 2,   64, 64, 32, 64),
-                                       (16, 128, 4, 4,  64, 32, 64, 64)])
+                                     (128, 128, 8, 2,  128, 32, 32, 16),
+                                     (64, 64, 4, 3,    128, 64, 128, 128),
+                                     (128, 32, 4, 4,   64, 32, 64, 32),
+                                     (128, 32, 8, 3,   128, 128, 128, 128)])
+_DKDV_CONFIGS, _DKDV_PRUNE = _configs([(32, 128, 8, 3,  128, 64, 64, 32),
+                                       (32, 64, 4, 3,   128, 64, 64, 16),
+                                       (64, 64, 8, 2,   64, 64, 32, 32),
+                                       (16, 128, 4, 4,  64, 32, 64, 32),
+                                       (16, 128, 8, 3,  128, 128, 128, 128)])
 _DQ_CONFIGS, _DQ_PRUNE = _configs([(128, 32, 4, 3,  64, 16, 32, 32),
                                    (128, 64, 8, 2,  128, 128, 32, 32),
                                    (64, 32, 4, 3,   128, 128, 128, 128),

@@ -179,10 +179,12 @@ def test_attention_prune_leaves_a_config_for_every_head_size(kernel, dropout, cc
 
 
 def test_attention_prune_drops_what_spills(capability):
-    """Examples from the static report (triton 3.6.0): spills on sm_90a with dropout, on sm_80
-    where a spill-free config is left, and kept on sm_80 where none is."""
+    """Examples from the static report: spills on sm_90a with dropout, and on sm_80 where a
+    spill-free config is left."""
     assert (128, 128, 8, 2) in _kept("fwd", 128, False, torch.device("cuda"))
     assert (128, 128, 8, 2) not in _kept("fwd", 128, True, torch.device("cuda"))  # 360 B on sm_90a
+    assert _kept("dkdv", 128, True, torch.device("cuda")) == [(16, 128, 8, 3)]
     capability.value = (8, 0)
-    assert _kept("fwd", 128, True, torch.device("cuda")) == [(64, 64, 4, 3)]  # the others spill on sm_80
-    assert _kept("dkdv", 128, False, torch.device("cuda")) == [(32, 128, 8, 3), (32, 64, 4, 3)]  # all spill
+    assert _kept("fwd", 128, True, torch.device("cuda")) == [(64, 64, 4, 3), (128, 32, 8, 3)]
+    assert _kept("dkdv", 64, True, torch.device("cuda")) == [(16, 128, 8, 3)]  # the other four spill 8-108 B
+    assert (32, 128, 8, 3) in _kept("dkdv", 32, True, torch.device("cuda"))  # no spill at hs = 32
