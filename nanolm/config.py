@@ -141,6 +141,26 @@ def parse_overrides(argv):
     return values
 
 
+def config_help():
+    """`--key=default  comment` for every TrainConfig field, the comments read from this file's
+    source (the one place they are written)."""
+    import inspect
+    comments, above = {}, []
+    for line in inspect.getsource(TrainConfig).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped[1:].strip())
+            continue
+        if m := re.match(r"(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", stripped):
+            comments[m.group(1)] = " ".join(above + [m.group(2) or ""]).strip()
+        above = []
+    def shown(value):  # a default such as "\\n" as the escape one would type
+        return value if not isinstance(value, str) or value.isprintable() else repr(value)
+    rows = [(f"--{f.name}={shown(f.default)}", comments.get(f.name, "")) for f in fields(TrainConfig)]
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"  {key:<{width}}  {text}".rstrip() for key, text in rows)
+
+
 def parse_args(argv, defaults=None):
     """['--key=value', ...] -> a validated TrainConfig. `defaults` (a dict of TrainConfig
     fields, e.g. a resumed run's saved config) replaces the built-in defaults."""

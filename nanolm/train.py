@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from nanolm import backends, checkpoint, dist, flops, tensor_parallel
-from nanolm.config import ConfigError, as_dict, cli, model_config, parse_args, parse_overrides
+from nanolm.config import ConfigError, as_dict, cli, config_help, model_config, parse_args, parse_overrides
 from nanolm.data import Loader, get_tokenizer, load_dataset, resolve_data
 from nanolm.metrics import MetricsWriter, read_metrics
 from nanolm.model import GPT, DropoutStream
@@ -655,7 +655,11 @@ def train(cfg):
 
 
 def main(argv=None):
-    cli(lambda args: train(config_from_args(args)), sys.argv[1:] if argv is None else argv, (Diverged,))
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.split("\n\n")[0] + "\n\noptions (--key=default):\n" + config_help())
+        return
+    cli(lambda args: train(config_from_args(args)), argv, (Diverged,))
 
 
 if __name__ == "__main__":

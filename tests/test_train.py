@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -217,6 +218,16 @@ def test_auto_dtype_is_saved_so_a_resume_keeps_it(tmp_path, monkeypatch):
     train(parse_args(TINY + ["--max_steps=2", "--eval_interval=2", "--ckpt_interval=2", f"--out_dir={tmp_path}"]))
     monkeypatch.setattr(train_module, "cpu_bf16_matmul_speedup", lambda: 0.5)
     assert config_from_args([f"--resume={tmp_path}"]).dtype == "bfloat16"
+
+
+def test_help_lists_every_option_with_its_default_and_comment(capsys):
+    from nanolm.config import TrainConfig
+    train_module.main(["--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        assert f"--{f.name}=" in out, f.name
+    assert "--max_steps=450" in out and "optimizer steps" in out
+    assert "--dtype=auto" in out and "loss-scaled" in out  # a comment on the lines above the field
 
 
 def test_dtype_is_printed(capsys):
