@@ -182,42 +182,39 @@ def project_tp(step_seconds, n_layer, n_embd, tokens, tp, busbw_gbs, act_bytes=2
                 efficiency=step_seconds / tp / step)
 
 
+def _markdown(header, cells):
+    """A markdown table: header names ending in ":" are right-aligned columns."""
+    rule = "|" + "|".join("---:" if h.endswith(":") else "---" for h in header) + "|"
+    rows = ["| " + " | ".join(row) + " |" for row in [[h.rstrip(":") for h in header], *cells]]
+    return "\n".join([rows[0], rule, *rows[1:]])
+
+
 def format_tp(rows):
-    lines = ["| collective | where | size | calls/step | time (us) | per step (ms) | busbw (GB/s) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['collective']} | {r['where']} | {_size(r['bytes'])} | {r['count']} | "
-                     f"{r['time_us']:.1f} | {r['step_ms']:.2f} | {r['busbw_gbs']:.3g} |")
-    return "\n".join(lines)
+    return _markdown(["collective", "where", "size:", "calls/step:", "time (us):", "per step (ms):", "busbw (GB/s):"],
+                     [[r["collective"], r["where"], _size(r["bytes"]), str(r["count"]), f"{r['time_us']:.1f}",
+                       f"{r['step_ms']:.2f}", f"{r['busbw_gbs']:.3g}"] for r in rows])
 
 
 def format_tp_projection(rows):
-    lines = ["| tp | link | busbw (GB/s) | all-reduce bytes/layer | comm/layer (ms) | compute/layer (ms) | "
-             "step (ms) | eff. |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['tp']} | {r['link']} | {r['busbw_gbs']:.3g} | {r['layer_mb']:.1f} MB | "
-                     f"{r['layer_comm_ms']:.2f} | {r['layer_compute_ms']:.2f} | {r['step_ms']:.1f} | "
-                     f"{100 * r['efficiency']:.0f}% |")
-    return "\n".join(lines)
+    return _markdown(["tp:", "link", "busbw (GB/s):", "all-reduce bytes/layer:", "comm/layer (ms):",
+                      "compute/layer (ms):", "step (ms):", "eff.:"],
+                     [[str(r["tp"]), r["link"], f"{r['busbw_gbs']:.3g}", f"{r['layer_mb']:.1f} MB",
+                       f"{r['layer_comm_ms']:.2f}", f"{r['layer_compute_ms']:.2f}", f"{r['step_ms']:.1f}",
+                       f"{100 * r['efficiency']:.0f}%"] for r in rows])
 
 
 def format_bandwidth(rows):
-    lines = ["| collective | size | ranks | time (us) | algbw (GB/s) | busbw (GB/s) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['collective']} | {_size(r['bytes'])} | {r['ranks']} | {r['time_us']:.1f} | "
-                     f"{r['algbw_gbs']:.3g} | {r['busbw_gbs']:.3g} |")
-    return "\n".join(lines)
+    return _markdown(["collective", "size:", "ranks:", "time (us):", "algbw (GB/s):", "busbw (GB/s):"],
+                     [[r["collective"], _size(r["bytes"]), str(r["ranks"]), f"{r['time_us']:.1f}",
+                       f"{r['algbw_gbs']:.3g}", f"{r['busbw_gbs']:.3g}"] for r in rows])
 
 
 def format_projection(rows):
-    lines = ["| GPUs | nodes | busbw (GB/s) | all-reduce (ms) | step, no overlap (ms) | eff. | "
-             "step, overlap (ms) | eff. |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['gpus']} | {r['nodes']} | {r['busbw_gbs']:.3g} | {r['comm_ms']:.1f} | "
-                     f"{r['step_ms_no_overlap']:.1f} | {100 * r['efficiency_no_overlap']:.0f}% | "
-                     f"{r['step_ms_overlap']:.1f} | {100 * r['efficiency_overlap']:.0f}% |")
-    return "\n".join(lines)
+    return _markdown(["GPUs:", "nodes:", "busbw (GB/s):", "all-reduce (ms):", "step, no overlap (ms):", "eff.:",
+                      "step, overlap (ms):", "eff.:"],
+                     [[str(r["gpus"]), str(r["nodes"]), f"{r['busbw_gbs']:.3g}", f"{r['comm_ms']:.1f}",
+                       f"{r['step_ms_no_overlap']:.1f}", f"{100 * r['efficiency_no_overlap']:.0f}%",
+                       f"{r['step_ms_overlap']:.1f}", f"{100 * r['efficiency_overlap']:.0f}%"] for r in rows])
 
 
 def _size(b):

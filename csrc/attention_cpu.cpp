@@ -17,11 +17,12 @@
 // bf16/fp16: every tile a matmul reads is widened to fp32 first (a key tile per query tile in the
 // forward, each head's q, k, v, do once in the backward), so all products, the softmax and
 // every accumulator are fp32; o, dq, dk, dv are rounded to 16 bits once, when stored. lse is fp32.
-// Exception: the bf16 forward on a CPU with AVX512-BF16 (checked when compiling, with
-// __AVX512BF16__, and when running) does its two matmuls with vdpbf16ps, which multiplies
-// pairs of bf16 and accumulates in fp32 (32 products per instruction, against 16 for an fp32
-// FMA): S^T = K Q^T straight from the bf16 inputs, and O += P V with P rounded to bf16, as
-// FlashAttention does on GPUs. The softmax and every accumulator stay fp32.
+// Exception: the bf16 forward on an AMD CPU with AVX512-BF16 (checked when compiling, with
+// __AVX512BF16__, and when running; why AMD only: cpu_has_bf16_dot) does its two matmuls with
+// vdpbf16ps, which multiplies pairs of bf16 and accumulates in fp32 (32 products per
+// instruction, against 16 for an fp32 FMA): S^T = K Q^T straight from the bf16 inputs, and
+// O += P V with P rounded to bf16, as FlashAttention does on GPUs. The softmax and every
+// accumulator stay fp32.
 //
 // Dropout of P (dropout.h), when enabled: O = Pd V with Pd = P * factor, the softmax's sums
 // taken over the undropped P; factors of a (query tile, key tile) pair are generated into a
@@ -39,6 +40,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -94,43 +96,66 @@ inline vf exp2v(vf x) {
     return x < -126.0f ? vf{} : p * scale;
 }
 
-// C[R rows][N] += A[R][K] B[K][N], N a multiple of 16, R x 16 accumulators in registers.
+// The matmuls' vectors: 16 floats with AVX-512 (32 registers), else 8 (AVX2's 16). The
+// softmax above keeps 8-float vectors: its loops are short and bound by exp2v.
+#ifdef __AVX512F__
+constexpr int W = 16;
+typedef float vg __attribute__((vector_size(64)));
+inline vg splat_g(float x) { return _mm512_set1_ps(x); }
+inline vg fmadd_g(vg a, vg b, vg c) { return _mm512_fmadd_ps(a, b, c); }
+#else
+constexpr int W = 8;
+typedef float vg __attribute__((vector_size(32)));
+inline vg splat_g(float x) { return splat(x); }
+inline vg fmadd_g(vg a, vg b, vg c) { return fmadd(a, b, c); }
+#endif
+inline vg load_g(const float* p) { vg v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store_g(float* p, vg v) { std::memcpy(p, &v, sizeof v); }
+
+// C[R rows][NV * W columns] += A[R][K] B[K][NV * W]: R x NV accumulators stay in registers,
+// and each step of k loads NV vectors of B and broadcasts R values of A.
 // A_T: A is stored transposed (element (r, kk) at A[kk * lda + r]), which saves transposing
 // score tiles: the backward computes S^T and needs both S^T and S as left operands.
-template <int R, bool A_T>
-void gemm_rows(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-               int K, int N) {
-    for (int n = 0; n < N; n += 16) {
-        vf acc[R][2];
+template <int R, int NV, bool A_T>
+void gemm_panel(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int K) {
+    vg acc[R][NV];
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < NV; ++j) acc[r][j] = load_g(C + r * ldc + j * W);
+    for (int kk = 0; kk < K; ++kk) {
+        vg b[NV];
+        for (int j = 0; j < NV; ++j) b[j] = load_g(B + kk * ldb + j * W);
         for (int r = 0; r < R; ++r) {
-            acc[r][0] = loadu(C + r * ldc + n);
-            acc[r][1] = loadu(C + r * ldc + n + 8);
-        }
-        for (int kk = 0; kk < K; ++kk) {
-            vf b0 = loadu(B + kk * ldb + n), b1 = loadu(B + kk * ldb + n + 8);
-            for (int r = 0; r < R; ++r) {
-                vf a = splat(A_T ? A[kk * lda + r] : A[r * lda + kk]);
-                acc[r][0] = fmadd(a, b0, acc[r][0]);
-                acc[r][1] = fmadd(a, b1, acc[r][1]);
-            }
-        }
-        for (int r = 0; r < R; ++r) {
-            storeu(C + r * ldc + n, acc[r][0]);
-            storeu(C + r * ldc + n + 8, acc[r][1]);
+            const vg a = splat_g(A_T ? A[kk * lda + r] : A[r * lda + kk]);
+            for (int j = 0; j < NV; ++j) acc[r][j] = fmadd_g(a, b[j], acc[r][j]);
         }
     }
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < NV; ++j) store_g(C + r * ldc + j * W, acc[r][j]);
 }
 
-// C[M][N] += A[M][K] B[K][N]; strides in elements; rows of B and C hold N contiguous floats.
-// Six rows at a time: 12 accumulators + 2 B vectors + 1 broadcast fit AVX2's 16 registers.
+// All M rows of one panel of NV vectors: blocks of rows sized so that the R x NV accumulators,
+// NV vectors of B and a broadcast fit the register file (AVX-512: 12 x 2 + 3 of 32; AVX2: 6 x 2 + 3
+// of 16).
+template <int NV, bool A_T>
+void gemm_panel_rows(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                     int M, int K) {
+    constexpr int RB = W == 16 ? 12 : 6;
+    auto a_rows = [&](int m) { return A_T ? A + m : A + m * lda; };
+    int m = 0;
+    for (; m + RB <= M; m += RB) gemm_panel<RB, NV, A_T>(a_rows(m), lda, B, ldb, C + m * ldc, ldc, K);
+    for (; m + 4 <= M; m += 4) gemm_panel<4, NV, A_T>(a_rows(m), lda, B, ldb, C + m * ldc, ldc, K);
+    for (; m < M; ++m) gemm_panel<1, NV, A_T>(a_rows(m), lda, B, ldb, C + m * ldc, ldc, K);
+}
+
+// C[M][N] += A[M][K] B[K][N]; strides in elements; rows of B and C hold N contiguous floats,
+// N a multiple of 16: panels of two vectors, and with AVX-512 a last panel of one where
+// N % 32 == 16.
 template <bool A_T = false>
 void gemm(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
           int M, int K, int N) {
-    auto a_rows = [&](int m) { return A_T ? A + m : A + m * lda; };
-    int m = 0;
-    for (; m + 6 <= M; m += 6) gemm_rows<6, A_T>(a_rows(m), lda, B, ldb, C + m * ldc, ldc, K, N);
-    for (; m + 2 <= M; m += 2) gemm_rows<2, A_T>(a_rows(m), lda, B, ldb, C + m * ldc, ldc, K, N);
-    for (; m < M; ++m) gemm_rows<1, A_T>(a_rows(m), lda, B, ldb, C + m * ldc, ldc, K, N);
+    int n = 0;
+    for (; n + 2 * W <= N; n += 2 * W) gemm_panel_rows<2, A_T>(A, lda, B + n, ldb, C + n, ldc, M, K);
+    if (n < N) gemm_panel_rows<1, A_T>(A, lda, B + n, ldb, C + n, ldc, M, K);
 }
 
 // dst[c][r] = src[r][c] for r < rows, c < cols; dst[c][rows..ld_dst) = 0.
@@ -264,9 +289,21 @@ inline std::uint32_t make_pair(float lo, float hi) {
 }
 
 #ifdef __AVX512BF16__
+// Whether the bf16 forward takes the dot-product path: only where it pays. vdpbf16ps does 32
+// multiply-adds per instruction against an fp32 FMA's 16; Zen 4 runs 512-bit FMAs at half rate
+// (two 256-bit halves), so there the dot products double the matmul rate, but Intel Xeons issue
+// two 512-bit FMAs per cycle and vdpbf16ps at one, and the pair packing costs extra: on a 2-core
+// Xeon (AVX512-BF16, AMX hidden) the dot path ran 1.5-1.9x slower than widening to fp32
+// (B=8 T=256 and B=4 T=1024, 12 heads of 64). NANOLM_CPU_BF16_DOT=1 or 0 forces it either way
+// (the tests run both paths on any AVX512-BF16 CPU); read once.
 bool cpu_has_bf16_dot() {
-    static const bool has = __builtin_cpu_supports("avx512bf16");
-    return has;
+    static const bool use = [] {
+        if (!__builtin_cpu_supports("avx512bf16")) return false;
+        const char* force = std::getenv("NANOLM_CPU_BF16_DOT");
+        if (force != nullptr && *force != '\0') return *force == '1';
+        return static_cast<bool>(__builtin_cpu_is("amd"));
+    }();
+    return use;
 }
 
 // C[R rows][16 NV] += A B: A's row r is pairs A[r * lda + kp] (kp < KP), B is pair rows

@@ -253,51 +253,53 @@ void launch_grad(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t l
 
 }  // namespace
 
+namespace {
+
+// Checks the row count and vocabulary shape shared by the three entry points, then calls
+// f(float{}) or f(__nv_bfloat16{}) for the logits' dtype on the caller's stream.
+template <typename F>
+void checked_dispatch(const char* op, std::int64_t N, std::int64_t Vp, std::int64_t V, std::int64_t min_V,
+                      DType dtype, F&& f) {
+    require(N >= 0 && N < (std::int64_t{1} << 31), std::string(op) + ": N out of range");
+    require(V >= min_V && V <= Vp, std::string(op) + ": need " + std::to_string(min_V) + " <= V <= Vp");
+    if (N == 0) return;
+    if (dtype == DType::float32)
+        f(float{});
+    else if (dtype == DType::bfloat16)
+        f(__nv_bfloat16{});
+    else
+        unsupported_dtype(op, dtype);
+}
+
+}  // namespace
+
 void cross_entropy_stats_cuda(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t stats,
                               std::int64_t N, std::int64_t Vp, std::int64_t V, std::int64_t vocab_start,
                               DType dtype, std::uintptr_t stream) {
-    require(N >= 0 && N < (std::int64_t{1} << 31), "cross_entropy_stats_cuda: N out of range");
-    require(V >= 0 && V <= Vp, "cross_entropy_stats_cuda: need 0 <= V <= Vp");
-    if (N == 0) return;
-    auto s = reinterpret_cast<cudaStream_t>(stream);
-    if (dtype == DType::float32)
-        launch_stats<float>(logits, targets, stats, N, Vp, V, vocab_start, s);
-    else if (dtype == DType::bfloat16)
-        launch_stats<__nv_bfloat16>(logits, targets, stats, N, Vp, V, vocab_start, s);
-    else
-        unsupported_dtype("cross_entropy_stats_cuda", dtype);
+    checked_dispatch("cross_entropy_stats_cuda", N, Vp, V, 0, dtype, [&](auto tag) {
+        launch_stats<decltype(tag)>(logits, targets, stats, N, Vp, V, vocab_start,
+                                    reinterpret_cast<cudaStream_t>(stream));
+    });
 }
 
 void cross_entropy_grad_cuda(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t lse,
                              std::int64_t N, std::int64_t Vp, std::int64_t V, std::int64_t vocab_start,
                              std::int64_t ignore_index, double z_loss, double grad_scale,
                              DType dtype, std::uintptr_t stream) {
-    require(N >= 0 && N < (std::int64_t{1} << 31), "cross_entropy_grad_cuda: N out of range");
-    require(V >= 0 && V <= Vp, "cross_entropy_grad_cuda: need 0 <= V <= Vp");
-    if (N == 0) return;
-    auto s = reinterpret_cast<cudaStream_t>(stream);
-    if (dtype == DType::float32)
-        launch_grad<float>(logits, targets, lse, N, Vp, V, vocab_start, ignore_index, z_loss, grad_scale, s);
-    else if (dtype == DType::bfloat16)
-        launch_grad<__nv_bfloat16>(logits, targets, lse, N, Vp, V, vocab_start, ignore_index, z_loss, grad_scale, s);
-    else
-        unsupported_dtype("cross_entropy_grad_cuda", dtype);
+    checked_dispatch("cross_entropy_grad_cuda", N, Vp, V, 0, dtype, [&](auto tag) {
+        launch_grad<decltype(tag)>(logits, targets, lse, N, Vp, V, vocab_start, ignore_index, z_loss, grad_scale,
+                                   reinterpret_cast<cudaStream_t>(stream));
+    });
 }
 
 void cross_entropy_fwd_cuda(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t losses,
                             std::uintptr_t dlogits, std::int64_t N, std::int64_t Vp, std::int64_t V,
                             std::int64_t ignore_index, double z_loss, double grad_scale,
                             DType dtype, std::uintptr_t stream) {
-    require(N >= 0 && N < (std::int64_t{1} << 31), "cross_entropy_fwd_cuda: N out of range");
-    require(V >= 1 && V <= Vp, "cross_entropy_fwd_cuda: need 1 <= V <= Vp");
-    if (N == 0) return;
-    auto s = reinterpret_cast<cudaStream_t>(stream);
-    if (dtype == DType::float32)
-        launch<float>(logits, targets, losses, dlogits, N, Vp, V, ignore_index, z_loss, grad_scale, s);
-    else if (dtype == DType::bfloat16)
-        launch<__nv_bfloat16>(logits, targets, losses, dlogits, N, Vp, V, ignore_index, z_loss, grad_scale, s);
-    else
-        unsupported_dtype("cross_entropy_fwd_cuda", dtype);
+    checked_dispatch("cross_entropy_fwd_cuda", N, Vp, V, 1, dtype, [&](auto tag) {
+        launch<decltype(tag)>(logits, targets, losses, dlogits, N, Vp, V, ignore_index, z_loss, grad_scale,
+                              reinterpret_cast<cudaStream_t>(stream));
+    });
 }
 
 }  // namespace nanolm

@@ -27,6 +27,26 @@ import triton.language as tl
 
 
 @triton.jit
+def _row_max_and_sum_exp(x_row, Vp: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr):
+    """Sweep 1 (and the stats kernel): m = max_j x_j and s = sum_j exp(x_j - m) over the row's
+    first V columns, from a per-lane online (max, sum) merged across lanes at the end."""
+    cols = tl.arange(0, BLOCK)
+    # the finite initial max keeps exp(m_old - m_new) away from NaN
+    m = tl.full([BLOCK], -3.0e38, tl.float32)
+    s = tl.zeros([BLOCK], tl.float32)
+    # loads are masked by j < Vp, not j < V: Vp % 16 == 0 keeps them vectorized, V = 50257 would not
+    for start in range(0, V, BLOCK):
+        j = start + cols
+        x = tl.load(x_row + j, mask=j < Vp).to(tl.float32)
+        x = tl.where(j < V, x, float("-inf"))
+        m_new = tl.maximum(m, x)
+        s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
+        m = m_new
+    m_row = tl.max(m, axis=0)
+    return m_row, tl.sum(s * tl.exp(m - m_row), axis=0)
+
+
+@triton.jit
 def cross_entropy_fwd_kernel(
     logits_ptr,   # (N, Vp) fp32 or bf16, row-contiguous
     dlogits_ptr,  # (N, Vp) same dtype; may equal logits_ptr (in place)
@@ -44,19 +64,9 @@ def cross_entropy_fwd_kernel(
     dx_row = dlogits_ptr + row * Vp
     cols = tl.arange(0, BLOCK)
 
-    # 1. online max/sum per lane; the finite initial max keeps exp(m_old - m_new) away from NaN
-    m = tl.full([BLOCK], -3.0e38, tl.float32)
-    s = tl.zeros([BLOCK], tl.float32)
-    # loads are masked by j < Vp, not j < V: Vp % 16 == 0 keeps them vectorized, V = 50257 would not
-    for start in range(0, V, BLOCK):
-        j = start + cols
-        x = tl.load(x_row + j, mask=j < Vp).to(tl.float32)
-        x = tl.where(j < V, x, float("-inf"))
-        m_new = tl.maximum(m, x)
-        s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
-        m = m_new
-    m_row = tl.max(m, axis=0)
-    log_s = tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
+    # 1. the row's max and sum of exponentials
+    m_row, s_row = _row_max_and_sum_exp(x_row, Vp, V, BLOCK)
+    log_s = tl.log(s_row)
     lse = m_row + log_s  # used only where its rounding (1e-3 at 1e4) is harmless; else m_row, log_s
 
     # 2. loss; the target is clamped so that no value of it can address outside the row
@@ -104,18 +114,7 @@ def cross_entropy_stats_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * Vp
-    cols = tl.arange(0, BLOCK)
-    m = tl.full([BLOCK], -3.0e38, tl.float32)
-    s = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, V, BLOCK):  # online max/sum per lane, as sweep 1 of the forward
-        j = start + cols
-        x = tl.load(x_row + j, mask=j < Vp).to(tl.float32)
-        x = tl.where(j < V, x, float("-inf"))
-        m_new = tl.maximum(m, x)
-        s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
-        m = m_new
-    m_row = tl.max(m, axis=0)
-    s_row = tl.sum(s * tl.exp(m - m_row), axis=0)
+    m_row, s_row = _row_max_and_sum_exp(x_row, Vp, V, BLOCK)
     local = tl.load(targets_ptr + row) - vocab_start
     mine = (local >= 0) & (local < V)
     x_t = tl.load(x_row + tl.where(mine, local, 0), mask=mine, other=0.0).to(tl.float32)

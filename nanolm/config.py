@@ -73,7 +73,9 @@ class TrainConfig:
     early_stop: int = 0  # stop after this many evals in a row without a new lowest val loss; 0 = never
     seed: int = 1337
     device: str = "auto"  # cuda if available, else cpu
-    dtype: str = "auto"  # autocast: bf16 on cuda and on CPUs with native bf16, else fp32; or float16 (loss-scaled)
+    # autocast: auto = bf16 on cuda and on CPUs whose bf16 matmuls measure faster than fp32's
+    # (train.pick_dtype), else fp32; or float32, bfloat16, float16 (loss-scaled)
+    dtype: str = "auto"
     loss_scale_window: int = 2000  # float16: clean steps before the loss scale doubles (torch GradScaler's)
     # --kernels picks the backend of each op (the model's `impls`): "auto", one backend name, or
     # per-op overrides such as "auto,attention=triton"; see nanolm/backends/__init__.py
@@ -137,6 +139,26 @@ def parse_overrides(argv):
             raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(types)}")
         values[key] = _parse_value(key, text, types[key])
     return values
+
+
+def config_help():
+    """`--key=default  comment` for every TrainConfig field, the comments read from this file's
+    source (the one place they are written)."""
+    import inspect
+    comments, above = {}, []
+    for line in inspect.getsource(TrainConfig).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped[1:].strip())
+            continue
+        if m := re.match(r"(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", stripped):
+            comments[m.group(1)] = " ".join(above + [m.group(2) or ""]).strip()
+        above = []
+    def shown(value):  # a default such as "\\n" as the escape one would type
+        return value if not isinstance(value, str) or value.isprintable() else repr(value)
+    rows = [(f"--{f.name}={shown(f.default)}", comments.get(f.name, "")) for f in fields(TrainConfig)]
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"  {key:<{width}}  {text}".rstrip() for key, text in rows)
 
 
 def parse_args(argv, defaults=None):

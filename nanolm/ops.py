@@ -268,6 +268,32 @@ def _accumulate_dweight(dweight, dlogits, h_chunk, first):
         dweight += (dlogits.t() @ h_chunk).to(dweight.dtype)
 
 
+def _lm_head_buffers(h, weight, chunk_rows, need_grad):
+    """What both chunked lm_head losses start from: h and weight in the autocast compute dtype
+    (of h's device), dh and dW (fp32, or fp64 in tests; dW is written by the first chunk, so
+    zeroed here only when there is none, N = 0), the loss accumulator, the chunk size, and the
+    one logits buffer every chunk reuses."""
+    N, C = h.shape
+    device = h.device.type
+    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    h_c, w_c = h.to(compute_dtype), weight.to(compute_dtype)
+    acc = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    dh, dweight = None, None
+    if need_grad:
+        dh = torch.empty_like(h_c)
+        dweight = (torch.empty if N else torch.zeros)(weight.shape, dtype=acc, device=h.device)
+    total = torch.zeros((), dtype=acc, device=h.device)
+    chunk_rows = min(chunk_rows or default_chunk_rows(N, C, weight.shape[0]), max(N, 1))
+    logits_buf = torch.empty(chunk_rows, weight.shape[0], dtype=compute_dtype, device=h.device)
+    return h_c, w_c, dh, dweight, total, chunk_rows, logits_buf
+
+
+def _lm_head_grads(ctx, grad_output):
+    """The backward of both chunked lm_head losses: the forward's dh and dW, scaled."""
+    dh, dweight = ctx.saved_tensors
+    return _scale_grad(dh, grad_output).to(ctx.dtypes[0]), _scale_grad(dweight, grad_output).to(ctx.dtypes[1])
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """loss = cross_entropy(h @ W^T, targets) without materialising the (N, V) logits: rows are
     processed in chunks whose logits are computed into one reused buffer, turned into dlogits by
@@ -278,20 +304,10 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @_amp_fwd
     def forward(ctx, h, weight, targets, vocab_size, ignore_index, z_loss, chunk_rows, need_grad, backend):
-        N, C = h.shape
+        N = h.shape[0]
         n_valid = _check_targets(targets, N, vocab_size, ignore_index, "linear_cross_entropy")
         scale = 1.0 / max(n_valid, 1)
-        device = h.device.type
-        compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-        h_c, w_c = h.to(compute_dtype), weight.to(compute_dtype)
-        acc = torch.float64 if compute_dtype == torch.float64 else torch.float32
-        dh, dweight = None, None
-        if need_grad:  # the first chunk writes dweight; zeroed here only if there is none (N = 0)
-            dh = torch.empty_like(h_c)
-            dweight = (torch.empty if N else torch.zeros)(weight.shape, dtype=acc, device=h.device)
-        total = torch.zeros((), dtype=acc, device=h.device)
-        chunk_rows = min(chunk_rows or default_chunk_rows(N, C, weight.shape[0]), max(N, 1))
-        logits_buf = torch.empty(chunk_rows, weight.shape[0], dtype=compute_dtype, device=h.device)
+        h_c, w_c, dh, dweight, total, chunk_rows, logits_buf = _lm_head_buffers(h, weight, chunk_rows, need_grad)
         for start in range(0, N, chunk_rows):
             end = min(start + chunk_rows, N)
             h_chunk, logits = h_c[start:end], logits_buf[: end - start]
@@ -309,10 +325,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @_amp_bwd
     def backward(ctx, grad_output):
-        dh, dweight = ctx.saved_tensors
-        dh = _scale_grad(dh, grad_output).to(ctx.dtypes[0])
-        dweight = _scale_grad(dweight, grad_output).to(ctx.dtypes[1])
-        return dh, dweight, None, None, None, None, None, None, None
+        return *_lm_head_grads(ctx, grad_output), None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(h, weight, targets, backend, vocab_size=None, ignore_index=-100,
@@ -346,19 +359,10 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
     @_amp_fwd
     def forward(ctx, h, weight, targets, comm, vocab_start, local_vocab, vocab_size, ignore_index, z_loss,
                 chunk_rows, need_grad, backend):
-        N, C = h.shape
+        N = h.shape[0]
         n_valid = _check_targets(targets, N, vocab_size, ignore_index, "vocab_parallel_linear_cross_entropy")
         scale = 1.0 / max(n_valid, 1)
-        compute_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else h.dtype
-        h_c, w_c = h.to(compute_dtype), weight.to(compute_dtype)
-        acc = torch.float64 if compute_dtype == torch.float64 else torch.float32
-        dh, dweight = None, None
-        if need_grad:
-            dh = torch.empty_like(h_c)
-            dweight = (torch.empty if N else torch.zeros)(weight.shape, dtype=acc, device=h.device)
-        total = torch.zeros((), dtype=acc, device=h.device)
-        chunk_rows = min(chunk_rows or default_chunk_rows(N, C, weight.shape[0]), max(N, 1))
-        logits_buf = torch.empty(chunk_rows, weight.shape[0], dtype=compute_dtype, device=h.device)
+        h_c, w_c, dh, dweight, total, chunk_rows, logits_buf = _lm_head_buffers(h, weight, chunk_rows, need_grad)
         ranks = comm.env.world_size
         for start in range(0, N, chunk_rows):
             end = min(start + chunk_rows, N)
@@ -383,10 +387,7 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @_amp_bwd
     def backward(ctx, grad_output):
-        dh, dweight = ctx.saved_tensors
-        dh = _scale_grad(dh, grad_output).to(ctx.dtypes[0])
-        dweight = _scale_grad(dweight, grad_output).to(ctx.dtypes[1])
-        return dh, dweight, None, None, None, None, None, None, None, None, None, None
+        return *_lm_head_grads(ctx, grad_output), None, None, None, None, None, None, None, None, None, None
 
 
 def vocab_parallel_linear_cross_entropy(h, weight, targets, comm, backend, vocab_start, local_vocab,

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from nanolm import backends, checkpoint, dist, flops, tensor_parallel
-from nanolm.config import ConfigError, as_dict, cli, model_config, parse_args, parse_overrides
+from nanolm.config import ConfigError, as_dict, cli, config_help, model_config, parse_args, parse_overrides
 from nanolm.data import Loader, get_tokenizer, load_dataset, resolve_data
 from nanolm.metrics import MetricsWriter, read_metrics
 from nanolm.model import GPT, DropoutStream
@@ -65,17 +65,43 @@ def native_bf16_cpu():
     return ", ".join(found) or None
 
 
+BF16_MIN_SPEEDUP = 1.2  # what bf16's rounding must buy in matmul speed for auto to choose it
+
+
+def cpu_bf16_matmul_speedup(m=1024, k=384, n=1536, rounds=5):
+    """How many times faster this CPU multiplies in bf16 than in fp32 (best of `rounds`
+    interleaved pairs, at a GPT MLP shape; ~0.1 s). Native bf16 instructions do not settle it:
+    2-core AVX512-BF16 machines measured 4.5-5x on an AMD EPYC, but 0.55x on an Intel Xeon
+    whose AMX tiles the hypervisor hides (oneDNN then runs bf16 through vdpbf16ps, slower than
+    its fp32 kernels)."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(m, k, generator=generator), torch.randn(k, n, generator=generator)
+    pairs = [(a, b), (a.bfloat16(), b.bfloat16())]
+    best = [math.inf, math.inf]
+    for _ in range(rounds + 1):  # the first round warms up oneDNN's kernels
+        for i, (x, y) in enumerate(pairs):
+            start = time.perf_counter()
+            x @ y
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best[0] / best[1]
+
+
 def pick_dtype(cfg, device):
-    """(autocast dtype name, why): --dtype, or for auto bf16 on CUDA and on a CPU that computes
-    bf16 natively (matmuls 4.5-5x fp32's on an AVX512-BF16 EPYC), fp32 on other CPUs."""
+    """(autocast dtype name, why): --dtype, or for auto bf16 on CUDA and on a CPU whose bf16
+    matmuls are measurably faster than fp32's (cpu_bf16_matmul_speedup), fp32 on other CPUs.
+    The choice is saved in the run's config, so a resumed run keeps it."""
     if cfg.dtype != "auto":
         return cfg.dtype, "--dtype"
     if device.type == "cuda":
         return "bfloat16", "auto: CUDA"
     native = native_bf16_cpu()
-    if native:
-        return "bfloat16", f"auto: this CPU computes bf16 natively ({native})"
-    return "float32", "auto: this CPU has no native bf16"
+    if not native:
+        return "float32", "auto: this CPU has no native bf16"
+    speedup = cpu_bf16_matmul_speedup()
+    if speedup >= BF16_MIN_SPEEDUP:
+        return "bfloat16", f"auto: this CPU computes bf16 natively ({native}): bf16 matmuls {speedup:.1f}x fp32's"
+    return "float32", (f"auto: this CPU has {native}, but its bf16 matmuls run at {speedup:.2f}x fp32's "
+                       f"(under {BF16_MIN_SPEEDUP}x): fp32; --dtype=bfloat16 to force")
 
 
 def check_kernels_take(dtype, choice, device):
@@ -196,7 +222,8 @@ def setup(cfg):
     val = Loader(val_tokens, cfg.batch_size, mcfg.block_size, cfg.seed + 1, ctx.dp_rank, ctx.dp)
     return Run(device=device, tokenizer=tokenizer, model=model, opt=opt, train=train, val=val,
                val_start=val.state_dict(), autocast=autocast_ctx(dtype, device), dist=ctx,
-               config={**as_dict(cfg), "data": resolve_data(cfg.data), "model": dataclasses.asdict(mcfg)},
+               config={**as_dict(cfg), "dtype": dtype, "data": resolve_data(cfg.data),
+                       "model": dataclasses.asdict(mcfg)},
                n_params=n_params)
 
 
@@ -628,7 +655,11 @@ def train(cfg):
 
 
 def main(argv=None):
-    cli(lambda args: train(config_from_args(args)), sys.argv[1:] if argv is None else argv, (Diverged,))
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.split("\n\n")[0] + "\n\noptions (--key=default):\n" + config_help())
+        return
+    cli(lambda args: train(config_from_args(args)), argv, (Diverged,))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ reference is given the backend's own o (delta = rowsum(dO * O) is a function of 
 bf16/fp16 both sides see the same rounded o.
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -61,7 +64,7 @@ def check_backend(backend, B, T, nh, hs, dtype, device, fused=True):
 # ----------------------------------------------------------------------------- cpu backend
 
 @pytest.mark.parametrize("B,T,nh,hs", [(1, 1, 2, 64), (2, 17, 3, 64), (1, 70, 2, 32), (2, 130, 2, 16),
-                                       (1, 1000, 2, 64), (1, 1000, 1, 128)])
+                                       (1, 77, 2, 48), (1, 65, 1, 80), (1, 1000, 2, 64), (1, 1000, 1, 128)])
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpu_matches_reference(B, T, nh, hs, fused, dtype, poison):
@@ -77,12 +80,30 @@ def test_cpu_backward_deterministic(dtype):
         assert torch.equal(a, b), name
 
 
-def test_cpu_bf16_forward_uses_dot_products_where_the_cpu_has_them():
-    """With -march=native, the bf16 tests above run the AVX512-BF16 path on a CPU that has it
-    (the widened fp32 path is the fp16 one)."""
+def _amd_cpu():
+    with open("/proc/cpuinfo") as f:
+        return "AuthenticAMD" in f.read()
+
+
+def test_cpu_bf16_forward_takes_dot_products_on_amd_only():
+    """With -march=native and NANOLM_CPU_BF16_DOT unset, the bf16 forward takes the
+    AVX512-BF16 dot-product path on AMD CPUs only (cpu_has_bf16_dot in csrc/attention_cpu.cpp)."""
     from nanolm import _C
-    if _C.build_info()["march"] == "native":
-        assert _C.build_info()["cpu_bf16_dot"] == torch.cpu._is_avx512_bf16_supported()
+    if _C.build_info()["march"] == "native" and not os.environ.get("NANOLM_CPU_BF16_DOT"):
+        assert _C.build_info()["cpu_bf16_dot"] == (torch.cpu._is_avx512_bf16_supported() and _amd_cpu())
+
+
+@pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="the CPU has no AVX512-BF16")
+@pytest.mark.parametrize("force", ["1", "0"])
+def test_cpu_bf16_forward_both_paths_match_reference(force):
+    """Whichever path this CPU takes by default, NANOLM_CPU_BF16_DOT (read once per process)
+    forces the other: both are checked against float64 in a fresh process, at awkward shapes."""
+    code = ("import torch, test_attention as t; from nanolm import _C\n"
+            f"assert _C.build_info()['cpu_bf16_dot'] == {force == '1'}\n"
+            "for shape in [(1, 1, 2, 64), (2, 130, 2, 16), (1, 77, 2, 48), (1, 1000, 1, 128)]:\n"
+            "    t.check_backend(t.cpu, *shape, torch.bfloat16, 'cpu')\n")
+    env = {**os.environ, "NANOLM_CPU_BF16_DOT": force, "TRITON_INTERPRET": "1"}
+    subprocess.run([sys.executable, "-c", code], env=env, cwd=os.path.dirname(__file__), check=True)
 
 
 def test_cpu_rejects_float64():

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -193,12 +194,40 @@ def test_run_dir_records(straight_run):
 
 # ----------------------------------------------------------------------------- dtype, fp16 loss scaling
 
-@pytest.mark.parametrize("native,dtype", [("avx512_bf16", "bfloat16"), (None, "float32")])
-def test_dtype_auto_on_cpu_follows_native_bf16(native, dtype, monkeypatch):
+@pytest.mark.parametrize("native,speedup,dtype", [("avx512_bf16", 4.7, "bfloat16"), ("avx512_bf16", 0.55, "float32"),
+                                                  (None, 4.7, "float32")])
+def test_dtype_auto_on_cpu_needs_native_and_faster_bf16(native, speedup, dtype, monkeypatch):
+    """auto takes bf16 on a CPU only where it has bf16 instructions and its bf16 matmuls are
+    measurably faster than fp32's (an Intel Xeon without AMX has the first, not the second)."""
     monkeypatch.setattr(train_module, "native_bf16_cpu", lambda: native)
+    monkeypatch.setattr(train_module, "cpu_bf16_matmul_speedup", lambda: speedup)
     picked, why = train_module.pick_dtype(parse_args([]), torch.device("cpu"))
     assert picked == dtype and why.startswith("auto")
     assert train_module.pick_dtype(parse_args(["--dtype=float32"]), torch.device("cpu"))[0] == "float32"
+
+
+def test_cpu_bf16_matmul_speedup_is_a_measured_ratio():
+    assert 0.05 < train_module.cpu_bf16_matmul_speedup(m=64, k=64, n=64, rounds=2) < 50
+
+
+def test_auto_dtype_is_saved_so_a_resume_keeps_it(tmp_path, monkeypatch):
+    """The dtype auto picked goes into the saved config: a resume does not measure again (a
+    loaded machine could measure the other way) and continues in the same precision."""
+    monkeypatch.setattr(train_module, "native_bf16_cpu", lambda: "avx512_bf16")
+    monkeypatch.setattr(train_module, "cpu_bf16_matmul_speedup", lambda: 4.7)
+    train(parse_args(TINY + ["--max_steps=2", "--eval_interval=2", "--ckpt_interval=2", f"--out_dir={tmp_path}"]))
+    monkeypatch.setattr(train_module, "cpu_bf16_matmul_speedup", lambda: 0.5)
+    assert config_from_args([f"--resume={tmp_path}"]).dtype == "bfloat16"
+
+
+def test_help_lists_every_option_with_its_default_and_comment(capsys):
+    from nanolm.config import TrainConfig
+    train_module.main(["--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        assert f"--{f.name}=" in out, f.name
+    assert "--max_steps=450" in out and "optimizer steps" in out
+    assert "--dtype=auto" in out and "loss-scaled" in out  # a comment on the lines above the field
 
 
 def test_dtype_is_printed(capsys):
