@@ -51,13 +51,18 @@ def cuda_kernel_status():
 
 
 def static_summary(rows, kernel):
-    """'sm_80: 12 configs, 3 spill (up to 416 B); sm_90a: ...' for kernel from a static.json's rows."""
+    """'sm_80: 24 configs (8 production), spilling: 0 production, 2 other (up to 104 B); sm_90a: ...'
+    for kernel, from a static.json's rows."""
     parts = []
     for arch in sorted({r["arch"] for r in rows if r["kernel"] == kernel}):
         mine = [r for r in rows if r["kernel"] == kernel and r["arch"] == arch]
         failed = sum(r["status"] != "ok" for r in mine)
-        spills = [r["spill_stores"] for r in mine if r["status"] == "ok" and r["spill_stores"]]
-        text = f"{arch}: {len(mine)} configs, {len(spills)} spill" + (f" (up to {max(spills)} B)" if spills else "")
+        spills = [r for r in mine if r["status"] == "ok" and r["spill_stores"]]
+        production = sum(r["production"] for r in spills)
+        text = (f"{arch}: {len(mine)} configs ({sum(r['production'] for r in mine)} production), spilling: "
+                f"{production} production, {len(spills) - production} other")
+        if spills:
+            text += f" (up to {max(r['spill_stores'] for r in spills)} B)"
         parts.append(text + (f", {failed} fail to compile" if failed else ""))
     return "; ".join(parts) or "not in the report"
 

@@ -72,13 +72,13 @@ def test_info_reports_every_triton_kernel():
 
 
 def test_static_summary():
-    rows = [{"kernel": "k", "arch": "sm_80", "status": "ok", "spill_stores": 16},
-            {"kernel": "k", "arch": "sm_80", "status": "ok", "spill_stores": 0},
-            {"kernel": "k", "arch": "sm_90a", "status": "ok", "spill_stores": 0},
-            {"kernel": "k", "arch": "sm_90a", "status": "compile error: x"},
-            {"kernel": "other", "arch": "sm_90a", "status": "ok", "spill_stores": 8}]
-    assert info.static_summary(rows, "k") == "sm_80: 2 configs, 1 spill (up to 16 B); sm_90a: 2 configs, 0 spill, " \
-                                             "1 fail to compile"
+    ok = {"kernel": "k", "status": "ok", "spill_stores": 0, "production": True}
+    rows = [dict(ok, arch="sm_80", spill_stores=16), dict(ok, arch="sm_80", production=False, spill_stores=4),
+            dict(ok, arch="sm_80", production=False), dict(ok, arch="sm_90a"),
+            dict(ok, arch="sm_90a", status="compile error: x"), dict(ok, arch="sm_90a", kernel="other", spill_stores=8)]
+    assert info.static_summary(rows, "k") == ("sm_80: 3 configs (1 production), spilling: 1 production, 1 other "
+                                              "(up to 16 B); sm_90a: 2 configs (2 production), spilling: 0 production, "
+                                              "0 other, 1 fail to compile")
     assert info.static_summary(rows, "missing") == "not in the report"
 
 
