@@ -63,18 +63,26 @@ def check_outputs(out, ref, tol):
             raise AssertionError(f"output {i}: max error {err:.2e} relative to max |ref| > tol {tol:.0e}")
 
 
+# Backends whose impls are of kind "emulated": set up and run only when named (--impls cuda_sim,
+# or nanolm[cuda_sim] for train_step), then held to the same correctness check as the rest; their
+# time is the emulation's (one fiber per CUDA thread), which says nothing about a GPU.
+EMULATED = {"cuda_sim": "the CUDA kernels emulated on the CPU (csrc/sim), run only when named "
+                        "(--impls cuda_sim): its check is the real kernels', its time the emulation's"}
+
+
 def backend_unavailable(name, op, device, dtype=None):
     """Why the bench does not run backend `name` for `op` on `device` (in `dtype`, when given),
     or None. On top of the op layer's answer: triton on CPU runs only in Triton's interpreter,
-    whose times say nothing about the kernel (its correctness is covered by tests/, not here);
-    cuda_sim is the CUDA kernels emulated one fiber per CUDA thread, likewise checked by tests/
-    and never timed."""
+    whose times say nothing about the kernel (its correctness is covered by tests/, not here)."""
     reason = backends.unavailable_reason(name, op, device, dtype)
     if reason is None and name == "triton" and device.type == "cpu":
         return "CPU tensors only run in Triton's interpreter (TRITON_INTERPRET=1), whose timings are meaningless"
-    if reason is None and name == "cuda_sim":
-        return "the CUDA kernels emulated on the CPU (csrc/sim): tests/ check them, their timings are meaningless"
     return reason
+
+
+def emulated_reason(impl_name):
+    """EMULATED's reason if impl_name ("cuda_sim", "nanolm[cuda_sim]") runs an emulated backend."""
+    return EMULATED.get(impl_name.removeprefix("nanolm[").removesuffix("]"))
 
 
 def nanolm_backends(op, device, dtype=None):
@@ -151,4 +159,9 @@ OPS = {
 
 
 def build_cases(op, device, size):
-    return importlib.import_module(OPS[op]).cases(device, size)
+    cases = importlib.import_module(OPS[op]).cases(device, size)
+    for case in cases:
+        for impl in case.impls:
+            if emulated_reason(impl.name):
+                impl.kind = "emulated"
+    return cases

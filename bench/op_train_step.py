@@ -14,7 +14,7 @@ against ReferenceGPT in float64 with the same weights and batch, so a wrong forw
 kernel in any kernel set fails before it is timed."""
 import torch
 
-from bench.cases import Case, Impl, backend_unavailable, shape_key, tol_for
+from bench.cases import EMULATED, Case, Impl, backend_unavailable, shape_key, tol_for
 from bench.reference_gpt import ReferenceGPT
 from nanolm import backends, flops
 from nanolm.config import ModelConfig
@@ -129,6 +129,9 @@ def backend_choices(device):
     can run every op here, plus `auto` when it mixes backends (else it equals one of them)."""
     sets, skipped = {}, {}
     for name in backends.BACKENDS:
+        if name in EMULATED:
+            skipped[f"nanolm[{name}]"] = "emulated: run in the op cases only (--impls cuda_sim)"
+            continue
         reasons = {op: backend_unavailable(name, op, device) for op in backends.OPS}
         missing = {op: r for op, r in reasons.items() if r is not None}
         if missing:

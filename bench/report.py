@@ -14,6 +14,11 @@ def _mfu(r):
     return ", MFU - (no datasheet peak known for this device; % ceiling is of the measured matmul)"
 
 
+def _label(row):
+    """The implementation's name; an emulated one (bench/cases.py EMULATED) says so."""
+    return f"{row['impl']} (emulated)" if row["kind"] == "emulated" else row["impl"]
+
+
 def op_table(op, rows, skipped):
     baselines = list(dict.fromkeys(r["impl"] for r in rows if r["kind"] == "baseline" and r["status"] == "ok"))
     metric = rows[0]["metric"] if rows else ""
@@ -23,7 +28,7 @@ def op_table(op, rows, skipped):
         if r["status"] != "ok":
             cells = [r["case"], r["impl"], "FAILED", r["error"].replace("|", "/")] + [""] * (len(head) - 4)
         else:
-            cells = [r["case"], r["impl"], f"{r['time_ms']:.3f}", f"{r['value']:.4g}", f"{r['pct_ceiling']:.0f}%",
+            cells = [r["case"], _label(r), f"{r['time_ms']:.3f}", f"{r['value']:.4g}", f"{r['pct_ceiling']:.0f}%",
                      _mem(r.get("peak_mem_bytes"))]
             cells += [f"{r['speedup'][b]:.2f}x" if b in r["speedup"] else "" for b in baselines]
         lines.append("| " + " | ".join(cells) + " |")
@@ -66,8 +71,8 @@ def plot(results, out_dir):
     for op, series in dict.fromkeys((r["op"], r["series"]) for r in ok):
         rows = [r for r in ok if r["op"] == op and r["series"] == series]
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for impl in dict.fromkeys(r["impl"] for r in rows):
-            pts = sorted((r["x"], r["value"]) for r in rows if r["impl"] == impl)
+        for impl in dict.fromkeys(_label(r) for r in rows):
+            pts = sorted((r["x"], r["value"]) for r in rows if _label(r) == impl)
             ax.plot(*zip(*pts), marker="o", label=impl)
         ax.set(xscale="log", xlabel=rows[0].get("x_label", "size"), ylabel=rows[0]["metric"], title=f"{op} {series}")
         ax.legend(fontsize=8)

@@ -2,14 +2,15 @@
 (a wrong or crashing implementation is reported FAILED and gets no time), peak memory, then
 the median time over rotating input sets. A case marked `interleave` first sets up every
 implementation, then times them in turn, one call each per round, so that load from other jobs
-on a shared machine falls on all of them alike."""
+on a shared machine falls on all of them alike. Emulated backends (cases.EMULATED) run only
+when named in the filter."""
 import gc
 import itertools
 
 import torch
 
 from bench import timing
-from bench.cases import check_outputs
+from bench.cases import check_outputs, emulated_reason
 
 
 def _free(device, always=False):
@@ -97,17 +98,22 @@ def run_case(case, device, impl_filter=None, log=print):
     input_sets = [case.make_inputs()]
     ref = case.reference(input_sets[0])
     input_sets += [case.make_inputs() for _ in range(timing.rotation_count(case.working_set, device) - 1)]
-    impls = [impl for impl in case.impls if not impl_filter or impl.name in impl_filter]
+    if impl_filter:
+        impls = [impl for impl in case.impls if impl.name in impl_filter]
+    else:  # emulated backends run only when named
+        impls = [impl for impl in case.impls if impl.kind != "emulated"]
     rows = _run_interleaved(case, impls, input_sets, ref, device) if case.interleave else []
     for impl in impls:
         if not case.interleave:
             rows.append(run_impl(case, impl, input_sets, ref, device))
             _free(device)
         r = next(r for r in rows if r["impl"] == impl.name)
+        emulated = " (emulated)" if impl.kind == "emulated" else ""
         log(f"  {case.op:>20} {case.name:<40} {impl.name:<32} "
-            + (f"{r['time_ms']:9.3f} ms" if r["status"] == "ok" else f"FAILED {r['error']}"))
+            + (f"{r['time_ms']:9.3f} ms{emulated}" if r["status"] == "ok" else f"FAILED {r['error']}"))
+    not_run = {**case.skipped, **{i.name: emulated_reason(i.name) for i in case.impls if i not in impls}}
     skipped = [{"op": case.op, "case": case.name, "impl": n, "status": "skipped", "reason": why}
-               for n, why in case.skipped.items() if not impl_filter or n in impl_filter]
+               for n, why in not_run.items() if why and (not impl_filter or n in impl_filter)]
     del input_sets, ref
     _free(device, always=True)
     return rows, skipped

@@ -3,7 +3,8 @@
 Triton: each kernel's launches are captured from the backend's own launchers (the kernel object
 is swapped for a recorder while the launcher runs on small CPU tensors), so the arguments,
 constexprs, warps and stages are exactly what training would launch; an autotuned kernel
-expands to every config in its autotune list. Each launch is specialised as Triton's JIT does
+expands to every config its prune hook keeps for that launch on that arch (the attention
+configs differ on sm_8x). Each launch is specialised as Triton's JIT does
 (`native_specialize_impl`: 16-byte aligned pointers, integers divisible by 16, integers equal to
 1) and compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", 80|90, 32))`.
 CUDA: csrc/*.cu through `nvcc -cubin -Xptxas -v`, with setup.py's flags.
@@ -21,7 +22,8 @@ smem_per_SM / (smem + 1 KB), 32). CUDA kernels pick their block size at launch, 
 occupancy is not reported.
 
 Production configurations (`--production`, and the CI gate `--check`): what a GPT-2 preset trains
-with on a GPU: bf16, widths 768..1600, head size 64 (GPT-2) and 128, vocabulary 50304. The gate
+with on a GPU: bf16, widths 768..1600, head size 64 (GPT-2) and 128, vocabulary 50304, with
+and without dropout, and the vocabulary-parallel cross-entropy of --tp=2 (shards of 25152). The gate
 fails on a production configuration that does not compile, needs more shared memory than a
 block may have, or spills on sm_90a. Results are cached under ~/.cache/nanolm/static (keyed by
 Triton version, kernel source, specialisation and options), so a rerun compiles only what
@@ -178,11 +180,21 @@ def _capture(module, names, case, production, run):
                     meta.update(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                 num_warps, num_stages = meta.pop("num_warps", 4), meta.pop("num_stages", 3)
                 sig, consts, attrs = _specialise(r.fn, {**dict(zip(r.fn.arg_names, args)), **meta})
-                label = " ".join([f"+{k[4:].lower()}" for k, v in meta.items() if k.startswith("HAS_") and v]
+                label = " ".join([f"+{k.removeprefix('HAS_').lower()}" for k, v in meta.items()
+                                  if (k.startswith("HAS_") or k == "DROPOUT") and v]
                                  + [f"{k}={v}" for k, v in meta.items() if k.startswith("BLOCK") or k == "ROWS"])
                 out.append(Launch(module.__name__, r.fn.__name__, case, f"{label} w{num_warps} s{num_stages}",
                                   production, sig, consts, attrs, num_warps, num_stages, r.fn.cache_key))
     return out
+
+
+def _dropout_args():
+    """The kernels' dropout arguments as training passes them at p = 0.1: the seed of a rank > 0
+    (rank in the high word: an i64, the wider of the JIT's two specialisations; rank 0's fits i32)."""
+    from nanolm.backends.common import dropout_scalars
+    from nanolm.model import DropoutStream
+    from nanolm.ops import dropout
+    return dropout_scalars(dropout(0.1, DropoutStream.dropout_seed(1337, 1), 1000))
 
 
 def _layernorm_launches(dtype, C, production):
@@ -193,12 +205,15 @@ def _layernorm_launches(dtype, C, production):
     x, r = torch.randn(N, C, dtype=dtype), torch.randn(N, C, dtype=dtype)
     w, b = torch.ones(C, dtype=dtype), torch.zeros(C, dtype=dtype)
     mean, rstd = torch.zeros(N), torch.ones(N)
+    drop = _dropout_args()
 
     def run():
         layernorm.layernorm_fwd(x, None, w, b, 1e-5)
         layernorm.layernorm_fwd(x, r, w, b, 1e-5)
+        layernorm.layernorm_fwd(x, r, w, b, 1e-5, drop)  # add + layernorm, the branch dropped
         layernorm.layernorm_bwd(x, x, w, mean, rstd, None)
         layernorm.layernorm_bwd(x, x, w, mean, rstd, r)
+        layernorm.layernorm_bwd(x, x, w, mean, rstd, r, drop, torch.empty_like(x))
     names = ["layernorm_fwd_kernel", "layernorm_bwd_kernel", "layernorm_bwd_reduce_kernel"]
     return _capture(layernorm, names, f"{_name(dtype)} N={N} C={C}", production, run)
 
@@ -212,6 +227,22 @@ def _cross_entropy_launches(dtype, Vp, V, production):
                     lambda: cross_entropy.cross_entropy_fwd(logits, targets, V, -100, 1e-4, 1.0, True))
 
 
+def _cross_entropy_shard_launches(dtype, Vp, vocab_start, V, production):
+    """The vocabulary-parallel pair on one rank's shard: columns [vocab_start, vocab_start + Vp),
+    the first V real."""
+    import torch
+
+    from nanolm.kernels import cross_entropy
+    logits, targets = torch.randn(16, Vp, dtype=dtype), torch.randint(0, vocab_start + V, (16,))
+    lse = torch.zeros(16)
+
+    def run():
+        cross_entropy.cross_entropy_stats(logits, targets, vocab_start, V)
+        cross_entropy.cross_entropy_grad(logits, targets, lse, vocab_start, V, -100, 1e-4, 1.0)
+    return _capture(cross_entropy, ["cross_entropy_stats_kernel", "cross_entropy_grad_kernel"],
+                    f"{_name(dtype)} shard Vp={Vp} start={vocab_start} V={V}", production, run)
+
+
 def _attention_launches(dtype, hs, production):
     import torch
 
@@ -221,10 +252,12 @@ def _attention_launches(dtype, hs, production):
     q, k, v = qkv.unbind(2)
     o, lse = torch.randn(B, T, nh, hs, dtype=dtype), torch.zeros(B, nh, T)
     dq, dk, dv = torch.empty_like(qkv).unbind(2)
+    drop = _dropout_args()
 
     def run():
-        attention.attention_fwd(q, k, v, hs ** -0.5)
-        attention.attention_bwd(o, q, k, v, o, lse, hs ** -0.5, dq, dk, dv)
+        for dropout_args in (None, drop):
+            attention.attention_fwd(q, k, v, hs ** -0.5, dropout_args)
+            attention.attention_bwd(o, q, k, v, o, lse, hs ** -0.5, dq, dk, dv, dropout_args)
     names = ["_fwd_kernel", "attention_bwd_delta_kernel", "_dkdv_kernel", "_dq_kernel"]
     return _capture(attention, names, f"{_name(dtype)} T={T} hs={hs}", production, run)
 
@@ -249,27 +282,52 @@ def _name(dtype):
     return str(dtype).replace("torch.", "").replace("float", "fp").replace("bfp", "bf")
 
 
-def triton_launches(production_only=False):
+@contextlib.contextmanager
+def _as_arch(arch):
+    """The attention autotuners' prune hooks see a device of arch's compute capability (their
+    configs differ on sm_8x, kernels/attention.py)."""
+    from nanolm.kernels import attention
+    saved = attention.device_capability
+    attention.device_capability = lambda device: divmod(ARCHS[arch][0], 10)
+    try:
+        yield
+    finally:
+        attention.device_capability = saved
+
+
+def triton_launches(production_only=False, arch="sm_90a"):
     """Every launch the triton backend makes on a GPU. Production: what the GPT-2 presets train
-    with (bf16, C 768..1600, head size 64; 128 as well); the rest: the other dtypes, head sizes
-    and widths the backend accepts."""
+    with (bf16, C 768..1600, head size 64; 128 as well; with and without dropout; the
+    vocabulary-parallel cross-entropy of --tp=2); the rest: the other dtypes, head sizes and
+    widths the backend accepts. Autotuned kernels expand to the configs their prune hooks keep
+    on arch."""
+    with _as_arch(arch):
+        out = _all_launches(production_only)
+    unique = {}
+    for launch in out:  # e.g. the layernorm reduce kernel is the same compile at every width
+        unique.setdefault(_cache_key(launch, ""), launch)
+    return list(unique.values())
+
+
+def _all_launches(production_only):
     import torch
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     out = (_layernorm_launches(bf16, 768, True) + _layernorm_launches(bf16, 1600, True)
            + _cross_entropy_launches(bf16, 50304, 50257, True)
+           # --tp=2: the two shards of 50304 columns, the second with the 47 padding columns
+           + _cross_entropy_shard_launches(bf16, 25152, 0, 25152, True)
+           + _cross_entropy_shard_launches(bf16, 25152, 25152, 25105, True)
            + _attention_launches(bf16, 64, True) + _attention_launches(bf16, 128, True)
            + _adamw_launches(0, True))
     if not production_only:
         for dtype in (fp16, fp32):
             out += [launch for C in (128, 777, 16384) for launch in _layernorm_launches(dtype, C, False)]
             out += _cross_entropy_launches(dtype, 50257, 50257, False)
+            out += _cross_entropy_shard_launches(dtype, 12565, 37695, 12562, False)  # last of --tp=4, V 50257
         for dtype, hs in ((bf16, 16), (bf16, 32), (fp16, 64), (fp16, 128)):
             out += _attention_launches(dtype, hs, False)
         out += _adamw_launches(1, False)
-    unique = {}
-    for launch in out:  # e.g. the layernorm reduce kernel is the same compile at every width
-        unique.setdefault(_cache_key(launch, ""), launch)
-    return list(unique.values())
+    return out
 
 
 def _cache_key(launch, arch):
@@ -450,9 +508,8 @@ def main(argv=None):
         sys.exit("bench static compiles for a GPU: unset TRITON_INTERPRET")
     import triton
     t0 = time.perf_counter()
-    launches = [launch for launch in triton_launches(args.production)
-                if not args.kernels or any(k in launch.kernel for k in args.kernels)]
-    jobs = [(launch, arch) for arch in args.arch for launch in launches]
+    jobs = [(launch, arch) for arch in args.arch for launch in triton_launches(args.production, arch)
+            if not args.kernels or any(k in launch.kernel for k in args.kernels)]
     print(f"compiling {len(jobs)} Triton kernel configurations with {args.jobs} processes "
           f"(triton {triton.__version__})", file=sys.stderr, flush=True)
     if args.jobs > 1:

@@ -11,7 +11,8 @@ from bench.cases import OPS, build_cases, check_outputs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PARAMS = [pytest.param(case, impl, id=f"{op}-{case.name}-{impl.name}".replace(" ", "_"))
-          for op in OPS for case in build_cases(op, DEVICE, "quick") for impl in case.impls]
+          for op in OPS for case in build_cases(op, DEVICE, "quick") for impl in case.impls
+          if impl.kind != "emulated"]  # run by `python -m bench --impls cuda_sim` only
 
 
 @pytest.mark.parametrize("case,impl", PARAMS)

@@ -312,15 +312,23 @@ def attention_bwd_dq_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 def _configs(rows):
-    """rows of (BLOCK_M, BLOCK_N, warps, stages, the largest head size the config is tried at)
-    -> the autotune configs and the prune hook that drops the ones too big for the head size."""
+    """rows of (BLOCK_M, BLOCK_N, warps, stages, then the largest head size the config is tried
+    at: on sm_90 and later without dropout, with dropout, on sm_8x without, with) -> the autotune
+    configs and the prune hook that keeps those a launch's head size, dropout and device allow."""
     configs = [(triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s), max_hs)
-               for m, n, w, s, max_hs in rows]
+               for m, n, w, s, *max_hs in rows]
 
     def prune(candidates, named_args, **kwargs):
-        hs = {**named_args, **kwargs}["HS"]  # positional or keyword, as the launcher passed it
-        return [c for c, max_hs in configs if hs <= max_hs and c in candidates]
+        args = {**named_args, **kwargs}  # positional or keyword, as the launcher passed it
+        column = 2 * (device_capability(args["Q"].device) < (9, 0)) + bool(args["DROPOUT"])
+        return [c for c, max_hs in configs if args["HS"] <= max_hs[column] and c in candidates]
     return [c for c, _ in configs], {"early_config_prune": prune}
+
+
+def device_capability(device):
+    """(major, minor) of a CUDA device, read when the autotuner first meets a launch; (9, 0) for
+    any other (`python -m bench static` swaps this to capture the configs of each arch)."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
 
 
 # Candidates for Hopper (H100): 128-row tiles with 4-8 warps, 2-4 pipeline stages. The block
@@ -335,15 +343,42 @@ def _configs(rows):
 # hs = 64 already (4-28 bytes), replaced by (32, 128, 8, 3) and (64, 64, 8, 2); and dK/dV
 # (64, 128, 8, 2), which spills 20 bytes at hs = 64 under triton 3.9 once the kernel carries the
 # (constexpr-disabled) dropout path.
-_FWD_CONFIGS, _FWD_PRUNE = _configs([(128, 64, 4, 3, 64), (128, 64, 8, 3, 128), (128, 128, 8, 2, 128),
-                                     (64, 64, 4, 3, 128), (128, 32, 4, 4, 64)])
-_DKDV_CONFIGS, _DKDV_PRUNE = _configs([(32, 128, 8, 3, 128), (32, 64, 4, 3, 128),
-                                       (64, 64, 8, 2, 64), (16, 128, 4, 4, 64)])
-_DQ_CONFIGS, _DQ_PRUNE = _configs([(128, 32, 4, 3, 64), (128, 64, 8, 2, 128), (64, 32, 4, 3, 128),
-                                   (64, 64, 4, 2, 64), (128, 16, 4, 4, 64), (128, 32, 8, 3, 128)])
+# With dropout each score also runs a Philox call (about 40 more live registers), so the
+# dropout column stops earlier where sm_90a spills (triton 3.6.0 / 3.9.0): forward (128, 64, 4, 3)
+# (172 B at hs = 32, 672 B at 64), (128, 32, 4, 4) (16 B at 64), (128, 128, 8, 2) (1320 B at 64
+# under 3.9), (64, 64, 4, 3) (88 B at 128 under 3.9); dK/dV (16, 128, 4, 4) (84 B at 64),
+# (32, 64, 4, 3) (80 B at 128), (32, 128, 8, 3) (60 B at 128 under 3.9); dQ (128, 32, 4, 3) (8 B
+# at 32, 140 B at 64). Added for head size 128 with dropout, spill-free on both archs and both
+# Triton versions: forward (128, 32, 8, 3) and dK/dV (16, 128, 8, 3).
+# sm_8x (A100: the same register file, no wgmma) spills in other configs; its columns drop each
+# config at the head sizes where sm_80 spills (triton 3.6.0), wherever another config of the
+# same kernel, head size and dropout compiles without spilling (bench/results/2026-11-29-static).
+# That cannot cost sm_90 anything: its columns are the first two. Each column keeps a config up
+# to a largest head size, so where sm_80 spills at hs = 32 but not at 64, the config is kept at
+# 32 (dQ (128, 32, 8, 3): 8 B, not a production head size).
+#                               largest head size: sm_90  +dropout  sm_8x  +dropout
+_FWD_CONFIGS, _FWD_PRUNE = _configs([(128, 64, 4, 3,   64, 16, 32, 16),
+                                     (128, 64, 8, 3,   128, 128, 128, 64),
+                                     (128, 128, 8, 2,  128, 32, 32, 16),
+                                     (64, 64, 4, 3,    128, 64, 128, 128),
+                                     (128, 32, 4, 4,   64, 32, 64, 32),
+                                     (128, 32, 8, 3,   128, 128, 128, 128)])
+_DKDV_CONFIGS, _DKDV_PRUNE = _configs([(32, 128, 8, 3,  128, 64, 64, 32),
+                                       (32, 64, 4, 3,   128, 64, 64, 16),
+                                       (64, 64, 8, 2,   64, 64, 32, 32),
+                                       (16, 128, 4, 4,  64, 32, 64, 32),
+                                       (16, 128, 8, 3,  128, 128, 128, 128)])
+_DQ_CONFIGS, _DQ_PRUNE = _configs([(128, 32, 4, 3,  64, 16, 32, 32),
+                                   (128, 64, 8, 2,  128, 128, 32, 32),
+                                   (64, 32, 4, 3,   128, 128, 128, 128),
+                                   (64, 64, 4, 2,   64, 64, 32, 32),
+                                   (128, 16, 4, 4,  64, 64, 64, 64),
+                                   (128, 32, 8, 3,  128, 128, 64, 64)])
 # The interpreter runs one small fixed config: no autotuning on a CPU emulation.
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}
-_KEY = ["HS", "T_BUCKET"]  # autotune also keys on the argument dtypes
+# Autotune also keys on the argument dtypes. DROPOUT is in the key: without it, a dropout launch
+# reused the config tuned (and pruned) without dropout.
+_KEY = ["HS", "T_BUCKET", "DROPOUT"]
 
 if INTERPRET:
     _fwd_kernel, _dkdv_kernel, _dq_kernel = (attention_fwd_kernel, attention_bwd_dkdv_kernel,

@@ -1,7 +1,11 @@
 """`python -m nanolm.info`: how nanolm._C (and nanolm._C_sim) was built, library versions,
 devices, the support matrix: per device, for each op and backend, which dtypes it runs, with the
 reason where not (every cell is read from the backends' SUPPORT tables, nanolm/backends/), and
-how each CUDA kernel has been verified (cuda.KERNELS, cuda.GPU_RUNS)."""
+how each CUDA and Triton kernel has been verified (cuda.KERNELS, cuda.GPU_RUNS; triton.KERNELS,
+triton.STATIC_REPORT, triton.GPU_RUNS)."""
+import json
+from pathlib import Path
+
 import torch
 
 from nanolm import backends
@@ -43,6 +47,49 @@ def cuda_kernel_status():
             lines.append(f"  {kernel:<32} {emulated}; {compiled}; run on a GPU: {cuda.GPU_RUNS.get(kernel, 'never')}")
         auto = "in auto on CUDA" if cuda.verified_on_gpu(op) else "not in auto (no GPU run yet)"
         lines.append(f"  {'':<32} -> cuda for {op}: {auto}")
+    return "\n".join(lines)
+
+
+def static_summary(rows, kernel):
+    """'sm_80: 24 configs (8 production), spilling: 0 production, 2 other (up to 104 B); sm_90a: ...'
+    for kernel, from a static.json's rows."""
+    parts = []
+    for arch in sorted({r["arch"] for r in rows if r["kernel"] == kernel}):
+        mine = [r for r in rows if r["kernel"] == kernel and r["arch"] == arch]
+        failed = sum(r["status"] != "ok" for r in mine)
+        spills = [r for r in mine if r["status"] == "ok" and r["spill_stores"]]
+        production = sum(r["production"] for r in spills)
+        text = (f"{arch}: {len(mine)} configs ({sum(r['production'] for r in mine)} production), spilling: "
+                f"{production} production, {len(spills) - production} other")
+        if spills:
+            text += f" (up to {max(r['spill_stores'] for r in spills)} B)"
+        parts.append(text + (f", {failed} fail to compile" if failed else ""))
+    return "; ".join(parts) or "not in the report"
+
+
+def triton_kernel_status():
+    """Three lines per Triton kernel: the tests that interpret it in CI, its compiled form (the CI
+    gate, and the last full `python -m bench static` report when this is a source checkout), and
+    its GPU runs."""
+    try:
+        triton = backends.load("triton")
+    except ImportError as e:
+        return f"  triton backend not importable ({e})"
+    report = Path(__file__).resolve().parent.parent / triton.STATIC_REPORT / "static.json"
+    if report.exists():
+        data = json.loads(report.read_text())
+        rows = [r for r in data["rows"] if r["kind"] == "triton"]
+        source = f"{triton.STATIC_REPORT} (triton {data['env']['triton']}, every config)"
+    else:
+        rows, source = None, f"{triton.STATIC_REPORT}: not in this install"
+    lines = [f"  gate in CI: every production config compiles for sm_90a, fits shared memory, no spills "
+             f"(tests/test_triton_static.py); full report: {source}"]
+    for kernels in triton.KERNELS.values():
+        for kernel, tests in kernels.items():
+            lines.append(f"  {kernel:<32} interpreted in CI (fp32): {', '.join(tests)}")
+            if rows is not None:
+                lines.append(f"  {'':<32} compiled: {static_summary(rows, kernel)}")
+            lines.append(f"  {'':<32} run on a GPU: {triton.GPU_RUNS.get(kernel, 'never')}")
     return "\n".join(lines)
 
 
@@ -94,6 +141,7 @@ def main():
         for op, name, cells, why in support_rows(device):
             print(f"  {op:<13}  {name:<13}  " + "  ".join(f"{c:<9}" for c in cells) + f"  {why}")
     print(f"\nCUDA kernels (csrc/*.cu), how each is verified:\n{cuda_kernel_status()}")
+    print(f"\nTriton kernels (kernels/*.py), how each is verified:\n{triton_kernel_status()}")
 
 
 if __name__ == "__main__":

@@ -149,7 +149,42 @@ def test_triton_on_cpu_is_not_timed(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert "meaningless" in backend_unavailable("triton", "layernorm", torch.device("cpu"))
     assert backend_unavailable("torch", "layernorm", torch.device("cpu")) is None
-    assert "meaningless" in backend_unavailable("cuda_sim", "layernorm", torch.device("cpu"))
+
+
+# linear_cross_entropy is left out: the same cross-entropy kernels, at 0.5 s a call emulated
+@pytest.mark.cuda_sim
+@pytest.mark.parametrize("op", ["layernorm", "attention", "cross_entropy", "adamw"])
+def test_cuda_sim_runs_through_the_correctness_gate_when_named(op, one_thread):
+    """The emulated CUDA kernels pass the bench's float64 check in every tiny case of an op that
+    cuda_sim has a kernel for, and their rows say "emulated"."""
+    ran = 0
+    for case in build_cases(op, torch.device("cpu"), "tiny"):
+        case.budget_ms = 1  # the check is the point here, not the emulation's time
+        rows, skipped = runner.run_case(case, torch.device("cpu"), ["cuda_sim"], log=lambda m: None)
+        assert all(r["status"] == "ok" and r["kind"] == "emulated" and "time_ms" in r for r in rows), rows
+        assert len(rows) + len(skipped) == 1
+        ran += len(rows)
+    assert ran >= 1
+
+
+@pytest.mark.cuda_sim
+def test_cuda_sim_is_left_out_unless_named(one_thread):
+    (case,) = build_cases("adamw", torch.device("cpu"), "tiny")
+    case.budget_ms = 1
+    rows, skipped = runner.run_case(case, torch.device("cpu"), log=lambda m: None)
+    assert "cuda_sim" in {i.name for i in case.impls} and "cuda_sim" not in {r["impl"] for r in rows}
+    assert any(s["impl"] == "cuda_sim" and "only when named" in s["reason"] for s in skipped)
+    assert all(r["kind"] != "emulated" for r in rows)
+
+
+@pytest.mark.cuda_sim
+def test_cuda_sim_wrong_output_fails_the_gate(one_thread):
+    case = build_cases("layernorm", torch.device("cpu"), "tiny")[0]  # fwd
+    sim = next(i for i in case.impls if i.name == "cuda_sim")
+    case.impls = [Impl("cuda_sim", "emulated", lambda t: (lambda run: lambda: tuple(y * 1.001 for y in run()))(
+        sim.make(t)))]
+    (row,), _ = runner.run_case(case, torch.device("cpu"), ["cuda_sim"], log=lambda m: None)
+    assert row["status"] == "FAILED" and "max error" in row["error"] and "time_ms" not in row
 
 
 def _patched(backend, name, fn):

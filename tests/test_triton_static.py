@@ -6,13 +6,18 @@ it compiles for a GPU, so it must not see this test session's TRITON_INTERPRET=1
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from bench import static
+from nanolm import info
+from nanolm.backends import triton as triton_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,6 +32,54 @@ ptxas info    : Function properties for _Z6kernelPf
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 40 registers, used 1 barriers, 4224 bytes smem, 360 bytes cmem[0]
 """
+
+
+def _jit_functions():
+    """{name: source of kernels/} for every @triton.jit function in kernels/."""
+    found = {}
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        text = path.read_text()
+        found.update((name, text) for name in re.findall(r"@triton\.jit(?:\([^)]*\))?\s*\ndef (\w+)", text))
+    return found
+
+
+def test_kernel_table_lists_every_triton_kernel():
+    """triton.KERNELS (what nanolm.info reports) names every @triton.jit kernel in kernels/, and
+    nothing else; the other @triton.jit functions are device functions, called, never launched.
+    Each kernel's test files exist and name it or its op's backend functions."""
+    jit = _jit_functions()
+    listed = {k for kernels in triton_backend.KERNELS.values() for k in kernels}
+    assert listed == {name for name in jit if name.endswith("_kernel")}
+    for name in set(jit) - listed:
+        assert not re.search(rf"\b{name}\[", jit[name]), f"{name} is launched: list it in triton.KERNELS"
+        assert len(re.findall(rf"\b{name}\(", "\n".join(set(jit.values())))) >= 2, f"{name} is never called"
+    from nanolm.backends import OPS
+    assert set(triton_backend.KERNELS) == set(OPS)
+    for op, kernels in triton_backend.KERNELS.items():
+        for tests in kernels.values():
+            for test in tests:
+                text = (ROOT / test).read_text()
+                assert any(fn in text for fn in OPS[op]) or op in text, f"{test} does not exercise {op}"
+
+
+def test_info_reports_every_triton_kernel():
+    text = info.triton_kernel_status()
+    for kernels in triton_backend.KERNELS.values():
+        for kernel, tests in kernels.items():
+            assert re.search(rf"{kernel} +interpreted in CI \(fp32\): {re.escape(', '.join(tests))}", text)
+    assert text.count("run on a GPU: never") == sum(map(len, triton_backend.KERNELS.values())) - len(
+        triton_backend.GPU_RUNS)
+
+
+def test_static_summary():
+    ok = {"kernel": "k", "status": "ok", "spill_stores": 0, "production": True}
+    rows = [dict(ok, arch="sm_80", spill_stores=16), dict(ok, arch="sm_80", production=False, spill_stores=4),
+            dict(ok, arch="sm_80", production=False), dict(ok, arch="sm_90a"),
+            dict(ok, arch="sm_90a", status="compile error: x"), dict(ok, arch="sm_90a", kernel="other", spill_stores=8)]
+    assert info.static_summary(rows, "k") == ("sm_80: 3 configs (1 production), spilling: 1 production, 1 other "
+                                              "(up to 16 B); sm_90a: 2 configs (2 production), spilling: 0 production, "
+                                              "0 other, 1 fail to compile")
+    assert info.static_summary(rows, "missing") == "not in the report"
 
 
 def test_parse_ptxas_log():
@@ -72,10 +125,66 @@ def test_triton_production_configs_compile_for_sm90a_without_spills(tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads((tmp_path / "static.json").read_text())["rows"]
-    kernels = {r["kernel"] for r in rows}
-    assert {"layernorm_fwd_kernel", "layernorm_bwd_kernel", "cross_entropy_fwd_kernel", "attention_fwd_kernel",
-            "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel", "adamw_step_kernel"} <= kernels
+    # every Triton kernel has production configurations, dropout variants included
+    assert {r["kernel"] for r in rows} == {k for kernels in triton_backend.KERNELS.values() for k in kernels}
+    dropout = {r["kernel"] for r in rows if "+dropout" in r["config"]}
+    assert dropout == {"layernorm_fwd_kernel", "layernorm_bwd_kernel", "attention_fwd_kernel",
+                       "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"}
     assert all(r["status"] == "ok" and r["spill_stores"] == 0 for r in rows)
     # the attention matmuls run on tensor cores (mma.sync or wgmma)
     assert all({"HMMA", "HGMMA"} & set(r["sass"]) for r in rows
                if r["kernel"] in ("attention_fwd_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"))
+
+
+# ----------------------------------------------------------------------------- attention's prune hooks
+
+def _kept(kernel, hs, dropout, device):
+    """(BLOCK_M, BLOCK_N, warps, stages) of the autotune configs kernel's prune hook keeps."""
+    from nanolm.kernels import attention
+    configs, hooks = {"fwd": (attention._FWD_CONFIGS, attention._FWD_PRUNE),
+                      "dkdv": (attention._DKDV_CONFIGS, attention._DKDV_PRUNE),
+                      "dq": (attention._DQ_CONFIGS, attention._DQ_PRUNE)}[kernel]
+    q = SimpleNamespace(device=device)  # what the hook reads of the launch's first tensor
+    kept = hooks["early_config_prune"](configs, {"Q": q, "HS": hs}, DROPOUT=dropout)
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
+
+
+@pytest.fixture
+def capability(monkeypatch):
+    """Pretends the CUDA devices have compute capability `capability.value`; records the devices asked."""
+    state = SimpleNamespace(value=(9, 0), asked=[])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: state.asked.append(d) or state.value)
+    return state
+
+
+def test_attention_prune_reads_the_capability_of_the_tensors_device(capability):
+    cpu = _kept("fwd", 64, False, torch.device("cpu"))
+    assert capability.asked == []  # CPU tensors (static capture, never the interpreter): sm_90's lists
+    capability.value = (8, 0)
+    sm80 = _kept("fwd", 64, False, torch.device("cuda", 1))
+    assert capability.asked == [torch.device("cuda", 1)]
+    assert (128, 64, 4, 3) in cpu and (128, 64, 4, 3) not in sm80  # spills 16 B on sm_80 at hs = 64
+    for value, same_as in (((8, 6), sm80), ((8, 9), sm80), ((9, 0), cpu), ((10, 0), cpu)):
+        capability.value = value
+        assert _kept("fwd", 64, False, torch.device("cuda")) == same_as
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("cc", [(8, 0), (9, 0)])
+def test_attention_prune_leaves_a_config_for_every_head_size(kernel, dropout, cc, capability):
+    capability.value = cc
+    for hs in triton_backend.SUPPORT["attention"].head_sizes:
+        assert _kept(kernel, hs, dropout, torch.device("cuda")), (kernel, hs, dropout, cc)
+
+
+def test_attention_prune_drops_what_spills(capability):
+    """Examples from the static report: spills on sm_90a with dropout, and on sm_80 where a
+    spill-free config is left."""
+    assert (128, 128, 8, 2) in _kept("fwd", 128, False, torch.device("cuda"))
+    assert (128, 128, 8, 2) not in _kept("fwd", 128, True, torch.device("cuda"))  # 360 B on sm_90a
+    assert _kept("dkdv", 128, True, torch.device("cuda")) == [(16, 128, 8, 3)]
+    capability.value = (8, 0)
+    assert _kept("fwd", 128, True, torch.device("cuda")) == [(64, 64, 4, 3), (128, 32, 8, 3)]
+    assert _kept("dkdv", 64, True, torch.device("cuda")) == [(16, 128, 8, 3)]  # the other four spill 8-108 B
+    assert (32, 128, 8, 3) in _kept("dkdv", 32, True, torch.device("cuda"))  # no spill at hs = 32

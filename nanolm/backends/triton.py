@@ -29,6 +29,36 @@ SUPPORT = {
 }
 
 
+# Every @triton.jit kernel of kernels/ (not the device functions they call), by op, with the test
+# files that run it in CI, and how each has been verified:
+#   interpreted  those tests run it under Triton's interpreter (TRITON_INTERPRET=1, CPU tensors,
+#                fp32: the interpreter's bf16 tl.dot is wrong) against the float64 references;
+#   compiled     tests/test_triton_static.py compiles each of its production configurations
+#                (bench/static.py: bf16, GPT-2 widths, head size 64 and 128, every autotune config,
+#                with and without dropout, the --tp=2 vocabulary shards) for sm_90a and fails on a
+#                compile error, too much shared memory or a register spill; `python -m bench static`
+#                reports every configuration for sm_80 and sm_90a (STATIC_REPORT: the last full run);
+#   GPU          GPU_RUNS: the date and GPU of the last run where its gpu-marked tests passed
+#                (bench/gpu_check.sh tests), as cuda.GPU_RUNS.
+KERNELS = {
+    "layernorm": {"layernorm_fwd_kernel": ("tests/test_layernorm.py", "tests/test_dropout.py"),
+                  "layernorm_bwd_kernel": ("tests/test_layernorm.py", "tests/test_dropout.py"),
+                  "layernorm_bwd_reduce_kernel": ("tests/test_layernorm.py",)},
+    "attention": {"attention_fwd_kernel": ("tests/test_attention.py", "tests/test_dropout.py"),
+                  "attention_bwd_delta_kernel": ("tests/test_attention.py",),
+                  "attention_bwd_dkdv_kernel": ("tests/test_attention.py", "tests/test_dropout.py"),
+                  "attention_bwd_dq_kernel": ("tests/test_attention.py", "tests/test_dropout.py")},
+    "cross_entropy": {"cross_entropy_fwd_kernel": ("tests/test_cross_entropy.py",),
+                      "cross_entropy_stats_kernel": ("tests/test_cross_entropy_shard.py",),
+                      "cross_entropy_grad_kernel": ("tests/test_cross_entropy_shard.py",)},
+    "adamw": {"adamw_step_kernel": ("tests/test_adamw.py",),
+              "sum_of_squares_partials_kernel": ("tests/test_adamw.py",),
+              "sum_of_squares_final_kernel": ("tests/test_adamw.py",)},
+}
+STATIC_REPORT = "bench/results/2026-11-29-static"  # static.json of the last full `python -m bench static`
+GPU_RUNS = {}  # kernel -> "YYYY-MM-DD, GPU": no run of the gpu-marked tests is recorded yet
+
+
 def unavailable_reason(device):
     if device.type == "cuda":
         return None if torch.cuda.is_available() else "CUDA is not available"
