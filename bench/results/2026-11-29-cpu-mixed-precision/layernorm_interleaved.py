@@ -14,7 +14,8 @@ timing.reuse_freed_cpu_memory()
 for N, C in [(32768, 1600), (32768, 768), (8192, 1600)]:
     for dt in (torch.bfloat16, torch.float32):
         x, w, b = torch.randn(N, C, dtype=dt), torch.randn(C, dtype=dt), torch.randn(C, dtype=dt)
-        fns = {"cpu": lambda: cpu.layer_norm_fwd(x, w, b, 1e-5), "eager": lambda: F.layer_norm(x, (C,), w, b)}
+        fns = {"cpu": lambda x=x, w=w, b=b: cpu.layer_norm_fwd(x, w, b, 1e-5),
+               "eager": lambda x=x, w=w, b=b, C=C: F.layer_norm(x, (C,), w, b)}
         times = {k: [] for k in fns}
         for f in fns.values():
             f(), f()
