@@ -34,9 +34,10 @@ BACKENDS = {"torch": "torch_ref", "triton": "triton", "cuda": "cuda", "cpu": "cp
 from nanolm.backends import cuda  # noqa: E402  (after OPS: cuda's imports read this module)
 
 # What `auto` tries, best first, per device type; torch is always last and always works.
-# On CUDA, triton first: its kernels are checked in CI by the interpreter (fp32) and compiled for
-# sm_80/sm_90a (triton.KERNELS; no GPU run is recorded in the repo). cuda joins an op's order only once all of its kernels passed on a GPU
-# (cuda.GPU_RUNS; emulation in CI is not enough); until then it is chosen only by name.
+# On CUDA, triton first: its kernels are checked in CI by the interpreter (fp32) and compiled
+# for sm_80/sm_90a (triton.KERNELS; no GPU run is recorded in the repo). cuda joins an op's
+# order only once all of its kernels passed on a GPU (cuda.GPU_RUNS; emulation in CI is not
+# enough); until then it is chosen only by name.
 # cuda_sim (the CUDA kernels emulated on the CPU, for tests and study) is never automatic.
 AUTO_ORDER = {
     "cuda": {op: ("triton", "cuda", "torch") if cuda.verified_on_gpu(op) else ("triton", "torch") for op in OPS},
