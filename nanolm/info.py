@@ -59,7 +59,8 @@ def static_summary(rows, kernel):
         failed = sum(r["status"] != "ok" for r in mine)
         spills = [r for r in mine if r["status"] == "ok" and r["spill_stores"]]
         production = sum(r["production"] for r in spills)
-        text = (f"{arch}: {len(mine)} configs ({sum(r['production'] for r in mine)} production), spilling: "
+        plural = "s" if len(mine) != 1 else ""
+        text = (f"{arch}: {len(mine)} config{plural} ({sum(r['production'] for r in mine)} production), spilling: "
                 f"{production} production, {len(spills) - production} other")
         if spills:
             text += f" (up to {max(r['spill_stores'] for r in spills)} B)"
