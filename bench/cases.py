@@ -40,7 +40,6 @@ class Case:
     x_label: str = "size"
     per_call: dict = field(default_factory=dict)  # extra figures derived from time (tokens/s)
     peak_tflops: float = None  # datasheet peak, when known: TFLOP/s rows also get an MFU against it
-    interleave: bool = False  # time the impls in turn, one call each (see runner.run_case)
 
 
 def tol_for(dtype):

@@ -4,8 +4,8 @@ each kernel set the device can run, against the plain-PyTorch GPT-2 of reference
 and torch.compile of it with SDPA attention) with torch.optim.AdamW and clip_grad_norm_.
 Same model shape, the same initial weights (copied), batch and precision: bf16 autocast on GPU;
 on CPU fp32, and also bf16 autocast (torch.autocast("cpu")) where the CPU computes bf16 natively,
-at the CPU_BF16 shapes. On CPU the implementations of a case are timed interleaved (one call
-of each in turn), so load from other jobs on a shared machine falls on all of them alike.
+at the CPU_BF16 shapes. On CPU the implementations of a case are timed interleaved, as every
+CPU case is (bench/runner.py).
 Reported as TFLOP/s of the model FLOPs (flops.train_flops_per_token in nanolm/flops.py, the count
 train.py logs MFU with), tokens/s, and MFU against the datasheet peak where one is known.
 
@@ -175,7 +175,7 @@ def _case(name, cfg, device, compiled, precision):
                 make_inputs=make_inputs, reference=_float64_reference(cfg), impls=impls,
                 tol=tol_for(precision), skipped=skipped if compiled else {**skipped, **TINY_COMPILE_SKIPPED},
                 budget_ms=2000 if device.type == "cuda" else 1000, per_call={"tokens": tokens},
-                peak_tflops=datasheet_peak_tflops(device), interleave=device.type == "cpu")
+                peak_tflops=datasheet_peak_tflops(device))
 
 
 def cases(device, size):
