@@ -8,6 +8,8 @@
 // -ftrapping-math). fp16 converts with the compiler's _Float16 casts (F16C instructions with
 // -march=native on x86), rounding to nearest even.
 #pragma once
+#include <immintrin.h>
+
 #include <cstdint>
 
 #include "common.h"
@@ -53,6 +55,27 @@ inline void narrow(const float* __restrict src, T* __restrict dst, std::int64_t 
 #pragma omp simd
     for (std::int64_t i = 0; i < n; ++i) dst[i] = from_float<T>(src[i]);
 }
+
+#ifdef __F16C__
+// fp16: gcc 12 does not vectorize the _Float16 casts above (one vcvtsh2ss per value, 6x slower
+// than the bf16 loops), so 8 at a time with F16C; the same round-to-nearest-even, bit for bit.
+template <>
+inline void widen<_Float16>(const _Float16* __restrict src, float* __restrict dst, std::int64_t n) {
+    std::int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+    for (; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+template <>
+inline void narrow<_Float16>(const float* __restrict src, _Float16* __restrict dst, std::int64_t n) {
+    std::int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    for (; i < n; ++i) dst[i] = from_float<_Float16>(src[i]);
+}
+#endif
 
 // Calls fn with a value of the element type `dtype` names (float, bf16, _Float16), for dispatch.
 template <typename Fn>

@@ -38,6 +38,8 @@ constexpr std::int64_t kChunks = 64;
 // h = x (+ residual), or with kDropout h = x * factor (+ residual), as fp32. Stored to
 // residual_out when there is a residual or kDropout (rounded to T first, as it is stored, and
 // for 16-bit T widened back into buf); for fp32 x without either, x itself; else widened into buf.
+// buf holds 2 * C floats: for 16-bit T the residual is widened into its second half, so that
+// every loop here is a plain fp32 loop (or widen/narrow) that vectorizes.
 template <typename T, bool kDropout>
 const float* load_row(const T* x, const T* residual, T* residual_out, const float* factor, float* buf,
                       std::int64_t C) {
@@ -57,24 +59,17 @@ const float* load_row(const T* x, const T* residual, T* residual_out, const floa
         for (std::int64_t c = 0; c < C; ++c) residual_out[c] = x[c] + residual[c];
         return residual_out;
     } else {
-        // h in fp32 first, then rounded into residual_out and widened back: three loops that
-        // each vectorize (one loop storing both a 16-bit and an fp32 value does not, and ran
-        // 4x slower)
+        widen(x, buf, C);
+        if (residual == nullptr && !kDropout) return buf;
         if constexpr (kDropout) {
-            if (residual != nullptr) {
 #pragma omp simd
-                for (std::int64_t c = 0; c < C; ++c) buf[c] = to_float(x[c]) * factor[c] + to_float(residual[c]);
-            } else {
+            for (std::int64_t c = 0; c < C; ++c) buf[c] *= factor[c];
+        }
+        if (residual != nullptr) {
+            float* r = buf + C;
+            widen(residual, r, C);
 #pragma omp simd
-                for (std::int64_t c = 0; c < C; ++c) buf[c] = to_float(x[c]) * factor[c];
-            }
-        } else {
-            if (residual == nullptr) {
-                widen(x, buf, C);
-                return buf;
-            }
-#pragma omp simd
-            for (std::int64_t c = 0; c < C; ++c) buf[c] = to_float(x[c]) + to_float(residual[c]);
+            for (std::int64_t c = 0; c < C; ++c) buf[c] += r[c];
         }
         narrow(buf, residual_out, C);
         widen(residual_out, buf, C);
@@ -190,7 +185,7 @@ void forward_rows(const T* x, const T* residual, T* residual_out, const T* weigh
     const float* b = as_float(bias, b_buf, C);
 #pragma omp parallel
     {
-        std::vector<float> row(std::is_same_v<T, float> ? 0 : 2 * C);  // h, then y
+        std::vector<float> row(std::is_same_v<T, float> ? 0 : 2 * C);  // h; the widened residual, then y
         std::vector<float> factor(kDropout ? C : 0);                    // the row's dropout factors
 #pragma omp for schedule(static)
         for (std::int64_t r = 0; r < N; ++r) {
