@@ -47,6 +47,21 @@ def _row_max_and_sum_exp(x_row, Vp: tl.constexpr, V: tl.constexpr, BLOCK: tl.con
 
 
 @triton.jit
+def _write_row_grad(x_row, dx_row, shift, log_s, target_col, valid, row_scale, coef,
+                    Vp: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr):
+    """dx_j = exp((x_j - shift) - log_s) * coef - [j == target_col] * row_scale over every column
+    of the row, padding (j >= V) included as 0; an ignored row (not valid) gets zeros."""
+    cols = tl.arange(0, BLOCK)
+    for start in range(0, Vp, BLOCK):
+        j = start + cols
+        x = tl.load(x_row + j, mask=j < Vp).to(tl.float32)
+        x = tl.where(j < V, x, float("-inf"))  # padding may hold anything, NaN included
+        dx = tl.exp((x - shift) - log_s) * coef - tl.where(j == target_col, row_scale, 0.0)
+        dx = tl.where(valid, dx, 0.0)  # an ignored row's logits may be inf or NaN
+        tl.store(dx_row + j, dx.to(dx_row.dtype.element_ty), mask=j < Vp)
+
+
+@triton.jit
 def cross_entropy_fwd_kernel(
     logits_ptr,   # (N, Vp) fp32 or bf16, row-contiguous
     dlogits_ptr,  # (N, Vp) same dtype; may equal logits_ptr (in place)
@@ -62,7 +77,6 @@ def cross_entropy_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)  # int64: row * Vp overflows int32 past 42k rows of 50304
     x_row = logits_ptr + row * Vp
     dx_row = dlogits_ptr + row * Vp
-    cols = tl.arange(0, BLOCK)
 
     # 1. the row's max and sum of exponentials
     m_row, s_row = _row_max_and_sum_exp(x_row, Vp, V, BLOCK)
@@ -80,13 +94,7 @@ def cross_entropy_fwd_kernel(
     # 3. gradient over every column, padding included
     row_scale = tl.where(valid, grad_scale, 0.0)
     coef = row_scale * (1.0 + 2.0 * z_loss * lse)
-    for start in range(0, Vp, BLOCK):
-        j = start + cols
-        x = tl.load(x_row + j, mask=j < Vp).to(tl.float32)
-        x = tl.where(j < V, x, float("-inf"))  # padding may hold anything, NaN included
-        dx = tl.exp((x - m_row) - log_s) * coef - tl.where(j == t_safe, row_scale, 0.0)
-        dx = tl.where(valid, dx, 0.0)  # an ignored row's logits may be inf or NaN
-        tl.store(dx_row + j, dx.to(dlogits_ptr.dtype.element_ty), mask=j < Vp)
+    _write_row_grad(x_row, dx_row, m_row, log_s, t_safe, valid, row_scale, coef, Vp, V, BLOCK)
 
 
 def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_scale, inplace):
@@ -95,10 +103,9 @@ def cross_entropy_fwd(logits, targets, vocab_size, ignore_index, z_loss, grad_sc
     dlogits = logits if inplace else torch.empty_like(logits)
     if N == 0:
         return losses, dlogits
-    block = min(triton.next_power_of_2(Vp), 4096 if logits.element_size() == 2 else 2048)
     cross_entropy_fwd_kernel[(N,)](
         logits, dlogits, targets, losses, ignore_index, float(z_loss), float(grad_scale),
-        Vp=Vp, V=vocab_size, BLOCK=block, num_warps=8)
+        Vp=Vp, V=vocab_size, BLOCK=_block(logits), num_warps=8)
     return losses, dlogits
 
 
@@ -138,20 +145,14 @@ def cross_entropy_grad_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * Vp
-    cols = tl.arange(0, BLOCK)
     t = tl.load(targets_ptr + row)
     valid = t != ignore_index
     local = t - vocab_start
+    target_col = tl.where((local >= 0) & (local < V), local, -1)  # -1: another shard's target
     lse = tl.load(lse_ptr + row)
     row_scale = tl.where(valid, grad_scale, 0.0)
     coef = row_scale * (1.0 + 2.0 * z_loss * lse)
-    for start in range(0, Vp, BLOCK):
-        j = start + cols
-        x = tl.load(x_row + j, mask=j < Vp).to(tl.float32)
-        x = tl.where(j < V, x, float("-inf"))  # padding may hold anything, NaN included
-        dx = tl.exp(x - lse) * coef - tl.where((j == local) & (j < V), row_scale, 0.0)
-        dx = tl.where(valid, dx, 0.0)
-        tl.store(x_row + j, dx.to(logits_ptr.dtype.element_ty), mask=j < Vp)
+    _write_row_grad(x_row, x_row, lse, 0.0, target_col, valid, row_scale, coef, Vp, V, BLOCK)
 
 
 def _block(logits):
