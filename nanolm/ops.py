@@ -288,6 +288,17 @@ def _lm_head_buffers(h, weight, chunk_rows, need_grad):
     return h_c, w_c, dh, dweight, total, chunk_rows, logits_buf
 
 
+def _chunk_grads(dlogits, w_c, h_chunk, dh, dweight, start):
+    """One chunk's share of the gradients: its rows of dh = dlogits @ W, and dW += dlogits^T @ h."""
+    torch.matmul(dlogits, w_c, out=dh[start:start + h_chunk.shape[0]])
+    _accumulate_dweight(dweight, dlogits, h_chunk, first=start == 0)
+
+
+def _save_lm_head_grads(ctx, dh, dweight, h, weight):
+    ctx.save_for_backward(dh, dweight)
+    ctx.dtypes = (h.dtype, weight.dtype)
+
+
 def _lm_head_grads(ctx, grad_output):
     """The backward of both chunked lm_head losses: the forward's dh and dW, scaled."""
     dh, dweight = ctx.saved_tensors
@@ -316,10 +327,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                                                         ignore_index, z_loss, scale, True)
             total += losses.sum()
             if need_grad:
-                torch.matmul(dlogits, w_c, out=dh[start:end])
-                _accumulate_dweight(dweight, dlogits, h_chunk, first=start == 0)
-        ctx.save_for_backward(dh, dweight)
-        ctx.dtypes = (h.dtype, weight.dtype)
+                _chunk_grads(dlogits, w_c, h_chunk, dh, dweight, start)
+        _save_lm_head_grads(ctx, dh, dweight, h, weight)
         return total * scale
 
     @staticmethod
@@ -378,10 +387,8 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
             if need_grad:
                 dlogits = backend.cross_entropy_grad(logits, t, lse, vocab_start, local_vocab, ignore_index,
                                                      z_loss, scale)
-                torch.matmul(dlogits, w_c, out=dh[start:end])
-                _accumulate_dweight(dweight, dlogits, h_chunk, first=start == 0)
-        ctx.save_for_backward(dh, dweight)
-        ctx.dtypes = (h.dtype, weight.dtype)
+                _chunk_grads(dlogits, w_c, h_chunk, dh, dweight, start)
+        _save_lm_head_grads(ctx, dh, dweight, h, weight)
         return total * scale
 
     @staticmethod
