@@ -86,10 +86,11 @@ def cpu_bf16_matmul_speedup(m=1024, k=384, n=1536, rounds=5):
     return best[0] / best[1]
 
 
-def pick_dtype(cfg, device):
+def pick_dtype(cfg, device, comm=None):
     """(autocast dtype name, why): --dtype, or for auto bf16 on CUDA and on a CPU whose bf16
     matmuls are measurably faster than fp32's (cpu_bf16_matmul_speedup), fp32 on other CPUs.
-    The choice is saved in the run's config, so a resumed run keeps it."""
+    With several ranks (comm) rank 0's measurement decides for all, so that they train in one
+    precision. The choice is saved in the run's config, so a resumed run keeps it."""
     if cfg.dtype != "auto":
         return cfg.dtype, "--dtype"
     if device.type == "cuda":
@@ -97,7 +98,10 @@ def pick_dtype(cfg, device):
     native = native_bf16_cpu()
     if not native:
         return "float32", "auto: this CPU has no native bf16"
-    speedup = cpu_bf16_matmul_speedup()
+    speedup = torch.tensor([cpu_bf16_matmul_speedup()], dtype=torch.float64)
+    if comm is not None:
+        comm.wait(comm.broadcast(speedup, root=0))
+    speedup = speedup.item()
     if speedup >= BF16_MIN_SPEEDUP:
         return "bfloat16", f"auto: this CPU computes bf16 natively ({native}): bf16 matmuls {speedup:.1f}x fp32's"
     return "float32", (f"auto: this CPU has {native}, but its bf16 matmuls run at {speedup:.2f}x fp32's "
@@ -189,7 +193,10 @@ def setup(cfg):
             raise ValueError(f"block_size={mcfg.block_size} is larger than the {split} data "
                              f"({len(tokens)} tokens)")
     choice = backends.resolve(cfg.kernels, device)  # --kernels: {op: backend name}
-    dtype, why = pick_dtype(cfg, device)
+    if env.world_size % cfg.tp:
+        raise ValueError(f"tp={cfg.tp} does not divide the {env.world_size} ranks")
+    ctx = dist.Context(env, device, cfg.dist_timeout_s, cfg.tp)
+    dtype, why = pick_dtype(cfg, device, ctx.comm)
     check_kernels_take(dtype, choice, device)
     if env.is_main:
         print("kernels: " + ", ".join(f"{op}={name}" for op, name in choice.items()))
@@ -200,9 +207,6 @@ def setup(cfg):
             if not impls[op].SUPPORT[op].dropout:
                 raise ValueError(f"dropout={mcfg.dropout}: the {choice[op]} backend has no dropout for {op}; "
                                  f"choose another with --kernels (e.g. {op}=torch)")
-    if env.world_size % cfg.tp:
-        raise ValueError(f"tp={cfg.tp} does not divide the {env.world_size} ranks")
-    ctx = dist.Context(env, device, cfg.dist_timeout_s, cfg.tp)
     model = GPT(mcfg, impls, cfg.recompute).to(device)
     if mcfg.dropout > 0:
         model.dropout.seed = DropoutStream.dropout_seed(cfg.seed, env.rank)
