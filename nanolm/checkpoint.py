@@ -18,7 +18,12 @@ retention, `latest` and `--resume=RUN_DIR` never see it; pass its path to use it
 Everything saved is tensors and plain Python values, so loading uses weights_only=True.
 A CRC-32 of every tensor's bytes is saved beside them ("crc32") and checked on load: torch.load
 itself accepts a flipped bit inside tensor data. A checkpoint that cannot be read, or fails
-the check, raises ValueError naming it and the previous checkpoint in its run dir.
+the check, raises ValueError naming it and the previous checkpoint in its run dir. A model's
+readers (training, sampling, evaluation, export) go through load_gpt, which also refuses, naming
+it, a checkpoint that lacks a part they need (a weight of the model its config describes, the
+config's model or tokenizer); a resume also needs the optimizer, loader and RNG states
+(saved_run). One loaded onto a CUDA device on a machine without CUDA says so instead of calling
+the file damaged.
 """
 import os
 import random
@@ -175,6 +180,22 @@ def config_diff(saved, expected):
             for k, v in expected.items() if saved.get(k, missing) != v]
 
 
+def _missing(ckpt, keys):
+    """The first dotted key of `keys` ('config.model', ...) absent from a checkpoint, or None."""
+    for key in keys:
+        node = ckpt
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return key
+            node = node[part]
+    return None
+
+
+# what every reader of a checkpoint needs, and what a resume needs on top
+REQUIRED = ("model", "step", "config.model", "config.tokenizer")
+RESUME_REQUIRED = ("optimizer", "loader.train", "rng")
+
+
 def read(path, map_location="cpu", mmap=False):
     """torch.load of a checkpoint file; an unreadable or corrupt one (checked against its
     CRC-32 unless mmap, which reads no tensor data) raises ValueError naming it and the
@@ -182,6 +203,10 @@ def read(path, map_location="cpu", mmap=False):
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such checkpoint file")
+    device = torch.device(map_location)
+    if device.type == "cuda" and not torch.cuda.is_available():  # torch.load's error reads like damage
+        raise ValueError(f"cannot load {path} onto {device}: CUDA is not available here "
+                         f"(the file itself was not read; use the cpu device)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         damaged = not mmap and "crc32" in ckpt and ckpt["crc32"] != tensors_crc32(
@@ -199,9 +224,46 @@ def read(path, map_location="cpu", mmap=False):
 
 def saved_run(path):
     """(config, train loader state) stored in a checkpoint file, read without loading its
-    tensors (mmap)."""
+    tensors (mmap). Only a resume reads it: a checkpoint without the RESUME_REQUIRED state (a
+    weights-only one, such as `nanolm.hf import` writes) raises ValueError."""
     ckpt = read(path, mmap=True)
+    missing = _missing(ckpt, REQUIRED + RESUME_REQUIRED)
+    if missing:
+        raise ValueError(f"{path} holds no {missing!r}, which a resume needs (a weights-only "
+                         f"checkpoint?): start a new run from its weights with --init_from={path}")
     return ckpt["config"], ckpt["loader"]["train"]
+
+
+def weight_diff(state, model_config):
+    """Lines naming every tensor of a state dict that the GPT of `model_config` (a ModelConfig)
+    lacks, has in addition, or has in another shape; the model is built on the meta device
+    (shapes only, no memory)."""
+    from nanolm import backends
+    from nanolm.model import GPT
+    with torch.device("meta"):
+        model = GPT(model_config, backends.impls(backends.resolve("torch", torch.device("cpu"))))
+    want = {k: getattr(v, "shape", None) for k, v in model.state_dict().items()}
+    got = {k: getattr(v, "shape", None) for k, v in state.items()}
+    diff = [f"{k}: in the config's model, missing from the weights" for k in want if k not in got]
+    diff += [f"{k}: in the weights, not in the config's model" for k in got if k not in want]
+    diff += [f"{k}: weights {tuple(got[k])}, config {tuple(want[k])}" for k in want
+             if k in got and want[k] is not None and got[k] != want[k]]
+    return diff
+
+
+def check_weights(path, ckpt):
+    """ValueError naming the checkpoint and each difference if its weights are not those of
+    the model its own config describes (a missing or reshaped tensor, or a config that builds
+    no model)."""
+    from nanolm.config import ModelConfig
+    try:
+        model_config = ModelConfig(**ckpt["config"]["model"])
+        diff = weight_diff(ckpt["model"], model_config)
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise ValueError(f"{path}: its config.model does not describe a model ({e})") from None
+    if diff:
+        raise ValueError(f"{path}: its weights do not match the model its config describes:\n  "
+                         + "\n  ".join(diff))
 
 
 def load(path, map_location="cpu", model_config=None):
@@ -216,8 +278,27 @@ def load(path, map_location="cpu", model_config=None):
         path = found
     ckpt = read(path, map_location)
     if model_config is not None:
-        diff = config_diff(ckpt["config"], model_config)
-        if diff:
-            raise ValueError(f"{path} was saved with a different model config:\n  "
-                             + "\n  ".join(diff))
+        refuse_other_model(path, ckpt, model_config)
+    return ckpt
+
+
+def refuse_other_model(path, ckpt, model_config):
+    """ValueError listing every field of model_config the checkpoint's config holds otherwise."""
+    diff = config_diff(ckpt["config"], model_config)
+    if diff:
+        raise ValueError(f"{path} was saved with a different model config:\n  " + "\n  ".join(diff))
+
+
+def load_gpt(path, map_location="cpu", model_config=None):
+    """load() of a nanolm model's checkpoint, for the code that builds the model from it: one
+    without the REQUIRED parts, or whose weights are not those of the model its config
+    describes, raises ValueError naming it and what is missing."""
+    ckpt = load(path, map_location)
+    path = latest(path) if Path(path).is_dir() else path
+    missing = _missing(ckpt, REQUIRED)
+    if missing:
+        raise ValueError(f"{path} holds no {missing!r}: not a nanolm model checkpoint")
+    if model_config is not None:
+        refuse_other_model(path, ckpt, model_config)
+    check_weights(path, ckpt)
     return ckpt

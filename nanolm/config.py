@@ -53,7 +53,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    preset: str = "quickstart"  # model shape, see PRESETS
+    preset: str = "quickstart"  # model shape
     data: str = "pystdlib"  # embedded corpus: needs no download
     tokenizer: str = "byte"  # vocab 256, no files needed
     batch_size: int = 16  # sequences per micro-batch per data-parallel replica; global = batch_size*grad_accum*W/tp
@@ -74,11 +74,11 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # cuda if available, else cpu
     # autocast: auto = bf16 on cuda and on CPUs whose bf16 matmuls measure faster than fp32's
-    # (train.pick_dtype), else fp32; or float32, bfloat16, float16 (loss-scaled)
+    # (a 0.1 s probe at start), else fp32; or float32, bfloat16, float16 (loss-scaled)
     dtype: str = "auto"
     loss_scale_window: int = 2000  # float16: clean steps before the loss scale doubles (torch GradScaler's)
-    # --kernels picks the backend of each op (the model's `impls`): "auto", one backend name, or
-    # per-op overrides such as "auto,attention=triton"; see nanolm/backends/__init__.py
+    # the backend of each op: "auto", one backend name, or per-op overrides such
+    # as "auto,attention=triton"
     kernels: str = "auto"
     peak_tflops: float = 0.0  # overrides the device peak table for MFU; 0 = look up
     out_dir: str = ""  # run dir (checkpoints, metrics.jsonl, config.json); "" = runs/<preset>-<time>
@@ -154,6 +154,12 @@ def config_help():
         if m := re.match(r"(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", stripped):
             comments[m.group(1)] = " ".join(above + [m.group(2) or ""]).strip()
         above = []
+    comments["preset"] += ": " + ", ".join(
+        f"{name} ({shape['n_layer']} layers x {shape['n_embd']} wide)" for name, shape in PRESETS.items())
+    from nanolm import backends  # only here: the config itself needs no kernels
+    comments["kernels"] += (f"; backends: {', '.join(backends.BACKENDS)}; ops: {', '.join(backends.OPS)} "
+                            "(python -m nanolm.info shows which runs where)")
+
     def shown(value):  # a default such as "\\n" as the escape one would type
         return value if not isinstance(value, str) or value.isprintable() else repr(value)
     rows = [(f"--{f.name}={shown(f.default)}", comments.get(f.name, "")) for f in fields(TrainConfig)]

@@ -331,13 +331,28 @@ def shard_files(spec):
     return train, val
 
 
+def read_json(path):
+    """The object (dict) a JSON file holds; a file that is not one raises ValueError naming it."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object ({{...}}), got {type(value).__name__}")
+    return value
+
+
 def check_shards_tokenizer(paths, tokenizer):
-    """Refuse shards whose shards.json names another tokenizer than the run's."""
+    """Refuse shards whose shards.json names another tokenizer than the run's, or none."""
     for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
         info = os.path.join(folder, SHARDS_INFO)
         if os.path.exists(info):
-            with open(info) as f:
-                made_with = json.load(f)["tokenizer"]
+            made_with = read_json(info).get("tokenizer")
+            if not isinstance(made_with, str):
+                raise ValueError(f"{info} names no tokenizer (expected {{\"tokenizer\": \"gpt2\" or "
+                                 f"\"byte\", ...}}); write the one the shards were made with, or "
+                                 f"delete the file to skip the check")
             if made_with != tokenizer.name:
                 raise ValueError(f"{info}: these shards were made with tokenizer {made_with!r}, "
                                  f"but the run has --tokenizer={tokenizer.name}")
@@ -375,6 +390,8 @@ def load_dataset(name, tokenizer):
         return open_shards(train, tokenizer), open_shards(val, tokenizer)
     if name in ("pystdlib", "shakespeare") or name.endswith(".txt"):
         return encode_dataset(name, tokenizer)
+    if os.sep in name and not os.path.exists(name):  # a path, not a dataset name
+        raise ValueError(f"{name}: not found (no such file or directory)")
     raise ValueError(f"unknown dataset {name!r}: expected pystdlib, shakespeare, a .txt file, "
                      "or a directory / glob of token shards")
 
@@ -395,6 +412,8 @@ def clear_for_shards(out, overwrite):
 def prepare(name, out, tokenizer_name, shard_tokens=SHARD_TOKENS, overwrite=False):
     """Tokenize a text dataset into <out>/<stem>_{val,train}_NNNNNN.bin shards and
     <out>/shards.json."""
+    if shard_tokens < 1:  # checked first: a failed run must leave no shards.json to refuse the retry
+        raise ValueError(f"--shard_tokens must be >= 1, got {shard_tokens}")
     clear_for_shards(out, overwrite)
     tokenizer = get_tokenizer(tokenizer_name)
     train, val = encode_dataset(name, tokenizer)

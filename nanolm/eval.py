@@ -16,7 +16,8 @@ the cost). Same checkpoint, data and N -> the same numbers, in float32 with drop
                   separate documents and are not text.
 
 --data defaults to the dataset the checkpoint was trained on; a checkpoint imported from Hugging
-Face (`python -m nanolm.hf import`) names none, so pass it.
+Face (`python -m nanolm.hf import`) names none, so pass it. A progress line on stderr counts the
+tokens done (a whole val split takes minutes on a CPU).
 """
 import argparse
 import math
@@ -27,15 +28,16 @@ import numpy as np
 import torch
 
 from nanolm import backends, checkpoint
-from nanolm.config import ModelConfig
-from nanolm.data import get_tokenizer, load_dataset
+from nanolm.config import ModelConfig, cli
+from nanolm.data import Progress, get_tokenizer, load_dataset
+from nanolm.metrics import perplexity
 from nanolm.model import GPT
 
 
 def load(path, device, kernels="auto"):
     """(model in eval mode, tokenizer, checkpoint dict without its tensors) from a checkpoint
     file or a run dir (its newest checkpoint)."""
-    ckpt = checkpoint.load(path, map_location=device)
+    ckpt = checkpoint.load_gpt(path, map_location=device)
     impls = backends.impls(backends.resolve(kernels, torch.device(device)))
     model = GPT(ModelConfig(**ckpt["config"]["model"]), impls)
     model.load_state_dict(ckpt.pop("model"))
@@ -64,26 +66,36 @@ def utf8_bytes(tokenizer, ids):
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, tokens, n_targets=0, batch_size=8):
+def evaluate(model, tokenizer, tokens, n_targets=0, batch_size=8, progress=False):
     """{'loss', 'perplexity', 'bits_per_byte', 'tokens', 'bytes'} over the first n_targets
-    targets of `tokens` (0: all of them); see the module docstring."""
+    targets of `tokens` (0: all of them); see the module docstring. progress: a progress line
+    on stderr."""
     available = len(tokens) - 1
     n_targets = n_targets or available
     if not 0 < n_targets <= available:
         raise ValueError(f"tokens={n_targets}: the split has {available} target tokens")
     device = next(model.parameters()).device
     total_nats = 0.0  # a Python float (float64): the sum of up to millions of losses
+    bar = Progress(n_targets, "evaluating", unit="k tokens", scale=1e-3) if progress else None
     for x, y in windows(tokens, n_targets, model.cfg.block_size, batch_size):
         mean = model(x.to(device), y.to(device))
         total_nats += mean.item() * y.numel()
+        if bar:
+            bar.update(y.numel())
+    if bar:
+        bar.close()
     n_bytes = utf8_bytes(tokenizer, tokens[1:n_targets + 1])
     loss = total_nats / n_targets
-    return {"loss": loss, "perplexity": math.exp(loss),
+    return {"loss": loss, "perplexity": perplexity(loss),
             "bits_per_byte": total_nats / math.log(2) / n_bytes if n_bytes else float("nan"),
             "tokens": n_targets, "bytes": n_bytes}
 
 
 def main(argv=None):
+    return cli(run_cli, sys.argv[1:] if argv is None else argv)
+
+
+def run_cli(argv):
     p = argparse.ArgumentParser(prog="python -m nanolm.eval",
                                 description="loss, perplexity and bits per byte of a checkpoint")
     p.add_argument("--ckpt", required=True, help="checkpoint file (e.g. RUN/ckpt_best.pt), or a run dir (its newest)")
@@ -95,20 +107,17 @@ def main(argv=None):
     p.add_argument("--kernels", default="auto", help="kernel backends, as in nanolm.train")
     args = p.parse_args(argv)
     if args.tokens < 0 or args.batch_size < 1:
-        sys.exit(f"error: --tokens must be >= 0 and --batch_size >= 1, got {args.tokens}, {args.batch_size}")
+        raise ValueError(f"--tokens must be >= 0 and --batch_size >= 1, got {args.tokens}, {args.batch_size}")
     path = checkpoint.latest(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt)
     if path is None or not path.is_file():
-        sys.exit(f"error: no checkpoint at {args.ckpt}")
+        raise ValueError(f"no checkpoint at {args.ckpt}")
     model, tokenizer, ckpt = load(path, args.device, args.kernels)
     data = args.data or ckpt["config"].get("data")
     if not data:
-        sys.exit(f"error: {path} does not name its dataset (an imported checkpoint?): pass --data")
+        raise ValueError(f"{path} does not name its dataset (an imported checkpoint?): pass --data")
     train_tokens, val_tokens = load_dataset(data, tokenizer)
     tokens = val_tokens if args.split == "val" else train_tokens
-    try:
-        r = evaluate(model, tokenizer, tokens, args.tokens, args.batch_size)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    r = evaluate(model, tokenizer, tokens, args.tokens, args.batch_size, progress=True)
     print(f"{path} (step {ckpt['step']}) on {data} {args.split}: {r['tokens']:,} tokens "
           f"({r['bytes']:,} bytes) in windows of {model.cfg.block_size}")
     print(f"loss {r['loss']:.4f} | perplexity {r['perplexity']:.3f} | bits/byte {r['bits_per_byte']:.4f}")

@@ -8,9 +8,14 @@ two differences this module undoes:
     drops the padding rows of wte, import appends zero rows.
 lm_head is tied to wte: export writes no lm_head (HF re-ties it), import returns
 `lm_head.weight` as the same tensor as `transformer.wte.weight`.
+What HF's GPT-2 config has no field for, export records under the key "nanolm" of config.json
+(HF keeps unknown keys): the tokenizer and the vocab padding, which import then takes, so a
+nanolm model comes back as it went out with no flags. A file from elsewhere (GPT-2 from the
+Hub) lacks the key: import assumes the gpt2 tokenizer and the presets' padding of 128.
+bos/eos in config.json are the tokenizer's end-of-text token (byte: 0; gpt2: 50256).
 Needs the optional extra: pip install 'nanolm[hf]'.
 
-    python -m nanolm.hf export RUN_DIR_OR_CKPT OUT_DIR    # -> OUT_DIR/model.safetensors, config.json
+    python -m nanolm.hf export RUN_DIR_OR_CKPT OUT_DIR [--overwrite]  # -> OUT_DIR/model.safetensors, config.json
     python -m nanolm.hf import HF_DIR RUN_DIR             # -> RUN_DIR/ckpt_00000000.pt (weights only)
 An imported checkpoint samples with `python -m nanolm.sample --ckpt RUN_DIR` and starts a
 training run with `python -m nanolm.train --init_from=RUN_DIR ...` (e.g. fine-tuning GPT-2).
@@ -24,10 +29,9 @@ import sys
 
 import torch
 
-from nanolm import backends, checkpoint
+from nanolm import checkpoint
 from nanolm.config import ModelConfig, cli
-from nanolm.data import ByteTokenizer, GPT2Tokenizer
-from nanolm.model import GPT
+from nanolm.data import ByteTokenizer, GPT2Tokenizer, read_json
 
 TRANSPOSED = re.compile(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 # buffers older HF GPT-2 files carry (the causal mask); nanolm has no such state
@@ -75,6 +79,8 @@ def from_hf(tensors, padded_vocab_size, vocab_size=None):
         if TRANSPOSED.search(name):
             t = t.t()
         out[name] = t.contiguous()
+    if WTE not in out:
+        raise ValueError(f"the weights hold no {WTE} (nor wte.weight): not a GPT-2 model")
     wte = out[WTE]
     if vocab_size is not None and wte.shape[0] != vocab_size:
         raise ValueError(f"{WTE}: weights {tuple(wte.shape)}, config {(vocab_size, wte.shape[1])}")
@@ -87,25 +93,41 @@ def from_hf(tensors, padded_vocab_size, vocab_size=None):
     return out
 
 
-def hf_config(state_dict, n_head, vocab_size):
-    """A GPT2Config dict so `GPT2LMHeadModel.from_pretrained(dir)` can load the export."""
+TOKENIZERS = {"byte": ByteTokenizer, "gpt2": GPT2Tokenizer}
+HUB_DEFAULTS = {"tokenizer": "gpt2", "vocab_multiple": 128}  # GPT-2 as published, the presets' padding
+
+
+def hf_config(state_dict, n_head, vocab_size, tokenizer, vocab_multiple):
+    """A GPT2Config dict so `GPT2LMHeadModel.from_pretrained(dir)` can load the export, with
+    what nanolm's import needs besides ("nanolm": tokenizer and vocab padding)."""
+    eot = TOKENIZERS[tokenizer].eot
     n_layer = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("transformer.h."))
     n_positions, n_embd = state_dict["transformer.wpe.weight"].shape
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
             "vocab_size": vocab_size, "n_positions": n_positions, "n_ctx": n_positions,
             "n_embd": n_embd, "n_layer": n_layer, "n_head": n_head,
             "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new",
-            "tie_word_embeddings": True, "bos_token_id": 50256, "eos_token_id": 50256}
+            "tie_word_embeddings": True, "bos_token_id": eot, "eos_token_id": eot,
+            "nanolm": {"tokenizer": tokenizer, "vocab_multiple": vocab_multiple}}
 
 
-def export(state_dict, out_dir, n_head, vocab_size=50257):
-    """Write out_dir/model.safetensors and out_dir/config.json."""
+def export(state_dict, out_dir, n_head, vocab_size, tokenizer, vocab_multiple, overwrite=False):
+    """Write out_dir/model.safetensors and out_dir/config.json, readable by everyone (0644 under
+    the usual umask, as any file a user writes). A non-empty out_dir is refused unless overwrite:
+    `export RUN RUN` would otherwise replace the run's own config.json."""
     st = _safetensors()
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ValueError(f"{out_dir} is not empty: export writes model.safetensors and config.json "
+                         f"there, replacing any files of those names; pass --overwrite to do so, or "
+                         f"choose another folder")
     os.makedirs(out_dir, exist_ok=True)
-    st.save_file(to_hf(state_dict, vocab_size), os.path.join(out_dir, "model.safetensors"),
-                 metadata={"format": "pt"})
+    weights = os.path.join(out_dir, "model.safetensors")
+    st.save_file(to_hf(state_dict, vocab_size), weights, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(weights, 0o666 & ~umask)  # safetensors creates its file 0600
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config(state_dict, n_head, vocab_size), f, indent=2)
+        json.dump(hf_config(state_dict, n_head, vocab_size, tokenizer, vocab_multiple), f, indent=2)
 
 
 def load(path, padded_vocab_size, vocab_size=None):
@@ -122,13 +144,7 @@ def check_shapes(state, mcfg):
     on the meta device: shapes only, no memory). Raises ValueError listing each difference."""
     if mcfg.n_embd % mcfg.n_head:
         raise ValueError(f"config.json: n_embd={mcfg.n_embd} is not divisible by n_head={mcfg.n_head}")
-    with torch.device("meta"):
-        model = GPT(mcfg, backends.impls(backends.resolve("torch", torch.device("cpu"))))
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    diff = [f"{k}: in the config's model, missing from the weights" for k in want if k not in got]
-    diff += [f"{k}: in the weights, not in the config's model" for k in got if k not in want]
-    diff += [f"{k}: weights {got[k]}, config {want[k]}" for k in want if k in got and got[k] != want[k]]
+    diff = checkpoint.weight_diff(state, mcfg)
     if diff:
         raise ValueError("config.json does not describe these weights:\n  " + "\n  ".join(diff))
 
@@ -136,9 +152,10 @@ def check_shapes(state, mcfg):
 TOKENIZER_VOCAB = {"byte": ByteTokenizer.vocab_size, "gpt2": GPT2Tokenizer.vocab_size}
 
 
-def import_checkpoint(src, run_dir, tokenizer="gpt2", vocab_multiple=128):
+def import_checkpoint(src, run_dir, tokenizer=None, vocab_multiple=None):
     """An HF GPT-2 export (model.safetensors + config.json) as a nanolm checkpoint at step 0.
-    vocab_multiple must be the padding the training config uses (presets: 128; quickstart: 64)."""
+    tokenizer and vocab_multiple (the padding the training config uses: presets 128, quickstart
+    64) default to what a nanolm export recorded in config.json, else to HUB_DEFAULTS."""
     if not os.path.exists(src):
         raise ValueError(f"{src}: no such file or directory")
     src_dir = src if os.path.isdir(src) else os.path.dirname(src)
@@ -146,8 +163,17 @@ def import_checkpoint(src, run_dir, tokenizer="gpt2", vocab_multiple=128):
     if not os.path.exists(config_path):
         raise ValueError(f"{config_path} not found: the HF config gives n_head, which the "
                                 f"weights alone do not")
-    with open(config_path) as f:
-        hc = json.load(f)
+    hc = read_json(config_path)
+    missing = [k for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size") if k not in hc]
+    if missing:
+        raise ValueError(f"{config_path} has no {', '.join(missing)}: not a GPT-2 config")
+    recorded = {**HUB_DEFAULTS, **hc.get("nanolm", {})}
+    tokenizer = tokenizer or recorded["tokenizer"]
+    vocab_multiple = vocab_multiple if vocab_multiple is not None else recorded["vocab_multiple"]
+    if tokenizer not in TOKENIZER_VOCAB:
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; valid: {', '.join(TOKENIZER_VOCAB)}")
+    if not isinstance(vocab_multiple, int) or vocab_multiple < 1:
+        raise ValueError(f"vocab_multiple must be a whole number >= 1, got {vocab_multiple!r}")
     mcfg = ModelConfig(n_layer=hc["n_layer"], n_head=hc["n_head"], n_embd=hc["n_embd"],
                        block_size=hc["n_positions"], vocab_size=hc["vocab_size"],
                        vocab_multiple=vocab_multiple)
@@ -161,10 +187,11 @@ def import_checkpoint(src, run_dir, tokenizer="gpt2", vocab_multiple=128):
     return checkpoint.save(run_dir, 0, state, {}, config, {}, keep=None)
 
 
-def export_checkpoint(ckpt_path, out_dir):
-    ckpt = checkpoint.load(ckpt_path)
+def export_checkpoint(ckpt_path, out_dir, overwrite=False):
+    ckpt = checkpoint.load_gpt(ckpt_path)
     model = ckpt["config"]["model"]
-    export(ckpt["model"], out_dir, model["n_head"], model["vocab_size"])
+    export(ckpt["model"], out_dir, model["n_head"], model["vocab_size"], ckpt["config"]["tokenizer"],
+           model["vocab_multiple"], overwrite)
 
 
 def main(argv=None):
@@ -177,15 +204,19 @@ def run_cli(argv):
     ex = sub.add_parser("export", help="a nanolm checkpoint -> HF model.safetensors + config.json")
     ex.add_argument("ckpt", help="checkpoint file, or a run dir (its latest)")
     ex.add_argument("out", help="output directory")
+    ex.add_argument("--overwrite", action="store_true",
+                    help="replace model.safetensors and config.json in a non-empty output directory")
     im = sub.add_parser("import", help="HF GPT-2 safetensors -> a nanolm checkpoint (weights only)")
     im.add_argument("src", help="directory with model.safetensors and config.json")
     im.add_argument("out", help="run dir to write ckpt_00000000.pt into")
-    im.add_argument("--tokenizer", default="gpt2", choices=("gpt2", "byte"))
-    im.add_argument("--vocab_multiple", type=int, default=128,
-                    help="vocab padding of the config that will load it (presets 128, quickstart 64)")
+    im.add_argument("--tokenizer", choices=("gpt2", "byte"),
+                    help="default: what a nanolm export recorded in config.json, else gpt2")
+    im.add_argument("--vocab_multiple", type=int,
+                    help="vocab padding of the config that will load it (presets 128, quickstart 64); "
+                         "default: what a nanolm export recorded, else 128")
     args = p.parse_args(argv)
     if args.cmd == "export":
-        export_checkpoint(args.ckpt, args.out)
+        export_checkpoint(args.ckpt, args.out, args.overwrite)
         print(f"wrote {os.path.join(args.out, 'model.safetensors')} and config.json")
     else:
         path = import_checkpoint(args.src, args.out, args.tokenizer, args.vocab_multiple)

@@ -13,9 +13,19 @@ A process killed (or a disk filling up) mid-append leaves a torn last line: read
 The resume rewrite goes to a temp file renamed over the old one, so it never tears the file.
 """
 import json
+import math
 import os
 import time
 from pathlib import Path
+
+
+def perplexity(loss):
+    """exp(loss), inf where that exceeds a float (a finite loss above ~709.78 nats, as a
+    diverging run's reaches): math.exp would raise OverflowError and end the run unsaved."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def replace_text(path, text):

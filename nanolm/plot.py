@@ -9,11 +9,12 @@ import argparse
 import os
 import sys
 
+from nanolm.config import cli
 from nanolm.metrics import read_metrics
 
 
 def _series(records, kind, x, y):
-    pts = [(r[x], r[y]) for r in records if r["kind"] == kind and x in r and y in r]
+    pts = [(r[x], r[y]) for r in records if r.get("kind") == kind and x in r and y in r]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -24,10 +25,11 @@ def plot_runs(run_dirs, out):
         import matplotlib.pyplot as plt
         from matplotlib.ticker import EngFormatter
     except ImportError:
-        sys.exit("python -m nanolm.plot needs matplotlib: pip install 'nanolm[plot]'")
+        raise ImportError("python -m nanolm.plot needs matplotlib: pip install 'nanolm[plot]'") from None
+    runs = [read_metrics(run) for run in run_dirs]  # every run read before any drawing
     fig, (ax_step, ax_tok, ax_speed) = plt.subplots(1, 3, figsize=(16, 4.5))
-    for i, run in enumerate(run_dirs):
-        records, color = read_metrics(run), f"C{i % 10}"
+    for i, (run, records) in enumerate(zip(run_dirs, runs)):
+        color = f"C{i % 10}"
         name = os.path.basename(os.path.normpath(run))
         for ax, x in ((ax_step, "step"), (ax_tok, "tokens")):
             ax.plot(*_series(records, "train", x, "loss"), color=color, lw=1,
@@ -50,6 +52,10 @@ def plot_runs(run_dirs, out):
 
 
 def main(argv=None):
+    cli(run_cli, sys.argv[1:] if argv is None else argv, (ImportError,))
+
+
+def run_cli(argv):
     p = argparse.ArgumentParser(prog="python -m nanolm.plot")
     p.add_argument("runs", nargs="+", help="run directories holding metrics.jsonl")
     p.add_argument("--out", help="PNG path (default: RUN_DIR/metrics.png of the first run)")

@@ -74,7 +74,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, seed=0, st
 def load_model(ckpt_path, device, kernels="auto"):
     """Model and tokenizer from a checkpoint whose config holds 'model' (ModelConfig's fields)
     and 'tokenizer' (its name), as nanolm.train writes it."""
-    ckpt = checkpoint.load(ckpt_path, map_location=device)
+    ckpt = checkpoint.load_gpt(ckpt_path, map_location=device)
     device = torch.device(device)
     model = GPT(ModelConfig(**ckpt["config"]["model"]),
                 backends.impls(backends.resolve(kernels, device)))
@@ -98,6 +98,8 @@ def run_cli(argv):
     p.add_argument("--kernels", default="auto", help="the backend per op (model impls), as --kernels of nanolm.train")
     args = p.parse_args(argv)
     check_sampling(args.temperature, args.top_k)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     model, tok = load_model(args.ckpt, args.device, args.kernels)
     ids = tok.encode(args.prompt) or [tok.eot]  # an empty prompt starts a fresh document
     decode = StreamDecoder(tok)

@@ -34,7 +34,7 @@ import torch
 from nanolm import backends, checkpoint, dist, flops, tensor_parallel
 from nanolm.config import ConfigError, as_dict, cli, config_help, model_config, parse_args, parse_overrides
 from nanolm.data import Loader, get_tokenizer, load_dataset, resolve_data
-from nanolm.metrics import MetricsWriter, read_metrics
+from nanolm.metrics import MetricsWriter, perplexity, read_metrics
 from nanolm.model import GPT, DropoutStream
 from nanolm.optim import DynamicLossScale, FlatAdamW
 from nanolm.sample import generate
@@ -202,6 +202,7 @@ def setup(cfg):
         print("kernels: " + ", ".join(f"{op}={name}" for op, name in choice.items()))
         print(f"dtype: {dtype} ({why})")
     impls = backends.impls(choice)
+    check_fits_memory(mcfg, impls, device, cfg.tp)
     if mcfg.dropout > 0:
         for op in ("layernorm", "attention"):
             if not impls[op].SUPPORT[op].dropout:
@@ -246,6 +247,38 @@ def try_kernels(cfg, model, opt, autocast, device):
     opt.zero_grad()
     if model.cfg.dropout > 0:  # it drew dropout masks too: the run's first forward starts the stream
         model.dropout.forwards = 0
+
+
+TRAINING_BYTES_PER_PARAM = 16  # fp32 weight, gradient and the two AdamW moments
+
+
+def available_memory(device):
+    """Bytes free for this process on `device`: the GPU's free memory, or the system's
+    MemAvailable (what can be allocated without swapping)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def check_fits_memory(mcfg, impls, device, tp=1):
+    """ConfigError, before anything is allocated, when the model's weights, gradients and AdamW
+    moments alone (this rank's 1/tp share) exceed the device's free memory, where the allocator's
+    own error would be a traceback. Activations come on top, so passing this does not promise
+    the run fits."""
+    with torch.device("meta"):  # shapes only: counting costs no memory
+        n_params = GPT(mcfg, impls).num_params(non_embedding=False)
+    needed = TRAINING_BYTES_PER_PARAM * n_params // tp
+    try:
+        free = available_memory(device)
+    except (OSError, KeyError):  # no /proc/meminfo (not Linux): the allocator will tell
+        return
+    if needed > free:
+        raise ConfigError(f"the model ({n_params:.3g} parameters) needs {needed / 2**30:.1f} GiB "
+                          f"for its weights, gradients and AdamW moments ({TRAINING_BYTES_PER_PARAM} bytes per "
+                          f"parameter{f', over tp={tp} ranks' if tp > 1 else ''}), more than the "
+                          f"{free / 2**30:.1f} GiB free on {device}: choose a smaller n_layer / n_embd")
 
 
 # ----------------------------------------------------------------------------- run dir, resume
@@ -328,12 +361,27 @@ class RunDirLock:
         self.close()
 
 
+def best_step(path):
+    """The step a ckpt_best.pt holds, read without its tensors; inf if it cannot be read (it is
+    then no branch's known best)."""
+    try:
+        return checkpoint.read(path, mmap=True)["step"]
+    except ValueError:
+        return math.inf
+
+
 def set_aside_future(run_dir, step):
     """Resuming from step S in a run dir that holds later checkpoints (e.g. the newest was
     corrupt): those and the metrics after S belong to an abandoned future. They are moved to
     run_dir/abandoned-after-<S>-<time>/, so this branch's retention and a later --resume see only
-    its own lineage, and nothing is lost. Returns that dir, or None."""
+    its own lineage, and nothing is lost. So is a ckpt_best.pt of a step after S (or one that
+    cannot be read): the new branch's first best would overwrite it, and it may be the best
+    weights of the whole run. The new branch writes its own ckpt_best.pt once an eval beats the
+    best val loss recorded at S. Returns that dir, or None."""
     later = [p for p in checkpoint.checkpoints(run_dir) if checkpoint.step_of(p) > step]
+    best = run_dir / checkpoint.BEST
+    if best.exists() and best_step(best) > step:
+        later.append(best)
     if not later:
         return None
     aside = run_dir / f"abandoned-after-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -384,7 +432,7 @@ def per_rank_batch(loader_state, world_size):
 
 def restore(cfg, run, path):
     """Load model, optimizer, data position and RNG states from a checkpoint; returns its step."""
-    ckpt = checkpoint.load(path, model_config={"model": run.config["model"]})
+    ckpt = checkpoint.load_gpt(path, model_config={"model": run.config["model"]})
     if ckpt["step"] >= cfg.max_steps:
         raise ConfigError(f"{path} is at step {ckpt['step']} and max_steps={cfg.max_steps}: "
                           f"nothing left to train (raise --max_steps to continue)")
@@ -398,7 +446,7 @@ def restore(cfg, run, path):
 
 def load_weights(run, path):
     """Model weights only (e.g. GPT-2 imported with `python -m nanolm.hf import`)."""
-    ckpt = checkpoint.load(path, model_config={"model": run.config["model"]})
+    ckpt = checkpoint.load_gpt(path, model_config={"model": run.config["model"]})
     tensor_parallel.load_full_state_dict(run.model, ckpt["model"])
     if run.dist.is_main:
         print(f"weights from {path}")
@@ -539,7 +587,7 @@ def log(cfg, run, step, loss, lr, norm, dt):
 
 
 def log_eval(cfg, run, step, val_loss):
-    val_ppl = math.exp(val_loss)
+    val_ppl = perplexity(val_loss)
     print(f"step {step:5d} | val loss {val_loss:.4f} | val ppl {val_ppl:.2f}", flush=True)
     run.metrics.log("eval", step, tokens=step * tokens_per_step(cfg, run), val_loss=val_loss,
                     val_ppl=val_ppl)

@@ -82,7 +82,7 @@ def test_cli_on_imported_hf_checkpoint(tmp_path, text_file, capsys):
     the model it came from; an imported checkpoint names no dataset, so --data is required."""
     pytest.importorskip("safetensors")
     model, tok = tiny_model(), get_tokenizer("byte")
-    hf.export(model.state_dict(), tmp_path / "hf", n_head=2, vocab_size=256)
+    hf.export(model.state_dict(), tmp_path / "hf", n_head=2, vocab_size=256, tokenizer="byte", vocab_multiple=64)
     hf.main(["import", str(tmp_path / "hf"), str(tmp_path / "imported"), "--tokenizer=byte",
              "--vocab_multiple=64"])
     val = np.array(tok.encode(TEXT[int(len(TEXT) * 0.9):]), dtype=np.uint16)

@@ -21,7 +21,7 @@ def tiny_model():
 def test_export_import_round_trip(tmp_path):
     model = tiny_model()
     sd = model.state_dict()
-    hf.export(sd, tmp_path, n_head=2, vocab_size=VOCAB)
+    hf.export(sd, tmp_path, n_head=2, vocab_size=VOCAB, tokenizer="byte", vocab_multiple=64)
     back = hf.load(tmp_path, padded_vocab_size=320)
     assert back.keys() == sd.keys()
     for k, v in sd.items():
@@ -37,7 +37,7 @@ def test_export_import_round_trip(tmp_path):
 def test_export_uses_hf_names_and_conv1d_layout(tmp_path):
     from safetensors.torch import load_file
     sd = tiny_model().state_dict()
-    hf.export(sd, tmp_path, n_head=2, vocab_size=VOCAB)
+    hf.export(sd, tmp_path, n_head=2, vocab_size=VOCAB, tokenizer="byte", vocab_multiple=64)
     tensors = load_file(tmp_path / "model.safetensors")
     assert "lm_head.weight" not in tensors
     assert tensors["transformer.wte.weight"].shape == (VOCAB, 32)
