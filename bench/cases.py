@@ -25,6 +25,7 @@ class Impl:
 class Case:
     op: str
     name: str
+    dtype: torch.dtype  # what the timed work runs in: the matmul ceiling a TFLOP/s row is held to
     series: str  # one plot per series; x is the size axis
     x: int  # the plot's size axis, in units of x_label
     metric: str  # "GB/s" or "TFLOP/s"

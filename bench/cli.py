@@ -12,7 +12,7 @@ import sys
 import torch
 
 from bench import report, runner, timing
-from bench.cases import OPS, build_cases
+from bench.cases import OPS, build_cases, op_dtypes
 
 
 def parse_args(argv=None):
@@ -103,9 +103,9 @@ def main(argv=None):
     rows, skipped, env = [], [], environment(device)
     if device.type == "cpu":
         env["malloc_reuses_freed_memory"] = timing.reuse_freed_cpu_memory()
-    ceilings = timing.measure_ceilings(device, toy=args.size == "tiny")
-    print(f"ceilings: memory {ceilings['memory_GBps']:.0f} GB/s, matmul {ceilings['matmul_TFLOPs']:.2f} TFLOP/s",
-          file=sys.stderr)
+    ceilings = timing.measure_ceilings(device, toy=args.size == "tiny", dtypes=op_dtypes(device))
+    matmul = ", ".join(f"{d} {v:.2f}" for d, v in ceilings["matmul_TFLOPs_by_dtype"].items())
+    print(f"ceilings: memory {ceilings['memory_GBps']:.0f} GB/s, matmul TFLOP/s {matmul}", file=sys.stderr)
     for op in args.ops:
         for case in cases[op]:
             if args.cases and not any(c in case.name for c in args.cases):
@@ -122,4 +122,8 @@ def main(argv=None):
     text, plots = report.write(results, args.out)
     print(text)
     print(plots if isinstance(plots, str) else f"wrote {len(plots)} plots to {args.out}", file=sys.stderr)
-    return 1 if any(r["status"] == "FAILED" for r in rows) else 0
+    off = [r for r in rows if r["status"] == runner.OFF_REFERENCE]
+    if off:
+        print(f"{len(off)} PyTorch baseline row(s) miss the float64 reference (listed under their tables, "
+              "not timed): PyTorch's numerics, not a nanolm failure", file=sys.stderr)
+    return 1 if runner.failed_nanolm(rows) else 0

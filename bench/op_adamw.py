@@ -84,7 +84,8 @@ def cases(device, size):
         impls = [Impl(b, "nanolm", _nanolm(be)) for b, be in available.items()]
         impls += [Impl(f"torch.optim.AdamW({flag}=True)", "baseline", _torch_optim(flag))
                   for flag in ("fused", "foreach")]
-        out.append(Case(op="adamw", name=f"{name} ({n / 1e6:.1f}M params) fp32", series="fp32", x=n,
+        out.append(Case(op="adamw", dtype=torch.float32, name=f"{name} ({n / 1e6:.1f}M params) fp32",
+                        series="fp32", x=n,
                         x_label="parameters", metric="GB/s", work=formulas.adamw_bytes(n),
                         make_inputs=_inputs(shapes, device), reference=_reference, impls=impls, tol=1e-5,
                         working_set=16 * n, skipped=skipped))

@@ -148,7 +148,7 @@ def _cases(device, size, dtype):
             impls = [Impl(n, "nanolm", _nanolm_impl(be, mode)) for n, be in here.items()]
             impls += [Impl(n, "baseline", _baseline_impl(fn, mode)) for n, fn in fns.items()]
             out.append(Case(
-                op="attention", name=f"{mode} B={B} T={T} nh={nh} hs={hs} {dname}",
+                op="attention", dtype=dtype, name=f"{mode} B={B} T={T} nh={nh} hs={hs} {dname}",
                 series=f"{mode} hs={hs} {dname}", x=T, x_label="sequence length T", metric="TFLOP/s",
                 work=flops.attention_flops(B, nh, T, hs, mode),
                 make_inputs=_inputs(B, T, nh, hs, dtype, device), reference=_reference(mode),

@@ -60,7 +60,7 @@ def _cases(device, size, dtype):
             be.cross_entropy_fwd(t["logits"], t["targets"], V, -100, 0.0, 1 / len(t["targets"]), False)))
             for n, be in available.items()]
         impls += [Impl(n, "baseline", _baseline(fn)) for n, fn in fns.items()]
-        out.append(Case(op="cross_entropy", name=f"N={N} Vp={Vp} V={V} {dname}",
+        out.append(Case(op="cross_entropy", dtype=dtype, name=f"N={N} Vp={Vp} V={V} {dname}",
                         series=f"Vp={Vp} {dname}", x=N * Vp, x_label="logits N·Vp", metric="GB/s",
                         work=formulas.cross_entropy_bytes(N, Vp, dtype.itemsize),
                         make_inputs=_inputs(N, Vp, V, dtype, device), reference=_reference(V),

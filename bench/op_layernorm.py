@@ -80,8 +80,8 @@ def _cases(device, size, dtype):
     out = []
     for N, C in SHAPES[key]:
         make, tol, ws = _inputs(N, C, dtype, device), tol_for(dtype), 4 * N * C * s
-        common = dict(op="layernorm", x=N * C, x_label="elements N·C", metric="GB/s", make_inputs=make, tol=tol,
-                      working_set=ws, skipped=skipped)
+        common = dict(op="layernorm", dtype=dtype, x=N * C, x_label="elements N·C", metric="GB/s",
+                      make_inputs=make, tol=tol, working_set=ws, skipped=skipped)
         out.append(Case(name=f"fwd N={N} C={C} {dname}", series=f"fwd {dname}",
                         work=formulas.layernorm_fwd_bytes(N, C, s),
                         reference=lambda t: torch_ref.layer_norm_fwd(t["x"], t["w"], t["b"], EPS)[:1],

@@ -52,7 +52,7 @@ def _cases(device, size, dtype):
         impls = [Impl(n, "nanolm", _graph(lambda h, w, tg, be=be, V=V: ops.linear_cross_entropy(
             h, w, tg, be, vocab_size=V))) for n, be in available.items()]
         impls += [Impl(n, "baseline", _graph(fn)) for n, fn in fns.items()]
-        out.append(Case(op="linear_cross_entropy", name=f"N={N} C={C} Vp={Vp} {dname}",
+        out.append(Case(op="linear_cross_entropy", dtype=dtype, name=f"N={N} C={C} Vp={Vp} {dname}",
                         series=f"C={C} {dname}", x=N, x_label="rows N", metric="TFLOP/s",
                         work=flops.linear_cross_entropy_flops(N, C, Vp),
                         make_inputs=_inputs(N, C, Vp, V, dtype, device),

@@ -30,18 +30,19 @@ def _case(name, cfg, device):
         n_params = _nanolm_model(cfg, TORCH_IMPLS).num_params()
     choice = backends.resolve("auto", device)
     step_impls = backends.impls(choice)
+    precision = torch.bfloat16 if device.type == "cuda" else torch.float32  # as the label says
     # mode none is the baseline: the other modes' speedup over it is their slowdown
     impls = [Impl(f"recompute={mode}", "baseline" if mode == "none" else "nanolm",
-                  nanolm_impl(cfg, device, step_impls, mode)) for mode in RECOMPUTE]
-    reference = nanolm_impl(cfg, device, step_impls, "none")
+                  nanolm_impl(cfg, device, step_impls, mode, precision)) for mode in RECOMPUTE]
+    reference = nanolm_impl(cfg, device, step_impls, "none", precision)
 
     def make_inputs():
         return {"idx": torch.randint(0, vocab, (batch, block_size), device=device),
                 "targets": torch.randint(0, vocab, (batch, block_size), device=device)}
-    label = "bf16 autocast" if device.type == "cuda" else "fp32"
+    label = "fp32" if precision == torch.float32 else "bf16 autocast"
     kernel_names = ",".join(sorted(set(choice.values())))
     tokens = batch * block_size
-    return Case(op="recompute", name=f"{name} B={batch} T={block_size} {label} kernels={kernel_names}",
+    return Case(op="recompute", dtype=precision, name=f"{name} B={batch} T={block_size} {label} kernels={kernel_names}",
                 series=label, x=n_params, x_label="parameters (non-embedding)", metric="TFLOP/s",
                 work=tokens * flops.train_flops_per_token(n_params, n_layer, n_embd, block_size),
                 make_inputs=make_inputs, reference=lambda t: reference(t)(), impls=impls, tol=0.0,

@@ -169,7 +169,7 @@ def _case(name, cfg, device, compiled, precision):
         return {"idx": torch.randint(0, vocab, (batch, block_size), device=device),
                 "targets": torch.randint(0, vocab, (batch, block_size), device=device)}
     label = "fp32" if precision == torch.float32 else "bf16 autocast"
-    return Case(op="train_step", name=f"{name} B={batch} T={block_size} {label}", series=label,
+    return Case(op="train_step", dtype=precision, name=f"{name} B={batch} T={block_size} {label}", series=label,
                 x=n_params, x_label="parameters (non-embedding)", metric="TFLOP/s",
                 work=tokens * flops.train_flops_per_token(n_params, n_layer, n_embd, block_size),
                 make_inputs=make_inputs, reference=_float64_reference(cfg), impls=impls,

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from bench.report import matmul_ceilings
+
 ROOT = Path(__file__).parent.parent
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 
@@ -16,7 +18,10 @@ def _best(rows, kind):
 
 
 def _cell(r):
-    return "-" if r is None else f"{r['impl']}: {r['value']:.4g} ({r['pct_ceiling']:.0f}%)"
+    if r is None:
+        return "-"
+    pct = "-" if r.get("pct_ceiling") is None else f"{r['pct_ceiling']:.0f}%"
+    return f"{r['impl']}: {r['value']:.4g} ({pct})"
 
 
 def table(results, source):
@@ -24,7 +29,7 @@ def table(results, source):
     driver = f", driver {env['driver']}, CUDA {env['cuda']}" if env.get("driver") else ""
     lines = [f"**{env['device_name']}**{driver}, {env['date']}, commit {env['git_commit']}, torch {env['torch']}, "
              f"triton {env['triton']}, {results['size']} shape set ([{source}]({source})). "
-             f"Ceilings: memory {c['memory_GBps']:.0f} GB/s, matmul {c['matmul_TFLOPs']:.1f} TFLOP/s.", "",
+             f"Ceilings: memory {c['memory_GBps']:.0f} GB/s, matmul TFLOP/s {matmul_ceilings(c)}.", "",
              "| op | case | unit | best nanolm (% ceiling) | best PyTorch (% ceiling) | speedup |",
              "|---|---|---|---|---|---|"]
     rows = results["results"]

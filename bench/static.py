@@ -512,20 +512,32 @@ def main(argv=None):
             if not args.kernels or any(k in launch.kernel for k in args.kernels)]
     print(f"compiling {len(jobs)} Triton kernel configurations with {args.jobs} processes "
           f"(triton {triton.__version__})", file=sys.stderr, flush=True)
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs) as pool:
-            rows = list(pool.map(_compile_cached, jobs))
-    else:
-        rows = [_compile_cached(job) for job in jobs]
-    if not args.no_cuda:
+    rows, stopped = [], False
+    with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else contextlib.nullcontext() as pool:
+        try:  # a progress line as compiles finish; Ctrl-C keeps (and writes) what is done
+            for row in (pool.map if pool else map)(_compile_cached, jobs):
+                rows.append(row)
+                print(f"\r  compiled {len(rows)}/{len(jobs)} ({time.perf_counter() - t0:.0f} s)", end="",
+                      file=sys.stderr, flush=True)
+        except KeyboardInterrupt:
+            stopped = True
+            if pool:
+                pool.shutdown(cancel_futures=True)
+        print(file=sys.stderr)
+    if not args.no_cuda and not stopped:
         rows += [r for r in cuda_rows(args.arch) if not args.kernels or any(k in r["kernel"] for k in args.kernels)]
     table = format_table(rows)
     print(table)
     os.makedirs(args.out, exist_ok=True)
     env = {"triton": triton.__version__, "ptxas": triton.knobs.nvidia.ptxas.version,
-           "seconds": round(time.perf_counter() - t0, 1)}
+           "seconds": round(time.perf_counter() - t0, 1), "complete": not stopped}
     Path(args.out, "static.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     Path(args.out, "static.md").write_text(table + "\n")
+    if stopped:
+        print(f"stopped after {len(rows)} of {len(jobs)} Triton compiles: wrote them to {args.out}/static.json "
+              f"and static.md (marked incomplete); finished compiles are cached, so a rerun goes on from "
+              f"there", file=sys.stderr)
+        return 130
     bad = gate_failures(rows)
     for b in bad:
         print("GATE FAILED: " + b, file=sys.stderr)

@@ -139,9 +139,27 @@ def rotation_count(working_set_bytes, device, limit=8):
     return max(1, min(limit, -(-2 * cache_bytes(device) // working_set_bytes)))
 
 
-def measure_ceilings(device, toy=False):
-    """{'memory_GBps', 'matmul_TFLOPs', ...}: streaming bandwidth (bytes read + written) and a
-    large matmul (bf16 8192^3 on GPU, fp32 2048^3 on CPU, about 1 s in all there).
+def memory_gbps(nbytes, device):
+    """The better of a copy and an in-place add over nbytes (see measure_ceilings)."""
+    a = torch.randn(nbytes // 4, device=device)
+    b = torch.randn_like(a)
+    copy_GBps = 2 * nbytes / time_ms(lambda: b.copy_(a), device) / 1e6
+    add_GBps = 3 * nbytes / time_ms(lambda: a.add_(b), device) / 1e6
+    return max(copy_GBps, add_GBps)
+
+
+def matmul_tflops(n, dtype, device, budget_ms):
+    """The rate of an n^3 matmul in dtype, from its median time."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / time_ms(lambda: a @ b, device, budget_ms) / 1e9
+
+
+def measure_ceilings(device, toy=False, dtypes=None):
+    """{'memory_GBps', 'matmul_TFLOPs', 'matmul_TFLOPs_by_dtype', ...}: streaming bandwidth
+    (bytes read + written) and a large matmul (bf16 8192^3 on GPU, fp32 2048^3 on CPU, about 1 s
+    in all there), the first also in each further dtype of `dtypes` (a CPU with native bf16
+    multiplies several times faster in bf16 than in fp32, so each row is held to its own).
     Bandwidth is the better of a copy (dst = src) and an in-place add (a += b). On a GPU the two
     agree; on a CPU the copy's stores first read each destination line into cache (write-allocate),
     traffic the read + write count leaves out, so the copy alone understates what an in-place
@@ -154,19 +172,15 @@ def measure_ceilings(device, toy=False):
         nbytes, n, dtype = 1 << 30, 8192, torch.bfloat16
     else:
         nbytes, n, dtype = 256 << 20, 2048, torch.float32
-    a = torch.randn(nbytes // 4, device=device)
-    b = torch.randn_like(a)
-    copy_GBps = 2 * nbytes / time_ms(lambda: b.copy_(a), device) / 1e6
-    add_GBps = 3 * nbytes / time_ms(lambda: a.add_(b), device) / 1e6
-    del a, b
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    mm_ms = time_ms(lambda: a @ b, device, 300 if gpu else 600)
+    memory = memory_gbps(nbytes, device)
+    by_dtype = {str(d).removeprefix("torch."): matmul_tflops(n, d, device, 300 if gpu else 600)
+                for d in dict.fromkeys([dtype, *(dtypes or ())])}
     return {
-        "memory_GBps": max(copy_GBps, add_GBps),
+        "memory_GBps": memory,
         "memory_bytes": nbytes,
-        "matmul_TFLOPs": 2 * n ** 3 / mm_ms / 1e9,
-        "matmul_shape": f"{n}x{n}x{n} {str(dtype).replace('torch.', '')}",
+        "matmul_TFLOPs": by_dtype[str(dtype).removeprefix("torch.")],
+        "matmul_TFLOPs_by_dtype": by_dtype,
+        "matmul_shape": f"{n}x{n}x{n}",
     }
 
 

@@ -253,6 +253,29 @@ def test_hf_round_trip_of_a_quickstart_model_needs_no_flags(tmp_path):
     assert all(torch.equal(tuned[k], v) for k, v in trained.items())
 
 
+def test_bench_static_shows_progress_and_keeps_what_it_compiled_when_stopped(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) after the second compile:
+    the finished rows are written, marked incomplete, exit 130."""
+    import signal
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # it compiles for a GPU
+    env["NANOLM_STATIC_CACHE"] = str(tmp_path / "cache")  # empty: every configuration compiles
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "static", "--kernels", "layernorm_fwd", "--no-cuda",
+                             "--arch", "sm_90a", "--jobs", "1", "--out", str(tmp_path / "out")], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    seen = b""
+    while b"compiled 2/" not in seen:
+        char = proc.stderr.read(1)
+        assert char, seen.decode()
+        seen += char
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (seen + err).decode()
+    assert b"stopped after" in err and b"a rerun goes on from there" in err
+    written = json.loads((tmp_path / "out" / "static.json").read_text())
+    assert written["env"]["complete"] is False and len(written["rows"]) >= 2
+
+
 def test_help_lists_presets_and_backends_and_names_no_internals():
     out = subprocess.run([sys.executable, "-m", "nanolm.train", "--help"], capture_output=True, text=True,
                          check=True).stdout
