@@ -283,3 +283,13 @@ def test_help_lists_presets_and_backends_and_names_no_internals():
         assert internal not in out, internal
     assert "gpt2-medium" in out and "quickstart" in out and "cuda_sim" in out
 
+
+def test_committed_logs_name_no_temporary_paths():
+    found = [str(p.relative_to(ROOT)) for p in (ROOT / "bench" / "results").rglob("*")
+             if p.is_file() and p.suffix in (".log", ".md", ".json", ".txt", ".jsonl")
+             and ("/tmp/" in p.read_text(errors="replace") or "/work/" in p.read_text(errors="replace"))]
+    assert not found, found
+
+
+def test_readme_examples_output_is_ignored_by_git():
+    assert "hf_out/" in (ROOT / ".gitignore").read_text().splitlines()
