@@ -276,6 +276,20 @@ def test_bench_static_shows_progress_and_keeps_what_it_compiled_when_stopped(tmp
     assert written["env"]["complete"] is False and len(written["rows"]) >= 2
 
 
+@pytest.mark.cuda_sim
+def test_the_readmes_cuda_sim_command_trains(tmp_path):
+    """The README's `--kernels=cuda_sim` command, cut to one step (it is slow: every CUDA thread
+    is emulated), runs where the quickstart's head size 32 is refused."""
+    import shlex
+    readme = (ROOT / "README.md").read_text()
+    [command] = [block for block in readme.split("```") if "--kernels=cuda_sim" in block
+                 and block.strip().startswith("python -m nanolm.train")]
+    argv = shlex.split(command.replace("\\\n", " "))[3:]
+    history = train(parse_args(argv + ["--max_steps=1", "--eval_iters=1", "--sample_tokens=2",
+                                       f"--out_dir={tmp_path / 'sim'}"]))
+    assert "sample" in history and history["checkpoint"].exists()
+
+
 def test_help_lists_presets_and_backends_and_names_no_internals():
     out = subprocess.run([sys.executable, "-m", "nanolm.train", "--help"], capture_output=True, text=True,
                          check=True).stdout
