@@ -436,6 +436,17 @@ def track_best(cfg, run, step, val_loss):
     return False
 
 
+def reached_target(cfg, run, step, val_loss, train_s):
+    """True when --target_loss is set and this eval's val loss (the same on every rank) is at
+    most it: the run then ends, saving, as with --early_stop."""
+    if not cfg.target_loss or val_loss > cfg.target_loss:
+        return False
+    if run.dist.is_main:
+        print(f"target reached: val loss {val_loss:.4f} <= {cfg.target_loss:g} at step {step}, "
+              f"after {train_s:.1f} s of training steps")
+    return True
+
+
 class StopOnInterrupt:
     """Turns the first Ctrl-C (SIGINT) or SIGTERM (what SLURM, Kubernetes and torchrun send to
     stop a job; torchrun forwards it to every rank) into a request the training loop honours
@@ -538,11 +549,13 @@ def log(cfg, run, step, loss, lr, norm, dt):
                     tokens_per_s=tokens / dt, **scale)
 
 
-def log_eval(cfg, run, step, val_loss):
+def log_eval(cfg, run, step, val_loss, train_s=0.0):
+    """train_s: seconds spent in training steps since the process started (evals, saves and
+    start-up excluded): the time axis of a time-to-loss comparison (python -m bench speedrun)."""
     val_ppl = math.exp(val_loss)
     print(f"step {step:5d} | val loss {val_loss:.4f} | val ppl {val_ppl:.2f}", flush=True)
     run.metrics.log("eval", step, tokens=step * tokens_per_step(cfg, run), val_loss=val_loss,
-                    val_ppl=val_ppl)
+                    val_ppl=val_ppl, train_s=round(train_s, 3))
 
 
 def sampling_model(run):
@@ -599,8 +612,8 @@ def start(cfg):
 
 def train(cfg):
     """Runs the whole training; returns {'first_val' (fresh runs), 'val', 'sample', 'stopped'
-    (the step a Ctrl-C stopped at, or None), 'early_stopped' (the step --early_stop ended the
-    run at, or None), 'checkpoint' (the last one saved)}. Under torchrun every rank evaluates
+    (the step a Ctrl-C stopped at, or None), 'early_stopped' (the step --early_stop or
+    --target_loss ended the run at, or None), 'checkpoint' (the last one saved)}. Under torchrun every rank evaluates
     its share of the validation batches (a tp group shares one); only rank 0 logs, samples and
     writes, and the other ranks return no 'sample' or 'checkpoint'."""
     run, first = start(cfg)
@@ -611,10 +624,13 @@ def train(cfg):
             if is_main:
                 log_eval(cfg, run, 0, history["first_val"])
         t0, timed = time.perf_counter(), 0  # timed steps since t0: evals and saves excluded
+        train_s = 0.0  # seconds in train_step since this process started
         skipped = 0  # non-finite steps in a row
         for step in range(first, cfg.max_steps + 1):
             lr = get_lr(cfg, step - 1)
-            loss, norm = train_step(cfg, run, lr)
+            step_start = time.perf_counter()
+            loss, norm = train_step(cfg, run, lr)  # returns host floats: the step has finished
+            train_s += time.perf_counter() - step_start
             run.dist.waiting_for("")
             timed += 1
             stop = run.dist.any(interrupt.requested)  # every rank stops after the same step
@@ -626,9 +642,10 @@ def train(cfg):
             if evaluated:
                 history["val"] = evaluate(cfg, run)
                 if is_main:
-                    log_eval(cfg, run, step, history["val"])
+                    log_eval(cfg, run, step, history["val"], train_s)
             skipped = count_skipped(cfg, run, skipped, step, norm)
-            if evaluated and not skipped and track_best(cfg, run, step, history["val"]):
+            if evaluated and not skipped and (track_best(cfg, run, step, history["val"])
+                                              or reached_target(cfg, run, step, history["val"], train_s)):
                 history["early_stopped"] = step
             periodic = cfg.ckpt_interval and step % cfg.ckpt_interval == 0
             ends = periodic or step == cfg.max_steps or stop or history["early_stopped"]
