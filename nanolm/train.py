@@ -17,12 +17,10 @@ after a skipped step, and max_skipped_steps skipped in a row stop the run as div
 """
 import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -37,6 +35,7 @@ from nanolm.data import Loader, get_tokenizer, load_dataset, resolve_data
 from nanolm.metrics import MetricsWriter, read_metrics
 from nanolm.model import GPT, DropoutStream
 from nanolm.optim import DynamicLossScale, FlatAdamW
+from nanolm.rundir import RunDirLock
 from nanolm.sample import generate
 
 RUNS = Path("runs")  # where fresh runs without --out_dir go
@@ -294,38 +293,6 @@ def locate(cfg):
 
 def holds_run(run_dir):
     return checkpoint.latest(run_dir) is not None or (run_dir / "metrics.jsonl").exists()
-
-
-class RunDirLock:
-    """Held while a run writes its run dir, so a second trainer on the same dir is refused with
-    the holder's pid, host and start time (read from the lock file). An flock: the kernel drops
-    it when the holder dies, so a lock file left by a killed run never blocks a resume."""
-
-    def __init__(self, run_dir):
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(run_dir / ".lock", "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            raise ConfigError(f"{run_dir} is in use by {holder}: wait for that run to end, "
-                              f"or pass another --out_dir") from None
-        self.file.truncate(0)
-        self.file.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        self.file.flush()
-
-    def close(self):
-        self.file.close()  # releases the flock
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def set_aside_future(run_dir, step):
