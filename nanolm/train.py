@@ -35,6 +35,7 @@ from nanolm.data import Loader, get_tokenizer, load_dataset, resolve_data
 from nanolm.metrics import MetricsWriter, read_metrics
 from nanolm.model import GPT, DropoutStream
 from nanolm.optim import DynamicLossScale, FlatAdamW
+from nanolm.precision import pick_dtype
 from nanolm.rundir import RunDirLock
 from nanolm.sample import generate
 
@@ -54,57 +55,6 @@ def pick_device(cfg, local_rank=0):
     if device.type == "cuda":
         torch.cuda.set_device(device)  # kernels launch on the current device, not the tensors'
     return device
-
-
-def native_bf16_cpu():
-    """The CPU's bf16 instructions (avx512_bf16 dot products, AMX tiles), or None when it has
-    none and bf16 would only be emulated (slower than fp32)."""
-    found = [name for name, has in (("avx512_bf16", torch.cpu._is_avx512_bf16_supported()),
-                                    ("amx", torch.cpu._is_amx_tile_supported())) if has]
-    return ", ".join(found) or None
-
-
-BF16_MIN_SPEEDUP = 1.2  # what bf16's rounding must buy in matmul speed for auto to choose it
-
-
-def cpu_bf16_matmul_speedup(m=1024, k=384, n=1536, rounds=5):
-    """How many times faster this CPU multiplies in bf16 than in fp32 (best of `rounds`
-    interleaved pairs, at a GPT MLP shape; ~0.1 s). Native bf16 instructions do not settle it:
-    2-core AVX512-BF16 machines measured 4.5-5x on an AMD EPYC, but 0.55x on an Intel Xeon
-    whose AMX tiles the hypervisor hides (oneDNN then runs bf16 through vdpbf16ps, slower than
-    its fp32 kernels)."""
-    generator = torch.Generator().manual_seed(0)
-    a, b = torch.randn(m, k, generator=generator), torch.randn(k, n, generator=generator)
-    pairs = [(a, b), (a.bfloat16(), b.bfloat16())]
-    best = [math.inf, math.inf]
-    for _ in range(rounds + 1):  # the first round warms up oneDNN's kernels
-        for i, (x, y) in enumerate(pairs):
-            start = time.perf_counter()
-            x @ y
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best[0] / best[1]
-
-
-def pick_dtype(cfg, device, comm=None):
-    """(autocast dtype name, why): --dtype, or for auto bf16 on CUDA and on a CPU whose bf16
-    matmuls are measurably faster than fp32's (cpu_bf16_matmul_speedup), fp32 on other CPUs.
-    With several ranks (comm) rank 0's measurement decides for all, so that they train in one
-    precision. The choice is saved in the run's config, so a resumed run keeps it."""
-    if cfg.dtype != "auto":
-        return cfg.dtype, "--dtype"
-    if device.type == "cuda":
-        return "bfloat16", "auto: CUDA"
-    native = native_bf16_cpu()
-    if not native:
-        return "float32", "auto: this CPU has no native bf16"
-    speedup = torch.tensor([cpu_bf16_matmul_speedup()], dtype=torch.float64)
-    if comm is not None:
-        comm.wait(comm.broadcast(speedup, root=0))
-    speedup = speedup.item()
-    if speedup >= BF16_MIN_SPEEDUP:
-        return "bfloat16", f"auto: this CPU computes bf16 natively ({native}): bf16 matmuls {speedup:.1f}x fp32's"
-    return "float32", (f"auto: this CPU has {native}, but its bf16 matmuls run at {speedup:.2f}x fp32's "
-                       f"(under {BF16_MIN_SPEEDUP}x): fp32; --dtype=bfloat16 to force")
 
 
 def check_kernels_take(dtype, choice, device):
