@@ -12,8 +12,8 @@ matmuls (oneDNN) measured on this project's machines, bf16 against fp32:
     avx512_bf16 without AMX, not AMD (Intel Xeon)      0.53x            float32
     no avx512_bf16 or AMX (bf16 only emulated)         slower           float32
 
-`--dtype=float32|bfloat16|float16` forces one. The choice is saved in the run's config, so a
-resume keeps the precision it started with (on any machine).
+`--dtype=float32|bfloat16|float16` forces one. The choice and its reason are saved in the run's
+config, so a resume keeps the precision it started with (on any machine) and says so.
 """
 import ctypes
 import dataclasses
@@ -24,6 +24,7 @@ import torch
 
 CPUINFO = "/proc/cpuinfo"
 AMX_FLAGS = ("amx_bf16", "amx_tile")  # the bf16 tile multiply and the tile registers it needs
+SAVED = "saved with the run"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +106,26 @@ def native_bf16_cpu(cpu=None):
     return ", ".join(flag for flag in ("avx512_bf16", "amx_bf16") if flag in cpu.flags) or None
 
 
-def pick_dtype(cfg, device, comm=None):
-    """(autocast dtype name, why) for the run: --dtype, or auto: bf16 on CUDA, cpu_dtype on a
-    CPU. With several ranks (comm) rank 0's choice is every rank's: ranks on different machines
-    could read different CPUs, and all must train in one precision."""
+def as_saved(why):
+    """The reason of a dtype taken from a resumed run's config: "auto: X" -> "auto, saved with
+    the run: X"; "--dtype" -> "--dtype, saved with the run". Configs saved before the reason was
+    kept have none."""
+    if why is None:
+        return SAVED
+    if SAVED in why:  # resumed before: saved with this wording already
+        return why
+    source, sep, detail = why.partition(": ")
+    return f"{source}, {SAVED}{sep}{detail}"
+
+
+def pick_dtype(cfg, device, comm=None, saved_config=None):
+    """(autocast dtype name, why) for the run. saved_config: the config of the run being resumed;
+    its dtype (which config_from_args put in cfg unless --dtype overrode it) is kept, with the
+    reason it was first chosen. Else --dtype, or auto: bf16 on CUDA, cpu_dtype on a CPU. With
+    several ranks (comm) rank 0's choice is every rank's: ranks on different machines could read
+    different CPUs, and all must train in one precision."""
+    if saved_config is not None and cfg.dtype == saved_config.get("dtype"):
+        return cfg.dtype, as_saved(saved_config.get("dtype_reason"))
     if cfg.dtype != "auto":
         return cfg.dtype, "--dtype"
     if device.type == "cuda":

@@ -125,8 +125,9 @@ class Run:
     best: dict = dataclasses.field(default_factory=no_best_yet)  # lowest val loss: track_best
 
 
-def setup(cfg):
-    """Everything a run needs, checked before any training work."""
+def setup(cfg, resume_from=None):
+    """Everything a run needs, checked before any training work. resume_from: the checkpoint
+    being resumed, whose saved precision is kept."""
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     env = dist.env_from_torchrun()
@@ -145,7 +146,8 @@ def setup(cfg):
     if env.world_size % cfg.tp:
         raise ValueError(f"tp={cfg.tp} does not divide the {env.world_size} ranks")
     ctx = dist.Context(env, device, cfg.dist_timeout_s, cfg.tp)
-    dtype, why = pick_dtype(cfg, device, ctx.comm)
+    saved_config = checkpoint.saved_run(resume_from)[0] if resume_from else None
+    dtype, why = pick_dtype(cfg, device, ctx.comm, saved_config)
     check_kernels_take(dtype, choice, device)
     if env.is_main:
         print("kernels: " + ", ".join(f"{op}={name}" for op, name in choice.items()))
@@ -175,7 +177,7 @@ def setup(cfg):
     val = Loader(val_tokens, cfg.batch_size, mcfg.block_size, cfg.seed + 1, ctx.dp_rank, ctx.dp)
     return Run(device=device, tokenizer=tokenizer, model=model, opt=opt, train=train, val=val,
                val_start=val.state_dict(), autocast=autocast_ctx(dtype, device), dist=ctx,
-               config={**as_dict(cfg), "dtype": dtype, "data": resolve_data(cfg.data),
+               config={**as_dict(cfg), "dtype": dtype, "dtype_reason": why, "data": resolve_data(cfg.data),
                        "model": dataclasses.asdict(mcfg)},
                n_params=n_params)
 
@@ -490,7 +492,7 @@ def start(cfg):
     """setup(), then restore() when resuming; returns (run, first step to take)."""
     resume_from, run_dir = locate(cfg)
     try:
-        run = setup(cfg)
+        run = setup(cfg, resume_from)
         if cfg.init_from and not resume_from:
             load_weights(run, cfg.init_from)
         done = restore(cfg, run, resume_from) if resume_from else 0

@@ -159,6 +159,29 @@ def test_every_rank_takes_rank_0s_choice(kind, rank0, dtype, fake_cpu):
     assert why == (own if dtype == AUTO[kind][0] else f"auto: rank 0's choice (this rank read: {own})")
 
 
+@pytest.mark.parametrize("argv,saved,why", [
+    ([], {"dtype": "bfloat16", "dtype_reason": "auto: AMD EPYC with avx512_bf16"},
+     "auto, saved with the run: AMD EPYC with avx512_bf16"),
+    (["--dtype=float16"], {"dtype": "float16", "dtype_reason": "--dtype"}, "--dtype, saved with the run"),
+    (["--dtype=float32"], {"dtype": "float32"}, "saved with the run"),  # saved before reasons were kept
+    ([], {"dtype": "bfloat16", "dtype_reason": "auto, saved with the run: AMD EPYC with avx512_bf16"},
+     "auto, saved with the run: AMD EPYC with avx512_bf16"),  # resumed a second time
+])
+def test_a_resumed_runs_dtype_says_where_it_came_from(argv, saved, why, fake_cpu):
+    """config_from_args puts the saved dtype in the config; the reason is the saved one, and no
+    CPU is read again (here an old Xeon, where auto would take fp32)."""
+    fake_cpu("old Xeon")
+    cfg = parse_args(argv, defaults={"dtype": saved["dtype"]})
+    assert precision.pick_dtype(cfg, CPU, saved_config=saved) == (saved["dtype"], why)
+
+
+def test_a_dtype_passed_on_resume_overrides_the_saved_one(fake_cpu):
+    fake_cpu("old Xeon")
+    saved = {"dtype": "bfloat16", "dtype_reason": "auto: AMD EPYC with avx512_bf16"}
+    assert precision.pick_dtype(parse_args(["--dtype=float16"]), CPU, saved_config=saved) == ("float16", "--dtype")
+    assert precision.pick_dtype(parse_args(["--dtype=auto"]), CPU, saved_config=saved) == AUTO["old Xeon"]
+
+
 # ----------------------------------------------------------------------------- the real CPU
 
 def test_this_cpu_reads_the_flags_torch_detects():

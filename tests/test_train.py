@@ -194,16 +194,21 @@ def test_run_dir_records(straight_run):
 
 # ----------------------------------------------------------------------------- dtype, fp16 loss scaling
 
-def test_auto_dtype_is_saved_so_a_resume_keeps_it(tmp_path, monkeypatch):
-    """The dtype auto picked goes into the saved config: a resume reads no CPU (it may run on
-    another machine) and continues in the same precision."""
+def test_auto_dtype_is_saved_so_a_resume_keeps_it_and_says_so(tmp_path, monkeypatch, capsys):
+    """The dtype auto picked and its reason go into the saved config: a resume reads no CPU
+    (it may run on another machine, or this one reading differently) and continues in the same
+    precision, saying where it came from rather than "(--dtype)"."""
     cpuinfo = tmp_path / "cpuinfo"
     monkeypatch.setattr(precision, "CPUINFO", str(cpuinfo))
     cpuinfo.write_text("vendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\nflags\t\t: avx2 avx512f avx512_bf16\n")
     run = tmp_path / "run"
     train(parse_args(TINY + ["--max_steps=2", "--eval_interval=2", "--ckpt_interval=2", f"--out_dir={run}"]))
+    assert "dtype: bfloat16 (auto: AMD EPYC with avx512_bf16)" in capsys.readouterr().out
     cpuinfo.write_text("vendor_id\t: GenuineIntel\nmodel name\t: Intel Xeon\nflags\t\t: avx2 avx512f\n")
-    assert config_from_args([f"--resume={run}"]).dtype == "bfloat16"
+    cfg = config_from_args([f"--resume={run}", "--max_steps=3"])
+    assert cfg.dtype == "bfloat16"
+    train(cfg)
+    assert "dtype: bfloat16 (auto, saved with the run: AMD EPYC with avx512_bf16)" in capsys.readouterr().out
 
 
 def test_help_lists_every_option_with_its_default_and_comment(capsys):
