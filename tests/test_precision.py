@@ -182,6 +182,13 @@ def test_a_dtype_passed_on_resume_overrides_the_saved_one(fake_cpu):
     assert precision.pick_dtype(parse_args(["--dtype=auto"]), CPU, saved_config=saved) == AUTO["old Xeon"]
 
 
+def test_info_names_the_cpu_and_what_auto_takes(fake_cpu):
+    from nanolm import info
+    fake_cpu("Xeon without AMX")
+    assert info.cpu_precision() == (f"Intel Xeon Processor (SapphireRapids) (GenuineIntel); --dtype=auto trains in "
+                                    f"float32 ({AUTO['Xeon without AMX'][1]})")
+
+
 # ----------------------------------------------------------------------------- the real CPU
 
 def test_this_cpu_reads_the_flags_torch_detects():
