@@ -69,7 +69,7 @@ def amx_tiles_permitted():
     grants nothing oneDNN would not take anyway): already permitted, else request, then check."""
     if sys.platform != "linux" or platform.machine() != "x86_64":
         return False
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = ctypes.CDLL(None)  # the running process, libc included
     permitted = ctypes.c_ulong(0)
 
     def tiles_permitted():
