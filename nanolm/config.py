@@ -74,8 +74,9 @@ class TrainConfig:
     target_loss: float = 0.0  # stop (saving) at the first eval whose val loss is at most this; 0 = never
     seed: int = 1337
     device: str = "auto"  # cuda if available, else cpu
-    # autocast: auto = bf16 on cuda and on CPUs whose bf16 matmuls measure faster than fp32's
-    # (train.pick_dtype), else fp32; or float32, bfloat16, float16 (loss-scaled)
+    # autocast: auto = bf16 on cuda, and on CPUs with AMX or AMD CPUs with AVX512-BF16 (read from
+    # /proc/cpuinfo, the same on an idle and a loaded machine), else fp32; or float32, bfloat16,
+    # float16 (loss-scaled)
     dtype: str = "auto"
     loss_scale_window: int = 2000  # float16: clean steps before the loss scale doubles (torch GradScaler's)
     # --kernels picks the backend of each op (the model's `impls`): "auto", one backend name, or
