@@ -131,7 +131,7 @@ class OpSetup(NamedTuple):
 def op_dtypes(device):
     """The activation dtypes the op cases run in: bf16 on GPU; fp32 on CPU, and bf16 too where
     the CPU computes bf16 natively (there it is what training uses)."""
-    from nanolm.train import native_bf16_cpu
+    from nanolm.precision import native_bf16_cpu
     if device.type == "cuda":
         return (torch.bfloat16,)
     return (torch.float32, torch.bfloat16) if native_bf16_cpu() else (torch.float32,)

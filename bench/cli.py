@@ -1,7 +1,7 @@
 """`python -m bench [op ...] [--quick] [--out DIR] [--device cuda|cpu] [--impls a,b] [--cases s,t]`;
 `python -m bench comm ...` for collective bandwidth and multi-GPU projections (bench/comm.py);
 `python -m bench static ...` for the compiled kernels' registers, spills, shared memory and SASS
-(bench/static.py)."""
+(bench/static.py); `python -m bench speedrun ...` for the time to a target val loss (bench/speedrun.py)."""
 import argparse
 import datetime
 import os
@@ -93,6 +93,9 @@ def main(argv=None):
     if argv[:1] == ["static"]:  # compiles for sm_80/sm_90a, runs nothing: see bench/static.py
         from bench import static
         return static.main(argv[1:])
+    if argv[:1] == ["speedrun"]:  # whole training runs, one process each: see bench/speedrun.py
+        from bench import speedrun
+        return speedrun.main(argv[1:])
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

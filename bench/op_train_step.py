@@ -20,7 +20,7 @@ from nanolm import backends, flops
 from nanolm.config import ModelConfig
 from nanolm.model import GPT
 from nanolm.optim import FlatAdamW
-from nanolm.train import native_bf16_cpu
+from nanolm.precision import native_bf16_cpu
 
 CONFIGS = {  # (n_layer, n_head, n_embd, block_size, vocab_size, batch); vocab padded to 128s
     "full_cuda": {"gpt2-124M": (12, 12, 768, 1024, 50257, 16), "gpt2-355M": (24, 16, 1024, 1024, 50257, 8)},

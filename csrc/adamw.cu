@@ -106,7 +106,8 @@ int grid_for(int64_t work) {
 
 void adamw_step_cuda(std::uintptr_t param, std::uintptr_t grad, std::uintptr_t exp_avg,
                      std::uintptr_t exp_avg_sq, int64_t numel, int64_t decay_numel,
-                     const AdamWScalars& s, std::uintptr_t stream) {
+                     const AdamWScalars& s, DType dtype, std::uintptr_t stream) {
+    require_dtype("adamw_step_cuda", dtype, DType::float32);
     require(numel >= 0 && decay_numel >= 0 && decay_numel <= numel,
             "adamw_step_cuda: need 0 <= decay_numel <= numel");
     if (numel == 0) return;
@@ -139,7 +140,8 @@ void adamw_step_cuda(std::uintptr_t param, std::uintptr_t grad, std::uintptr_t e
 int64_t sum_of_squares_partials_cuda() { return kPartials; }
 
 void sum_of_squares_cuda(std::uintptr_t x, int64_t numel, std::uintptr_t partials,
-                         std::uintptr_t out, std::uintptr_t stream) {
+                         std::uintptr_t out, DType dtype, std::uintptr_t stream) {
+    require_dtype("sum_of_squares_cuda", dtype, DType::float32);
     require(numel >= 0, "sum_of_squares_cuda: numel must be >= 0");
     auto st = reinterpret_cast<cudaStream_t>(stream);
     // Block count from numel alone (never from the device), so the partition is fixed.

@@ -67,7 +67,8 @@ double chunk_sum_of_squares(const float* x, int64_t n) {
 
 void adamw_step_cpu(std::uintptr_t param, std::uintptr_t grad, std::uintptr_t exp_avg,
                     std::uintptr_t exp_avg_sq, int64_t numel, int64_t decay_numel,
-                    const AdamWScalars& s) {
+                    const AdamWScalars& s, DType dtype) {
+    require_dtype("adamw_step_cpu", dtype, DType::float32);
     require(numel >= 0 && decay_numel >= 0 && decay_numel <= numel,
             "adamw_step_cpu: need 0 <= decay_numel <= numel");
     float* p = ptr<float>(param);
@@ -78,7 +79,8 @@ void adamw_step_cpu(std::uintptr_t param, std::uintptr_t grad, std::uintptr_t ex
     adamw_range(p, g, m, v, decay_numel, numel, 1.0f, s);
 }
 
-double sum_of_squares_cpu(std::uintptr_t x, int64_t numel) {
+double sum_of_squares_cpu(std::uintptr_t x, int64_t numel, DType dtype) {
+    require_dtype("sum_of_squares_cpu", dtype, DType::float32);
     require(numel >= 0, "sum_of_squares_cpu: numel must be >= 0");
     const float* data = ptr<const float>(x);
     const int64_t chunks = (numel + kChunk - 1) / kChunk;

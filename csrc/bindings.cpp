@@ -76,9 +76,9 @@ static void bind_cpu(py::module_& m) {
     m.def("cross_entropy_fwd_cpu", &nanolm::cross_entropy_fwd_cpu,
           "Cross-entropy losses and gradient over float32, bf16 or fp16 logits (N, Vp), OpenMP over rows");
     m.def("cross_entropy_stats_cpu", &nanolm::cross_entropy_stats_cpu,
-          "Partial softmax statistics (max, sum exp, target logit) of a vocabulary shard, float32");
+          "Partial softmax statistics (max, sum exp, target logit) of a vocabulary shard, float32, bf16 or fp16");
     m.def("cross_entropy_grad_cpu", &nanolm::cross_entropy_grad_cpu,
-          "dlogits of a vocabulary shard in place, given the global logsumexp, float32");
+          "dlogits of a vocabulary shard in place, given the global logsumexp, float32, bf16 or fp16");
     m.def("adamw_step_cpu", &nanolm::adamw_step_cpu);
     m.def("sum_of_squares_cpu", &nanolm::sum_of_squares_cpu);
     m.def("attention_fwd_cpu", &nanolm::attention_fwd_cpu, "Causal flash attention forward (fp32, bf16 or fp16, CPU)");

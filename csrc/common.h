@@ -31,6 +31,12 @@ inline const char* dtype_name(DType dtype) {
     throw std::invalid_argument(std::string(op) + ": unsupported dtype " + dtype_name(dtype));
 }
 
+// For a launcher built for one element type: every pointer-taking launcher takes the dtype of
+// its tensors, so a buffer of another type is refused here rather than read as this one.
+inline void require_dtype(const char* op, DType dtype, DType built_for) {
+    if (dtype != built_for) unsupported_dtype(op, dtype);
+}
+
 // Pointers cross the Python boundary as integers (tensor.data_ptr()).
 template <typename T>
 inline T* ptr(std::uintptr_t address) { return reinterpret_cast<T*>(address); }

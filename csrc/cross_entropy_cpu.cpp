@@ -15,7 +15,8 @@
 // cache) + N targets, writes N*Vp gradients (read back once from cache) + N fp32 losses.
 //
 // The vocab-parallel pair (logits: one vocabulary shard, ids [vocab_start, vocab_start + Vp),
-// the first V real, V = 0 allowed; see nanolm/backends/torch_ref.py):
+// the first V real, V = 0 allowed; see nanolm/backends/torch_ref.py), in the same three dtypes
+// with fp32 statistics:
 //   cross_entropy_stats_cpu  per row (m, s, x_t or 0) -> stats (N, 3); reads N*Vp, writes 3N.
 //   cross_entropy_grad_cpu   dx_j = grad_scale * (exp(x_j - lse) (1 + 2 z_loss lse) - [j == t - vocab_start])
 //                            with the global lse (N,); reads and writes N*Vp, in place.
@@ -133,28 +134,23 @@ void cross_entropy_rows(const T* x_all, const std::int64_t* t_all, float* loss_a
 }
 
 // max over x[0, V) (V >= 1), as an integer max of order keys (see order_key)
-inline float row_max(const float* x, std::int64_t V) {
+template <typename T>
+float row_max(const T* x, std::int64_t V) {
     std::int32_t m_key = INT32_MIN;
 #pragma omp simd reduction(max : m_key)
-    for (std::int64_t j = 0; j < V; ++j) m_key = std::max(m_key, order_key(x[j]));
+    for (std::int64_t j = 0; j < V; ++j) m_key = std::max(m_key, order_key(to_float(x[j])));
     return __builtin_bit_cast(float, order_key_inverse(m_key));
 }
 
-}  // namespace
-
-void cross_entropy_stats_cpu(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t stats,
-                             std::int64_t N, std::int64_t Vp, std::int64_t V, std::int64_t vocab_start) {
-    require(N >= 0, "cross_entropy_stats_cpu: N must be >= 0");
-    require(V >= 0 && V <= Vp, "cross_entropy_stats_cpu: need 0 <= V <= Vp");
-    const float* x_all = ptr<const float>(logits);
-    const std::int64_t* t_all = ptr<const std::int64_t>(targets);
-    float* out = ptr<float>(stats);
+template <typename T>
+void shard_stats_rows(const T* x_all, const std::int64_t* t_all, float* out, std::int64_t N, std::int64_t Vp,
+                      std::int64_t V, std::int64_t vocab_start) {
 #pragma omp parallel for schedule(static)
     for (std::int64_t row = 0; row < N; ++row) {
-        const float* x = x_all + row * Vp;
+        const T* x = x_all + row * Vp;
         float* st = out + 3 * row;
         const std::int64_t local = t_all[row] - vocab_start;
-        st[2] = (local >= 0 && local < V) ? x[local] : 0.f;
+        st[2] = (local >= 0 && local < V) ? to_float(x[local]) : 0.f;
         if (V == 0) {  // a shard of padding only: contributes exp(-inf) = 0 to every sum
             st[0] = -INFINITY;
             st[1] = 0.f;
@@ -166,7 +162,7 @@ void cross_entropy_stats_cpu(std::uintptr_t logits, std::uintptr_t targets, std:
             const std::int64_t j1 = std::min(j0 + kBlock, V);
             float block_sum = 0.f;
 #pragma omp simd reduction(+ : block_sum)
-            for (std::int64_t j = j0; j < j1; ++j) block_sum += exp_nonpositive(x[j] - m);
+            for (std::int64_t j = j0; j < j1; ++j) block_sum += exp_nonpositive(to_float(x[j]) - m);
             s += block_sum;
         }
         st[0] = m;
@@ -174,31 +170,54 @@ void cross_entropy_stats_cpu(std::uintptr_t logits, std::uintptr_t targets, std:
     }
 }
 
-void cross_entropy_grad_cpu(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t lse,
-                            std::int64_t N, std::int64_t Vp, std::int64_t V, std::int64_t vocab_start,
-                            std::int64_t ignore_index, double z_loss, double grad_scale) {
-    require(N >= 0, "cross_entropy_grad_cpu: N must be >= 0");
-    require(V >= 0 && V <= Vp, "cross_entropy_grad_cpu: need 0 <= V <= Vp");
-    float* x_all = ptr<float>(logits);
-    const std::int64_t* t_all = ptr<const std::int64_t>(targets);
-    const float* lse_all = ptr<const float>(lse);
-    const float z = static_cast<float>(z_loss), scale = static_cast<float>(grad_scale);
+template <typename T>
+void shard_grad_rows(T* x_all, const std::int64_t* t_all, const float* lse_all, std::int64_t N, std::int64_t Vp,
+                     std::int64_t V, std::int64_t vocab_start, std::int64_t ignore_index, float z, float scale) {
 #pragma omp parallel for schedule(static)
     for (std::int64_t row = 0; row < N; ++row) {
-        float* x = x_all + row * Vp;  // dx overwrites x
+        T* x = x_all + row * Vp;  // dx overwrites x
         const std::int64_t t = t_all[row];
-        std::fill(x + V, x + Vp, 0.f);
+        std::fill(x + V, x + Vp, from_float<T>(0.f));
         if (t == ignore_index) {
-            std::fill(x, x + V, 0.f);
+            std::fill(x, x + V, from_float<T>(0.f));
             continue;
         }
         const float l = lse_all[row];  // >= every x_j: x_j - l <= 0 up to rounding
         const float c = scale * (1.f + 2.f * z * l);
-#pragma omp simd
-        for (std::int64_t j = 0; j < V; ++j) x[j] = exp_nonpositive(x[j] - l) * c;
         const std::int64_t local = t - vocab_start;
-        if (local >= 0 && local < V) x[local] -= scale;
+        const bool mine = local >= 0 && local < V;
+        const float x_t = mine ? to_float(x[local]) : 0.f;  // read before the row is overwritten
+#pragma omp simd
+        for (std::int64_t j = 0; j < V; ++j) x[j] = from_float<T>(exp_nonpositive(to_float(x[j]) - l) * c);
+        // the target's -1 is subtracted in fp32, before the one rounding to T
+        if (mine) x[local] = from_float<T>(exp_nonpositive(x_t - l) * c - scale);
     }
+}
+
+}  // namespace
+
+void cross_entropy_stats_cpu(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t stats,
+                             std::int64_t N, std::int64_t Vp, std::int64_t V, std::int64_t vocab_start,
+                             DType dtype) {
+    require(N >= 0, "cross_entropy_stats_cpu: N must be >= 0");
+    require(V >= 0 && V <= Vp, "cross_entropy_stats_cpu: need 0 <= V <= Vp");
+    dispatch_cpu_dtype(dtype, "cross_entropy_stats_cpu", [&](auto tag) {
+        using T = decltype(tag);
+        shard_stats_rows(ptr<const T>(logits), ptr<const std::int64_t>(targets), ptr<float>(stats), N, Vp, V,
+                         vocab_start);
+    });
+}
+
+void cross_entropy_grad_cpu(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t lse,
+                            std::int64_t N, std::int64_t Vp, std::int64_t V, std::int64_t vocab_start,
+                            std::int64_t ignore_index, double z_loss, double grad_scale, DType dtype) {
+    require(N >= 0, "cross_entropy_grad_cpu: N must be >= 0");
+    require(V >= 0 && V <= Vp, "cross_entropy_grad_cpu: need 0 <= V <= Vp");
+    dispatch_cpu_dtype(dtype, "cross_entropy_grad_cpu", [&](auto tag) {
+        using T = decltype(tag);
+        shard_grad_rows(ptr<T>(logits), ptr<const std::int64_t>(targets), ptr<const float>(lse), N, Vp, V,
+                        vocab_start, ignore_index, static_cast<float>(z_loss), static_cast<float>(grad_scale));
+    });
 }
 
 void cross_entropy_fwd_cpu(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t losses,

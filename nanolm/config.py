@@ -71,10 +71,12 @@ class TrainConfig:
     eval_iters: int = 10  # global batches (batch_size on each rank) per val-loss estimate
     log_interval: int = 25  # steps between log lines
     early_stop: int = 0  # stop after this many evals in a row without a new lowest val loss; 0 = never
+    target_loss: float = 0.0  # stop (saving) at the first eval whose val loss is at most this; 0 = never
     seed: int = 1337
     device: str = "auto"  # cuda if available, else cpu
-    # autocast: auto = bf16 on cuda and on CPUs whose bf16 matmuls measure faster than fp32's
-    # (a 0.1 s probe at start), else fp32; or float32, bfloat16, float16 (loss-scaled)
+    # autocast: auto = bf16 on cuda, and on CPUs with AMX or AMD CPUs with AVX512-BF16 (read from
+    # /proc/cpuinfo, the same on an idle and a loaded machine), else fp32; or float32, bfloat16,
+    # float16 (loss-scaled)
     dtype: str = "auto"
     loss_scale_window: int = 2000  # float16: clean steps before the loss scale doubles (torch GradScaler's)
     # the backend of each op: "auto", one backend name, or per-op overrides such
@@ -202,7 +204,8 @@ def validate(cfg):
         if getattr(cfg, k) <= 0:
             raise ConfigError(f"{k} must be positive, got {getattr(cfg, k)}")
     for k in ("lr", "min_lr", "weight_decay", "grad_clip", "warmup", "peak_tflops", "sample_tokens",
-              "n_layer", "n_head", "n_embd", "block_size", "ckpt_interval", "early_stop"):
+              "n_layer", "n_head", "n_embd", "block_size", "ckpt_interval", "early_stop",
+              "target_loss"):
         if getattr(cfg, k) < 0:
             raise ConfigError(f"{k} must be >= 0, got {getattr(cfg, k)}")
     if cfg.min_lr > cfg.lr:

@@ -2,13 +2,13 @@
 devices, the support matrix: per device, for each op and backend, which dtypes it runs, with the
 reason where not (every cell is read from the backends' SUPPORT tables, nanolm/backends/), and
 how each CUDA and Triton kernel has been verified (cuda.KERNELS, cuda.GPU_RUNS; triton.KERNELS,
-triton.STATIC_REPORT, triton.GPU_RUNS)."""
+triton.STATIC_REPORT, triton.GPU_RUNS); and the CPU with the precision --dtype=auto takes on it."""
 import json
 from pathlib import Path
 
 import torch
 
-from nanolm import backends
+from nanolm import backends, precision
 from nanolm.backends import cuda, cuda_sim
 from nanolm.backends.common import dtype_name
 
@@ -94,6 +94,13 @@ def triton_kernel_status():
     return "\n".join(lines)
 
 
+def cpu_precision():
+    """This CPU as /proc/cpuinfo names it, and what --dtype=auto takes on it (nanolm/precision.py)."""
+    cpu = precision.this_cpu()
+    dtype, why = precision.cpu_dtype(cpu, precision.amx_tiles_permitted)
+    return f"{cpu.model} ({cpu.vendor or 'no vendor listed'}); --dtype=auto trains in {dtype} ({why})"
+
+
 def library_versions():
     try:
         import triton
@@ -135,6 +142,7 @@ def main():
     print(f"nanolm._C: {build_info()}")
     print(f"nanolm._C_sim: {sim_build_info()}")
     print(f"libraries: {library_versions()}")
+    print(f"cpu: {cpu_precision()}")
     header = ["op", "backend"] + [dtype_name(d) for d in DTYPES] + ["why not"]
     for device in devices():
         print(f"\n{device} ({device_name(device)}):")

@@ -17,12 +17,10 @@ after a skipped step, and max_skipped_steps skipped in a row stop the run as div
 """
 import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -37,6 +35,8 @@ from nanolm.data import Loader, get_tokenizer, load_dataset, resolve_data
 from nanolm.metrics import MetricsWriter, perplexity, read_metrics
 from nanolm.model import GPT, DropoutStream
 from nanolm.optim import DynamicLossScale, FlatAdamW
+from nanolm.precision import pick_dtype
+from nanolm.rundir import RunDirLock
 from nanolm.sample import generate
 
 RUNS = Path("runs")  # where fresh runs without --out_dir go
@@ -55,57 +55,6 @@ def pick_device(cfg, local_rank=0):
     if device.type == "cuda":
         torch.cuda.set_device(device)  # kernels launch on the current device, not the tensors'
     return device
-
-
-def native_bf16_cpu():
-    """The CPU's bf16 instructions (avx512_bf16 dot products, AMX tiles), or None when it has
-    none and bf16 would only be emulated (slower than fp32)."""
-    found = [name for name, has in (("avx512_bf16", torch.cpu._is_avx512_bf16_supported()),
-                                    ("amx", torch.cpu._is_amx_tile_supported())) if has]
-    return ", ".join(found) or None
-
-
-BF16_MIN_SPEEDUP = 1.2  # what bf16's rounding must buy in matmul speed for auto to choose it
-
-
-def cpu_bf16_matmul_speedup(m=1024, k=384, n=1536, rounds=5):
-    """How many times faster this CPU multiplies in bf16 than in fp32 (best of `rounds`
-    interleaved pairs, at a GPT MLP shape; ~0.1 s). Native bf16 instructions do not settle it:
-    2-core AVX512-BF16 machines measured 4.5-5x on an AMD EPYC, but 0.55x on an Intel Xeon
-    whose AMX tiles the hypervisor hides (oneDNN then runs bf16 through vdpbf16ps, slower than
-    its fp32 kernels)."""
-    generator = torch.Generator().manual_seed(0)
-    a, b = torch.randn(m, k, generator=generator), torch.randn(k, n, generator=generator)
-    pairs = [(a, b), (a.bfloat16(), b.bfloat16())]
-    best = [math.inf, math.inf]
-    for _ in range(rounds + 1):  # the first round warms up oneDNN's kernels
-        for i, (x, y) in enumerate(pairs):
-            start = time.perf_counter()
-            x @ y
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best[0] / best[1]
-
-
-def pick_dtype(cfg, device, comm=None):
-    """(autocast dtype name, why): --dtype, or for auto bf16 on CUDA and on a CPU whose bf16
-    matmuls are measurably faster than fp32's (cpu_bf16_matmul_speedup), fp32 on other CPUs.
-    With several ranks (comm) rank 0's measurement decides for all, so that they train in one
-    precision. The choice is saved in the run's config, so a resumed run keeps it."""
-    if cfg.dtype != "auto":
-        return cfg.dtype, "--dtype"
-    if device.type == "cuda":
-        return "bfloat16", "auto: CUDA"
-    native = native_bf16_cpu()
-    if not native:
-        return "float32", "auto: this CPU has no native bf16"
-    speedup = torch.tensor([cpu_bf16_matmul_speedup()], dtype=torch.float64)
-    if comm is not None:
-        comm.wait(comm.broadcast(speedup, root=0))
-    speedup = speedup.item()
-    if speedup >= BF16_MIN_SPEEDUP:
-        return "bfloat16", f"auto: this CPU computes bf16 natively ({native}): bf16 matmuls {speedup:.1f}x fp32's"
-    return "float32", (f"auto: this CPU has {native}, but its bf16 matmuls run at {speedup:.2f}x fp32's "
-                       f"(under {BF16_MIN_SPEEDUP}x): fp32; --dtype=bfloat16 to force")
 
 
 def check_kernels_take(dtype, choice, device):
@@ -176,8 +125,9 @@ class Run:
     best: dict = dataclasses.field(default_factory=no_best_yet)  # lowest val loss: track_best
 
 
-def setup(cfg):
-    """Everything a run needs, checked before any training work."""
+def setup(cfg, resume_from=None):
+    """Everything a run needs, checked before any training work. resume_from: the checkpoint
+    being resumed, whose saved precision is kept."""
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     env = dist.env_from_torchrun()
@@ -196,7 +146,8 @@ def setup(cfg):
     if env.world_size % cfg.tp:
         raise ValueError(f"tp={cfg.tp} does not divide the {env.world_size} ranks")
     ctx = dist.Context(env, device, cfg.dist_timeout_s, cfg.tp)
-    dtype, why = pick_dtype(cfg, device, ctx.comm)
+    saved_config = checkpoint.saved_run(resume_from)[0] if resume_from else None
+    dtype, why = pick_dtype(cfg, device, ctx.comm, saved_config)
     check_kernels_take(dtype, choice, device)
     if env.is_main:
         print("kernels: " + ", ".join(f"{op}={name}" for op, name in choice.items()))
@@ -227,7 +178,7 @@ def setup(cfg):
     val = Loader(val_tokens, cfg.batch_size, mcfg.block_size, cfg.seed + 1, ctx.dp_rank, ctx.dp)
     return Run(device=device, tokenizer=tokenizer, model=model, opt=opt, train=train, val=val,
                val_start=val.state_dict(), autocast=autocast_ctx(dtype, device), dist=ctx,
-               config={**as_dict(cfg), "dtype": dtype, "data": resolve_data(cfg.data),
+               config={**as_dict(cfg), "dtype": dtype, "dtype_reason": why, "data": resolve_data(cfg.data),
                        "model": dataclasses.asdict(mcfg)},
                n_params=n_params)
 
@@ -327,38 +278,6 @@ def locate(cfg):
 
 def holds_run(run_dir):
     return checkpoint.latest(run_dir) is not None or (run_dir / "metrics.jsonl").exists()
-
-
-class RunDirLock:
-    """Held while a run writes its run dir, so a second trainer on the same dir is refused with
-    the holder's pid, host and start time (read from the lock file). An flock: the kernel drops
-    it when the holder dies, so a lock file left by a killed run never blocks a resume."""
-
-    def __init__(self, run_dir):
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(run_dir / ".lock", "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            raise ConfigError(f"{run_dir} is in use by {holder}: wait for that run to end, "
-                              f"or pass another --out_dir") from None
-        self.file.truncate(0)
-        self.file.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        self.file.flush()
-
-    def close(self):
-        self.file.close()  # releases the flock
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def best_step(path):
@@ -484,6 +403,17 @@ def track_best(cfg, run, step, val_loss):
     return False
 
 
+def reached_target(cfg, run, step, val_loss, train_s):
+    """True when --target_loss is set and this eval's val loss (the same on every rank) is at
+    most it: the run then ends, saving, as with --early_stop."""
+    if not cfg.target_loss or val_loss > cfg.target_loss:
+        return False
+    if run.dist.is_main:
+        print(f"target reached: val loss {val_loss:.4f} <= {cfg.target_loss:g} at step {step}, "
+              f"after {train_s:.1f} s of training steps")
+    return True
+
+
 class StopOnInterrupt:
     """Turns the first Ctrl-C (SIGINT) or SIGTERM (what SLURM, Kubernetes and torchrun send to
     stop a job; torchrun forwards it to every rank) into a request the training loop honours
@@ -586,11 +516,13 @@ def log(cfg, run, step, loss, lr, norm, dt):
                     tokens_per_s=tokens / dt, **scale)
 
 
-def log_eval(cfg, run, step, val_loss):
+def log_eval(cfg, run, step, val_loss, train_s=0.0):
+    """train_s: seconds spent in training steps since the process started (evals, saves and
+    start-up excluded): the time axis of a time-to-loss comparison (python -m bench speedrun)."""
     val_ppl = perplexity(val_loss)
     print(f"step {step:5d} | val loss {val_loss:.4f} | val ppl {val_ppl:.2f}", flush=True)
     run.metrics.log("eval", step, tokens=step * tokens_per_step(cfg, run), val_loss=val_loss,
-                    val_ppl=val_ppl)
+                    val_ppl=val_ppl, train_s=round(train_s, 3))
 
 
 def sampling_model(run):
@@ -621,7 +553,7 @@ def start(cfg):
     """setup(), then restore() when resuming; returns (run, first step to take)."""
     resume_from, run_dir = locate(cfg)
     try:
-        run = setup(cfg)
+        run = setup(cfg, resume_from)
         if cfg.init_from and not resume_from:
             load_weights(run, cfg.init_from)
         done = restore(cfg, run, resume_from) if resume_from else 0
@@ -647,8 +579,8 @@ def start(cfg):
 
 def train(cfg):
     """Runs the whole training; returns {'first_val' (fresh runs), 'val', 'sample', 'stopped'
-    (the step a Ctrl-C stopped at, or None), 'early_stopped' (the step --early_stop ended the
-    run at, or None), 'checkpoint' (the last one saved)}. Under torchrun every rank evaluates
+    (the step a Ctrl-C stopped at, or None), 'early_stopped' (the step --early_stop or
+    --target_loss ended the run at, or None), 'checkpoint' (the last one saved)}. Under torchrun every rank evaluates
     its share of the validation batches (a tp group shares one); only rank 0 logs, samples and
     writes, and the other ranks return no 'sample' or 'checkpoint'."""
     run, first = start(cfg)
@@ -659,10 +591,13 @@ def train(cfg):
             if is_main:
                 log_eval(cfg, run, 0, history["first_val"])
         t0, timed = time.perf_counter(), 0  # timed steps since t0: evals and saves excluded
+        train_s = 0.0  # seconds in train_step since this process started
         skipped = 0  # non-finite steps in a row
         for step in range(first, cfg.max_steps + 1):
             lr = get_lr(cfg, step - 1)
-            loss, norm = train_step(cfg, run, lr)
+            step_start = time.perf_counter()
+            loss, norm = train_step(cfg, run, lr)  # returns host floats: the step has finished
+            train_s += time.perf_counter() - step_start
             run.dist.waiting_for("")
             timed += 1
             stop = run.dist.any(interrupt.requested)  # every rank stops after the same step
@@ -674,9 +609,10 @@ def train(cfg):
             if evaluated:
                 history["val"] = evaluate(cfg, run)
                 if is_main:
-                    log_eval(cfg, run, step, history["val"])
+                    log_eval(cfg, run, step, history["val"], train_s)
             skipped = count_skipped(cfg, run, skipped, step, norm)
-            if evaluated and not skipped and track_best(cfg, run, step, history["val"]):
+            if evaluated and not skipped and (track_best(cfg, run, step, history["val"])
+                                              or reached_target(cfg, run, step, history["val"], train_s)):
                 history["early_stopped"] = step
             periodic = cfg.ckpt_interval and step % cfg.ckpt_interval == 0
             ends = periodic or step == cfg.max_steps or stop or history["early_stopped"]

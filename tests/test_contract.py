@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nanolm import backends, info
+from nanolm.backends import torch_ref
 from nanolm.backends.common import _C, dtype_name
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -29,16 +30,70 @@ def _tables():
 
 def _call(module, op, dtype, *, C=16, hs=None):
     """Run the op's first function on tiny fresh random CPU inputs of `dtype`."""
-    if op == "layernorm":
-        return module.layer_norm_fwd(torch.randn(4, C, dtype=dtype), torch.randn(C, dtype=dtype), None, 1e-5)
-    if op == "attention":
-        hs = hs or (module.SUPPORT[op].head_sizes or (16,))[0]
-        q, k, v = torch.randn(1, 8, 3, 2, hs, dtype=dtype).unbind(2)
-        return module.attention_fwd(q, k, v, hs ** -0.5)
-    if op == "cross_entropy":
-        return module.cross_entropy_fwd(torch.randn(4, 10, dtype=dtype), torch.randint(0, 9, (4,)), 9, -100,
-                                        0.0, 1.0, False)
-    return module.sum_of_squares(torch.randn(64, dtype=dtype))
+    fn = backends.OPS[op][0]
+    args, _ = _arguments(fn, dtype, C=C, hs=hs or _head_size(module))
+    return getattr(module, fn)(*args)
+
+
+def _head_size(module):
+    return (module.SUPPORT["attention"].head_sizes or (16,))[0] if "attention" in module.SUPPORT else 16
+
+
+def _arguments(fn, dtype, *, C=16, hs=16):
+    """Fresh random CPU arguments of one contract function, its data tensors of `dtype`, and the
+    positions of the arguments it writes in place (checked beside what it returns)."""
+    def rand(*shape):
+        return torch.randn(*shape, dtype=dtype)
+
+    if fn == "layer_norm_fwd":
+        return [rand(5, C), rand(C), rand(C), 1e-5], ()
+    if fn == "add_layer_norm_fwd":
+        return [rand(5, C), rand(5, C), rand(C), rand(C), 1e-5], ()
+    if fn == "layer_norm_bwd":
+        x = rand(5, C)
+        mean, var = x.float().mean(1), x.float().var(1, unbiased=False)
+        return [rand(5, C), x, rand(C), mean, (var + 1e-5).rsqrt(), rand(5, C)], ()
+    if fn in ("attention_fwd", "attention_bwd"):
+        q, k, v = rand(1, 8, 3, 2, hs).unbind(2)  # strided views, as the model passes them
+        if fn == "attention_fwd":
+            return [q, k, v, hs ** -0.5], ()
+        o, lse = torch_ref.attention_fwd(q, k, v, hs ** -0.5)
+        grads = torch.full((1, 8, 3, 2, hs), float("nan"), dtype=dtype).unbind(2)  # poisoned
+        return [rand(1, 8, 2, hs), q, k, v, o, lse, hs ** -0.5, *grads], (7, 8, 9)
+    targets = torch.tensor([3, -100, 7, 15])  # in the shard [5, 14), ignored, and another rank's
+    if fn == "cross_entropy_fwd":
+        return [rand(4, 10), torch.tensor([3, -100, 0, 8]), 9, -100, 1e-3, 0.5, False], ()
+    if fn == "cross_entropy_stats":
+        return [rand(4, 10), targets, 5, 9], ()
+    if fn == "cross_entropy_grad":
+        return [rand(4, 10), targets, torch.rand(4) + 4, 5, 9, -100, 1e-3, 0.5], (0,)
+    if fn == "adamw_step":
+        return [rand(64), rand(64), rand(64), rand(64).abs(), 1e-2, 0.9, 0.95, 1e-8, 0.1, 3, 32, 0.5], (0, 2, 3)
+    assert fn == "sum_of_squares", fn
+    return [rand(64)], ()
+
+
+# Agreement with the specification at the claimed dtype, loose enough for any correct kernel on
+# these tiny inputs (the op tests hold each backend to its own tighter tolerances).
+CLAIM_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+             torch.float16: dict(rtol=5e-3, atol=5e-3)}
+
+
+def _outputs(result, args, written):
+    returned = result if isinstance(result, tuple) else (result,)
+    return [t for t in (*returned, *(args[i] for i in written)) if isinstance(t, torch.Tensor)]
+
+
+def _check_against_specification(module, fn, dtype, hs):
+    args, written = _arguments(fn, dtype, hs=hs)
+    widened = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    got = _outputs(getattr(module, fn)(*args), args, written)
+    want = _outputs(getattr(torch_ref, fn)(*widened), widened, written)
+    assert len(got) == len(want), f"{fn}: {len(got)} outputs, the specification has {len(want)}"
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape, f"{fn} output {i}: shape {tuple(g.shape)}, expected {tuple(w.shape)}"
+        torch.testing.assert_close(g.double(), w.to(g.dtype).double(), **CLAIM_TOL[dtype],
+                                   msg=lambda m, i=i: f"{fn} output {i} at {dtype_name(dtype)}: {m}")
 
 
 def _cpu_cases():
@@ -66,13 +121,19 @@ def test_backend_implements_its_table(name, module):
 
 @pytest.mark.parametrize("name,op,dtype,accepted", _cpu_cases())
 def test_cpu_dtypes_follow_the_table(name, op, dtype, accepted):
+    """Every function of the op, not only its first: a dtype the table claims is computed as the
+    specification computes it, any other is refused by name."""
     module = backends.load(name)
+    for fn in backends.OPS[op]:
+        if accepted:
+            _check_against_specification(module, fn, dtype, _head_size(module))
+        else:
+            args, _ = _arguments(fn, dtype, hs=_head_size(module))
+            with pytest.raises(ValueError, match=f"dtype {dtype_name(dtype)}; supported: "):
+                getattr(module, fn)(*args)
     if accepted:
-        _call(module, op, dtype)
         assert backends.unavailable_reason(name, op, CPU, dtype) is None
     else:
-        with pytest.raises(ValueError, match=f"dtype {dtype_name(dtype)}; supported: "):
-            _call(module, op, dtype)
         assert "takes" in backends.unavailable_reason(name, op, CPU, dtype)
 
 
@@ -138,3 +199,57 @@ def test_kernels_and_csrc_import_nothing_from_nanolm():
             if line.startswith('#include "'):
                 header = line.split('"')[1]
                 assert (path.parent / header).is_file() or (root / "csrc" / header).is_file(), f"{path.name}: {line}"
+
+
+def _extensions():
+    """The built extension modules: nanolm._C and, where built, nanolm._C_sim."""
+    found = [] if _C is None else [_C]
+    try:
+        from nanolm import _C_sim
+        found.append(_C_sim)
+    except ImportError:
+        pass
+    return found
+
+
+# Launchers that take no tensor: sizes of a workspace the caller allocates.
+NO_BUFFERS = {"layernorm_bwd_workspace_rows_cuda", "sum_of_squares_partials_cuda"}
+
+
+@pytest.mark.parametrize("ext", _extensions(), ids=lambda m: m.__name__)
+def test_every_launcher_takes_the_dtype_of_its_buffers(ext):
+    """Raw pointers carry no type: a launcher that takes them also takes the buffers' DType and
+    refuses, in C++, one it has no kernel for (an fp32-only launcher handed bf16 buffers once read
+    them as fp32, out of bounds). A new launcher without a DType argument fails here."""
+    launchers = [n for n in dir(ext) if n.endswith(("_cpu", "_cuda")) and n not in NO_BUFFERS]
+    assert launchers
+    for name in launchers:
+        signature = getattr(ext, name).__doc__.splitlines()[0]
+        assert "DType" in signature, f"{ext.__name__}.{name} takes buffers but no DType: {signature}"
+
+
+def test_fp32_only_launchers_refuse_16_bit_buffers_in_cpp():
+    """The C++ side checks the dtype itself, whatever the Python layer did."""
+    if _C is None:
+        pytest.skip("nanolm._C is not built")
+    x = torch.zeros(64)
+    scalars = _C.AdamWScalars(0.1, 0.95, 0.05, 1e-8, 1.0, 1e-3, 1.0, 1.0)
+    with pytest.raises(ValueError, match="adamw_step_cpu: unsupported dtype bfloat16"):
+        _C.adamw_step_cpu(*(x.data_ptr(),) * 4, 64, 0, scalars, _C.DType.bfloat16)
+    with pytest.raises(ValueError, match="sum_of_squares_cpu: unsupported dtype float16"):
+        _C.sum_of_squares_cpu(x.data_ptr(), 64, _C.DType.float16)
+
+
+@pytest.mark.cuda_sim
+def test_cuda_launchers_refuse_unbuilt_dtypes_in_cpp():
+    """The CUDA launchers, run through the emulation: each refuses a dtype it has no kernel for."""
+    from nanolm import _C_sim
+    x, t, out = torch.zeros(4, 64), torch.zeros(4, dtype=torch.int64), torch.zeros(4, 64)
+    with pytest.raises(ValueError, match="unsupported dtype float16"):
+        _C_sim.cross_entropy_stats_cuda(x.data_ptr(), t.data_ptr(), out.data_ptr(), 4, 64, 64, 0,
+                                        _C_sim.DType.float16, 0)
+    scalars = _C_sim.AdamWScalars(0.1, 0.95, 0.05, 1e-8, 1.0, 1e-3, 1.0, 1.0)
+    with pytest.raises(ValueError, match="adamw_step_cuda: unsupported dtype bfloat16"):
+        _C_sim.adamw_step_cuda(*(x.data_ptr(),) * 4, 64, 0, scalars, _C_sim.DType.bfloat16, 0)
+    with pytest.raises(ValueError, match="sum_of_squares_cuda: unsupported dtype bfloat16"):
+        _C_sim.sum_of_squares_cuda(x.data_ptr(), 64, out.data_ptr(), out.data_ptr(), _C_sim.DType.bfloat16, 0)

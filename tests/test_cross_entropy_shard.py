@@ -35,10 +35,23 @@ def global_lse(logits, V):
 SHAPES = [(5, 777, 777), (4, 777, 800), (1, 0, 784), (3, 37, 64), (6, 1, 16)]
 
 
-@pytest.mark.parametrize("name", cpu_backends())
+def claimed_dtypes():
+    """(backend, dtype) for every dtype each CPU-runnable backend's table claims for cross_entropy
+    on CPU: the pair is tested in each, not only in float32."""
+    cases = []
+    for param in cpu_backends():
+        name = param if isinstance(param, str) else param.values[0]
+        marks = () if isinstance(param, str) else param.marks
+        for dtype in load(name).SUPPORT["cross_entropy"].dtypes["cpu"]:
+            cases.append(pytest.param(name, dtype, marks=marks, id=f"{name}-{str(dtype).removeprefix('torch.')}"))
+    return cases
+
+
+@pytest.mark.parametrize("name,dtype", claimed_dtypes())
 @pytest.mark.parametrize("N,V,Vp", SHAPES)
-def test_stats_match_reference(name, N, V, Vp, poison):
-    logits, targets = make_shard(N, V, Vp, extreme=True)
+def test_stats_match_reference(name, dtype, N, V, Vp, poison):
+    """16-bit logits are read exactly and their statistics kept in fp32: fp32 tolerances hold."""
+    logits, targets = make_shard(N, V, Vp, dtype=dtype, extreme=True)
     want = torch_ref.cross_entropy_stats(logits.double(), targets, VOCAB_START, V)
     got = load(name).cross_entropy_stats(logits, targets, VOCAB_START, V)
     assert got.dtype == torch.float32 and got.shape == (N, 3)
@@ -50,17 +63,17 @@ def test_stats_match_reference(name, N, V, Vp, poison):
         assert (got[:, 0] == float("-inf")).all() and (got[:, 1:] == 0).all()
 
 
-@pytest.mark.parametrize("name", cpu_backends())
+@pytest.mark.parametrize("name,dtype", claimed_dtypes())
 @pytest.mark.parametrize("N,V,Vp", SHAPES)
 @pytest.mark.parametrize("z_loss", [0.0, 1e-3])
-def test_grad_matches_reference(name, N, V, Vp, z_loss):
-    logits, targets = make_shard(N, V, Vp, extreme=True)
+def test_grad_matches_reference(name, dtype, N, V, Vp, z_loss):
+    logits, targets = make_shard(N, V, Vp, dtype=dtype, extreme=True)
     lse = global_lse(logits, V).float()  # the contract's lse is fp32: both get the same rounded value
     want = torch_ref.cross_entropy_grad(logits.double(), targets, lse.double(), VOCAB_START, V, IGNORE, z_loss, 0.25)
     got = load(name).cross_entropy_grad(logits, targets, lse, VOCAB_START, V, IGNORE, z_loss, 0.25)
-    assert got.data_ptr() == logits.data_ptr()  # in place
+    assert got.data_ptr() == logits.data_ptr() and got.dtype == dtype  # in place
     assert not got.isnan().any(), "padding or rows left unwritten"
-    torch.testing.assert_close(got.double(), want, **TOL[torch.float32])
+    torch.testing.assert_close(got.double(), want.to(dtype).double(), **TOL[dtype])
     assert (got[:, V:] == 0).all() and (got[targets == IGNORE] == 0).all()
 
 

@@ -10,6 +10,7 @@ import torch
 from nanolm import checkpoint, eval as nanolm_eval, sample
 from nanolm import train as train_module
 from nanolm.config import ConfigError, parse_args
+from nanolm.metrics import read_metrics
 from nanolm.train import config_from_args, train
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
@@ -97,3 +98,21 @@ def test_flat_val_loss_stops_and_resume_keeps_the_count(tmp_path, monkeypatch):
 def test_early_stop_must_not_be_negative():
     with pytest.raises(ConfigError, match="early_stop must be >= 0"):
         parse_args(["--early_stop=-1"])
+
+
+def test_target_loss_ends_the_run_at_the_first_eval_that_reaches_it(tmp_path, scripted_val, capsys):
+    """--target_loss (a time-to-loss run): the first eval at or under it ends the run, saving;
+    the eval records carry the training seconds the speedrun bench plots."""
+    history = train(parse_args(TINY + ["--max_steps=12", "--target_loss=2.0", f"--out_dir={tmp_path}"]))
+    assert history["early_stopped"] == 4 and history["checkpoint"].name == "ckpt_00000004.pt"
+    assert "target reached: val loss 2.0000 <= 2 at step 4" in capsys.readouterr().out
+    evals = [r for r in read_metrics(tmp_path) if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert 0 < evals[1]["train_s"] <= evals[2]["train_s"]
+
+
+@pytest.mark.parametrize("bad,message", [("-1", "target_loss must be >= 0"),
+                                         ("nan", "target_loss must be a finite number")])
+def test_target_loss_must_be_finite_and_not_negative(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(TINY + [f"--target_loss={bad}"])

@@ -245,7 +245,7 @@ def test_a_run_dir_in_use_is_refused_naming_the_holder(tmp_path):
     import sys
     run = tmp_path / "run"
     train(parse_args(TINY + ["--max_steps=2", f"--out_dir={run}"]))
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from nanolm.train import RunDirLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from nanolm.rundir import RunDirLock; "
                                "lock = RunDirLock(sys.argv[1]); print('locked', flush=True); time.sleep(60)", str(run)],
                               stdout=subprocess.PIPE, text=True)
     try:

@@ -140,31 +140,47 @@ def test_vocab_parallel_cross_entropy_matches_one_process(V, Vp, n, z_loss):
     assert (dw[V:] == 0).all()  # padding rows never predicted
 
 
+# Under autocast the chunk logits, and so the stats/grad pair's inputs, are in the autocast dtype.
+AUTOCAST_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-3),
+                torch.float16: dict(rtol=2e-3, atol=2e-4)}
+
+
+@pytest.mark.parametrize("dtype", list(AUTOCAST_TOL), ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("name", ["torch"] + cpu_backends())
-def test_vocab_parallel_cross_entropy_fp32_equals_single_process_op(name):
-    """fp32, each backend's stats/grad pair against ops.linear_cross_entropy itself (one
-    process, the same backend), all rows ignored included."""
+def test_vocab_parallel_cross_entropy_equals_single_process_op(name, dtype):
+    """Each backend's stats/grad pair against ops.linear_cross_entropy itself (one process, the
+    same backend, the same autocast: the README's --tp=2 command on a bf16 CPU), all rows
+    ignored included."""
     backend = load(name)
+    if dtype not in backend.SUPPORT["cross_entropy"].dtypes["cpu"]:
+        pytest.skip(f"{name} has no {dtype} cross-entropy on CPU")
     torch.manual_seed(0)
     N, C, V, Vp, n = 40, 16, 77, 128, 2
     h, w = torch.randn(N, C), torch.randn(Vp, C) * 0.5
+
+    def autocast():  # thread-local state: entered in each rank's thread
+        return torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+
     for targets in (torch.randint(0, V, (N,)), torch.full((N,), -100)):
         def rank(comm, targets=targets):
             r, rows = comm.env.rank, Vp // n
             w_r = w[r * rows:(r + 1) * rows].clone().requires_grad_()
             h_r = h.clone().requires_grad_()
-            loss = ops.vocab_parallel_linear_cross_entropy(h_r, w_r, targets, comm, OneAtATime(backend), r * rows,
-                                                           min(max(V - r * rows, 0), rows), V)
+            with autocast():
+                loss = ops.vocab_parallel_linear_cross_entropy(h_r, w_r, targets, comm, OneAtATime(backend),
+                                                               r * rows, min(max(V - r * rows, 0), rows), V)
             loss.backward()
             return loss.detach(), h_r.grad, w_r.grad
 
         results = ThreadGroup(n).run(rank)
         hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
-        want = ops.linear_cross_entropy(hr, wr, targets, backend, vocab_size=V)
+        with autocast():
+            want = ops.linear_cross_entropy(hr, wr, targets, backend, vocab_size=V)
         want.backward()
-        torch.testing.assert_close(results[0][0], want.detach(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(results[0][1] + results[1][1], hr.grad, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(torch.cat([r[2] for r in results]), wr.grad, rtol=1e-5, atol=1e-6)
+        tol = AUTOCAST_TOL[dtype]
+        torch.testing.assert_close(results[0][0], want.detach(), **tol)
+        torch.testing.assert_close(results[0][1] + results[1][1], hr.grad, **tol)
+        torch.testing.assert_close(torch.cat([r[2] for r in results]), wr.grad, **tol)
 
 
 def test_parallelize_slices_and_gathers_back():

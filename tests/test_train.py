@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from nanolm import backends, checkpoint
+from nanolm import backends, checkpoint, precision
 from nanolm import train as train_module
 from nanolm.config import ConfigError, parse_args
 from nanolm.data import Loader, get_tokenizer
@@ -194,47 +194,21 @@ def test_run_dir_records(straight_run):
 
 # ----------------------------------------------------------------------------- dtype, fp16 loss scaling
 
-@pytest.mark.parametrize("native,speedup,dtype", [("avx512_bf16", 4.7, "bfloat16"), ("avx512_bf16", 0.55, "float32"),
-                                                  (None, 4.7, "float32")])
-def test_dtype_auto_on_cpu_needs_native_and_faster_bf16(native, speedup, dtype, monkeypatch):
-    """auto takes bf16 on a CPU only where it has bf16 instructions and its bf16 matmuls are
-    measurably faster than fp32's (an Intel Xeon without AMX has the first, not the second)."""
-    monkeypatch.setattr(train_module, "native_bf16_cpu", lambda: native)
-    monkeypatch.setattr(train_module, "cpu_bf16_matmul_speedup", lambda: speedup)
-    picked, why = train_module.pick_dtype(parse_args([]), torch.device("cpu"))
-    assert picked == dtype and why.startswith("auto")
-    assert train_module.pick_dtype(parse_args(["--dtype=float32"]), torch.device("cpu"))[0] == "float32"
-
-
-def test_dtype_auto_takes_rank_0s_measurement_on_every_rank(monkeypatch):
-    """Ranks measure alike only roughly: each takes rank 0's speedup (broadcast), so all train in
-    one precision. Here this rank measured 0.9x and rank 0 4.7x."""
-    class Rank0Says:
-        def broadcast(self, tensor, root):
-            assert root == 0
-            tensor.fill_(4.7)
-            return "handle"
-
-        def wait(self, handle):
-            assert handle == "handle"
-    monkeypatch.setattr(train_module, "native_bf16_cpu", lambda: "avx512_bf16")
-    monkeypatch.setattr(train_module, "cpu_bf16_matmul_speedup", lambda: 0.9)
-    assert train_module.pick_dtype(parse_args([]), torch.device("cpu"))[0] == "float32"
-    assert train_module.pick_dtype(parse_args([]), torch.device("cpu"), Rank0Says())[0] == "bfloat16"
-
-
-def test_cpu_bf16_matmul_speedup_is_a_measured_ratio():
-    assert 0.05 < train_module.cpu_bf16_matmul_speedup(m=64, k=64, n=64, rounds=2) < 50
-
-
-def test_auto_dtype_is_saved_so_a_resume_keeps_it(tmp_path, monkeypatch):
-    """The dtype auto picked goes into the saved config: a resume does not measure again (a
-    loaded machine could measure the other way) and continues in the same precision."""
-    monkeypatch.setattr(train_module, "native_bf16_cpu", lambda: "avx512_bf16")
-    monkeypatch.setattr(train_module, "cpu_bf16_matmul_speedup", lambda: 4.7)
-    train(parse_args(TINY + ["--max_steps=2", "--eval_interval=2", "--ckpt_interval=2", f"--out_dir={tmp_path}"]))
-    monkeypatch.setattr(train_module, "cpu_bf16_matmul_speedup", lambda: 0.5)
-    assert config_from_args([f"--resume={tmp_path}"]).dtype == "bfloat16"
+def test_auto_dtype_is_saved_so_a_resume_keeps_it_and_says_so(tmp_path, monkeypatch, capsys):
+    """The dtype auto picked and its reason go into the saved config: a resume reads no CPU
+    (it may run on another machine, or this one reading differently) and continues in the same
+    precision, saying where it came from rather than "(--dtype)"."""
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(precision, "CPUINFO", str(cpuinfo))
+    cpuinfo.write_text("vendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\nflags\t\t: avx2 avx512f avx512_bf16\n")
+    run = tmp_path / "run"
+    train(parse_args(TINY + ["--max_steps=2", "--eval_interval=2", "--ckpt_interval=2", f"--out_dir={run}"]))
+    assert "dtype: bfloat16 (auto: AMD EPYC with avx512_bf16)" in capsys.readouterr().out
+    cpuinfo.write_text("vendor_id\t: GenuineIntel\nmodel name\t: Intel Xeon\nflags\t\t: avx2 avx512f\n")
+    cfg = config_from_args([f"--resume={run}", "--max_steps=3"])
+    assert cfg.dtype == "bfloat16"
+    train(cfg)
+    assert "dtype: bfloat16 (auto, saved with the run: AMD EPYC with avx512_bf16)" in capsys.readouterr().out
 
 
 def test_help_lists_every_option_with_its_default_and_comment(capsys):

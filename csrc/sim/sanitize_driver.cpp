@@ -100,11 +100,12 @@ void adamw(std::int64_t n, std::int64_t offset) {
          m = random_vector<float>(n + offset), v = random_vector<float>(n + offset, 0.f, 1.f);
     const nanolm::AdamWScalars s{0.1f, 0.95f, 0.05f, 1e-8f, 0.9999f, 1e-3f, 0.5f, 0.7f};
     nanolm::adamw_step_cuda(addr(p.data() + offset), addr(g.data() + offset), addr(m.data() + offset),
-                            addr(v.data() + offset), n, n / 2, s, 0);
+                            addr(v.data() + offset), n, n / 2, s, nanolm::DType::float32, 0);
     for (auto* x : {&p, &m, &v}) require_finite("adamw", *x);
     auto partials = nan_vector<float>(nanolm::sum_of_squares_partials_cuda());
     float out = NAN;
-    nanolm::sum_of_squares_cuda(addr(g.data() + offset), n, addr(partials.data()), addr(&out), 0);
+    nanolm::sum_of_squares_cuda(addr(g.data() + offset), n, addr(partials.data()), addr(&out),
+                                nanolm::DType::float32, 0);
     require(std::isfinite(out), "sum_of_squares: not finite");
 }
 

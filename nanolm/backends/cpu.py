@@ -97,7 +97,7 @@ def cross_entropy_stats(logits, targets, vocab_start, vocab_size):
     N, Vp = logits.shape
     stats = torch.empty(N, 3, dtype=torch.float32)
     _C.cross_entropy_stats_cpu(logits.data_ptr(), targets.data_ptr(), stats.data_ptr(), N, Vp, vocab_size,
-                               vocab_start)
+                               vocab_start, c_dtype(logits))
     return stats
 
 
@@ -105,7 +105,7 @@ def cross_entropy_grad(logits, targets, lse, vocab_start, vocab_size, ignore_ind
     check_cross_entropy_shard("cross_entropy_grad", SUPPORT["cross_entropy"], logits, targets, vocab_size, lse)
     N, Vp = logits.shape
     _C.cross_entropy_grad_cpu(logits.data_ptr(), targets.data_ptr(), lse.data_ptr(), N, Vp, vocab_size,
-                              vocab_start, ignore_index, z_loss, grad_scale)
+                              vocab_start, ignore_index, z_loss, grad_scale, c_dtype(logits))
     return logits
 
 
@@ -116,9 +116,9 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_d
     check_adamw("adamw_step", SUPPORT["adamw"], param, grad, exp_avg, exp_avg_sq, decay_numel, step)
     scalars = _C.AdamWScalars(*adamw_scalars(lr, beta1, beta2, eps, weight_decay, step, grad_scale))
     _C.adamw_step_cpu(param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
-                      param.numel(), decay_numel, scalars)
+                      param.numel(), decay_numel, scalars, c_dtype(param))
 
 
 def sum_of_squares(x):
     check_sum_of_squares("sum_of_squares", SUPPORT["adamw"], x)
-    return torch.tensor(_C.sum_of_squares_cpu(x.data_ptr(), x.numel()), dtype=torch.float32)
+    return torch.tensor(_C.sum_of_squares_cpu(x.data_ptr(), x.numel(), c_dtype(x)), dtype=torch.float32)

@@ -165,7 +165,7 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_d
     scalars = _C.AdamWScalars(*adamw_scalars(lr, beta1, beta2, eps, weight_decay, step, grad_scale))
     with _device(param.device):
         _C.adamw_step_cuda(param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(),
-                           exp_avg_sq.data_ptr(), param.numel(), decay_numel, scalars, _stream())
+                           exp_avg_sq.data_ptr(), param.numel(), decay_numel, scalars, c_dtype(param), _stream())
 
 
 def sum_of_squares(x):
@@ -173,5 +173,5 @@ def sum_of_squares(x):
     partials = torch.empty(_C.sum_of_squares_partials_cuda(), dtype=torch.float32, device=x.device)
     out = torch.empty((), dtype=torch.float32, device=x.device)
     with _device(x.device):
-        _C.sum_of_squares_cuda(x.data_ptr(), x.numel(), partials.data_ptr(), out.data_ptr(), _stream())
+        _C.sum_of_squares_cuda(x.data_ptr(), x.numel(), partials.data_ptr(), out.data_ptr(), c_dtype(x), _stream())
     return out
