@@ -1,23 +1,26 @@
-"""AdamW over flat buffers, through ops.adamw_step and ops.grad_norm.
+"""The optimizers: update rules over one flat-buffer machinery.
 
+FlatOptimizer (the machinery, no update rule of its own):
 All parameters live in one contiguous float32 buffer (`flat_param`) and their gradients in
 another (`flat_grad`); each nn.Parameter becomes a view into them. Weight-decayed (2-D) params
 come first, so decay applies to flat[:decay_numel]. `layout` lists (name, offset, numel) in
 buffer order, for a distributed runner to slice buckets or shards from. With pad_to=W the
 buffers are zero-padded to a multiple of W elements so they split into W equal pieces; the
 padding sits after every parameter, outside the decayed prefix, and its gradient is always
-zero, so AdamW never moves it.
+zero, so no rule ever moves it. step() computes the global gradient norm, skips a non-finite
+step, folds clipping and loss-scale unscaling into one multiplier (`grad_scale`), hands that to
+the rule (`_update`) and, under ZeRO-1, all-gathers what the rule updated.
 
 ZeRO-1 (`shard`): the optimizer then updates only this rank's pieces of the buffers and keeps
-AdamW moments for those alone (optimizer memory / W); the gradient norm is the all-reduced sum
+optimizer state for those alone (optimizer memory / W); the gradient norm is the all-reduced sum
 of every rank's piece sums of squares, so every rank clips, and skips a non-finite step, alike;
 the updated pieces are all-gathered so every rank again holds all the weights.
 
 fp16 training (`loss_scale`, a DynamicLossScale): the loss is multiplied by the scale before
 backward so small fp16 gradients do not flush to zero; the step divides the gradient norm by it
-and folds 1/scale into the AdamW kernel's grad_scale with the clip coefficient, so unscaling
-costs no extra pass over the gradients (as llm.c's grad_scale). A non-finite norm (an fp16
-overflow) skips the step and halves the scale; `growth_interval` clean steps double it.
+and folds 1/scale into grad_scale with the clip coefficient, so unscaling costs no extra pass
+over the gradients (as llm.c's grad_scale). A non-finite norm (an fp16 overflow) skips the step
+and halves the scale; `growth_interval` clean steps double it.
 
 Tensor parallel (`tensor_parallel`, nanolm/tensor_parallel.py): parameters with a `tp_split`
 attribute are this rank's slices; the others are replicated, identical on every rank of the
@@ -25,6 +28,10 @@ group. The buffer then holds 2-D slices, 2-D replicated, 1-D replicated, 1-D sli
 replicated ones form one range and the decayed 2-D ones still a prefix; the global norm adds
 every rank's slices once and the replicated parameters once (_sum_over_ranks):
     norm^2 = sum over the group of (sumsq(buffer) - (1 - 1/n) * sumsq(replicated range)).
+
+FlatAdamW: AdamW over [adamw_start, end) of the buffers, through ops.adamw_step (the fused
+kernels) and ops.grad_norm; adamw_start is 0, every parameter, unless a subclass takes a
+leading range for another rule.
 """
 import math
 
@@ -57,31 +64,37 @@ class DynamicLossScale:
         self.scale, self.clean_steps = float(state["scale"]), int(state["clean_steps"])
 
 
-class FlatAdamW:
-    def __init__(self, named_params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 grad_clip=0.0, backend=None, pad_to=1, loss_scale=None):
-        self.lr, self.betas, self.eps = lr, betas, eps
+class FlatOptimizer:
+    """The flat buffers, ZeRO-1 pieces, gradient norm, clipping and loss scale (see the module
+    docstring); a subclass supplies the update rule (_update) and its state."""
+
+    name = ""  # --optim's value, saved with the state so another optimizer refuses it
+
+    def __init__(self, named_params, grad_clip=0.0, backend=None, pad_to=1, loss_scale=None, leading=()):
         self.loss_scale = loss_scale  # a DynamicLossScale (fp16), or None
-        self.weight_decay, self.grad_clip, self.backend = weight_decay, grad_clip, backend
+        self.grad_clip, self.backend = grad_clip, backend
         self.params, names, seen = [], [], set()
         for name, p in named_params:
             if p.requires_grad and id(p) not in seen:  # tied weights appear once
                 seen.add(id(p))
                 self.params.append(p)
                 names.append(name)
-        order = sorted(range(len(self.params)), key=lambda i: self._buffer_position(self.params[i]))
+        leading = set(leading)  # names put first, in model order: a rule's own range
+        order = sorted(range(len(self.params)),
+                       key=lambda i: (names[i] not in leading, *self._buffer_position(self.params[i])))
         self.params = [self.params[i] for i in order]
         self.names = [names[i] for i in order]
+        self.leading_numel = sum(p.numel() for n, p in zip(self.names, self.params) if n in leading)
         self.decay_numel = sum(p.numel() for p in self.params if p.dim() >= 2)
         self.numel = sum(p.numel() for p in self.params)
         self._flatten(-(-self.numel // pad_to) * pad_to)
-        # Ranges [start, end) of the flat buffers this optimizer updates, its moment buffers
-        # being their concatenation: the whole buffer, until shard() keeps this rank's pieces.
+        # Ranges [start, end) of the flat buffers this optimizer updates: the whole buffer,
+        # until shard() keeps this rank's pieces.
         self.pieces, self.buckets, self.comm = [(0, self.flat_param.numel())], [], None
         replicated = [(off, off + n) for (_, off, n), p in zip(self.layout, self.params)
                       if not hasattr(p, "tp_split")]
         self.replicated = (replicated[0][0], replicated[-1][1]) if replicated else (0, 0)  # one range
-        self.tp_comm = None
+        self.tp_comm = self.dp_comm = None
         self.step_count, self.skipped = 0, 0
 
     @staticmethod
@@ -95,12 +108,15 @@ class FlatAdamW:
         replicated parameters once."""
         self.tp_comm = comm
 
+    def data_parallel(self, comm):
+        """The group of data-parallel replicas, whose gradients arrive averaged; a rule may
+        split its work over them (FlatMuon). Called before shard(), if that is called."""
+        self.dp_comm = comm
+
     def _flatten(self, padded):
         device = self.params[0].device
         self.flat_param = torch.zeros(padded, dtype=torch.float32, device=device)
         self.flat_grad = torch.zeros(padded, dtype=torch.float32, device=device)
-        self.exp_avg = torch.zeros_like(self.flat_param)
-        self.exp_avg_sq = torch.zeros_like(self.flat_param)
         self.layout, offset = [], 0
         for name, p in zip(self.names, self.params):
             n = p.numel()
@@ -114,11 +130,11 @@ class FlatAdamW:
         """ZeRO-1: from now on update only this rank's pieces. `owned` lists (bucket, piece)
         pairs of [start, end) ranges, piece r of each gradient bucket, so the reduce-scatter
         of a bucket lands exactly on the piece this rank updates and an in-place all-gather
-        of the bucket spreads it back. Moments held so far are kept for the owned pieces."""
-        full_m, full_v = self._full(self.exp_avg), self._full(self.exp_avg_sq)
+        of the bucket spreads it back. The rule's state held so far is kept for the owned pieces."""
+        state = self._sharded_state()
         self.comm = comm
         self.buckets, self.pieces = [b for b, _ in owned], [p for _, p in owned]
-        self.exp_avg, self.exp_avg_sq = self._mine(full_m), self._mine(full_v)
+        self._set_sharded_state(state)
 
     def zero_grad(self):
         self.flat_grad.zero_()
@@ -127,7 +143,6 @@ class FlatAdamW:
         """Clip by global norm and update; returns the pre-clip grad norm (a float, of the
         unscaled gradients). A non-finite norm skips the update (nothing is written), counts it
         in `skipped` and, with a loss scale, halves the scale."""
-        lr = self.lr if lr is None else lr
         loss_scale = self.loss_scale.scale if self.loss_scale else 1.0
         norm = self._grad_norm() / loss_scale
         if self.loss_scale:
@@ -136,21 +151,10 @@ class FlatAdamW:
             self.skipped += 1
             return norm
         clip = min(1.0, self.grad_clip / (norm + 1e-6)) if self.grad_clip > 0 else 1.0
-        scale = clip / loss_scale  # one multiply per gradient in the kernel: unscale and clip
         self.step_count += 1
-        offset = 0
-        for start, end in self.pieces:
-            n = end - start
-            # decay covers flat[:decay_numel]; a piece may lie before, after or across it
-            decay = min(max(self.decay_numel - start, 0), n)
-            ops.adamw_step(self.flat_param[start:end], self.flat_grad[start:end],
-                           self.exp_avg[offset:offset + n], self.exp_avg_sq[offset:offset + n],
-                           lr=lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
-                           weight_decay=self.weight_decay, step=self.step_count, decay_numel=decay,
-                           grad_scale=scale, backend=self.backend)
-            offset += n
+        self._update(self.lr if lr is None else lr, clip / loss_scale)  # one multiply: unscale and clip
         if self.comm is not None:
-            self._all_gather(self.flat_param)
+            self._all_gather(self.flat_param, self.leading_numel)
         return norm
 
     def _grad_norm(self):
@@ -182,56 +186,113 @@ class FlatAdamW:
                 comm.wait(comm.all_reduce(total, average=False))
         return total[0]
 
-    def _all_gather(self, buffer):
+    def _all_gather(self, buffer, start=0):
+        """ZeRO-1: every rank's pieces of buffer to every rank, in the buckets reaching past start."""
         handles = [self.comm.all_gather(buffer[bs:be], buffer[ps:pe])
-                   for (bs, be), (ps, pe) in zip(self.buckets, self.pieces)]
+                   for (bs, be), (ps, pe) in zip(self.buckets, self.pieces) if be > start]
         for h in handles:
             self.comm.wait(h)
 
-    def _full(self, local):
-        """A full-length (padded) buffer from this rank's moment pieces; gathered from every
-        rank when sharded, so a collective then."""
+    def _pieces_from(self, start):
+        """This rank's pieces clipped to [start, end of buffer)."""
+        return [(max(s, start), e) for s, e in self.pieces if e > start]
+
+    def _full(self, local, start=0):
+        """A full-length (padded) buffer from local, this rank's state for its pieces from start
+        on (zeros before start); gathered from every rank when sharded, so a collective then."""
         full = torch.zeros_like(self.flat_param)
         offset = 0
-        for start, end in self.pieces:
-            full[start:end].copy_(local[offset:offset + end - start])
-            offset += end - start
+        for s, e in self._pieces_from(start):
+            full[s:e].copy_(local[offset:offset + e - s])
+            offset += e - s
         if self.comm is not None:
-            self._all_gather(full)
+            self._all_gather(full, start)
         return full
 
-    def _mine(self, full):
-        return torch.cat([full[start:end] for start, end in self.pieces])
+    def _mine(self, full, start=0):
+        return torch.cat([full[s:e] for s, e in self._pieces_from(start)])
 
-    def state_dict(self):
-        """Whole, unpadded moments, so a checkpoint loads on any world size. When sharded this
-        gathers them: every rank must call it."""
-        state = {"step": self.step_count, "skipped": self.skipped,
-                 "exp_avg": self._full(self.exp_avg)[:self.numel].clone(),
-                 "exp_avg_sq": self._full(self.exp_avg_sq)[:self.numel].clone(),
-                 "layout": list(self.layout)}
+    def _check_state(self, state):
+        """A state saved by this optimizer over this model's layout, or a clear error."""
+        saved = state.get("optim", "adamw")  # states saved before --optim existed are AdamW's
+        if saved != self.name:
+            raise ValueError(f"the checkpoint's optimizer state is {saved}'s and this run uses --optim={self.name}: "
+                             f"resume with --optim={saved}, or start a new run from its weights (--init_from)")
+        if [tuple(x) for x in state["layout"]] != self.layout:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: parameter layout differs from this model's")
+
+    def _machinery_state(self):
+        state = {"optim": self.name, "step": self.step_count, "skipped": self.skipped, "layout": list(self.layout)}
         if self.loss_scale:
             state["loss_scale"] = self.loss_scale.state_dict()
         return state
 
-    def load_state_dict(self, state):
-        """Accepts this class's state_dict (saved on any world size), or a torch.optim.AdamW one
-        whose params were given in this optimizer's buffer order (see `self.params`)."""
-        if "exp_avg" not in state:
-            return self._load_torch(state)
-        if [tuple(x) for x in state["layout"]] != self.layout:
-            raise ValueError("FlatAdamW.load_state_dict: parameter layout differs from this model's")
+    def _load_machinery_state(self, state):
         self.step_count, self.skipped = state["step"], state["skipped"]
-        self._set_moments(state["exp_avg"], state["exp_avg_sq"])
         if self.loss_scale and "loss_scale" in state:  # absent: a run that was not fp16 before
             self.loss_scale.load_state_dict(state["loss_scale"])
 
+
+class FlatAdamW(FlatOptimizer):
+    """AdamW (decoupled weight decay on the 2-D parameters) over the flat buffers from
+    adamw_start on, through the fused ops.adamw_step."""
+
+    name = "adamw"
+
+    def __init__(self, named_params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 grad_clip=0.0, backend=None, pad_to=1, loss_scale=None, leading=()):
+        super().__init__(named_params, grad_clip, backend, pad_to, loss_scale, leading)
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.adamw_start = self.leading_numel  # the leading range is another rule's
+        # the moments of this rank's pieces from adamw_start on, concatenated
+        self.exp_avg = self._mine(torch.zeros_like(self.flat_param), self.adamw_start)
+        self.exp_avg_sq = torch.zeros_like(self.exp_avg)
+
+    def _update(self, lr, grad_scale):
+        self._adamw_update(lr, grad_scale)
+
+    def _adamw_update(self, lr, grad_scale):
+        offset = 0
+        for start, end in self._pieces_from(self.adamw_start):
+            n = end - start
+            # decay covers flat[:decay_numel]; a piece may lie before, after or across it
+            decay = min(max(self.decay_numel - start, 0), n)
+            ops.adamw_step(self.flat_param[start:end], self.flat_grad[start:end],
+                           self.exp_avg[offset:offset + n], self.exp_avg_sq[offset:offset + n],
+                           lr=lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
+                           weight_decay=self.weight_decay, step=self.step_count, decay_numel=decay,
+                           grad_scale=grad_scale, backend=self.backend)
+            offset += n
+
+    def _sharded_state(self):
+        return self._full(self.exp_avg, self.adamw_start), self._full(self.exp_avg_sq, self.adamw_start)
+
+    def _set_sharded_state(self, state):
+        self.exp_avg, self.exp_avg_sq = (self._mine(full, self.adamw_start) for full in state)
+
+    def state_dict(self):
+        """Whole, unpadded moments, so a checkpoint loads on any world size. When sharded this
+        gathers them: every rank must call it."""
+        lo, hi = self.adamw_start, self.numel
+        return {**self._machinery_state(),
+                "exp_avg": self._full(self.exp_avg, lo)[lo:hi].clone(),
+                "exp_avg_sq": self._full(self.exp_avg_sq, lo)[lo:hi].clone()}
+
+    def load_state_dict(self, state):
+        """Accepts this class's state_dict (saved on any world size), or a torch.optim.AdamW one
+        whose params were given in this optimizer's buffer order (see `self.params`)."""
+        if "exp_avg" not in state and "optim" not in state:
+            return self._load_torch(state)
+        self._check_state(state)
+        self._load_machinery_state(state)
+        self._set_moments(state["exp_avg"], state["exp_avg_sq"])
+
     def _set_moments(self, exp_avg, exp_avg_sq):
-        """Whole unpadded moments -> this rank's pieces."""
+        """Whole unpadded moments (from adamw_start) -> this rank's pieces."""
         for local, whole in ((self.exp_avg, exp_avg), (self.exp_avg_sq, exp_avg_sq)):
             full = torch.zeros_like(self.flat_param)
-            full[:self.numel].copy_(whole.reshape(-1))
-            local.copy_(self._mine(full))
+            full[self.adamw_start:self.numel].copy_(whole.reshape(-1))
+            local.copy_(self._mine(full, self.adamw_start))
 
     def _load_torch(self, state):
         per_param = state["state"]
