@@ -1,4 +1,4 @@
-"""The optimizers: update rules over one flat-buffer machinery.
+"""The optimizers: two update rules, AdamW and Muon, over one flat-buffer machinery.
 
 FlatOptimizer (the machinery, no update rule of its own):
 All parameters live in one contiguous float32 buffer (`flat_param`) and their gradients in
@@ -32,6 +32,25 @@ every rank's slices once and the replicated parameters once (_sum_over_ranks):
 FlatAdamW: AdamW over [adamw_start, end) of the buffers, through ops.adamw_step (the fused
 kernels) and ops.grad_norm; adamw_start is 0, every parameter, unless a subclass takes a
 leading range for another rule.
+
+FlatMuon: Muon (Jordan et al. 2024, modded-nanogpt; nanochat's muon.py) for the 2-D hidden
+matrices (attention and MLP weights), which it puts first in the buffer, [0, muon_numel); the
+FlatAdamW rule for the rest (embeddings, the lm_head tied to wte, LayerNorm gains, biases). Per
+matrix W with gradient G (unscaled and clipped like AdamW's):
+    M <- mu M + (1 - mu) G                      momentum (mu = 0.95)
+    U <- (1 - mu) G + mu M                      Nesterov: the gradient looked ahead along M
+    O <- newton_schulz(U)                       ~ the orthogonal polar factor of U, in bf16
+    W <- (1 - lr wd) W - lr sqrt(max(1, rows/cols)) O
+Muon with data parallel and ZeRO-1: a flat piece is a byte range and cuts through matrices,
+but Newton-Schulz needs a whole matrix and its whole averaged gradient. So the gradients of the
+Muon range are all-reduced even under ZeRO-1 (the buckets are cut at muon_numel; the AdamW
+range is still reduce-scattered), each matrix has one owner among the W data-parallel ranks
+(round-robin within each shape group, as modded-nanogpt and nanochat assign them), only the
+owner keeps its momentum (Muon's state / W, on every data-parallel run) and orthogonalizes
+it (the Newton-Schulz work / W), and the updated matrix is broadcast from its owner to the
+others. Every rank then holds bit-identical weights; the AdamW range goes through ZeRO-1's
+pieces as in FlatAdamW. With tensor parallel (--tp > 1) Muon is refused: a matrix split over
+the group would have to be gathered before the iteration (not built yet).
 """
 import math
 
@@ -304,3 +323,161 @@ class FlatAdamW(FlatOptimizer):
         exp_avg_sq = torch.cat([per_param[k]["exp_avg_sq"].reshape(-1) for k in keys])
         self._set_moments(exp_avg, exp_avg_sq)
         self.step_count = int(per_param[keys[0]]["step"])
+
+
+# ----------------------------------------------------------------------------- Muon
+
+# Quintic Newton-Schulz schedules: per iteration (a, b, c) of X <- a X + (b A + c A^2) X,
+# A = X X^T, and the factor the Frobenius norm is inflated by before the first iteration.
+NS_SCHEDULES = {
+    # Polar Express (Amsel et al. 2025, arXiv:2505.16932), as modded-nanogpt and nanochat ship it:
+    # one minimax-optimal polynomial per iteration, computed for 5 iterations with a 2e-2 safety
+    # factor (hence the 1.02). The default: with the same 5 iterations (the same cost) it leaves
+    # the singular values nearer 1, measured in float64 on matrices whose singular values spread
+    # over [0.1, 1]: 0.86-1.14, where the classic schedule leaves 0.68-1.14 (tests/test_muon.py).
+    "polar_express": ([(8.156554524902461, -22.48329292557795, 15.878769915207462),
+                       (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                       (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                       (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                       (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)], 1.02),
+    # Keller Jordan's original Muon (modded-nanogpt 2024, nanochat's muon.py): one polynomial,
+    # tuned for slope 3.4445 at 0, five times; the reference the public records were set with.
+    "classic": ([(3.4445, -4.7750, 2.0315)] * 5, 1.0),
+}
+
+
+def newton_schulz(G, schedule="polar_express", dtype=torch.bfloat16):
+    """The specification of Muon's orthogonalization: each matrix of G (..., m, n), a batch of
+    same-shape matrices, mapped to about its orthogonal polar factor U V^T (G = U S V^T),
+    every singular value moved towards 1, by the quintic iteration of NS_SCHEDULES[schedule]
+    computed in `dtype` (bf16 as modded-nanogpt; float64 for a reference of the same iteration).
+    A tall matrix is iterated transposed, so A = X X^T is the smaller (min(m, n))^2 Gram matrix.
+    Returns G's shape and dtype."""
+    coefficients, inflate = NS_SCHEDULES[schedule]
+    X = G.to(dtype)
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        X = X.mT
+    # the Frobenius norm bounds the spectral norm, so every singular value starts in [0, 1]
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * inflate + 1e-7)
+    for a, b, c in coefficients:
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return (X.mT if tall else X).to(G.dtype)
+
+
+def hidden_matrices(model):
+    """The names of the parameters Muon takes: the 2-D weights inside the transformer blocks
+    (attention's c_attn and c_proj, the MLP's c_fc and c_proj). Embeddings and the lm_head tied
+    to wte stay with AdamW, as in modded-nanogpt and nanochat: a row of an embedding is looked
+    up, not multiplied, so orthogonalizing the matrix has no meaning for it."""
+    return [name for name, p in model.named_parameters() if name.startswith("transformer.h.") and p.dim() == 2]
+
+
+class FlatMuon(FlatAdamW):
+    """Muon for the named 2-D hidden matrices (muon_names), the FlatAdamW rule for the rest;
+    see the module docstring for the update and its data-parallel split."""
+
+    name = "muon"
+
+    def __init__(self, named_params, muon_names, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 grad_clip=0.0, backend=None, pad_to=1, loss_scale=None,
+                 muon_lr=0.02, momentum=0.95, schedule="polar_express", ns_dtype=torch.bfloat16):
+        named_params = list(named_params)
+        shapes = dict(named_params)
+        for name in muon_names:
+            if name not in shapes:
+                raise ValueError(f"FlatMuon: {name!r} is not a parameter of the model")
+            if shapes[name].dim() != 2:
+                raise ValueError(f"FlatMuon: {name} has shape {tuple(shapes[name].shape)}; Muon orthogonalizes "
+                                 f"2-D matrices: route 1-D parameters (gains, biases) to AdamW")
+        if schedule not in NS_SCHEDULES:
+            raise ValueError(f"FlatMuon: unknown Newton-Schulz schedule {schedule!r}; valid: {', '.join(NS_SCHEDULES)}")
+        super().__init__(named_params, lr, betas, eps, weight_decay, grad_clip, backend, pad_to, loss_scale,
+                         leading=muon_names)
+        self.muon_lr, self.momentum, self.schedule, self.ns_dtype = muon_lr, momentum, schedule, ns_dtype
+        self.matrices = [(name, off, p) for (name, off, _), p in zip(self.layout, self.params)
+                         if off < self.leading_numel]
+        self._assign_owners()
+
+    @property
+    def muon_numel(self):
+        return self.leading_numel
+
+    def tensor_parallel(self, comm):
+        raise ValueError("--optim=muon with --tp > 1 is not supported: Newton-Schulz needs whole matrices, "
+                         "and gathering a tensor-parallel matrix before the iteration is not built yet")
+
+    def data_parallel(self, comm):
+        momentum = self._full_momentum()
+        super().data_parallel(comm)
+        self._assign_owners(momentum)
+
+    def _assign_owners(self, momentum=None):
+        """Round-robin within each shape group over the data-parallel ranks; this rank keeps
+        the momentum of the matrices it owns, one (k, rows, cols) stack per shape."""
+        rank, world = (self.dp_comm.env.rank, self.dp_comm.env.world_size) if self.dp_comm else (0, 1)
+        shapes = {}
+        for name, off, p in self.matrices:
+            shapes.setdefault(tuple(p.shape), []).append((name, off, p))
+        self.owner = {name: i % world for group in shapes.values() for i, (name, _, _) in enumerate(group)}
+        self.groups = {shape: [m for m in group if self.owner[m[0]] == rank] for shape, group in shapes.items()}
+        self.groups = {shape: group for shape, group in self.groups.items() if group}
+        self.momentum_buffers = {
+            shape: torch.stack([(momentum[off:off + p.numel()].view_as(p) if momentum is not None
+                                 else torch.zeros_like(p)) for _, off, p in group])
+            for shape, group in self.groups.items()}
+
+    def _update(self, lr, grad_scale):
+        self._adamw_update(lr, grad_scale)
+        # --lr's schedule (warmup, cosine) scales Muon's lr alike
+        muon_lr = self.muon_lr * (lr / self.lr if self.lr else 0.0)
+        for shape, group in self.groups.items():
+            self._muon_update(group, self.momentum_buffers[shape], muon_lr, grad_scale)
+        self._from_owners(self.flat_param)
+
+    def _muon_update(self, group, momentum, lr, grad_scale):
+        """One shape group of matrices this rank owns: stacked, so Newton-Schulz runs batched."""
+        if not torch.isfinite(momentum).all():
+            bad = [name for (name, _, _), m in zip(group, momentum) if not torch.isfinite(m).all()]
+            raise ValueError(f"FlatMuon: the momentum of {', '.join(bad)} is not finite (a corrupt "
+                             f"optimizer state?); Muon would turn it into NaN weights")
+        grads = torch.stack([p.grad for _, _, p in group]) * grad_scale
+        momentum.lerp_(grads, 1 - self.momentum)
+        update = grads.lerp_(momentum, self.momentum)  # Nesterov
+        orthogonal = newton_schulz(update, self.schedule, self.ns_dtype)
+        rows, cols = group[0][2].shape
+        # sqrt(max(1, rows/cols)): Keller Jordan's scaling (modded-nanogpt, nanochat, torch.optim.Muon's
+        # "original"): an orthogonal update of a tall matrix has a smaller RMS, lifted back by it
+        step = lr * max(1.0, rows / cols) ** 0.5
+        for (_, _, p), o in zip(group, orthogonal):
+            p.data.mul_(1 - lr * self.weight_decay).add_(o, alpha=-step)
+
+    def _from_owners(self, buffer):
+        """Each matrix's range of buffer, from its owner to every data-parallel rank."""
+        if self.dp_comm is None:
+            return
+        handles = [self.dp_comm.broadcast(buffer[off:off + p.numel()], root=self.owner[name])
+                   for name, off, p in self.matrices]
+        for h in handles:
+            self.dp_comm.wait(h)
+
+    def _full_momentum(self):
+        """The momentum of every matrix over [0, muon_numel), gathered from the owners."""
+        full = torch.zeros_like(self.flat_param)
+        for shape, group in self.groups.items():
+            for (_, off, p), m in zip(group, self.momentum_buffers[shape]):
+                full[off:off + p.numel()].copy_(m.reshape(-1))
+        self._from_owners(full)
+        return full[:self.muon_numel]
+
+    def state_dict(self):
+        """FlatAdamW's state of the AdamW range, and Muon's whole momentum (gathered: every
+        rank must call it)."""
+        return {**super().state_dict(), "momentum": self._full_momentum().clone()}
+
+    def load_state_dict(self, state):
+        self._check_state(state)
+        super().load_state_dict(state)
+        self._assign_owners(state["momentum"].reshape(-1))
