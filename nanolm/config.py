@@ -240,9 +240,6 @@ def validate(cfg):
         raise ConfigError(f"muon_momentum must be in [0, 1), got {cfg.muon_momentum}")
     if cfg.muon_lr < 0:
         raise ConfigError(f"muon_lr must be >= 0, got {cfg.muon_lr}")
-    if cfg.optim == "muon" and cfg.tp > 1:
-        raise ConfigError(f"--optim=muon with --tp={cfg.tp}: tensor parallel Muon is not built yet "
-                          "(Newton-Schulz needs whole matrices; see nanolm/optim.py)")
     if cfg.loss_scale_window < 1:
         raise ConfigError(f"loss_scale_window must be >= 1, got {cfg.loss_scale_window}")
     mc = model_config(cfg, 256)

@@ -49,14 +49,20 @@ range is still reduce-scattered), each matrix has one owner among the W data-par
 owner keeps its momentum (Muon's state / W, on every data-parallel run) and orthogonalizes
 it (the Newton-Schulz work / W), and the updated matrix is broadcast from its owner to the
 others. Every rank then holds bit-identical weights; the AdamW range goes through ZeRO-1's
-pieces as in FlatAdamW. With tensor parallel (--tp > 1) Muon is refused: a matrix split over
-the group would have to be gathered before the iteration (not built yet).
+pieces as in FlatAdamW. With tensor parallel (--tp > 1) every hidden matrix is a slice:
+momentum and the Nesterov step are elementwise, so each rank keeps its slice's; the update U is
+all-gathered over the tp group into the whole matrix (Newton-Schulz of a slice is not the slice
+of Newton-Schulz: the iteration mixes all rows and columns), every rank of the group
+orthogonalizes the same whole matrix (the same result on each, so no broadcast; tp times the
+iteration's work, where an owner per matrix within the group would trade it for a scatter),
+and keeps its slice of O; the shape scaling uses the whole matrix's shape.
 """
 import math
 
 import torch
 
 from nanolm import ops
+from nanolm.tensor_parallel import gather, shard
 
 
 class DynamicLossScale:
@@ -103,6 +109,7 @@ class FlatOptimizer:
                        key=lambda i: (names[i] not in leading, *self._buffer_position(self.params[i])))
         self.params = [self.params[i] for i in order]
         self.names = [names[i] for i in order]
+        self.leading = [n for n in self.names if n in leading]
         self.leading_numel = sum(p.numel() for n, p in zip(self.names, self.params) if n in leading)
         self.decay_numel = sum(p.numel() for p in self.params if p.dim() >= 2)
         self.numel = sum(p.numel() for p in self.params)
@@ -405,10 +412,6 @@ class FlatMuon(FlatAdamW):
     def muon_numel(self):
         return self.leading_numel
 
-    def tensor_parallel(self, comm):
-        raise ValueError("--optim=muon with --tp > 1 is not supported: Newton-Schulz needs whole matrices, "
-                         "and gathering a tensor-parallel matrix before the iteration is not built yet")
-
     def data_parallel(self, comm):
         momentum = self._full_momentum()
         super().data_parallel(comm)
@@ -416,11 +419,11 @@ class FlatMuon(FlatAdamW):
 
     def _assign_owners(self, momentum=None):
         """Round-robin within each shape group over the data-parallel ranks; this rank keeps
-        the momentum of the matrices it owns, one (k, rows, cols) stack per shape."""
+        the momentum of the matrices it owns, one (k, rows, cols) stack per shape group."""
         rank, world = (self.dp_comm.env.rank, self.dp_comm.env.world_size) if self.dp_comm else (0, 1)
         shapes = {}
-        for name, off, p in self.matrices:
-            shapes.setdefault(tuple(p.shape), []).append((name, off, p))
+        for name, off, p in self.matrices:  # a tensor-parallel split is part of the shape
+            shapes.setdefault((tuple(p.shape), getattr(p, "tp_split", None)), []).append((name, off, p))
         self.owner = {name: i % world for group in shapes.values() for i, (name, _, _) in enumerate(group)}
         self.groups = {shape: [m for m in group if self.owner[m[0]] == rank] for shape, group in shapes.items()}
         self.groups = {shape: group for shape, group in self.groups.items() if group}
@@ -446,12 +449,20 @@ class FlatMuon(FlatAdamW):
         grads = torch.stack([p.grad for _, _, p in group]) * grad_scale
         momentum.lerp_(grads, 1 - self.momentum)
         update = grads.lerp_(momentum, self.momentum)  # Nesterov
+        params = [p for _, _, p in group]
+        sliced = hasattr(params[0], "tp_split")  # a shape group shares its split (see _assign_owners)
+        if sliced:  # the whole matrices from the tp group's slices
+            update = torch.stack([gather(u, p.tp_split, self.tp_comm) for u, p in zip(update, params)])
         orthogonal = newton_schulz(update, self.schedule, self.ns_dtype)
-        rows, cols = group[0][2].shape
+        if sliced:
+            rank, n = self.tp_comm.env.rank, self.tp_comm.env.world_size
+            orthogonal = [shard(o, p.tp_split, rank, n) for o, p in zip(orthogonal, params)]
+        rows, cols = update.shape[-2:]
         # sqrt(max(1, rows/cols)): Keller Jordan's scaling (modded-nanogpt, nanochat, torch.optim.Muon's
-        # "original"): an orthogonal update of a tall matrix has a smaller RMS, lifted back by it
+        # "original"): an orthogonal rows x cols update has RMS 1/sqrt(max(rows, cols)); this makes
+        # it 1/sqrt(cols) for a tall matrix as for a wide or square one
         step = lr * max(1.0, rows / cols) ** 0.5
-        for (_, _, p), o in zip(group, orthogonal):
+        for p, o in zip(params, orthogonal):
             p.data.mul_(1 - lr * self.weight_decay).add_(o, alpha=-step)
 
     def _from_owners(self, buffer):
