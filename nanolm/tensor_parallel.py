@@ -34,8 +34,6 @@ layout. parallelize() slices an initialised 1-process model, so a run with --tp=
 the very weights a 1-process run with the same seed starts from (at the cost of one whole
 fp32 model per rank during setup).
 """
-import types
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -234,10 +232,11 @@ def gather_optimizer_state(opt, state, model):
     model would hold (its layout: the full parameters in its buffer order, see _full_shapes)."""
     if model.tp is None:
         return state
-    full_shapes = _full_shapes(model, opt.leading)
-    tensors = {key: {name: gather(t, p.tp_split, model.tp) if hasattr(p, "tp_split") else t
-                     for name, (t, p) in per_param.items()}
-               for key, per_param in _per_parameter(state, opt.layout, opt.params, opt.leading).items()}
+    full_shapes, params = _full_shapes(model, opt.leading), dict(zip(opt.names, opt.params))
+    tensors = {key: {name: gather(t, params[name].tp_split, model.tp) if hasattr(params[name], "tp_split") else t
+                     for name, t in by_name.items()}
+               for key, by_name in _per_parameter(state, opt.layout, [p.shape for p in opt.params],
+                                                  opt.leading).items()}
     layout, offset = [], 0
     for name, shape in full_shapes:
         layout.append((name, offset, shape.numel()))
@@ -253,20 +252,20 @@ def shard_optimizer_state(opt, state, model):
         return state
     params = dict(zip(opt.names, opt.params))
     rank, size = model.tp.env.rank, model.tp.env.world_size
-    full_params = [types.SimpleNamespace(shape=_full_shape(params[name])) for name, _, _ in state["layout"]]
-    tensors = _per_parameter(state, state["layout"], full_params, opt.leading)
+    full_shapes = [_full_shape(params[name]) for name, _, _ in state["layout"]]
+    tensors = _per_parameter(state, state["layout"], full_shapes, opt.leading)
     out = {**{k: v for k, v in state.items() if k not in tensors}, "layout": list(opt.layout)}
     for key, by_name in tensors.items():
-        parts = [(shard(by_name[name][0], params[name].tp_split, rank, size) if hasattr(params[name], "tp_split")
-                  else by_name[name][0]).reshape(-1) for name in opt.names if name in by_name]
+        parts = [(shard(by_name[name], params[name].tp_split, rank, size) if hasattr(params[name], "tp_split")
+                  else by_name[name]).reshape(-1) for name in opt.names if name in by_name]
         out[key] = torch.cat(parts)
     return out
 
 
-def _per_parameter(state, layout, params, leading):
-    """{key: {name: (tensor of the parameter's shape, param)}} for each per-element tensor of an
-    optimizer state: AdamW's moments cover the buffer after the leading (Muon's) range, Muon's
-    momentum that range."""
+def _per_parameter(state, layout, shapes, leading):
+    """{key: {name: the parameter's part of state[key], in its shape}} for each per-element
+    tensor of an optimizer state: AdamW's moments cover the buffer after the leading (Muon's)
+    range, Muon's momentum that range. shapes: the parameters', in layout order."""
     lead = sum(n for name, _, n in layout if name in leading)
     ranges = {"exp_avg": lead, "exp_avg_sq": lead, "momentum": 0}
     out = {}
@@ -274,8 +273,8 @@ def _per_parameter(state, layout, params, leading):
         if key not in state:
             continue
         end = start + state[key].numel()
-        out[key] = {name: (state[key][off - start:off - start + n].view(p.shape), p)
-                    for (name, off, n), p in zip(layout, params) if start <= off < end}
+        out[key] = {name: state[key][off - start:off - start + n].view(shape)
+                    for (name, off, n), shape in zip(layout, shapes) if start <= off < end}
     return out
 
 
