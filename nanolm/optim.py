@@ -51,9 +51,10 @@ it (the Newton-Schulz work / W), and the updated matrix is broadcast from its ow
 others. Every rank then holds bit-identical weights; the AdamW range goes through ZeRO-1's
 pieces as in FlatAdamW (the cut at muon_numel is rounded down to a multiple of W, so the few
 AdamW elements of the bucket across it are all-reduced too). The price: the Muon range moves as
-an all-reduce plus one broadcast per matrix, where modded-nanogpt's reduce-scatter lands each
-owner's whole matrices on it (the buffer would have to group the matrices by owner, padded to
-W per shape) and moves one all-reduce's worth. With tensor parallel (--tp > 1) every hidden matrix is a slice:
+an all-reduce plus one broadcast per matrix, where nanochat's DistMuon and modded-nanogpt
+reduce-scatter each owner's whole matrices onto it and all-gather the results, one all-reduce's
+worth (here the buffer would have to group the matrices by owner, padded to W per shape).
+With tensor parallel (--tp > 1) every hidden matrix is a slice:
 momentum and the Nesterov step are elementwise, so each rank keeps its slice's; the update U is
 all-gathered over the tp group into the whole matrix (Newton-Schulz of a slice is not the slice
 of Newton-Schulz: the iteration mixes all rows and columns), every rank of the group
