@@ -9,6 +9,8 @@ took, and the wall-clock seconds from launch (start-up, compilation and evals in
                    nn.LayerNorm, SDPA, F.cross_entropy; torch.optim.AdamW with fused=True)
   pytorch-compile  the same, under torch.compile
   nanolm           `python -m nanolm.train --target_loss=...` itself, with its kernels (--kernels=auto)
+  nanolm-muon      the same with --optim=muon: Muon for the blocks' matrices (its own lr, --muon_lr's
+                   default, on the same schedule), the same AdamW for the rest (nanolm/optim.py)
 
 Every run is its own process, one after the other, each with the same batches (nanolm.data.Loader,
 the same seeds), the same learning-rate schedule (nanolm.train.get_lr: warmup, then cosine to
@@ -29,7 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-RUNS = ("pytorch-eager", "pytorch-compile", "nanolm")
+RUNS = ("pytorch-eager", "pytorch-compile", "nanolm", "nanolm-muon")
+# the nanolm.train flags of a run beyond those every run shares
+NANOLM_RUNS = {"nanolm": [], "nanolm-muon": ["--optim=muon"]}
 
 # The CPU setting: the quickstart model (4 layers, 128 wide, byte tokens, block 128) on the
 # embedded corpus (no download), trained long enough that the target takes minutes.
@@ -145,8 +149,9 @@ def run_one(run, args, out):
     """Launch one run and read its eval records: {'run', 'curve': [(step, train_s, val_loss)],
     'reached' (the first eval at the target, or None), 'wall_s', 'returncode'}."""
     run_dir = out / run
-    cmd = ([sys.executable, "-m", "nanolm.train", *train_flags(args), f"--out_dir={run_dir}"] if run == "nanolm"
-           else [sys.executable, "-m", "bench.speedrun", f"--worker={run}", f"--run_dir={run_dir}", *worker_argv(args)])
+    cmd = ([sys.executable, "-m", "nanolm.train", *train_flags(args), *NANOLM_RUNS[run], f"--out_dir={run_dir}"]
+           if run in NANOLM_RUNS else
+           [sys.executable, "-m", "bench.speedrun", f"--worker={run}", f"--run_dir={run_dir}", *worker_argv(args)])
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(run_dir / "log.txt", "w") as log:

@@ -66,6 +66,12 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95  # GPT-3 value, steadier than 0.999 at large batch
     grad_clip: float = 1.0  # global norm; 0 disables
+    # adamw, or muon: Muon for the blocks' 2-D weights, AdamW (the settings above) for the rest
+    optim: str = "adamw"
+    muon_lr: float = 0.02  # Muon's peak lr (modded-nanogpt's and nanochat's); follows --lr's warmup and decay
+    muon_momentum: float = 0.95  # Nesterov momentum (modded-nanogpt, nanochat, torch.optim.Muon)
+    # Newton-Schulz coefficients: polar_express (modded-nanogpt's and nanochat's current) or classic
+    muon_ns: str = "polar_express"
     max_skipped_steps: int = 10  # consecutive non-finite steps (each skipped) before the run stops as diverged
     eval_interval: int = 100  # steps between val-loss estimates
     eval_iters: int = 10  # global batches (batch_size on each rank) per val-loss estimate
@@ -232,6 +238,14 @@ def validate(cfg):
                           "from weights")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
+    if cfg.optim not in ("adamw", "muon"):
+        raise ConfigError(f"optim must be adamw or muon, got {cfg.optim!r}")
+    if cfg.muon_ns not in ("polar_express", "classic"):
+        raise ConfigError(f"muon_ns must be polar_express or classic, got {cfg.muon_ns!r}")
+    if not 0 <= cfg.muon_momentum < 1:
+        raise ConfigError(f"muon_momentum must be in [0, 1), got {cfg.muon_momentum}")
+    if cfg.muon_lr < 0:
+        raise ConfigError(f"muon_lr must be >= 0, got {cfg.muon_lr}")
     if cfg.loss_scale_window < 1:
         raise ConfigError(f"loss_scale_window must be >= 1, got {cfg.loss_scale_window}")
     mc = model_config(cfg, 256)

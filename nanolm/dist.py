@@ -449,13 +449,16 @@ class GradReducer:
 
     def __init__(self, comm, opt, bucket_bytes, zero):
         self.comm, self.grads, self.zero = comm, opt.flat_grad, zero
+        # [0, whole) needs the whole averaged gradient on every rank even under ZeRO-1 (FlatMuon's
+        # matrices: Newton-Schulz takes whole matrices), so its buckets are all-reduced
+        self.whole = opt.leading_numel
         env = comm.env
         views = [(off, n) for _, off, n in opt.layout]
         # The 1-D parameters (after the decayed 2-D ones) include layer 0's LayerNorms, complete
         # only at the very end of the backward: a bucket of their own keeps them from holding
         # back the last layers' weights, which are ready first.
         self.buckets = make_buckets(views, self.grads.numel(), bucket_bytes // self.grads.element_size(),
-                                    env.world_size, cuts=[opt.decay_numel])
+                                    env.world_size, cuts=[opt.decay_numel, opt.leading_numel])
         self.pieces = [piece(b, env.rank, env.world_size) for b in self.buckets]
         self.armed = False
         for param, (off, n) in zip(opt.params, views):
@@ -478,7 +481,7 @@ class GradReducer:
 
     def _launch(self, b):
         full = self.grads[b.start:b.end]
-        if not self.zero:
+        if not self.zero or b.start < self.whole:
             return self.comm.all_reduce(full)
         start, end = piece(b, self.comm.env.rank, self.comm.env.world_size)
         return self.comm.reduce_scatter(self.grads[start:end], full)
@@ -499,6 +502,7 @@ def data_parallel(comm, opt, bucket_mb, zero):
     """Make rank 0's weights everyone's, shard the optimizer for ZeRO-1, and return the
     GradReducer that the training step arms and finishes."""
     comm.wait(comm.broadcast(opt.flat_param, root=0))
+    opt.data_parallel(comm)
     reducer = GradReducer(comm, opt, int(bucket_mb * 2**20), zero)
     if zero:
         opt.shard(comm, [((b.start, b.end), p) for b, p in zip(reducer.buckets, reducer.pieces)])

@@ -228,38 +228,53 @@ def load_full_state_dict(model, state):
 
 
 def gather_optimizer_state(opt, state, model):
-    """FlatAdamW.state_dict() of this rank's slices -> the state a 1-process FlatAdamW over the
-    full model would hold (its layout: the full parameters, 2-D first, in model order)."""
+    """opt.state_dict() of this rank's slices -> the state the 1-process optimizer over the full
+    model would hold (its layout: the full parameters in its buffer order, see _full_shapes)."""
     if model.tp is None:
         return state
-    full_shapes, moments = _full_shapes(model), {}
-    for key in ("exp_avg", "exp_avg_sq"):
-        moments[key] = {name: gather(state[key][off:off + n].view(p.shape), p.tp_split, model.tp)
-                        if hasattr(p, "tp_split") else state[key][off:off + n].view(p.shape)
-                        for (name, off, n), p in zip(opt.layout, opt.params)}
+    full_shapes, params = _full_shapes(model, opt.leading), dict(zip(opt.names, opt.params))
+    tensors = {key: {name: gather(t, params[name].tp_split, model.tp) if hasattr(params[name], "tp_split") else t
+                     for name, t in by_name.items()}
+               for key, by_name in _per_parameter(state, opt.layout, [p.shape for p in opt.params],
+                                                  opt.leading).items()}
     layout, offset = [], 0
     for name, shape in full_shapes:
         layout.append((name, offset, shape.numel()))
         offset += shape.numel()
-    return {"step": state["step"], "skipped": state["skipped"], "layout": layout,
-            **{key: torch.cat([moments[key][name].reshape(-1) for name, _ in full_shapes])
-               for key in moments}}
+    return {**{k: v for k, v in state.items() if k not in tensors}, "layout": layout,
+            **{key: torch.cat([by_name[name].reshape(-1) for name, _ in full_shapes if name in by_name])
+               for key, by_name in tensors.items()}}
 
 
 def shard_optimizer_state(opt, state, model):
-    """The inverse of gather_optimizer_state: a 1-process FlatAdamW state -> this rank's."""
+    """The inverse of gather_optimizer_state: a 1-process optimizer state -> this rank's."""
     if model.tp is None:
         return state
-    full = {name: (off, n) for name, off, n in state["layout"]}
+    params = dict(zip(opt.names, opt.params))
     rank, size = model.tp.env.rank, model.tp.env.world_size
-    out = {"step": state["step"], "skipped": state["skipped"], "layout": list(opt.layout)}
-    for key in ("exp_avg", "exp_avg_sq"):
-        parts = []
-        for (name, _, _), p in zip(opt.layout, opt.params):
-            off, n = full[name]
-            whole = state[key][off:off + n].view(_full_shape(p))
-            parts.append((shard(whole, p.tp_split, rank, size) if hasattr(p, "tp_split") else whole).reshape(-1))
+    full_shapes = [_full_shape(params[name]) for name, _, _ in state["layout"]]
+    tensors = _per_parameter(state, state["layout"], full_shapes, opt.leading)
+    out = {**{k: v for k, v in state.items() if k not in tensors}, "layout": list(opt.layout)}
+    for key, by_name in tensors.items():
+        parts = [(shard(by_name[name], params[name].tp_split, rank, size) if hasattr(params[name], "tp_split")
+                  else by_name[name]).reshape(-1) for name in opt.names if name in by_name]
         out[key] = torch.cat(parts)
+    return out
+
+
+def _per_parameter(state, layout, shapes, leading):
+    """{key: {name: the parameter's part of state[key], in its shape}} for each per-element
+    tensor of an optimizer state: AdamW's moments cover the buffer after the leading (Muon's)
+    range, Muon's momentum that range. shapes: the parameters', in layout order."""
+    lead = sum(n for name, _, n in layout if name in leading)
+    ranges = {"exp_avg": lead, "exp_avg_sq": lead, "momentum": 0}
+    out = {}
+    for key, start in ranges.items():
+        if key not in state:
+            continue
+        end = start + state[key].numel()
+        out[key] = {name: state[key][off - start:off - start + n].view(shape)
+                    for (name, off, n), shape in zip(layout, shapes) if start <= off < end}
     return out
 
 
@@ -272,11 +287,12 @@ def _full_shape(p):
     return torch.Size(shape)
 
 
-def _full_shapes(model):
-    """(name, full shape) of each parameter in a 1-process FlatAdamW's buffer order."""
+def _full_shapes(model, leading=()):
+    """(name, full shape) of each parameter in a 1-process optimizer's buffer order: the
+    leading names (FlatMuon's matrices) first, then 2-D, then 1-D, each in model order."""
     seen, named = set(), []
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
-            named.append((name, _full_shape(p), p.dim() < 2))
-    return [(name, shape) for name, shape, one_d in sorted(named, key=lambda x: x[2])]
+            named.append((name, _full_shape(p), (name not in leading, p.dim() < 2)))
+    return [(name, shape) for name, shape, position in sorted(named, key=lambda x: x[2])]

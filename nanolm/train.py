@@ -34,7 +34,7 @@ from nanolm.config import ConfigError, as_dict, cli, config_help, model_config, 
 from nanolm.data import Loader, get_tokenizer, load_dataset, resolve_data
 from nanolm.metrics import MetricsWriter, perplexity, read_metrics
 from nanolm.model import GPT, DropoutStream
-from nanolm.optim import DynamicLossScale, FlatAdamW
+from nanolm.optim import DynamicLossScale, FlatAdamW, FlatMuon, hidden_matrices
 from nanolm.precision import pick_dtype
 from nanolm.rundir import RunDirLock
 from nanolm.sample import generate
@@ -111,7 +111,7 @@ class Run:
     device: torch.device
     tokenizer: object
     model: GPT
-    opt: FlatAdamW
+    opt: FlatAdamW  # or FlatMuon, by --optim
     train: Loader  # this rank's share of every global batch
     val: Loader
     val_start: dict  # the val loader's state, rewound to before every evaluation
@@ -166,8 +166,7 @@ def setup(cfg, resume_from=None):
     if ctx.tp_comm is not None:  # this rank's slice of the model just initialised
         tensor_parallel.parallelize(model, ctx.tp_comm)
     loss_scale = DynamicLossScale(cfg.loss_scale_window) if dtype == "float16" else None
-    opt = FlatAdamW(model.named_parameters(), cfg.lr, (cfg.beta1, cfg.beta2), 1e-8,
-                    cfg.weight_decay, cfg.grad_clip, impls["adamw"], pad_to=ctx.dp, loss_scale=loss_scale)
+    opt = make_optimizer(cfg, model, impls["adamw"], ctx.dp, loss_scale)
     ctx.attach(opt, cfg.bucket_mb, cfg.zero)
     try_kernels(cfg, model, opt, autocast_ctx(dtype, device), device)
     # each data-parallel replica (all ranks of one tp group alike) reads its own batch_size
@@ -181,6 +180,17 @@ def setup(cfg, resume_from=None):
                config={**as_dict(cfg), "dtype": dtype, "dtype_reason": why, "data": resolve_data(cfg.data),
                        "model": dataclasses.asdict(mcfg)},
                n_params=n_params)
+
+
+def make_optimizer(cfg, model, backend, pad_to, loss_scale):
+    """--optim: FlatAdamW over every parameter, or FlatMuon (Muon for the blocks' matrices,
+    the same AdamW for the rest)."""
+    adamw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, weight_decay=cfg.weight_decay,
+                 grad_clip=cfg.grad_clip, backend=backend, pad_to=pad_to, loss_scale=loss_scale)
+    if cfg.optim == "adamw":
+        return FlatAdamW(model.named_parameters(), **adamw)
+    return FlatMuon(model.named_parameters(), hidden_matrices(model), **adamw, muon_lr=cfg.muon_lr,
+                    momentum=cfg.muon_momentum, schedule=cfg.muon_ns)
 
 
 def try_kernels(cfg, model, opt, autocast, device):

@@ -2,7 +2,7 @@
 
 Run as `python tests/dist_worker.py SPEC_JSON` with RANK, WORLD_SIZE, MASTER_ADDR and
 MASTER_PORT set (no torchrun agent: rank 0 hosts the store). SPEC:
-  {"out": dir, "timeout_s": s, "tp": n, "runs": [{"name", "zero", "bucket_mb", "steps", "more_steps"}],
+  {"out": dir, "timeout_s": s, "tp": n, "runs": [{"name", "zero", "bucket_mb", "steps", "more_steps", "optim"}],
    "die_at": step, "hang_at": step}   # die/hang: rank 1 exits / sleeps at that step
 With tp > 1 the ranks form tp x (world/tp) (nanolm.dist.layout_groups) and the model is
 tensor parallel; what is saved is gathered (the 1-process tensors), on every rank.
@@ -24,7 +24,7 @@ from nanolm import backends, dist, tensor_parallel
 from nanolm.config import ModelConfig
 from nanolm.data import Loader
 from nanolm.model import GPT
-from nanolm.optim import FlatAdamW
+from nanolm.optim import FlatAdamW, FlatMuon, hidden_matrices
 from nanolm.train import Run, train_step
 
 TORCH = backends.impls(backends.resolve("torch", torch.device("cpu")))
@@ -33,16 +33,20 @@ BATCH, GRAD_ACCUM, LR = 2, 2, 3e-3  # per-rank batch; grad_accum micro-steps per
 TOKENS = np.random.default_rng(0).integers(0, MODEL.vocab_size, 4000)
 
 
-def make_run(ctx, batch, zero=0, bucket_mb=25.0, impls=TORCH):
+def make_run(ctx, batch, zero=0, bucket_mb=25.0, impls=TORCH, optim="adamw"):
     """A fresh model, optimizer and loader on this rank. Each rank initialises differently
     (seed + rank): only the broadcasts from rank 0 (of the tp group, then of the dp group)
-    make them agree."""
+    make them agree. optim="muon": FlatMuon with fp32 Newton-Schulz, so that the ranks'
+    differently ordered gradient sums stay within fp32 tolerance of one process (bf16 would
+    round some of them apart)."""
     torch.manual_seed(1 + ctx.env.rank)
     model = GPT(MODEL, impls)
     if ctx.tp_comm is not None:
         tensor_parallel.parallelize(model, ctx.tp_comm)
-    opt = FlatAdamW(model.named_parameters(), LR, (0.9, 0.95), 1e-8, weight_decay=0.1, grad_clip=0.05,
-                    backend=impls["adamw"], pad_to=ctx.dp)
+    adamw = dict(lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, grad_clip=0.05, backend=impls["adamw"],
+                 pad_to=ctx.dp)
+    opt = (FlatAdamW(model.named_parameters(), **adamw) if optim == "adamw" else
+           FlatMuon(model.named_parameters(), hidden_matrices(model), **adamw, ns_dtype=torch.float32))
     ctx.attach(opt, bucket_mb, zero)
     loader = Loader(TOKENS, batch, MODEL.block_size, seed=5, rank=ctx.dp_rank, world_size=ctx.dp)
     return Run(device=torch.device("cpu"), tokenizer=None, model=model, opt=opt, train=loader, val=None,
@@ -84,12 +88,13 @@ def main():
                        tp=spec.get("tp", 1))
     results = {}
     for r in spec["runs"]:
-        run = make_run(ctx, BATCH, r["zero"], r["bucket_mb"])
+        run = make_run(ctx, BATCH, r["zero"], r["bucket_mb"], optim=r.get("optim", "adamw"))
         train(run, r["steps"], fault(spec, ctx.env.rank))
         results[r["name"]] = dict(
             weights=weights(run), opt=optimizer_state(run), loader=run.train.state_dict(),
             buckets=[(b.start, b.end) for b in ctx.reducer.buckets] if ctx.reducer else [],
             moments_numel=run.opt.exp_avg.numel(), flat_numel=run.opt.flat_param.numel(),
+            muon_momentum_numel=sum(m.numel() for m in getattr(run.opt, "momentum_buffers", {}).values()),
             local=[(n, p.detach().clone()) for n, p in run.model.named_parameters()])
         train(run, r.get("more_steps", 0))
         results[r["name"]]["more_weights"] = weights(run)
