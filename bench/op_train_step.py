@@ -16,10 +16,11 @@ import torch
 
 from bench.cases import EMULATED, Case, Impl, backend_unavailable, shape_key, tol_for
 from bench.reference_gpt import ReferenceGPT
-from nanolm import backends, flops
+from nanolm import flops
 from nanolm.config import ModelConfig
 from nanolm.model import GPT
 from nanolm.optim import FlatAdamW
+from nanolm.ops import OPS, backends
 from nanolm.train import native_bf16_cpu
 
 CONFIGS = {  # (n_layer, n_head, n_embd, block_size, vocab_size, batch); vocab padded to 128s
@@ -32,7 +33,7 @@ CONFIGS = {  # (n_layer, n_head, n_embd, block_size, vocab_size, batch); vocab p
 }
 LR, BETAS, EPS, WD, GRAD_CLIP = 6e-4, (0.9, 0.95), 1e-8, 0.1, 1.0  # train.py's defaults; GPT-2 124M's lr
 SEED = 1234
-TORCH_IMPLS = backends.impls({op: "torch" for op in backends.OPS})
+TORCH_IMPLS = {op: "torch" for op in OPS}
 CPU_BF16 = ("quickstart", "6L-384-byte")  # also timed in bf16 on a CPU with native bf16 (issue 18's shapes)
 TINY_COMPILE_SKIPPED = {"torch.compile": "not run at the test suite's toy size (compiling takes ~30 s on CPU)"}
 
@@ -79,7 +80,7 @@ def _autocast(device, precision):
 
 
 def nanolm_impl(cfg, device, impls, recompute="none", precision=torch.float32):
-    """nanolm's train step with `impls` ({op: backend module}, as train.py's setup builds)."""
+    """nanolm's train step with `impls` ({op: backend name}, as train.py's setup builds)."""
     def make(t):
         model = _nanolm_model(cfg, impls, recompute).to(device)
         opt = FlatAdamW(model.named_parameters(), LR, BETAS, EPS, WD, GRAD_CLIP, impls["adamw"])
@@ -132,13 +133,13 @@ def backend_choices(device):
         if name in EMULATED:
             skipped[f"nanolm[{name}]"] = "emulated: run in the op cases only (--impls cuda_sim)"
             continue
-        reasons = {op: backend_unavailable(name, op, device) for op in backends.OPS}
+        reasons = {op: backend_unavailable(name, op, device) for op in OPS}
         missing = {op: r for op, r in reasons.items() if r is not None}
         if missing:
             op, why = next(iter(missing.items()))
             skipped[f"nanolm[{name}]"] = f"{op}: {why}"
         else:
-            sets[f"nanolm[{name}]"] = {op: name for op in backends.OPS}
+            sets[f"nanolm[{name}]"] = {op: name for op in OPS}
     auto = backends.resolve("auto", device)
     same = [label for label, choice in sets.items() if choice == auto]
     if same:
@@ -159,7 +160,7 @@ def _case(name, cfg, device, compiled, precision):
         n_params = _nanolm_model(cfg, TORCH_IMPLS).num_params()
     tokens = batch * block_size
     sets, skipped = backend_choices(device)
-    impls = [Impl(label, "nanolm", nanolm_impl(cfg, device, backends.impls(choice), precision=precision))
+    impls = [Impl(label, "nanolm", nanolm_impl(cfg, device, choice, precision=precision))
              for label, choice in sets.items()]
     impls.append(Impl("eager", "baseline", _reference_impl(cfg, device, False, precision)))
     if compiled:

@@ -78,7 +78,7 @@ class TrainConfig:
     dtype: str = "auto"
     loss_scale_window: int = 2000  # float16: clean steps before the loss scale doubles (torch GradScaler's)
     # --kernels picks the backend of each op (the model's `impls`): "auto", one backend name, or
-    # per-op overrides such as "auto,attention=triton"; see nanolm/backends/__init__.py
+    # per-op overrides such as "auto,attention=triton"; see nanolm/ops/backends.py
     kernels: str = "auto"
     peak_tflops: float = 0.0  # overrides the device peak table for MFU; 0 = look up
     out_dir: str = ""  # run dir (checkpoints, metrics.jsonl, config.json); "" = runs/<preset>-<time>
@@ -94,6 +94,9 @@ class TrainConfig:
     block_size: int = 0
     dropout: float = 0.0
     recompute: str = "none"  # activations the backward recomputes: none, mlp (GELU in/out) or block (all)
+    # torch.compile the model's training and eval forward (fullgraph: every hot op is a torch.library
+    # op, so the graph has no breaks); the first steps pay the compile: tens of seconds on a CPU
+    compile: bool = False
     zero: int = 0  # 1 = ZeRO-1: each of W ranks keeps 1/W of the AdamW state (multi-process only)
     tp: int = 1  # tensor-parallel ranks per model (consecutive ranks: keep within a node); dp = W/tp
     bucket_mb: float = 25.0  # gradient bucket size; ~25 MB hides all-reduce latency (as DDP)
@@ -122,7 +125,7 @@ def _parse_value(key, text, typ):
 
 
 # bare flags and the value they stand for
-FLAGS = {"--resume": "--resume=latest"}
+FLAGS = {"--resume": "--resume=latest", "--compile": "--compile=true"}
 
 
 def parse_overrides(argv):

@@ -24,10 +24,11 @@ import sys
 
 import torch
 
-from nanolm import backends, checkpoint
+from nanolm import checkpoint
 from nanolm.config import ModelConfig, cli
 from nanolm.data import ByteTokenizer, GPT2Tokenizer
 from nanolm.model import GPT
+from nanolm.ops import backends
 
 TRANSPOSED = re.compile(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 # buffers older HF GPT-2 files carry (the causal mask); nanolm has no such state
@@ -123,7 +124,7 @@ def check_shapes(state, mcfg):
     if mcfg.n_embd % mcfg.n_head:
         raise ValueError(f"config.json: n_embd={mcfg.n_embd} is not divisible by n_head={mcfg.n_head}")
     with torch.device("meta"):
-        model = GPT(mcfg, backends.impls(backends.resolve("torch", torch.device("cpu"))))
+        model = GPT(mcfg, backends.resolve("torch", torch.device("cpu")))
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     diff = [f"{k}: in the config's model, missing from the weights" for k in want if k not in got]

@@ -1,16 +1,17 @@
 """`python -m nanolm.info`: how nanolm._C (and nanolm._C_sim) was built, library versions,
 devices, the support matrix: per device, for each op and backend, which dtypes it runs, with the
-reason where not (every cell is read from the backends' SUPPORT tables, nanolm/backends/), and
-how each CUDA and Triton kernel has been verified (cuda.KERNELS, cuda.GPU_RUNS; triton.KERNELS,
-triton.STATIC_REPORT, triton.GPU_RUNS)."""
+reason where not (every cell is read from the support rows of the op modules, nanolm/ops/), and
+how each CUDA and Triton kernel has been verified (nanolm/verification.json)."""
 import json
 from pathlib import Path
 
 import torch
 
-from nanolm import backends
-from nanolm.backends import cuda, cuda_sim
-from nanolm.backends.common import dtype_name
+from nanolm.ops import OPS, backends
+from nanolm.ops.launch import _C_sim
+from nanolm.ops.support import dtype_name
+
+VERIFICATION = backends.VERIFICATION
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -24,16 +25,16 @@ def build_info():
 
 
 def sim_build_info():
-    reason = cuda_sim.unavailable_reason(torch.device("cpu"))
+    reason = backends.RUNS["cuda_sim"](torch.device("cpu"))
     if reason is not None:
         return reason
-    return ", ".join(f"{k}={v}" for k, v in cuda_sim._C_sim.build_info().items() if k in ("cxx", "march"))
+    return ", ".join(f"{k}={v}" for k, v in _C_sim.build_info().items() if k in ("cxx", "march"))
 
 
 def cuda_kernel_status():
     """One line per CUDA kernel: emulated / compiled / run on a GPU; then whether auto takes cuda."""
     emulated = "emulated: cuda_sim op tests + ASan + TSan in CI"
-    if cuda_sim.unavailable_reason(torch.device("cpu")) is not None:
+    if backends.RUNS["cuda_sim"](torch.device("cpu")) is not None:
         emulated += " (cuda_sim not built here)"
     try:
         from nanolm import _C
@@ -42,10 +43,10 @@ def cuda_kernel_status():
         archs = ""
     compiled = f"compiled here: {archs}" if archs else "not compiled here (no nvcc at install)"
     lines = []
-    for op, kernels in cuda.KERNELS.items():
-        for kernel in kernels:
-            lines.append(f"  {kernel:<32} {emulated}; {compiled}; run on a GPU: {cuda.GPU_RUNS.get(kernel, 'never')}")
-        auto = "in auto on CUDA" if cuda.verified_on_gpu(op) else "not in auto (no GPU run yet)"
+    for op, kernels in VERIFICATION["cuda"].items():
+        for kernel, record in kernels.items():
+            lines.append(f"  {kernel:<32} {emulated}; {compiled}; run on a GPU: {record['gpu_run'] or 'never'}")
+        auto = "in auto on CUDA" if backends.verified_on_gpu("cuda", op) else "not in auto (no GPU run yet)"
         lines.append(f"  {'':<32} -> cuda for {op}: {auto}")
     return "\n".join(lines)
 
@@ -72,25 +73,22 @@ def triton_kernel_status():
     """Three lines per Triton kernel: the tests that interpret it in CI, its compiled form (the CI
     gate, and the last full `python -m bench static` report when this is a source checkout), and
     its GPU runs."""
-    try:
-        triton = backends.load("triton")
-    except ImportError as e:
-        return f"  triton backend not importable ({e})"
-    report = Path(__file__).resolve().parent.parent / triton.STATIC_REPORT / "static.json"
+    static_report = VERIFICATION["static_report"]
+    report = Path(__file__).resolve().parent.parent / static_report / "static.json"
     if report.exists():
         data = json.loads(report.read_text())
         rows = [r for r in data["rows"] if r["kind"] == "triton"]
-        source = f"{triton.STATIC_REPORT} (triton {data['env']['triton']}, every config)"
+        source = f"{static_report} (triton {data['env']['triton']}, every config)"
     else:
-        rows, source = None, f"{triton.STATIC_REPORT}: not in this install"
+        rows, source = None, f"{static_report}: not in this install"
     lines = [f"  gate in CI: every production config compiles for sm_90a, fits shared memory, no spills "
              f"(tests/test_triton_static.py); full report: {source}"]
-    for kernels in triton.KERNELS.values():
-        for kernel, tests in kernels.items():
-            lines.append(f"  {kernel:<32} interpreted in CI (fp32): {', '.join(tests)}")
+    for kernels in VERIFICATION["triton"].values():
+        for kernel, record in kernels.items():
+            lines.append(f"  {kernel:<32} interpreted in CI (fp32): {', '.join(record['tests'])}")
             if rows is not None:
                 lines.append(f"  {'':<32} compiled: {static_summary(rows, kernel)}")
-            lines.append(f"  {'':<32} run on a GPU: {triton.GPU_RUNS.get(kernel, 'never')}")
+            lines.append(f"  {'':<32} run on a GPU: {record['gpu_run'] or 'never'}")
     return "\n".join(lines)
 
 
@@ -121,10 +119,10 @@ def support_rows(device):
     (runs here), "no" (not in the backend's table) or "(yes)" (in the table, but the backend
     cannot run here now: not built, no GPU, ...)."""
     rows = []
-    for op in backends.OPS:
+    for op in OPS:
         for name in backends.BACKENDS:
             table = [backends.support_reason(name, op, device, dtype) for dtype in DTYPES]
-            here = None if all(table) else backends.load(name).unavailable_reason(device)
+            here = None if all(table) else backends.RUNS[name](device)
             cells = ["no" if t else "(yes)" if here else "yes" for t in table]
             why = [here] + list(dict.fromkeys(table))
             rows.append((op, name, cells, "; ".join(r for r in why if r)))

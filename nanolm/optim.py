@@ -1,4 +1,4 @@
-"""AdamW over flat buffers, through ops.adamw_step and ops.grad_norm.
+"""AdamW over flat buffers, through the adamw op (nanolm/ops/adamw.py): adamw and grad_norm.
 
 All parameters live in one contiguous float32 buffer (`flat_param`) and their gradients in
 another (`flat_grad`); each nn.Parameter becomes a view into them. Weight-decayed (2-D) params
@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from nanolm import ops
+from nanolm.ops import adamw
 
 
 class DynamicLossScale:
@@ -143,11 +143,11 @@ class FlatAdamW:
             n = end - start
             # decay covers flat[:decay_numel]; a piece may lie before, after or across it
             decay = min(max(self.decay_numel - start, 0), n)
-            ops.adamw_step(self.flat_param[start:end], self.flat_grad[start:end],
-                           self.exp_avg[offset:offset + n], self.exp_avg_sq[offset:offset + n],
-                           lr=lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
-                           weight_decay=self.weight_decay, step=self.step_count, decay_numel=decay,
-                           grad_scale=scale, backend=self.backend)
+            adamw.adamw(self.flat_param[start:end], self.flat_grad[start:end],
+                        self.exp_avg[offset:offset + n], self.exp_avg_sq[offset:offset + n],
+                        lr=lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
+                        weight_decay=self.weight_decay, step=self.step_count, decay_numel=decay,
+                        grad_scale=scale, backend=self.backend)
             offset += n
         if self.comm is not None:
             self._all_gather(self.flat_param)
@@ -155,15 +155,15 @@ class FlatAdamW:
 
     def _grad_norm(self):
         if self.comm is None and self.tp_comm is None:
-            return ops.grad_norm(self.flat_grad, self.backend).item()
-        sumsq = self._sum_over_ranks(lambda s, e: self.backend.sum_of_squares(self.flat_grad[s:e]))
+            return adamw.grad_norm(self.flat_grad, self.backend).item()
+        sumsq = self._sum_over_ranks(lambda s, e: adamw.sum_of_squares_op(self.flat_grad[s:e], self.backend))
         if not torch.isinf(sumsq):  # the same on every rank, so every rank takes the same branch
             return sumsq.sqrt().item()
-        # fp32 overflow with finite gradients, as in ops.grad_norm; the scale is the sum of the
+        # fp32 overflow with finite gradients, as in adamw.grad_norm; the scale is the sum of the
         # ranks' max |g|, which every rank then knows and which bounds every |g|
         scale = self._sum_over_ranks(lambda s, e: self.flat_grad[s:e].abs().max(), replicated_once=False)
-        return ops.scaled_norm(scale, lambda scale: self._sum_over_ranks(
-            lambda s, e: self.backend.sum_of_squares(self.flat_grad[s:e] / scale))).item()
+        return adamw.scaled_norm(scale, lambda scale: self._sum_over_ranks(
+            lambda s, e: adamw.sum_of_squares_op(self.flat_grad[s:e] / scale, self.backend))).item()
 
     def _sum_over_ranks(self, of_piece, replicated_once=True):
         """The sum over every rank's pieces of of_piece(start, end), a 0-d tensor: over the dp

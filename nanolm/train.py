@@ -31,11 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanolm import backends, checkpoint, dist, flops, tensor_parallel
+from nanolm import checkpoint, dist, flops, tensor_parallel
 from nanolm.config import ConfigError, as_dict, cli, config_help, model_config, parse_args, parse_overrides
 from nanolm.data import Loader, get_tokenizer, load_dataset, resolve_data
 from nanolm.metrics import MetricsWriter, read_metrics
-from nanolm.model import GPT, DropoutStream
+from nanolm.model import GPT, DropoutStream, compiled
+from nanolm.ops import backends
+from nanolm.ops.support import check_dropout
 from nanolm.optim import DynamicLossScale, FlatAdamW
 from nanolm.sample import generate
 
@@ -110,7 +112,7 @@ def pick_dtype(cfg, device, comm=None):
 
 def check_kernels_take(dtype, choice, device):
     """Under autocast, attention and the lm_head's cross-entropy receive `dtype` activations
-    (layernorm and AdamW stay fp32): a chosen backend whose SUPPORT lacks it is an error here,
+    (layernorm and AdamW stay fp32): a chosen backend whose support row lacks it is an error here,
     before the run dir exists, not at the first evaluation."""
     for op in ("attention", "cross_entropy"):
         reason = backends.unavailable_reason(choice[op], op, device, getattr(torch, dtype))
@@ -174,6 +176,13 @@ class Run:
     metrics: MetricsWriter | contextlib.AbstractContextManager | None = None  # a no-op off rank 0
     lock: "RunDirLock | contextlib.AbstractContextManager | None" = None  # the run dir's, on rank 0
     best: dict = dataclasses.field(default_factory=no_best_yet)  # lowest val loss: track_best
+    # what train_step and evaluate call: the model, or with --compile its torch.compile (sampling,
+    # whose KV cache changes shape every token, and checkpoints use the model itself)
+    forward: object = None
+
+    def __post_init__(self):
+        if self.forward is None:
+            self.forward = self.model
 
 
 def setup(cfg):
@@ -201,13 +210,10 @@ def setup(cfg):
     if env.is_main:
         print("kernels: " + ", ".join(f"{op}={name}" for op, name in choice.items()))
         print(f"dtype: {dtype} ({why})")
-    impls = backends.impls(choice)
     if mcfg.dropout > 0:
         for op in ("layernorm", "attention"):
-            if not impls[op].SUPPORT[op].dropout:
-                raise ValueError(f"dropout={mcfg.dropout}: the {choice[op]} backend has no dropout for {op}; "
-                                 f"choose another with --kernels (e.g. {op}=torch)")
-    model = GPT(mcfg, impls, cfg.recompute).to(device)
+            check_dropout(op, backends.implementation(choice[op], op).support, choice[op], mcfg.dropout)
+    model = GPT(mcfg, choice, cfg.recompute).to(device)
     if mcfg.dropout > 0:
         model.dropout.seed = DropoutStream.dropout_seed(cfg.seed, env.rank)
     n_params = model.num_params()
@@ -215,7 +221,7 @@ def setup(cfg):
         tensor_parallel.parallelize(model, ctx.tp_comm)
     loss_scale = DynamicLossScale(cfg.loss_scale_window) if dtype == "float16" else None
     opt = FlatAdamW(model.named_parameters(), cfg.lr, (cfg.beta1, cfg.beta2), 1e-8,
-                    cfg.weight_decay, cfg.grad_clip, impls["adamw"], pad_to=ctx.dp, loss_scale=loss_scale)
+                    cfg.weight_decay, cfg.grad_clip, choice["adamw"], pad_to=ctx.dp, loss_scale=loss_scale)
     ctx.attach(opt, cfg.bucket_mb, cfg.zero)
     try_kernels(cfg, model, opt, autocast_ctx(dtype, device), device)
     # each data-parallel replica (all ranks of one tp group alike) reads its own batch_size
@@ -228,7 +234,7 @@ def setup(cfg):
                val_start=val.state_dict(), autocast=autocast_ctx(dtype, device), dist=ctx,
                config={**as_dict(cfg), "dtype": dtype, "data": resolve_data(cfg.data),
                        "model": dataclasses.asdict(mcfg)},
-               n_params=n_params)
+               n_params=n_params, forward=compiled(model) if cfg.compile else model)
 
 
 def try_kernels(cfg, model, opt, autocast, device):
@@ -477,7 +483,7 @@ def evaluate(cfg, run):
     for _ in range(cfg.eval_iters):
         x, y = run.val.next_batch(run.device)
         with run.autocast:
-            total += run.model(x, y).item()
+            total += run.forward(x, y).item()
     run.model.train()
     return run.dist.mean(total / cfg.eval_iters)
 
@@ -486,14 +492,14 @@ def train_step(cfg, run, lr):
     """grad_accum micro-batches, each loss scaled by 1/grad_accum (and by the loss scale in
     fp16), then one optimizer step. With several ranks, gradients are averaged during the last
     micro-batch's backward."""
-    model, opt = run.model, run.opt
+    opt = run.opt
     loss_scale = opt.loss_scale.scale if opt.loss_scale else 1.0
     opt.zero_grad()
     losses = []  # kept on the device: reading each one would stall the GPU once per micro-batch
     for i in range(cfg.grad_accum):
         x, y = run.train.next_batch(run.device)
         with run.autocast:
-            loss = model(x, y) / cfg.grad_accum
+            loss = run.forward(x, y) / cfg.grad_accum
         if i == cfg.grad_accum - 1:
             run.dist.arm()
         (loss * loss_scale if opt.loss_scale else loss).backward()

@@ -17,7 +17,10 @@ import torch
 
 from bench import static
 from nanolm import info
-from nanolm.backends import triton as triton_backend
+from nanolm.ops import OPS, attention, functions
+from nanolm.ops.backends import VERIFICATION
+
+TRITON_KERNELS = VERIFICATION["triton"]  # op -> kernel -> {tests, gpu_run}
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,31 +47,29 @@ def _jit_functions():
 
 
 def test_kernel_table_lists_every_triton_kernel():
-    """triton.KERNELS (what nanolm.info reports) names every @triton.jit kernel in kernels/, and
+    """nanolm/verification.json (what nanolm.info reports) names every @triton.jit kernel in kernels/, and
     nothing else; the other @triton.jit functions are device functions, called, never launched.
     Each kernel's test files exist and name it or its op's backend functions."""
     jit = _jit_functions()
-    listed = {k for kernels in triton_backend.KERNELS.values() for k in kernels}
+    listed = {k for kernels in TRITON_KERNELS.values() for k in kernels}
     assert listed == {name for name in jit if name.endswith("_kernel")}
     for name in set(jit) - listed:
-        assert not re.search(rf"\b{name}\[", jit[name]), f"{name} is launched: list it in triton.KERNELS"
+        assert not re.search(rf"\b{name}\[", jit[name]), f"{name} is launched: list it in nanolm/verification.json"
         assert len(re.findall(rf"\b{name}\(", "\n".join(set(jit.values())))) >= 2, f"{name} is never called"
-    from nanolm.backends import OPS
-    assert set(triton_backend.KERNELS) == set(OPS)
-    for op, kernels in triton_backend.KERNELS.items():
-        for tests in kernels.values():
-            for test in tests:
+    assert set(TRITON_KERNELS) == set(OPS)
+    for op, kernels in TRITON_KERNELS.items():
+        for record in kernels.values():
+            for test in record["tests"]:
                 text = (ROOT / test).read_text()
-                assert any(fn in text for fn in OPS[op]) or op in text, f"{test} does not exercise {op}"
+                assert any(fn in text for fn in functions(op)) or op in text, f"{test} does not exercise {op}"
 
 
 def test_info_reports_every_triton_kernel():
     text = info.triton_kernel_status()
-    for kernels in triton_backend.KERNELS.values():
-        for kernel, tests in kernels.items():
-            assert re.search(rf"{kernel} +interpreted in CI \(fp32\): {re.escape(', '.join(tests))}", text)
-    assert text.count("run on a GPU: never") == sum(map(len, triton_backend.KERNELS.values())) - len(
-        triton_backend.GPU_RUNS)
+    records = [(kernel, record) for kernels in TRITON_KERNELS.values() for kernel, record in kernels.items()]
+    for kernel, record in records:
+        assert re.search(rf"{kernel} +interpreted in CI \(fp32\): {re.escape(', '.join(record['tests']))}", text)
+    assert text.count("run on a GPU: never") == sum(not record["gpu_run"] for _, record in records)
 
 
 def test_static_summary():
@@ -126,7 +127,7 @@ def test_triton_production_configs_compile_for_sm90a_without_spills(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads((tmp_path / "static.json").read_text())["rows"]
     # every Triton kernel has production configurations, dropout variants included
-    assert {r["kernel"] for r in rows} == {k for kernels in triton_backend.KERNELS.values() for k in kernels}
+    assert {r["kernel"] for r in rows} == {k for kernels in TRITON_KERNELS.values() for k in kernels}
     dropout = {r["kernel"] for r in rows if "+dropout" in r["config"]}
     assert dropout == {"layernorm_fwd_kernel", "layernorm_bwd_kernel", "attention_fwd_kernel",
                        "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"}
@@ -174,7 +175,7 @@ def test_attention_prune_reads_the_capability_of_the_tensors_device(capability):
 @pytest.mark.parametrize("cc", [(8, 0), (9, 0)])
 def test_attention_prune_leaves_a_config_for_every_head_size(kernel, dropout, cc, capability):
     capability.value = cc
-    for hs in triton_backend.SUPPORT["attention"].head_sizes:
+    for hs in attention.TRITON.head_sizes:
         assert _kept(kernel, hs, dropout, torch.device("cuda")), (kernel, hs, dropout, cc)
 
 
