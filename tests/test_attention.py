@@ -17,11 +17,12 @@ import torch
 from nanolm.ops import attention
 from nanolm.ops.backends import load
 
+cpu, triton_backend = load("cpu"), load("triton")
+
 # Errors are relative to max |ref| floored at 1: inputs are unit normal, and at T = 1 dq and dk
 # are differences of nearly equal O(1) terms (dP - delta), so their reference is ~0.
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 NAMES = ("o", "lse", "dq", "dk", "dv")
-cpu, triton_backend = load("cpu"), load("triton")
 
 
 def make_qkv(B, T, nh, hs, dtype, device, fused=True):
