@@ -4,6 +4,7 @@ The gate compiles every production Triton configuration for sm_90a and fails on 
 not compile, needs more shared memory than a block may have, or spills. It runs in a subprocess:
 it compiles for a GPU, so it must not see this test session's TRITON_INTERPRET=1.
 """
+import copy
 import json
 import os
 import re
@@ -15,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bench import static
+from bench import static, verification_table
 from nanolm import info
 from nanolm.ops import OPS, attention, functions
 from nanolm.ops.backends import VERIFICATION
@@ -72,15 +73,23 @@ def test_info_reports_every_triton_kernel():
     assert text.count("run on a GPU: never") == sum(not record["gpu_run"] for _, record in records)
 
 
+def test_compile_summaries_are_the_static_report():
+    """The `compiled` records of nanolm/verification.json (what nanolm.info and the README say)
+    are the committed static report's (python -m bench.verification_table --static <folder>)."""
+    rebuilt = verification_table.with_static_report(copy.deepcopy(VERIFICATION), ROOT / VERIFICATION["static_report"])
+    assert rebuilt == VERIFICATION
+
+
 def test_static_summary():
     ok = {"kernel": "k", "status": "ok", "spill_stores": 0, "production": True}
     rows = [dict(ok, arch="sm_80", spill_stores=16), dict(ok, arch="sm_80", production=False, spill_stores=4),
             dict(ok, arch="sm_80", production=False), dict(ok, arch="sm_90a"),
             dict(ok, arch="sm_90a", status="compile error: x"), dict(ok, arch="sm_90a", kernel="other", spill_stores=8)]
-    assert info.static_summary(rows, "k") == ("sm_80: 3 configs (1 production), spilling: 1 production, 1 other "
-                                              "(up to 16 B); sm_90a: 2 configs (2 production), spilling: 0 production, "
-                                              "0 other, 1 fail to compile")
-    assert info.static_summary(rows, "missing") == "not in the report"
+    summary = verification_table.static_summary
+    assert summary(rows, "k") == ("sm_80: 3 configs (1 production), spilling: 1 production, 1 other (up to 16 B); "
+                                  "sm_90a: 2 configs (2 production), spilling: 0 production, 0 other, "
+                                  "1 fail to compile")
+    assert summary(rows, "missing") == "not in the report"
 
 
 def test_parse_ptxas_log():
