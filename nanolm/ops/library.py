@@ -8,10 +8,10 @@ callable the op modules use:
   - while torch.compile, torch.export or a dispatch mode (opcheck, FakeTensor) traces it, or on
     a tensor subclass, it calls the registered op, so the tracer records one opaque node;
   - in eager it calls the function itself, through one autograd.Function built from the same
-    setup_context and backward. Measured on a 2-core AMD EPYC (a 4 x 64 add + LayerNorm, cpu
-    kernels, forward + backward, min of 5 x 2000 calls, 3 interleaved rounds on a loaded
-    machine): through the dispatcher 279-428 us per call, bypassing it 152-243 us, the autograd
-    Function of the previous layout 143-286 us.
+    setup_context and backward. Measured on a 2-core AMD EPYC shared with other jobs (a 4 x 64
+    add + LayerNorm, cpu kernels, forward + backward, median of 5 x 2000 calls, 3 interleaved
+    rounds): through the dispatcher 162-180 us per call, bypassing it 102-138 us, the autograd
+    Function of the previous layout (nanolm/ops.py) 87-140 us.
 Autocast: an op runs under its caller's autocast state, and its backward under the state its
 forward ran in (as torch.amp.custom_fwd / custom_bwd), so the torch backend's matmuls are
 autocast alike in the forward and the backward, eager or compiled.
