@@ -7,7 +7,7 @@ that name. So pyproject.toml maps the folder to the sub-package `nanolm.kernels`
 same mapping in its import finder. Code always writes `from nanolm.kernels import ...`.
 
 The extension includes no torch C++ headers: kernels take raw pointers, sizes and a CUDA stream
-handle, and the Python layer (nanolm/backends/) checks dtype, device, shape and contiguity
+handle, and the Python layer (nanolm/ops/) checks dtype, device, shape and contiguity
 before passing `tensor.data_ptr()`. That keeps the build independent of the installed torch's
 C++ ABI, fast, and readable as plain C++/CUDA.
 

@@ -11,7 +11,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from nanolm import backends
+from nanolm.ops import backends
 
 
 @dataclass

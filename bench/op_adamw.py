@@ -5,7 +5,7 @@ import torch
 
 from bench import formulas
 from bench.cases import Case, Impl, nanolm_backends, shape_key
-from nanolm.backends import torch_ref
+from nanolm.ops import adamw
 
 HP = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 MODELS = {  # name -> (n_layer, C, vocab, block_size)
@@ -35,7 +35,7 @@ def _inputs(shapes, device):
 
 def _reference(t):
     p, m, v = (t[k].clone() for k in "pmv")
-    torch_ref.adamw_step(p, t["g"], m, v, HP["lr"], HP["beta1"], HP["beta2"], HP["eps"],
+    adamw.adamw_step(p, t["g"], m, v, HP["lr"], HP["beta1"], HP["beta2"], HP["eps"],
                          HP["weight_decay"], 1, p.numel(), 1.0)
     return p, m, v
 

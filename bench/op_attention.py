@@ -11,7 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.cases import Case, Impl, op_dtypes, op_setup, tol_for
 from nanolm import flops
-from nanolm.backends import torch_ref
+from nanolm.ops import attention
 
 SHAPES = {  # (B, T, nh, hs)
     "full_cuda": [(16384 // T, T, 2048 // hs, hs) for hs in (64, 128) for T in (1024, 2048, 4096, 8192)],
@@ -32,7 +32,7 @@ def _inputs(B, T, nh, hs, dtype, device):
         q, k, v = qkv.unbind(2)
         t = {"qkv": qkv, "q": q, "k": k, "v": v, "scale": 1 / math.sqrt(hs),
              "do": torch.randn(B, T, nh, hs, dtype=dtype, device=device)}
-        outs = [torch_ref.attention_fwd(q[b:b + 1], k[b:b + 1], v[b:b + 1], t["scale"]) for b in range(B)]
+        outs = [attention.attention_fwd(q[b:b + 1], k[b:b + 1], v[b:b + 1], t["scale"], None) for b in range(B)]
         t["o"] = torch.cat([o for o, _ in outs]).contiguous()
         t["lse"] = torch.cat([lse for _, lse in outs]).contiguous()
         return t
@@ -43,7 +43,7 @@ def _reference(mode):
     def ref(t):
         q, k, v, do, o, lse = (t[n][:1] for n in ("q", "k", "v", "do", "o", "lse"))
         grads = [torch.empty_like(q, dtype=o.dtype) for _ in range(3)]
-        torch_ref.attention_bwd(do, q, k, v, o, lse, t["scale"], *grads)
+        attention.attention_bwd(do, q, k, v, o, lse, t["scale"], *grads, None)
         return {"fwd": (o,), "bwd": tuple(grads), "fwd+bwd": (o, *grads)}[mode]
     return ref
 
@@ -72,10 +72,10 @@ def _nanolm_impl(be, mode):
         dq, dk, dv = dqkv.unbind(2)
 
         def run():
-            o, lse = (t["o"], t["lse"]) if mode == "bwd" else be.attention_fwd(t["q"], t["k"], t["v"], t["scale"])
+            o, lse = (t["o"], t["lse"]) if mode == "bwd" else be.attention_fwd(t["q"], t["k"], t["v"], t["scale"], None)
             if mode == "fwd":
                 return (o,)
-            be.attention_bwd(t["do"], t["q"], t["k"], t["v"], o, lse, t["scale"], dq, dk, dv)
+            be.attention_bwd(t["do"], t["q"], t["k"], t["v"], o, lse, t["scale"], dq, dk, dv, None)
             return (dq, dk, dv) if mode == "bwd" else (o, dq, dk, dv)
         return run
     return make

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from bench import formulas
 from bench.cases import Case, Impl, op_dtypes, op_setup, tol_for
-from nanolm.backends import torch_ref
+from nanolm.ops import cross_entropy
 
 SHAPES = {  # (N, Vp, vocab)
     "full_cuda": [(n, vp, 50257) for vp in (50304, 50257) for n in (8192, 16384, 32768)],
@@ -26,7 +26,7 @@ def _inputs(N, Vp, V, dtype, device):
 
 def _reference(V):
     def ref(t):
-        losses, dlogits = torch_ref.cross_entropy_fwd(t["logits"], t["targets"], V, -100, 0.0,
+        losses, dlogits = cross_entropy.cross_entropy_fwd(t["logits"], t["targets"], V, -100, 0.0,
                                                       1 / len(t["targets"]), False)
         return losses.mean(), dlogits
     return ref

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from bench import formulas
 from bench.cases import Case, Impl, op_dtypes, op_setup, tol_for
-from nanolm.backends import torch_ref
+from nanolm.ops import layernorm
 
 EPS = 1e-5
 SHAPES = {  # (N rows, C)
@@ -23,7 +23,7 @@ def _inputs(N, C, dtype, device):
         t = {"x": x, "residual": torch.randn_like(x), "dy": torch.randn_like(x),
              "w": 1 + 0.1 * torch.randn(C, dtype=dtype, device=device),
              "b": 0.1 * torch.randn(C, dtype=dtype, device=device)}
-        _, t["mean"], t["rstd"] = torch_ref.layer_norm_fwd(x, t["w"], t["b"], EPS)
+        _, t["mean"], t["rstd"] = layernorm.layer_norm_fwd(x, t["w"], t["b"], EPS)
         return t
     return make
 
@@ -33,7 +33,7 @@ def _fwd_impls(available, residual, compiled):
     for name, be in available.items():
         if residual:
             impls.append(Impl(name, "nanolm", lambda t, be=be: lambda: be.add_layer_norm_fwd(
-                t["x"], t["residual"], t["w"], t["b"], EPS)[:2]))
+                t["x"], t["residual"], t["w"], t["b"], EPS, None)[:2]))
         else:
             impls.append(Impl(name, "nanolm", lambda t, be=be: lambda: be.layer_norm_fwd(
                 t["x"], t["w"], t["b"], EPS)[:1]))
@@ -55,7 +55,7 @@ def _fwd_impls(available, residual, compiled):
 
 def _bwd_impls(available, compiled):
     impls = [Impl(name, "nanolm", lambda t, be=be: lambda: be.layer_norm_bwd(
-        t["dy"], t["x"], t["w"], t["mean"], t["rstd"], None)) for name, be in available.items()]
+        t["dy"], t["x"], t["w"], t["mean"], t["rstd"], None, None, None)) for name, be in available.items()]
 
     def eager_graph(t):
         x, w, b = (t[k].detach().requires_grad_() for k in ("x", "w", "b"))
@@ -64,7 +64,7 @@ def _bwd_impls(available, compiled):
 
     impls.append(Impl("eager", "baseline", eager_graph))
     if compiled:
-        bwd = torch.compile(torch_ref.layer_norm_bwd)
+        bwd = torch.compile(layernorm.layer_norm_bwd)
         impls.append(Impl("torch.compile", "baseline", lambda t: lambda: bwd(
             t["dy"], t["x"], t["w"], t["mean"], t["rstd"], None)))
     return impls
@@ -84,16 +84,16 @@ def _cases(device, size, dtype):
                       make_inputs=make, tol=tol, working_set=ws, skipped=skipped)
         out.append(Case(name=f"fwd N={N} C={C} {dname}", series=f"fwd {dname}",
                         work=formulas.layernorm_fwd_bytes(N, C, s),
-                        reference=lambda t: torch_ref.layer_norm_fwd(t["x"], t["w"], t["b"], EPS)[:1],
+                        reference=lambda t: layernorm.layer_norm_fwd(t["x"], t["w"], t["b"], EPS)[:1],
                         impls=_fwd_impls(available, False, compiled), **common))
         out.append(Case(name=f"fwd+residual N={N} C={C} {dname}", series=f"fwd+residual {dname}",
                         work=formulas.layernorm_fwd_bytes(N, C, s, residual=True),
-                        reference=lambda t: torch_ref.add_layer_norm_fwd(
-                            t["x"], t["residual"], t["w"], t["b"], EPS)[:2],
+                        reference=lambda t: layernorm.add_layer_norm_fwd(
+                            t["x"], t["residual"], t["w"], t["b"], EPS, None)[:2],
                         impls=_fwd_impls(available, True, compiled), **common))
         out.append(Case(name=f"bwd N={N} C={C} {dname}", series=f"bwd {dname}",
                         work=formulas.layernorm_bwd_bytes(N, C, s),
-                        reference=lambda t: torch_ref.layer_norm_bwd(
-                            t["dy"], t["x"], t["w"], t["mean"], t["rstd"], None),
+                        reference=lambda t: layernorm.layer_norm_bwd(
+                            t["dy"], t["x"], t["w"], t["mean"], t["rstd"], None, None, None),
                         impls=_bwd_impls(available, compiled), **common))
     return out

@@ -1,4 +1,4 @@
-"""Cross-entropy fused with the lm_head (nanolm.ops.linear_cross_entropy, chunked so the
+"""Cross-entropy fused with the lm_head (nanolm.ops.cross_entropy.linear_cross_entropy, chunked so the
 (N, V) logits never exist) against F.linear + F.cross_entropy + backward. Forward and
 backward together; the point is peak memory as much as time. One implementation per backend
 that provides the cross_entropy op (the chunk kernel)."""
@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.cases import Case, Impl, op_dtypes, op_setup, tol_for
-from nanolm import flops, ops
+from nanolm import flops
+from nanolm.ops import cross_entropy
 
 SHAPES = {  # (N, C, Vp, vocab)
     "full_cuda": [(n, c, 50304, 50257) for c in (768, 1600) for n in (8192, 16384, 32768)],
@@ -49,8 +50,8 @@ def _cases(device, size, dtype):
         fns = {"eager": eager}
         if compiled:
             fns["torch.compile"] = torch.compile(eager)
-        impls = [Impl(n, "nanolm", _graph(lambda h, w, tg, be=be, V=V: ops.linear_cross_entropy(
-            h, w, tg, be, vocab_size=V))) for n, be in available.items()]
+        impls = [Impl(n, "nanolm", _graph(lambda h, w, tg, n=n, V=V: cross_entropy.linear_cross_entropy(
+            h, w, tg, n, vocab_size=V))) for n in available]
         impls += [Impl(n, "baseline", _graph(fn)) for n, fn in fns.items()]
         out.append(Case(op="linear_cross_entropy", dtype=dtype, name=f"N={N} C={C} Vp={Vp} {dname}",
                         series=f"C={C} {dname}", x=N, x_label="rows N", metric="TFLOP/s",

@@ -11,8 +11,9 @@ import torch
 
 from bench.cases import Case, Impl, shape_key
 from bench.op_train_step import TORCH_IMPLS, _nanolm_model, datasheet_peak_tflops, nanolm_impl
-from nanolm import backends, flops
+from nanolm import flops
 from nanolm.model import RECOMPUTE
+from nanolm.ops import backends
 
 CONFIGS = {  # (n_layer, n_head, n_embd, block_size, vocab_size, batch), as op_train_step
     "full_cuda": {"gpt2-124M": (12, 12, 768, 1024, 50257, 16)},
@@ -29,12 +30,11 @@ def _case(name, cfg, device):
     with torch.device("meta"):
         n_params = _nanolm_model(cfg, TORCH_IMPLS).num_params()
     choice = backends.resolve("auto", device)
-    step_impls = backends.impls(choice)
     precision = torch.bfloat16 if device.type == "cuda" else torch.float32  # as the label says
     # mode none is the baseline: the other modes' speedup over it is their slowdown
     impls = [Impl(f"recompute={mode}", "baseline" if mode == "none" else "nanolm",
-                  nanolm_impl(cfg, device, step_impls, mode, precision)) for mode in RECOMPUTE]
-    reference = nanolm_impl(cfg, device, step_impls, "none", precision)
+                  nanolm_impl(cfg, device, choice, mode, precision)) for mode in RECOMPUTE]
+    reference = nanolm_impl(cfg, device, choice, "none", precision)
 
     def make_inputs():
         return {"idx": torch.randint(0, vocab, (batch, block_size), device=device),

@@ -1,7 +1,8 @@
 """End to end: one training step of nanolm, as nanolm/train.py's train_step takes it (zero the
 flat gradient, forward under autocast, backward, FlatAdamW step with global-norm clipping), for
 each kernel set the device can run, against the plain-PyTorch GPT-2 of reference_gpt.py (eager,
-and torch.compile of it with SDPA attention) with torch.optim.AdamW and clip_grad_norm_.
+and torch.compile of it with SDPA attention) with torch.optim.AdamW and clip_grad_norm_; and
+nanolm with --compile (torch.compile(model, fullgraph=True) over the auto kernel set) beside them.
 Same model shape, the same initial weights (copied), batch and precision: bf16 autocast on GPU;
 on CPU fp32, and also bf16 autocast (torch.autocast("cpu")) where the CPU computes bf16 natively,
 at the CPU_BF16 shapes. On CPU the implementations of a case are timed interleaved, as every
@@ -16,10 +17,11 @@ import torch
 
 from bench.cases import EMULATED, Case, Impl, backend_unavailable, shape_key, tol_for
 from bench.reference_gpt import ReferenceGPT
-from nanolm import backends, flops
+from nanolm import flops
 from nanolm.config import ModelConfig
-from nanolm.model import GPT
+from nanolm.model import GPT, compiled
 from nanolm.optim import FlatAdamW
+from nanolm.ops import OPS, backends
 from nanolm.precision import native_bf16_cpu
 
 CONFIGS = {  # (n_layer, n_head, n_embd, block_size, vocab_size, batch); vocab padded to 128s
@@ -32,9 +34,11 @@ CONFIGS = {  # (n_layer, n_head, n_embd, block_size, vocab_size, batch); vocab p
 }
 LR, BETAS, EPS, WD, GRAD_CLIP = 6e-4, (0.9, 0.95), 1e-8, 0.1, 1.0  # train.py's defaults; GPT-2 124M's lr
 SEED = 1234
-TORCH_IMPLS = backends.impls({op: "torch" for op in backends.OPS})
-CPU_BF16 = ("quickstart", "6L-384-byte")  # also timed in bf16 on a CPU with native bf16 (issue 18's shapes)
-TINY_COMPILE_SKIPPED = {"torch.compile": "not run at the test suite's toy size (compiling takes ~30 s on CPU)"}
+TORCH_IMPLS = {op: "torch" for op in OPS}
+# also timed in bf16 on a CPU with native bf16 (issue 18's shapes, and 6L-384 for --compile)
+CPU_BF16 = ("quickstart", "6L-384", "6L-384-byte")
+TINY_COMPILE_SKIPPED = {name: "not run at the test suite's toy size (compiling takes ~30 s on CPU)"
+                        for name in ("torch.compile", "nanolm[auto] --compile")}
 
 
 def _config(cfg):
@@ -78,16 +82,18 @@ def _autocast(device, precision):
     return torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32)
 
 
-def nanolm_impl(cfg, device, impls, recompute="none", precision=torch.float32):
-    """nanolm's train step with `impls` ({op: backend module}, as train.py's setup builds)."""
+def nanolm_impl(cfg, device, impls, recompute="none", precision=torch.float32, compile=False):
+    """nanolm's train step with `impls` ({op: backend name}, as train.py's setup builds), the
+    model compiled as --compile does when `compile`."""
     def make(t):
         model = _nanolm_model(cfg, impls, recompute).to(device)
+        forward = compiled(model) if compile else model
         opt = FlatAdamW(model.named_parameters(), LR, BETAS, EPS, WD, GRAD_CLIP, impls["adamw"])
 
         def run():
             opt.zero_grad()
             with _autocast(device, precision):
-                loss = model(t["idx"], t["targets"])
+                loss = forward(t["idx"], t["targets"])
             loss.backward()
             norm = opt.step(LR)
             return loss.detach(), torch.tensor(norm, device=device)
@@ -132,13 +138,13 @@ def backend_choices(device):
         if name in EMULATED:
             skipped[f"nanolm[{name}]"] = "emulated: run in the op cases only (--impls cuda_sim)"
             continue
-        reasons = {op: backend_unavailable(name, op, device) for op in backends.OPS}
+        reasons = {op: backend_unavailable(name, op, device) for op in OPS}
         missing = {op: r for op, r in reasons.items() if r is not None}
         if missing:
             op, why = next(iter(missing.items()))
             skipped[f"nanolm[{name}]"] = f"{op}: {why}"
         else:
-            sets[f"nanolm[{name}]"] = {op: name for op in backends.OPS}
+            sets[f"nanolm[{name}]"] = {op: name for op in OPS}
     auto = backends.resolve("auto", device)
     same = [label for label, choice in sets.items() if choice == auto]
     if same:
@@ -159,11 +165,14 @@ def _case(name, cfg, device, compiled, precision):
         n_params = _nanolm_model(cfg, TORCH_IMPLS).num_params()
     tokens = batch * block_size
     sets, skipped = backend_choices(device)
-    impls = [Impl(label, "nanolm", nanolm_impl(cfg, device, backends.impls(choice), precision=precision))
+    impls = [Impl(label, "nanolm", nanolm_impl(cfg, device, choice, precision=precision))
              for label, choice in sets.items()]
     impls.append(Impl("eager", "baseline", _reference_impl(cfg, device, False, precision)))
     if compiled:
         impls.append(Impl("torch.compile", "baseline", _reference_impl(cfg, device, True, precision)))
+        impls.append(Impl("nanolm[auto] --compile", "nanolm",
+                          nanolm_impl(cfg, device, backends.resolve("auto", device), precision=precision,
+                                      compile=True)))
 
     def make_inputs():
         return {"idx": torch.randint(0, vocab, (batch, block_size), device=device),

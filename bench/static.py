@@ -191,10 +191,9 @@ def _capture(module, names, case, production, run):
 def _dropout_args():
     """The kernels' dropout arguments as training passes them at p = 0.1: the seed of a rank > 0
     (rank in the high word: an i64, the wider of the JIT's two specialisations; rank 0's fits i32)."""
-    from nanolm.backends.common import dropout_scalars
     from nanolm.model import DropoutStream
-    from nanolm.ops import dropout
-    return dropout_scalars(dropout(0.1, DropoutStream.dropout_seed(1337, 1), 1000))
+    from nanolm.ops.dropout import dropout, kernel_args
+    return kernel_args(dropout(0.1, DropoutStream.dropout_seed(1337, 1), 1000))
 
 
 def _layernorm_launches(dtype, C, production):
@@ -208,12 +207,12 @@ def _layernorm_launches(dtype, C, production):
     drop = _dropout_args()
 
     def run():
-        layernorm.layernorm_fwd(x, None, w, b, 1e-5)
-        layernorm.layernorm_fwd(x, r, w, b, 1e-5)
+        layernorm.layernorm_fwd(x, None, w, b, 1e-5, None)
+        layernorm.layernorm_fwd(x, r, w, b, 1e-5, None)
         layernorm.layernorm_fwd(x, r, w, b, 1e-5, drop)  # add + layernorm, the branch dropped
-        layernorm.layernorm_bwd(x, x, w, mean, rstd, None)
-        layernorm.layernorm_bwd(x, x, w, mean, rstd, r)
-        layernorm.layernorm_bwd(x, x, w, mean, rstd, r, drop, torch.empty_like(x))
+        layernorm.layernorm_bwd(x, x, w, mean, rstd, None, None, None)
+        layernorm.layernorm_bwd(x, x, w, mean, rstd, r, None, None)
+        layernorm.layernorm_bwd(x, x, w, mean, rstd, r, torch.empty_like(x), drop)
     names = ["layernorm_fwd_kernel", "layernorm_bwd_kernel", "layernorm_bwd_reduce_kernel"]
     return _capture(layernorm, names, f"{_name(dtype)} N={N} C={C}", production, run)
 
@@ -265,7 +264,7 @@ def _attention_launches(dtype, hs, production):
 def _adamw_launches(offset, production):
     import torch
 
-    from nanolm.backends.common import adamw_scalars
+    from nanolm.ops.adamw import adamw_scalars
     from nanolm.kernels import adamw
     n = 1 << 20
     p, g, m, v = (t[offset:offset + n] for t in torch.zeros(4, n + 1))

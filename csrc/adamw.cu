@@ -1,6 +1,6 @@
 // AdamW update and deterministic sum of squares on CUDA, over flat float32 buffers.
 //
-// Update, per element i (the math of torch_ref.adamw_step):
+// Update, per element i (the math of adamw_step in nanolm/ops/adamw.py):
 //   g = grad[i] * grad_scale                      (the clip coefficient: no separate pass)
 //   p = param[i] * decay_factor                   (1 - lr*wd for i < decay_numel, else 1)
 //   m = m + (1 - beta1) (g - m);   v = beta2 v + (1 - beta2) g^2

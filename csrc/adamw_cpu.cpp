@@ -1,6 +1,6 @@
 // AdamW update and sum of squares on the CPU (OpenMP threads x SIMD lanes).
 //
-// Update, per element i of flat float32 buffers (the math of torch_ref.adamw_step):
+// Update, per element i of flat float32 buffers (the math of adamw_step in nanolm/ops/adamw.py):
 //   g = grad[i] * grad_scale
 //   p = param[i] * decay_factor          (decay_factor = 1 - lr*wd for i < decay_numel, else 1)
 //   m = m + (1 - beta1) (g - m)          (torch's lerp for weights < 0.5)

@@ -1,5 +1,5 @@
 // Causal flash attention launchers: forward (o, lse) and backward (dq, dk, dv).
-// See nanolm/backends/torch_ref.py for the math and kernels/attention.py for the algorithm.
+// See nanolm/ops/attention.py for the math and kernels/attention.py for the algorithm.
 // q, k, v, dq, dk, dv are (B, T, nh, hs) with unit stride over hs and any other strides
 // (views into a fused (B, T, 3, nh, hs) buffer); strides are given in elements, (b, t, h).
 // o, do are contiguous (B, T, nh, hs); lse is (B, nh, T) float32.

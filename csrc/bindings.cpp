@@ -3,8 +3,14 @@
 //
 // Each op declares its launchers in its own header (csrc/<op>.h); this file only converts
 // Python integers (tensor.data_ptr(), stream handles) to pointers. CUDA launchers exist only
-// when the extension was built with nvcc (NANOLM_WITH_CUDA); nanolm/backends/cuda.py checks
+// when the extension was built with nvcc (NANOLM_WITH_CUDA); nanolm/ops/backends.py checks
 // build_info()["cuda"] before using them.
+//
+// One calling convention for every launcher (nanolm/ops/launch.py calls them all alike):
+//   <op>_<step>_<cpu|cuda>(buffers and sizes..., scalars..., dtype[, dropout][, stream])
+// pointers as integers, a (b, t, h) stride triple after each strided pointer, the DType of the
+// buffers always, one DropoutParams where the kernel drops (disabled: no dropout), the stream
+// last on CUDA.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -16,6 +22,7 @@
 #include "cross_entropy.h"
 
 namespace py = pybind11;
+using Strides = std::array<std::int64_t, 3>;  // (batch, seq, head) strides in elements
 
 static py::dict build_info() {
     py::dict info;
@@ -81,8 +88,40 @@ static void bind_cpu(py::module_& m) {
           "dlogits of a vocabulary shard in place, given the global logsumexp, float32, bf16 or fp16");
     m.def("adamw_step_cpu", &nanolm::adamw_step_cpu);
     m.def("sum_of_squares_cpu", &nanolm::sum_of_squares_cpu);
-    m.def("attention_fwd_cpu", &nanolm::attention_fwd_cpu, "Causal flash attention forward (fp32, bf16 or fp16, CPU)");
-    m.def("attention_bwd_cpu", &nanolm::attention_bwd_cpu, "Causal flash attention backward (fp32, bf16 or fp16, CPU)");
+    // Strides as the CUDA launchers take them: a (b, t, h) triple after each strided pointer.
+    m.def(
+        "attention_fwd_cpu",
+        [](std::uintptr_t q, Strides q_strides, std::uintptr_t k, Strides k_strides, std::uintptr_t v,
+           Strides v_strides, std::uintptr_t o, std::uintptr_t lse, std::int64_t B, std::int64_t T,
+           std::int64_t nh, std::int64_t hs, double scale, nanolm::DType dtype,
+           const nanolm::DropoutParams& dropout) {
+            nanolm::attention_fwd_cpu(q, k, v, o, lse, B, T, nh, hs, q_strides[0], q_strides[1], q_strides[2],
+                                      k_strides[0], k_strides[1], k_strides[2], v_strides[0], v_strides[1],
+                                      v_strides[2], scale, dtype, dropout);
+        },
+        py::arg("q"), py::arg("q_strides"), py::arg("k"), py::arg("k_strides"), py::arg("v"),
+        py::arg("v_strides"), py::arg("o"), py::arg("lse"), py::arg("B"), py::arg("T"), py::arg("nh"),
+        py::arg("hs"), py::arg("scale"), py::arg("dtype"), py::arg("dropout"),
+        "Causal flash attention forward (fp32, bf16 or fp16, CPU): o (contiguous), lse from views q, k, v");
+    m.def(
+        "attention_bwd_cpu",
+        [](std::uintptr_t dout, std::uintptr_t q, Strides q_strides, std::uintptr_t k, Strides k_strides,
+           std::uintptr_t v, Strides v_strides, std::uintptr_t o, std::uintptr_t lse, std::uintptr_t dq,
+           Strides dq_strides, std::uintptr_t dk, Strides dk_strides, std::uintptr_t dv, Strides dv_strides,
+           std::int64_t B, std::int64_t T, std::int64_t nh, std::int64_t hs, double scale, nanolm::DType dtype,
+           const nanolm::DropoutParams& dropout) {
+            nanolm::attention_bwd_cpu(dout, q, k, v, o, lse, dq, dk, dv, B, T, nh, hs,
+                                      q_strides[0], q_strides[1], q_strides[2], k_strides[0], k_strides[1],
+                                      k_strides[2], v_strides[0], v_strides[1], v_strides[2],
+                                      dq_strides[0], dq_strides[1], dq_strides[2], dk_strides[0], dk_strides[1],
+                                      dk_strides[2], dv_strides[0], dv_strides[1], dv_strides[2],
+                                      scale, dtype, dropout);
+        },
+        py::arg("dout"), py::arg("q"), py::arg("q_strides"), py::arg("k"), py::arg("k_strides"), py::arg("v"),
+        py::arg("v_strides"), py::arg("o"), py::arg("lse"), py::arg("dq"), py::arg("dq_strides"), py::arg("dk"),
+        py::arg("dk_strides"), py::arg("dv"), py::arg("dv_strides"), py::arg("B"), py::arg("T"), py::arg("nh"),
+        py::arg("hs"), py::arg("scale"), py::arg("dtype"), py::arg("dropout"),
+        "Causal flash attention backward (fp32, bf16 or fp16, CPU): writes dq, dk, dv (views)");
 }
 #endif
 
@@ -103,20 +142,19 @@ static void bind_cuda(py::module_& m) {
     m.def("adamw_step_cuda", &nanolm::adamw_step_cuda);
     m.def("sum_of_squares_cuda", &nanolm::sum_of_squares_cuda);
     m.def("sum_of_squares_partials_cuda", &nanolm::sum_of_squares_partials_cuda);
-    using Strides = std::array<std::int64_t, 3>;
     m.def(
         "attention_fwd_cuda",
         [](std::uintptr_t q, Strides q_strides, std::uintptr_t k, Strides k_strides, std::uintptr_t v,
            Strides v_strides, std::uintptr_t o, Strides o_strides, std::uintptr_t lse, std::int64_t B,
-           std::int64_t T, std::int64_t nh, std::int64_t hs, double scale, nanolm::DType dtype, std::uintptr_t stream,
-           const nanolm::DropoutParams& dropout) {
+           std::int64_t T, std::int64_t nh, std::int64_t hs, double scale, nanolm::DType dtype,
+           const nanolm::DropoutParams& dropout, std::uintptr_t stream) {
             nanolm::attention_fwd_cuda({q, k, v, o, lse, q_strides, k_strides, v_strides, o_strides,
                                         B, T, nh, hs, scale, dtype, dropout}, stream);
         },
         py::arg("q"), py::arg("q_strides"), py::arg("k"), py::arg("k_strides"), py::arg("v"),
         py::arg("v_strides"), py::arg("o"), py::arg("o_strides"), py::arg("lse"), py::arg("B"),
-        py::arg("T"), py::arg("nh"), py::arg("hs"), py::arg("scale"), py::arg("dtype"), py::arg("stream"),
-        py::arg("dropout") = nanolm::DropoutParams(),
+        py::arg("T"), py::arg("nh"), py::arg("hs"), py::arg("scale"), py::arg("dtype"), py::arg("dropout"),
+        py::arg("stream"),
         "Causal flash attention forward: o, lse from (B, T, nh, hs) views q, k, v");
     m.def(
         "attention_bwd_cuda",
@@ -124,8 +162,8 @@ static void bind_cuda(py::module_& m) {
            Strides k_strides, std::uintptr_t v, Strides v_strides, std::uintptr_t o, Strides o_strides,
            std::uintptr_t lse, std::uintptr_t delta, std::uintptr_t dq, Strides dq_strides, std::uintptr_t dk,
            Strides dk_strides, std::uintptr_t dv, Strides dv_strides, std::int64_t B, std::int64_t T,
-           std::int64_t nh, std::int64_t hs, double scale, nanolm::DType dtype, std::uintptr_t stream,
-           const nanolm::DropoutParams& dropout) {
+           std::int64_t nh, std::int64_t hs, double scale, nanolm::DType dtype,
+           const nanolm::DropoutParams& dropout, std::uintptr_t stream) {
             nanolm::attention_bwd_cuda({dout, q, k, v, o, lse, delta, dq, dk, dv, dout_strides, q_strides,
                                         k_strides, v_strides, o_strides, dq_strides, dk_strides, dv_strides,
                                         B, T, nh, hs, scale, dtype, dropout}, stream);
@@ -134,8 +172,8 @@ static void bind_cuda(py::module_& m) {
         py::arg("k_strides"), py::arg("v"), py::arg("v_strides"), py::arg("o"), py::arg("o_strides"),
         py::arg("lse"), py::arg("delta"), py::arg("dq"), py::arg("dq_strides"), py::arg("dk"),
         py::arg("dk_strides"), py::arg("dv"), py::arg("dv_strides"), py::arg("B"), py::arg("T"),
-        py::arg("nh"), py::arg("hs"), py::arg("scale"), py::arg("dtype"), py::arg("stream"),
-        py::arg("dropout") = nanolm::DropoutParams(),
+        py::arg("nh"), py::arg("hs"), py::arg("scale"), py::arg("dtype"), py::arg("dropout"),
+        py::arg("stream"),
         "Causal flash attention backward: writes dq, dk, dv (delta: fp32 (B, nh, T) scratch)");
 }
 #endif
@@ -150,7 +188,7 @@ PYBIND11_MODULE(_C_sim, m) {
 }
 #else
 PYBIND11_MODULE(_C, m) {
-    m.doc() = "nanolm's C++ (CPU) and CUDA kernels; see csrc/ and nanolm/backends/";
+    m.doc() = "nanolm's C++ (CPU) and CUDA kernels; see csrc/ and nanolm/ops/";
     bind_common(m);
     bind_cpu(m);
 #ifdef NANOLM_WITH_CUDA

@@ -1,6 +1,6 @@
 // Shared helpers for nanolm's C++ and CUDA sources.
 //
-// Kernels receive raw pointers from the Python layer (nanolm/backends/), which has already
+// Kernels receive raw pointers from the Python layer (nanolm/ops/), which has already
 // checked dtype, device, shape and contiguity. The C++ side still guards every index it
 // computes and reports failures by throwing: pybind11 turns std::exception into a Python
 // exception, so nothing here ever calls exit() or abort().
@@ -12,9 +12,9 @@
 namespace nanolm {
 
 // The element type of a kernel's tensors, handed from Python as nanolm._C.DType (bound in
-// bindings.cpp; nanolm/backends/common.py maps torch dtypes onto it). Every launcher that
+// bindings.cpp; nanolm/ops/launch.py maps torch dtypes onto it). Every launcher that
 // takes more than one storage type takes a DType; which ones each accepts is declared in
-// its backend's SUPPORT table (nanolm/backends/).
+// its backend's support row (nanolm/ops/<op>.py).
 enum class DType : int { float32 = 0, bfloat16 = 1, float16 = 2 };
 
 inline const char* dtype_name(DType dtype) {

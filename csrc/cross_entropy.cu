@@ -15,7 +15,7 @@
 // bench counts 3 * N * Vp * elt + 12 * N bytes. ~2 exp per logit; memory-bound.
 //
 // The vocab-parallel pair, on one vocabulary shard (ids [vocab_start, vocab_start + Vp), the
-// first V real, V = 0 allowed; contract in nanolm/backends/torch_ref.py), from the same sweeps:
+// first V real, V = 0 allowed; specification in nanolm/ops/cross_entropy.py), from the same sweeps:
 //   cross_entropy_stats_kernel  sweep 1 only: (m, s, x_t or 0) -> stats (N, 3) fp32; reads
 //                               N*Vp, writes 3N floats.
 //   cross_entropy_grad_kernel   sweep 2 only, in place, with the global lse given: GradOp with

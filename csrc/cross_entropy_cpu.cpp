@@ -15,7 +15,7 @@
 // cache) + N targets, writes N*Vp gradients (read back once from cache) + N fp32 losses.
 //
 // The vocab-parallel pair (logits: one vocabulary shard, ids [vocab_start, vocab_start + Vp),
-// the first V real, V = 0 allowed; see nanolm/backends/torch_ref.py), in the same three dtypes
+// the first V real, V = 0 allowed; see nanolm/ops/cross_entropy.py), in the same three dtypes
 // with fp32 statistics:
 //   cross_entropy_stats_cpu  per row (m, s, x_t or 0) -> stats (N, 3); reads N*Vp, writes 3N.
 //   cross_entropy_grad_cpu   dx_j = grad_scale * (exp(x_j - lse) (1 + 2 z_loss lse) - [j == t - vocab_start])

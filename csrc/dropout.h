@@ -1,5 +1,5 @@
-// Dropout masks by Philox4x32-10: the C++ and CUDA form of the specification in the dropout
-// section of nanolm/backends/torch_ref.py, which every backend matches bit for bit:
+// Dropout masks by Philox4x32-10: the C++ and CUDA form of the specification in
+// nanolm/ops/dropout.py, which every backend matches bit for bit:
 //   key (seed mod 2^32, seed >> 32); counter (g mod 2^32, g >> 32, offset mod 2^32, offset >> 32)
 //   with g = i >> 2 for element i (its flat row-major index); element i takes word i mod 4 of
 //   Philox's output and is kept iff that word >= threshold = floor(p * 2^32); kept values are
@@ -17,7 +17,7 @@
 
 namespace nanolm {
 
-// A kernel's dropout arguments, from the host (nanolm/backends/checks.py: dropout_params).
+// A kernel's dropout arguments, from the host (nanolm/ops/launch.py: Target.dropout).
 // enabled == false (p = 0) selects the kernel's code path without dropout.
 struct DropoutParams {
     std::uint64_t seed = 0;

@@ -2,5 +2,5 @@
 
 One file per op: the @triton.jit kernels first, then the launchers (shapes, allocation, block
 sizes, warps). They trust their inputs and import nothing from nanolm: the Triton backend
-(nanolm/backends/triton.py) checks every tensor against its support table, then calls them.
+(each op's module in nanolm/ops/) checks every tensor against its support row, then calls them.
 """

@@ -389,7 +389,7 @@ else:
     _dq_kernel = triton.autotune(_DQ_CONFIGS, key=_KEY, prune_configs_by=_DQ_PRUNE)(attention_bwd_dq_kernel)
 
 
-def _launch(kernel, rows_meta, B, nh, T, *args, hs, dropout_args=None):
+def _launch(kernel, rows_meta, B, nh, T, *args, hs, dropout_args):
     """Grid: (blocks of `rows_meta` rows over T, B * nh). The dropout arguments follow args."""
     def grid(meta):
         return (triton.cdiv(T, meta[rows_meta]), B * nh)
@@ -402,7 +402,7 @@ def _bth(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def attention_fwd(q, k, v, scale, dropout_args=None):
+def attention_fwd(q, k, v, scale, dropout_args):
     """q, k, v (B, T, nh, hs), stride(-1) == 1 -> o (B, T, nh, hs) contiguous, lse (B, nh, T) fp32.
     dropout_args: None or (seed, offset, threshold, keep_scale) of P's dropout."""
     B, T, nh, hs = q.shape
@@ -414,7 +414,7 @@ def attention_fwd(q, k, v, scale, dropout_args=None):
     return o, lse
 
 
-def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, dropout_args=None):
+def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, dropout_args):
     """Writes dq, dk, dv (B, T, nh, hs), stride(-1) == 1; do, o contiguous; lse (B, nh, T)."""
     B, T, nh, hs = q.shape
     delta = torch.empty((B, nh, T), dtype=torch.float32, device=q.device)

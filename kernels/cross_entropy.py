@@ -13,7 +13,7 @@ bf16) + N targets, writes N*Vp gradients + N losses; 3 exp per logit; memory-bou
 The bench counts 3 * N * Vp * elt + 12 * N bytes.
 
 The vocab-parallel pair (logits: one shard of the vocabulary, ids [vocab_start, vocab_start + Vp),
-its first V real, V = 0 allowed; see nanolm/backends/torch_ref.py for the contract):
+its first V real, V = 0 allowed; see nanolm/ops/cross_entropy.py for the specification):
     cross_entropy_stats_kernel  per row  m, s (as sweep 1 above) and x_t if t is in the shard
                                 else 0 -> stats (N, 3) fp32 (m = -inf, s = 0 when V = 0);
                                 reads N*Vp logits + N targets, writes 3N floats.

@@ -1,5 +1,5 @@
 """Dropout masks in Triton: Philox4x32-10 exactly as specified in the dropout section of
-nanolm/backends/torch_ref.py (and csrc/dropout.h), so masks match the other backends bit for bit.
+nanolm/ops/dropout.py (and csrc/dropout.h), so masks match the other backends bit for bit.
 
     key (seed mod 2^32, seed >> 32); counter (g mod 2^32, g >> 32, offset mod 2^32, offset >> 32),
     g = i >> 2; element i takes word i mod 4 and is kept iff it is >= threshold = floor(p * 2^32);

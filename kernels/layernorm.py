@@ -169,7 +169,7 @@ def _num_warps(elements):
     return min(max(elements // 256, 1), 16)
 
 
-def layernorm_fwd(x, residual, weight, bias, eps, dropout_args=None):
+def layernorm_fwd(x, residual, weight, bias, eps, dropout_args):
     """x, residual (N, C) (residual may be None) -> y, residual_out (None without residual or
     dropout), mean, rstd. dropout_args: None or (seed, offset, threshold, keep_scale) of x's dropout."""
     N, C = x.shape
@@ -199,7 +199,7 @@ def _bwd_programs(N, device):
     return max(1, min(N, per_device))
 
 
-def layernorm_bwd(dy, x, weight, mean, rstd, dresidual, dropout_args=None, dbranch=None):
+def layernorm_bwd(dy, x, weight, mean, rstd, dresidual, dbranch, dropout_args):
     """-> dx (N, C), dweight, dbias (C,) float32; dresidual (N, C) is added to dx when given.
     With dropout_args (the forward's), also writes dbranch (N, C) = dropout(dx)."""
     N, C = x.shape

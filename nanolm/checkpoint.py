@@ -238,10 +238,10 @@ def weight_diff(state, model_config):
     """Lines naming every tensor of a state dict that the GPT of `model_config` (a ModelConfig)
     lacks, has in addition, or has in another shape; the model is built on the meta device
     (shapes only, no memory)."""
-    from nanolm import backends
     from nanolm.model import GPT
+    from nanolm.ops import backends
     with torch.device("meta"):
-        model = GPT(model_config, backends.impls(backends.resolve("torch", torch.device("cpu"))))
+        model = GPT(model_config, backends.resolve("torch", torch.device("cpu")))
     want = {k: getattr(v, "shape", None) for k, v in model.state_dict().items()}
     got = {k: getattr(v, "shape", None) for k, v in state.items()}
     diff = [f"{k}: in the config's model, missing from the weights" for k in want if k not in got]

@@ -102,6 +102,9 @@ class TrainConfig:
     block_size: int = 0
     dropout: float = 0.0
     recompute: str = "none"  # activations the backward recomputes: none, mlp (GELU in/out) or block (all)
+    # torch.compile the model's training and eval forward (fullgraph: every hot op is a torch.library
+    # op, so the graph has no breaks); the first steps pay the compile: tens of seconds on a CPU
+    compile: bool = False
     zero: int = 0  # 1 = ZeRO-1: each of W ranks keeps 1/W of the AdamW state (multi-process only)
     tp: int = 1  # tensor-parallel ranks per model (consecutive ranks: keep within a node); dp = W/tp
     bucket_mb: float = 25.0  # gradient bucket size; ~25 MB hides all-reduce latency (as DDP)
@@ -130,7 +133,7 @@ def _parse_value(key, text, typ):
 
 
 # bare flags and the value they stand for
-FLAGS = {"--resume": "--resume=latest"}
+FLAGS = {"--resume": "--resume=latest", "--compile": "--compile=true"}
 
 
 def parse_overrides(argv):
@@ -164,7 +167,7 @@ def config_help():
         above = []
     comments["preset"] += ": " + ", ".join(
         f"{name} ({shape['n_layer']} layers x {shape['n_embd']} wide)" for name, shape in PRESETS.items())
-    from nanolm import backends  # only here: the config itself needs no kernels
+    from nanolm.ops import backends  # only here: the config itself needs no kernels
     comments["kernels"] += (f"; backends: {', '.join(backends.BACKENDS)}; ops: {', '.join(backends.OPS)} "
                             "(python -m nanolm.info shows which runs where)")
 

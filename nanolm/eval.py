@@ -27,18 +27,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanolm import backends, checkpoint
+from nanolm import checkpoint
 from nanolm.config import ModelConfig, cli
 from nanolm.data import Progress, get_tokenizer, load_dataset
 from nanolm.metrics import perplexity
 from nanolm.model import GPT
+from nanolm.ops import backends
 
 
 def load(path, device, kernels="auto"):
     """(model in eval mode, tokenizer, checkpoint dict without its tensors) from a checkpoint
     file or a run dir (its newest checkpoint)."""
     ckpt = checkpoint.load_gpt(path, map_location=device)
-    impls = backends.impls(backends.resolve(kernels, torch.device(device)))
+    impls = backends.resolve(kernels, torch.device(device))
     model = GPT(ModelConfig(**ckpt["config"]["model"]), impls)
     model.load_state_dict(ckpt.pop("model"))
     return model.to(device).eval(), get_tokenizer(ckpt["config"]["tokenizer"]), ckpt

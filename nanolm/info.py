@@ -1,16 +1,16 @@
 """`python -m nanolm.info`: how nanolm._C (and nanolm._C_sim) was built, library versions,
 devices, the support matrix: per device, for each op and backend, which dtypes it runs, with the
-reason where not (every cell is read from the backends' SUPPORT tables, nanolm/backends/), and
-how each CUDA and Triton kernel has been verified (cuda.KERNELS, cuda.GPU_RUNS; triton.KERNELS,
-triton.STATIC_REPORT, triton.GPU_RUNS); and the CPU with the precision --dtype=auto takes on it."""
-import json
-from pathlib import Path
-
+reason where not (every cell is read from the support rows of the op modules, nanolm/ops/), and
+how each CUDA and Triton kernel has been verified (nanolm/verification.json); and the CPU with
+the precision --dtype=auto takes on it."""
 import torch
 
-from nanolm import backends, precision
-from nanolm.backends import cuda, cuda_sim
-from nanolm.backends.common import dtype_name
+from nanolm import precision
+from nanolm.ops import OPS, backends
+from nanolm.ops.launch import _C_sim
+from nanolm.ops.support import dtype_name
+
+VERIFICATION = backends.VERIFICATION
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -24,16 +24,16 @@ def build_info():
 
 
 def sim_build_info():
-    reason = cuda_sim.unavailable_reason(torch.device("cpu"))
+    reason = backends.RUNS["cuda_sim"](torch.device("cpu"))
     if reason is not None:
         return reason
-    return ", ".join(f"{k}={v}" for k, v in cuda_sim._C_sim.build_info().items() if k in ("cxx", "march"))
+    return ", ".join(f"{k}={v}" for k, v in _C_sim.build_info().items() if k in ("cxx", "march"))
 
 
 def cuda_kernel_status():
     """One line per CUDA kernel: emulated / compiled / run on a GPU; then whether auto takes cuda."""
     emulated = "emulated: cuda_sim op tests + ASan + TSan in CI"
-    if cuda_sim.unavailable_reason(torch.device("cpu")) is not None:
+    if backends.RUNS["cuda_sim"](torch.device("cpu")) is not None:
         emulated += " (cuda_sim not built here)"
     try:
         from nanolm import _C
@@ -42,55 +42,24 @@ def cuda_kernel_status():
         archs = ""
     compiled = f"compiled here: {archs}" if archs else "not compiled here (no nvcc at install)"
     lines = []
-    for op, kernels in cuda.KERNELS.items():
-        for kernel in kernels:
-            lines.append(f"  {kernel:<32} {emulated}; {compiled}; run on a GPU: {cuda.GPU_RUNS.get(kernel, 'never')}")
-        auto = "in auto on CUDA" if cuda.verified_on_gpu(op) else "not in auto (no GPU run yet)"
+    for op, kernels in VERIFICATION["cuda"].items():
+        for kernel, record in kernels.items():
+            lines.append(f"  {kernel:<32} {emulated}; {compiled}; run on a GPU: {record['gpu_run'] or 'never'}")
+        auto = "in auto on CUDA" if backends.verified_on_gpu("cuda", op) else "not in auto (no GPU run yet)"
         lines.append(f"  {'':<32} -> cuda for {op}: {auto}")
     return "\n".join(lines)
 
 
-def static_summary(rows, kernel):
-    """'sm_80: 24 configs (8 production), spilling: 0 production, 2 other (up to 104 B); sm_90a: ...'
-    for kernel, from a static.json's rows."""
-    parts = []
-    for arch in sorted({r["arch"] for r in rows if r["kernel"] == kernel}):
-        mine = [r for r in rows if r["kernel"] == kernel and r["arch"] == arch]
-        failed = sum(r["status"] != "ok" for r in mine)
-        spills = [r for r in mine if r["status"] == "ok" and r["spill_stores"]]
-        production = sum(r["production"] for r in spills)
-        plural = "s" if len(mine) != 1 else ""
-        text = (f"{arch}: {len(mine)} config{plural} ({sum(r['production'] for r in mine)} production), spilling: "
-                f"{production} production, {len(spills) - production} other")
-        if spills:
-            text += f" (up to {max(r['spill_stores'] for r in spills)} B)"
-        parts.append(text + (f", {failed} fail to compile" if failed else ""))
-    return "; ".join(parts) or "not in the report"
-
-
 def triton_kernel_status():
     """Three lines per Triton kernel: the tests that interpret it in CI, its compiled form (the CI
-    gate, and the last full `python -m bench static` report when this is a source checkout), and
-    its GPU runs."""
-    try:
-        triton = backends.load("triton")
-    except ImportError as e:
-        return f"  triton backend not importable ({e})"
-    report = Path(__file__).resolve().parent.parent / triton.STATIC_REPORT / "static.json"
-    if report.exists():
-        data = json.loads(report.read_text())
-        rows = [r for r in data["rows"] if r["kind"] == "triton"]
-        source = f"{triton.STATIC_REPORT} (triton {data['env']['triton']}, every config)"
-    else:
-        rows, source = None, f"{triton.STATIC_REPORT}: not in this install"
+    gate, and the summary of the last full `python -m bench static` report), and its GPU runs."""
     lines = [f"  gate in CI: every production config compiles for sm_90a, fits shared memory, no spills "
-             f"(tests/test_triton_static.py); full report: {source}"]
-    for kernels in triton.KERNELS.values():
-        for kernel, tests in kernels.items():
-            lines.append(f"  {kernel:<32} interpreted in CI (fp32): {', '.join(tests)}")
-            if rows is not None:
-                lines.append(f"  {'':<32} compiled: {static_summary(rows, kernel)}")
-            lines.append(f"  {'':<32} run on a GPU: {triton.GPU_RUNS.get(kernel, 'never')}")
+             f"(tests/test_triton_static.py); full report: {VERIFICATION['static_report']}"]
+    for kernels in VERIFICATION["triton"].values():
+        for kernel, record in kernels.items():
+            lines.append(f"  {kernel:<32} interpreted in CI (fp32): {', '.join(record['tests'])}")
+            lines.append(f"  {'':<32} compiled: {record['compiled']}")
+            lines.append(f"  {'':<32} run on a GPU: {record['gpu_run'] or 'never'}")
     return "\n".join(lines)
 
 
@@ -128,10 +97,10 @@ def support_rows(device):
     (runs here), "no" (not in the backend's table) or "(yes)" (in the table, but the backend
     cannot run here now: not built, no GPU, ...)."""
     rows = []
-    for op in backends.OPS:
+    for op in OPS:
         for name in backends.BACKENDS:
             table = [backends.support_reason(name, op, device, dtype) for dtype in DTYPES]
-            here = None if all(table) else backends.load(name).unavailable_reason(device)
+            here = None if all(table) else backends.RUNS[name](device)
             cells = ["no" if t else "(yes)" if here else "yes" for t in table]
             why = [here] + list(dict.fromkeys(table))
             rows.append((op, name, cells, "; ".join(r for r in why if r)))

@@ -1,7 +1,7 @@
-"""GPT-2 (nanoGPT-style), with every hot op going through nanolm/ops.py.
+"""GPT-2 (nanoGPT-style), with every hot op going through nanolm/ops/ (torch.library ops).
 
 The residual stream is read once per sub-block: each residual add is fused with the LayerNorm
-that follows it (ops.add_layer_norm), so a block receives (normalised input, residual stream)
+that follows it (layernorm.add_layer_norm), so a block receives (normalised input, residual stream)
 and hands the next LayerNorm's weights the MLP output to fuse.
 
 Dropout (cfg.dropout > 0, training mode only) sits where nanoGPT puts it, inside the fused
@@ -13,13 +13,13 @@ Activation recomputation (GPT(..., recompute=)), as llm.c's -r, trades compute f
 "mlp" keeps only each MLP's input and recomputes its two 4*C-wide activations (the GELU's input
 and output: half of a block's saved activations) in the backward; "block" keeps only each
 block's inputs (h, x) and reruns the whole block. torch.utils.checkpoint (non-reentrant) reruns
-the same code on the same inputs, the op layer's autograd Functions included, and the rerun
+the same code on the same inputs, the registered ops included, and the rerun
 block gets the same Dropout arguments (seed, offset) as the first run, so the gradients are
 bit-identical to training without it, dropout included.
 
 One forward serves training and sampling: given a KVCache (nanolm/kvcache.py), GPT.forward
 runs only the new positions and attention reads the earlier keys and values from the cache.
-`impls` is the {op: backend module} mapping from nanolm.backends.impls().
+`impls` is the {op: backend name} mapping from nanolm.ops.backends.resolve().
 """
 import math
 
@@ -28,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nanolm import ops
+from nanolm.ops import attention, cross_entropy, layernorm
+from nanolm.ops.dropout import dropout
 
 LN_EPS = 1e-5
 
@@ -71,7 +72,7 @@ class DropoutStream(nn.Module):
         base, self.forwards = self.forwards * sites, self.forwards + 1
 
         def site(s):
-            return ops.dropout(self.p, self.seed, base + s)
+            return dropout(self.p, self.seed, base + s)
 
         per_layer = self.SITES_PER_LAYER
         return site(0), [tuple(site(1 + per_layer * i + j) for j in range(per_layer))
@@ -94,7 +95,7 @@ class Attention(nn.Module):
     def forward(self, h, cache=None, dropout=None):
         qkv = self.c_attn(h)  # (B, T, 3C)
         if cache is None:
-            y = ops.causal_attention(qkv, self.n_head, self.backend, dropout)
+            y = attention.causal_attention(qkv, self.n_head, self.backend, dropout)
         else:  # the new positions attend over the cached ones too
             y = cache.attend(self.layer, qkv, self.n_head)
         return self.c_proj(y)
@@ -130,7 +131,7 @@ class Block(nn.Module):
     """The pre-LN GPT-2 block, unfused:
         x = x + attn(ln_1(x))
         x = x + mlp(ln_2(x))
-    Here each residual add is fused with the LayerNorm after it (ops.add_layer_norm), so the
+    Here each residual add is fused with the LayerNorm after it (layernorm.add_layer_norm), so the
     block takes h = ln_1(x) from the previous one and returns (next_ln(x_out), x_out)."""
 
     def __init__(self, cfg, impls, layer):
@@ -145,10 +146,19 @@ class Block(nn.Module):
         """dropout: the Dropout arguments (or None) of the attention probabilities, the attention
         branch and the MLP branch (training only: never with a cache)."""
         attn_probs, attn_branch, mlp_branch = dropout
-        h, x = ops.add_layer_norm(self.attn(h, cache, attn_probs), x, self.ln_2.weight, self.ln_2.bias, LN_EPS,
-                                  self.ln_backend, attn_branch)
-        return ops.add_layer_norm(self.mlp(h), x, next_ln.weight, next_ln.bias, LN_EPS, self.ln_backend,
-                                  mlp_branch)
+        h, x = layernorm.add_layer_norm(self.attn(h, cache, attn_probs), x, self.ln_2.weight, self.ln_2.bias,
+                                        LN_EPS, self.ln_backend, attn_branch)
+        return layernorm.add_layer_norm(self.mlp(h), x, next_ln.weight, next_ln.bias, LN_EPS, self.ln_backend,
+                                        mlp_branch)
+
+
+def compiled(model):
+    """torch.compile(model, fullgraph=True): one graph, no breaks (the hot ops are torch.library
+    ops). DropoutStream counts forwards in an int attribute that changes every training step;
+    traced as a symbolic int (allow_unspec_int_on_nn_module) it is one more graph input, where
+    as a constant it would recompile the model at every step."""
+    torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    return torch.compile(model, fullgraph=True)
 
 
 class GPT(nn.Module):
@@ -202,10 +212,10 @@ class GPT(nn.Module):
         first_ln = blocks[0].ln_1 if blocks else tr.ln_f
         if self.training and self.cfg.dropout > 0 and cache is None:
             embedding, per_layer = self.dropout.next_forward()
-            h, x = ops.add_layer_norm(x, None, first_ln.weight, first_ln.bias, LN_EPS, ln, embedding)
+            h, x = layernorm.add_layer_norm(x, None, first_ln.weight, first_ln.bias, LN_EPS, ln, embedding)
         else:
             per_layer = [(None, None, None)] * len(blocks)
-            h = ops.layer_norm(x, first_ln.weight, first_ln.bias, LN_EPS, ln)
+            h = layernorm.layer_norm(x, first_ln.weight, first_ln.bias, LN_EPS, ln)
         for i, block in enumerate(blocks):
             next_ln = blocks[i + 1].ln_1 if i + 1 < len(blocks) else tr.ln_f
             if self.recompute == "block":
@@ -226,5 +236,5 @@ class GPT(nn.Module):
         if targets is None:
             return h[:, -1] @ self.lm_head.weight[: self.cfg.vocab_size].to(h.dtype).t()
         C = h.shape[-1]
-        return ops.linear_cross_entropy(h.reshape(-1, C), self.lm_head.weight, targets.reshape(-1),
-                                        self.impls["cross_entropy"], vocab_size=self.cfg.vocab_size)
+        return cross_entropy.linear_cross_entropy(h.reshape(-1, C), self.lm_head.weight, targets.reshape(-1),
+                                                  self.impls["cross_entropy"], vocab_size=self.cfg.vocab_size)

@@ -29,9 +29,9 @@ replicated ones form one range and the decayed 2-D ones still a prefix; the glob
 every rank's slices once and the replicated parameters once (_sum_over_ranks):
     norm^2 = sum over the group of (sumsq(buffer) - (1 - 1/n) * sumsq(replicated range)).
 
-FlatAdamW: AdamW over [adamw_start, end) of the buffers, through ops.adamw_step (the fused
-kernels) and ops.grad_norm; adamw_start is 0, every parameter, unless a subclass takes a
-leading range for another rule.
+FlatAdamW: AdamW over [adamw_start, end) of the buffers, through the adamw op (the fused
+kernels, nanolm/ops/adamw.py) and its grad_norm; adamw_start is 0, every parameter, unless a
+subclass takes a leading range for another rule.
 
 FlatMuon: Muon (Jordan et al. 2024, modded-nanogpt; nanochat's muon.py) for the 2-D hidden
 matrices (attention and MLP weights), which it puts first in the buffer, [0, muon_numel); the
@@ -66,7 +66,7 @@ import math
 
 import torch
 
-from nanolm import ops
+from nanolm.ops import adamw
 from nanolm.tensor_parallel import gather, shard
 
 
@@ -190,15 +190,15 @@ class FlatOptimizer:
 
     def _grad_norm(self):
         if self.comm is None and self.tp_comm is None:
-            return ops.grad_norm(self.flat_grad, self.backend).item()
-        sumsq = self._sum_over_ranks(lambda s, e: self.backend.sum_of_squares(self.flat_grad[s:e]))
+            return adamw.grad_norm(self.flat_grad, self.backend).item()
+        sumsq = self._sum_over_ranks(lambda s, e: adamw.sum_of_squares_op(self.flat_grad[s:e], self.backend))
         if not torch.isinf(sumsq):  # the same on every rank, so every rank takes the same branch
             return sumsq.sqrt().item()
-        # fp32 overflow with finite gradients, as in ops.grad_norm; the scale is the sum of the
+        # fp32 overflow with finite gradients, as in adamw.grad_norm; the scale is the sum of the
         # ranks' max |g|, which every rank then knows and which bounds every |g|
         scale = self._sum_over_ranks(lambda s, e: self.flat_grad[s:e].abs().max(), replicated_once=False)
-        return ops.scaled_norm(scale, lambda scale: self._sum_over_ranks(
-            lambda s, e: self.backend.sum_of_squares(self.flat_grad[s:e] / scale))).item()
+        return adamw.scaled_norm(scale, lambda scale: self._sum_over_ranks(
+            lambda s, e: adamw.sum_of_squares_op(self.flat_grad[s:e] / scale, self.backend))).item()
 
     def _sum_over_ranks(self, of_piece, replicated_once=True):
         """The sum over every rank's pieces of of_piece(start, end), a 0-d tensor: over the dp
@@ -266,7 +266,7 @@ class FlatOptimizer:
 
 class FlatAdamW(FlatOptimizer):
     """AdamW (decoupled weight decay on the 2-D parameters) over the flat buffers from
-    adamw_start on, through the fused ops.adamw_step."""
+    adamw_start on, through the fused adamw op."""
 
     name = "adamw"
 
@@ -288,11 +288,11 @@ class FlatAdamW(FlatOptimizer):
             n = end - start
             # decay covers flat[:decay_numel]; a piece may lie before, after or across it
             decay = min(max(self.decay_numel - start, 0), n)
-            ops.adamw_step(self.flat_param[start:end], self.flat_grad[start:end],
-                           self.exp_avg[offset:offset + n], self.exp_avg_sq[offset:offset + n],
-                           lr=lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
-                           weight_decay=self.weight_decay, step=self.step_count, decay_numel=decay,
-                           grad_scale=grad_scale, backend=self.backend)
+            adamw.adamw(self.flat_param[start:end], self.flat_grad[start:end],
+                        self.exp_avg[offset:offset + n], self.exp_avg_sq[offset:offset + n],
+                        lr=lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
+                        weight_decay=self.weight_decay, step=self.step_count, decay_numel=decay,
+                        grad_scale=grad_scale, backend=self.backend)
             offset += n
 
     def _sharded_state(self):

@@ -14,11 +14,12 @@ import sys
 
 import torch
 
-from nanolm import backends, checkpoint
+from nanolm import checkpoint
 from nanolm.config import ModelConfig, cli
 from nanolm.data import StreamDecoder, get_tokenizer
 from nanolm.kvcache import KVCache
 from nanolm.model import GPT
+from nanolm.ops import backends
 
 
 def pick(logits, temperature, top_k, generator, vocab_size):
@@ -77,7 +78,7 @@ def load_model(ckpt_path, device, kernels="auto"):
     ckpt = checkpoint.load_gpt(ckpt_path, map_location=device)
     device = torch.device(device)
     model = GPT(ModelConfig(**ckpt["config"]["model"]),
-                backends.impls(backends.resolve(kernels, device)))
+                backends.resolve(kernels, device))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), get_tokenizer(ckpt["config"]["tokenizer"])
 

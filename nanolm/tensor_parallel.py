@@ -4,7 +4,7 @@ split over the n ranks of a tensor-parallel group, on the communicators of nanol
 A block on rank r of n (X the (B*T, C) LayerNorm output, identical on every rank):
   attention  c_attn is column-parallel: W (3C, C) keeps the rows of r's heads in each of q, k, v,
              so X W_r^T (B, T, 3C/n) is already the fused [q | k | v] layout of nh/n heads that
-             ops.causal_attention reads; c_proj is row-parallel: W (C, C) keeps the input columns
+             attention.causal_attention reads; c_proj is row-parallel: W (C, C) keeps the input columns
              of those heads, each rank's Y_r W_r^T is a partial sum, one all-reduce adds them.
   MLP        c_fc column-parallel (4C/n of the hidden units), c_proj row-parallel + all-reduce.
 The conjugate pair of collectives (Megatron's f and g):
@@ -23,7 +23,8 @@ same step on every rank. tests/test_tensor_parallel.py checks they end bitwise e
 
 Vocab parallel: wte (Vp, C) and the tied lm_head are split by rows, rank r holding vocab ids
 [r*R, (r+1)*R), R = ceil(Vp/n). The embedding looks up the ids it holds (zeros elsewhere) and
-all-reduces; the loss is ops.vocab_parallel_linear_cross_entropy, which never gathers the logits.
+all-reduces; the loss is cross_entropy.vocab_parallel_linear_cross_entropy (nanolm/ops/), which never
+gathers the logits.
 
 Parameters carry `tp_split = (dim, groups, full size)`: the dim they are cut along, how many
 interleaved groups it holds (3 for c_attn's q, k, v; the cut takes rank r's part of each), and
@@ -38,46 +39,40 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanolm import ops
+from nanolm.ops import cross_entropy, groups, library
 
 
 # ----------------------------------------------------------------------------- collectives
+# A registered op (torch.compile traces it as one node), reaching the communicator by its name
+# (nanolm/ops/groups.py). Out of place: a registered op's output may not alias its input, so the
+# sum costs one copy of x.
+
+@library.op("all_reduce", fake=lambda x, group: torch.empty_like(x),
+            setup_context=lambda ctx, inputs, output: None, backward=lambda ctx, grad: (grad, None))
+def reduce_from_group(x: torch.Tensor, group: str) -> torch.Tensor:
+    """The sum of x over the ranks of `group`; identity backward (the gradient is the same on
+    every rank)."""
+    comm = groups.communicator(group)
+    total = x.contiguous().clone()
+    comm.wait(comm.all_reduce(total, average=False))
+    return total
+
 
 class CopyToGroup(torch.autograd.Function):
     """Identity forward; all-reduce (sum) of the gradient backward."""
 
     @staticmethod
-    def forward(ctx, x, comm):
-        ctx.comm = comm
+    def forward(ctx, x, group):
+        ctx.group = group
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()  # autograd may hand the same tensor to another branch
-        ctx.comm.wait(ctx.comm.all_reduce(grad, average=False))
-        return grad, None
+        return reduce_from_group(grad, ctx.group), None
 
 
-class ReduceFromGroup(torch.autograd.Function):
-    """All-reduce (sum) forward, in place over the fresh matmul output; identity backward."""
-
-    @staticmethod
-    def forward(ctx, x, comm):
-        ctx.mark_dirty(x)
-        comm.wait(comm.all_reduce(x, average=False))
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def copy_to_group(x, comm):
-    return CopyToGroup.apply(x, comm)
-
-
-def reduce_from_group(x, comm):
-    return ReduceFromGroup.apply(x.contiguous(), comm)
+def copy_to_group(x, group):
+    return CopyToGroup.apply(x, group)
 
 
 # ----------------------------------------------------------------------------- slicing
@@ -119,14 +114,14 @@ def _sharded_parameter(full, dim, groups, comm):
 class ColumnParallelLinear(nn.Module):
     """y_r = x W_r^T + b_r: this rank's `out/n` output features (of each of `groups` groups)."""
 
-    def __init__(self, full, comm, groups=1):
+    def __init__(self, full, comm, n_groups=1):
         super().__init__()
-        self.comm = comm
-        self.weight = _sharded_parameter(full.weight, 0, groups, comm)
-        self.bias = None if full.bias is None else _sharded_parameter(full.bias, 0, groups, comm)
+        self.group = groups.register(comm)
+        self.weight = _sharded_parameter(full.weight, 0, n_groups, comm)
+        self.bias = None if full.bias is None else _sharded_parameter(full.bias, 0, n_groups, comm)
 
     def forward(self, x):
-        return F.linear(copy_to_group(x, self.comm), self.weight, self.bias)
+        return F.linear(copy_to_group(x, self.group), self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -135,12 +130,12 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, full, comm):
         super().__init__()
-        self.comm = comm
+        self.group = groups.register(comm)
         self.weight = _sharded_parameter(full.weight, 1, 1, comm)
         self.bias = None if full.bias is None else nn.Parameter(full.bias.detach().clone())
 
     def forward(self, x):
-        y = reduce_from_group(F.linear(x, self.weight), self.comm)
+        y = reduce_from_group(F.linear(x, self.weight), self.group)
         return y if self.bias is None else y + self.bias
 
 
@@ -151,7 +146,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, full, comm):
         super().__init__()
-        self.comm = comm
+        self.group = groups.register(comm)
         self.weight = _sharded_parameter(full.weight, 0, 1, comm)
         self.vocab_start = comm.env.rank * self.weight.shape[0]
 
@@ -159,17 +154,17 @@ class VocabParallelEmbedding(nn.Module):
         local = idx - self.vocab_start
         outside = (local < 0) | (local >= self.weight.shape[0])
         x = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0.0)
-        return reduce_from_group(x, self.comm)
+        return reduce_from_group(x, self.group)
 
 
 class VocabParallelHead(nn.Module):
     """The lm_head tied to a VocabParallelEmbedding: the loss over this rank's vocab rows, with
-    the softmax statistics combined across the group (ops.vocab_parallel_linear_cross_entropy)."""
+    the softmax statistics combined across the group (cross_entropy.vocab_parallel_linear_cross_entropy)."""
 
     def __init__(self, wte, vocab_size, backend):
         super().__init__()
         self.weight = wte.weight
-        self.comm, self.backend, self.vocab_size = wte.comm, backend, vocab_size
+        self.group, self.backend, self.vocab_size = wte.group, backend, vocab_size
         self.vocab_start = wte.vocab_start
         self.local_vocab = min(max(vocab_size - self.vocab_start, 0), self.weight.shape[0])
 
@@ -178,8 +173,8 @@ class VocabParallelHead(nn.Module):
             raise ValueError("a tensor-parallel GPT computes losses only; sample from the gathered "
                              "model (tensor_parallel.gather_state_dict into a 1-process GPT)")
         C = h.shape[-1]
-        return ops.vocab_parallel_linear_cross_entropy(
-            copy_to_group(h.reshape(-1, C), self.comm), self.weight, targets.reshape(-1), self.comm,
+        return cross_entropy.vocab_parallel_linear_cross_entropy(
+            copy_to_group(h.reshape(-1, C), self.group), self.weight, targets.reshape(-1), self.group,
             self.backend, self.vocab_start, self.local_vocab, self.vocab_size)
 
 
@@ -195,7 +190,7 @@ def parallelize(model, comm):
         comm.wait(comm.broadcast(p.data, root=0))
     for block in model.transformer.h:
         attn, mlp = block.attn, block.mlp
-        attn.c_attn = ColumnParallelLinear(attn.c_attn, comm, groups=3)  # [q | k | v]: r's heads of each
+        attn.c_attn = ColumnParallelLinear(attn.c_attn, comm, n_groups=3)  # [q | k | v]: r's heads of each
         attn.c_proj = RowParallelLinear(attn.c_proj, comm)
         attn.n_head = cfg.n_head // n
         mlp.c_fc = ColumnParallelLinear(mlp.c_fc, comm)

@@ -29,11 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanolm import backends, checkpoint, dist, flops, tensor_parallel
+from nanolm import checkpoint, dist, flops, tensor_parallel
 from nanolm.config import ConfigError, as_dict, cli, config_help, model_config, parse_args, parse_overrides
 from nanolm.data import Loader, get_tokenizer, load_dataset, resolve_data
 from nanolm.metrics import MetricsWriter, perplexity, read_metrics
-from nanolm.model import GPT, DropoutStream
+from nanolm.model import GPT, DropoutStream, compiled
+from nanolm.ops import backends
+from nanolm.ops.support import check_dropout
 from nanolm.optim import DynamicLossScale, FlatAdamW, FlatMuon, hidden_matrices
 from nanolm.precision import pick_dtype
 from nanolm.rundir import RunDirLock
@@ -59,7 +61,7 @@ def pick_device(cfg, local_rank=0):
 
 def check_kernels_take(dtype, choice, device):
     """Under autocast, attention and the lm_head's cross-entropy receive `dtype` activations
-    (layernorm and AdamW stay fp32): a chosen backend whose SUPPORT lacks it is an error here,
+    (layernorm and AdamW stay fp32): a chosen backend whose support row lacks it is an error here,
     before the run dir exists, not at the first evaluation."""
     for op in ("attention", "cross_entropy"):
         reason = backends.unavailable_reason(choice[op], op, device, getattr(torch, dtype))
@@ -123,6 +125,13 @@ class Run:
     metrics: MetricsWriter | contextlib.AbstractContextManager | None = None  # a no-op off rank 0
     lock: "RunDirLock | contextlib.AbstractContextManager | None" = None  # the run dir's, on rank 0
     best: dict = dataclasses.field(default_factory=no_best_yet)  # lowest val loss: track_best
+    # what train_step and evaluate call: the model, or with --compile its torch.compile (sampling,
+    # whose KV cache changes shape every token, and checkpoints use the model itself)
+    forward: object = None
+
+    def __post_init__(self):
+        if self.forward is None:
+            self.forward = self.model
 
 
 def setup(cfg, resume_from=None):
@@ -152,21 +161,18 @@ def setup(cfg, resume_from=None):
     if env.is_main:
         print("kernels: " + ", ".join(f"{op}={name}" for op, name in choice.items()))
         print(f"dtype: {dtype} ({why})")
-    impls = backends.impls(choice)
-    check_fits_memory(mcfg, impls, device, cfg.tp)
+    check_fits_memory(mcfg, choice, device, cfg.tp)
     if mcfg.dropout > 0:
         for op in ("layernorm", "attention"):
-            if not impls[op].SUPPORT[op].dropout:
-                raise ValueError(f"dropout={mcfg.dropout}: the {choice[op]} backend has no dropout for {op}; "
-                                 f"choose another with --kernels (e.g. {op}=torch)")
-    model = GPT(mcfg, impls, cfg.recompute).to(device)
+            check_dropout(op, backends.implementation(choice[op], op).support, choice[op], mcfg.dropout)
+    model = GPT(mcfg, choice, cfg.recompute).to(device)
     if mcfg.dropout > 0:
         model.dropout.seed = DropoutStream.dropout_seed(cfg.seed, env.rank)
     n_params = model.num_params()
     if ctx.tp_comm is not None:  # this rank's slice of the model just initialised
         tensor_parallel.parallelize(model, ctx.tp_comm)
     loss_scale = DynamicLossScale(cfg.loss_scale_window) if dtype == "float16" else None
-    opt = make_optimizer(cfg, model, impls["adamw"], ctx.dp, loss_scale)
+    opt = make_optimizer(cfg, model, choice["adamw"], ctx.dp, loss_scale)
     ctx.attach(opt, cfg.bucket_mb, cfg.zero)
     try_kernels(cfg, model, opt, autocast_ctx(dtype, device), device)
     # each data-parallel replica (all ranks of one tp group alike) reads its own batch_size
@@ -179,7 +185,7 @@ def setup(cfg, resume_from=None):
                val_start=val.state_dict(), autocast=autocast_ctx(dtype, device), dist=ctx,
                config={**as_dict(cfg), "dtype": dtype, "dtype_reason": why, "data": resolve_data(cfg.data),
                        "model": dataclasses.asdict(mcfg)},
-               n_params=n_params)
+               n_params=n_params, forward=compiled(model) if cfg.compile else model)
 
 
 def make_optimizer(cfg, model, backend, pad_to, loss_scale):
@@ -223,13 +229,13 @@ def available_memory(device):
     return int(fields["MemAvailable"].split()[0]) * 1024
 
 
-def check_fits_memory(mcfg, impls, device, tp=1):
+def check_fits_memory(mcfg, choice, device, tp=1):
     """ConfigError, before anything is allocated, when the model's weights, gradients and AdamW
     moments alone (this rank's 1/tp share) exceed the device's free memory, where the allocator's
     own error would be a traceback. Activations come on top, so passing this does not promise
     the run fits."""
     with torch.device("meta"):  # shapes only: counting costs no memory
-        n_params = GPT(mcfg, impls).num_params(non_embedding=False)
+        n_params = GPT(mcfg, choice).num_params(non_embedding=False)
     needed = TRAINING_BYTES_PER_PARAM * n_params // tp
     try:
         free = available_memory(device)
@@ -465,7 +471,7 @@ def evaluate(cfg, run):
     for _ in range(cfg.eval_iters):
         x, y = run.val.next_batch(run.device)
         with run.autocast:
-            total += run.model(x, y).item()
+            total += run.forward(x, y).item()
     run.model.train()
     return run.dist.mean(total / cfg.eval_iters)
 
@@ -474,14 +480,14 @@ def train_step(cfg, run, lr):
     """grad_accum micro-batches, each loss scaled by 1/grad_accum (and by the loss scale in
     fp16), then one optimizer step. With several ranks, gradients are averaged during the last
     micro-batch's backward."""
-    model, opt = run.model, run.opt
+    opt = run.opt
     loss_scale = opt.loss_scale.scale if opt.loss_scale else 1.0
     opt.zero_grad()
     losses = []  # kept on the device: reading each one would stall the GPU once per micro-batch
     for i in range(cfg.grad_accum):
         x, y = run.train.next_batch(run.device)
         with run.autocast:
-            loss = model(x, y) / cfg.grad_accum
+            loss = run.forward(x, y) / cfg.grad_accum
         if i == cfg.grad_accum - 1:
             run.dist.arm()
         (loss * loss_scale if opt.loss_scale else loss).backward()

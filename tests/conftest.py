@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
 
 
 def pytest_collection_modifyitems(config, items):
-    from nanolm.backends import unavailable_reason
+    from nanolm.ops.backends import unavailable_reason
     skips = {}
     if not torch.cuda.is_available():
         skips["gpu"] = pytest.mark.skip(reason="needs a CUDA device")

@@ -20,14 +20,15 @@ import types
 import numpy as np
 import torch
 
-from nanolm import backends, dist, tensor_parallel
+from nanolm import dist, tensor_parallel
 from nanolm.config import ModelConfig
 from nanolm.data import Loader
 from nanolm.model import GPT
 from nanolm.optim import FlatAdamW, FlatMuon, hidden_matrices
 from nanolm.train import Run, train_step
+from nanolm.ops import backends
 
-TORCH = backends.impls(backends.resolve("torch", torch.device("cpu")))
+TORCH = backends.resolve("torch", torch.device("cpu"))
 MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=40, vocab_multiple=64)
 BATCH, GRAD_ACCUM, LR = 2, 2, 3e-3  # per-rank batch; grad_accum micro-steps per step
 TOKENS = np.random.default_rng(0).integers(0, MODEL.vocab_size, 4000)

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from nanolm.backends import cpu, cuda, cuda_sim, torch_ref, triton
+from nanolm.ops.backends import load
+
+cpu, cuda, cuda_sim, torch_ref, triton = (load(n) for n in ("cpu", "cuda", "cuda_sim", "torch", "triton"))
 
 HP = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8)
 CPU_SHAPES = [(50257, 8), (777,), (1,), (13, 7)]

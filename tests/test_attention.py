@@ -14,9 +14,10 @@ import sys
 import pytest
 import torch
 
-from nanolm import ops
-from nanolm.backends import cpu, torch_ref
-from nanolm.backends import triton as triton_backend
+from nanolm.ops import attention
+from nanolm.ops.backends import load
+
+cpu, triton_backend = load("cpu"), load("triton")
 
 # Errors are relative to max |ref| floored at 1: inputs are unit normal, and at T = 1 dq and dk
 # are differences of nearly equal O(1) terms (dP - delta), so their reference is ~0.
@@ -33,18 +34,18 @@ def make_qkv(B, T, nh, hs, dtype, device, fused=True):
 def run(backend, q, k, v, do, scale):
     """Forward, then backward into NaN-poisoned views of one (B, T, 3, nh, hs) buffer (o and
     lse are NaN from the start too under the `poison` fixture)."""
-    o, lse = backend.attention_fwd(q, k, v, scale)
+    o, lse = backend.attention_fwd(q, k, v, scale, None)
     grads = torch.full((*q.shape[:2], 3, *q.shape[2:]), float("nan"), dtype=q.dtype, device=q.device)
     dq, dk, dv = grads.unbind(2)
-    backend.attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv)
+    backend.attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, None)
     return o, lse, dq, dk, dv
 
 
 def reference(q, k, v, do, o, scale):
     f64 = [t.double() for t in (q, k, v, do)]
-    ro, rlse = torch_ref.attention_fwd(*f64[:3], scale)
+    ro, rlse = attention.attention_fwd(*f64[:3], scale, None)
     grads = [torch.empty_like(t) for t in f64[:3]]
-    torch_ref.attention_bwd(f64[3], *f64[:3], o.double(), rlse, scale, *grads)
+    attention.attention_bwd(f64[3], *f64[:3], o.double(), rlse, scale, *grads, None)
     return (ro, rlse, *grads)
 
 
@@ -108,14 +109,14 @@ def test_cpu_bf16_forward_both_paths_match_reference(force):
 
 def test_cpu_rejects_float64():
     with pytest.raises(ValueError, match="float64"):
-        cpu.attention_fwd(*make_qkv(1, 8, 2, 64, torch.float64, "cpu"), 0.125)
+        cpu.attention_fwd(*make_qkv(1, 8, 2, 64, torch.float64, "cpu"), 0.125, None)
 
 
 def test_cpu_through_op_layer_autograd():
     B, T, nh, hs = 2, 77, 3, 32
     qkv = torch.randn(B, T, 3 * nh * hs, requires_grad=True)
     g = torch.randn(B, T, nh * hs)
-    (ops.causal_attention(qkv, nh, cpu) * g).sum().backward()
+    (attention.causal_attention(qkv, nh, "cpu", None) * g).sum().backward()
 
     qkv64 = qkv.detach().double().requires_grad_()
     q, k, v = qkv64.view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
@@ -168,7 +169,7 @@ def test_triton_gpu_through_op_layer():
     B, T, nh, hs = 2, 257, 12, 64
     qkv = torch.randn(B, T, 3 * nh * hs, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(B, T, nh * hs, device="cuda", dtype=torch.bfloat16)
-    (ops.causal_attention(qkv, nh, triton_backend) * g).sum().backward()
+    (attention.causal_attention(qkv, nh, "triton", None) * g).sum().backward()
     qkv64 = qkv.detach().double().requires_grad_()
     q, k, v = qkv64.view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)
     y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -189,18 +190,18 @@ def _backends():
 def test_bad_inputs_forward(backend, dtype, device):
     q, k, v = make_qkv(1, 8, 2, 64, dtype, device)
     with pytest.raises(ValueError, match="head size"):
-        backend.attention_fwd(*make_qkv(1, 8, 2, 24, dtype, device), 0.2)
+        backend.attention_fwd(*make_qkv(1, 8, 2, 24, dtype, device), 0.2, None)
     with pytest.raises(ValueError, match="shape"):
-        backend.attention_fwd(q, k[:, :7], v, 0.125)
+        backend.attention_fwd(q, k[:, :7], v, 0.125, None)
     with pytest.raises(ValueError, match="dtype"):
-        backend.attention_fwd(q.double(), k.double(), v.double(), 0.125)
+        backend.attention_fwd(q.double(), k.double(), v.double(), 0.125, None)
     with pytest.raises(ValueError, match="dtype"):
-        backend.attention_fwd(q, k.double(), v, 0.125)
+        backend.attention_fwd(q, k.double(), v, 0.125, None)
     q_t = torch.randn(1, 8, 64, 2, dtype=dtype, device=device).transpose(-1, -2)
     with pytest.raises(ValueError, match="stride"):
-        backend.attention_fwd(q_t, k, v, 0.125)
+        backend.attention_fwd(q_t, k, v, 0.125, None)
     with pytest.raises(TypeError):
-        backend.attention_fwd(q.tolist(), k, v, 0.125)
+        backend.attention_fwd(q.tolist(), k, v, 0.125, None)
 
 
 @pytest.mark.parametrize("backend,dtype,device", _backends())
@@ -210,13 +211,13 @@ def test_bad_inputs_backward(backend, dtype, device):
     lse = torch.zeros(1, 2, 8, device=device)
     dq, dk, dv = torch.empty(1, 8, 3, 2, 64, dtype=dtype, device=device).unbind(2)
     with pytest.raises(ValueError, match="lse"):
-        backend.attention_bwd(do, q, k, v, o, lse[:, :, :7], 0.125, dq, dk, dv)
+        backend.attention_bwd(do, q, k, v, o, lse[:, :, :7], 0.125, dq, dk, dv, None)
     with pytest.raises(ValueError, match="lse"):
-        backend.attention_bwd(do, q, k, v, o, lse.double(), 0.125, dq, dk, dv)
+        backend.attention_bwd(do, q, k, v, o, lse.double(), 0.125, dq, dk, dv, None)
     with pytest.raises(ValueError, match="do"):
-        backend.attention_bwd(do[:, :7], q, k, v, o, lse, 0.125, dq, dk, dv)
+        backend.attention_bwd(do[:, :7], q, k, v, o, lse, 0.125, dq, dk, dv, None)
     with pytest.raises(ValueError, match="dk"):
-        backend.attention_bwd(do, q, k, v, o, lse, 0.125, dq, dk.transpose(1, 2), dv)
+        backend.attention_bwd(do, q, k, v, o, lse, 0.125, dq, dk.transpose(1, 2), dv, None)
     with pytest.raises(ValueError, match="o"):
         backend.attention_bwd(do, q, k, v, o.transpose(1, 2).contiguous().transpose(1, 2), lse,
-                              0.125, dq, dk, dv)
+                              0.125, dq, dk, dv, None)

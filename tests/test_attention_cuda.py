@@ -11,14 +11,14 @@ import math
 import pytest
 import torch
 
-from nanolm import ops
-from nanolm.backends import cuda as cuda_backend
-from nanolm.backends import cuda_sim, torch_ref
+from nanolm.ops import attention
+from nanolm.ops.backends import load
 
 # bf16 keeps 8 mantissa bits (P and dS are rounded to it before their matmuls): ~4e-3 typical.
 TOL = {torch.bfloat16: 1e-2, torch.float16: 3e-3}
 LSE_TOL = 1e-4  # lse is fp32 end to end
 ABS_FLOOR = 1e-4  # per element, for references that are (near) zero
+cuda_backend, cuda_sim = load("cuda"), load("cuda_sim")
 
 SIZES = [(1, 1), (2, 3)]  # (B, nh)
 SEQ_LENS = [1, 17, 64, 1000, 1024, 2048]
@@ -57,18 +57,18 @@ def _check(failures, name, x, ref, tol):
 
 def _reference(q, k, v, do, scale):
     q64, k64, v64, do64 = (t.double() for t in (q, k, v, do))
-    o, lse = torch_ref.attention_fwd(q64, k64, v64, scale)
+    o, lse = attention.attention_fwd(q64, k64, v64, scale, None)
     grads = [torch.empty_like(q64) for _ in range(3)]
-    torch_ref.attention_bwd(do64, q64, k64, v64, o, lse, scale, *grads)
+    attention.attention_bwd(do64, q64, k64, v64, o, lse, scale, *grads, None)
     return o, lse, grads
 
 
 def _run(q, k, v, do, scale, layout, backend=cuda_backend):
     """Forward (o, lse NaN-filled first under the `poison` fixture), then backward into NaN-filled gradients."""
     B, T, nh, hs = q.shape
-    o, lse = backend.attention_fwd(q, k, v, scale)
+    o, lse = backend.attention_fwd(q, k, v, scale, None)
     grads = _make_qkv(B, T, nh, hs, q.dtype, layout, fill=float("nan"), device=q.device)
-    backend.attention_bwd(do, q, k, v, o, lse, scale, *grads)
+    backend.attention_bwd(do, q, k, v, o, lse, scale, *grads, None)
     return o, lse, grads
 
 
@@ -147,9 +147,9 @@ def test_cuda_sim_through_op_layer():
     B, T, nh, hs = 1, 80, 2, 64
     qkv = torch.randn(B, T, 3 * nh * hs, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(B, T, nh * hs, dtype=torch.bfloat16)
-    ops.causal_attention(qkv, nh, cuda_sim).backward(dy)
+    attention.causal_attention(qkv, nh, "cuda_sim", None).backward(dy)
     qkv64 = qkv.detach().double().requires_grad_()
-    y_ref = ops.causal_attention(qkv64, nh, torch_ref)
+    y_ref = attention.causal_attention(qkv64, nh, "torch", None)
     y_ref.backward(dy.double())
     failures = []
     _check(failures, "dqkv", qkv.grad, qkv64.grad, TOL[torch.bfloat16])
@@ -168,10 +168,10 @@ def test_gpt2_shape_through_op_layer():
     B, T, nh, hs = 4, 1024, 12, 64
     qkv = torch.randn(B, T, 3 * nh * hs, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(B, T, nh * hs, device="cuda", dtype=torch.bfloat16)
-    y = ops.causal_attention(qkv, nh, cuda_backend)
+    y = attention.causal_attention(qkv, nh, "cuda", None)
     y.backward(dy)
     qkv64 = qkv.detach().double().requires_grad_()
-    y_ref = ops.causal_attention(qkv64, nh, torch_ref)
+    y_ref = attention.causal_attention(qkv64, nh, "torch", None)
     y_ref.backward(dy.double())
     failures = []
     _check(failures, "y", y, y_ref, TOL[torch.bfloat16])
@@ -188,22 +188,22 @@ def _inputs(B=1, T=17, nh=2, hs=64, dtype=torch.bfloat16, device="cuda"):
 @pytest.mark.gpu
 def test_rejects_unsupported_head_size():
     with pytest.raises(ValueError, match="head size 96"):
-        cuda_backend.attention_fwd(*_inputs(hs=96), 0.1)
+        cuda_backend.attention_fwd(*_inputs(hs=96), 0.1, None)
 
 
 @pytest.mark.gpu
 def test_rejects_float32():
     with pytest.raises(ValueError, match="dtype float32"):
-        cuda_backend.attention_fwd(*_inputs(dtype=torch.float32), 0.1)
+        cuda_backend.attention_fwd(*_inputs(dtype=torch.float32), 0.1, None)
 
 
 @pytest.mark.gpu
 def test_rejects_mismatched_shapes():
     q, k, v = _inputs()
     with pytest.raises(ValueError, match="k has shape"):
-        cuda_backend.attention_fwd(q, k[:, :16], v, 0.1)
+        cuda_backend.attention_fwd(q, k[:, :16], v, 0.1, None)
     with pytest.raises(ValueError, match="dtypes differ"):
-        cuda_backend.attention_fwd(q, k, v.half(), 0.1)
+        cuda_backend.attention_fwd(q, k, v.half(), 0.1, None)
 
 
 @pytest.mark.gpu
@@ -211,28 +211,28 @@ def test_rejects_bad_strides():
     q, k, v = _inputs()
     padded = torch.randn(1, 17, 2, 68, device="cuda", dtype=torch.bfloat16)[..., :64]
     with pytest.raises(ValueError, match="multiples of 8"):
-        cuda_backend.attention_fwd(padded, k, v, 0.1)
+        cuda_backend.attention_fwd(padded, k, v, 0.1, None)
     with pytest.raises(ValueError, match="unit stride"):
-        cuda_backend.attention_fwd(q, k, torch.randn(1, 17, 64, 2, device="cuda").bfloat16().transpose(2, 3), 0.1)
+        cuda_backend.attention_fwd(q, k, torch.randn(1, 17, 64, 2, device="cuda").bfloat16().transpose(2, 3), 0.1, None)
 
 
 @pytest.mark.gpu
 def test_backward_rejects_bad_lse_and_outputs():
     q, k, v = _inputs()
-    o, lse = cuda_backend.attention_fwd(q, k, v, 0.1)
+    o, lse = cuda_backend.attention_fwd(q, k, v, 0.1, None)
     do = torch.randn_like(o)
     grads = [torch.empty_like(q) for _ in range(3)]
     with pytest.raises(ValueError, match="lse has shape"):
-        cuda_backend.attention_bwd(do, q, k, v, o, lse[:, :1], 0.1, *grads)
+        cuda_backend.attention_bwd(do, q, k, v, o, lse[:, :1], 0.1, *grads, None)
     with pytest.raises(ValueError, match="dv has shape"):
-        cuda_backend.attention_bwd(do, q, k, v, o, lse, 0.1, grads[0], grads[1], grads[2][:, :3])
+        cuda_backend.attention_bwd(do, q, k, v, o, lse, 0.1, grads[0], grads[1], grads[2][:, :3], None)
     with pytest.raises(ValueError, match="do must be contiguous"):
-        cuda_backend.attention_bwd(do.transpose(1, 2).contiguous().transpose(1, 2), q, k, v, o, lse, 0.1, *grads)
+        cuda_backend.attention_bwd(do.transpose(1, 2).contiguous().transpose(1, 2), q, k, v, o, lse, 0.1, *grads, None)
 
 
 def test_rejects_cpu_tensors():
     with pytest.raises(ValueError, match="expected a cuda device"):
-        cuda_backend.attention_fwd(*_inputs(device="cpu"), 0.1)
+        cuda_backend.attention_fwd(*_inputs(device="cpu"), 0.1, None)
 
 
 def test_launcher_rejects_unsupported_head_size():
@@ -242,4 +242,4 @@ def test_launcher_rejects_unsupported_head_size():
         pytest.skip("nanolm._C was built without CUDA")
     s = (17 * 2 * 96, 2 * 96, 96)
     with pytest.raises(ValueError, match="head size 96"):
-        _C.attention_fwd_cuda(0, s, 0, s, 0, s, 0, s, 0, 1, 17, 2, 96, 0.1, _C.DType.bfloat16, 0)
+        _C.attention_fwd_cuda(0, s, 0, s, 0, s, 0, s, 0, 1, 17, 2, 96, 0.1, _C.DType.bfloat16, _C.DropoutParams(), 0)

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 from bench import cli, collect, formulas, op_train_step, readme_table, report, runner, timing
 from bench.cases import Case, Impl, backend_unavailable, build_cases, check_outputs
 from nanolm import flops
-from nanolm.backends import torch_ref
+from nanolm.ops import layernorm
 
 ROOT = Path(__file__).parent.parent
 
@@ -218,13 +217,6 @@ def test_cuda_sim_wrong_output_fails_the_gate(one_thread):
     assert row["status"] == "FAILED" and "max error" in row["error"] and "time_ms" not in row
 
 
-def _patched(backend, name, fn):
-    """A copy of backend module `backend` with function `name` replaced: a deliberately wrong kernel."""
-    module = types.SimpleNamespace(**{k: getattr(backend, k) for k in dir(backend) if not k.startswith("__")})
-    setattr(module, name, fn)
-    return module
-
-
 @pytest.fixture
 def one_thread():
     """Toy shapes gain nothing from threads, and on a shared machine OpenMP barriers dominate."""
@@ -236,21 +228,21 @@ def one_thread():
 
 def test_wrong_op_kernel_fails_and_gets_no_time(one_thread):
     case = build_cases("layernorm", torch.device("cpu"), "tiny")[0]  # fwd
-    wrong = _patched(torch_ref, "layer_norm_fwd",
-                     lambda x, w, b, eps: (lambda y, m, r: (y * 1.001, m, r))(*torch_ref.layer_norm_fwd(x, w, b, eps)))
     case.impls = [Impl("torch", "nanolm", case.impls[0].make), Impl("wrong", "nanolm", lambda t: lambda: (
-        wrong.layer_norm_fwd(t["x"], t["w"], t["b"], 1e-5)[0],))]
+        layernorm.layer_norm_fwd(t["x"], t["w"], t["b"], 1e-5)[0] * 1.001,))]
     rows = {r["impl"]: r for r in runner.run_case(case, torch.device("cpu"), log=lambda m: None)[0]}
     assert rows["torch"]["status"] == "ok"
     assert rows["wrong"]["status"] == "FAILED" and "time_ms" not in rows["wrong"]
 
 
-def test_train_step_wrong_backward_kernel_fails(one_thread):
-    """A layernorm backward off by 10% leaves the loss exact but moves the gradient norm."""
+def test_train_step_wrong_backward_kernel_fails(one_thread, monkeypatch):
+    """A layernorm backward off by 10% (the torch backend's, patched) leaves the loss exact but
+    moves the gradient norm."""
     def bad_bwd(*args):
-        dx, dw, db = torch_ref.layer_norm_bwd(*args)
+        dx, dw, db = layernorm.layer_norm_bwd(*args)
         return dx * 0.9, dw, db
-    impls = dict(op_train_step.TORCH_IMPLS, layernorm=_patched(torch_ref, "layer_norm_bwd", bad_bwd))
+    monkeypatch.setitem(layernorm.BACKENDS, "torch", layernorm.BACKENDS["torch"]._replace(layer_norm_bwd=bad_bwd))
+    impls = op_train_step.TORCH_IMPLS
     case = build_cases("train_step", torch.device("cpu"), "tiny")[0]
     cfg = op_train_step.CONFIGS["tiny"]["tiny"]
     case.impls = [Impl("wrong", "nanolm", op_train_step.nanolm_impl(cfg, torch.device("cpu"), impls))]

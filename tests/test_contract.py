@@ -9,28 +9,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanolm import backends, info
-from nanolm.backends import torch_ref
-from nanolm.backends.common import _C, dtype_name
+from nanolm import info
+from nanolm.ops import OPS, backends, functions
+from nanolm.ops.launch import _C
+from nanolm.ops.support import dtype_name
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 CPU = torch.device("cpu")
 
 
 def _tables():
-    """(name, module) of every backend that imports here."""
-    found = []
-    for name in backends.BACKENDS:
-        try:
-            found.append((name, backends.load(name)))
-        except ImportError:
-            pass
-    return found
+    """(name, everything it implements) of every backend."""
+    return [(name, backends.load(name)) for name in backends.BACKENDS]
+
+
+torch_ref = backends.load("torch")
 
 
 def _call(module, op, dtype, *, C=16, hs=None):
     """Run the op's first function on tiny fresh random CPU inputs of `dtype`."""
-    fn = backends.OPS[op][0]
+    fn = functions(op)[0]
     args, _ = _arguments(fn, dtype, C=C, hs=hs or _head_size(module))
     return getattr(module, fn)(*args)
 
@@ -48,18 +46,18 @@ def _arguments(fn, dtype, *, C=16, hs=16):
     if fn == "layer_norm_fwd":
         return [rand(5, C), rand(C), rand(C), 1e-5], ()
     if fn == "add_layer_norm_fwd":
-        return [rand(5, C), rand(5, C), rand(C), rand(C), 1e-5], ()
+        return [rand(5, C), rand(5, C), rand(C), rand(C), 1e-5, None], ()
     if fn == "layer_norm_bwd":
         x = rand(5, C)
         mean, var = x.float().mean(1), x.float().var(1, unbiased=False)
-        return [rand(5, C), x, rand(C), mean, (var + 1e-5).rsqrt(), rand(5, C)], ()
+        return [rand(5, C), x, rand(C), mean, (var + 1e-5).rsqrt(), rand(5, C), None, None], ()
     if fn in ("attention_fwd", "attention_bwd"):
         q, k, v = rand(1, 8, 3, 2, hs).unbind(2)  # strided views, as the model passes them
         if fn == "attention_fwd":
-            return [q, k, v, hs ** -0.5], ()
-        o, lse = torch_ref.attention_fwd(q, k, v, hs ** -0.5)
+            return [q, k, v, hs ** -0.5, None], ()
+        o, lse = torch_ref.attention_fwd(q, k, v, hs ** -0.5, None)
         grads = torch.full((1, 8, 3, 2, hs), float("nan"), dtype=dtype).unbind(2)  # poisoned
-        return [rand(1, 8, 2, hs), q, k, v, o, lse, hs ** -0.5, *grads], (7, 8, 9)
+        return [rand(1, 8, 2, hs), q, k, v, o, lse, hs ** -0.5, *grads, None], (7, 8, 9)
     targets = torch.tensor([3, -100, 7, 15])  # in the shard [5, 14), ignored, and another rank's
     if fn == "cross_entropy_fwd":
         return [rand(4, 10), torch.tensor([3, -100, 0, 8]), 9, -100, 1e-3, 0.5, False], ()
@@ -112,10 +110,10 @@ def _cpu_cases():
 
 @pytest.mark.parametrize("name,module", _tables(), ids=[n for n, _ in _tables()])
 def test_backend_implements_its_table(name, module):
-    assert set(module.SUPPORT) <= set(backends.OPS), f"{name}: unknown ops in SUPPORT"
+    assert set(module.SUPPORT) <= set(OPS), f"{name}: unknown ops in SUPPORT"
     for op, support in module.SUPPORT.items():
         assert set(support.dtypes) <= {"cpu", "cuda"} and set(support.notes) <= set(support.dtypes)
-        for fn in backends.OPS[op]:
+        for fn in functions(op):
             assert callable(getattr(module, fn, None)), f"{name} lists {op} but has no {fn}"
 
 
@@ -124,7 +122,7 @@ def test_cpu_dtypes_follow_the_table(name, op, dtype, accepted):
     """Every function of the op, not only its first: a dtype the table claims is computed as the
     specification computes it, any other is refused by name."""
     module = backends.load(name)
-    for fn in backends.OPS[op]:
+    for fn in functions(op):
         if accepted:
             _check_against_specification(module, fn, dtype, _head_size(module))
         else:
@@ -178,7 +176,7 @@ def test_dtype_enum_is_shared():
 def test_info_prints_the_matrix(capsys):
     info.main()
     out = capsys.readouterr().out
-    for op in backends.OPS:
+    for op in OPS:
         for name in backends.BACKENDS:
             assert any(line.split()[:2] == [op, name] for line in out.splitlines()), (op, name)
     cpu_rows = {(op, name): cells for op, name, cells, _ in info.support_rows(CPU)}

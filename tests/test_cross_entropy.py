@@ -10,8 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanolm import ops
-from nanolm.backends import BACKENDS, cpu, load, torch_ref, unavailable_reason
+from nanolm.ops import cross_entropy
+from nanolm.ops.backends import BACKENDS, load, unavailable_reason
+
+cpu = load("cpu")
 
 IGNORE = -100
 TOL = {torch.float32: dict(rtol=1e-5, atol=2e-6), torch.bfloat16: dict(rtol=1e-2, atol=1e-5),
@@ -43,7 +45,7 @@ def make_inputs(N, V, Vp, dtype=torch.float32, device="cpu", n_ignored=1, extrem
 
 
 def check_against_reference(backend, logits, targets, V, z_loss, grad_scale, inplace):
-    expected_losses, expected_d = torch_ref.cross_entropy_fwd(logits.double(), targets, V, IGNORE, z_loss,
+    expected_losses, expected_d = cross_entropy.cross_entropy_fwd(logits.double(), targets, V, IGNORE, z_loss,
                                                               grad_scale, False)
     original = logits.clone()
     losses, dlogits = backend.cross_entropy_fwd(logits, targets, V, IGNORE, z_loss, grad_scale, inplace)
@@ -90,7 +92,7 @@ def test_all_ignored(name):
     targets = torch.full((3,), IGNORE)
     losses, dlogits = load(name).cross_entropy_fwd(logits, targets, 777, IGNORE, 1e-3, 1.0, True)
     assert (losses == 0).all() and (dlogits == 0).all()
-    loss = ops.cross_entropy(torch.randn(3, 777, requires_grad=True), targets, load(name))
+    loss = cross_entropy.cross_entropy(torch.randn(3, 777, requires_grad=True), targets, name)
     assert loss.item() == 0.0
 
 
@@ -162,7 +164,7 @@ def test_cpu_rejects_float64():
 def test_op_layer_mean_and_errors(name):
     logits, targets = make_inputs(8, 777, 800, n_ignored=3)
     x = logits.clone().requires_grad_()
-    loss = ops.cross_entropy(x, targets, load(name), vocab_size=777)
+    loss = cross_entropy.cross_entropy(x, targets, name, vocab_size=777)
     (loss * 3).backward()
     x64 = logits[:, :777].double().requires_grad_()
     expected = F.cross_entropy(x64, targets, ignore_index=IGNORE)
@@ -170,7 +172,7 @@ def test_op_layer_mean_and_errors(name):
     torch.testing.assert_close(loss.double(), expected, **TOL[torch.float32])
     torch.testing.assert_close(x.grad[:, :777].double(), x64.grad, **TOL[torch.float32])
     with pytest.raises(ValueError, match="outside \\[0, 777\\)"):
-        ops.cross_entropy(logits, torch.full((8,), 777), load(name), vocab_size=777)
+        cross_entropy.cross_entropy(logits, torch.full((8,), 777), name, vocab_size=777)
 
 
 # ----------------------------------------------------------------------------- linear cross-entropy
@@ -195,7 +197,7 @@ def test_linear_cross_entropy(name, N, chunk_rows, z_loss):
     weight = (torch.randn(Vp, C) * 0.5).requires_grad_()
     targets = torch.randint(0, V, (N,))
     targets[::7] = IGNORE
-    loss = ops.linear_cross_entropy(h, weight, targets, load(name), vocab_size=V, z_loss=z_loss,
+    loss = cross_entropy.linear_cross_entropy(h, weight, targets, name, vocab_size=V, z_loss=z_loss,
                                     chunk_rows=chunk_rows)
     (loss * 2).backward()
     ref_loss, ref_dh, ref_dw = linear_reference(h.detach(), weight.detach(), targets, V, z_loss)
@@ -215,7 +217,7 @@ def test_linear_cross_entropy_bf16_chunks_accumulate_in_fp32(name):
     weight = (torch.randn(Vp, C) * 0.5).bfloat16().requires_grad_()
     targets = torch.randint(0, V, (N,))
     targets[::7] = IGNORE
-    loss = ops.linear_cross_entropy(h, weight, targets, load(name), vocab_size=V, chunk_rows=8)
+    loss = cross_entropy.linear_cross_entropy(h, weight, targets, name, vocab_size=V, chunk_rows=8)
     loss.backward()
     ref_loss, ref_dh, ref_dw = linear_reference(h.detach(), weight.detach(), targets, V, 0.0)
     tol = dict(rtol=3e-2, atol=1e-3)  # as test_gpu_linear_cross_entropy's bf16 case
@@ -241,7 +243,7 @@ def test_linear_cross_entropy_poisoned_buffers(name, dtype, monkeypatch):
 
     def run():
         hg, wg = h.clone().requires_grad_(), weight.clone().requires_grad_()
-        loss = ops.linear_cross_entropy(hg, wg, targets, load(name), vocab_size=V, chunk_rows=16)
+        loss = cross_entropy.linear_cross_entropy(hg, wg, targets, name, vocab_size=V, chunk_rows=16)
         loss.backward()
         return loss.detach(), hg.grad, wg.grad
 
@@ -264,43 +266,39 @@ def test_linear_cross_entropy_no_rows(name):
     """N = 0: no chunk runs, so nothing writes dW; it must still come back zero, not garbage."""
     h = torch.randn(0, 16, requires_grad=True)
     weight = torch.randn(777, 16, requires_grad=True)
-    loss = ops.linear_cross_entropy(h, weight, torch.zeros(0, dtype=torch.int64), load(name))
+    loss = cross_entropy.linear_cross_entropy(h, weight, torch.zeros(0, dtype=torch.int64), name)
     loss.backward()
     assert loss.item() == 0.0 and h.grad.shape == (0, 16)
     assert torch.equal(weight.grad, torch.zeros_like(weight))
 
 
-class RecordingBackend:
-    """Wraps a backend and records every logits chunk it is given."""
-
-    def __init__(self, backend):
-        self.backend, self.chunks = backend, []
-
-    def cross_entropy_fwd(self, logits, *args):
-        self.chunks.append((tuple(logits.shape), logits.untyped_storage().data_ptr()))
-        return self.backend.cross_entropy_fwd(logits, *args)
-
-
-def test_linear_cross_entropy_memory_is_one_chunk():
+def test_linear_cross_entropy_memory_is_one_chunk(monkeypatch):
+    """The torch backend's cross_entropy_fwd, wrapped to record every logits chunk it is given."""
     N, C, V = 100, 8, 777
-    rec = RecordingBackend(torch_ref)
+    chunks, torch_backend = [], cross_entropy.BACKENDS["torch"]
+
+    def recording(logits, *args):
+        chunks.append((tuple(logits.shape), logits.untyped_storage().data_ptr()))
+        return torch_backend.cross_entropy_fwd(logits, *args)
+    monkeypatch.setitem(cross_entropy.BACKENDS, "torch", torch_backend._replace(cross_entropy_fwd=recording))
     h, weight = torch.randn(N, C, requires_grad=True), torch.randn(V, C, requires_grad=True)
-    ops.linear_cross_entropy(h, weight, torch.randint(0, V, (N,)), rec, chunk_rows=24).backward()
-    assert [shape for shape, _ in rec.chunks] == [(24, V)] * 4 + [(4, V)]
-    assert len({storage for _, storage in rec.chunks}) == 1, "every chunk reuses one logits buffer"
+    cross_entropy.linear_cross_entropy(h, weight, torch.randint(0, V, (N,)), "torch", chunk_rows=24).backward()
+    assert [shape for shape, _ in chunks] == [(24, V)] * 4 + [(4, V)]
+    assert len({storage for _, storage in chunks}) == 1, "every chunk reuses one logits buffer"
 
 
 def test_default_chunk_rows():
-    assert ops.default_chunk_rows(8192, 768, 50304) == 1024  # 8x the hidden states, not N*V
-    assert ops.default_chunk_rows(65536, 768, 50304) * 50304 <= 65536 * 768 * 16
-    assert ops.default_chunk_rows(1, 16, 777) == ops.MIN_CHUNK_ROWS == 512  # small batches: one chunk
+    assert cross_entropy.default_chunk_rows(8192, 768, 50304) == 1024  # 8x the hidden states, not N*V
+    assert cross_entropy.default_chunk_rows(65536, 768, 50304) * 50304 <= 65536 * 768 * 16
+    # small batches: one chunk
+    assert cross_entropy.default_chunk_rows(1, 16, 777) == cross_entropy.MIN_CHUNK_ROWS == 512
 
 
 def test_linear_cross_entropy_no_grad_matches():
     h, weight = torch.randn(20, 16), torch.randn(777, 16)
     targets = torch.randint(0, 777, (20,))
     with torch.no_grad():
-        loss = ops.linear_cross_entropy(h, weight, targets, cpu, chunk_rows=8)
+        loss = cross_entropy.linear_cross_entropy(h, weight, targets, "cpu", chunk_rows=8)
     torch.testing.assert_close(loss.double(), linear_reference(h, weight, targets, 777, 0.0)[0],
                                rtol=1e-5, atol=1e-6)
 
@@ -308,13 +306,13 @@ def test_linear_cross_entropy_no_grad_matches():
 def test_linear_cross_entropy_bad_input():
     h, weight = torch.randn(4, 8), torch.randn(777, 8)
     with pytest.raises(ValueError, match="outside"):
-        ops.linear_cross_entropy(h, weight, torch.tensor([0, 1, 777, 2]), cpu)
+        cross_entropy.linear_cross_entropy(h, weight, torch.tensor([0, 1, 777, 2]), "cpu")
     with pytest.raises(ValueError, match="chunk_rows must be >= 1, got 0"):
-        ops.linear_cross_entropy(h, weight, torch.tensor([0, 1, 2, 3]), cpu, chunk_rows=0)
+        cross_entropy.linear_cross_entropy(h, weight, torch.tensor([0, 1, 2, 3]), "cpu", chunk_rows=0)
     with pytest.raises(ValueError, match="must be \\(N, C\\) and \\(V, C\\)"):
-        ops.linear_cross_entropy(h, torch.randn(777, 9), torch.tensor([0, 1, 2, 3]), cpu)
+        cross_entropy.linear_cross_entropy(h, torch.randn(777, 9), torch.tensor([0, 1, 2, 3]), "cpu")
     with pytest.raises(ValueError, match="targets must be int64"):
-        ops.linear_cross_entropy(h, weight, torch.tensor([0, 1, 2, 3], dtype=torch.int32), cpu)
+        cross_entropy.linear_cross_entropy(h, weight, torch.tensor([0, 1, 2, 3], dtype=torch.int32), "cpu")
 
 
 # ----------------------------------------------------------------------------- CPU: the CUDA kernel (cuda_sim)
@@ -382,7 +380,7 @@ def test_gpu_linear_cross_entropy(name, dtype, tol):
     weight = (torch.randn(Vp, C, device="cuda") * 0.05).to(dtype).requires_grad_()
     targets = torch.randint(0, V, (N,), device="cuda")
     targets[::13] = IGNORE
-    loss = ops.linear_cross_entropy(h, weight, targets, load(name), vocab_size=V, z_loss=1e-4, chunk_rows=700)
+    loss = cross_entropy.linear_cross_entropy(h, weight, targets, name, vocab_size=V, z_loss=1e-4, chunk_rows=700)
     loss.backward()
     ref_loss, ref_dh, ref_dw = linear_reference(h.detach(), weight.detach(), targets, V, 1e-4)
     torch.testing.assert_close(loss.double(), ref_loss, **tol)
@@ -405,7 +403,7 @@ def test_linear_cross_entropy_follows_cpu_autocast(name):
     def run(h_in, w_in, autocast):
         hg, wg = h_in.clone().requires_grad_(), w_in.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = ops.linear_cross_entropy(hg, wg, targets, load(name), chunk_rows=16)
+            loss = cross_entropy.linear_cross_entropy(hg, wg, targets, name, chunk_rows=16)
         loss.backward()
         return loss.detach(), hg.grad, wg.grad
 

@@ -6,7 +6,8 @@ Targets fall inside the shard, outside it (another rank's) and on ignore_index.
 import pytest
 import torch
 
-from nanolm.backends import load, torch_ref
+from nanolm.ops import cross_entropy
+from nanolm.ops.backends import load
 from test_cross_entropy import IGNORE, TOL, cpu_backends, gpu_backends
 
 VOCAB_START, TOTAL_VOCAB = 1000, 5000
@@ -52,7 +53,7 @@ def claimed_dtypes():
 def test_stats_match_reference(name, dtype, N, V, Vp, poison):
     """16-bit logits are read exactly and their statistics kept in fp32: fp32 tolerances hold."""
     logits, targets = make_shard(N, V, Vp, dtype=dtype, extreme=True)
-    want = torch_ref.cross_entropy_stats(logits.double(), targets, VOCAB_START, V)
+    want = cross_entropy.cross_entropy_stats(logits.double(), targets, VOCAB_START, V)
     got = load(name).cross_entropy_stats(logits, targets, VOCAB_START, V)
     assert got.dtype == torch.float32 and got.shape == (N, 3)
     assert not got.isnan().any(), "unwritten (NaN-poisoned) statistics"
@@ -69,7 +70,8 @@ def test_stats_match_reference(name, dtype, N, V, Vp, poison):
 def test_grad_matches_reference(name, dtype, N, V, Vp, z_loss):
     logits, targets = make_shard(N, V, Vp, dtype=dtype, extreme=True)
     lse = global_lse(logits, V).float()  # the contract's lse is fp32: both get the same rounded value
-    want = torch_ref.cross_entropy_grad(logits.double(), targets, lse.double(), VOCAB_START, V, IGNORE, z_loss, 0.25)
+    want = cross_entropy.cross_entropy_grad(logits.double(), targets, lse.double(), VOCAB_START, V, IGNORE, z_loss,
+                                            0.25)
     got = load(name).cross_entropy_grad(logits, targets, lse, VOCAB_START, V, IGNORE, z_loss, 0.25)
     assert got.data_ptr() == logits.data_ptr() and got.dtype == dtype  # in place
     assert not got.isnan().any(), "padding or rows left unwritten"
@@ -83,12 +85,12 @@ def test_reference_pair_is_the_cross_entropy_on_one_shard():
     logits, targets = make_shard(7, 300, 320)
     targets = torch.where(targets == IGNORE, IGNORE, targets % 300)
     logits = logits.double()
-    losses, dlogits = torch_ref.cross_entropy_fwd(logits, targets, 300, IGNORE, 1e-3, 0.5, False)
-    m, s, x_t = torch_ref.cross_entropy_stats(logits, targets, 0, 300).unbind(1)
+    losses, dlogits = cross_entropy.cross_entropy_fwd(logits, targets, 300, IGNORE, 1e-3, 0.5, False)
+    m, s, x_t = cross_entropy.cross_entropy_stats(logits, targets, 0, 300).unbind(1)
     lse = m + s.log()
     valid = targets != IGNORE
     torch.testing.assert_close((lse - x_t + 1e-3 * lse.square())[valid], losses[valid], rtol=1e-12, atol=1e-12)
-    grad = torch_ref.cross_entropy_grad(logits.clone(), targets, lse, 0, 300, IGNORE, 1e-3, 0.5)
+    grad = cross_entropy.cross_entropy_grad(logits.clone(), targets, lse, 0, 300, IGNORE, 1e-3, 0.5)
     torch.testing.assert_close(grad, dlogits, rtol=1e-12, atol=1e-12)
 
 
@@ -111,13 +113,13 @@ def test_bad_input(name):
 def test_gpu_pair_matches_reference(name, dtype, N, V, Vp):
     logits, targets = make_shard(N, V, Vp, dtype=dtype, device="cuda", extreme=True)
     backend = load(name)
-    want = torch_ref.cross_entropy_stats(logits.double(), targets, VOCAB_START, V)
+    want = cross_entropy.cross_entropy_stats(logits.double(), targets, VOCAB_START, V)
     got = backend.cross_entropy_stats(logits, targets, VOCAB_START, V)
     torch.testing.assert_close(got[:, 0].double(), want[:, 0], rtol=0, atol=0)
     torch.testing.assert_close(got[:, 1].double(), want[:, 1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[:, 2].double(), want[:, 2], rtol=0, atol=0)
     lse = global_lse(logits, V).float()
-    want_grad = torch_ref.cross_entropy_grad(logits.double(), targets, lse.double(), VOCAB_START, V, IGNORE, 1e-4,
+    want_grad = cross_entropy.cross_entropy_grad(logits.double(), targets, lse.double(), VOCAB_START, V, IGNORE, 1e-4,
                                              0.01)
     got_grad = backend.cross_entropy_grad(logits, targets, lse, VOCAB_START, V, IGNORE, 1e-4, 0.01)
     torch.testing.assert_close(got_grad.double(), want_grad.to(dtype).double(), **TOL[dtype])

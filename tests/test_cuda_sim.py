@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanolm import backends
-from nanolm.backends import cuda, cuda_sim
+from nanolm.ops import OPS, backends
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
@@ -23,19 +22,20 @@ def test_loads_beside_the_main_extension():
 
 
 def test_kernel_table_lists_every_cuda_kernel():
-    """cuda.KERNELS (what nanolm.info reports and `auto` consults) names each __global__ kernel."""
+    """The verification records (nanolm/verification.json: what nanolm.info reports and `auto`
+    consults) name each __global__ kernel."""
     source = "\n".join(p.read_text() for p in CSRC.glob("*.cu"))
     defined = set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\((?:[^()]|\([^()]*\))*\)\s+)?(\w+)", source))
-    listed = {k for kernels in cuda.KERNELS.values() for k in kernels}
+    listed = {k for kernels in backends.VERIFICATION["cuda"].values() for k in kernels}
     assert defined == listed
-    assert set(cuda.KERNELS) == set(backends.OPS)
+    assert set(backends.VERIFICATION["cuda"]) == set(OPS)
 
 
 def test_auto_never_picks_cuda_sim_nor_unverified_cuda():
     for device_type, order in backends.AUTO_ORDER.items():
         for op, names in order.items():
             assert "cuda_sim" not in names
-            assert ("cuda" in names) == (device_type == "cuda" and cuda.verified_on_gpu(op))
+            assert ("cuda" in names) == (device_type == "cuda" and backends.verified_on_gpu("cuda", op))
     assert backends.resolve("auto", torch.device("cpu"))["attention"] != "cuda_sim"
 
 
@@ -50,13 +50,14 @@ def test_launch_errors_surface_as_python_exceptions():
     from nanolm import _C_sim
     s = (17 * 2 * 96, 2 * 96, 96)
     with pytest.raises(ValueError, match="head size 96"):
-        _C_sim.attention_fwd_cuda(0, s, 0, s, 0, s, 0, s, 0, 1, 17, 2, 96, 0.1, _C_sim.DType.bfloat16, 0)
+        _C_sim.attention_fwd_cuda(0, s, 0, s, 0, s, 0, s, 0, 1, 17, 2, 96, 0.1, _C_sim.DType.bfloat16,
+                                  _C_sim.DropoutParams(), 0)
 
 
 @pytest.mark.cuda_sim
 def test_bad_input_is_checked_before_the_kernel():
     q = torch.randn(1, 17, 2, 64, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="head size 96"):
-        cuda_sim.attention_fwd(*[torch.randn(1, 17, 2, 96, dtype=torch.bfloat16)] * 3, 0.1)
+        backends.load("cuda_sim").attention_fwd(*[torch.randn(1, 17, 2, 96, dtype=torch.bfloat16)] * 3, 0.1, None)
     with pytest.raises(ValueError, match="dtype float32"):
-        cuda_sim.attention_fwd(q.float(), q.float(), q.float(), 0.1)
+        backends.load("cuda_sim").attention_fwd(q.float(), q.float(), q.float(), 0.1, None)

@@ -1,25 +1,26 @@
-"""Dropout: the Philox mask specification (torch_ref), every backend against it bit for bit,
+"""Dropout: the Philox mask specification (nanolm/ops/dropout.py), every backend against it bit for bit,
 keep rate and scaling, gradients by finite differences of the same masked function, and the
 model/trainer wiring (eval without dropout, p=0 unchanged, bit-exact resume)."""
 import math
 import os
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
 
-from nanolm import checkpoint, ops
-from nanolm.backends import load, torch_ref
-from nanolm.backends.common import Support
+from nanolm import checkpoint
+from nanolm.ops import attention, layernorm
+from nanolm.ops import dropout as dropout_spec
+from nanolm.ops.backends import load
+from nanolm.ops.support import Support
 from nanolm.config import ModelConfig, parse_args
 from nanolm.model import GPT
 from nanolm.train import config_from_args, train
 
 EPS = 1e-5
 TOL = dict(atol=1e-5, rtol=1e-5)  # float32 against the float64 reference
-DROP = ops.dropout(0.3, seed=1234 | 7 << 32, offset=5 << 32 | 11)  # both words of seed and offset nonzero
+DROP = dropout_spec.dropout(0.3, seed=1234 | 7 << 32, offset=5 << 32 | 11)  # both words of seed and offset nonzero
 
 
 def _backends_with(op):
@@ -37,7 +38,7 @@ def _backends_with(op):
      (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
 ])
 def test_philox_known_answers(counter, seed, expected):
-    out = torch_ref.philox4x32_10(*(torch.tensor([c]) for c in counter), seed)
+    out = dropout_spec.philox4x32_10(*(torch.tensor([c]) for c in counter), seed)
     assert tuple(w.item() for w in out) == expected
 
 
@@ -45,12 +46,12 @@ def test_keep_rate_and_independence():
     n = 1 << 17
     index = torch.arange(n)
     for p in (0.1, 0.5, 0.9):
-        keep = torch_ref.dropout_keep(index, ops.dropout(p, 3, 0))
+        keep = dropout_spec.dropout_keep(index, dropout_spec.dropout(p, 3, 0))
         sigma = math.sqrt(p * (1 - p) / n)
         assert abs(keep.float().mean().item() - (1 - p)) < 5 * sigma, p
-    a = torch_ref.dropout_keep(index, ops.dropout(0.5, 3, 0))
-    b = torch_ref.dropout_keep(index, ops.dropout(0.5, 3, 1))  # the next offset: an unrelated mask
-    c = torch_ref.dropout_keep(index, ops.dropout(0.5, 4, 0))  # another seed
+    a = dropout_spec.dropout_keep(index, dropout_spec.dropout(0.5, 3, 0))
+    b = dropout_spec.dropout_keep(index, dropout_spec.dropout(0.5, 3, 1))  # the next offset: an unrelated mask
+    c = dropout_spec.dropout_keep(index, dropout_spec.dropout(0.5, 4, 0))  # another seed
     for other in (b, c):
         assert abs((a == other).float().mean().item() - 0.5) < 5 * math.sqrt(0.25 / n)
     # neighbours within one Philox call (words 0-3) and across calls are uncorrelated
@@ -61,22 +62,21 @@ def test_cpp_generator_at_large_indices():
     """csrc/dropout.h at indices whose group number needs the counter's high word (the kernel
     tests only reach small indices)."""
     _C = pytest.importorskip("nanolm._C")
-    from nanolm.backends.common import dropout_scalars
     index = torch.tensor([0, 3, 4, 2 ** 32 - 1, 2 ** 32, 2 ** 34 + 3, 2 ** 40 + 5, 2 ** 62 + 2, 2 ** 63 - 1])
     index = torch.cat([index, torch.randint(0, 2 ** 62, (200,))])
-    params = _C.DropoutParams(*dropout_scalars(DROP))
+    params = _C.DropoutParams(*dropout_spec.kernel_args(DROP))
     got = [_C.dropout_factor(params, i) for i in index.tolist()]
-    keep = torch_ref.dropout_keep(index, DROP)
+    keep = dropout_spec.dropout_keep(index, DROP)
     assert [f != 0 for f in got] == keep.tolist()
     assert {f for f in got if f} == {torch.tensor(1 / (1 - DROP.p), dtype=torch.float32).item()}
 
 
 def test_dropout_arguments():
-    assert ops.dropout(0.0, 1, 2) is None  # p = 0: the path without dropout
+    assert dropout_spec.dropout(0.0, 1, 2) is None  # p = 0: the path without dropout
     for bad in (dict(p=1.0, seed=0, offset=0), dict(p=-0.1, seed=0, offset=0),
                 dict(p=0.1, seed=-1, offset=0), dict(p=0.1, seed=0, offset=2 ** 63)):
         with pytest.raises(ValueError, match="dropout"):
-            ops.dropout(**bad)
+            dropout_spec.dropout(**bad)
 
 
 # ----------------------------------------------------------------------------- add + layernorm
@@ -96,7 +96,7 @@ def _ln_inputs(N, C, dtype=torch.float32):
 def test_add_layer_norm_matches_reference(name, N, C, with_residual, poison):
     backend, t = load(name), _ln_inputs(N, C)
     residual = t["residual"] if with_residual else None
-    keep = torch_ref.dropout_keep(torch.arange(N * C).view(N, C), DROP)
+    keep = dropout_spec.dropout_keep(torch.arange(N * C).view(N, C), DROP)
     y, h, mean, rstd = backend.add_layer_norm_fwd(t["x"], residual, t["weight"], t["bias"], EPS, DROP)
     # the mask, bit for bit: without a residual, residual_out is the dropped branch itself
     if not with_residual:
@@ -105,12 +105,12 @@ def test_add_layer_norm_matches_reference(name, N, C, with_residual, poison):
     if with_residual:
         h_ref = h_ref + t["residual"].double()
     torch.testing.assert_close(h.double(), h_ref, **TOL)
-    y_ref, mean_ref, rstd_ref = torch_ref.layer_norm_fwd(h_ref, t["weight"].double(), t["bias"].double(), EPS)
+    y_ref, mean_ref, rstd_ref = layernorm.layer_norm_fwd(h_ref, t["weight"].double(), t["bias"].double(), EPS)
     torch.testing.assert_close(y.double(), y_ref, **TOL)
     dbranch = torch.empty_like(h)
-    dx, dw, db = backend.layer_norm_bwd(t["dy"], h, t["weight"], mean, rstd, t["dresidual"], DROP, dbranch)
-    dx_ref, _, _ = torch_ref.layer_norm_bwd(t["dy"].double(), h_ref, t["weight"].double(), mean_ref,
-                                            rstd_ref, t["dresidual"].double())
+    dx, dw, db = backend.layer_norm_bwd(t["dy"], h, t["weight"], mean, rstd, t["dresidual"], dbranch, DROP)
+    dx_ref, _, _ = layernorm.layer_norm_bwd(t["dy"].double(), h_ref, t["weight"].double(), mean_ref,
+                                            rstd_ref, t["dresidual"].double(), None, None)
     assert torch.equal(dbranch != 0, keep), "backward mask differs from the reference's"
     torch.testing.assert_close(dx.double(), dx_ref, **TOL)
     torch.testing.assert_close(dbranch.double(), torch.where(keep, dx_ref / (1 - DROP.p), 0.0), **TOL)
@@ -122,7 +122,7 @@ def test_add_layer_norm_gradcheck():
     args = [t[k].requires_grad_() for k in ("x", "residual", "weight", "bias")]
     for residual in (args[1], None):
         def f(x, r, w, b, residual=residual):
-            return ops.add_layer_norm(x, r if residual is not None else None, w, b, EPS, torch_ref, DROP)
+            return layernorm.add_layer_norm(x, r if residual is not None else None, w, b, EPS, "torch", DROP)
         assert torch.autograd.gradcheck(f, args)
 
 
@@ -130,7 +130,7 @@ def test_add_layer_norm_gradcheck():
 
 def _attention_mask(B, T, nh, dropout):
     index = torch.arange(B * nh * T * T).view(B, nh, T, T)
-    return torch_ref.dropout_keep(index, dropout) & torch.ones(T, T, dtype=torch.bool).tril()
+    return dropout_spec.dropout_keep(index, dropout) & torch.ones(T, T, dtype=torch.bool).tril()
 
 
 @pytest.mark.parametrize("name", _backends_with("attention"))
@@ -139,13 +139,13 @@ def test_attention_matches_reference(name, B, T, nh, hs, poison):
     backend = load(name)
     q, k, v, do = (torch.randn(B, T, nh, hs) for _ in range(4))
     o, lse = backend.attention_fwd(q, k, v, 1 / math.sqrt(hs), DROP)
-    o_ref, lse_ref = torch_ref.attention_fwd(q.double(), k.double(), v.double(), 1 / math.sqrt(hs), DROP)
+    o_ref, lse_ref = attention.attention_fwd(q.double(), k.double(), v.double(), 1 / math.sqrt(hs), DROP)
     torch.testing.assert_close(o.double(), o_ref, **TOL)
     torch.testing.assert_close(lse.double(), lse_ref, **TOL)
     grads = [torch.empty(B, T, nh, hs) for _ in range(3)]
     backend.attention_bwd(do, q, k, v, o, lse, 1 / math.sqrt(hs), *grads, DROP)
     refs = [torch.empty(B, T, nh, hs, dtype=torch.float64) for _ in range(3)]
-    torch_ref.attention_bwd(do.double(), q.double(), k.double(), v.double(), o_ref, lse_ref,
+    attention.attention_bwd(do.double(), q.double(), k.double(), v.double(), o_ref, lse_ref,
                             1 / math.sqrt(hs), *refs, DROP)
     for gname, got, want in zip(("dq", "dk", "dv"), grads, refs):
         torch.testing.assert_close(got.double(), want, msg=lambda m, gname=gname: f"{gname}: {m}", **TOL)
@@ -170,8 +170,8 @@ def test_attention_mask_bit_for_bit(name):
 def test_attention_gradcheck():
     B, T, nh, hs = 1, 6, 2, 4
     qkv = torch.randn(B, T, 3 * nh * hs, dtype=torch.float64, requires_grad=True)
-    dropout = ops.dropout(0.4, 9, 2)
-    assert torch.autograd.gradcheck(lambda t: ops.causal_attention(t, nh, torch_ref, dropout), (qkv,))
+    dropout = dropout_spec.dropout(0.4, 9, 2)
+    assert torch.autograd.gradcheck(lambda t: attention.causal_attention(t, nh, "torch", dropout), (qkv,))
 
 
 # ----------------------------------------------------------------------------- 16-bit cpu kernels
@@ -188,7 +188,7 @@ def test_cpu_add_layer_norm_16bit(dtype, with_residual, poison):
     backend, N, C = load("cpu"), 5, 777
     t = {name: value.to(dtype) for name, value in _ln_inputs(N, C).items()}
     residual = t["residual"] if with_residual else None
-    keep = torch_ref.dropout_keep(torch.arange(N * C).view(N, C), DROP)
+    keep = dropout_spec.dropout_keep(torch.arange(N * C).view(N, C), DROP)
     y, h, mean, rstd = backend.add_layer_norm_fwd(t["x"], residual, t["weight"], t["bias"], EPS, DROP)
     assert h.dtype == y.dtype == dtype
     if not with_residual:
@@ -197,12 +197,12 @@ def test_cpu_add_layer_norm_16bit(dtype, with_residual, poison):
     if with_residual:
         h_ref = h_ref + t["residual"].double()
     torch.testing.assert_close(h.double(), h_ref, **LN_TOL16[dtype])
-    y_ref, mean_ref, rstd_ref = torch_ref.layer_norm_fwd(h.double(), t["weight"].double(), t["bias"].double(), EPS)
+    y_ref, mean_ref, rstd_ref = layernorm.layer_norm_fwd(h.double(), t["weight"].double(), t["bias"].double(), EPS)
     torch.testing.assert_close(y.double(), y_ref, **LN_TOL16[dtype])
     dbranch = torch.empty_like(h)
-    dx, _, _ = backend.layer_norm_bwd(t["dy"], h, t["weight"], mean, rstd, t["dresidual"], DROP, dbranch)
-    dx_ref, _, _ = torch_ref.layer_norm_bwd(t["dy"].double(), h.double(), t["weight"].double(), mean_ref,
-                                            rstd_ref, t["dresidual"].double())
+    dx, _, _ = backend.layer_norm_bwd(t["dy"], h, t["weight"], mean, rstd, t["dresidual"], dbranch, DROP)
+    dx_ref, _, _ = layernorm.layer_norm_bwd(t["dy"].double(), h.double(), t["weight"].double(), mean_ref,
+                                            rstd_ref, t["dresidual"].double(), None, None)
     assert torch.equal(dbranch != 0, keep), "backward mask differs from the reference's"
     torch.testing.assert_close(dx.double(), dx_ref, **LN_TOL16[dtype])
     torch.testing.assert_close(dbranch.double(), torch.where(keep, dx_ref / (1 - DROP.p), 0.0), **LN_TOL16[dtype])
@@ -218,9 +218,9 @@ def test_cpu_attention_16bit(dtype, poison):
     o, lse = backend.attention_fwd(q, k, v, scale, DROP)
     grads = [torch.empty(B, T, nh, hs, dtype=dtype) for _ in range(3)]
     backend.attention_bwd(do, q, k, v, o, lse, scale, *grads, DROP)
-    o_ref, lse_ref = torch_ref.attention_fwd(q.double(), k.double(), v.double(), scale, DROP)
+    o_ref, lse_ref = attention.attention_fwd(q.double(), k.double(), v.double(), scale, DROP)
     refs = [torch.empty(B, T, nh, hs, dtype=torch.float64) for _ in range(3)]
-    torch_ref.attention_bwd(do.double(), q.double(), k.double(), v.double(), o.double(), lse_ref, scale, *refs,
+    attention.attention_bwd(do.double(), q.double(), k.double(), v.double(), o.double(), lse_ref, scale, *refs,
                             DROP)
     for name, got, want in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, *grads), (o_ref, lse_ref, *refs)):
         err = (got.double() - want).abs().max().item()
@@ -237,13 +237,14 @@ def test_cpu_attention_16bit(dtype, poison):
     assert torch.equal(dv.transpose(1, 2).transpose(-1, -2) != 0, keep), "backward mask differs"
 
 
-def test_backend_without_dropout_says_so():
-    NoDropout = types.ModuleType("nanolm.backends.fake")
-    NoDropout.SUPPORT = {op: Support(dtypes={"cpu": (torch.float32,)}) for op in ("layernorm", "attention")}
-    with pytest.raises(ValueError, match="fake has no dropout for attention"):
-        ops.causal_attention(torch.randn(1, 4, 6), 1, NoDropout, DROP)
-    with pytest.raises(ValueError, match="fake has no dropout for layernorm"):
-        ops.add_layer_norm(torch.randn(2, 4), torch.randn(2, 4), torch.ones(4), None, EPS, NoDropout, DROP)
+def test_backend_without_dropout_says_so(monkeypatch):
+    no_dropout = Support(dtypes={"cpu": (torch.float32,)})
+    for module in (attention, layernorm):
+        monkeypatch.setitem(module.BACKENDS, "torch", module.BACKENDS["torch"]._replace(support=no_dropout))
+    with pytest.raises(ValueError, match="torch has no dropout for attention"):
+        attention.causal_attention(torch.randn(1, 4, 6), 1, "torch", DROP)
+    with pytest.raises(ValueError, match="torch has no dropout for layernorm"):
+        layernorm.add_layer_norm(torch.randn(2, 4), torch.randn(2, 4), torch.ones(4), None, EPS, "torch", DROP)
 
 
 # ----------------------------------------------------------------------------- model and trainer
@@ -252,8 +253,7 @@ def _model(dropout, name="torch"):
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, vocab_multiple=16,
                       dropout=dropout)
-    backend = load(name)
-    return GPT(cfg, {op: backend for op in ("layernorm", "attention", "cross_entropy", "adamw")})
+    return GPT(cfg, {op: name for op in ("layernorm", "attention", "cross_entropy", "adamw")})
 
 
 def test_model_p0_and_eval_run_without_dropout():
@@ -324,16 +324,16 @@ def test_add_layer_norm_gpu(name, dtype, N, C, poison):
     backend, g = load(name), dict(device="cuda", dtype=dtype)
     x, residual = torch.randn(N, C, **g) * 2 + 0.5, torch.randn(N, C, **g)
     weight, bias, dy = torch.rand(C, **g) + 0.5, torch.randn(C, **g), torch.randn(N, C, **g)
-    keep = torch_ref.dropout_keep(torch.arange(N * C, device="cuda").view(N, C), DROP)
+    keep = dropout_spec.dropout_keep(torch.arange(N * C, device="cuda").view(N, C), DROP)
     _, h, mean, rstd = backend.add_layer_norm_fwd(x, None, weight, bias, EPS, DROP)
     assert torch.equal(h != 0, keep), "forward mask differs from the reference's"
     y, h, mean, rstd = backend.add_layer_norm_fwd(x, residual, weight, bias, EPS, DROP)
-    y_ref, h_ref, _, _ = torch_ref.add_layer_norm_fwd(x.double(), residual.double(), weight.double(),
+    y_ref, h_ref, _, _ = layernorm.add_layer_norm_fwd(x.double(), residual.double(), weight.double(),
                                                       bias.double(), EPS, DROP)
     torch.testing.assert_close(h.double(), h_ref, **GPU_TOL[dtype])
     torch.testing.assert_close(y.double(), y_ref, **GPU_TOL[dtype])
     dbranch = torch.empty_like(x)
-    dx, _, _ = backend.layer_norm_bwd(dy, h, weight, mean, rstd, None, DROP, dbranch)
+    dx, _, _ = backend.layer_norm_bwd(dy, h, weight, mean, rstd, None, dbranch, DROP)
     assert torch.equal(dbranch != 0, keep), "backward mask differs from the reference's"
     torch.testing.assert_close(dbranch.double(), torch.where(keep, dx.double() / (1 - DROP.p), 0.0),
                                **GPU_TOL[dtype])
@@ -347,12 +347,12 @@ def test_attention_gpu(name, B, T, nh, hs, poison):
     q, k, v, do = (torch.randn(B, T, nh, hs, **g) for _ in range(4))
     scale = 1 / math.sqrt(hs)
     o, lse = backend.attention_fwd(q, k, v, scale, DROP)
-    o_ref, lse_ref = torch_ref.attention_fwd(q.double(), k.double(), v.double(), scale, DROP)
+    o_ref, lse_ref = attention.attention_fwd(q.double(), k.double(), v.double(), scale, DROP)
     torch.testing.assert_close(o.double(), o_ref, **GPU_TOL[torch.bfloat16])
     grads = [torch.empty(B, T, nh, hs, **g) for _ in range(3)]
     backend.attention_bwd(do, q, k, v, o, lse, scale, *grads, DROP)
     refs = [torch.empty(B, T, nh, hs, device="cuda", dtype=torch.float64) for _ in range(3)]
-    torch_ref.attention_bwd(do.double(), q.double(), k.double(), v.double(), o_ref, lse_ref, scale, *refs, DROP)
+    attention.attention_bwd(do.double(), q.double(), k.double(), v.double(), o_ref, lse_ref, scale, *refs, DROP)
     for gname, got, want in zip(("dq", "dk", "dv"), grads, refs):
         torch.testing.assert_close(got.double(), want, atol=5e-2, rtol=5e-2, msg=lambda m, gname=gname: f"{gname}: {m}")
     if T == hs:  # V = the identity: O's zeros are the mask (see test_attention_mask_bit_for_bit)

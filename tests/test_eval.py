@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanolm import backends, eval as nanolm_eval, hf
+from nanolm import eval as nanolm_eval, hf
 from nanolm.config import ModelConfig
 from nanolm.data import get_tokenizer
 from nanolm.model import GPT
+from nanolm.ops import backends
 from tests.shared_paths import shared
 
 TEXT = "".join(f"line {i}: café, naïve, 日本語 — {i * i}\n" for i in range(400))  # multi-byte UTF-8
@@ -17,7 +18,7 @@ TEXT = "".join(f"line {i}: café, naïve, 日本語 — {i * i}\n" for i in rang
 def tiny_model(block_size=16):
     cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=block_size, vocab_size=256,
                       vocab_multiple=64)
-    return GPT(cfg, backends.impls(backends.resolve("torch", torch.device("cpu")))).eval()
+    return GPT(cfg, backends.resolve("torch", torch.device("cpu"))).eval()
 
 
 @torch.no_grad()

@@ -3,9 +3,10 @@ import json
 import pytest
 import torch
 
-from nanolm import backends, hf
+from nanolm import hf
 from nanolm.config import ModelConfig
 from nanolm.model import GPT
+from nanolm.ops import backends
 
 pytest.importorskip("safetensors")
 
@@ -15,7 +16,7 @@ VOCAB = 300  # true vocabulary; the model pads it to 320
 def tiny_model():
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=VOCAB,
                       vocab_multiple=64)
-    return GPT(cfg, backends.impls(backends.resolve("torch", torch.device("cpu"))))
+    return GPT(cfg, backends.resolve("torch", torch.device("cpu")))
 
 
 def test_export_import_round_trip(tmp_path):

@@ -8,8 +8,8 @@ GPU part (@pytest.mark.gpu): cuda and triton at fp32/bf16 up to GPT-2-sized and 
 import pytest
 import torch
 
-from nanolm import ops
-from nanolm.backends import BACKENDS, load, support_reason, torch_ref
+from nanolm.ops import layernorm
+from nanolm.ops.backends import BACKENDS, load, support_reason
 
 EPS = 1e-5
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
@@ -44,19 +44,19 @@ def _check_backend(backend, N, C, dtype, device, fused, with_bias):
     w, b = t["weight"], t["bias"]
     dres = t["dresidual"] if fused else None
     if fused:
-        y, h, mean, rstd = backend.add_layer_norm_fwd(t["x"], t["residual"], w, b, EPS)
+        y, h, mean, rstd = backend.add_layer_norm_fwd(t["x"], t["residual"], w, b, EPS, None)
         h_ref = t["x"] + t["residual"]  # rounded to dtype, as the kernels normalize it
         _close("residual_out", h, h_ref, dict(atol=0, rtol=0))
     else:
         y, mean, rstd = backend.layer_norm_fwd(t["x"], w, b, EPS)
         h = h_ref = t["x"]
-    y_ref, mean_ref, rstd_ref = torch_ref.layer_norm_fwd(h_ref.double(), w.double(), _f64(b), EPS)
+    y_ref, mean_ref, rstd_ref = layernorm.layer_norm_fwd(h_ref.double(), w.double(), _f64(b), EPS)
     _close("y", y, y_ref, TOL[dtype])
     _close("mean", mean, mean_ref, TOL[torch.float32])
     _close("rstd", rstd, rstd_ref, TOL[torch.float32])
-    dx, dw, db = backend.layer_norm_bwd(t["dy"], h, w, mean, rstd, dres)
-    dx_ref, dw_ref, db_ref = torch_ref.layer_norm_bwd(t["dy"].double(), h_ref.double(), w.double(),
-                                                      mean_ref, rstd_ref, _f64(dres))
+    dx, dw, db = backend.layer_norm_bwd(t["dy"], h, w, mean, rstd, dres, None, None)
+    dx_ref, dw_ref, db_ref = layernorm.layer_norm_bwd(t["dy"].double(), h_ref.double(), w.double(),
+                                                      mean_ref, rstd_ref, _f64(dres), None, None)
     assert dx.dtype == dtype and dw.dtype == torch.float32 and db.dtype == torch.float32
     _close("dx", dx, dx_ref, TOL[dtype])
     _close("dweight", dw, dw_ref, GRAD_SUM_TOL[dtype])
@@ -66,8 +66,8 @@ def _check_backend(backend, N, C, dtype, device, fused, with_bias):
 def _check_deterministic(backend, N, C, dtype, device):
     t = _inputs(N, C, dtype, device)
     _, mean, rstd = backend.layer_norm_fwd(t["x"], t["weight"], t["bias"], EPS)
-    first = backend.layer_norm_bwd(t["dy"], t["x"], t["weight"], mean, rstd, t["dresidual"])
-    second = backend.layer_norm_bwd(t["dy"], t["x"], t["weight"], mean, rstd, t["dresidual"])
+    first = backend.layer_norm_bwd(t["dy"], t["x"], t["weight"], mean, rstd, t["dresidual"], None, None)
+    second = backend.layer_norm_bwd(t["dy"], t["x"], t["weight"], mean, rstd, t["dresidual"], None, None)
     for name, a, b in zip(("dx", "dweight", "dbias"), first, second):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
 
@@ -113,10 +113,10 @@ def test_cpu_gradients_do_not_depend_on_thread_count():
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = backend.layer_norm_bwd(t["dy"], t["x"], t["weight"], mean, rstd, None)
+        one = backend.layer_norm_bwd(t["dy"], t["x"], t["weight"], mean, rstd, None, None, None)
     finally:
         torch.set_num_threads(before)
-    many = backend.layer_norm_bwd(t["dy"], t["x"], t["weight"], mean, rstd, None)
+    many = backend.layer_norm_bwd(t["dy"], t["x"], t["weight"], mean, rstd, None, None, None)
     for a, b in zip(one, many):
         assert torch.equal(a, b)
 
@@ -128,7 +128,7 @@ def test_empty_rows(backend):
     w = torch.randn(40)
     y, mean, rstd = b.layer_norm_fwd(x, w, None, EPS)
     assert y.shape == (0, 40) and mean.shape == (0,)
-    dx, dw, db = b.layer_norm_bwd(x, x, w, mean, rstd, None)
+    dx, dw, db = b.layer_norm_bwd(x, x, w, mean, rstd, None, None, None)
     assert dx.shape == (0, 40) and torch.equal(dw, torch.zeros(40)) and torch.equal(db, torch.zeros(40))
 
 
@@ -160,11 +160,11 @@ def test_bad_backward_inputs(backend):
     t = _inputs(4, 16, torch.float32, "cpu")
     _, mean, rstd = b.layer_norm_fwd(t["x"], t["weight"], None, EPS)
     with pytest.raises(ValueError, match="dresidual"):
-        b.layer_norm_bwd(t["dy"], t["x"], t["weight"], mean, rstd, t["dresidual"][:2])
+        b.layer_norm_bwd(t["dy"], t["x"], t["weight"], mean, rstd, t["dresidual"][:2], None, None)
     with pytest.raises(ValueError, match="rstd"):
-        b.layer_norm_bwd(t["dy"], t["x"], t["weight"], mean, rstd.double(), None)
+        b.layer_norm_bwd(t["dy"], t["x"], t["weight"], mean, rstd.double(), None, None, None)
     with pytest.raises(ValueError, match="dy"):
-        b.layer_norm_bwd(t["dy"].t().contiguous().t(), t["x"], t["weight"], mean, rstd, None)
+        b.layer_norm_bwd(t["dy"].t().contiguous().t(), t["x"], t["weight"], mean, rstd, None, None, None)
 
 
 def test_cpu_backend_rejects_float64():
@@ -175,15 +175,15 @@ def test_cpu_backend_rejects_float64():
 
 @pytest.mark.parametrize("shape", [(2, 7, 777), (3, 1, 64)])
 def test_op_layer_autograd_cpu(shape):
-    backend = load("cpu")
+    backend = "cpu"
     C = shape[-1]
     leaves = [torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64),
               torch.rand(C, dtype=torch.float64) + 0.5, torch.randn(C, dtype=torch.float64)]
     ours = [t.float().requires_grad_() for t in leaves]
     ref = [t.clone().requires_grad_() for t in leaves]
     x, r, w, b = ours
-    y1 = ops.layer_norm(x, w, b, EPS, backend)
-    y2, h = ops.add_layer_norm(y1, r, w, b, EPS, backend)
+    y1 = layernorm.layer_norm(x, w, b, EPS, backend)
+    y2, h = layernorm.add_layer_norm(y1, r, w, b, EPS, backend, None)
     g_y, g_h = torch.randn_like(y2), torch.randn_like(h)
     (y2 * g_y + h * g_h).sum().backward()
     xr, rr, wr, br = ref
@@ -254,13 +254,14 @@ def _check_misaligned(b, dtype, device):
         view = v[1:].view(t[k].shape)
         view.copy_(t[k])
         shifted[k] = view
-    y, h, mean, rstd = b.add_layer_norm_fwd(shifted["x"], shifted["residual"], shifted["weight"], shifted["bias"], EPS)
-    y_ref, h_ref, mean_ref, rstd_ref = torch_ref.add_layer_norm_fwd(
-        t["x"].double(), t["residual"].double(), t["weight"].double(), t["bias"].double(), EPS)
+    y, h, mean, rstd = b.add_layer_norm_fwd(shifted["x"], shifted["residual"], shifted["weight"], shifted["bias"], EPS,
+                                            None)
+    y_ref, h_ref, mean_ref, rstd_ref = layernorm.add_layer_norm_fwd(
+        t["x"].double(), t["residual"].double(), t["weight"].double(), t["bias"].double(), EPS, None)
     _close("y", y, y_ref, TOL[dtype])
-    dx, dw, db = b.layer_norm_bwd(shifted["dy"], h, shifted["weight"], mean, rstd, shifted["dresidual"])
-    dx_ref, dw_ref, db_ref = torch_ref.layer_norm_bwd(t["dy"].double(), h.double(), t["weight"].double(),
-                                                      mean_ref, rstd_ref, t["dresidual"].double())
+    dx, dw, db = b.layer_norm_bwd(shifted["dy"], h, shifted["weight"], mean, rstd, shifted["dresidual"], None, None)
+    dx_ref, dw_ref, db_ref = layernorm.layer_norm_bwd(t["dy"].double(), h.double(), t["weight"].double(),
+                                                      mean_ref, rstd_ref, t["dresidual"].double(), None, None)
     _close("dx", dx, dx_ref, TOL[dtype])
     _close("dweight", dw, dw_ref, GRAD_SUM_TOL[dtype])
 
@@ -295,7 +296,7 @@ def test_op_layer_autograd_gpu_bf16(backend):
     w = torch.ones(C, device="cuda", requires_grad=True)
     b = torch.zeros(C, device="cuda", requires_grad=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        y, h = ops.add_layer_norm(x.bfloat16(), r, w.bfloat16(), b.bfloat16(), EPS, load(backend))
+        y, h = layernorm.add_layer_norm(x.bfloat16(), r, w.bfloat16(), b.bfloat16(), EPS, backend, None)
     (y.float().square().sum() + h.float().sum()).backward()
     for t in (x, r, w, b):
         assert t.grad is not None and torch.isfinite(t.grad).all()

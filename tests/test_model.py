@@ -2,12 +2,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanolm import backends
 from nanolm.config import ModelConfig, PRESETS
 from nanolm.model import GPT
 from nanolm.sample import generate
+from nanolm.ops import backends
 
-TORCH = backends.impls(backends.resolve("torch", torch.device("cpu")))
+TORCH = backends.resolve("torch", torch.device("cpu"))
 
 
 def tiny(**kw):
@@ -86,7 +86,7 @@ def test_cpu_kernels_under_cpu_bf16_autocast():
     every gradient agree with the float64 model to bf16 accuracy."""
     torch.manual_seed(0)
     cfg = tiny(n_embd=64, n_head=2, block_size=32, vocab_size=300)
-    cpu_impls = backends.impls(backends.resolve("cpu", torch.device("cpu")))
+    cpu_impls = backends.resolve("cpu", torch.device("cpu"))
     model = GPT(cfg, cpu_impls)
     ref = GPT(cfg, TORCH).double()
     ref.load_state_dict(model.state_dict())

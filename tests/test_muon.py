@@ -6,13 +6,14 @@ import json
 import pytest
 import torch
 
-from nanolm import backends, checkpoint
+from nanolm import checkpoint
 from nanolm.config import ModelConfig, parse_args
 from nanolm.model import GPT
+from nanolm.ops import backends
 from nanolm.optim import NS_SCHEDULES, FlatAdamW, FlatMuon, hidden_matrices, newton_schulz
 from nanolm.train import config_from_args, main, train
 
-TORCH = backends.impls(backends.resolve("torch", torch.device("cpu")))
+TORCH = backends.resolve("torch", torch.device("cpu"))
 TINY_MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=40, vocab_multiple=64)
 
 # ----------------------------------------------------------------------------- Newton-Schulz

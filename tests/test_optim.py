@@ -3,12 +3,12 @@ import math
 import pytest
 import torch
 
-from nanolm import backends
 from nanolm.config import ModelConfig
 from nanolm.model import GPT
 from nanolm.optim import DynamicLossScale, FlatAdamW
+from nanolm.ops import backends
 
-TORCH = backends.impls(backends.resolve("torch", torch.device("cpu")))
+TORCH = backends.resolve("torch", torch.device("cpu"))
 HP = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
 # The optimizer's AdamW step and gradient norm: the torch reference, and the CUDA kernels on the
 # CPU (cuda_sim: clipping through grad_scale, the non-finite skip through sum_of_squares; the
@@ -53,7 +53,7 @@ def run_steps(flat_model, flat, ref_model, ref, steps, clip, loss_scale=1.0):
     *(pytest.param("cuda_sim", clip, scale, marks=pytest.mark.cuda_sim) for clip, scale in ((0.5, 1.0), (1.0, 0.01)))])
 def test_matches_torch_adamw(backend, clip, loss_scale):
     a, b = model_pair()
-    flat = FlatAdamW(a.named_parameters(), weight_decay=0.1, grad_clip=clip, backend=backends.load(backend), **HP)
+    flat = FlatAdamW(a.named_parameters(), weight_decay=0.1, grad_clip=clip, backend=backend, **HP)
     ref = torch_adamw(b, flat, 0.1)
     run_steps(a, flat, b, ref, 30, clip, loss_scale)
     assert_params_close(a, b)
@@ -88,7 +88,7 @@ def test_flat_layout():
 @pytest.mark.parametrize("backend", ADAMW_BACKENDS)
 def test_non_finite_grad_skips(backend):
     a, _ = model_pair()
-    flat = FlatAdamW(a.named_parameters(), weight_decay=0.1, grad_clip=1.0, backend=backends.load(backend), **HP)
+    flat = FlatAdamW(a.named_parameters(), weight_decay=0.1, grad_clip=1.0, backend=backend, **HP)
     before = flat.flat_param.clone()
     flat.flat_grad.normal_()
     flat.flat_grad[3] = float("nan")
@@ -156,7 +156,7 @@ def test_dynamic_loss_scale_halves_on_overflow_and_doubles_after_clean_steps():
 def test_loss_scaled_step_equals_unscaled(name, clip):
     """Gradients of a loss scaled by 2^k, unscaled inside the AdamW step (with the clip
     coefficient, one grad_scale): the same update, bit for bit, and the same (unscaled) norm."""
-    impls = backends.impls(backends.resolve(name, torch.device("cpu")))
+    impls = backends.resolve(name, torch.device("cpu"))
     a, b = model_pair()
     scaled = FlatAdamW(a.named_parameters(), weight_decay=0.1, grad_clip=clip, backend=impls["adamw"],
                        loss_scale=DynamicLossScale(init_scale=2.0 ** 12), **HP)

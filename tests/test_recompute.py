@@ -4,10 +4,10 @@ import dataclasses
 import pytest
 import torch
 
-from nanolm import backends
 from nanolm.config import ConfigError, ModelConfig, parse_args
 from nanolm.model import GPT, RECOMPUTE
 from nanolm.optim import FlatAdamW
+from nanolm.ops import backends
 
 CFG = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=100, vocab_multiple=64)
 BATCH = 3
@@ -15,7 +15,7 @@ BATCH = 3
 
 def build(recompute, kernel_set, dropout=0.0):
     torch.manual_seed(7)  # the same initial weights for every mode
-    impls = backends.impls(backends.resolve(kernel_set, torch.device("cpu")))
+    impls = backends.resolve(kernel_set, torch.device("cpu"))
     model = GPT(dataclasses.replace(CFG, dropout=dropout), impls, recompute)
     return model, FlatAdamW(model.named_parameters(), 1e-2, (0.9, 0.95), 1e-8, 0.1, 1.0, impls["adamw"])
 
@@ -81,7 +81,7 @@ def test_recompute_config():
     with pytest.raises(ConfigError, match="recompute must be none, mlp or block, got 'all'"):
         parse_args(["--recompute=all"])
     with pytest.raises(ValueError, match="recompute must be one of"):
-        GPT(CFG, backends.impls(backends.resolve("torch", torch.device("cpu"))), "some")
+        GPT(CFG, backends.resolve("torch", torch.device("cpu")), "some")
 
 
 def test_train_cli_with_recompute_and_dropout_ends_where_plain_training_does(tmp_path):

@@ -1,12 +1,13 @@
-"""The torch reference backend and the op layer vs float64 PyTorch autograd of the plain math."""
+"""The specification (the torch backend) and the registered ops vs float64 PyTorch autograd of the plain math."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanolm import ops
-from nanolm.backends import torch_ref as ref
+from nanolm.ops import adamw, attention, backends, cross_entropy, layernorm
+
+ref = backends.load("torch")  # the specification's functions
 
 D = torch.float64
 
@@ -31,7 +32,7 @@ def test_layer_norm_fwd_bwd(N, C, bias):
     y_ref = F.layer_norm(xl, (C,), wl, bl, 1e-5)
     y_ref.backward(dy)
     torch.testing.assert_close(y, y_ref.detach())
-    dx, dw, db = ref.layer_norm_bwd(dy, x, w, mean, rstd, None)
+    dx, dw, db = ref.layer_norm_bwd(dy, x, w, mean, rstd, None, None, None)
     torch.testing.assert_close(dx, xl.grad)
     torch.testing.assert_close(dw, wl.grad)
     if bias:
@@ -41,28 +42,28 @@ def test_layer_norm_fwd_bwd(N, C, bias):
 def test_add_layer_norm_fwd_bwd():
     N, C = 17, 777
     x, r, w, b, dy, dres = rand(N, C), rand(N, C), rand(C), rand(C), rand(N, C), rand(N, C)
-    y, res_out, mean, rstd = ref.add_layer_norm_fwd(x, r, w, b, 1e-5)
+    y, res_out, mean, rstd = ref.add_layer_norm_fwd(x, r, w, b, 1e-5, None)
     xl, rl = leaf(x), leaf(r)
     s = xl + rl
     y_ref = F.layer_norm(s, (C,), w, b, 1e-5)
     (y_ref * dy + s * dres).sum().backward()
     torch.testing.assert_close(y, y_ref.detach())
     torch.testing.assert_close(res_out, s.detach())
-    dx, _, _ = ref.layer_norm_bwd(dy, res_out, w, mean, rstd, dres)
+    dx, _, _ = ref.layer_norm_bwd(dy, res_out, w, mean, rstd, dres, None, None)
     torch.testing.assert_close(dx, xl.grad)
     torch.testing.assert_close(dx, rl.grad)
 
 
 def test_ops_layer_norm_autograd():
     x, w, b = leaf(rand(3, 10, 33)), leaf(rand(33)), leaf(rand(33))
-    torch.autograd.gradcheck(lambda x, w, b: ops.layer_norm(x, w, b, 1e-5, ref), (x, w, b))
+    torch.autograd.gradcheck(lambda x, w, b: layernorm.layer_norm(x, w, b, 1e-5, "torch"), (x, w, b))
 
 
 def test_ops_add_layer_norm_autograd():
     x, r, w, b = leaf(rand(2, 5, 24)), leaf(rand(2, 5, 24)), leaf(rand(24)), leaf(rand(24))
 
     def f(x, r, w, b):
-        y, s = ops.add_layer_norm(x, r, w, b, 1e-5, ref)
+        y, s = layernorm.add_layer_norm(x, r, w, b, 1e-5, "torch", None)
         return y, s
     torch.autograd.gradcheck(f, (x, r, w, b))
 
@@ -84,13 +85,13 @@ def test_attention_fwd_bwd(B, T, nh, hs):
     q, k, v = qkv.unbind(2)  # strided views, as the op layer passes them
     scale = 1 / math.sqrt(hs)
     do = rand(B, T, nh, hs)
-    o, lse = ref.attention_fwd(q, k, v, scale)
+    o, lse = ref.attention_fwd(q, k, v, scale, None)
     ql, kl, vl = leaf(q), leaf(k), leaf(v)
     o_ref = attention_math(ql, kl, vl, scale)
     o_ref.backward(do)
     torch.testing.assert_close(o, o_ref.detach())
     dq, dk, dv = (torch.full_like(q, float("nan")) for _ in range(3))
-    ref.attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv)
+    ref.attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, None)
     torch.testing.assert_close(dq, ql.grad)
     torch.testing.assert_close(dk, kl.grad)
     torch.testing.assert_close(dv, vl.grad)
@@ -98,12 +99,12 @@ def test_attention_fwd_bwd(B, T, nh, hs):
 
 def test_ops_causal_attention_autograd():
     qkv = leaf(rand(2, 7, 3 * 2 * 4))
-    torch.autograd.gradcheck(lambda t: ops.causal_attention(t, 2, ref), (qkv,))
+    torch.autograd.gradcheck(lambda t: attention.causal_attention(t, 2, "torch", None), (qkv,))
 
 
 def test_ops_causal_attention_bad_shape():
     with pytest.raises(ValueError, match="n_head"):
-        ops.causal_attention(rand(2, 7, 30), 4, ref)
+        attention.causal_attention(rand(2, 7, 30), 4, "torch", None)
 
 
 # ----------------------------------------------------------------------------- cross-entropy
@@ -148,7 +149,7 @@ def test_cross_entropy_inplace_writes_logits():
 @pytest.mark.parametrize("ignore_index", [-100, 5])
 def test_ops_cross_entropy(ignore_index):
     logits, targets = leaf(rand(13, 70)), make_targets(13, 60, ignore_index)
-    loss = ops.cross_entropy(logits, targets, ref, vocab_size=60, ignore_index=ignore_index, z_loss=1e-3)
+    loss = cross_entropy.cross_entropy(logits, targets, "torch", vocab_size=60, ignore_index=ignore_index, z_loss=1e-3)
     (2.5 * loss).backward()
     l2 = leaf(logits.detach())
     ref_loss = ce_math(l2, targets, 60, ignore_index, 1e-3)
@@ -161,7 +162,7 @@ def test_ops_cross_entropy(ignore_index):
 def test_ops_linear_cross_entropy(chunk_rows):
     N, C, Vp, V = 23, 16, 96, 90
     h, w, targets = leaf(rand(N, C)), leaf(rand(Vp, C)), make_targets(N, V)
-    loss = ops.linear_cross_entropy(h, w, targets, ref, vocab_size=V, z_loss=1e-4, chunk_rows=chunk_rows)
+    loss = cross_entropy.linear_cross_entropy(h, w, targets, "torch", vocab_size=V, z_loss=1e-4, chunk_rows=chunk_rows)
     (0.7 * loss).backward()
     h2, w2 = leaf(h.detach()), leaf(w.detach())
     ref_loss = ce_math(h2 @ w2.t(), targets, V, -100, 1e-4)
@@ -174,28 +175,28 @@ def test_ops_linear_cross_entropy(chunk_rows):
 def test_ops_linear_cross_entropy_no_grad_matches():
     h, w, targets = rand(10, 8), rand(64, 8), make_targets(10, 60)
     with torch.no_grad():
-        loss = ops.linear_cross_entropy(h, w, targets, ref, vocab_size=60, chunk_rows=3)
+        loss = cross_entropy.linear_cross_entropy(h, w, targets, "torch", vocab_size=60, chunk_rows=3)
     torch.testing.assert_close(loss, ce_math(h @ w.t(), targets, 60, -100, 0.0))
 
 
 def test_all_ignored_gives_zero_loss_and_grad():
     h, w = leaf(rand(6, 8)), leaf(rand(64, 8))
     targets = torch.full((6,), -100)
-    loss = ops.linear_cross_entropy(h, w, targets, ref, chunk_rows=4)
+    loss = cross_entropy.linear_cross_entropy(h, w, targets, "torch", chunk_rows=4)
     loss.backward()
     assert loss.item() == 0
     assert (h.grad == 0).all() and (w.grad == 0).all()
     logits = leaf(rand(6, 64))
-    loss = ops.cross_entropy(logits, targets, ref)
+    loss = cross_entropy.cross_entropy(logits, targets, "torch")
     loss.backward()
     assert loss.item() == 0 and (logits.grad == 0).all()
 
 
 def test_cross_entropy_bad_targets():
     with pytest.raises(ValueError, match="outside"):
-        ops.cross_entropy(rand(4, 64), torch.tensor([0, 1, 60, 2]), ref, vocab_size=50)
+        cross_entropy.cross_entropy(rand(4, 64), torch.tensor([0, 1, 60, 2]), "torch", vocab_size=50)
     with pytest.raises(ValueError, match="int64"):
-        ops.cross_entropy(rand(4, 64), torch.zeros(4, dtype=torch.int32), ref)
+        cross_entropy.cross_entropy(rand(4, 64), torch.zeros(4, dtype=torch.int32), "torch")
 
 
 # ----------------------------------------------------------------------------- adamw
@@ -219,4 +220,4 @@ def test_adamw_step_vs_torch(grad_scale):
 def test_sum_of_squares_and_grad_norm():
     x = torch.randn(12345)
     torch.testing.assert_close(ref.sum_of_squares(x), x.double().square().sum().float())
-    torch.testing.assert_close(ops.grad_norm(x, ref), torch.linalg.vector_norm(x))
+    torch.testing.assert_close(adamw.grad_norm(x, "torch"), torch.linalg.vector_norm(x))

@@ -3,10 +3,11 @@ import dataclasses
 import pytest
 import torch
 
-from nanolm import backends, checkpoint, sample
+from nanolm import checkpoint, sample
 from nanolm.config import ModelConfig
 from nanolm.kvcache import KVCache
 from nanolm.model import GPT
+from nanolm.ops import backends
 
 VOCAB = 256  # byte tokenizer; the model pads its rows to 320
 
@@ -15,7 +16,7 @@ def make_model(kernels="torch", device="cpu"):
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=VOCAB,
                       vocab_multiple=64)
-    kernels = backends.impls(backends.resolve(kernels, torch.device(device)))
+    kernels = backends.resolve(kernels, torch.device(device))
     return GPT(cfg, kernels).to(device).eval()
 
 

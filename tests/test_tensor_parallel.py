@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import dist_worker as W
-from nanolm import dist, ops, tensor_parallel
-from nanolm.backends import load, torch_ref
+from nanolm import dist, tensor_parallel
+from nanolm.ops import cross_entropy, groups
 from nanolm.config import ModelConfig
 from nanolm.model import GPT
 from nanolm.optim import FlatAdamW
@@ -77,21 +77,18 @@ class ThreadComm:
         pass
 
 
-class OneAtATime:
-    """A backend whose functions run one thread at a time: Triton's interpreter is not
-    thread-safe. (Its calls sit between the collectives, so this cannot deadlock.)"""
-    lock = threading.Lock()
+INTERPRETER_LOCK = threading.Lock()
 
-    def __init__(self, backend):
-        self.backend = backend
 
-    def __getattr__(self, name):
-        fn = getattr(self.backend, name)
-
+def one_at_a_time(impl):
+    """impl (a backend's cross-entropy) with its functions run one thread at a time: Triton's
+    interpreter is not thread-safe. (Its calls sit between the collectives, so this cannot deadlock.)"""
+    def locked(fn):
         def call(*args, **kwargs):
-            with self.lock:
+            with INTERPRETER_LOCK:
                 return fn(*args, **kwargs)
         return call
+    return impl._replace(**{name: locked(getattr(impl, name)) for name in impl._fields[1:]})
 
 
 def split_rows(n_rows, n):
@@ -118,8 +115,9 @@ def test_vocab_parallel_cross_entropy_matches_one_process(V, Vp, n, z_loss):
         r = comm.env.rank
         h_r, w_r = h.clone().requires_grad_(), w[bounds[r]:bounds[r + 1]].clone().requires_grad_()
         local_vocab = min(max(V - bounds[r], 0), bounds[r + 1] - bounds[r])
-        loss = ops.vocab_parallel_linear_cross_entropy(h_r, w_r, targets, comm, torch_ref, bounds[r],
-                                                       local_vocab, V, z_loss=z_loss, chunk_rows=8)
+        loss = cross_entropy.vocab_parallel_linear_cross_entropy(h_r, w_r, targets, groups.register(comm), "torch",
+                                                                 bounds[r], local_vocab, V, z_loss=z_loss,
+                                                                 chunk_rows=8)
         loss.backward()
         return loss.detach(), h_r.grad, w_r.grad
 
@@ -147,12 +145,12 @@ AUTOCAST_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(
 
 @pytest.mark.parametrize("dtype", list(AUTOCAST_TOL), ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("name", ["torch"] + cpu_backends())
-def test_vocab_parallel_cross_entropy_equals_single_process_op(name, dtype):
-    """Each backend's stats/grad pair against ops.linear_cross_entropy itself (one process, the
-    same backend, the same autocast: the README's --tp=2 command on a bf16 CPU), all rows
-    ignored included."""
-    backend = load(name)
-    if dtype not in backend.SUPPORT["cross_entropy"].dtypes["cpu"]:
+def test_vocab_parallel_cross_entropy_equals_single_process_op(name, dtype, monkeypatch):
+    """Each backend's stats/grad pair against cross_entropy.linear_cross_entropy itself (one
+    process, the same backend, the same autocast: the README's --tp=2 command on a bf16 CPU), all
+    rows ignored included."""
+    monkeypatch.setitem(cross_entropy.BACKENDS, name, one_at_a_time(cross_entropy.BACKENDS[name]))
+    if dtype not in cross_entropy.BACKENDS[name].support.dtypes["cpu"]:
         pytest.skip(f"{name} has no {dtype} cross-entropy on CPU")
     torch.manual_seed(0)
     N, C, V, Vp, n = 40, 16, 77, 128, 2
@@ -167,15 +165,15 @@ def test_vocab_parallel_cross_entropy_equals_single_process_op(name, dtype):
             w_r = w[r * rows:(r + 1) * rows].clone().requires_grad_()
             h_r = h.clone().requires_grad_()
             with autocast():
-                loss = ops.vocab_parallel_linear_cross_entropy(h_r, w_r, targets, comm, OneAtATime(backend),
-                                                               r * rows, min(max(V - r * rows, 0), rows), V)
+                loss = cross_entropy.vocab_parallel_linear_cross_entropy(
+                    h_r, w_r, targets, groups.register(comm), name, r * rows, min(max(V - r * rows, 0), rows), V)
             loss.backward()
             return loss.detach(), h_r.grad, w_r.grad
 
         results = ThreadGroup(n).run(rank)
         hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
         with autocast():
-            want = ops.linear_cross_entropy(hr, wr, targets, backend, vocab_size=V)
+            want = cross_entropy.linear_cross_entropy(hr, wr, targets, name, vocab_size=V)
         want.backward()
         tol = AUTOCAST_TOL[dtype]
         torch.testing.assert_close(results[0][0], want.detach(), **tol)
@@ -224,7 +222,7 @@ def test_parallelize_slices_and_gathers_back():
 def test_tensor_parallel_model_loss_and_gradients_match_one_process(name):
     """tp=3 over 3 heads with a vocabulary of 37 rows (so the last rank also holds 2 rows of
     padding): the same loss on every rank, and gradients that gather to the 1-process ones."""
-    kernels = dict(W.TORCH, **({} if name == "torch" else {op: load("cpu") for op in W.TORCH}))
+    kernels = dict(W.TORCH, **({} if name == "torch" else {op: "cpu" for op in W.TORCH}))
     cfg = ModelConfig(n_layer=2, n_head=3, n_embd=48, block_size=8, vocab_size=37, vocab_multiple=1)
     torch.manual_seed(5)
     idx = torch.randint(0, 37, (3, 8))

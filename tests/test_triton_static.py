@@ -4,6 +4,7 @@ The gate compiles every production Triton configuration for sm_90a and fails on 
 not compile, needs more shared memory than a block may have, or spills. It runs in a subprocess:
 it compiles for a GPU, so it must not see this test session's TRITON_INTERPRET=1.
 """
+import copy
 import json
 import os
 import re
@@ -15,9 +16,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bench import static
+from bench import static, verification_table
 from nanolm import info
-from nanolm.backends import triton as triton_backend
+from nanolm.ops import OPS, attention, functions
+from nanolm.ops.backends import VERIFICATION
+
+TRITON_KERNELS = VERIFICATION["triton"]  # op -> kernel -> {tests, gpu_run}
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,31 +48,36 @@ def _jit_functions():
 
 
 def test_kernel_table_lists_every_triton_kernel():
-    """triton.KERNELS (what nanolm.info reports) names every @triton.jit kernel in kernels/, and
+    """nanolm/verification.json (what nanolm.info reports) names every @triton.jit kernel in kernels/, and
     nothing else; the other @triton.jit functions are device functions, called, never launched.
     Each kernel's test files exist and name it or its op's backend functions."""
     jit = _jit_functions()
-    listed = {k for kernels in triton_backend.KERNELS.values() for k in kernels}
+    listed = {k for kernels in TRITON_KERNELS.values() for k in kernels}
     assert listed == {name for name in jit if name.endswith("_kernel")}
     for name in set(jit) - listed:
-        assert not re.search(rf"\b{name}\[", jit[name]), f"{name} is launched: list it in triton.KERNELS"
+        assert not re.search(rf"\b{name}\[", jit[name]), f"{name} is launched: list it in nanolm/verification.json"
         assert len(re.findall(rf"\b{name}\(", "\n".join(set(jit.values())))) >= 2, f"{name} is never called"
-    from nanolm.backends import OPS
-    assert set(triton_backend.KERNELS) == set(OPS)
-    for op, kernels in triton_backend.KERNELS.items():
-        for tests in kernels.values():
-            for test in tests:
+    assert set(TRITON_KERNELS) == set(OPS)
+    for op, kernels in TRITON_KERNELS.items():
+        for record in kernels.values():
+            for test in record["tests"]:
                 text = (ROOT / test).read_text()
-                assert any(fn in text for fn in OPS[op]) or op in text, f"{test} does not exercise {op}"
+                assert any(fn in text for fn in functions(op)) or op in text, f"{test} does not exercise {op}"
 
 
 def test_info_reports_every_triton_kernel():
     text = info.triton_kernel_status()
-    for kernels in triton_backend.KERNELS.values():
-        for kernel, tests in kernels.items():
-            assert re.search(rf"{kernel} +interpreted in CI \(fp32\): {re.escape(', '.join(tests))}", text)
-    assert text.count("run on a GPU: never") == sum(map(len, triton_backend.KERNELS.values())) - len(
-        triton_backend.GPU_RUNS)
+    records = [(kernel, record) for kernels in TRITON_KERNELS.values() for kernel, record in kernels.items()]
+    for kernel, record in records:
+        assert re.search(rf"{kernel} +interpreted in CI \(fp32\): {re.escape(', '.join(record['tests']))}", text)
+    assert text.count("run on a GPU: never") == sum(not record["gpu_run"] for _, record in records)
+
+
+def test_compile_summaries_are_the_static_report():
+    """The `compiled` records of nanolm/verification.json (what nanolm.info and the README say)
+    are the committed static report's (python -m bench.verification_table --static <folder>)."""
+    rebuilt = verification_table.with_static_report(copy.deepcopy(VERIFICATION), ROOT / VERIFICATION["static_report"])
+    assert rebuilt == VERIFICATION
 
 
 def test_static_summary():
@@ -76,10 +85,11 @@ def test_static_summary():
     rows = [dict(ok, arch="sm_80", spill_stores=16), dict(ok, arch="sm_80", production=False, spill_stores=4),
             dict(ok, arch="sm_80", production=False), dict(ok, arch="sm_90a"),
             dict(ok, arch="sm_90a", status="compile error: x"), dict(ok, arch="sm_90a", kernel="other", spill_stores=8)]
-    assert info.static_summary(rows, "k") == ("sm_80: 3 configs (1 production), spilling: 1 production, 1 other "
-                                              "(up to 16 B); sm_90a: 2 configs (2 production), spilling: 0 production, "
-                                              "0 other, 1 fail to compile")
-    assert info.static_summary(rows, "missing") == "not in the report"
+    summary = verification_table.static_summary
+    assert summary(rows, "k") == ("sm_80: 3 configs (1 production), spilling: 1 production, 1 other (up to 16 B); "
+                                  "sm_90a: 2 configs (2 production), spilling: 0 production, 0 other, "
+                                  "1 fail to compile")
+    assert summary(rows, "missing") == "not in the report"
 
 
 def test_parse_ptxas_log():
@@ -126,7 +136,7 @@ def test_triton_production_configs_compile_for_sm90a_without_spills(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads((tmp_path / "static.json").read_text())["rows"]
     # every Triton kernel has production configurations, dropout variants included
-    assert {r["kernel"] for r in rows} == {k for kernels in triton_backend.KERNELS.values() for k in kernels}
+    assert {r["kernel"] for r in rows} == {k for kernels in TRITON_KERNELS.values() for k in kernels}
     dropout = {r["kernel"] for r in rows if "+dropout" in r["config"]}
     assert dropout == {"layernorm_fwd_kernel", "layernorm_bwd_kernel", "attention_fwd_kernel",
                        "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"}
@@ -174,7 +184,7 @@ def test_attention_prune_reads_the_capability_of_the_tensors_device(capability):
 @pytest.mark.parametrize("cc", [(8, 0), (9, 0)])
 def test_attention_prune_leaves_a_config_for_every_head_size(kernel, dropout, cc, capability):
     capability.value = cc
-    for hs in triton_backend.SUPPORT["attention"].head_sizes:
+    for hs in attention.TRITON.head_sizes:
         assert _kept(kernel, hs, dropout, torch.device("cuda")), (kernel, hs, dropout, cc)
 
 
