@@ -20,7 +20,8 @@ steps). The trainers differ in their code only; their initial weights differ too
 its own way), so the steps to the target differ a little from run to run of the same speed.
 
 Times are only as good as the machine is quiet: on a shared 2-core CPU run nothing beside it.
-Writes results.json, results.md and speedrun.png (val loss against training seconds) to --out.
+Writes speedrun.json, speedrun.md and speedrun.png (val loss against training seconds) to --out
+(not results.json: bench/results/*/results.json are op results, read into the README table).
 """
 import argparse
 import json
@@ -53,7 +54,7 @@ def parse_args(argv):
     p.add_argument("--target", type=float, default=TARGET, help="val loss to reach (default %(default)s)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="autocast of every run (default %(default)s: the same math on every CPU)")
-    p.add_argument("--out", default="speedrun_out", help="folder for results.json, results.md, speedrun.png")
+    p.add_argument("--out", default="speedrun_out", help="folder for speedrun.json, speedrun.md, speedrun.png")
     for key, value in DEFAULTS.items():
         p.add_argument(f"--{key}", type=type(value), default=value, help=f"(default {value})")
     p.add_argument("--n_layer", type=int, default=0, help="overrides the preset (0: the preset's)")
@@ -234,9 +235,9 @@ def main(argv=None):
         print(f"speedrun: {run}: {status} ({r['wall_s']:.0f} s wall)", file=sys.stderr, flush=True)
     summary = {"machine": machine(), "target": args.target, "dtype": args.dtype, "settings": train_flags(args),
                "results": results}
-    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "speedrun.json").write_text(json.dumps(summary, indent=1) + "\n")
     text = table(results, args)
-    (out / "results.md").write_text(f"Time to val loss {args.target} ({args.dtype}), "
+    (out / "speedrun.md").write_text(f"Time to val loss {args.target} ({args.dtype}), "
                                     f"{summary['machine']['cpu']}\n\n{text}\n")
     plot(results, args, out / "speedrun.png")
     print(text)

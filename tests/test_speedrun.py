@@ -26,13 +26,13 @@ def test_every_run_reaches_a_target_above_the_first_loss(tmp_path):
     """Val loss starts near ln(256) = 5.5 on bytes: a target of 50 is met at the first eval."""
     proc, out = run(tmp_path, "--target=50", "--max_steps=4")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "speedrun.json").read_text())
     assert [r["run"] for r in results["results"]] == list(speedrun.RUNS)
     for r in results["results"]:
         assert r["returncode"] == 0 and r["reached"][0] == 2, r  # the first eval, step 2
         assert r["reached"][1] > 0  # seconds in training steps
     assert results["machine"]["cpu"] and "--target_loss=50.0" in results["settings"]
-    table = (out / "results.md").read_text()
+    table = (out / "speedrun.md").read_text()
     assert all(f"| {name} | 2 |" in table for name in speedrun.RUNS)
     assert (out / "speedrun.png").stat().st_size > 0
 
@@ -40,9 +40,9 @@ def test_every_run_reaches_a_target_above_the_first_loss(tmp_path):
 def test_a_target_out_of_reach_is_reported_not_timed(tmp_path):
     proc, out = run(tmp_path, "--target=0.01", "--max_steps=2", "--runs=pytorch-eager,nanolm")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for r in json.loads((out / "results.json").read_text())["results"]:
+    for r in json.loads((out / "speedrun.json").read_text())["results"]:
         assert r["reached"] is None and [c[0] for c in r["curve"]] == [0, 2]
-    assert (out / "results.md").read_text().count("not reached in 2 steps") == 2
+    assert (out / "speedrun.md").read_text().count("not reached in 2 steps") == 2
 
 
 @pytest.mark.parametrize("argv,message", [(["--runs=nanolm,nope"], "unknown run 'nope'"),
