@@ -24,7 +24,9 @@
 #include <cmath>
 #include <climits>
 #include <cstdint>
+#include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -194,14 +196,22 @@ void shard_grad_rows(T* x_all, const std::int64_t* t_all, const float* lse_all, 
     }
 }
 
+// The entry points' shared checks and dtype dispatch (as checked_dispatch in cross_entropy.cu):
+// min_V is 1 for the forward over the whole vocabulary, 0 for a shard (padding only is allowed).
+template <typename F>
+void checked_dispatch(const char* op, std::int64_t N, std::int64_t Vp, std::int64_t V, std::int64_t min_V,
+                      DType dtype, F&& f) {
+    require(N >= 0, std::string(op) + ": N must be >= 0");
+    require(V >= min_V && V <= Vp, std::string(op) + ": need " + std::to_string(min_V) + " <= V <= Vp");
+    dispatch_cpu_dtype(dtype, op, std::forward<F>(f));
+}
+
 }  // namespace
 
 void cross_entropy_stats_cpu(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t stats,
                              std::int64_t N, std::int64_t Vp, std::int64_t V, std::int64_t vocab_start,
                              DType dtype) {
-    require(N >= 0, "cross_entropy_stats_cpu: N must be >= 0");
-    require(V >= 0 && V <= Vp, "cross_entropy_stats_cpu: need 0 <= V <= Vp");
-    dispatch_cpu_dtype(dtype, "cross_entropy_stats_cpu", [&](auto tag) {
+    checked_dispatch("cross_entropy_stats_cpu", N, Vp, V, 0, dtype, [&](auto tag) {
         using T = decltype(tag);
         shard_stats_rows(ptr<const T>(logits), ptr<const std::int64_t>(targets), ptr<float>(stats), N, Vp, V,
                          vocab_start);
@@ -211,9 +221,7 @@ void cross_entropy_stats_cpu(std::uintptr_t logits, std::uintptr_t targets, std:
 void cross_entropy_grad_cpu(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t lse,
                             std::int64_t N, std::int64_t Vp, std::int64_t V, std::int64_t vocab_start,
                             std::int64_t ignore_index, double z_loss, double grad_scale, DType dtype) {
-    require(N >= 0, "cross_entropy_grad_cpu: N must be >= 0");
-    require(V >= 0 && V <= Vp, "cross_entropy_grad_cpu: need 0 <= V <= Vp");
-    dispatch_cpu_dtype(dtype, "cross_entropy_grad_cpu", [&](auto tag) {
+    checked_dispatch("cross_entropy_grad_cpu", N, Vp, V, 0, dtype, [&](auto tag) {
         using T = decltype(tag);
         shard_grad_rows(ptr<T>(logits), ptr<const std::int64_t>(targets), ptr<const float>(lse), N, Vp, V,
                         vocab_start, ignore_index, static_cast<float>(z_loss), static_cast<float>(grad_scale));
@@ -223,9 +231,7 @@ void cross_entropy_grad_cpu(std::uintptr_t logits, std::uintptr_t targets, std::
 void cross_entropy_fwd_cpu(std::uintptr_t logits, std::uintptr_t targets, std::uintptr_t losses,
                            std::uintptr_t dlogits, std::int64_t N, std::int64_t Vp, std::int64_t V,
                            std::int64_t ignore_index, double z_loss, double grad_scale, DType dtype) {
-    require(N >= 0, "cross_entropy_fwd_cpu: N must be >= 0");
-    require(V >= 1 && V <= Vp, "cross_entropy_fwd_cpu: need 1 <= V <= Vp");
-    dispatch_cpu_dtype(dtype, "cross_entropy_fwd_cpu", [&](auto tag) {
+    checked_dispatch("cross_entropy_fwd_cpu", N, Vp, V, 1, dtype, [&](auto tag) {
         using T = decltype(tag);
         cross_entropy_rows(ptr<const T>(logits), ptr<const std::int64_t>(targets), ptr<float>(losses),
                            ptr<T>(dlogits), N, Vp, V, ignore_index, static_cast<float>(z_loss),
