@@ -90,75 +90,13 @@ def describe(env):
 
 
 def fail(env, what, waiting_for=""):
-    """A collective failed or timed out: say which rank and which collective, what the ranks
-    were waiting for if the training loop said (Context.waiting_for), and which peers stopped
-    (Pulse), and exit. os._exit rather than an exception: unwinding would run the communicator's
-    and the process group's teardown, which can block on the very peer that is gone."""
+    """A collective failed or timed out: say which rank and which collective, and what the ranks
+    were waiting for if the training loop said (Context.waiting_for), and exit at once.
+    os._exit rather than an exception: unwinding would run the communicator's and the process
+    group's teardown, which can block on the very peer that is gone."""
     why = f" while waiting for {waiting_for}" if waiting_for else ""
-    peers = f"; {_pulse.peers_report()}" if _pulse is not None else ""
-    print(f"nanolm.dist: {describe(env)}: {what}{why}{peers}; exiting", file=sys.stderr, flush=True)
+    print(f"nanolm.dist: {describe(env)}: {what}{why}; exiting", file=sys.stderr, flush=True)
     os._exit(1)
-
-
-class Pulse(threading.Thread):
-    """Each rank adds 1 to its own counter in the rendezvous store every PERIOD_S seconds, from a
-    thread of its own. A timed-out collective is noticed by the ranks that wait, not by the one
-    that stopped; so when a collective fails, the failing rank reads every counter twice,
-    SILENCE_S apart, and names the peers whose counter stood still: stopped (SIGSTOP, a
-    debugger), dead, or stuck in code that holds the GIL. A peer whose pulse goes on is running,
-    but not in this collective. Counters, not timestamps: the nodes' clocks need not agree."""
-    PERIOD_S = 0.5
-    SILENCE_S = 1.5  # three periods without a beat
-    READ_TIMEOUT_S = 5.0  # the store's host may be the stopped rank: never wait on it for long
-
-    def __init__(self, store, env):
-        super().__init__(daemon=True, name="nanolm-pulse")
-        self.store, self.env, self.stopped = store, env, threading.Event()
-
-    def run(self):
-        while not self.stopped.wait(self.PERIOD_S):
-            try:
-                self.store.add(f"pulse/{self.env.rank}", 1)
-            except Exception:  # the store is gone (its host exited): the collectives will say so
-                return
-
-    def _silent_ranks(self):
-        def beats():  # add(key, 0) reads a counter, 0 for one never written, without blocking
-            return [self.store.add(f"pulse/{r}", 0) for r in range(self.env.world_size)]
-        before = beats()
-        time.sleep(self.SILENCE_S)
-        return [r for r, (a, b) in enumerate(zip(before, beats())) if a == b and r != self.env.rank]
-
-    def peers_report(self):
-        """A clause naming the silent peers (global ranks), or saying there are none."""
-        found = []
-        reader = threading.Thread(target=lambda: found.append(self._silent_ranks()), daemon=True)
-        reader.start()
-        reader.join(self.SILENCE_S + self.READ_TIMEOUT_S)
-        if not found:
-            return "the other ranks' pulses could not be read (the store's host, rank 0, may be the one stopped)"
-        if not found[0]:
-            return "every other rank's pulse goes on: they are running, but not in this collective"
-        names = ", ".join(map(str, found[0]))
-        return (f"rank {names} sent no pulse for {self.SILENCE_S:g} s: stopped (SIGSTOP, a debugger), dead "
-                f"or stuck; look there first")
-
-
-_pulse = None  # this process's Pulse, once init() has met the other ranks
-
-
-def start_pulse(store, env):
-    global _pulse
-    _pulse = Pulse(store, env)
-    _pulse.start()
-
-
-def stop_pulse():
-    global _pulse
-    if _pulse is not None:
-        _pulse.stopped.set()
-        _pulse.join()
-        _pulse = None
 
 
 # ----------------------------------------------------------------------------- NCCL via ctypes
@@ -461,9 +399,7 @@ def init(env, device, timeout_s=300.0):
     if env.world_size == 1:
         return None
     store = rendezvous_store(env, timeout_s)
-    comm = (NcclComm if device.type == "cuda" else GlooComm)(env, store, timeout_s)
-    start_pulse(store, env)
-    return comm
+    return (NcclComm if device.type == "cuda" else GlooComm)(env, store, timeout_s)
 
 
 # ----------------------------------------------------------------------------- buckets
@@ -652,6 +588,5 @@ class Context:
             if sub is not None and sub is not self.comm:
                 sub.close()
         if self.comm is not None:
-            stop_pulse()
             self.comm.close()
         self.comm = self.tp_comm = self.dp_comm = None

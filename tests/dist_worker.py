@@ -3,7 +3,7 @@
 Run as `python tests/dist_worker.py SPEC_JSON` with RANK, WORLD_SIZE, MASTER_ADDR and
 MASTER_PORT set (no torchrun agent: rank 0 hosts the store). SPEC:
   {"out": dir, "timeout_s": s, "tp": n, "runs": [{"name", "zero", "bucket_mb", "steps", "more_steps", "optim"}],
-   "die_at": step, "hang_at": step, "stop_at": step}   # rank 1 exits / sleeps / SIGSTOPs itself there
+   "die_at": step, "hang_at": step}   # die/hang: rank 1 exits / sleeps at that step
 With tp > 1 the ranks form tp x (world/tp) (nanolm.dist.layout_groups) and the model is
 tensor parallel; what is saved is gathered (the 1-process tensors), on every rank.
 Each run trains a fresh tiny GPT through nanolm.train.train_step; every rank writes
@@ -13,7 +13,6 @@ loader states at that point, and the weights after `more_steps` further steps.
 import contextlib
 import json
 import os
-import signal
 import sys
 import time
 import types
@@ -75,14 +74,12 @@ def optimizer_state(run):
 
 
 def fault(spec, rank):
-    """What rank 1 does at spec's die_at / hang_at / stop_at step, to test the others' failure path."""
+    """What rank 1 does at spec's die_at / hang_at step, to test the others' failure path."""
     def on_step(step):
         if rank == 1 and step == spec.get("die_at"):
             os._exit(1)
         if rank == 1 and step == spec.get("hang_at"):
-            time.sleep(600)  # the main thread only: its pulse goes on
-        if rank == 1 and step == spec.get("stop_at"):
-            os.kill(os.getpid(), signal.SIGSTOP)  # the whole process, as a job control stop or a debugger
+            time.sleep(600)
     return on_step
 
 

@@ -260,19 +260,14 @@ def test_config_errors(arg, match):
         parse_args([arg])
 
 
-@pytest.mark.parametrize("fault,timeout_s,peers", [
-    ("die_at", 30.0, "rank 1 sent no pulse for 1.5 s"),
-    ("stop_at", 3.0, "rank 1 sent no pulse for 1.5 s"),  # SIGSTOP: only the waiting rank can speak
-    ("hang_at", 3.0, "every other rank's pulse goes on")])  # running, but not in the collective
-def test_failed_rank_stops_the_others(fault, timeout_s, peers, tmp_path):
-    """Rank 1 dies (os._exit), is stopped (SIGSTOP) or hangs (sleeps) at step 2: rank 0 must exit
-    non-zero, naming itself, the collective and which peer stopped, soon after (a dead peer: at
-    once; a stopped or hung one: after the timeout)."""
+@pytest.mark.parametrize("fault,timeout_s", [("die_at", 30.0), ("hang_at", 3.0)])
+def test_failed_rank_stops_the_others(fault, timeout_s, tmp_path):
+    """Rank 1 dies (os._exit) or hangs at step 2: rank 0 must exit non-zero, naming itself and
+    the collective, soon after (a dead peer: at once; a hung one: after the timeout)."""
     spec = {"runs": [dict(name="dp", zero=0, bucket_mb=SMALL_MB, steps=6)], fault: 2, "timeout_s": timeout_s}
     [(code, err, seconds)] = launch(2, spec, tmp_path, timeout=60, wait_for=1)
     assert code == 1, err
     assert "nanolm.dist: rank 0/2:" in err and any(c in err for c in ("all_reduce", "reduce_scatter"))
-    assert peers in err, err
     assert seconds < 20, f"rank 0 took {seconds:.1f} s to notice"
 
 
