@@ -161,6 +161,18 @@ def compiled(model):
     return torch.compile(model, fullgraph=True)
 
 
+def parameter_count(cfg):
+    """GPT(cfg).num_params(non_embedding=False), from the shapes alone, without building the model
+    (the trainer checks it fits in memory before allocating anything). Per block: two LayerNorms
+    (C weights, + C biases), c_attn (C x 3C), attention's c_proj (C x C), c_fc (C x 4C), the MLP's
+    c_proj (4C x C), each Linear with its bias; then the embeddings (the lm_head is tied to wte)
+    and ln_f."""
+    C, b = cfg.n_embd, int(cfg.bias)
+    per_block = (2 * (C + b * C) + (3 * C * C + b * 3 * C) + (C * C + b * C) + (4 * C * C + b * 4 * C)
+                 + (4 * C * C + b * C))
+    return cfg.n_layer * per_block + (cfg.padded_vocab + cfg.block_size) * C + C + b * C
+
+
 class GPT(nn.Module):
     def __init__(self, cfg, impls, recompute="none"):
         super().__init__()

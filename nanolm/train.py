@@ -33,7 +33,7 @@ from nanolm import checkpoint, dist, flops, tensor_parallel
 from nanolm.config import ConfigError, as_dict, cli, config_help, model_config, parse_args, parse_overrides
 from nanolm.data import Loader, get_tokenizer, load_dataset, resolve_data
 from nanolm.metrics import MetricsWriter, perplexity, read_metrics
-from nanolm.model import GPT, DropoutStream, compiled
+from nanolm.model import GPT, DropoutStream, compiled, parameter_count
 from nanolm.ops import backends
 from nanolm.ops.support import check_dropout
 from nanolm.optim import DynamicLossScale, FlatAdamW, FlatMuon, hidden_matrices
@@ -161,7 +161,7 @@ def setup(cfg, resume_from=None):
     if env.is_main:
         print("kernels: " + ", ".join(f"{op}={name}" for op, name in choice.items()))
         print(f"dtype: {dtype} ({why})")
-    check_fits_memory(mcfg, choice, device, cfg.tp)
+    check_fits_memory(mcfg, device, cfg.tp)
     if mcfg.dropout > 0:
         for op in ("layernorm", "attention"):
             check_dropout(op, backends.implementation(choice[op], op).support, choice[op], mcfg.dropout)
@@ -229,13 +229,14 @@ def available_memory(device):
     return int(fields["MemAvailable"].split()[0]) * 1024
 
 
-def check_fits_memory(mcfg, choice, device, tp=1):
+def check_fits_memory(mcfg, device, tp=1):
     """ConfigError, before anything is allocated, when the model's weights, gradients and AdamW
     moments alone (this rank's 1/tp share) exceed the device's free memory, where the allocator's
     own error would be a traceback. Activations come on top, so passing this does not promise
     the run fits."""
-    with torch.device("meta"):  # shapes only: counting costs no memory
-        n_params = GPT(mcfg, choice).num_params(non_embedding=False)
+    # counted from the shapes: a GPT built on the meta device here made a non-main rank of
+    # torchrun abort at exit, 2-3 runs in 10 ('terminate called without an active exception')
+    n_params = parameter_count(mcfg)
     needed = TRAINING_BYTES_PER_PARAM * n_params // tp
     try:
         free = available_memory(device)

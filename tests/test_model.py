@@ -98,3 +98,13 @@ def test_cpu_kernels_under_cpu_bf16_autocast():
     for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
         err = (g - r).norm() / r.norm()
         assert err < 3e-2, f"{name}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("n_layer,n_embd,block_size,vocab", [(1, 8, 4, 11), (3, 48, 32, 300)])
+def test_parameter_count_is_the_models(n_layer, n_embd, block_size, vocab, bias):
+    """The trainer's memory check counts parameters from the shapes: it must be the model's count."""
+    from nanolm.model import parameter_count
+    cfg = ModelConfig(n_layer=n_layer, n_head=2, n_embd=n_embd, block_size=block_size, vocab_size=vocab,
+                      vocab_multiple=64, bias=bias)
+    assert parameter_count(cfg) == GPT(cfg, TORCH).num_params(non_embedding=False)
