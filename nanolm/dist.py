@@ -341,8 +341,8 @@ class GlooComm:
 
     def __init__(self, env, store, timeout_s=300.0, group=None):
         self.env, self.timeout_s, self.device, self.group = env, timeout_s, torch.device("cpu"), group
-        self.waiting_for = ""
-        if group is None:
+        self.waiting_for, self.is_world = "", group is None
+        if self.is_world:
             tdist.init_process_group("gloo", store=store, rank=env.rank, world_size=env.world_size,
                                      timeout=datetime.timedelta(seconds=timeout_s))
 
@@ -390,8 +390,14 @@ class GlooComm:
             handle.scale.div_(self.env.world_size)
 
     def close(self):
-        if self.group is None:  # the world's: destroys the sub-groups too
+        """Shut the group down now, on this thread. destroy_process_group() stops the world's
+        gloo threads, but a sub-group's keep running while anything holds its handle, and the
+        model and optimizer hold this object: left to interpreter exit, their teardown races
+        Python's finalisation and can abort the process ('terminate called without an active
+        exception'). So every GlooComm drops its handle here, after the group is shut down."""
+        if self.is_world:  # destroys the sub-groups too
             tdist.destroy_process_group()
+        self.group = None
 
 
 def init(env, device, timeout_s=300.0):

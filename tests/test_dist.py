@@ -385,6 +385,29 @@ time.sleep(60)
 """
 
 
+def gloo_threads():
+    tasks = f"/proc/{os.getpid()}/task"
+    return sorted(n for n in (open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)) if "gloo" in n)
+
+
+def test_gloo_close_stops_every_groups_threads_while_the_model_holds_them():
+    """Context.close() joins the gloo threads of the world and of every sub-group, although the
+    model and optimizer still hold the sub-groups' GlooComm: left to interpreter exit, that
+    teardown raced Python's finalisation and aborted torchrun ranks now and then."""
+    env = dist.DistEnv(0, 1)
+    store = torch.distributed.TCPStore("127.0.0.1", free_port(), 1, is_master=True, wait_for_workers=False)
+    ctx = dist.Context(env, torch.device("cpu"))
+    ctx.comm = dist.GlooComm(env, store, timeout_s=30)
+    try:
+        held_by_the_model = ctx.tp_comm = ctx.comm.split([[0]], "tp")
+        x = torch.ones(3)
+        held_by_the_model.wait(held_by_the_model.all_reduce(x))
+        assert x.tolist() == [1.0, 1.0, 1.0] and gloo_threads()
+    finally:
+        ctx.close()
+    assert gloo_threads() == []
+
+
 @pytest.mark.gpu
 def test_nccl_watchdog_aborts_and_exits():
     start = time.monotonic()
