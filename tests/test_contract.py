@@ -118,7 +118,7 @@ def test_backend_implements_its_table(name, module):
 
 
 @pytest.mark.parametrize("name,op,dtype,accepted", _cpu_cases())
-def test_cpu_dtypes_follow_the_table(name, op, dtype, accepted):
+def test_cpu_dtypes_follow_the_table(name, op, dtype, accepted, poison):
     """Every function of the op, not only its first: a dtype the table claims is computed as the
     specification computes it, any other is refused by name."""
     module = backends.load(name)
