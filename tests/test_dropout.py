@@ -171,7 +171,7 @@ def test_attention_gradcheck():
     B, T, nh, hs = 1, 6, 2, 4
     qkv = torch.randn(B, T, 3 * nh * hs, dtype=torch.float64, requires_grad=True)
     dropout = dropout_spec.dropout(0.4, 9, 2)
-    assert torch.autograd.gradcheck(lambda t: attention.causal_attention(t, nh, "torch", dropout), (qkv,))
+    assert torch.autograd.gradcheck(lambda t: attention.causal_attention(t, nh, nh, "torch", dropout), (qkv,))
 
 
 # ----------------------------------------------------------------------------- 16-bit cpu kernels
@@ -242,7 +242,7 @@ def test_backend_without_dropout_says_so(monkeypatch):
     for module in (attention, layernorm):
         monkeypatch.setitem(module.BACKENDS, "torch", module.BACKENDS["torch"]._replace(support=no_dropout))
     with pytest.raises(ValueError, match="torch has no dropout for attention"):
-        attention.causal_attention(torch.randn(1, 4, 6), 1, "torch", DROP)
+        attention.causal_attention(torch.randn(1, 4, 6), 1, 1, "torch", DROP)
     with pytest.raises(ValueError, match="torch has no dropout for layernorm"):
         layernorm.add_layer_norm(torch.randn(2, 4), torch.randn(2, 4), torch.ones(4), None, EPS, "torch", DROP)
 
