@@ -120,9 +120,26 @@ def test_cpu_matches_reference(B, T, nh, hs, fused, dtype, poison):
     check_backend(cpu, B, T, nh, hs, dtype, "cpu", fused)
 
 
+# Grouped-query attention: (B, T, nh, nkv, hs), groups of 3 (nh = 3 with nkv = 1 is MQA), of 4
+# (MQA), of 2; T of one row, awkward, and 1000.
+GQA_SHAPES = [(2, 77, 6, 2, 64), (1, 1, 6, 2, 64), (1, 1000, 6, 2, 64), (1, 1000, 3, 1, 128), (2, 130, 4, 1, 64),
+              (1, 65, 6, 3, 128)]
+
+
+@pytest.mark.parametrize("B,T,nh,nkv,hs", GQA_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cpu_backward_deterministic(dtype):
-    q, k, v = make_qkv(2, 200, 3, 64, dtype, "cpu")
+def test_cpu_gqa_matches_reference(B, T, nh, nkv, hs, dtype, poison):
+    check_backend(cpu, B, T, nh, hs, dtype, "cpu", nkv=nkv)
+
+
+def test_cpu_gqa_contiguous_inputs(poison):
+    check_backend(cpu, 2, 77, 6, 64, torch.float32, "cpu", fused=False, nkv=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nkv", [3, 1])
+def test_cpu_backward_deterministic(dtype, nkv):
+    q, k, v = make_qkv(2, 200, 3, 64, dtype, "cpu", nkv=nkv)
     do = torch.randn(2, 200, 3, 64, dtype=dtype)
     first, second = run(cpu, q, k, v, do, 0.125), run(cpu, q, k, v, do, 0.125)
     for name, a, b in zip(NAMES, first, second):
@@ -160,15 +177,16 @@ def test_cpu_rejects_float64():
         cpu.attention_fwd(*make_qkv(1, 8, 2, 64, torch.float64, "cpu"), 0.125, None)
 
 
-def test_cpu_through_op_layer_autograd():
+@pytest.mark.parametrize("nkv", [3, 1])
+def test_cpu_through_op_layer_autograd(nkv):
     B, T, nh, hs = 2, 77, 3, 32
-    qkv = torch.randn(B, T, 3 * nh * hs, requires_grad=True)
+    qkv = torch.randn(B, T, (nh + 2 * nkv) * hs, requires_grad=True)
     g = torch.randn(B, T, nh * hs)
-    (attention.causal_attention(qkv, nh, nh, "cpu", None) * g).sum().backward()
+    (attention.causal_attention(qkv, nh, nkv, "cpu", None) * g).sum().backward()
 
     qkv64 = qkv.detach().double().requires_grad_()
-    q, k, v = qkv64.view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
-    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    q, k, v = (t.transpose(1, 2) for t in qkv64.view(B, T, nh + 2 * nkv, hs).split((nh, nkv, nkv), dim=2))
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     (y.transpose(1, 2).reshape(B, T, nh * hs) * g.double()).sum().backward()
     err = (qkv.grad.double() - qkv64.grad).abs().max().item()
     assert err <= TOL[torch.float32] * qkv64.grad.abs().max().item()

@@ -247,14 +247,14 @@ def _triton_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, dropout):
 
 
 # --- cpu: csrc/attention_cpu.cpp; head sizes: the matmuls work in 16-column panels
-CPU_ROW = Support(dtypes={"cpu": FLOATS}, head_sizes=tuple(range(16, 257, 16)), dropout=True)
+CPU_ROW = Support(dtypes={"cpu": FLOATS}, head_sizes=tuple(range(16, 257, 16)), dropout=True, gqa=True)
 
 
 def _cpu_fwd(q, k, v, scale, dropout):
     B, T, nh, nkv, hs = check_fwd("attention_fwd", CPU_ROW, q, k, v)
     o, lse = _outputs(q)
     CPU.launch("attention_fwd", q.device, q.data_ptr(), bth_strides(q), k.data_ptr(), bth_strides(k), v.data_ptr(),
-               bth_strides(v), o.data_ptr(), lse.data_ptr(), B, T, nh, hs, float(scale), CPU.dtype(q),
+               bth_strides(v), o.data_ptr(), lse.data_ptr(), B, T, nh, nkv, hs, float(scale), CPU.dtype(q),
                CPU.dropout(dropout))
     return o, lse
 
@@ -263,8 +263,8 @@ def _cpu_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, dropout):
     B, T, nh, nkv, hs = check_bwd("attention_bwd", CPU_ROW, do, q, k, v, o, lse, dq, dk, dv)
     CPU.launch("attention_bwd", q.device, do.data_ptr(), q.data_ptr(), bth_strides(q), k.data_ptr(),
                bth_strides(k), v.data_ptr(), bth_strides(v), o.data_ptr(), lse.data_ptr(), dq.data_ptr(),
-               bth_strides(dq), dk.data_ptr(), bth_strides(dk), dv.data_ptr(), bth_strides(dv), B, T, nh, hs,
-               float(scale), CPU.dtype(q), CPU.dropout(dropout))
+               bth_strides(dq), dk.data_ptr(), bth_strides(dk), dv.data_ptr(), bth_strides(dv), B, T, nh, nkv,
+               hs, float(scale), CPU.dtype(q), CPU.dropout(dropout))
 
 
 # --- cuda, cuda_sim: csrc/attention.cu. mma.sync takes bf16/fp16; 16-byte cp.async copies
