@@ -233,7 +233,7 @@ TRITON = Support(
     head_sizes=(16, 32, 64, 128),  # tl.arange needs a power of two; tl.dot a K of 16 or more
     notes={"cpu": "the interpreter's tl.dot returns garbage on bf16/fp16",
            "cuda": "no float32: tl.dot would silently compute in tf32"},
-    dropout=True)
+    dropout=True, gqa=True)
 
 
 def _triton_fwd(q, k, v, scale, dropout):
