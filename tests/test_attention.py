@@ -277,6 +277,10 @@ def test_bad_inputs_forward(backend, dtype, device):
         backend.attention_fwd(*make_qkv(1, 8, 2, 24, dtype, device), 0.2, None)
     with pytest.raises(ValueError, match="shape"):
         backend.attention_fwd(q, k[:, :7], v, 0.125, None)
+    with pytest.raises(ValueError, match="n_kv_head=3 must be positive and divide n_head=4"):
+        backend.attention_fwd(*make_qkv(1, 8, 4, 64, dtype, device, nkv=3), 0.125, None)
+    with pytest.raises(ValueError, match=r"k has shape \(1, 8, 2, 32\), expected \(1, 8, nkv, 64\)"):
+        backend.attention_fwd(q, *make_qkv(1, 8, 2, 32, dtype, device)[1:], 0.125, None)
     with pytest.raises(ValueError, match="dtype"):
         backend.attention_fwd(q.double(), k.double(), v.double(), 0.125, None)
     with pytest.raises(ValueError, match="dtype"):

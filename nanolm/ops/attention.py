@@ -122,7 +122,7 @@ def check_fwd(op, support, q, k, v):
     B, T, nh, hs = q.shape
     nkv = k.shape[2]
     if k.shape[:2] != q.shape[:2] or k.shape[3] != hs:
-        raise ValueError(f"{op}: k has shape {tuple(k.shape)}, expected {(B, T, 'nkv', hs)} for q {tuple(q.shape)}")
+        raise ValueError(f"{op}: k has shape {tuple(k.shape)}, expected ({B}, {T}, nkv, {hs}) for q {tuple(q.shape)}")
     if support.head_sizes and hs not in support.head_sizes:
         raise ValueError(f"{op}: head size {hs} not supported; supported: {', '.join(map(str, support.head_sizes))}")
     if T == 0 or B * nh == 0 or nkv == 0:
