@@ -269,4 +269,4 @@ def test_launcher_rejects_unsupported_head_size():
         pytest.skip("nanolm._C was built without CUDA")
     s = (17 * 2 * 96, 2 * 96, 96)
     with pytest.raises(ValueError, match="head size 96"):
-        _C.attention_fwd_cuda(0, s, 0, s, 0, s, 0, s, 0, 1, 17, 2, 96, 0.1, _C.DType.bfloat16, _C.DropoutParams(), 0)
+        _C.attention_fwd_cuda(0, s, 0, s, 0, s, 0, s, 0, 1, 17, 2, 2, 96, 0.1, _C.DType.bfloat16, _C.DropoutParams(), 0)
