@@ -18,10 +18,12 @@ bool attention_cpu_bf16_dot();
 
 // Strides in elements: s{q,k,v,dq,dk,dv}{b,t,h} are the (batch, seq, head) strides. dtype is
 // that of q, k, v, o, do, dq, dk, dv: float32, bfloat16 or float16; lse is float32.
+// q, o, do, dq have nh heads; k, v, dk, dv have nkv (dividing nh): query head h reads K/V head
+// h / (nh / nkv) (grouped-query attention; nkv == nh is multi-head attention).
 // With dropout enabled, P is dropped (O = dropout(P) V) and the backward regenerates its mask.
 void attention_fwd_cpu(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
                        std::uintptr_t o, std::uintptr_t lse,
-                       int64_t B, int64_t T, int64_t nh, int64_t hs,
+                       int64_t B, int64_t T, int64_t nh, int64_t nkv, int64_t hs,
                        int64_t sqb, int64_t sqt, int64_t sqh,
                        int64_t skb, int64_t skt, int64_t skh,
                        int64_t svb, int64_t svt, int64_t svh,
@@ -30,7 +32,7 @@ void attention_fwd_cpu(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
 void attention_bwd_cpu(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
                        std::uintptr_t o, std::uintptr_t lse,
                        std::uintptr_t dq, std::uintptr_t dk, std::uintptr_t dv,
-                       int64_t B, int64_t T, int64_t nh, int64_t hs,
+                       int64_t B, int64_t T, int64_t nh, int64_t nkv, int64_t hs,
                        int64_t sqb, int64_t sqt, int64_t sqh,
                        int64_t skb, int64_t skt, int64_t skh,
                        int64_t svb, int64_t svt, int64_t svh,
@@ -42,13 +44,14 @@ void attention_bwd_cpu(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, 
 #ifdef NANOLM_WITH_CUDA
 // ----------------------------------------------------------------------------- CUDA (bf16, fp16)
 // Pointers are device addresses (tensor.data_ptr()); strides are (batch, seq, head) strides in
-// elements of a (B, T, nh, hs) tensor whose hs stride is 1. lse and delta are (B, nh, T) fp32.
+// elements of a (B, T, heads, hs) tensor whose hs stride is 1: q, o, dout, dq have nh heads, k, v,
+// dk, dv nkv (dividing nh; query head h reads K/V head h / (nh / nkv)). lse and delta are (B, nh, T) fp32.
 // dtype is bfloat16 or float16. Throws std::invalid_argument for another dtype or an unsupported
 // head size (64 and 128 are supported) and std::runtime_error for a CUDA error.
 struct AttentionCudaFwdArgs {
     std::uintptr_t q, k, v, o, lse;
     std::array<std::int64_t, 3> q_strides, k_strides, v_strides, o_strides;
-    std::int64_t B, T, nh, hs;
+    std::int64_t B, T, nh, nkv, hs;
     double scale;
     DType dtype;
     DropoutParams dropout;  // of P (disabled: no dropout); the backward's must be the forward's
@@ -58,7 +61,7 @@ struct AttentionCudaBwdArgs {
     std::uintptr_t dout, q, k, v, o, lse, delta, dq, dk, dv;
     std::array<std::int64_t, 3> dout_strides, q_strides, k_strides, v_strides, o_strides;
     std::array<std::int64_t, 3> dq_strides, dk_strides, dv_strides;
-    std::int64_t B, T, nh, hs;
+    std::int64_t B, T, nh, nkv, hs;
     double scale;
     DType dtype;
     DropoutParams dropout;  // of P (disabled: no dropout); the backward's must be the forward's

@@ -95,7 +95,7 @@ class Attention(nn.Module):
     def forward(self, h, cache=None, dropout=None):
         qkv = self.c_attn(h)  # (B, T, 3C)
         if cache is None:
-            y = attention.causal_attention(qkv, self.n_head, self.backend, dropout)
+            y = attention.causal_attention(qkv, self.n_head, self.n_head, self.backend, dropout)
         else:  # the new positions attend over the cached ones too
             y = cache.attend(self.layer, qkv, self.n_head)
         return self.c_proj(y)

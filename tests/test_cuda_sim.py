@@ -50,7 +50,7 @@ def test_launch_errors_surface_as_python_exceptions():
     from nanolm import _C_sim
     s = (17 * 2 * 96, 2 * 96, 96)
     with pytest.raises(ValueError, match="head size 96"):
-        _C_sim.attention_fwd_cuda(0, s, 0, s, 0, s, 0, s, 0, 1, 17, 2, 96, 0.1, _C_sim.DType.bfloat16,
+        _C_sim.attention_fwd_cuda(0, s, 0, s, 0, s, 0, s, 0, 1, 17, 2, 2, 96, 0.1, _C_sim.DType.bfloat16,
                                   _C_sim.DropoutParams(), 0)
 
 
