@@ -181,7 +181,7 @@ def _capture(module, names, case, production, run):
                 num_warps, num_stages = meta.pop("num_warps", 4), meta.pop("num_stages", 3)
                 sig, consts, attrs = _specialise(r.fn, {**dict(zip(r.fn.arg_names, args)), **meta})
                 label = " ".join([f"+{k.removeprefix('HAS_').lower()}" for k, v in meta.items()
-                                  if (k.startswith("HAS_") or k == "DROPOUT") and v]
+                                  if (k.startswith("HAS_") or k in ("DROPOUT", "RMS")) and v]
                                  + [f"{k}={v}" for k, v in meta.items() if k.startswith("BLOCK") or k == "ROWS"])
                 out.append(Launch(module.__name__, r.fn.__name__, case, f"{label} w{num_warps} s{num_stages}",
                                   production, sig, consts, attrs, num_warps, num_stages, r.fn.cache_key))
@@ -213,6 +213,11 @@ def _layernorm_launches(dtype, C, production):
         layernorm.layernorm_bwd(x, x, w, mean, rstd, None, None, None)
         layernorm.layernorm_bwd(x, x, w, mean, rstd, r, None, None)
         layernorm.layernorm_bwd(x, x, w, mean, rstd, r, torch.empty_like(x), drop)
+        # RMSNorm, the RMS instantiations: add + RMSNorm with a weight, and parameter-free
+        layernorm.layernorm_fwd(x, r, w, None, 1e-5, drop, rms=True)
+        layernorm.layernorm_fwd(x, None, None, None, 1e-5, None, rms=True)
+        layernorm.layernorm_bwd(x, x, w, None, rstd, r, torch.empty_like(x), drop, rms=True)
+        layernorm.layernorm_bwd(x, x, None, None, rstd, None, None, None, rms=True)
     names = ["layernorm_fwd_kernel", "layernorm_bwd_kernel", "layernorm_bwd_reduce_kernel"]
     return _capture(layernorm, names, f"{_name(dtype)} N={N} C={C}", production, run)
 

@@ -52,6 +52,14 @@ def _arguments(fn, dtype, *, C=16, hs=16, gqa=False):
         x = rand(5, C)
         mean, var = x.float().mean(1), x.float().var(1, unbiased=False)
         return [rand(5, C), x, rand(C), mean, (var + 1e-5).rsqrt(), rand(5, C), None, None], ()
+    # RMSNorm: with a weight in the forward and backward, parameter-free in the fused forward
+    if fn == "rms_norm_fwd":
+        return [rand(5, C), rand(C), 1e-5], ()
+    if fn == "add_rms_norm_fwd":
+        return [rand(5, C), rand(5, C), None, 1e-5, None], ()
+    if fn == "rms_norm_bwd":
+        x = rand(5, C)
+        return [rand(5, C), x, rand(C), (x.float().square().mean(1) + 1e-5).rsqrt(), rand(5, C), None, None], ()
     if fn in ("attention_fwd", "attention_bwd"):
         heads = (2, 1, 1) if gqa else (2, 2, 2)  # q, k, v heads, packed as the model passes them
         q, k, v = rand(1, 8, sum(heads), hs).split(heads, dim=2)
