@@ -93,24 +93,24 @@ static void bind_cpu(py::module_& m) {
         "attention_fwd_cpu",
         [](std::uintptr_t q, Strides q_strides, std::uintptr_t k, Strides k_strides, std::uintptr_t v,
            Strides v_strides, std::uintptr_t o, std::uintptr_t lse, std::int64_t B, std::int64_t T,
-           std::int64_t nh, std::int64_t hs, double scale, nanolm::DType dtype,
+           std::int64_t nh, std::int64_t nkv, std::int64_t hs, double scale, nanolm::DType dtype,
            const nanolm::DropoutParams& dropout) {
-            nanolm::attention_fwd_cpu(q, k, v, o, lse, B, T, nh, hs, q_strides[0], q_strides[1], q_strides[2],
+            nanolm::attention_fwd_cpu(q, k, v, o, lse, B, T, nh, nkv, hs, q_strides[0], q_strides[1], q_strides[2],
                                       k_strides[0], k_strides[1], k_strides[2], v_strides[0], v_strides[1],
                                       v_strides[2], scale, dtype, dropout);
         },
         py::arg("q"), py::arg("q_strides"), py::arg("k"), py::arg("k_strides"), py::arg("v"),
         py::arg("v_strides"), py::arg("o"), py::arg("lse"), py::arg("B"), py::arg("T"), py::arg("nh"),
-        py::arg("hs"), py::arg("scale"), py::arg("dtype"), py::arg("dropout"),
+        py::arg("nkv"), py::arg("hs"), py::arg("scale"), py::arg("dtype"), py::arg("dropout"),
         "Causal flash attention forward (fp32, bf16 or fp16, CPU): o (contiguous), lse from views q, k, v");
     m.def(
         "attention_bwd_cpu",
         [](std::uintptr_t dout, std::uintptr_t q, Strides q_strides, std::uintptr_t k, Strides k_strides,
            std::uintptr_t v, Strides v_strides, std::uintptr_t o, std::uintptr_t lse, std::uintptr_t dq,
            Strides dq_strides, std::uintptr_t dk, Strides dk_strides, std::uintptr_t dv, Strides dv_strides,
-           std::int64_t B, std::int64_t T, std::int64_t nh, std::int64_t hs, double scale, nanolm::DType dtype,
-           const nanolm::DropoutParams& dropout) {
-            nanolm::attention_bwd_cpu(dout, q, k, v, o, lse, dq, dk, dv, B, T, nh, hs,
+           std::int64_t B, std::int64_t T, std::int64_t nh, std::int64_t nkv, std::int64_t hs, double scale,
+           nanolm::DType dtype, const nanolm::DropoutParams& dropout) {
+            nanolm::attention_bwd_cpu(dout, q, k, v, o, lse, dq, dk, dv, B, T, nh, nkv, hs,
                                       q_strides[0], q_strides[1], q_strides[2], k_strides[0], k_strides[1],
                                       k_strides[2], v_strides[0], v_strides[1], v_strides[2],
                                       dq_strides[0], dq_strides[1], dq_strides[2], dk_strides[0], dk_strides[1],
@@ -120,7 +120,7 @@ static void bind_cpu(py::module_& m) {
         py::arg("dout"), py::arg("q"), py::arg("q_strides"), py::arg("k"), py::arg("k_strides"), py::arg("v"),
         py::arg("v_strides"), py::arg("o"), py::arg("lse"), py::arg("dq"), py::arg("dq_strides"), py::arg("dk"),
         py::arg("dk_strides"), py::arg("dv"), py::arg("dv_strides"), py::arg("B"), py::arg("T"), py::arg("nh"),
-        py::arg("hs"), py::arg("scale"), py::arg("dtype"), py::arg("dropout"),
+        py::arg("nkv"), py::arg("hs"), py::arg("scale"), py::arg("dtype"), py::arg("dropout"),
         "Causal flash attention backward (fp32, bf16 or fp16, CPU): writes dq, dk, dv (views)");
 }
 #endif

@@ -55,9 +55,9 @@ def test_attention_ops(name, dtype):
     hs = (backends.implementation(name, "attention").support.head_sizes or (16,))[0]
     qkv = torch.randn(B, T, 3 * nh * hs, dtype=dtype, requires_grad=True)
     for dropout in ((0.0, 0, 0), DROPOUT):
-        _opcheck(attention.attention_fwd_op, (qkv, nh, *dropout, name), dtype)
-        o, lse = attention.attention_fwd_op(qkv.detach(), nh, *dropout, name)
-        _opcheck(attention.attention_bwd_op, (torch.randn_like(o), qkv.detach(), o, lse, nh, *dropout, name), dtype)
+        _opcheck(attention.attention_fwd_op, (qkv, nh, nh, *dropout, name), dtype)
+        o, lse = attention.attention_fwd_op(qkv.detach(), nh, nh, *dropout, name)
+        _opcheck(attention.attention_bwd_op, (torch.randn_like(o), qkv.detach(), o, lse, nh, nh, *dropout, name), dtype)
 
 
 @pytest.mark.parametrize("name,dtype", _cases("cross_entropy"))
@@ -136,7 +136,7 @@ def test_eager_path_equals_the_registered_op():
     results = []
     for call in (attention.attention_fwd_op, attention.attention_fwd_op.registered):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            o, _ = call(qkv, 2, *DROPOUT, "torch")
+            o, _ = call(qkv, 2, 2, *DROPOUT, "torch")
         (grad,) = torch.autograd.grad(o.float().square().sum(), qkv)
         results.append((o, grad))
     for a, b in zip(*results):
