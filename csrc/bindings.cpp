@@ -80,6 +80,8 @@ static void bind_common(py::module_& m) {
 static void bind_cpu(py::module_& m) {
     m.def("layernorm_fwd_cpu", &nanolm::layernorm_fwd_cpu, "LayerNorm forward (+ fused residual add), float32, bf16 or fp16");
     m.def("layernorm_bwd_cpu", &nanolm::layernorm_bwd_cpu, "LayerNorm backward (+ residual grad), float32, bf16 or fp16");
+    m.def("rmsnorm_fwd_cpu", &nanolm::rmsnorm_fwd_cpu, "RMSNorm forward (+ fused residual add), weight optional, float32, bf16 or fp16");
+    m.def("rmsnorm_bwd_cpu", &nanolm::rmsnorm_bwd_cpu, "RMSNorm backward (+ residual grad), weight optional, float32, bf16 or fp16");
     m.def("cross_entropy_fwd_cpu", &nanolm::cross_entropy_fwd_cpu,
           "Cross-entropy losses and gradient over float32, bf16 or fp16 logits (N, Vp), OpenMP over rows");
     m.def("cross_entropy_stats_cpu", &nanolm::cross_entropy_stats_cpu,
@@ -132,6 +134,8 @@ static void bind_cuda(py::module_& m) {
     m.def("layernorm_bwd_workspace_rows_cuda", &nanolm::layernorm_bwd_workspace_rows_cuda,
           "Rows P of the (2, P, C) float32 workspace layernorm_bwd_cuda needs");
     m.def("layernorm_bwd_cuda", &nanolm::layernorm_bwd_cuda, "LayerNorm backward (+ residual grad)");
+    m.def("rmsnorm_fwd_cuda", &nanolm::rmsnorm_fwd_cuda, "RMSNorm forward (+ fused residual add), weight optional");
+    m.def("rmsnorm_bwd_cuda", &nanolm::rmsnorm_bwd_cuda, "RMSNorm backward (+ residual grad), weight optional");
     m.attr("layernorm_cuda_max_c") = nanolm::kLayerNormCudaMaxC;
     m.def("cross_entropy_fwd_cuda", &nanolm::cross_entropy_fwd_cuda,
           "Cross-entropy losses and gradient over fp32/bf16 logits (N, Vp), one block per row");
