@@ -218,3 +218,17 @@ def test_modern_block_learns_and_matches_float64(kernels, block):
         loss.backward()
         opt.step()
     assert loss.item() < first - 0.5
+
+
+def test_presets_of_the_modern_block():
+    """smollm2-135m is SmolLM2-135M's shape (134,515,008 parameters at its 49152-token vocab,
+    tied); the modern presets are nanochat's block at the quickstart's size and at d12/d20."""
+    from nanolm.model import parameter_count
+    smollm2 = ModelConfig(**PRESETS["smollm2-135m"], vocab_size=49152)
+    assert parameter_count(smollm2) == 134_515_008 and smollm2.hidden == 1536 and smollm2.kv_heads == 3
+    for name in ("modern-cpu", "modern-d12", "modern-d20"):
+        cfg = ModelConfig(**PRESETS[name], vocab_size=256)
+        assert (cfg.norm, cfg.norm_weight, cfg.pos, cfg.qk_norm, cfg.mlp, cfg.bias, cfg.tie_embeddings) == \
+            ("rmsnorm", False, "rope", True, "relu2", False, False), name
+    quick, modern = (ModelConfig(**PRESETS[n], vocab_size=256) for n in ("quickstart", "modern-cpu"))
+    assert 0.9 < parameter_count(modern) / parameter_count(quick) < 1.0  # the same budget class
