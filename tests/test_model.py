@@ -101,8 +101,8 @@ def test_cpu_kernels_under_cpu_bf16_autocast():
 
 
 # the block's choices (config.ModelConfig), each against GPT-2's defaults
-MODERN = dict(norm="rmsnorm", norm_weight=False, pos="rope", n_head=4, n_kv_head=2, qk_norm=True, mlp="swiglu", tie_embeddings=False,
-              logit_softcap=10.0)
+MODERN = dict(norm="rmsnorm", norm_weight=False, pos="rope", n_head=4, n_kv_head=2, qk_norm=True, mlp="swiglu",
+              tie_embeddings=False, logit_softcap=10.0)
 LLAMA = dict(norm="rmsnorm", pos="rope", rope_theta=1e5, n_head=4, n_kv_head=2, mlp="swiglu")  # SmolLM2's kind
 CHOICES = [dict(), dict(pos="rope"), dict(n_head=4, n_kv_head=1), dict(n_head=4, n_kv_head=2), dict(mlp="swiglu"),
            dict(mlp="relu2", mlp_hidden=40), dict(mlp="swiglu", mlp_hidden=24), dict(tie_embeddings=False),
