@@ -158,15 +158,15 @@ static void bind_cuda(py::module_& m) {
         "attention_fwd_cuda",
         [](std::uintptr_t q, Strides q_strides, std::uintptr_t k, Strides k_strides, std::uintptr_t v,
            Strides v_strides, std::uintptr_t o, Strides o_strides, std::uintptr_t lse, std::int64_t B,
-           std::int64_t T, std::int64_t nh, std::int64_t hs, double scale, nanolm::DType dtype,
+           std::int64_t T, std::int64_t nh, std::int64_t nkv, std::int64_t hs, double scale, nanolm::DType dtype,
            const nanolm::DropoutParams& dropout, std::uintptr_t stream) {
             nanolm::attention_fwd_cuda({q, k, v, o, lse, q_strides, k_strides, v_strides, o_strides,
-                                        B, T, nh, hs, scale, dtype, dropout}, stream);
+                                        B, T, nh, nkv, hs, scale, dtype, dropout}, stream);
         },
         py::arg("q"), py::arg("q_strides"), py::arg("k"), py::arg("k_strides"), py::arg("v"),
         py::arg("v_strides"), py::arg("o"), py::arg("o_strides"), py::arg("lse"), py::arg("B"),
-        py::arg("T"), py::arg("nh"), py::arg("hs"), py::arg("scale"), py::arg("dtype"), py::arg("dropout"),
-        py::arg("stream"),
+        py::arg("T"), py::arg("nh"), py::arg("nkv"), py::arg("hs"), py::arg("scale"), py::arg("dtype"),
+        py::arg("dropout"), py::arg("stream"),
         "Causal flash attention forward: o, lse from (B, T, nh, hs) views q, k, v");
     m.def(
         "attention_bwd_cuda",
@@ -174,17 +174,17 @@ static void bind_cuda(py::module_& m) {
            Strides k_strides, std::uintptr_t v, Strides v_strides, std::uintptr_t o, Strides o_strides,
            std::uintptr_t lse, std::uintptr_t delta, std::uintptr_t dq, Strides dq_strides, std::uintptr_t dk,
            Strides dk_strides, std::uintptr_t dv, Strides dv_strides, std::int64_t B, std::int64_t T,
-           std::int64_t nh, std::int64_t hs, double scale, nanolm::DType dtype,
+           std::int64_t nh, std::int64_t nkv, std::int64_t hs, double scale, nanolm::DType dtype,
            const nanolm::DropoutParams& dropout, std::uintptr_t stream) {
             nanolm::attention_bwd_cuda({dout, q, k, v, o, lse, delta, dq, dk, dv, dout_strides, q_strides,
                                         k_strides, v_strides, o_strides, dq_strides, dk_strides, dv_strides,
-                                        B, T, nh, hs, scale, dtype, dropout}, stream);
+                                        B, T, nh, nkv, hs, scale, dtype, dropout}, stream);
         },
         py::arg("dout"), py::arg("dout_strides"), py::arg("q"), py::arg("q_strides"), py::arg("k"),
         py::arg("k_strides"), py::arg("v"), py::arg("v_strides"), py::arg("o"), py::arg("o_strides"),
         py::arg("lse"), py::arg("delta"), py::arg("dq"), py::arg("dq_strides"), py::arg("dk"),
         py::arg("dk_strides"), py::arg("dv"), py::arg("dv_strides"), py::arg("B"), py::arg("T"),
-        py::arg("nh"), py::arg("hs"), py::arg("scale"), py::arg("dtype"), py::arg("dropout"),
+        py::arg("nh"), py::arg("nkv"), py::arg("hs"), py::arg("scale"), py::arg("dtype"), py::arg("dropout"),
         py::arg("stream"),
         "Causal flash attention backward: writes dq, dk, dv (delta: fp32 (B, nh, T) scratch)");
 }
