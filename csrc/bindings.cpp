@@ -19,6 +19,8 @@
 #include "common.h"
 #include "dropout.h"
 #include "layernorm.h"
+#include "mlp_activation.h"
+#include "rope.h"
 #include "cross_entropy.h"
 
 namespace py = pybind11;
@@ -82,6 +84,12 @@ static void bind_cpu(py::module_& m) {
     m.def("layernorm_bwd_cpu", &nanolm::layernorm_bwd_cpu, "LayerNorm backward (+ residual grad), float32, bf16 or fp16");
     m.def("rmsnorm_fwd_cpu", &nanolm::rmsnorm_fwd_cpu, "RMSNorm forward (+ fused residual add), weight optional, float32, bf16 or fp16");
     m.def("rmsnorm_bwd_cpu", &nanolm::rmsnorm_bwd_cpu, "RMSNorm backward (+ residual grad), weight optional, float32, bf16 or fp16");
+    m.def("qk_norm_rope_fwd_cpu", &nanolm::qk_norm_rope_fwd_cpu, "QK-norm + RoPE of the packed qkv, float32, bf16 or fp16");
+    m.def("qk_norm_rope_bwd_cpu", &nanolm::qk_norm_rope_bwd_cpu, "QK-norm + RoPE backward, float32, bf16 or fp16");
+    m.def("swiglu_fwd_cpu", &nanolm::swiglu_fwd_cpu, "silu(gate) * up of [gate | up] rows, float32, bf16 or fp16");
+    m.def("swiglu_bwd_cpu", &nanolm::swiglu_bwd_cpu, "SwiGLU backward into [dgate | dup] rows, float32, bf16 or fp16");
+    m.def("relu2_fwd_cpu", &nanolm::relu2_fwd_cpu, "relu(x)^2, float32, bf16 or fp16");
+    m.def("relu2_bwd_cpu", &nanolm::relu2_bwd_cpu, "ReLU^2 backward, float32, bf16 or fp16");
     m.def("cross_entropy_fwd_cpu", &nanolm::cross_entropy_fwd_cpu,
           "Cross-entropy losses and gradient over float32, bf16 or fp16 logits (N, Vp), OpenMP over rows");
     m.def("cross_entropy_stats_cpu", &nanolm::cross_entropy_stats_cpu,
