@@ -243,7 +243,7 @@ def encode_text(text, tokenizer, desc="tokenizing", min_progress=4 * CHUNK_CHARS
             bar.update(len(piece))
     if bar:
         bar.close()
-    return np.array(ids, dtype=np.uint16)
+    return token_array(ids, tokenizer)
 
 
 def encode_documents(docs, tokenizer):
@@ -252,7 +252,13 @@ def encode_documents(docs, tokenizer):
     for doc in docs:
         ids.append(tokenizer.eot)
         ids.extend(tokenizer.encode(doc))
-    return np.array(ids, dtype=np.uint16)
+    return token_array(ids, tokenizer)
+
+
+def token_array(ids, tokenizer):
+    """uint16 (the shards' type, half the memory) when the vocab fits, else int32 (an hf:DIR
+    tokenizer such as Llama 3's 128256 tokens, which therefore cannot be written to shards)."""
+    return np.array(ids, dtype=np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32)
 
 
 def pystdlib_documents():
@@ -320,7 +326,7 @@ def text_dataset(name):
 
 
 def encode_dataset(name, tokenizer):
-    """(train, val) uint16 token arrays for a text dataset (pystdlib, shakespeare, .txt)."""
+    """(train, val) token arrays (see token_array) for a text dataset (pystdlib, shakespeare, .txt)."""
     if name == "pystdlib":
         train, val = pystdlib_documents()
         return encode_documents(train, tokenizer), encode_documents(val, tokenizer)

@@ -119,3 +119,18 @@ def test_prepare_train_and_sample_with_it(tok_dir, tmp_path, monkeypatch):
                             "--out_dir=run"]))
     assert out["sample"].startswith("First")
     assert json.loads((tmp_path / "run" / "config.json").read_text())["tokenizer"] == f"hf:{tok_dir.resolve()}"
+
+
+def test_a_vocab_beyond_uint16_keeps_its_ids(tok_dir, tmp_path):
+    """Llama 3's 128256 tokens: text datasets hold int32 ids then (the shards stay uint16)."""
+    from tokenizers import Tokenizer
+    big = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    big.add_tokens([f"<extra_{i}>" for i in range(1 << 16)])
+    big.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS}))
+    tok = data.get_tokenizer(f"hf:{tmp_path}")
+    ids = data.encode_text("a<extra_65535>b", tok)
+    assert tok.vocab_size == 300 + (1 << 16) and 300 + 65535 in ids.tolist()
+    assert tok.decode(ids.tolist()) == "a<extra_65535>b"
+    with pytest.raises(ValueError, match="must fit uint16"):
+        data.write_shard(tmp_path / "x.bin", ids)
