@@ -153,6 +153,8 @@ OPS = {
     "cross_entropy": "bench.op_cross_entropy",
     "linear_cross_entropy": "bench.op_linear_cross_entropy",
     "adamw": "bench.op_adamw",
+    "rope": "bench.op_rope",
+    "mlp_activation": "bench.op_mlp_activation",
     "train_step": "bench.op_train_step",
     "recompute": "bench.op_recompute",
 }

@@ -12,6 +12,10 @@ implementation adds are its own cost. `s` is the activation element size (2 for 
   layernorm bwd            read dy, x 2N·C·s, w C·s, mean+rstd 2N·4; write dx N·C·s, dw+db 2C·4
   cross-entropy (logits)   read logits N·Vp·s, targets 8N;        write dlogits N·Vp·s, losses 4N
   adamw                    read p, g, m, v 16 B/param;            write p, m, v 12 B/param = 28 B
+  qk-norm + rope fwd       read qkv N·W·s;                         write qkv' N·W·s, rstd N·(H+Hkv)·4
+  qk-norm + rope bwd       read dout, qkv 2N·W·s, rstd;            write dqkv N·W·s   (W = (H+2Hkv)·hs)
+  swiglu fwd / bwd         read 2N·F·s, write N·F·s / read 3N·F·s, write 2N·F·s
+  relu2 fwd / bwd          read N·F·s, write N·F·s / read 2N·F·s, write N·F·s
 """
 
 
@@ -31,3 +35,13 @@ def cross_entropy_bytes(N, Vp, s):
 def adamw_bytes(n_params):
     return 28 * n_params
 
+
+
+def rope_bytes(N, width, rstd_heads, s, backward=False):
+    return (3 if backward else 2) * N * width * s + N * rstd_heads * 4
+
+
+def mlp_activation_bytes(N, F, s, kind, backward=False):
+    reads, writes = {("swiglu", False): (2, 1), ("swiglu", True): (3, 2), ("relu2", False): (1, 1),
+                     ("relu2", True): (2, 1)}[kind, backward]
+    return (reads + writes) * N * F * s

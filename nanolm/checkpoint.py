@@ -25,6 +25,7 @@ config's model or tokenizer); a resume also needs the optimizer, loader and RNG 
 (saved_run). One loaded onto a CUDA device on a machine without CUDA says so instead of calling
 the file damaged.
 """
+import dataclasses
 import os
 import random
 import re
@@ -283,8 +284,16 @@ def load(path, map_location="cpu", model_config=None):
 
 
 def refuse_other_model(path, ckpt, model_config):
-    """ValueError listing every field of model_config the checkpoint's config holds otherwise."""
-    diff = config_diff(ckpt["config"], model_config)
+    """ValueError listing every field of model_config the checkpoint's config holds otherwise. A
+    block choice the checkpoint predates (norm, pos, ...; not bias, saved from the start) counts
+    as its default: GPT-2's."""
+    saved = ckpt["config"]
+    if isinstance(saved.get("model"), dict):
+        from nanolm.config import BLOCK_CHOICES, ModelConfig
+        defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in BLOCK_CHOICES}
+        defaults.pop("bias")
+        saved = {**saved, "model": {**defaults, **saved["model"]}}
+    diff = config_diff(saved, model_config)
     if diff:
         raise ValueError(f"{path} was saved with a different model config:\n  " + "\n  ".join(diff))
 

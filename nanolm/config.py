@@ -6,6 +6,7 @@ import os
 import re
 import sys
 import traceback
+import typing
 from dataclasses import dataclass, fields
 
 
@@ -34,8 +35,16 @@ def cli(main, argv, errors=()):
         sys.exit(f"error: {describe(e)}")
 
 
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+MLPS = ("gelu", "swiglu", "relu2")
+
+
 @dataclass
 class ModelConfig:
+    """The model's shape and its block's choices. Every choice defaults to GPT-2's, so a
+    checkpoint saved before a field existed loads as the GPT-2 it is (README's "Model" section
+    names where each option comes from)."""
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -44,11 +53,73 @@ class ModelConfig:
     vocab_multiple: int = 128  # padded vocab rows; padding is never predicted (loss/sampling mask it)
     bias: bool = True  # GPT-2 has biases in Linear and LayerNorm
     dropout: float = 0.0  # embedding sum, residual branches, attention probabilities; 0 = none
+    norm: str = "layernorm"  # layernorm (GPT-2) or rmsnorm (Llama, nanochat: no mean, no bias)
+    norm_weight: bool = True  # a learned gain in every norm; False = parameter-free (nanochat)
+    norm_eps: float = 1e-5  # GPT-2's LayerNorm eps; Llama's configs say rms_norm_eps
+    pos: str = "learned"  # learned position embeddings (GPT-2) or rope (rotary, Llama)
+    rope_theta: float = 10000.0  # RoPE base (RoFormer, Llama 2); SmolLM2 uses 1e5
+    n_kv_head: int = 0  # key/value heads (GQA); 0 = n_head (MHA), 1 = MQA; must divide n_head
+    qk_norm: bool = False  # parameter-free RMSNorm of each q and k head before RoPE (nanochat)
+    mlp: str = "gelu"  # gelu (GPT-2), swiglu (Llama) or relu2 (ReLU squared: modded-nanogpt, nanochat)
+    mlp_hidden: int = 0  # MLP width; 0 = 4*n_embd, or for swiglu 8*n_embd/3 rounded up to 64 (same params)
+    tie_embeddings: bool = True  # lm_head shares wte's weight (GPT-2); False = its own (nanochat, Llama 3)
+    logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap) (Gemma 2, nanochat); 0 = off
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """One ConfigError naming the first field out of range (a checkpoint's config or the
+        command line's: both build a ModelConfig)."""
+        for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "vocab_multiple"):
+            if getattr(self, k) < (0 if k == "n_layer" else 1):
+                raise ConfigError(f"{k} must be positive, got {getattr(self, k)}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        for k, valid in (("norm", NORMS), ("pos", POSITIONS), ("mlp", MLPS)):
+            if getattr(self, k) not in valid:
+                raise ConfigError(f"{k} must be one of {', '.join(valid)}, got {getattr(self, k)!r}")
+        if self.n_kv_head < 0 or self.n_head % self.kv_heads:
+            raise ConfigError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head} (0 = n_head)")
+        if self.pos == "rope" and self.head_size % 2:
+            raise ConfigError(f"pos=rope rotates pairs of dimensions: head size n_embd/n_head = "
+                              f"{self.head_size} must be even")
+        for k in ("norm_eps", "rope_theta"):
+            if not math.isfinite(getattr(self, k)) or getattr(self, k) <= 0:
+                raise ConfigError(f"{k} must be a positive number, got {getattr(self, k)}")
+        if not math.isfinite(self.logit_softcap) or self.logit_softcap < 0:
+            raise ConfigError(f"logit_softcap must be >= 0 (0 = off), got {self.logit_softcap}")
+        if self.mlp_hidden < 0:
+            raise ConfigError(f"mlp_hidden must be >= 0 (0 = the default width), got {self.mlp_hidden}")
+        if self.qk_norm and self.pos != "rope":
+            raise ConfigError("qk_norm=True needs pos=rope: q and k are normalised in the RoPE op, before "
+                              "the rotation (as nanochat)")
+        if self.norm == "layernorm" and not self.norm_weight:
+            raise ConfigError("norm_weight=False is for norm=rmsnorm (nanochat's parameter-free RMSNorm); "
+                              "the LayerNorm kernels take a weight")
 
     @property
     def padded_vocab(self):
         m = self.vocab_multiple
         return (self.vocab_size + m - 1) // m * m
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_size(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden(self):
+        """The MLP's hidden width: swiglu's default 8C/3 keeps the parameters of a 4C GELU MLP
+        (three matrices instead of two), rounded up to a multiple of 64 as Llama does."""
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":
+            return (-(-8 * self.n_embd // 3) + 63) // 64 * 64
+        return 4 * self.n_embd
 
 
 @dataclass
@@ -101,6 +172,19 @@ class TrainConfig:
     n_embd: int = 0
     block_size: int = 0
     dropout: float = 0.0
+    # the block's choices (ModelConfig's fields, README "Model"); unset = the preset's
+    norm: str | None = None
+    norm_weight: bool | None = None
+    norm_eps: float | None = None
+    pos: str | None = None
+    rope_theta: float | None = None
+    n_kv_head: int | None = None
+    qk_norm: bool | None = None
+    mlp: str | None = None
+    mlp_hidden: int | None = None
+    bias: bool | None = None
+    tie_embeddings: bool | None = None
+    logit_softcap: float | None = None
     recompute: str = "none"  # activations the backward recomputes: none, mlp (GELU in/out) or block (all)
     # torch.compile the model's training and eval forward (fullgraph: every hot op is a torch.library
     # op, so the graph has no breaks); the first steps pay the compile: tens of seconds on a CPU
@@ -121,6 +205,11 @@ PRESETS = {
 }
 
 
+# TrainConfig fields that override the preset's ModelConfig field of the same name when given
+BLOCK_CHOICES = ("norm", "norm_weight", "norm_eps", "pos", "rope_theta", "n_kv_head", "qk_norm", "mlp",
+                 "mlp_hidden", "bias", "tie_embeddings", "logit_softcap")
+
+
 def _parse_value(key, text, typ):
     try:
         if typ is bool:
@@ -132,13 +221,19 @@ def _parse_value(key, text, typ):
         raise ConfigError(f"--{key}={text}: expected {typ.__name__}") from None
 
 
+def _value_type(field):
+    """The type a field's --key=value text is parsed to: `bool | None` (unset = the preset's) is bool."""
+    typ = field.type if not isinstance(field.type, str) else eval(field.type)
+    return next(t for t in typing.get_args(typ) if t is not type(None)) if typing.get_args(typ) else typ
+
+
 # bare flags and the value they stand for
 FLAGS = {"--resume": "--resume=latest", "--compile": "--compile=true"}
 
 
 def parse_overrides(argv):
     """['--key=value', ...] -> {key: typed value}; unknown keys list the valid ones."""
-    types = {f.name: f.type if isinstance(f.type, type) else eval(f.type) for f in fields(TrainConfig)}
+    types = {f.name: _value_type(f) for f in fields(TrainConfig)}
     values = {}
     for arg in argv:
         arg = FLAGS.get(arg, arg)
@@ -172,6 +267,8 @@ def config_help():
                             "(python -m nanolm.info shows which runs where)")
 
     def shown(value):  # a default such as "\\n" as the escape one would type
+        if value is None:
+            return "preset"
         return value if not isinstance(value, str) or value.isprintable() else repr(value)
     rows = [(f"--{f.name}={shown(f.default)}", comments.get(f.name, "")) for f in fields(TrainConfig)]
     width = max(len(key) for key, _ in rows)
@@ -189,17 +286,18 @@ def parse_args(argv, defaults=None):
 
 
 def model_config(cfg, vocab_size):
-    """The model shape: preset, then any non-zero n_layer/n_head/n_embd/block_size override."""
+    """The model shape: preset, then any non-zero n_layer/n_head/n_embd/block_size override and
+    any block choice given (norm, pos, ...: not None)."""
     if cfg.preset not in PRESETS:
         raise ConfigError(f"unknown preset {cfg.preset!r}; valid: {', '.join(PRESETS)}")
     kw = dict(PRESETS[cfg.preset], vocab_size=vocab_size, dropout=cfg.dropout)
     for k in ("n_layer", "n_head", "n_embd", "block_size"):
         if getattr(cfg, k):
             kw[k] = getattr(cfg, k)
-    mc = ModelConfig(**kw)
-    if mc.n_embd % mc.n_head:
-        raise ConfigError(f"n_embd={mc.n_embd} is not divisible by n_head={mc.n_head}")
-    return mc
+    for k in BLOCK_CHOICES:
+        if getattr(cfg, k) is not None:
+            kw[k] = getattr(cfg, k)
+    return ModelConfig(**kw)
 
 
 def validate(cfg):
@@ -254,6 +352,10 @@ def validate(cfg):
     mc = model_config(cfg, 256)
     if mc.n_head % cfg.tp:
         raise ConfigError(f"n_head={mc.n_head} is not divisible by tp={cfg.tp}")
+    # each rank holds n_kv_head/tp KV heads, or with fewer KV heads than ranks the one its query heads read
+    if (mc.kv_heads % cfg.tp) if mc.kv_heads >= cfg.tp else (cfg.tp % mc.kv_heads):
+        raise ConfigError(f"n_kv_head={mc.kv_heads} and tp={cfg.tp}: one must divide the other "
+                          "(KV heads are split across the tensor-parallel ranks, or replicated)")
 
 
 def as_dict(cfg):

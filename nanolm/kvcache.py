@@ -15,11 +15,13 @@ import torch.nn.functional as F
 
 
 class KVCache:
-    """Keys and values of every layer for positions [0, pos): (n_layer, B, nh, max_len, hs).
-    GPT.forward advances pos by the number of tokens it ran."""
+    """Keys and values of every layer for positions [0, pos): (n_layer, B, Hkv, max_len, hs),
+    only the key/value heads (with GQA, H/Hkv times fewer than the query heads).
+    GPT.forward advances pos by the number of tokens it ran; with RoPE the new keys are rotated
+    for their positions [pos, pos + t) before they are stored."""
 
-    def __init__(self, n_layer, batch, n_head, max_len, head_dim, device, dtype):
-        shape = (n_layer, batch, n_head, max_len, head_dim)
+    def __init__(self, n_layer, batch, n_kv_head, max_len, head_dim, device, dtype):
+        shape = (n_layer, batch, n_kv_head, max_len, head_dim)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.max_len = max_len
@@ -29,19 +31,19 @@ class KVCache:
     def for_model(cls, model, batch):
         cfg = model.cfg
         wte = model.transformer.wte.weight
-        n_embd = wte.shape[1]
-        return cls(len(model.transformer.h), batch, cfg.n_head, cfg.block_size,
-                   n_embd // cfg.n_head, wte.device, wte.dtype)
+        return cls(len(model.transformer.h), batch, cfg.kv_heads, cfg.block_size, cfg.head_size, wte.device,
+                   wte.dtype)
 
-    def attend(self, layer, qkv, n_head):
-        """Causal attention of the new positions [pos, pos + t) of qkv (B, t, 3C) over the
-        cached ones and themselves, storing their keys and values; returns (B, t, C)."""
-        B, t, C3 = qkv.shape
-        C = C3 // 3
+    def attend(self, layer, qkv, n_head, n_kv_head):
+        """Causal attention of the new positions [pos, pos + t) of qkv (B, t, (H + 2*Hkv) * hs)
+        over the cached ones and themselves, storing their keys and values; returns (B, t, H*hs)."""
+        B, t, width = qkv.shape
+        hs = width // (n_head + 2 * n_kv_head)
         end = self.pos + t
         if end > self.max_len:
             raise ValueError(f"KVCache: {self.pos} cached + {t} new tokens exceed the cache length {self.max_len}")
-        q, k, v = (z.view(B, t, n_head, C // n_head).transpose(1, 2) for z in qkv.split(C, dim=2))  # (B, nh, t, hs)
+        q, k, v = (z.transpose(1, 2) for z in  # (B, heads, t, hs)
+                   qkv.view(B, t, n_head + 2 * n_kv_head, hs).split((n_head, n_kv_head, n_kv_head), dim=2))
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
@@ -49,5 +51,5 @@ class KVCache:
         if t > 1:  # query i sits at position pos+i and sees keys 0..pos+i
             mask = (torch.arange(end, device=qkv.device)[None, :]
                     <= torch.arange(self.pos, end, device=qkv.device)[:, None])
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return y.transpose(1, 2).reshape(B, t, C)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=n_head != n_kv_head)
+        return y.transpose(1, 2).reshape(B, t, n_head * hs)

@@ -28,17 +28,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nanolm.ops import attention, cross_entropy, layernorm
+from nanolm.ops import attention, cross_entropy, layernorm, mlp_activation, rope
 from nanolm.ops.dropout import dropout
 
-LN_EPS = 1e-5
+class Norm(nn.Module):
+    """LayerNorm (GPT-2) or RMSNorm (Llama; nanochat's without a weight), with the residual add
+    before it fused: weight (C,) or None (norm_weight=False), bias (C,) only for a LayerNorm
+    with cfg.bias. Both run in the layernorm op module's kernels."""
 
-
-class LayerNorm(nn.Module):
-    def __init__(self, n, bias):
+    def __init__(self, cfg):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(n))
-        self.bias = nn.Parameter(torch.zeros(n)) if bias else None
+        n = cfg.n_embd
+        self.rms, self.eps = cfg.norm == "rmsnorm", cfg.norm_eps
+        self.weight = nn.Parameter(torch.ones(n)) if cfg.norm_weight else None
+        self.bias = nn.Parameter(torch.zeros(n)) if cfg.bias and not self.rms else None
+
+    def norm(self, x, backend):
+        if self.rms:
+            return layernorm.rms_norm(x, self.weight, self.eps, backend)
+        return layernorm.layer_norm(x, self.weight, self.bias, self.eps, backend)
+
+    def add_norm(self, x, residual, backend, dropout):
+        """(norm(dropout(x) + residual), dropout(x) + residual)."""
+        if self.rms:
+            return layernorm.add_rms_norm(x, residual, self.weight, self.eps, backend, dropout)
+        return layernorm.add_layer_norm(x, residual, self.weight, self.bias, self.eps, backend, dropout)
 
 
 class DropoutStream(nn.Module):
@@ -86,19 +100,44 @@ class DropoutStream(nn.Module):
 
 
 class Attention(nn.Module):
+    """Causal self-attention on the packed projection qkv (B, T, (H + 2*Hkv) * hs), laid out
+    [q heads | k heads | v heads]: Hkv = n_kv_head key/value heads, each serving H/Hkv query heads
+    (GQA; Hkv = H is GPT-2's MHA). With RoPE, q and k are normalised (qk_norm) and rotated in one
+    op before the attention kernels read them (nanolm/ops/rope.py)."""
+
     def __init__(self, cfg, impls, layer):
         super().__init__()
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.n_head, self.layer, self.backend = cfg.n_head, layer, impls["attention"]
+        hs = cfg.head_size
+        self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * hs, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_head * hs, cfg.n_embd, bias=cfg.bias)
+        # per rank: nanolm/tensor_parallel.py sets this rank's head counts
+        self.n_head, self.n_kv_head, self.layer = cfg.n_head, cfg.kv_heads, layer
+        self.rope = (cfg.rope_theta, cfg.qk_norm, impls["rope"]) if cfg.pos == "rope" else None
+        self.backend = impls["attention"]
 
     def forward(self, h, cache=None, dropout=None):
-        qkv = self.c_attn(h)  # (B, T, 3C)
+        qkv = self.c_attn(h)  # (B, T, (H + 2*Hkv) * hs)
+        if self.rope is not None:
+            start = 0 if cache is None else cache.pos
+            qkv = rope.qk_norm_rope(qkv, self.n_head, self.n_kv_head, start, *self.rope)
         if cache is None:
-            y = attention.causal_attention(qkv, self.n_head, self.backend, dropout)
+            y = causal_attention(qkv, self.n_head, self.n_kv_head, self.backend, dropout)
         else:  # the new positions attend over the cached ones too
-            y = cache.attend(self.layer, qkv, self.n_head)
+            y = cache.attend(self.layer, qkv, self.n_head, self.n_kv_head)
         return self.c_proj(y)
+
+
+def causal_attention(qkv, n_head, n_kv_head, backend, dropout):
+    """attention.causal_attention of a packed GQA projection. The kernels take H key/value
+    heads, so each K/V head is repeated for its H/Hkv query heads first (as Hugging Face's
+    repeat_kv does): exact, at the cost of H/Hkv copies of K and V."""
+    if n_kv_head != n_head:
+        B, T, _ = qkv.shape
+        q, k, v = qkv.view(B, T, n_head + 2 * n_kv_head, -1).split((n_head, n_kv_head, n_kv_head), dim=2)
+        group = n_head // n_kv_head
+        qkv = torch.cat((q, k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)), dim=2)
+        qkv = qkv.flatten(2)
+    return attention.causal_attention(qkv, n_head, backend, dropout)
 
 
 RECOMPUTE = ("none", "mlp", "block")
@@ -114,42 +153,53 @@ def recomputed(fn, *args):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg):
+    """c_proj(act(c_fc(h))): act is GELU (tanh approximation, GPT-2), ReLU² (relu2) or SwiGLU,
+    whose c_fc computes [gate | up] (2 * hidden rows) in one matmul."""
+
+    def __init__(self, cfg, impls):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.kind = cfg.mlp
+        self.backend = impls["mlp_activation"] if cfg.mlp != "gelu" else None
+        width = 2 * cfg.hidden if cfg.mlp == "swiglu" else cfg.hidden
+        self.c_fc = nn.Linear(cfg.n_embd, width, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.hidden, cfg.n_embd, bias=cfg.bias)
         self.recompute = False  # set by GPT for recompute="mlp"
 
     def forward(self, h):
         return recomputed(self._forward, h) if self.recompute else self._forward(h)
 
     def _forward(self, h):
-        return self.c_proj(F.gelu(self.c_fc(h), approximate="tanh"))
+        u = self.c_fc(h)
+        if self.kind == "swiglu":
+            a = mlp_activation.swiglu(u, self.backend)
+        elif self.kind == "relu2":
+            a = mlp_activation.relu2(u, self.backend)
+        else:
+            a = F.gelu(u, approximate="tanh")
+        return self.c_proj(a)
 
 
 class Block(nn.Module):
-    """The pre-LN GPT-2 block, unfused:
+    """The pre-norm block (GPT-2's, and Llama's with RMSNorm), unfused:
         x = x + attn(ln_1(x))
         x = x + mlp(ln_2(x))
-    Here each residual add is fused with the LayerNorm after it (layernorm.add_layer_norm), so the
-    block takes h = ln_1(x) from the previous one and returns (next_ln(x_out), x_out)."""
+    Here each residual add is fused with the norm after it (Norm.add_norm), so the block takes
+    h = ln_1(x) from the previous one and returns (next_ln(x_out), x_out)."""
 
     def __init__(self, cfg, impls, layer):
         super().__init__()
-        self.ln_1 = LayerNorm(cfg.n_embd, cfg.bias)
+        self.ln_1 = Norm(cfg)
         self.attn = Attention(cfg, impls, layer)
-        self.ln_2 = LayerNorm(cfg.n_embd, cfg.bias)
-        self.mlp = MLP(cfg)
+        self.ln_2 = Norm(cfg)
+        self.mlp = MLP(cfg, impls)
         self.ln_backend = impls["layernorm"]
 
     def forward(self, h, x, next_ln, cache=None, dropout=(None, None, None)):
         """dropout: the Dropout arguments (or None) of the attention probabilities, the attention
         branch and the MLP branch (training only: never with a cache)."""
         attn_probs, attn_branch, mlp_branch = dropout
-        h, x = layernorm.add_layer_norm(self.attn(h, cache, attn_probs), x, self.ln_2.weight, self.ln_2.bias,
-                                        LN_EPS, self.ln_backend, attn_branch)
-        return layernorm.add_layer_norm(self.mlp(h), x, next_ln.weight, next_ln.bias, LN_EPS, self.ln_backend,
-                                        mlp_branch)
+        h, x = self.ln_2.add_norm(self.attn(h, cache, attn_probs), x, self.ln_backend, attn_branch)
+        return next_ln.add_norm(self.mlp(h), x, self.ln_backend, mlp_branch)
 
 
 def compiled(model):
@@ -163,14 +213,18 @@ def compiled(model):
 
 def parameter_count(cfg):
     """GPT(cfg).num_params(non_embedding=False), from the shapes alone, without building the model
-    (the trainer checks it fits in memory before allocating anything). Per block: two LayerNorms
-    (C weights, + C biases), c_attn (C x 3C), attention's c_proj (C x C), c_fc (C x 4C), the MLP's
-    c_proj (4C x C), each Linear with its bias; then the embeddings (the lm_head is tied to wte)
-    and ln_f."""
-    C, b = cfg.n_embd, int(cfg.bias)
-    per_block = (2 * (C + b * C) + (3 * C * C + b * 3 * C) + (C * C + b * C) + (4 * C * C + b * 4 * C)
-                 + (4 * C * C + b * C))
-    return cfg.n_layer * per_block + (cfg.padded_vocab + cfg.block_size) * C + C + b * C
+    (the trainer checks it fits in memory before allocating anything). Per block: two norms
+    (C weights unless parameter-free, + C biases for a LayerNorm with bias), c_attn
+    (C x (H + 2*Hkv)*hs), attention's c_proj (H*hs x C), c_fc (C x hidden, twice for SwiGLU's
+    [gate | up]), the MLP's c_proj (hidden x C), each Linear with its bias; then the embeddings
+    (wpe with learned positions; an lm_head of its own unless tied) and ln_f."""
+    C, b, hs, F_ = cfg.n_embd, int(cfg.bias), cfg.head_size, cfg.hidden
+    norm = C * int(cfg.norm_weight) + C * b * int(cfg.norm == "layernorm")
+    qkv, fc = (cfg.n_head + 2 * cfg.kv_heads) * hs, F_ * (2 if cfg.mlp == "swiglu" else 1)
+    per_block = 2 * norm + (C * qkv + b * qkv) + (cfg.n_head * hs * C + b * C) + (C * fc + b * fc) + (F_ * C + b * C)
+    embeddings = cfg.padded_vocab * C * (1 if cfg.tie_embeddings else 2)
+    embeddings += cfg.block_size * C if cfg.pos == "learned" else 0
+    return cfg.n_layer * per_block + embeddings + norm
 
 
 class GPT(nn.Module):
@@ -184,34 +238,42 @@ class GPT(nn.Module):
         self.tp = None  # the tensor-parallel group's communicator, set by tensor_parallel.parallelize
         if cfg.dropout > 0:  # absent at 0: the state dict is then exactly as without dropout
             self.dropout = DropoutStream(cfg.dropout, cfg.n_layer)
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.padded_vocab, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-            h=nn.ModuleList(Block(cfg, impls, i) for i in range(cfg.n_layer)),
-            ln_f=LayerNorm(cfg.n_embd, cfg.bias),
-        ))
+        modules = dict(wte=nn.Embedding(cfg.padded_vocab, cfg.n_embd))
+        if cfg.pos == "learned":  # with RoPE, positions enter through the rotation of q and k
+            modules["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        modules.update(h=nn.ModuleList(Block(cfg, impls, i) for i in range(cfg.n_layer)), ln_f=Norm(cfg))
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
         for block in self.transformer.h:
             block.mlp.recompute = recompute == "mlp"
-        self.apply(self._init)
+        self._init_weights()
+
+    def _init_weights(self):
+        """GPT-2's (nanoGPT's): every matrix N(0, 0.02), as Llama's initializer_range; the
+        residual projections (c_proj) scaled by 1/sqrt(2 * n_layer); biases zero, norm weights
+        one. An untied lm_head starts at N(0, 0.001), as nanochat's, so the first logits are
+        nearly uniform (tied, it is wte)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
-
-    @staticmethod
-    def _init(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=0.001)
 
     def num_params(self, non_embedding=True):
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
 
     def hidden(self, idx, cache=None):
-        """Final-LayerNorm hidden states (B, T, C) of idx, the tokens at positions
+        """Final-norm hidden states (B, T, C) of idx, the tokens at positions
         [start, start + T): start is 0, or cache.pos with a cache (which this advances)."""
         B, T = idx.shape
         start = 0 if cache is None else cache.pos
@@ -219,15 +281,17 @@ class GPT(nn.Module):
             length = f"sequence length {T}" if cache is None else f"{start} cached + {T} new tokens"
             raise ValueError(f"{length} exceeds block_size {self.cfg.block_size}")
         tr, ln = self.transformer, self.impls["layernorm"]
-        x = tr.wte(idx) + tr.wpe(torch.arange(start, start + T, device=idx.device))
+        x = tr.wte(idx)
+        if "wpe" in tr:
+            x = x + tr.wpe(torch.arange(start, start + T, device=idx.device))
         blocks = list(tr.h)
         first_ln = blocks[0].ln_1 if blocks else tr.ln_f
         if self.training and self.cfg.dropout > 0 and cache is None:
             embedding, per_layer = self.dropout.next_forward()
-            h, x = layernorm.add_layer_norm(x, None, first_ln.weight, first_ln.bias, LN_EPS, ln, embedding)
+            h, x = first_ln.add_norm(x, None, ln, embedding)
         else:
             per_layer = [(None, None, None)] * len(blocks)
-            h = layernorm.layer_norm(x, first_ln.weight, first_ln.bias, LN_EPS, ln)
+            h = first_ln.norm(x, ln)
         for i, block in enumerate(blocks):
             next_ln = blocks[i + 1].ln_1 if i + 1 < len(blocks) else tr.ln_f
             if self.recompute == "block":
@@ -238,6 +302,12 @@ class GPT(nn.Module):
             cache.pos += T
         return h
 
+    def softcap(self, logits):
+        """cap * tanh(logits / cap) with logit_softcap > 0 (Gemma 2, nanochat): logits stay in
+        (-cap, cap); the identity when it is 0."""
+        cap = self.cfg.logit_softcap
+        return logits if cap == 0 else cap * torch.tanh(logits / cap)
+
     def forward(self, idx, targets=None, cache=None):
         """With targets: mean loss over all positions. Without: last-position logits over the
         real vocabulary (B, vocab_size). With a KVCache (sampling): idx holds only the new
@@ -246,7 +316,14 @@ class GPT(nn.Module):
         if self.tp is not None:  # vocab-parallel lm_head (nanolm/tensor_parallel.py)
             return self.lm_head(h, targets)
         if targets is None:
-            return h[:, -1] @ self.lm_head.weight[: self.cfg.vocab_size].to(h.dtype).t()
+            return self.softcap(h[:, -1] @ self.lm_head.weight[: self.cfg.vocab_size].to(h.dtype).t())
         C = h.shape[-1]
-        return cross_entropy.linear_cross_entropy(h.reshape(-1, C), self.lm_head.weight, targets.reshape(-1),
-                                                  self.impls["cross_entropy"], vocab_size=self.cfg.vocab_size)
+        h, targets = h.reshape(-1, C), targets.reshape(-1)
+        if self.cfg.logit_softcap:
+            # the fused linear cross-entropy kernels have no cap between the matmul and the
+            # softmax: the logits (B*T, Vp) are materialised, capped, then reduced
+            logits = self.softcap(h @ self.lm_head.weight.to(h.dtype).t())
+            return cross_entropy.cross_entropy(logits, targets, self.impls["cross_entropy"],
+                                               vocab_size=self.cfg.vocab_size)
+        return cross_entropy.linear_cross_entropy(h, self.lm_head.weight, targets, self.impls["cross_entropy"],
+                                                  vocab_size=self.cfg.vocab_size)

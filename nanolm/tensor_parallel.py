@@ -158,12 +158,14 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class VocabParallelHead(nn.Module):
-    """The lm_head tied to a VocabParallelEmbedding: the loss over this rank's vocab rows, with
-    the softmax statistics combined across the group (cross_entropy.vocab_parallel_linear_cross_entropy)."""
+    """The lm_head over the vocab rows of a VocabParallelEmbedding: tied to its weight, or (an
+    untied full lm_head given) its own slice of the same rows. The loss over this rank's vocab
+    rows, with the softmax statistics combined across the group
+    (cross_entropy.vocab_parallel_linear_cross_entropy)."""
 
-    def __init__(self, wte, vocab_size, backend):
+    def __init__(self, wte, vocab_size, backend, untied=None, comm=None):
         super().__init__()
-        self.weight = wte.weight
+        self.weight = wte.weight if untied is None else _sharded_parameter(untied.weight, 0, 1, comm)
         self.group, self.backend, self.vocab_size = wte.group, backend, vocab_size
         self.vocab_start = wte.vocab_start
         self.local_vocab = min(max(vocab_size - self.vocab_start, 0), self.weight.shape[0])
@@ -186,17 +188,26 @@ def parallelize(model, comm):
     n, cfg = comm.env.world_size, model.cfg
     if cfg.n_head % n:
         raise ValueError(f"tensor parallel: n_head={cfg.n_head} is not divisible by tp={n}")
+    if cfg.logit_softcap:
+        raise ValueError("tensor parallel: the vocab-parallel loss has no logit softcap; train "
+                         "logit_softcap > 0 with --tp=1")
+    if cfg.kv_heads != cfg.n_head:
+        raise ValueError(f"tensor parallel: n_kv_head={cfg.kv_heads} < n_head={cfg.n_head} (GQA) is not "
+                         "split across ranks yet; train it with --tp=1")
     for p in model.parameters():
         comm.wait(comm.broadcast(p.data, root=0))
     for block in model.transformer.h:
         attn, mlp = block.attn, block.mlp
         attn.c_attn = ColumnParallelLinear(attn.c_attn, comm, n_groups=3)  # [q | k | v]: r's heads of each
         attn.c_proj = RowParallelLinear(attn.c_proj, comm)
-        attn.n_head = cfg.n_head // n
-        mlp.c_fc = ColumnParallelLinear(mlp.c_fc, comm)
+        attn.n_head = attn.n_kv_head = cfg.n_head // n
+        # SwiGLU's [gate | up] rows: rank r keeps the gate and the up rows of the same hidden units
+        mlp.c_fc = ColumnParallelLinear(mlp.c_fc, comm, n_groups=2 if cfg.mlp == "swiglu" else 1)
         mlp.c_proj = RowParallelLinear(mlp.c_proj, comm)
     model.transformer.wte = VocabParallelEmbedding(model.transformer.wte, comm)
-    model.lm_head = VocabParallelHead(model.transformer.wte, cfg.vocab_size, model.impls["cross_entropy"])
+    untied = None if cfg.tie_embeddings else model.lm_head
+    model.lm_head = VocabParallelHead(model.transformer.wte, cfg.vocab_size, model.impls["cross_entropy"], untied,
+                                      comm)
     model.tp = comm
     return model
 

@@ -93,6 +93,16 @@ def test_config_mismatch_lists_fields(tmp_path):
     assert "n_embd" not in msg
 
 
+def test_a_checkpoint_from_before_the_block_choices_is_the_gpt2_model(tmp_path):
+    """Its config.model lacks norm, pos, ...: they count as GPT-2's defaults, and any other
+    value is a difference."""
+    path = _save(tmp_path, 1, config={"model": {"n_layer": 2, "n_embd": 16, "bias": True}})
+    assert checkpoint.load(path, model_config={"model": {"n_layer": 2, "norm": "layernorm", "pos": "learned",
+                                                         "n_kv_head": 0, "tie_embeddings": True}})["step"] == 1
+    with pytest.raises(ValueError, match="model.pos: checkpoint 'learned', current 'rope'"):
+        checkpoint.load(path, model_config={"model": {"n_layer": 2, "pos": "rope"}})
+
+
 def test_rng_state_round_trip():
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
     state = checkpoint.rng_state()

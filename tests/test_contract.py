@@ -58,6 +58,15 @@ def _arguments(fn, dtype, *, C=16, hs=16):
         o, lse = torch_ref.attention_fwd(q, k, v, hs ** -0.5, None)
         grads = torch.full((1, 8, 3, 2, hs), float("nan"), dtype=dtype).unbind(2)  # poisoned
         return [rand(1, 8, 2, hs), q, k, v, o, lse, hs ** -0.5, *grads, None], (7, 8, 9)
+    if fn in ("qk_norm_rope_fwd", "qk_norm_rope_bwd"):  # 2 query heads, 1 KV head, at positions 5..12
+        qkv = rand(2, 8, 4 * hs)
+        if fn == "qk_norm_rope_fwd":
+            return [qkv, 2, 1, 5, 1e4, True], ()
+        _, rstd = torch_ref.qk_norm_rope_fwd(qkv, 2, 1, 5, 1e4, True)
+        return [rand(2, 8, 4 * hs), qkv, rstd, 2, 1, 5, 1e4, True], ()
+    if fn in ("swiglu_fwd", "swiglu_bwd", "relu2_fwd", "relu2_bwd"):
+        width = 2 * C if fn.startswith("swiglu") else C
+        return ([rand(5, width)] if fn.endswith("fwd") else [rand(5, C), rand(5, width)]), ()
     targets = torch.tensor([3, -100, 7, 15])  # in the shard [5, 14), ignored, and another rank's
     if fn == "cross_entropy_fwd":
         return [rand(4, 10), torch.tensor([3, -100, 0, 8]), 9, -100, 1e-3, 0.5, False], ()

@@ -8,7 +8,7 @@ import torch
 
 from nanolm import tensor_parallel
 from nanolm.dist import DistEnv
-from nanolm.ops import adamw, attention, backends, cross_entropy, groups, layernorm
+from nanolm.ops import adamw, attention, backends, cross_entropy, groups, layernorm, mlp_activation, rope
 from nanolm.ops.support import dtype_name
 
 CPU = torch.device("cpu")
@@ -18,7 +18,7 @@ def _cases(op):
     """(backend, dtype) for each backend that runs op on CPU here and each dtype it claims there."""
     return [pytest.param(name, dtype, id=f"{name}-{dtype_name(dtype)}",
                          marks=[pytest.mark.cuda_sim] if name == "cuda_sim" else [])
-            for name in backends.BACKENDS
+            for name in backends.BACKENDS if backends.implementation(name, op) is not None
             for dtype in backends.implementation(name, op).support.dtypes.get("cpu", ())
             if backends.unavailable_reason(name, op, CPU) is None or name == "cuda_sim"]
 
@@ -71,6 +71,27 @@ def test_cross_entropy_ops(name, dtype):
     # need_grad=False is what the entry point passes under torch.no_grad: only the loss
     _opcheck(cross_entropy.linear_cross_entropy_op, (h.detach(), w.detach(), targets, V, -100, 1e-3, 3, False, dtype,
                                                      name), dtype)
+
+
+@pytest.mark.parametrize("name,dtype", _cases("rope"))
+def test_rope_ops(name, dtype):
+    qkv = torch.randn(2, 7, (3 + 2 * 1) * 16, dtype=dtype, requires_grad=True)
+    for qk_norm in (False, True):
+        _opcheck(rope.qk_norm_rope_fwd_op, (qkv, 3, 1, 11, 1e4, qk_norm, name), dtype)
+        out, rstd = rope.qk_norm_rope_fwd_op(qkv.detach(), 3, 1, 11, 1e4, qk_norm, name)
+        _opcheck(rope.qk_norm_rope_bwd_op, (torch.randn_like(out), qkv.detach(), rstd, 3, 1, 11, 1e4, qk_norm, name),
+                 dtype)
+
+
+@pytest.mark.parametrize("name,dtype", _cases("mlp_activation"))
+def test_mlp_activation_ops(name, dtype):
+    gate_up = torch.randn(5, 66, dtype=dtype, requires_grad=True)
+    x = torch.randn(5, 33, dtype=dtype, requires_grad=True)
+    _opcheck(mlp_activation.swiglu_fwd_op, (gate_up, name), dtype)
+    _opcheck(mlp_activation.relu2_fwd_op, (x, name), dtype)
+    da = torch.randn(5, 33, dtype=dtype)
+    _opcheck(mlp_activation.swiglu_bwd_op, (da, gate_up.detach(), name), dtype)
+    _opcheck(mlp_activation.relu2_bwd_op, (da, x.detach(), name), dtype)
 
 
 class OneRank:

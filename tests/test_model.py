@@ -100,11 +100,118 @@ def test_cpu_kernels_under_cpu_bf16_autocast():
         assert err < 3e-2, f"{name}: relative error {err:.3g}"
 
 
+# the block's choices (config.ModelConfig), each against GPT-2's defaults
+MODERN = dict(norm="layernorm", pos="rope", n_head=4, n_kv_head=2, qk_norm=True, mlp="swiglu", tie_embeddings=False,
+              logit_softcap=10.0)
+CHOICES = [dict(), dict(pos="rope"), dict(n_head=4, n_kv_head=1), dict(n_head=4, n_kv_head=2), dict(mlp="swiglu"),
+           dict(mlp="relu2", mlp_hidden=40), dict(mlp="swiglu", mlp_hidden=24), dict(tie_embeddings=False),
+           dict(norm="rmsnorm"), dict(norm="rmsnorm", norm_weight=False), MODERN]
+
+
+@pytest.mark.parametrize("choice", CHOICES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "gpt2")
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("n_layer,n_embd,block_size,vocab", [(1, 8, 4, 11), (3, 48, 32, 300)])
-def test_parameter_count_is_the_models(n_layer, n_embd, block_size, vocab, bias):
+def test_parameter_count_is_the_models(n_layer, n_embd, block_size, vocab, bias, choice):
     """The trainer's memory check counts parameters from the shapes: it must be the model's count."""
     from nanolm.model import parameter_count
-    cfg = ModelConfig(n_layer=n_layer, n_head=2, n_embd=n_embd, block_size=block_size, vocab_size=vocab,
-                      vocab_multiple=64, bias=bias)
-    assert parameter_count(cfg) == GPT(cfg, TORCH).num_params(non_embedding=False)
+    cfg = ModelConfig(**{**dict(n_layer=n_layer, n_head=2, n_embd=n_embd, block_size=block_size, vocab_size=vocab,
+                                vocab_multiple=64, bias=bias), **choice})
+    with torch.device("meta"):  # shapes only: the rmsnorm configs need no kernels to be counted
+        assert parameter_count(cfg) == GPT(cfg, TORCH).num_params(non_embedding=False)
+
+
+def test_modern_parameter_names_and_shapes():
+    """The layout the Hugging Face import maps onto: packed [q | k | v] rows, [gate | up] rows, no
+    wpe with RoPE, an lm_head of its own when untied, no biases."""
+    cfg = tiny(n_embd=48, n_head=6, n_kv_head=2, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False,
+               tie_embeddings=False)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in GPT(cfg, TORCH).state_dict().items()}
+    hs, hidden = 8, 128  # 8*48/3 = 128, a multiple of 64 already
+    assert shapes["transformer.h.0.attn.c_attn.weight"] == ((6 + 2 * 2) * hs, 48)
+    assert shapes["transformer.h.0.attn.c_proj.weight"] == (48, 6 * hs)
+    assert shapes["transformer.h.0.mlp.c_fc.weight"] == (2 * hidden, 48)
+    assert shapes["transformer.h.0.mlp.c_proj.weight"] == (48, hidden)
+    assert shapes["lm_head.weight"] == (64, 48) and shapes["transformer.ln_f.weight"] == (48,)
+    assert not any(k.endswith(".bias") or "wpe" in k for k in shapes), shapes
+
+
+@pytest.mark.parametrize("n_embd,hidden", [(48, 128), (576, 1536), (768, 2048), (24, 64), (30, 128)])
+def test_swiglu_default_width(n_embd, hidden):
+    """8C/3 rounded up to a multiple of 64 (SmolLM2-135M: 576 -> 1536, as its intermediate_size)."""
+    assert ModelConfig(n_embd=n_embd, n_head=6, mlp="swiglu").hidden == hidden
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(n_head=4, n_kv_head=3), "n_kv_head=3 must divide n_head=4"),
+    (dict(n_head=4, n_embd=12, pos="rope"), "head size n_embd/n_head = 3 must be even"),
+    (dict(norm="batchnorm"), "norm must be one of layernorm, rmsnorm, got 'batchnorm'"),
+    (dict(pos="alibi"), "pos must be one of learned, rope"),
+    (dict(mlp="geglu"), "mlp must be one of gelu, swiglu, relu2"),
+    (dict(logit_softcap=-1.0), "logit_softcap must be >= 0"),
+    (dict(rope_theta=0.0), "rope_theta must be a positive number"),
+    (dict(norm_eps=float("nan")), "norm_eps must be a positive number"),
+    (dict(qk_norm=True), "qk_norm=True needs pos=rope"),
+    (dict(norm_weight=False), "norm_weight=False is for norm=rmsnorm"),
+    (dict(mlp_hidden=-4), "mlp_hidden must be >= 0"),
+])
+def test_model_config_rejects_with_one_clear_error(bad, message):
+    from nanolm.config import ConfigError
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tiny(**bad)
+
+
+def test_a_config_saved_before_the_block_choices_loads_as_gpt2():
+    """An old checkpoint's config.model has none of the new keys: the defaults are GPT-2's."""
+    old = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, vocab_multiple=64, bias=True,
+               dropout=0.0)
+    cfg = ModelConfig(**old)
+    assert (cfg.norm, cfg.pos, cfg.kv_heads, cfg.mlp, cfg.hidden, cfg.tie_embeddings, cfg.logit_softcap) == \
+        ("layernorm", "learned", 2, "gelu", 128, True, 0.0)
+    with torch.device("meta"):
+        model = GPT(cfg, TORCH)
+    assert {"transformer.wpe.weight", "transformer.h.1.ln_2.bias", "transformer.h.0.mlp.c_fc.bias"} <= \
+        set(model.state_dict())
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_softcap_caps_the_sampled_logits_and_the_loss():
+    """logit_softcap bounds the logits by cap, in sampling and in the loss (which then takes
+    the capped logits: loss equals cross_entropy of cap * tanh(h W^T / cap))."""
+    torch.manual_seed(0)
+    cfg = tiny(logit_softcap=0.5, tie_embeddings=False)
+    model = GPT(cfg, TORCH)
+    torch.nn.init.normal_(model.lm_head.weight, std=1.0)  # logits well beyond the cap
+    idx = torch.randint(0, 50, (2, 16))
+    logits = model(idx)
+    assert logits.abs().max() <= 0.5 and logits.abs().max() > 0.45
+    h = model.hidden(idx)
+    capped = 0.5 * torch.tanh(h @ model.lm_head.weight.t() / 0.5)
+    want = F.cross_entropy(capped[..., :50].reshape(-1, 50), idx.reshape(-1))
+    torch.testing.assert_close(model(idx, idx), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "auto"])
+def test_modern_block_learns_and_matches_float64(kernels):
+    """The modern block (RoPE + QK-norm, GQA, SwiGLU, untied, softcap, no bias) on the chosen
+    backends: loss and every gradient as the float64 torch model's, and a few AdamW steps lower
+    the loss."""
+    torch.manual_seed(0)
+    cfg = tiny(n_embd=64, **MODERN, bias=False)
+    model = GPT(cfg, backends.resolve(kernels, torch.device("cpu")))
+    ref = GPT(cfg, TORCH).double()
+    ref.load_state_dict(model.state_dict())
+    idx, targets = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
+    loss, grads = _loss_and_grads(model, idx, targets)
+    ref_loss, ref_grads = _loss_and_grads(ref, idx, targets)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = loss.item()
+    for _ in range(10):
+        opt.zero_grad()
+        loss = model(idx, targets)
+        loss.backward()
+        opt.step()
+    assert loss.item() < first - 0.5

@@ -77,9 +77,15 @@ def test_kernels_errors():
         backends.resolve("torch,softmax=torch", cpu)
     with pytest.raises(ValueError, match="cannot run"):
         backends.resolve("cuda", cpu)
-    # auto on a CPU: the cpu kernels for every op where nanolm._C is built, else the specification
-    expected = "cpu" if backends.RUNS["cpu"](cpu) is None else "torch"
-    assert backends.resolve("auto", cpu) == {op: expected for op in OPS}
+    # auto on a CPU: the cpu kernels for every op they implement where nanolm._C is built, else the
+    # specification; a bare backend name covers the ops it implements, the others take auto
+    built = backends.RUNS["cpu"](cpu) is None
+    expected = {op: "cpu" if built and backends.implementation("cpu", op) else "torch" for op in OPS}
+    assert backends.resolve("auto", cpu) == expected
+    if built:
+        assert backends.resolve("cpu", cpu) == expected
+    with pytest.raises(ValueError, match="does not implement rope"):
+        backends.resolve("auto,rope=cpu", cpu)
 
 
 def test_loader_deterministic_and_resumable():

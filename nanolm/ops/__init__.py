@@ -6,10 +6,11 @@ groups.py (communicators by name). backends.py chooses a backend per op (`--kern
 
 To add an op: see "Add a fused op" in README.md (tests/test_op_checklist.py enforces it).
 """
-from nanolm.ops import adamw, attention, cross_entropy, layernorm
+from nanolm.ops import adamw, attention, cross_entropy, layernorm, mlp_activation, rope
 
 # op -> its module; every module has BACKENDS = {backend name: <Op>Backend(support, *functions)}
-OPS = {"layernorm": layernorm, "attention": attention, "cross_entropy": cross_entropy, "adamw": adamw}
+OPS = {"layernorm": layernorm, "attention": attention, "cross_entropy": cross_entropy, "adamw": adamw,
+       "rope": rope, "mlp_activation": mlp_activation}
 
 
 def functions(op):

@@ -4,7 +4,8 @@ A backend is a name every op module lists in its BACKENDS table: torch (the spec
 triton (kernels/), cpu and cuda (csrc/, through nanolm._C), cuda_sim (the CUDA kernels on the
 CPU emulation, nanolm._C_sim). Selection strings, as given to `--kernels`:
   "auto"                          the best available backend per op on the device
-  "triton"                        one backend for every op (an error if it lacks one)
+  "triton"                        one backend for every op it implements (an error if it cannot
+                                  run one here); an op it has no kernels for takes "auto"
   "auto,attention=triton,layernorm=cuda"   a default followed by per-op overrides
 Asking for a backend that is not built or not usable on the device is an error, never a
 silent fallback. The result, {op: backend name}, is what the model and optimizer hold (`impls`)
@@ -63,8 +64,9 @@ VERIFICATION = json.loads(resources.files("nanolm").joinpath("verification.json"
 
 
 def verified_on_gpu(backend, op):
-    """Whether every kernel of backend's op has passed its gpu-marked tests on a GPU."""
-    return all(record["gpu_run"] for record in VERIFICATION[backend][op].values())
+    """Whether every kernel of backend's op has passed its gpu-marked tests on a GPU (False for
+    an op the backend has no kernels for)."""
+    return op in VERIFICATION[backend] and all(record["gpu_run"] for record in VERIFICATION[backend][op].values())
 
 
 # What `auto` tries, best first, per device type; torch is always last and always works.
@@ -122,6 +124,8 @@ def resolve(spec, device):
     choice = {}
     for op in OPS:
         name = overrides.get(op, default)
+        if op not in overrides and name in BACKENDS and implementation(name, op) is None:
+            name = "auto"  # a default names the backend of the ops it has; the newer ops (rope) run their best
         if name == "auto":
             order = AUTO_ORDER[device.type][op]
             name = next(n for n in order if unavailable_reason(n, op, device) is None)
