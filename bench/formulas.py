@@ -10,6 +10,8 @@ implementation adds are its own cost. `s` is the activation element size (2 for 
   layernorm fwd+residual   read x, residual 2N·C·s, w, b 2C·s;    write y, residual_out 2N·C·s,
                                                                    mean+rstd 2N·4
   layernorm bwd            read dy, x 2N·C·s, w C·s, mean+rstd 2N·4; write dx N·C·s, dw+db 2C·4
+  rmsnorm fwd(+residual)   as layernorm's, without b and mean:   w C·s, rstd N·4
+  rmsnorm bwd              read dy, x 2N·C·s, w C·s, rstd N·4;    write dx N·C·s, dw C·4
   cross-entropy (logits)   read logits N·Vp·s, targets 8N;        write dlogits N·Vp·s, losses 4N
   adamw                    read p, g, m, v 16 B/param;            write p, m, v 12 B/param = 28 B
   qk-norm + rope fwd       read qkv N·W·s;                         write qkv' N·W·s, rstd N·(H+Hkv)·4
@@ -26,6 +28,15 @@ def layernorm_fwd_bytes(N, C, s, residual=False):
 
 def layernorm_bwd_bytes(N, C, s):
     return 3 * N * C * s + C * s + 2 * N * 4 + 2 * C * 4
+
+
+def rmsnorm_fwd_bytes(N, C, s, residual=False):
+    streams = 4 if residual else 2
+    return streams * N * C * s + C * s + N * 4
+
+
+def rmsnorm_bwd_bytes(N, C, s):
+    return 3 * N * C * s + C * s + N * 4 + C * 4
 
 
 def cross_entropy_bytes(N, Vp, s):

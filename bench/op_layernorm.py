@@ -1,4 +1,6 @@
-"""LayerNorm cases: forward, forward with the residual add (add_layer_norm), backward.
+"""LayerNorm cases: forward, forward with the residual add (add_layer_norm), backward; and the
+same three for RMSNorm (rms_norm, add_rms_norm, the LayerNorm kernels' rms instantiations),
+against torch.nn.functional.rms_norm eager and compiled.
 Shapes: GPT-2 widths 768-1600, rows B·T 8k-64k (bf16 on GPU; fp32 and fewer shapes on CPU)."""
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,7 @@ def _inputs(N, C, dtype, device):
              "w": 1 + 0.1 * torch.randn(C, dtype=dtype, device=device),
              "b": 0.1 * torch.randn(C, dtype=dtype, device=device)}
         _, t["mean"], t["rstd"] = layernorm.layer_norm_fwd(x, t["w"], t["b"], EPS)
+        _, t["rms_rstd"] = layernorm.rms_norm_fwd(x, t["w"], EPS)
         return t
     return make
 
@@ -70,6 +73,47 @@ def _bwd_impls(available, compiled):
     return impls
 
 
+def _rms_fwd_impls(available, residual, compiled):
+    impls = []
+    for name, be in available.items():
+        if residual:
+            impls.append(Impl(name, "nanolm", lambda t, be=be: lambda: be.add_rms_norm_fwd(
+                t["x"], t["residual"], t["w"], EPS, None)[:2]))
+        else:
+            impls.append(Impl(name, "nanolm", lambda t, be=be: lambda: be.rms_norm_fwd(t["x"], t["w"], EPS)[:1]))
+
+    def eager(x, r, w):
+        if r is None:
+            return (F.rms_norm(x, (x.shape[1],), w, EPS),)
+        s = x + r
+        return F.rms_norm(s, (x.shape[1],), w, EPS), s
+
+    fns = {"eager": eager}
+    if compiled:
+        fns["torch.compile"] = torch.compile(eager)
+    for name, fn in fns.items():
+        impls.append(Impl(name, "baseline", lambda t, fn=fn: lambda: fn(
+            t["x"], t["residual"] if residual else None, t["w"])))
+    return impls
+
+
+def _rms_bwd_impls(available, compiled):
+    impls = [Impl(name, "nanolm", lambda t, be=be: lambda: be.rms_norm_bwd(
+        t["dy"], t["x"], t["w"], t["rms_rstd"], None, None, None)) for name, be in available.items()]
+
+    def eager_graph(t):
+        x, w = (t[k].detach().requires_grad_() for k in ("x", "w"))
+        y = F.rms_norm(x, (x.shape[1],), w, EPS)
+        return lambda: torch.autograd.grad(y, (x, w), t["dy"], retain_graph=True)
+
+    impls.append(Impl("eager", "baseline", eager_graph))
+    if compiled:
+        bwd = torch.compile(layernorm.rms_norm_bwd)
+        impls.append(Impl("torch.compile", "baseline", lambda t: lambda: bwd(
+            t["dy"], t["x"], t["w"], t["rms_rstd"], None, None, None)))
+    return impls
+
+
 def cases(device, size):
     return [case for dtype in op_dtypes(device) for case in _cases(device, size, dtype)]
 
@@ -96,4 +140,17 @@ def _cases(device, size, dtype):
                         reference=lambda t: layernorm.layer_norm_bwd(
                             t["dy"], t["x"], t["w"], t["mean"], t["rstd"], None, None, None),
                         impls=_bwd_impls(available, compiled), **common))
+        out.append(Case(name=f"rms fwd N={N} C={C} {dname}", series=f"rms fwd {dname}",
+                        work=formulas.rmsnorm_fwd_bytes(N, C, s),
+                        reference=lambda t: layernorm.rms_norm_fwd(t["x"], t["w"], EPS)[:1],
+                        impls=_rms_fwd_impls(available, False, compiled), **common))
+        out.append(Case(name=f"rms fwd+residual N={N} C={C} {dname}", series=f"rms fwd+residual {dname}",
+                        work=formulas.rmsnorm_fwd_bytes(N, C, s, residual=True),
+                        reference=lambda t: layernorm.add_rms_norm_fwd(t["x"], t["residual"], t["w"], EPS, None)[:2],
+                        impls=_rms_fwd_impls(available, True, compiled), **common))
+        out.append(Case(name=f"rms bwd N={N} C={C} {dname}", series=f"rms bwd {dname}",
+                        work=formulas.rmsnorm_bwd_bytes(N, C, s),
+                        reference=lambda t: layernorm.rms_norm_bwd(
+                            t["dy"], t["x"], t["w"], t["rms_rstd"], None, None, None),
+                        impls=_rms_bwd_impls(available, compiled), **common))
     return out

@@ -213,6 +213,11 @@ def _layernorm_launches(dtype, C, production):
         layernorm.layernorm_bwd(x, x, w, mean, rstd, None, None, None)
         layernorm.layernorm_bwd(x, x, w, mean, rstd, r, None, None)
         layernorm.layernorm_bwd(x, x, w, mean, rstd, r, torch.empty_like(x), drop)
+        # RMSNorm, the RMS instantiations: add + RMSNorm with a weight, and parameter-free
+        layernorm.layernorm_fwd(x, r, w, None, 1e-5, drop, rms=True)
+        layernorm.layernorm_fwd(x, None, None, None, 1e-5, None, rms=True)
+        layernorm.layernorm_bwd(x, x, w, None, rstd, r, torch.empty_like(x), drop, rms=True)
+        layernorm.layernorm_bwd(x, x, None, None, rstd, None, None, None, rms=True)
     names = ["layernorm_fwd_kernel", "layernorm_bwd_kernel", "layernorm_bwd_reduce_kernel"]
     return _capture(layernorm, names, f"{_name(dtype)} N={N} C={C}", production, run)
 

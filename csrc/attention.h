@@ -18,10 +18,12 @@ bool attention_cpu_bf16_dot();
 
 // Strides in elements: s{q,k,v,dq,dk,dv}{b,t,h} are the (batch, seq, head) strides. dtype is
 // that of q, k, v, o, do, dq, dk, dv: float32, bfloat16 or float16; lse is float32.
+// q, o, do, dq have nh heads; k, v, dk, dv have nkv (dividing nh): query head h reads K/V head
+// h / (nh / nkv) (grouped-query attention; nkv == nh is multi-head attention).
 // With dropout enabled, P is dropped (O = dropout(P) V) and the backward regenerates its mask.
 void attention_fwd_cpu(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
                        std::uintptr_t o, std::uintptr_t lse,
-                       int64_t B, int64_t T, int64_t nh, int64_t hs,
+                       int64_t B, int64_t T, int64_t nh, int64_t nkv, int64_t hs,
                        int64_t sqb, int64_t sqt, int64_t sqh,
                        int64_t skb, int64_t skt, int64_t skh,
                        int64_t svb, int64_t svt, int64_t svh,
@@ -30,7 +32,7 @@ void attention_fwd_cpu(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
 void attention_bwd_cpu(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
                        std::uintptr_t o, std::uintptr_t lse,
                        std::uintptr_t dq, std::uintptr_t dk, std::uintptr_t dv,
-                       int64_t B, int64_t T, int64_t nh, int64_t hs,
+                       int64_t B, int64_t T, int64_t nh, int64_t nkv, int64_t hs,
                        int64_t sqb, int64_t sqt, int64_t sqh,
                        int64_t skb, int64_t skt, int64_t skh,
                        int64_t svb, int64_t svt, int64_t svh,

@@ -1,17 +1,22 @@
 // Causal flash attention on the CPU, fp32, bf16 or fp16 q/k/v: forward and backward (FlashAttention-2
 // tiling).
 //
-// Per (b, h): S = scale * Q K^T (causal), P = softmax(S), O = P V, lse = logsumexp(S).
-// Backward: delta = rowsum(dO * O), dV = P^T dO, dP = dO V^T, dS = P * (dP - delta),
-// dQ = scale * dS K, dK = scale * dS^T Q.
+// Per (b, query head h), with g = h / (nh / nkv) its K/V head (grouped-query attention; nkv == nh
+// is multi-head attention): S = scale * Q_h K_g^T (causal), P = softmax(S), O = P V_g,
+// lse = logsumexp(S). Backward: delta = rowsum(dO * O), dV_g = sum over g's query heads of P^T dO,
+// dP = dO V_g^T, dS = P * (dP - delta), dQ = scale * dS K_g, dK_g = scale * sum of dS^T Q.
 //
 // Forward: one task per (b, h, tile of BQ queries), OpenMP over all of them, longest first.
 // The task streams 64-key tiles: S tile by a register-blocked matmul, online softmax in base 2
 // (a vectorised exp2, since a scalar expf per score would cost as much as the matmuls), and
-// O += P V. Backward: one task per (b, h); key tiles in order, and for each the query tiles at
-// or below it: P recomputed from lse, dV and dK accumulated for the key tile, dQ accumulated in
-// a per-task fp32 buffer. Every sum runs in a fixed order whatever the thread count:
-// deterministic. Cost as kernels/attention.py: forward 4*B*nh*T^2*hs/2 FLOPs, backward 5
+// O += P V. Tasks of one query tile run head after head, so a group's query heads read the same
+// K/V tiles one after another (from L2 after the first). Backward: one task per (b, K/V head g):
+// K_g, V_g widened once; for each query head of g's group in turn, key tiles in order, and for
+// each the query tiles at or below it: P recomputed from lse, dV and dK accumulated into the
+// task's fp32 buffers for all of g's keys, dQ into a per-query-head fp32 buffer. Every sum runs
+// in a fixed order whatever the thread count: deterministic, and no two tasks write one
+// element. With groups of one this is the multi-head order exactly (each key tile's sums run
+// over its query tiles in order from zero). Cost as kernels/attention.py: forward 4*B*nh*T^2*hs/2 FLOPs, backward 5
 // matmuls (2.5x); memory traffic is small (tiles stay in L1/L2): compute-bound.
 //
 // bf16/fp16: every tile a matmul reads is widened to fp32 first (a key tile per query tile in the
@@ -351,12 +356,12 @@ void gemm_pairs(const std::uint32_t* A, int64_t lda, const std::uint32_t* B, int
 
 // One key tile of the forward with bf16 dot products (see the file header).
 template <bool kDropout>
-void fwd_key_tile_dot(const Heads<bf16>& k, const Heads<bf16>& v, int64_t b, int64_t h, int64_t T, int64_t nh,
-                      int hs, int i0, int j0, int nk, int nq, float c, const DropoutParams& dropout,
+void fwd_key_tile_dot(const Heads<bf16>& k, const Heads<bf16>& v, int64_t b, int64_t h, int64_t hk, int64_t T,
+                      int64_t nh, int hs, int i0, int j0, int nk, int nq, float c, const DropoutParams& dropout,
                       FwdBuffers& w) {
     // K's rows are pairs along d already (copied for 4-byte alignment); B = qp, Q^T's pairs
     for (int r = 0; r < nk; ++r)
-        for (int dp = 0; dp < hs / 2; ++dp) w.kp[r * (hs / 2) + dp] = pair_at(k.row(b, h, j0 + r) + 2 * dp);
+        for (int dp = 0; dp < hs / 2; ++dp) w.kp[r * (hs / 2) + dp] = pair_at(k.row(b, hk, j0 + r) + 2 * dp);
     std::fill(w.st.begin(), w.st.end(), 0.0f);
     gemm_pairs(w.kp.data(), hs / 2, w.qp.data(), BQ, w.st.data(), BQ, nk, hs / 2, BQ);  // S^T = K Q^T
     scale_and_mask(w.st.data(), nk, i0, j0, c);
@@ -369,8 +374,8 @@ void fwd_key_tile_dot(const Heads<bf16>& k, const Heads<bf16>& v, int64_t b, int
             w.pp[r * (BK / 2) + cp] = make_pair(w.st[c0 * BQ + r], c1 < nk ? w.st[c1 * BQ + r] : 0.0f);
         }
     for (int cp = 0; cp < kpairs; ++cp) {
-        const bf16* v0 = v.row(b, h, j0 + 2 * cp);
-        const bf16* v1 = 2 * cp + 1 < nk ? v.row(b, h, j0 + 2 * cp + 1) : nullptr;
+        const bf16* v0 = v.row(b, hk, j0 + 2 * cp);
+        const bf16* v1 = 2 * cp + 1 < nk ? v.row(b, hk, j0 + 2 * cp + 1) : nullptr;
         for (int d = 0; d < hs; ++d)
             w.vp[cp * hs + d] = v0[d].bits | (v1 ? static_cast<std::uint32_t>(v1[d].bits) << 16 : 0u);
     }
@@ -382,7 +387,7 @@ bool cpu_has_bf16_dot() { return false; }
 
 template <typename E, bool kDropout>
 void fwd_tile(const Heads<E>& q, const Heads<E>& k, const Heads<E>& v, E* o, float* lse, int64_t b,
-              int64_t h, int64_t T, int64_t nh, int hs, int i0, float c, const DropoutParams& dropout,
+              int64_t h, int64_t hk, int64_t T, int64_t nh, int hs, int i0, float c, const DropoutParams& dropout,
               FwdBuffers& w) {
     int nq = std::min<int64_t>(BQ, T - i0);
     std::fill(w.acc.begin(), w.acc.end(), 0.0f);
@@ -393,8 +398,8 @@ void fwd_tile(const Heads<E>& q, const Heads<E>& k, const Heads<E>& v, E* o, flo
             for (int dp = 0; dp < hs / 2; ++dp)
                 for (int r = 0; r < BQ; ++r) w.qp[dp * BQ + r] = r < nq ? pair_at(q.row(b, h, i0 + r) + 2 * dp) : 0u;
             for (int j0 = 0; j0 < i0 + nq; j0 += BK)
-                fwd_key_tile_dot<kDropout>(k, v, b, h, T, nh, hs, i0, j0, std::min(BK, i0 + nq - j0), nq, c,
-                                           dropout, w);
+                fwd_key_tile_dot<kDropout>(k, v, b, h, hk, T, nh, hs, i0, j0, std::min(BK, i0 + nq - j0), nq,
+                                           c, dropout, w);
         }
     }
 #endif
@@ -402,8 +407,8 @@ void fwd_tile(const Heads<E>& q, const Heads<E>& k, const Heads<E>& v, E* o, flo
     for (int j0 = 0; j0 < (w.dot ? 0 : i0 + nq); j0 += BK) {
         int nk = std::min(BK, i0 + nq - j0);
         int64_t ldk, ldv;
-        const float* kt = rows_f32(k, b, h, j0, nk, hs, w.kv.data(), ldk);
-        const float* vt = rows_f32(v, b, h, j0, nk, hs, w.kv.data() + BK * hs, ldv);
+        const float* kt = rows_f32(k, b, hk, j0, nk, hs, w.kv.data(), ldk);
+        const float* vt = rows_f32(v, b, hk, j0, nk, hs, w.kv.data() + BK * hs, ldv);
         std::fill(w.st.begin(), w.st.end(), 0.0f);
         gemm(kt, ldk, w.qt.data(), BQ, w.st.data(), BQ, nk, hs, BQ);  // S^T = K Q^T
         scale_and_mask(w.st.data(), nk, i0, j0, c);
@@ -419,8 +424,10 @@ void fwd_tile(const Heads<E>& q, const Heads<E>& k, const Heads<E>& v, E* o, flo
     }
 }
 
-void check_sizes(const char* op, int64_t B, int64_t T, int64_t nh, int64_t hs) {
+void check_sizes(const char* op, int64_t B, int64_t T, int64_t nh, int64_t nkv, int64_t hs) {
     require(B > 0 && T > 0 && nh > 0, std::string(op) + ": B, T, nh must be positive");
+    require(nkv > 0 && nh % nkv == 0, std::string(op) + ": nkv must be positive and divide nh, got nh=" +
+                                          std::to_string(nh) + " nkv=" + std::to_string(nkv));
     require(hs % 16 == 0 && hs >= 16 && hs <= 256,
             std::string(op) + ": hs must be a multiple of 16 in [16, 256], got " + std::to_string(hs));
 }
@@ -430,11 +437,12 @@ void check_sizes(const char* op, int64_t B, int64_t T, int64_t nh, int64_t hs) {
 bool attention_cpu_bf16_dot() { return cpu_has_bf16_dot(); }
 
 void attention_fwd_cpu(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t o,
-                       std::uintptr_t lse, int64_t B, int64_t T, int64_t nh, int64_t hs,
+                       std::uintptr_t lse, int64_t B, int64_t T, int64_t nh, int64_t nkv, int64_t hs,
                        int64_t sqb, int64_t sqt, int64_t sqh, int64_t skb, int64_t skt, int64_t skh,
                        int64_t svb, int64_t svt, int64_t svh, double scale, DType dtype,
                        const DropoutParams& dropout) {
-    check_sizes("attention_fwd_cpu", B, T, nh, hs);
+    check_sizes("attention_fwd_cpu", B, T, nh, nkv, hs);
+    const int64_t group = nh / nkv;
     const int64_t tiles = (T + BQ - 1) / BQ, tasks = B * nh * tiles;
     const float c = static_cast<float>(scale) * LOG2E;
     dispatch_cpu_dtype(dtype, "attention_fwd_cpu", [&](auto tag) {
@@ -448,7 +456,7 @@ void attention_fwd_cpu(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std
                 int64_t tile = tiles - 1 - task / (B * nh);  // longest (last) query tiles first
                 int64_t bh = task % (B * nh);
                 auto run = dropout.enabled ? fwd_tile<E, true> : fwd_tile<E, false>;
-                run(Q, K, V, ptr<E>(o), ptr<float>(lse), bh / nh, bh % nh, T, nh, static_cast<int>(hs),
+                run(Q, K, V, ptr<E>(o), ptr<float>(lse), bh / nh, bh % nh, bh % nh / group, T, nh, static_cast<int>(hs),
                     static_cast<int>(tile * BQ), c, dropout, w);
             }
         }
@@ -457,30 +465,32 @@ void attention_fwd_cpu(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std
 
 namespace {
 
-// Per-head buffers of the backward; qt, dot (Q^T, dO^T) are padded with zeros to whole tiles.
+// Per-task buffers of the backward; qt, dot (Q^T, dO^T of one query head) are padded with zeros
+// to whole tiles; dk, dv hold the K/V head's whole gradients (T rows) while its group's query
+// heads add to them.
 struct BwdBuffers {
     int64_t tp;  // T rounded up to a multiple of BQ
     std::vector<float> qt, dot, st, dpt, dk, dv, dq, lse2, delta, ft, frow;  // ft, frow: dropout factors
     std::vector<float> q32, k32, v32, do32;  // a 16-bit head's q, k, v, do widened (else unused)
     BwdBuffers(int hs, int64_t T)
         : tp((T + BQ - 1) / BQ * BQ), qt(hs * tp), dot(hs * tp), st(BK * BQ), dpt(BK * BQ),
-          dk(BK * hs), dv(BK * hs), dq(T * hs), lse2(tp), delta(tp), ft(BK * BQ), frow(BK) {}
+          dk(T * hs), dv(T * hs), dq(T * hs), lse2(tp), delta(tp), ft(BK * BQ), frow(BK) {}
 };
 
-// One query tile's contribution to key tile j0: dV, dK (of the key tile), dQ (of the query
-// tile). Scores are formed transposed (keys x queries) from Q^T, dO^T made once per head.
+// One query tile's contribution (query head h) to key tile j0 (K/V head hk): dV, dK (of the key
+// tile), dQ (of the query tile). Scores are formed transposed (keys x queries) from Q^T, dO^T made once per head.
 using F32Heads = Heads<const float>;
 
 template <bool kDropout>
 void bwd_tile_pair(const F32Heads& q, const F32Heads& k, const F32Heads& v, const F32Heads& dout, int64_t b,
-                   int64_t h, int64_t T, int64_t nh, int hs, int i0, int j0, int nk, float c,
+                   int64_t h, int64_t hk, int64_t T, int64_t nh, int hs, int i0, int j0, int nk, float c,
                    const DropoutParams& dropout, BwdBuffers& w) {
     int nq = std::min<int64_t>(BQ, T - i0);
     const float* do0 = dout.row(b, h, i0);
     std::fill(w.st.begin(), w.st.end(), 0.0f);
-    gemm(k.row(b, h, j0), k.st, w.qt.data() + i0, w.tp, w.st.data(), BQ, nk, hs, BQ);    // S^T
+    gemm(k.row(b, hk, j0), k.st, w.qt.data() + i0, w.tp, w.st.data(), BQ, nk, hs, BQ);    // S^T
     std::fill(w.dpt.begin(), w.dpt.end(), 0.0f);
-    gemm(v.row(b, h, j0), v.st, w.dot.data() + i0, w.tp, w.dpt.data(), BQ, nk, hs, BQ);  // dP^T
+    gemm(v.row(b, hk, j0), v.st, w.dot.data() + i0, w.tp, w.dpt.data(), BQ, nk, hs, BQ);  // dP^T
     scale_and_mask(w.st.data(), nk, i0, j0, c);
     if constexpr (kDropout) dropout_tile(dropout, w.ft.data(), w.frow.data(), b * nh + h, T, i0, nq, j0, nk);
     for (int col = 0; col < nk; ++col) {
@@ -498,9 +508,9 @@ void bwd_tile_pair(const F32Heads& q, const F32Heads& k, const F32Heads& v, cons
             }
         }
     }
-    gemm(w.st.data(), BQ, do0, dout.st, w.dv.data(), hs, nk, nq, hs);             // dV += P^T dO
-    gemm(w.dpt.data(), BQ, q.row(b, h, i0), q.st, w.dk.data(), hs, nk, nq, hs);   // dK += dS^T Q
-    gemm<true>(w.dpt.data(), BQ, k.row(b, h, j0), k.st, w.dq.data() + i0 * hs, hs, nq, nk, hs);  // dQ += dS K
+    gemm(w.st.data(), BQ, do0, dout.st, w.dv.data() + j0 * hs, hs, nk, nq, hs);            // dV += P^T dO
+    gemm(w.dpt.data(), BQ, q.row(b, h, i0), q.st, w.dk.data() + j0 * hs, hs, nk, nq, hs);  // dK += dS^T Q
+    gemm<true>(w.dpt.data(), BQ, k.row(b, hk, j0), k.st, w.dq.data() + i0 * hs, hs, nq, nk, hs);  // dQ += dS K
 }
 
 template <typename T>
@@ -512,14 +522,13 @@ void store_rows(const float* src, int rows, int hs, float factor, const Heads<T>
     }
 }
 
+// Query head h's contribution to its K/V head hk's dK, dV (w.dk, w.dv, in fp32), and its dQ.
 template <typename E, bool kDropout>
-void bwd_head(const Heads<E>& q_in, const Heads<E>& k_in, const Heads<E>& v_in, const Heads<E>& dout_in,
-              const Heads<E>& o, const float* lse, const Heads<E>& dq, const Heads<E>& dk, const Heads<E>& dv,
-              int64_t b, int64_t h, int64_t T, int64_t nh, int hs, float scale, const DropoutParams& dropout,
-              BwdBuffers& w) {
+void bwd_query_head(const Heads<E>& q_in, const Heads<E>& dout_in, const F32Heads& k, const F32Heads& v,
+                    const Heads<E>& o, const float* lse, const Heads<E>& dq, int64_t b, int64_t h, int64_t hk,
+                    int64_t T, int64_t nh, int hs, float scale, const DropoutParams& dropout, BwdBuffers& w) {
     const int Ti = static_cast<int>(T);
-    const F32Heads q = head_f32(q_in, b, h, T, hs, w.q32), k = head_f32(k_in, b, h, T, hs, w.k32),
-                   v = head_f32(v_in, b, h, T, hs, w.v32), dout = head_f32(dout_in, b, h, T, hs, w.do32);
+    const F32Heads q = head_f32(q_in, b, h, T, hs, w.q32), dout = head_f32(dout_in, b, h, T, hs, w.do32);
     std::fill(w.lse2.begin(), w.lse2.end(), 0.0f);  // padding queries: finite values, never used
     std::fill(w.delta.begin(), w.delta.end(), 0.0f);
     for (int64_t t = 0; t < T; ++t) {
@@ -536,26 +545,37 @@ void bwd_head(const Heads<E>& q_in, const Heads<E>& k_in, const Heads<E>& v_in, 
     const float c = scale * LOG2E;
     for (int j0 = 0; j0 < T; j0 += BK) {
         int nk = std::min<int64_t>(BK, T - j0);
-        std::fill(w.dk.begin(), w.dk.end(), 0.0f);
-        std::fill(w.dv.begin(), w.dv.end(), 0.0f);
         for (int i0 = j0; i0 < T; i0 += BQ)
-            bwd_tile_pair<kDropout>(q, k, v, dout, b, h, T, nh, hs, i0, j0, nk, c, dropout, w);
-        store_rows(w.dk.data(), nk, hs, scale, dk, b, h, j0);
-        store_rows(w.dv.data(), nk, hs, 1.0f, dv, b, h, j0);
+            bwd_tile_pair<kDropout>(q, k, v, dout, b, h, hk, T, nh, hs, i0, j0, nk, c, dropout, w);
     }
     store_rows(w.dq.data(), Ti, hs, scale, dq, b, h, 0);
+}
+
+// K/V head (b, hk): its K, V widened once, then its group's query heads in order.
+template <typename E, bool kDropout>
+void bwd_kv_head(const Heads<E>& q, const Heads<E>& k_in, const Heads<E>& v_in, const Heads<E>& dout,
+                 const Heads<E>& o, const float* lse, const Heads<E>& dq, const Heads<E>& dk, const Heads<E>& dv,
+                 int64_t b, int64_t hk, int64_t T, int64_t nh, int64_t group, int hs, float scale,
+                 const DropoutParams& dropout, BwdBuffers& w) {
+    const F32Heads k = head_f32(k_in, b, hk, T, hs, w.k32), v = head_f32(v_in, b, hk, T, hs, w.v32);
+    std::fill(w.dk.begin(), w.dk.end(), 0.0f);
+    std::fill(w.dv.begin(), w.dv.end(), 0.0f);
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
+        bwd_query_head<E, kDropout>(q, dout, k, v, o, lse, dq, b, h, hk, T, nh, hs, scale, dropout, w);
+    store_rows(w.dk.data(), static_cast<int>(T), hs, scale, dk, b, hk, 0);
+    store_rows(w.dv.data(), static_cast<int>(T), hs, 1.0f, dv, b, hk, 0);
 }
 
 }  // namespace
 
 void attention_bwd_cpu(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
                        std::uintptr_t o, std::uintptr_t lse, std::uintptr_t dq, std::uintptr_t dk,
-                       std::uintptr_t dv, int64_t B, int64_t T, int64_t nh, int64_t hs,
+                       std::uintptr_t dv, int64_t B, int64_t T, int64_t nh, int64_t nkv, int64_t hs,
                        int64_t sqb, int64_t sqt, int64_t sqh, int64_t skb, int64_t skt, int64_t skh,
                        int64_t svb, int64_t svt, int64_t svh, int64_t sdqb, int64_t sdqt,
                        int64_t sdqh, int64_t sdkb, int64_t sdkt, int64_t sdkh, int64_t sdvb,
                        int64_t sdvt, int64_t sdvh, double scale, DType dtype, const DropoutParams& dropout) {
-    check_sizes("attention_bwd_cpu", B, T, nh, hs);
+    check_sizes("attention_bwd_cpu", B, T, nh, nkv, hs);
     dispatch_cpu_dtype(dtype, "attention_bwd_cpu", [&](auto tag) {
         using E = decltype(tag);
         const int64_t so_t = nh * hs, so_b = T * so_t;  // o and do: contiguous (B, T, nh, hs)
@@ -566,9 +586,9 @@ void attention_bwd_cpu(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, 
         {
             BwdBuffers w(static_cast<int>(hs), T);
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t bh = 0; bh < B * nh; ++bh) {
-                auto run = dropout.enabled ? bwd_head<E, true> : bwd_head<E, false>;
-                run(Q, K, V, DO, O, ptr<const float>(lse), DQ, DK, DV, bh / nh, bh % nh, T, nh,
+            for (int64_t bg = 0; bg < B * nkv; ++bg) {
+                auto run = dropout.enabled ? bwd_kv_head<E, true> : bwd_kv_head<E, false>;
+                run(Q, K, V, DO, O, ptr<const float>(lse), DQ, DK, DV, bg / nkv, bg % nkv, T, nh, nh / nkv,
                     static_cast<int>(hs), static_cast<float>(scale), dropout, w);
             }
         }

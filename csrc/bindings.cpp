@@ -80,6 +80,8 @@ static void bind_common(py::module_& m) {
 static void bind_cpu(py::module_& m) {
     m.def("layernorm_fwd_cpu", &nanolm::layernorm_fwd_cpu, "LayerNorm forward (+ fused residual add), float32, bf16 or fp16");
     m.def("layernorm_bwd_cpu", &nanolm::layernorm_bwd_cpu, "LayerNorm backward (+ residual grad), float32, bf16 or fp16");
+    m.def("rmsnorm_fwd_cpu", &nanolm::rmsnorm_fwd_cpu, "RMSNorm forward (+ fused residual add), weight optional, float32, bf16 or fp16");
+    m.def("rmsnorm_bwd_cpu", &nanolm::rmsnorm_bwd_cpu, "RMSNorm backward (+ residual grad), weight optional, float32, bf16 or fp16");
     m.def("cross_entropy_fwd_cpu", &nanolm::cross_entropy_fwd_cpu,
           "Cross-entropy losses and gradient over float32, bf16 or fp16 logits (N, Vp), OpenMP over rows");
     m.def("cross_entropy_stats_cpu", &nanolm::cross_entropy_stats_cpu,
@@ -93,24 +95,24 @@ static void bind_cpu(py::module_& m) {
         "attention_fwd_cpu",
         [](std::uintptr_t q, Strides q_strides, std::uintptr_t k, Strides k_strides, std::uintptr_t v,
            Strides v_strides, std::uintptr_t o, std::uintptr_t lse, std::int64_t B, std::int64_t T,
-           std::int64_t nh, std::int64_t hs, double scale, nanolm::DType dtype,
+           std::int64_t nh, std::int64_t nkv, std::int64_t hs, double scale, nanolm::DType dtype,
            const nanolm::DropoutParams& dropout) {
-            nanolm::attention_fwd_cpu(q, k, v, o, lse, B, T, nh, hs, q_strides[0], q_strides[1], q_strides[2],
+            nanolm::attention_fwd_cpu(q, k, v, o, lse, B, T, nh, nkv, hs, q_strides[0], q_strides[1], q_strides[2],
                                       k_strides[0], k_strides[1], k_strides[2], v_strides[0], v_strides[1],
                                       v_strides[2], scale, dtype, dropout);
         },
         py::arg("q"), py::arg("q_strides"), py::arg("k"), py::arg("k_strides"), py::arg("v"),
         py::arg("v_strides"), py::arg("o"), py::arg("lse"), py::arg("B"), py::arg("T"), py::arg("nh"),
-        py::arg("hs"), py::arg("scale"), py::arg("dtype"), py::arg("dropout"),
+        py::arg("nkv"), py::arg("hs"), py::arg("scale"), py::arg("dtype"), py::arg("dropout"),
         "Causal flash attention forward (fp32, bf16 or fp16, CPU): o (contiguous), lse from views q, k, v");
     m.def(
         "attention_bwd_cpu",
         [](std::uintptr_t dout, std::uintptr_t q, Strides q_strides, std::uintptr_t k, Strides k_strides,
            std::uintptr_t v, Strides v_strides, std::uintptr_t o, std::uintptr_t lse, std::uintptr_t dq,
            Strides dq_strides, std::uintptr_t dk, Strides dk_strides, std::uintptr_t dv, Strides dv_strides,
-           std::int64_t B, std::int64_t T, std::int64_t nh, std::int64_t hs, double scale, nanolm::DType dtype,
-           const nanolm::DropoutParams& dropout) {
-            nanolm::attention_bwd_cpu(dout, q, k, v, o, lse, dq, dk, dv, B, T, nh, hs,
+           std::int64_t B, std::int64_t T, std::int64_t nh, std::int64_t nkv, std::int64_t hs, double scale,
+           nanolm::DType dtype, const nanolm::DropoutParams& dropout) {
+            nanolm::attention_bwd_cpu(dout, q, k, v, o, lse, dq, dk, dv, B, T, nh, nkv, hs,
                                       q_strides[0], q_strides[1], q_strides[2], k_strides[0], k_strides[1],
                                       k_strides[2], v_strides[0], v_strides[1], v_strides[2],
                                       dq_strides[0], dq_strides[1], dq_strides[2], dk_strides[0], dk_strides[1],
@@ -120,7 +122,7 @@ static void bind_cpu(py::module_& m) {
         py::arg("dout"), py::arg("q"), py::arg("q_strides"), py::arg("k"), py::arg("k_strides"), py::arg("v"),
         py::arg("v_strides"), py::arg("o"), py::arg("lse"), py::arg("dq"), py::arg("dq_strides"), py::arg("dk"),
         py::arg("dk_strides"), py::arg("dv"), py::arg("dv_strides"), py::arg("B"), py::arg("T"), py::arg("nh"),
-        py::arg("hs"), py::arg("scale"), py::arg("dtype"), py::arg("dropout"),
+        py::arg("nkv"), py::arg("hs"), py::arg("scale"), py::arg("dtype"), py::arg("dropout"),
         "Causal flash attention backward (fp32, bf16 or fp16, CPU): writes dq, dk, dv (views)");
 }
 #endif
@@ -132,6 +134,8 @@ static void bind_cuda(py::module_& m) {
     m.def("layernorm_bwd_workspace_rows_cuda", &nanolm::layernorm_bwd_workspace_rows_cuda,
           "Rows P of the (2, P, C) float32 workspace layernorm_bwd_cuda needs");
     m.def("layernorm_bwd_cuda", &nanolm::layernorm_bwd_cuda, "LayerNorm backward (+ residual grad)");
+    m.def("rmsnorm_fwd_cuda", &nanolm::rmsnorm_fwd_cuda, "RMSNorm forward (+ fused residual add), weight optional");
+    m.def("rmsnorm_bwd_cuda", &nanolm::rmsnorm_bwd_cuda, "RMSNorm backward (+ residual grad), weight optional");
     m.attr("layernorm_cuda_max_c") = nanolm::kLayerNormCudaMaxC;
     m.def("cross_entropy_fwd_cuda", &nanolm::cross_entropy_fwd_cuda,
           "Cross-entropy losses and gradient over fp32/bf16 logits (N, Vp), one block per row");

@@ -10,6 +10,11 @@
 //             dx = (wdy - (xhat * c1 + c2)) * rstd (+ dresidual)
 //             dw = sum_rows(dy * xhat);  db = sum_rows(dy)
 //
+// RMSNorm is the RMS = true instantiation of the same kernels (as flash-attention's
+// ops/triton/layer_norm.py does it): mean = 0, not reduced or stored, so rstd = 1/sqrt(sum(h^2)/C
+// + eps); no bias; c2 = 0 and no db in the backward; a null weight (parameter-free) reads as ones
+// and its dw is not written. The RMS = false instantiations are the LayerNorm kernels as they were.
+//
 // Dropout of the branch (DROPOUT, csrc/dropout.h): h = x * factor (+ residual, which may then be
 // absent: the embedding sum), always stored to residual_out; the backward regenerates the
 // factors and also writes dbranch = dx * factor (N*C*s more bytes). One Philox call per 4
@@ -22,6 +27,7 @@
 //   backward  reads 2*N*C*s (dy, x) (+ N*C*s dresidual) + C*s + 8N, writes N*C*s (dx) + 8C,
 //             plus 2*P*C*4 written and read again for the partial dw/db (P = rows of the
 //             workspace, 1-8 per SM by C; at N = 16k, C = 768 bf16 about 17% extra bytes).
+// RMSNorm: 4N instead of 8N statistics bytes, no bias, no db (and no dw without a weight).
 // Memory-bound: a handful of FLOPs per byte.
 //
 // Layout: a row is owned by TPR threads, TPR = the smallest power of two in [32, 1024] with
@@ -79,15 +85,15 @@ __device__ __forceinline__ float row_sum(float v) {
     else return warp_sum(v);
 }
 
-template <typename T, int VEC, int TPR, bool DROPOUT>
+template <typename T, int VEC, int TPR, bool DROPOUT, bool RMS>
 __global__ void __launch_bounds__(TPR * rows_per_block(TPR))
 layernorm_fwd_kernel(const T* __restrict__ x,          // (N, C)
                      const T* __restrict__ residual,   // (N, C) or nullptr
                      T* __restrict__ residual_out,     // (N, C), written when residual is given or DROPOUT
-                     const T* __restrict__ weight,     // (C,)
-                     const T* __restrict__ bias,       // (C,) or nullptr
+                     const T* __restrict__ weight,     // (C,); nullptr (ones) allowed when RMS
+                     const T* __restrict__ bias,       // (C,) or nullptr; nullptr when RMS
                      T* __restrict__ y,                // (N, C)
-                     float* __restrict__ mean,         // (N,)
+                     float* __restrict__ mean,         // (N,), written unless RMS
                      float* __restrict__ rstd,         // (N,)
                      std::int64_t N, int C, float eps,
                      DropoutParams dropout) {          // of x, read when DROPOUT
@@ -127,7 +133,8 @@ layernorm_fwd_kernel(const T* __restrict__ x,          // (N, C)
 #pragma unroll
         for (int k = 0; k < VEC; ++k) sum += h[it][k];
     }
-    const float mu = row_sum<TPR>(sum) / C;
+    float mu = 0.f;  // RMS: no centering
+    if constexpr (!RMS) mu = row_sum<TPR>(sum) / C;
 
     // 2. variance from the cached row (two passes over registers: no cancellation)
     float sq = 0.f;
@@ -145,14 +152,19 @@ layernorm_fwd_kernel(const T* __restrict__ x,          // (N, C)
         const int c = (it * TPR + threadIdx.x) * VEC;
         if (c >= C) continue;
         float w[VEC], b[VEC] = {}, out[VEC];
-        load<T, VEC>(weight + c, w);
+        if (!RMS || weight != nullptr) {
+            load<T, VEC>(weight + c, w);
+        } else {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) w[k] = 1.f;
+        }
         if (bias != nullptr) load<T, VEC>(bias + c, b);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) out[k] = (h[it][k] - mu) * rs * w[k] + b[k];
         store<T, VEC>(y + offset + c, out);
     }
     if (threadIdx.x == 0) {
-        mean[row] = mu;
+        if constexpr (!RMS) mean[row] = mu;
         rstd[row] = rs;
     }
 }
@@ -190,18 +202,18 @@ __device__ __forceinline__ void write_partial_row(float (&acc)[kBwdElems / VEC][
     }
 }
 
-template <typename T, int VEC, int TPR, bool DROPOUT>
+template <typename T, int VEC, int TPR, bool DROPOUT, bool RMS>
 __global__ void __launch_bounds__(TPR * rows_per_block(TPR))
 layernorm_bwd_kernel(const T* __restrict__ dy,           // (N, C)
                      const T* __restrict__ x,            // (N, C)
-                     const T* __restrict__ weight,       // (C,)
-                     const float* __restrict__ mean,     // (N,)
+                     const T* __restrict__ weight,       // (C,); nullptr (ones) allowed when RMS
+                     const float* __restrict__ mean,     // (N,), read unless RMS
                      const float* __restrict__ rstd,     // (N,)
                      const T* __restrict__ dresidual,    // (N, C) or nullptr
                      T* __restrict__ dx,                 // (N, C)
                      T* __restrict__ dbranch,            // (N, C) dropout(dx), written when DROPOUT
-                     float* __restrict__ dw_partial,     // (gridDim.x, C)
-                     float* __restrict__ db_partial,     // (gridDim.x, C)
+                     float* __restrict__ dw_partial,     // (gridDim.x, C); nullptr without a weight
+                     float* __restrict__ db_partial,     // (gridDim.x, C), written unless RMS
                      std::int64_t N, int C,
                      DropoutParams dropout) {            // the forward's, read when DROPOUT
     constexpr int ITERS = kBwdElems / VEC;
@@ -211,7 +223,13 @@ layernorm_bwd_kernel(const T* __restrict__ dy,           // (N, C)
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
         const int c = (it * TPR + threadIdx.x) * VEC;
-        if (c < C) load<T, VEC>(weight + c, w[it]);
+        if (c >= C) continue;
+        if (!RMS || weight != nullptr) {
+            load<T, VEC>(weight + c, w[it]);
+        } else {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) w[it][k] = 1.f;
+        }
     }
 
     // the row loop's bounds are uniform over a block when TPR > 32 (one row per block)
@@ -219,7 +237,7 @@ layernorm_bwd_kernel(const T* __restrict__ dy,           // (N, C)
     for (std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * ROWS + threadIdx.y; row < N;
          row += row_step) {
         const std::int64_t offset = row * C;
-        const float mu = mean[row], rs = rstd[row];
+        const float mu = RMS ? 0.f : mean[row], rs = rstd[row];
         // 1. xhat and dy in registers; the two row sums c1, c2
         float xh[ITERS][VEC], g[ITERS][VEC];
         float s1 = 0.f, s2 = 0.f;
@@ -240,7 +258,8 @@ layernorm_bwd_kernel(const T* __restrict__ dy,           // (N, C)
             }
         }
         const float c1 = row_sum<TPR>(s1) / C;
-        const float c2 = row_sum<TPR>(s2) / C;
+        float c2 = 0.f;  // RMS: no mean, no c2 term
+        if constexpr (!RMS) c2 = row_sum<TPR>(s2) / C;
         // 2. dx, and this row's share of dw, db
 #pragma unroll
         for (int it = 0; it < ITERS; ++it) {
@@ -265,18 +284,21 @@ layernorm_bwd_kernel(const T* __restrict__ dy,           // (N, C)
         }
     }
 
-    // 3. one partial row per block
-    write_partial_row<VEC, TPR, ROWS>(dw, dw_partial + static_cast<std::int64_t>(blockIdx.x) * C, C, combine);
-    write_partial_row<VEC, TPR, ROWS>(db, db_partial + static_cast<std::int64_t>(blockIdx.x) * C, C, combine);
+    // 3. one partial row per block (dw_partial == nullptr is uniform over the grid)
+    if (dw_partial != nullptr)
+        write_partial_row<VEC, TPR, ROWS>(dw, dw_partial + static_cast<std::int64_t>(blockIdx.x) * C, C, combine);
+    if constexpr (!RMS)
+        write_partial_row<VEC, TPR, ROWS>(db, db_partial + static_cast<std::int64_t>(blockIdx.x) * C, C, combine);
 }
 
 // dw[c] = sum over p of dw_partial[p, c] (same for db), in a fixed order: thread row y adds
-// partial rows y, y + 8, ...; then the 8 sums are added in order.
+// partial rows y, y + 8, ...; then the 8 sums are added in order. RMS: dw only.
+template <bool RMS>
 __global__ void __launch_bounds__(32 * kReduceRows)
 layernorm_bwd_reduce_kernel(const float* __restrict__ dw_partial,  // (P, C)
-                            const float* __restrict__ db_partial,  // (P, C)
+                            const float* __restrict__ db_partial,  // (P, C), read unless RMS
                             float* __restrict__ dw,                // (C,)
-                            float* __restrict__ db,                // (C,)
+                            float* __restrict__ db,                // (C,), written unless RMS
                             int P, int C) {
     __shared__ float sw[kReduceRows][32], sb[kReduceRows][32];
     const int c = blockIdx.x * 32 + threadIdx.x;
@@ -284,7 +306,7 @@ layernorm_bwd_reduce_kernel(const float* __restrict__ dw_partial,  // (P, C)
     if (c < C) {
         for (int p = threadIdx.y; p < P; p += kReduceRows) {
             a += dw_partial[static_cast<std::int64_t>(p) * C + c];
-            b += db_partial[static_cast<std::int64_t>(p) * C + c];
+            if constexpr (!RMS) b += db_partial[static_cast<std::int64_t>(p) * C + c];
         }
     }
     sw[threadIdx.y][threadIdx.x] = a;
@@ -296,7 +318,7 @@ layernorm_bwd_reduce_kernel(const float* __restrict__ dw_partial,  // (P, C)
         b += sb[r][threadIdx.x];
     }
     dw[c] = a;
-    db[c] = b;
+    if constexpr (!RMS) db[c] = b;
 }
 
 // ----------------------------------------------------------------------------- launchers
@@ -358,19 +380,18 @@ std::int64_t bwd_blocks(std::int64_t N, std::int64_t C) {
     return std::min((N + rows - 1) / rows, per_sm * sm_count());
 }
 
-}  // namespace
-
-void layernorm_fwd_cuda(std::uintptr_t x, std::uintptr_t residual, std::uintptr_t residual_out,
-                        std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t y,
-                        std::uintptr_t mean, std::uintptr_t rstd, std::int64_t N, std::int64_t C,
-                        double eps, DType dtype, const DropoutParams& dropout,
-                        std::uintptr_t stream) {
-    check_sizes("layernorm_fwd_cuda", N, C);
+// The LayerNorm (RMS = false) and RMSNorm launchers' shared body.
+template <bool RMS>
+void forward(const char* op, std::uintptr_t x, std::uintptr_t residual, std::uintptr_t residual_out,
+             std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t y, std::uintptr_t mean, std::uintptr_t rstd,
+             std::int64_t N, std::int64_t C, double eps, DType dtype, const DropoutParams& dropout,
+             std::uintptr_t stream) {
+    check_sizes(op, N, C);
     if (dropout.enabled)
-        require(residual_out != 0, "layernorm_fwd_cuda: dropout needs residual_out");
+        require(residual_out != 0, std::string(op) + ": dropout needs residual_out");
     else
         require((residual == 0) == (residual_out == 0),
-                "layernorm_fwd_cuda: residual and residual_out must be given together");
+                std::string(op) + ": residual and residual_out must be given together");
     if (N == 0) return;
     const int vec = dtype == DType::float32 ? 4 : 8;
     const bool vectorized = C % vec == 0 && aligned16(x) && aligned16(residual) &&
@@ -384,7 +405,7 @@ void layernorm_fwd_cuda(std::uintptr_t x, std::uintptr_t residual, std::uintptr_
         const dim3 grid(static_cast<unsigned>((N + ROWS - 1) / ROWS));
         with_dropout(dropout, [&](auto drop) {
             NANOLM_LAUNCH(grid, block, 0, reinterpret_cast<cudaStream_t>(stream),
-                          layernorm_fwd_kernel<T, VEC, TPR, decltype(drop)::value>)(
+                          layernorm_fwd_kernel<T, VEC, TPR, decltype(drop)::value, RMS>)(
                     ptr<const T>(x), ptr<const T>(residual), ptr<T>(residual_out), ptr<const T>(weight),
                     ptr<const T>(bias), ptr<T>(y), ptr<float>(mean), ptr<float>(rstd), N, static_cast<int>(C),
                     static_cast<float>(eps), dropout);
@@ -393,21 +414,17 @@ void layernorm_fwd_cuda(std::uintptr_t x, std::uintptr_t residual, std::uintptr_
     });
 }
 
-std::int64_t layernorm_bwd_workspace_rows_cuda(std::int64_t N, std::int64_t C) {
-    check_sizes("layernorm_bwd_workspace_rows_cuda", N, C);
-    return bwd_blocks(N, C);
-}
-
-void layernorm_bwd_cuda(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weight,
-                        std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t dresidual,
-                        std::uintptr_t dx, std::uintptr_t dweight, std::uintptr_t dbias,
-                        std::uintptr_t workspace, std::int64_t N, std::int64_t C, DType dtype,
-                        std::uintptr_t dbranch, const DropoutParams& dropout, std::uintptr_t stream) {
-    check_sizes("layernorm_bwd_cuda", N, C);
-    require(!dropout.enabled || dbranch != 0, "layernorm_bwd_cuda: dropout needs dbranch");
+// workspace: (2, P, C) for LayerNorm, (P, C) for RMSNorm with a weight, none (0) without one.
+template <bool RMS>
+void backward(const char* op, std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weight, std::uintptr_t mean,
+              std::uintptr_t rstd, std::uintptr_t dresidual, std::uintptr_t dx, std::uintptr_t dweight,
+              std::uintptr_t dbias, std::uintptr_t workspace, std::int64_t N, std::int64_t C, DType dtype,
+              std::uintptr_t dbranch, const DropoutParams& dropout, std::uintptr_t stream) {
+    check_sizes(op, N, C);
+    require(!dropout.enabled || dbranch != 0, std::string(op) + ": dropout needs dbranch");
     const std::int64_t P = bwd_blocks(N, C);
     float* dw_partial = ptr<float>(workspace);
-    float* db_partial = dw_partial + P * C;
+    float* db_partial = RMS ? nullptr : dw_partial + P * C;
     auto s = reinterpret_cast<cudaStream_t>(stream);
     const int vec = dtype == DType::float32 ? 4 : 8;
     const bool vectorized = C % vec == 0 && aligned16(dy) && aligned16(x) && aligned16(weight) &&
@@ -420,7 +437,7 @@ void layernorm_bwd_cuda(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weig
             const dim3 block(TPR, rows_per_block(TPR));
             with_dropout(dropout, [&](auto drop) {
                 NANOLM_LAUNCH(static_cast<unsigned>(P), block, 0, s,
-                              layernorm_bwd_kernel<T, VEC, TPR, decltype(drop)::value>)(
+                              layernorm_bwd_kernel<T, VEC, TPR, decltype(drop)::value, RMS>)(
                     ptr<const T>(dy), ptr<const T>(x), ptr<const T>(weight), ptr<const float>(mean),
                     ptr<const float>(rstd), ptr<const T>(dresidual), ptr<T>(dx), ptr<T>(dbranch), dw_partial,
                     db_partial, N, static_cast<int>(C), dropout);
@@ -428,12 +445,57 @@ void layernorm_bwd_cuda(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weig
             });
         });
     }
+    if (dweight == 0) return;  // RMSNorm without a weight: no dw
     const dim3 block(32, kReduceRows);
     const dim3 grid(static_cast<unsigned>((C + 31) / 32));
-    NANOLM_LAUNCH(grid, block, 0, s, layernorm_bwd_reduce_kernel)(dw_partial, db_partial, ptr<float>(dweight),
-                                                       ptr<float>(dbias), static_cast<int>(P),
-                                                       static_cast<int>(C));
+    NANOLM_LAUNCH(grid, block, 0, s, layernorm_bwd_reduce_kernel<RMS>)(dw_partial, db_partial, ptr<float>(dweight),
+                                                            ptr<float>(dbias), static_cast<int>(P),
+                                                            static_cast<int>(C));
     NANOLM_CHECK_LAUNCH("layernorm_bwd_reduce_kernel");
+}
+
+}  // namespace
+
+void layernorm_fwd_cuda(std::uintptr_t x, std::uintptr_t residual, std::uintptr_t residual_out,
+                        std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t y,
+                        std::uintptr_t mean, std::uintptr_t rstd, std::int64_t N, std::int64_t C,
+                        double eps, DType dtype, const DropoutParams& dropout,
+                        std::uintptr_t stream) {
+    forward<false>("layernorm_fwd_cuda", x, residual, residual_out, weight, bias, y, mean, rstd, N, C, eps, dtype,
+                   dropout, stream);
+}
+
+std::int64_t layernorm_bwd_workspace_rows_cuda(std::int64_t N, std::int64_t C) {
+    check_sizes("layernorm_bwd_workspace_rows_cuda", N, C);
+    return bwd_blocks(N, C);
+}
+
+void layernorm_bwd_cuda(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weight,
+                        std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t dresidual,
+                        std::uintptr_t dx, std::uintptr_t dweight, std::uintptr_t dbias,
+                        std::uintptr_t workspace, std::int64_t N, std::int64_t C, DType dtype,
+                        std::uintptr_t dbranch, const DropoutParams& dropout, std::uintptr_t stream) {
+    backward<false>("layernorm_bwd_cuda", dy, x, weight, mean, rstd, dresidual, dx, dweight, dbias, workspace, N, C,
+                    dtype, dbranch, dropout, stream);
+}
+
+void rmsnorm_fwd_cuda(std::uintptr_t x, std::uintptr_t residual, std::uintptr_t residual_out,
+                      std::uintptr_t weight, std::uintptr_t y, std::uintptr_t rstd, std::int64_t N,
+                      std::int64_t C, double eps, DType dtype, const DropoutParams& dropout,
+                      std::uintptr_t stream) {
+    forward<true>("rmsnorm_fwd_cuda", x, residual, residual_out, weight, 0, y, 0, rstd, N, C, eps, dtype, dropout,
+                  stream);
+}
+
+void rmsnorm_bwd_cuda(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weight, std::uintptr_t rstd,
+                      std::uintptr_t dresidual, std::uintptr_t dx, std::uintptr_t dweight,
+                      std::uintptr_t workspace, std::int64_t N, std::int64_t C, DType dtype,
+                      std::uintptr_t dbranch, const DropoutParams& dropout, std::uintptr_t stream) {
+    require((weight == 0) == (dweight == 0), "rmsnorm_bwd_cuda: weight and dweight must be given together");
+    // (an empty workspace, N == 0, may have address 0)
+    require(weight == 0 || N == 0 || workspace != 0, "rmsnorm_bwd_cuda: a weight needs the workspace");
+    backward<true>("rmsnorm_bwd_cuda", dy, x, weight, 0, rstd, dresidual, dx, dweight, 0, workspace, N, C, dtype,
+                   dbranch, dropout, stream);
 }
 
 }  // namespace nanolm

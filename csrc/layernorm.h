@@ -25,6 +25,18 @@ void layernorm_bwd_cpu(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weigh
                        std::int64_t N, std::int64_t C, DType dtype,
                        std::uintptr_t dbranch, const DropoutParams& dropout);
 
+// RMSNorm, on the same kernels: y = h * rstd * weight, rstd = 1/sqrt(mean(h^2) + eps), h as in
+// layernorm_fwd_cpu; weight may be 0 (parameter-free: y = h * rstd). No mean, no bias.
+void rmsnorm_fwd_cpu(std::uintptr_t x, std::uintptr_t residual, std::uintptr_t residual_out,
+                     std::uintptr_t weight, std::uintptr_t y, std::uintptr_t rstd, std::int64_t N,
+                     std::int64_t C, double eps, DType dtype, const DropoutParams& dropout);
+
+// dx = rstd * (w*dy - xhat * c1) (+ dresidual), xhat = x * rstd, c1 = mean(xhat * w*dy);
+// dweight = sum_rows dy*xhat. weight and dweight are both 0 without a weight (w*dy reads dy).
+void rmsnorm_bwd_cpu(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weight, std::uintptr_t rstd,
+                     std::uintptr_t dresidual, std::uintptr_t dx, std::uintptr_t dweight, std::int64_t N,
+                     std::int64_t C, DType dtype, std::uintptr_t dbranch, const DropoutParams& dropout);
+
 #ifdef NANOLM_WITH_CUDA
 // Largest row length the CUDA kernels take (each thread caches at most 16 values of a row).
 constexpr std::int64_t kLayerNormCudaMaxC = 16384;
@@ -42,6 +54,18 @@ void layernorm_bwd_cuda(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weig
                         std::uintptr_t dx, std::uintptr_t dweight, std::uintptr_t dbias,
                         std::uintptr_t workspace, std::int64_t N, std::int64_t C, DType dtype,
                         std::uintptr_t dbranch, const DropoutParams& dropout, std::uintptr_t stream);
+
+// RMSNorm on the same kernels (as rmsnorm_fwd_cpu / rmsnorm_bwd_cpu). workspace: P * C float32
+// values, P = layernorm_bwd_workspace_rows_cuda(N, C), with a weight; weight, dweight and
+// workspace are all 0 without one.
+void rmsnorm_fwd_cuda(std::uintptr_t x, std::uintptr_t residual, std::uintptr_t residual_out,
+                      std::uintptr_t weight, std::uintptr_t y, std::uintptr_t rstd, std::int64_t N,
+                      std::int64_t C, double eps, DType dtype, const DropoutParams& dropout,
+                      std::uintptr_t stream);
+void rmsnorm_bwd_cuda(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weight, std::uintptr_t rstd,
+                      std::uintptr_t dresidual, std::uintptr_t dx, std::uintptr_t dweight,
+                      std::uintptr_t workspace, std::int64_t N, std::int64_t C, DType dtype,
+                      std::uintptr_t dbranch, const DropoutParams& dropout, std::uintptr_t stream);
 #endif
 
 }  // namespace nanolm

@@ -121,23 +121,10 @@ class Attention(nn.Module):
             start = 0 if cache is None else cache.pos
             qkv = rope.qk_norm_rope(qkv, self.n_head, self.n_kv_head, start, *self.rope)
         if cache is None:
-            y = causal_attention(qkv, self.n_head, self.n_kv_head, self.backend, dropout)
+            y = attention.causal_attention(qkv, self.n_head, self.n_kv_head, self.backend, dropout)
         else:  # the new positions attend over the cached ones too
             y = cache.attend(self.layer, qkv, self.n_head, self.n_kv_head)
         return self.c_proj(y)
-
-
-def causal_attention(qkv, n_head, n_kv_head, backend, dropout):
-    """attention.causal_attention of a packed GQA projection. The kernels take H key/value
-    heads, so each K/V head is repeated for its H/Hkv query heads first (as Hugging Face's
-    repeat_kv does): exact, at the cost of H/Hkv copies of K and V."""
-    if n_kv_head != n_head:
-        B, T, _ = qkv.shape
-        q, k, v = qkv.view(B, T, n_head + 2 * n_kv_head, -1).split((n_head, n_kv_head, n_kv_head), dim=2)
-        group = n_head // n_kv_head
-        qkv = torch.cat((q, k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)), dim=2)
-        qkv = qkv.flatten(2)
-    return attention.causal_attention(qkv, n_head, backend, dropout)
 
 
 RECOMPUTE = ("none", "mlp", "block")

@@ -1,10 +1,11 @@
 """Causal attention backends (cpu, triton) against the float64 torch reference.
 
 Inputs are fresh random values, laid out as the model lays them out (q, k, v strided views of
-one (B, T, 3, nh, hs) tensor, dq, dk, dv views of one gradient buffer) and as plain contiguous
-tensors. Gradient buffers are filled with NaN first so unwritten elements show. The backward
-reference is given the backend's own o (delta = rowsum(dO * O) is a function of it), so in
-bf16/fp16 both sides see the same rounded o.
+one (B, T, nh + 2*nkv, hs) tensor, dq, dk, dv views of one gradient buffer) and as plain
+contiguous tensors; nkv < nh is grouped-query attention (GQA; nkv = 1 is MQA). Gradient
+buffers are filled with NaN first so unwritten elements show. The backward reference is given
+the backend's own o (delta = rowsum(dO * O) is a function of it), so in bf16/fp16 both sides
+see the same rounded o.
 """
 import math
 import os
@@ -14,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from nanolm.ops import attention
+from nanolm.ops import attention, backends
 from nanolm.ops.backends import load
 
 cpu, triton_backend = load("cpu"), load("triton")
@@ -25,18 +26,21 @@ TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 NAMES = ("o", "lse", "dq", "dk", "dv")
 
 
-def make_qkv(B, T, nh, hs, dtype, device, fused=True):
+def make_qkv(B, T, nh, hs, dtype, device, fused=True, nkv=None):
+    """q (B, T, nh, hs), k, v (B, T, nkv, hs) (nkv = nh by default)."""
+    nkv = nkv or nh
     if fused:
-        return torch.randn(B, T, 3, nh, hs, dtype=dtype, device=device).unbind(2)
-    return tuple(torch.randn(B, T, nh, hs, dtype=dtype, device=device) for _ in range(3))
+        return torch.randn(B, T, nh + 2 * nkv, hs, dtype=dtype, device=device).split((nh, nkv, nkv), dim=2)
+    return tuple(torch.randn(B, T, n, hs, dtype=dtype, device=device) for n in (nh, nkv, nkv))
 
 
 def run(backend, q, k, v, do, scale):
-    """Forward, then backward into NaN-poisoned views of one (B, T, 3, nh, hs) buffer (o and
-    lse are NaN from the start too under the `poison` fixture)."""
+    """Forward, then backward into NaN-poisoned views of one (B, T, nh + 2*nkv, hs) buffer (o
+    and lse are NaN from the start too under the `poison` fixture)."""
     o, lse = backend.attention_fwd(q, k, v, scale, None)
-    grads = torch.full((*q.shape[:2], 3, *q.shape[2:]), float("nan"), dtype=q.dtype, device=q.device)
-    dq, dk, dv = grads.unbind(2)
+    nh, nkv = q.shape[2], k.shape[2]
+    grads = torch.full((*q.shape[:2], nh + 2 * nkv, q.shape[3]), float("nan"), dtype=q.dtype, device=q.device)
+    dq, dk, dv = grads.split((nh, nkv, nkv), dim=2)
     backend.attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, None)
     return o, lse, dq, dk, dv
 
@@ -49,8 +53,8 @@ def reference(q, k, v, do, o, scale):
     return (ro, rlse, *grads)
 
 
-def check_backend(backend, B, T, nh, hs, dtype, device, fused=True):
-    q, k, v = make_qkv(B, T, nh, hs, dtype, device, fused)
+def check_backend(backend, B, T, nh, hs, dtype, device, fused=True, nkv=None):
+    q, k, v = make_qkv(B, T, nh, hs, dtype, device, fused, nkv)
     do = torch.randn(B, T, nh, hs, dtype=dtype, device=device)
     scale = 1 / math.sqrt(hs)
     out = run(backend, q, k, v, do, scale)
@@ -59,7 +63,51 @@ def check_backend(backend, B, T, nh, hs, dtype, device, fused=True):
         assert a.shape == r.shape, name
         err = (a.double() - r).abs().max().item()
         bound = TOL[dtype] * max(r.abs().max().item(), 1.0)
-        assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (B={B} T={T} nh={nh} hs={hs} {dtype})"
+        assert err <= bound, (f"{name}: max error {err:.3g} > {bound:.3g} (B={B} T={T} nh={nh} nkv={nkv} hs={hs} "
+                              f"{dtype})")
+
+
+# ----------------------------------------------------------------------------- the specification's GQA
+
+def _sdpa_reference(q, k, v, do):
+    """o and dq, dk, dv of torch's own GQA (scaled_dot_product_attention with enable_gqa), float64."""
+    leaves = [t.detach().double().transpose(1, 2).requires_grad_() for t in (q, k, v)]
+    o = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=True)
+    o.backward(do.double().transpose(1, 2))
+    return o.transpose(1, 2), *(t.grad.transpose(1, 2) for t in leaves)
+
+
+@pytest.mark.parametrize("nkv", [6, 2, 1])  # groups of 1 (MHA), 3, and 6 (MQA)
+def test_spec_gqa_matches_sdpa_and_repeated_heads(nkv):
+    """The float64 specification with K/V heads shared by groups equals SDPA's enable_gqa, and
+    equals multi-head attention over K/V heads repeated (repeat_interleave) with dK, dV summed
+    over each group."""
+    B, T, nh, hs = 2, 37, 6, 16
+    q, k, v = make_qkv(B, T, nh, hs, torch.float64, "cpu", nkv=nkv)
+    do = torch.randn(B, T, nh, hs, dtype=torch.float64)
+    out = run(attention.BACKENDS["torch"], q, k, v, do, hs ** -0.5)
+    o, dq, dk, dv = out[0], *out[2:]
+    for name, a, r in zip(("o", "dq", "dk", "dv"), (o, dq, dk, dv), _sdpa_reference(q, k, v, do)):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, msg=name)
+    group = nh // nkv
+    kr, vr = (t.repeat_interleave(group, dim=2) for t in (k, v))
+    mha = run(attention.BACKENDS["torch"], q, kr, vr, do, hs ** -0.5)
+    summed = [g.view(B, T, nkv, group, hs).sum(3) for g in mha[3:]]
+    for name, a, r in zip(NAMES, out, (*mha[:3], *summed)):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_gqa_through_op_layer_autograd():
+    """causal_attention over the packed [q heads | k heads | v heads] layout, gradchecked."""
+    B, T, nh, nkv, hs = 1, 5, 4, 2, 4
+    qkv = torch.randn(B, T, (nh + 2 * nkv) * hs, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: attention.causal_attention(t, nh, nkv, "torch", None), (qkv,))
+
+
+@pytest.mark.parametrize("n_kv_head", [0, 4, 5])
+def test_bad_n_kv_head(n_kv_head):
+    with pytest.raises(ValueError, match=f"n_kv_head={n_kv_head} must be positive and divide n_head=6"):
+        attention.causal_attention(torch.randn(1, 4, 14 * 4), 6, n_kv_head, "torch", None)
 
 
 # ----------------------------------------------------------------------------- cpu backend
@@ -72,9 +120,26 @@ def test_cpu_matches_reference(B, T, nh, hs, fused, dtype, poison):
     check_backend(cpu, B, T, nh, hs, dtype, "cpu", fused)
 
 
+# Grouped-query attention: (B, T, nh, nkv, hs), groups of 3 (nh = 3 with nkv = 1 is MQA), of 4
+# (MQA), of 2; T of one row, awkward, and 1000.
+GQA_SHAPES = [(2, 77, 6, 2, 64), (1, 1, 6, 2, 64), (1, 1000, 6, 2, 64), (1, 1000, 3, 1, 128), (2, 130, 4, 1, 64),
+              (1, 65, 6, 3, 128)]
+
+
+@pytest.mark.parametrize("B,T,nh,nkv,hs", GQA_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cpu_backward_deterministic(dtype):
-    q, k, v = make_qkv(2, 200, 3, 64, dtype, "cpu")
+def test_cpu_gqa_matches_reference(B, T, nh, nkv, hs, dtype, poison):
+    check_backend(cpu, B, T, nh, hs, dtype, "cpu", nkv=nkv)
+
+
+def test_cpu_gqa_contiguous_inputs(poison):
+    check_backend(cpu, 2, 77, 6, 64, torch.float32, "cpu", fused=False, nkv=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nkv", [3, 1])
+def test_cpu_backward_deterministic(dtype, nkv):
+    q, k, v = make_qkv(2, 200, 3, 64, dtype, "cpu", nkv=nkv)
     do = torch.randn(2, 200, 3, 64, dtype=dtype)
     first, second = run(cpu, q, k, v, do, 0.125), run(cpu, q, k, v, do, 0.125)
     for name, a, b in zip(NAMES, first, second):
@@ -112,15 +177,16 @@ def test_cpu_rejects_float64():
         cpu.attention_fwd(*make_qkv(1, 8, 2, 64, torch.float64, "cpu"), 0.125, None)
 
 
-def test_cpu_through_op_layer_autograd():
+@pytest.mark.parametrize("nkv", [3, 1])
+def test_cpu_through_op_layer_autograd(nkv):
     B, T, nh, hs = 2, 77, 3, 32
-    qkv = torch.randn(B, T, 3 * nh * hs, requires_grad=True)
+    qkv = torch.randn(B, T, (nh + 2 * nkv) * hs, requires_grad=True)
     g = torch.randn(B, T, nh * hs)
-    (attention.causal_attention(qkv, nh, "cpu", None) * g).sum().backward()
+    (attention.causal_attention(qkv, nh, nkv, "cpu", None) * g).sum().backward()
 
     qkv64 = qkv.detach().double().requires_grad_()
-    q, k, v = qkv64.view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
-    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    q, k, v = (t.transpose(1, 2) for t in qkv64.view(B, T, nh + 2 * nkv, hs).split((nh, nkv, nkv), dim=2))
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     (y.transpose(1, 2).reshape(B, T, nh * hs) * g.double()).sum().backward()
     err = (qkv.grad.double() - qkv64.grad).abs().max().item()
     assert err <= TOL[torch.float32] * qkv64.grad.abs().max().item()
@@ -169,7 +235,7 @@ def test_triton_gpu_through_op_layer():
     B, T, nh, hs = 2, 257, 12, 64
     qkv = torch.randn(B, T, 3 * nh * hs, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(B, T, nh * hs, device="cuda", dtype=torch.bfloat16)
-    (attention.causal_attention(qkv, nh, "triton", None) * g).sum().backward()
+    (attention.causal_attention(qkv, nh, nh, "triton", None) * g).sum().backward()
     qkv64 = qkv.detach().double().requires_grad_()
     q, k, v = qkv64.view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)
     y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -221,3 +287,30 @@ def test_bad_inputs_backward(backend, dtype, device):
     with pytest.raises(ValueError, match="o"):
         backend.attention_bwd(do, q, k, v, o.transpose(1, 2).contiguous().transpose(1, 2), lse,
                               0.125, dq, dk, dv, None)
+
+
+# ----------------------------------------------------------------------------- which backends claim GQA
+
+def _without_gqa():
+    """The backends that run attention here but do not claim GQA."""
+    return [n for n in backends.BACKENDS if backends.unavailable_reason(n, "attention", torch.device("cpu")) is None
+            and not backends.implementation(n, "attention").support.gqa]
+
+
+def test_resolve_picks_only_gqa_backends_and_names_the_others():
+    """With gqa, `auto` skips backends whose row lacks it, and naming one is one clear line."""
+    cpu_device = torch.device("cpu")
+    auto = backends.resolve("auto", cpu_device, gqa=True)["attention"]
+    assert backends.implementation(auto, "attention").support.gqa
+    for name in _without_gqa():
+        with pytest.raises(ValueError, match=f"kernel backend '{name}' cannot run attention on cpu: .*"
+                                             "has no grouped-query attention") as e:
+            backends.resolve(f"auto,attention={name}", cpu_device, gqa=True)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", _without_gqa())
+def test_backend_without_gqa_refuses_it_in_one_line(name):
+    with pytest.raises(ValueError, match=f"attention: backend {name} has no grouped-query attention") as e:
+        attention.causal_attention(torch.randn(1, 4, 8 * 16), 4, 2, name, None)
+    assert "\n" not in str(e.value)

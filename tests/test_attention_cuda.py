@@ -147,9 +147,9 @@ def test_cuda_sim_through_op_layer():
     B, T, nh, hs = 1, 80, 2, 64
     qkv = torch.randn(B, T, 3 * nh * hs, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(B, T, nh * hs, dtype=torch.bfloat16)
-    attention.causal_attention(qkv, nh, "cuda_sim", None).backward(dy)
+    attention.causal_attention(qkv, nh, nh, "cuda_sim", None).backward(dy)
     qkv64 = qkv.detach().double().requires_grad_()
-    y_ref = attention.causal_attention(qkv64, nh, "torch", None)
+    y_ref = attention.causal_attention(qkv64, nh, nh, "torch", None)
     y_ref.backward(dy.double())
     failures = []
     _check(failures, "dqkv", qkv.grad, qkv64.grad, TOL[torch.bfloat16])
@@ -168,10 +168,10 @@ def test_gpt2_shape_through_op_layer():
     B, T, nh, hs = 4, 1024, 12, 64
     qkv = torch.randn(B, T, 3 * nh * hs, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(B, T, nh * hs, device="cuda", dtype=torch.bfloat16)
-    y = attention.causal_attention(qkv, nh, "cuda", None)
+    y = attention.causal_attention(qkv, nh, nh, "cuda", None)
     y.backward(dy)
     qkv64 = qkv.detach().double().requires_grad_()
-    y_ref = attention.causal_attention(qkv64, nh, "torch", None)
+    y_ref = attention.causal_attention(qkv64, nh, nh, "torch", None)
     y_ref.backward(dy.double())
     failures = []
     _check(failures, "y", y, y_ref, TOL[torch.bfloat16])

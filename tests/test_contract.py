@@ -51,6 +51,14 @@ def _arguments(fn, dtype, *, C=16, hs=16):
         x = rand(5, C)
         mean, var = x.float().mean(1), x.float().var(1, unbiased=False)
         return [rand(5, C), x, rand(C), mean, (var + 1e-5).rsqrt(), rand(5, C), None, None], ()
+    # RMSNorm: with a weight in the forward and backward, parameter-free in the fused forward
+    if fn == "rms_norm_fwd":
+        return [rand(5, C), rand(C), 1e-5], ()
+    if fn == "add_rms_norm_fwd":
+        return [rand(5, C), rand(5, C), None, 1e-5, None], ()
+    if fn == "rms_norm_bwd":
+        x = rand(5, C)
+        return [rand(5, C), x, rand(C), (x.float().square().mean(1) + 1e-5).rsqrt(), rand(5, C), None, None], ()
     if fn in ("attention_fwd", "attention_bwd"):
         q, k, v = rand(1, 8, 3, 2, hs).unbind(2)  # strided views, as the model passes them
         if fn == "attention_fwd":

@@ -167,11 +167,32 @@ def test_attention_mask_bit_for_bit(name):
     assert torch.equal(dv.transpose(1, 2).transpose(-1, -2) != 0, keep), "backward mask differs"
 
 
-def test_attention_gradcheck():
+@pytest.mark.parametrize("name", [n for n in _backends_with("attention") if attention.BACKENDS[n].support.gqa])
+@pytest.mark.parametrize("B,T,nh,nkv,hs", [(2, 67, 6, 2, 32), (1, 130, 3, 1, 64)])
+def test_attention_gqa_matches_reference(name, B, T, nh, nkv, hs, poison):
+    """Dropout with K/V heads shared by groups: each query head keeps its own mask (element
+    ((b * nh + h) * T + i) * T + j), and dK, dV sum the dropped group."""
+    backend, scale = load(name), 1 / math.sqrt(hs)
+    q, do = torch.randn(B, T, nh, hs), torch.randn(B, T, nh, hs)
+    k, v = torch.randn(B, T, nkv, hs), torch.randn(B, T, nkv, hs)
+    o, lse = backend.attention_fwd(q, k, v, scale, DROP)
+    o_ref, lse_ref = attention.attention_fwd(q.double(), k.double(), v.double(), scale, DROP)
+    torch.testing.assert_close(o.double(), o_ref, **TOL)
+    torch.testing.assert_close(lse.double(), lse_ref, **TOL)
+    grads = [torch.empty_like(t) for t in (q, k, v)]
+    backend.attention_bwd(do, q, k, v, o, lse, scale, *grads, DROP)
+    refs = [torch.empty_like(t, dtype=torch.float64) for t in (q, k, v)]
+    attention.attention_bwd(do.double(), q.double(), k.double(), v.double(), o_ref, lse_ref, scale, *refs, DROP)
+    for gname, got, want in zip(("dq", "dk", "dv"), grads, refs):
+        torch.testing.assert_close(got.double(), want, msg=lambda m, gname=gname: f"{gname}: {m}", **TOL)
+
+
+@pytest.mark.parametrize("nkv", [2, 1])
+def test_attention_gradcheck(nkv):
     B, T, nh, hs = 1, 6, 2, 4
-    qkv = torch.randn(B, T, 3 * nh * hs, dtype=torch.float64, requires_grad=True)
+    qkv = torch.randn(B, T, (nh + 2 * nkv) * hs, dtype=torch.float64, requires_grad=True)
     dropout = dropout_spec.dropout(0.4, 9, 2)
-    assert torch.autograd.gradcheck(lambda t: attention.causal_attention(t, nh, "torch", dropout), (qkv,))
+    assert torch.autograd.gradcheck(lambda t: attention.causal_attention(t, nh, nkv, "torch", dropout), (qkv,))
 
 
 # ----------------------------------------------------------------------------- 16-bit cpu kernels
@@ -242,7 +263,7 @@ def test_backend_without_dropout_says_so(monkeypatch):
     for module in (attention, layernorm):
         monkeypatch.setitem(module.BACKENDS, "torch", module.BACKENDS["torch"]._replace(support=no_dropout))
     with pytest.raises(ValueError, match="torch has no dropout for attention"):
-        attention.causal_attention(torch.randn(1, 4, 6), 1, "torch", DROP)
+        attention.causal_attention(torch.randn(1, 4, 6), 1, 1, "torch", DROP)
     with pytest.raises(ValueError, match="torch has no dropout for layernorm"):
         layernorm.add_layer_norm(torch.randn(2, 4), torch.randn(2, 4), torch.ones(4), None, EPS, "torch", DROP)
 

@@ -49,15 +49,31 @@ def test_layernorm_ops(name, dtype):
     _opcheck(layernorm.dropout_add_layer_norm_bwd_op, (*args, *DROPOUT, name), dtype)
 
 
+@pytest.mark.parametrize("name,dtype", _cases("layernorm"))
+def test_rms_norm_ops(name, dtype):
+    N, C = 5, 33
+    x, r, dy = (torch.randn(N, C, dtype=dtype, requires_grad=True) for _ in range(3))
+    w = torch.rand(C, dtype=dtype, requires_grad=True) + 0.5
+    for weight in (w, None):  # with a weight, and parameter-free
+        _opcheck(layernorm.rms_norm_fwd_op, (x, weight, 1e-5, name), dtype)
+        _opcheck(layernorm.add_rms_norm_fwd_op, (x, r, weight, 1e-5, 0.0, 0, 0, name), dtype)
+        _opcheck(layernorm.add_rms_norm_fwd_op, (x, None, weight, 1e-5, *DROPOUT, name), dtype)
+        plain = None if weight is None else weight.detach()
+        _, rstd = layernorm.BACKENDS[name].rms_norm_fwd(x.detach(), plain, 1e-5)
+        args = (dy.detach(), x.detach(), plain, rstd, r.detach())
+        _opcheck(layernorm.rms_norm_bwd_op, (*args, name), dtype)
+        _opcheck(layernorm.dropout_add_rms_norm_bwd_op, (*args, *DROPOUT, name), dtype)
+
+
 @pytest.mark.parametrize("name,dtype", _cases("attention"))
 def test_attention_ops(name, dtype):
     B, T, nh = 2, 7, 2
     hs = (backends.implementation(name, "attention").support.head_sizes or (16,))[0]
     qkv = torch.randn(B, T, 3 * nh * hs, dtype=dtype, requires_grad=True)
     for dropout in ((0.0, 0, 0), DROPOUT):
-        _opcheck(attention.attention_fwd_op, (qkv, nh, *dropout, name), dtype)
-        o, lse = attention.attention_fwd_op(qkv.detach(), nh, *dropout, name)
-        _opcheck(attention.attention_bwd_op, (torch.randn_like(o), qkv.detach(), o, lse, nh, *dropout, name), dtype)
+        _opcheck(attention.attention_fwd_op, (qkv, nh, nh, *dropout, name), dtype)
+        o, lse = attention.attention_fwd_op(qkv.detach(), nh, nh, *dropout, name)
+        _opcheck(attention.attention_bwd_op, (torch.randn_like(o), qkv.detach(), o, lse, nh, nh, *dropout, name), dtype)
 
 
 @pytest.mark.parametrize("name,dtype", _cases("cross_entropy"))
@@ -136,7 +152,7 @@ def test_eager_path_equals_the_registered_op():
     results = []
     for call in (attention.attention_fwd_op, attention.attention_fwd_op.registered):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            o, _ = call(qkv, 2, *DROPOUT, "torch")
+            o, _ = call(qkv, 2, 2, *DROPOUT, "torch")
         (grad,) = torch.autograd.grad(o.float().square().sum(), qkv)
         results.append((o, grad))
     for a, b in zip(*results):

@@ -99,12 +99,12 @@ def test_attention_fwd_bwd(B, T, nh, hs):
 
 def test_ops_causal_attention_autograd():
     qkv = leaf(rand(2, 7, 3 * 2 * 4))
-    torch.autograd.gradcheck(lambda t: attention.causal_attention(t, 2, "torch", None), (qkv,))
+    torch.autograd.gradcheck(lambda t: attention.causal_attention(t, 2, 2, "torch", None), (qkv,))
 
 
 def test_ops_causal_attention_bad_shape():
     with pytest.raises(ValueError, match="n_head"):
-        attention.causal_attention(rand(2, 7, 30), 4, "torch", None)
+        attention.causal_attention(rand(2, 7, 30), 4, 4, "torch", None)
 
 
 # ----------------------------------------------------------------------------- cross-entropy

@@ -73,6 +73,27 @@ void layernorm(DType dtype, std::int64_t N, std::int64_t C, bool drop = false) {
     for (auto* v : {&mean, &rstd, &dw, &db}) require_finite("layernorm stats", *v);
 }
 
+// RMSNorm on the same kernels: the RMS instantiations, with a weight and parameter-free.
+template <typename T>
+void rmsnorm(DType dtype, std::int64_t N, std::int64_t C, bool drop, bool with_weight) {
+    auto x = random_vector<T>(N * C), res = random_vector<T>(N * C), w = random_vector<T>(C, 0.2f, 1.f),
+         dy = random_vector<T>(N * C), dres = random_vector<T>(N * C);
+    auto y = nan_vector<T>(N * C), res_out = nan_vector<T>(N * C), dx = nan_vector<T>(N * C);
+    auto rstd = nan_vector<float>(N), dw = nan_vector<float>(with_weight ? C : 0);
+    const std::uintptr_t weight = with_weight ? addr(w.data()) : 0;
+    nanolm::rmsnorm_fwd_cuda(addr(x.data()), addr(res.data()), addr(res_out.data()), weight, addr(y.data()),
+                             addr(rstd.data()), N, C, 1e-5, dtype, dropout_of(drop), 0);
+    auto workspace = nan_vector<float>(with_weight ? nanolm::layernorm_bwd_workspace_rows_cuda(N, C) * C : 0);
+    auto dbranch = nan_vector<T>(N * C);
+    nanolm::rmsnorm_bwd_cuda(addr(dy.data()), addr(res_out.data()), weight, addr(rstd.data()), addr(dres.data()),
+                             addr(dx.data()), with_weight ? addr(dw.data()) : 0,
+                             with_weight ? addr(workspace.data()) : 0, N, C, dtype,
+                             drop ? addr(dbranch.data()) : 0, dropout_of(drop), 0);
+    if (drop) require_finite("rmsnorm dbranch", dbranch);
+    for (auto* v : {&y, &res_out, &dx}) require_finite("rmsnorm", *v);
+    for (auto* v : {&rstd, &dw}) require_finite("rmsnorm stats", *v);
+}
+
 template <typename T>
 void cross_entropy(DType dtype, std::int64_t N, std::int64_t V, std::int64_t Vp) {
     auto logits = random_vector<T>(N * Vp, 3.f);
@@ -136,6 +157,8 @@ const std::map<std::string, std::function<void()>> kOps = {
          layernorm<__nv_bfloat16>(DType::bfloat16, 3, 777);     // 64 threads per row, scalar loads
          layernorm<float>(DType::float32, 5, 64, true);        // the dropout instantiations
          layernorm<__nv_bfloat16>(DType::bfloat16, 3, 777, true);
+         rmsnorm<float>(DType::float32, 5, 64, false, true);   // RMSNorm: warp rows, float4, a weight
+         rmsnorm<__nv_bfloat16>(DType::bfloat16, 3, 777, true, false);  // parameter-free, dropout, scalar
      }},
     {"cross_entropy", [] {
          cross_entropy<float>(DType::float32, 3, 777, 800);

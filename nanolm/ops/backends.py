@@ -85,9 +85,9 @@ def implementation(name, op):
     return OPS[op].BACKENDS.get(name)
 
 
-def support_reason(name, op, device, dtype=None):
-    """Why backend `name`'s support row excludes `op` on `device` (for `dtype`, when given),
-    or None if the row lists it."""
+def support_reason(name, op, device, dtype=None, gqa=False):
+    """Why backend `name`'s support row excludes `op` on `device` (for `dtype`, when given; with
+    K/V heads shared by groups of query heads, when gqa), or None if the row lists it."""
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; valid: {', '.join(BACKENDS)}, auto")
     impl = implementation(name, op)
@@ -101,17 +101,22 @@ def support_reason(name, op, device, dtype=None):
         names = ", ".join(map(dtype_name, dtypes))
         note = support.notes.get(device.type)
         return f"{op} on {device.type} takes {names}" + (f" ({note})" if note else "")
+    if gqa and op == "attention" and not support.gqa:
+        return "has no grouped-query attention (n_kv_head < n_head; its support row says gqa=False)"
     return None
 
 
-def unavailable_reason(name, op, device, dtype=None):
-    """Why backend `name` cannot run `op` on `device` (for `dtype`, when given), or None if it
-    can: its support row lists it, and the backend runs there (built, installed, device present)."""
-    return support_reason(name, op, device, dtype) or RUNS[name](device)
+def unavailable_reason(name, op, device, dtype=None, gqa=False):
+    """Why backend `name` cannot run `op` on `device` (for `dtype`, when given; grouped-query
+    attention, when gqa), or None if it can: its support row lists it, and the backend runs there
+    (built, installed, device present)."""
+    return support_reason(name, op, device, dtype, gqa) or RUNS[name](device)
 
 
-def resolve(spec, device):
-    """Parse a --kernels string into {op: backend name} for `device` (a torch.device)."""
+def resolve(spec, device, gqa=False):
+    """Parse a --kernels string into {op: backend name} for `device` (a torch.device); gqa: the
+    model shares K/V heads between query heads (n_kv_head < n_head), which `auto` then picks
+    only a backend supporting, and a named backend without it is refused."""
     default, overrides = "auto", {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         if "=" in part:
@@ -128,8 +133,8 @@ def resolve(spec, device):
             name = "auto"  # a default names the backend of the ops it has; the newer ops (rope) run their best
         if name == "auto":
             order = AUTO_ORDER[device.type][op]
-            name = next(n for n in order if unavailable_reason(n, op, device) is None)
-        reason = unavailable_reason(name, op, device)
+            name = next(n for n in order if unavailable_reason(n, op, device, gqa=gqa) is None)
+        reason = unavailable_reason(name, op, device, gqa=gqa)
         if reason is not None:
             raise ValueError(f"kernel backend {name!r} cannot run {op} on {device}: {reason}")
         choice[op] = name

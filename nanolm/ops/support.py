@@ -24,6 +24,7 @@ class Support:
     max_row: int | None = None  # layernorm: the largest row length C; None = no limit
     align_bytes: int = 0  # attention: base address and (b, t, h) strides in multiples of this
     dropout: bool = False  # layernorm, attention: the kernels take a dropout argument
+    gqa: bool = False  # attention: K/V heads shared by groups of query heads (n_kv_head < n_head)
     notes: dict = field(default_factory=dict)  # device type -> why its dtypes are limited
 
     def devices(self):
