@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanolm import checkpoint, hf
-from nanolm.config import PRESETS, ModelConfig
+from nanolm.config import ModelConfig
 from nanolm.model import GPT
 from nanolm.ops import backends
 
@@ -38,6 +38,9 @@ transformers = import_llama()
 VOCAB = 300  # not a multiple of 128: nanolm pads it to 384 rows
 SHAPE = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
+# HuggingFaceTB/SmolLM2-135M's config.json in nanolm's terms
+SMOLLM2_135M = dict(n_layer=30, n_head=9, n_embd=576, block_size=8192, vocab_size=49152, bias=False, norm="rmsnorm",
+                    norm_eps=1e-5, pos="rope", rope_theta=1e5, n_kv_head=3, mlp="swiglu", mlp_hidden=1536)
 TIES = pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 
 
@@ -138,10 +141,10 @@ def test_nanolm_to_hf_to_nanolm_is_exact(tmp_path, tie):
 
 
 def test_smollm2_shaped_config_round_trips(tmp_path):
-    """The smollm2-135m preset's widths (2 of its 30 layers, to stay quick) export to the
+    """SmolLM2-135M's widths (2 of its 30 layers, to stay quick) export to the
     config.json of HuggingFaceTB/SmolLM2-135M, whose LlamaForCausalLM has exactly the exported
     tensors' names and shapes, and import back to the same ModelConfig."""
-    mcfg = ModelConfig(**{**PRESETS["smollm2-135m"], "n_layer": 2, "vocab_size": 49152})
+    mcfg = ModelConfig(**{**SMOLLM2_135M, "n_layer": 2})
     with torch.device("meta"):
         shapes_only = GPT(mcfg, backends.resolve("torch", torch.device("cpu")))
     state = {k: torch.zeros(v.shape) for k, v in shapes_only.state_dict().items() if isinstance(v, torch.Tensor)}
@@ -177,6 +180,31 @@ def test_the_tokenizer_json_beside_the_weights_is_the_default_and_travels(tmp_pa
 
 
 DROP = object()  # a config.json key to delete
+
+
+def test_an_imported_llama_fine_tunes_and_samples_with_its_tokenizer(tmp_path, monkeypatch):
+    """The user path: a Hub-style folder (weights, config.json, tokenizer.json) -> import -> a
+    run --init_from it with --tokenizer=hf:DIR and the block's flags: the weights arrive unchanged
+    (lr=0) and the end-of-run sample is decoded by that tokenizer."""
+    from nanolm.config import parse_args
+    from nanolm.train import train
+    from test_hf_tokenizer import SHAKESPEARE, train_bpe
+    if SHAKESPEARE is None:
+        pytest.skip("no shared tinyshakespeare.txt")
+    monkeypatch.chdir(tmp_path)
+    hf_llama(True).save_pretrained(tmp_path / "hub")
+    train_bpe(tmp_path / "hub")
+    hf.main(["import", "hub", "imported", "--vocab_multiple=64"])  # the quickstart preset's padding
+    (tmp_path / "text.txt").write_text("\n".join(SHAKESPEARE.read_text().splitlines()[:400]))
+    block = ["--preset=quickstart", "--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=64", "--bias=false",
+             "--norm=rmsnorm", "--norm_eps=1e-5", "--pos=rope", "--rope_theta=1e5", "--n_kv_head=2", "--mlp=swiglu",
+             "--mlp_hidden=160"]
+    out = train(parse_args(block + ["--tokenizer=hf:hub", "--data=text.txt", "--init_from=imported", "--lr=0",
+                                    "--min_lr=0", "--warmup=0", "--max_steps=1", "--batch_size=2", "--eval_iters=1",
+                                    "--sample_tokens=4", "--sample_prompt=First", "--out_dir=run"]))
+    imported = checkpoint.load("imported")["model"]
+    assert all(torch.equal(t, imported[k]) for k, t in checkpoint.load("run")["model"].items())
+    assert out["sample"].startswith("First")
 
 
 def edit_config(folder, **changes):
