@@ -46,7 +46,9 @@ TIES = pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 
 def hf_llama(tie):
     """A random LlamaForCausalLM (GQA: 4 heads, 2 KV heads; θ 1e5), fp32, eval mode. Its norms
-    start at ones: they are drawn at random too, so a mis-mapped norm weight shows."""
+    start at ones: they are drawn at random too, so a mis-mapped norm weight shows. q and k are
+    scaled up: at the init's scale (std 0.02) attention is near uniform, so positions, and with
+    them a wrong RoPE, would hardly change the logits."""
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, rope_theta=1e5, tie_word_embeddings=tie, **SHAPE)
     model = transformers.LlamaForCausalLM(cfg).float().eval()
@@ -54,11 +56,14 @@ def hf_llama(tie):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(10)
     return model
 
 
 def nanolm_llama(tie):
-    """A random nanolm model of the same shape, built from nanolm's side (norms random too)."""
+    """A random nanolm model of the same shape, built from nanolm's side (norms random, q and k
+    scaled up, as hf_llama)."""
     torch.manual_seed(1)
     mcfg = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=VOCAB, bias=False,
                        norm="rmsnorm", norm_eps=1e-5, pos="rope", rope_theta=1e5, n_kv_head=2, mlp="swiglu",
@@ -68,6 +73,8 @@ def nanolm_llama(tie):
         for name, p in model.named_parameters():
             if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
                 p.uniform_(0.5, 1.5)
+            if name.endswith("c_attn.weight"):
+                p[:(mcfg.n_head + mcfg.kv_heads) * mcfg.head_size].mul_(10)  # the q and k rows
     return model
 
 
@@ -82,9 +89,9 @@ def save_run(model, run_dir, tokenizer="byte"):
     return checkpoint.save(run_dir, 0, model.state_dict(), {}, config, {}, keep=None)
 
 
-def load_run(run_dir):
+def load_run(run_dir, kernels="torch"):
     ckpt = checkpoint.load(run_dir)
-    model = GPT(ModelConfig(**ckpt["config"]["model"]), backends.resolve("torch", torch.device("cpu")))
+    model = GPT(ModelConfig(**ckpt["config"]["model"]), backends.resolve(kernels, torch.device("cpu")))
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt
 
@@ -94,11 +101,12 @@ def tokens(T=40):
 
 
 @TIES
-def test_import_gives_transformers_logits_and_loss(tmp_path, tie):
+@pytest.mark.parametrize("kernels", ["torch", "auto"])  # the specification, and the fused CPU kernels
+def test_import_gives_transformers_logits_and_loss(tmp_path, tie, kernels):
     theirs = hf_llama(tie)
     theirs.save_pretrained(tmp_path / "hf")
     hf.main(["import", str(tmp_path / "hf"), str(tmp_path / "run"), "--tokenizer=byte"])
-    ours, ckpt = load_run(tmp_path / "run")
+    ours, ckpt = load_run(tmp_path / "run", kernels)
     assert ckpt["config"]["model"]["vocab_size"] == VOCAB
     assert ours.transformer.wte.weight.shape[0] == 384 and ours.cfg.tie_embeddings == tie
     idx = tokens()
@@ -107,6 +115,24 @@ def test_import_gives_transformers_logits_and_loss(tmp_path, tie):
         assert (all_logits(ours, idx) - want).abs().max() <= 1e-4
         hf_loss = theirs(idx, labels=idx).loss  # HF shifts the labels itself
         assert torch.allclose(ours(idx[:, :-1], idx[:, 1:]), hf_loss, atol=1e-5, rtol=0)
+
+
+def test_greedy_sampling_with_the_kv_cache_continues_as_transformers(tmp_path):
+    """nanolm's KV cache (RoPE at each new position, GQA heads cached) against transformers'
+    model, greedy, on an imported model. Its forward on the whole sequence, not its generate():
+    that suppresses the config's EOS (id 2) under min_new_tokens, which nanolm has no notion of."""
+    from nanolm.sample import generate
+    theirs = hf_llama(False)
+    theirs.save_pretrained(tmp_path / "hf")
+    hf.main(["import", str(tmp_path / "hf"), str(tmp_path / "run"), "--tokenizer=byte"])
+    ours, _ = load_run(tmp_path / "run")
+    prompt = tokens(7)[:1]
+    with torch.no_grad():
+        got = generate(ours, prompt, 24, temperature=0)
+        want = prompt
+        for _ in range(24):
+            want = torch.cat([want, theirs(want).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(got, want)
 
 
 @TIES
