@@ -202,6 +202,20 @@ PRESETS = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
     # ~0.8M params: learns byte-level Python structure in a few CPU minutes
     "quickstart": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_multiple=64),
+    # nanochat's block (parameter-free RMSNorm, RoPE + QK-norm, ReLU^2, no bias, untied) at the
+    # quickstart's shape and cost, with GQA (2 query heads per K/V head) exercised too
+    "modern-cpu": dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, block_size=128, vocab_multiple=64,
+                       norm="rmsnorm", norm_weight=False, pos="rope", qk_norm=True, mlp="relu2", bias=False,
+                       tie_embeddings=False),
+    # nanochat's d12 and d20 (width 64 * depth, head size 128, MHA, context 2048), for GPUs
+    "modern-d12": dict(n_layer=12, n_head=6, n_embd=768, block_size=2048, norm="rmsnorm", norm_weight=False,
+                       pos="rope", qk_norm=True, mlp="relu2", bias=False, tie_embeddings=False),
+    "modern-d20": dict(n_layer=20, n_head=10, n_embd=1280, block_size=2048, norm="rmsnorm", norm_weight=False,
+                       pos="rope", qk_norm=True, mlp="relu2", bias=False, tie_embeddings=False),
+    # HuggingFaceTB/SmolLM2-135M's shape (its config.json); its 49152-token vocabulary comes from
+    # the tokenizer (--tokenizer=hf:DIR), as every preset's does
+    "smollm2-135m": dict(n_layer=30, n_head=9, n_kv_head=3, n_embd=576, block_size=2048, norm="rmsnorm",
+                         norm_eps=1e-5, pos="rope", rope_theta=1e5, mlp="swiglu", mlp_hidden=1536, bias=False),
 }
 
 

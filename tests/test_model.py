@@ -101,11 +101,12 @@ def test_cpu_kernels_under_cpu_bf16_autocast():
 
 
 # the block's choices (config.ModelConfig), each against GPT-2's defaults
-MODERN = dict(norm="layernorm", pos="rope", n_head=4, n_kv_head=2, qk_norm=True, mlp="swiglu", tie_embeddings=False,
-              logit_softcap=10.0)
+MODERN = dict(norm="rmsnorm", norm_weight=False, pos="rope", n_head=4, n_kv_head=2, qk_norm=True, mlp="swiglu",
+              tie_embeddings=False, logit_softcap=10.0)
+LLAMA = dict(norm="rmsnorm", pos="rope", rope_theta=1e5, n_head=4, n_kv_head=2, mlp="swiglu")  # SmolLM2's kind
 CHOICES = [dict(), dict(pos="rope"), dict(n_head=4, n_kv_head=1), dict(n_head=4, n_kv_head=2), dict(mlp="swiglu"),
            dict(mlp="relu2", mlp_hidden=40), dict(mlp="swiglu", mlp_hidden=24), dict(tie_embeddings=False),
-           dict(norm="rmsnorm"), dict(norm="rmsnorm", norm_weight=False), MODERN]
+           dict(norm="rmsnorm"), dict(norm="rmsnorm", norm_weight=False), MODERN, LLAMA]
 
 
 @pytest.mark.parametrize("choice", CHOICES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "gpt2")
@@ -116,7 +117,7 @@ def test_parameter_count_is_the_models(n_layer, n_embd, block_size, vocab, bias,
     from nanolm.model import parameter_count
     cfg = ModelConfig(**{**dict(n_layer=n_layer, n_head=2, n_embd=n_embd, block_size=block_size, vocab_size=vocab,
                                 vocab_multiple=64, bias=bias), **choice})
-    with torch.device("meta"):  # shapes only: the rmsnorm configs need no kernels to be counted
+    with torch.device("meta"):
         assert parameter_count(cfg) == GPT(cfg, TORCH).num_params(non_embedding=False)
 
 
@@ -191,13 +192,15 @@ def test_softcap_caps_the_sampled_logits_and_the_loss():
     torch.testing.assert_close(model(idx, idx), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("block", [MODERN, LLAMA], ids=["nanochat-like", "llama-like"])
 @pytest.mark.parametrize("kernels", ["torch", "auto"])
-def test_modern_block_learns_and_matches_float64(kernels):
-    """The modern block (RoPE + QK-norm, GQA, SwiGLU, untied, softcap, no bias) on the chosen
+def test_modern_block_learns_and_matches_float64(kernels, block):
+    """The modern blocks (nanochat's: parameter-free RMSNorm, RoPE + QK-norm, GQA, SwiGLU, untied,
+    softcap; Llama's: RMSNorm with weight, RoPE, GQA, SwiGLU, tied), no bias, on the chosen
     backends: loss and every gradient as the float64 torch model's, and a few AdamW steps lower
     the loss."""
     torch.manual_seed(0)
-    cfg = tiny(n_embd=64, **MODERN, bias=False)
+    cfg = tiny(n_embd=64, **block, bias=False)
     model = GPT(cfg, backends.resolve(kernels, torch.device("cpu")))
     ref = GPT(cfg, TORCH).double()
     ref.load_state_dict(model.state_dict())
@@ -215,3 +218,17 @@ def test_modern_block_learns_and_matches_float64(kernels):
         loss.backward()
         opt.step()
     assert loss.item() < first - 0.5
+
+
+def test_presets_of_the_modern_block():
+    """smollm2-135m is SmolLM2-135M's shape (134,515,008 parameters at its 49152-token vocab,
+    tied); the modern presets are nanochat's block at the quickstart's size and at d12/d20."""
+    from nanolm.model import parameter_count
+    smollm2 = ModelConfig(**PRESETS["smollm2-135m"], vocab_size=49152)
+    assert parameter_count(smollm2) == 134_515_008 and smollm2.hidden == 1536 and smollm2.kv_heads == 3
+    for name in ("modern-cpu", "modern-d12", "modern-d20"):
+        cfg = ModelConfig(**PRESETS[name], vocab_size=256)
+        assert (cfg.norm, cfg.norm_weight, cfg.pos, cfg.qk_norm, cfg.mlp, cfg.bias, cfg.tie_embeddings) == \
+            ("rmsnorm", False, "rope", True, "relu2", False, False), name
+    quick, modern = (ModelConfig(**PRESETS[n], vocab_size=256) for n in ("quickstart", "modern-cpu"))
+    assert 0.9 < parameter_count(modern) / parameter_count(quick) < 1.0  # the same budget class

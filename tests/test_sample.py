@@ -12,23 +12,37 @@ from nanolm.ops import backends
 VOCAB = 256  # byte tokenizer; the model pads its rows to 320
 
 
-def make_model(kernels="torch", device="cpu"):
+# a modern block for the cache: GQA (3 query heads per K/V head), RoPE + QK-norm, RMSNorm,
+# SwiGLU, untied, softcapped
+MODERN = dict(n_head=6, n_kv_head=2, n_embd=96, pos="rope", qk_norm=True, norm="rmsnorm", mlp="swiglu",
+              tie_embeddings=False, logit_softcap=5.0, bias=False)
+
+
+def make_model(kernels="torch", device="cpu", **block):
     torch.manual_seed(0)
-    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=VOCAB,
-                      vocab_multiple=64)
+    cfg = ModelConfig(**{**dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=VOCAB,
+                                vocab_multiple=64), **block})
     kernels = backends.resolve(kernels, torch.device(device))
     return GPT(cfg, kernels).to(device).eval()
 
 
-@pytest.fixture(params=["torch", "cpu"])
+@pytest.fixture(params=[("torch", "gpt2"), ("cpu", "gpt2"), ("torch", "modern"), ("cpu", "modern")],
+                ids=lambda p: "-".join(p))
 def model(request):
-    return make_model(request.param)
+    kernels, block = request.param
+    return make_model(kernels, **(MODERN if block == "modern" else {}))
 
 
 def all_logits(model, idx):
     """Logits at every position over the real vocabulary: (B, T, vocab_size)."""
     h = model.hidden(idx)
-    return h @ model.lm_head.weight[:model.cfg.vocab_size].t()
+    return model.softcap(h @ model.lm_head.weight[:model.cfg.vocab_size].t())
+
+
+def test_the_cache_holds_only_the_kv_heads():
+    model = make_model(**MODERN)
+    cache = KVCache.for_model(model, 3)
+    assert cache.k.shape == cache.v.shape == (2, 3, 2, 32, 16)  # (n_layer, B, n_kv_head, block_size, hs)
 
 
 def _prompt(B=2, t=5):
