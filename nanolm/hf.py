@@ -374,11 +374,13 @@ def default_tokenizer(model_type, src_dir, recorded):
     return {**HUB_DEFAULTS, **recorded}["tokenizer"]
 
 
-def import_checkpoint(src, run_dir, tokenizer=None, vocab_multiple=None):
+def import_checkpoint(src, run_dir, tokenizer=None, vocab_multiple=None, block_size=None):
     """An HF GPT-2 or Llama export (model.safetensors + config.json) as a nanolm checkpoint at
     step 0. tokenizer (see default_tokenizer) and vocab_multiple (the padding the training config
     uses: presets 128, quickstart 64) default to what a nanolm export recorded in config.json,
-    else to HUB_DEFAULTS."""
+    else to HUB_DEFAULTS. block_size (Llama only) replaces max_position_embeddings as the context
+    the checkpoint's config names, so that a preset's shorter one loads it: RoPE has no table of
+    positions, so the weights are the same for any length."""
     if not os.path.exists(src):
         raise ValueError(f"{src}: no such file or directory")
     src_dir = src if os.path.isdir(src) else os.path.dirname(src)
@@ -397,6 +399,11 @@ def import_checkpoint(src, run_dir, tokenizer=None, vocab_multiple=None):
         raise ValueError(f"vocab_multiple must be a whole number >= 1, got {vocab_multiple!r}")
     model_config = llama_model_config if model_type == "llama" else gpt2_model_config
     mcfg = model_config(hc, config_path, vocab_multiple)
+    if block_size is not None:
+        if model_type != "llama":
+            raise ValueError("--block_size is for Llama models: GPT-2's learned position table fixes its "
+                             "block_size (n_positions)")
+        mcfg = dataclasses.replace(mcfg, block_size=block_size)  # validated: ConfigError if < 1
     if tokenizer_vocab > mcfg.vocab_size:
         raise ValueError(f"tokenizer {tokenizer!r} has {tokenizer_vocab} tokens but the model's "
                          f"embedding only {mcfg.vocab_size} rows: pass the tokenizer it was trained "
@@ -441,12 +448,15 @@ def run_cli(argv):
     im.add_argument("--vocab_multiple", type=int,
                     help="vocab padding of the config that will load it (presets 128, quickstart 64); "
                          "default: what a nanolm export recorded, else 128")
+    im.add_argument("--block_size", type=int,
+                    help="Llama only: the context the checkpoint's config names (that of the preset that "
+                         "will load it, e.g. 2048 for smollm2-135m); default: max_position_embeddings")
     args = p.parse_args(argv)
     if args.cmd == "export":
         export_checkpoint(args.ckpt, args.out, args.overwrite)
         print(f"wrote {os.path.join(args.out, 'model.safetensors')} and config.json")
     else:
-        path = import_checkpoint(args.src, args.out, args.tokenizer, args.vocab_multiple)
+        path = import_checkpoint(args.src, args.out, args.tokenizer, args.vocab_multiple, args.block_size)
         print(f"wrote {path}")
 
 

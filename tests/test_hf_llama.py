@@ -38,9 +38,6 @@ transformers = import_llama()
 VOCAB = 300  # not a multiple of 128: nanolm pads it to 384 rows
 SHAPE = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
-# HuggingFaceTB/SmolLM2-135M's config.json in nanolm's terms
-SMOLLM2_135M = dict(n_layer=30, n_head=9, n_embd=576, block_size=8192, vocab_size=49152, bias=False, norm="rmsnorm",
-                    norm_eps=1e-5, pos="rope", rope_theta=1e5, n_kv_head=3, mlp="swiglu", mlp_hidden=1536)
 TIES = pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 
 
@@ -167,29 +164,41 @@ def test_nanolm_to_hf_to_nanolm_is_exact(tmp_path, tie):
 
 
 def test_smollm2_shaped_config_round_trips(tmp_path):
-    """SmolLM2-135M's widths (2 of its 30 layers, to stay quick) export to the
-    config.json of HuggingFaceTB/SmolLM2-135M, whose LlamaForCausalLM has exactly the exported
-    tensors' names and shapes, and import back to the same ModelConfig."""
-    mcfg = ModelConfig(**{**SMOLLM2_135M, "n_layer": 2})
+    """The smollm2-135m preset (2 of its 30 layers, to stay quick) exports to the config.json of
+    HuggingFaceTB/SmolLM2-135M, whose LlamaForCausalLM has exactly the exported tensors' names and
+    shapes; a file with a longer max_position_embeddings (8192) imports with --block_size=2048 to
+    the very config a run with the preset builds, so --init_from takes it."""
+    from nanolm.config import model_config, parse_args
+    preset = model_config(parse_args(["--preset=smollm2-135m", "--n_layer=2"]), 49152)
     with torch.device("meta"):
-        shapes_only = GPT(mcfg, backends.resolve("torch", torch.device("cpu")))
+        shapes_only = GPT(preset, backends.resolve("torch", torch.device("cpu")))
     state = {k: torch.zeros(v.shape) for k, v in shapes_only.state_dict().items() if isinstance(v, torch.Tensor)}
     state["lm_head.weight"] = state[hf.WTE]
-    checkpoint.save(tmp_path / "run", 0, state, {}, {"model": vars(mcfg), "tokenizer": "byte"}, {}, keep=None)
+    checkpoint.save(tmp_path / "run", 0, state, {}, {"model": vars(preset), "tokenizer": "byte"}, {}, keep=None)
     hf.main(["export", str(tmp_path / "run"), str(tmp_path / "hf")])
     hc = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert {k: hc[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-                               "rope_theta", "tie_word_embeddings", "vocab_size", "hidden_act")} == {
+                               "rope_theta", "rms_norm_eps", "tie_word_embeddings", "vocab_size", "hidden_act")} == {
         "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
-        "rope_theta": 1e5, "tie_word_embeddings": True, "vocab_size": 49152, "hidden_act": "silu"}
+        "rope_theta": 1e5, "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "vocab_size": 49152,
+        "hidden_act": "silu"}
     with torch.device("meta"):
         theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_pretrained(tmp_path / "hf"))
     from safetensors import safe_open
     with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
         exported = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     assert exported == {k: tuple(v.shape) for k, v in theirs.state_dict().items() if k != "lm_head.weight"}
-    hf.main(["import", str(tmp_path / "hf"), str(tmp_path / "back")])
-    assert checkpoint.load(tmp_path / "back")["config"]["model"] == vars(mcfg)
+    edit_config(tmp_path / "hf", max_position_embeddings=8192, nanolm=DROP)  # from elsewhere
+    hf.main(["import", str(tmp_path / "hf"), str(tmp_path / "back"), "--tokenizer=byte", "--block_size=2048"])
+    assert checkpoint.load(tmp_path / "back")["config"]["model"] == vars(preset)
+
+
+def test_block_size_is_refused_for_gpt2(tmp_path):
+    from test_hf import tiny_model
+    hf.export(tiny_model().state_dict(), tmp_path / "hf", n_head=2, vocab_size=300, tokenizer="byte",
+              vocab_multiple=64)
+    with pytest.raises(ValueError, match="learned position table fixes its block_size"):
+        hf.import_checkpoint(str(tmp_path / "hf"), str(tmp_path / "run"), block_size=16)
 
 
 def test_the_tokenizer_json_beside_the_weights_is_the_default_and_travels(tmp_path):
