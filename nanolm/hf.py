@@ -54,6 +54,8 @@ def _safetensors():
     return safetensors.torch
 
 
+# ----------------------------------------------------------------------------- GPT-2
+
 def to_hf(state_dict, vocab_size):
     """nanolm state dict -> HF GPT-2 tensors (contiguous, padding rows dropped)."""
     lm_head = state_dict.get("lm_head.weight")
@@ -121,12 +123,8 @@ def gpt2_model_config(hc, config_path, vocab_multiple):
     missing = [k for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size") if k not in hc]
     if missing:
         raise ValueError(f"{config_path} has no {', '.join(missing)}: not a GPT-2 config")
-    mcfg = ModelConfig(n_layer=hc["n_layer"], n_head=hc["n_head"], n_embd=hc["n_embd"],
-                       block_size=hc["n_positions"], vocab_size=hc["vocab_size"],
-                       vocab_multiple=vocab_multiple)
-    if mcfg.n_embd % mcfg.n_head:
-        raise ValueError(f"config.json: n_embd={mcfg.n_embd} is not divisible by n_head={mcfg.n_head}")
-    return mcfg
+    return ModelConfig(n_layer=hc["n_layer"], n_head=hc["n_head"], n_embd=hc["n_embd"],  # validated: ConfigError
+                       block_size=hc["n_positions"], vocab_size=hc["vocab_size"], vocab_multiple=vocab_multiple)
 
 
 # ----------------------------------------------------------------------------- Llama
@@ -159,7 +157,7 @@ LLAMA_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_
 # the block choices that make a nanolm model a Llama (ModelConfig fields)
 LLAMA_BLOCK = dict(norm="rmsnorm", norm_weight=True, pos="rope", mlp="swiglu", bias=False, qk_norm=False,
                    logit_softcap=0.0)
-GPT2_BLOCK = dict(norm="layernorm", norm_weight=True, pos="learned", mlp="gelu", qk_norm=False,
+GPT2_BLOCK = dict(norm="layernorm", norm_weight=True, pos="learned", mlp="gelu", bias=True, qk_norm=False,
                   tie_embeddings=True, logit_softcap=0.0)
 
 

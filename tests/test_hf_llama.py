@@ -282,3 +282,14 @@ def test_a_model_neither_llama_nor_gpt2_is_not_exported(tmp_path):
     checkpoint.save(tmp_path / "run", 0, model.state_dict(), {}, config, {}, keep=None)
     with pytest.raises(ValueError, match=r"neither a Llama \(qk_norm=True differ\)"):
         hf.export_checkpoint(str(tmp_path / "run"), str(tmp_path / "hf"))
+
+
+def test_a_gpt2_without_biases_is_not_exported(tmp_path):
+    """HF's GPT-2 always has biases: from_pretrained would fill the missing ones at random."""
+    from test_hf import tiny_model
+    model = tiny_model()
+    config = {"model": {**vars(model.cfg), "bias": False}, "tokenizer": "byte"}
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(".bias")}
+    checkpoint.save(tmp_path / "run", 0, state, {}, config, {}, keep=None)
+    with pytest.raises(ValueError, match=r"nor a GPT-2 \(bias=False differ\)"):
+        hf.export_checkpoint(str(tmp_path / "run"), str(tmp_path / "hf"))
