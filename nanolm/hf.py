@@ -23,6 +23,7 @@ Needs the optional extra: pip install 'nanolm[hf]'.
 
     python -m nanolm.hf export RUN_DIR_OR_CKPT OUT_DIR [--overwrite]  # -> OUT_DIR/model.safetensors, config.json
     python -m nanolm.hf import HF_DIR RUN_DIR             # -> RUN_DIR/ckpt_00000000.pt (weights only)
+        [--tokenizer byte|gpt2|hf:DIR] [--vocab_multiple N] [--block_size N (Llama)]
 An imported checkpoint samples with `python -m nanolm.sample --ckpt RUN_DIR` and starts a
 training run with `python -m nanolm.train --init_from=RUN_DIR ...` (e.g. fine-tuning GPT-2).
 """
