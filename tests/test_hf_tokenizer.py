@@ -100,9 +100,11 @@ def test_bad_folder_is_one_clear_error(tok_dir, tmp_path, setup, message):
         data.get_tokenizer(f"hf:{tmp_path}")
 
 
-def test_prepare_train_and_sample_with_it(tok_dir, tmp_path, monkeypatch):
-    """Shards made with hf:DIR, a run on them, its end-of-run sample decoded by it; the shards
-    are refused with another tokenizer."""
+def test_prepare_train_sample_and_eval_with_it(tok_dir, tmp_path, monkeypatch):
+    """Shards made with hf:DIR, a run on them, its end-of-run sample decoded by it, and
+    nanolm.eval's bytes (for bits per byte) those of the text; the shards are refused with
+    another tokenizer."""
+    from nanolm import eval as nanolm_eval
     from nanolm.config import parse_args
     from nanolm.train import train
     monkeypatch.chdir(tmp_path)
@@ -119,6 +121,11 @@ def test_prepare_train_and_sample_with_it(tok_dir, tmp_path, monkeypatch):
                             "--out_dir=run"]))
     assert out["sample"].startswith("First")
     assert json.loads((tmp_path / "run" / "config.json").read_text())["tokenizer"] == f"hf:{tok_dir.resolve()}"
+    val_text = data.split_text(text.read_text())[1]
+    tok = data.get_tokenizer(f"hf:{tok_dir}")
+    first = tok.decode_bytes(tok.encode(val_text)[:1])  # the split's first token is no target
+    result = nanolm_eval.main(["--ckpt", "run", "--device", "cpu"])
+    assert result["bytes"] == len(val_text.encode("utf-8")) - len(first)
 
 
 def test_a_vocab_beyond_uint16_keeps_its_ids(tok_dir, tmp_path):
