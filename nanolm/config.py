@@ -366,10 +366,13 @@ def validate(cfg):
     mc = model_config(cfg, 256)
     if mc.n_head % cfg.tp:
         raise ConfigError(f"n_head={mc.n_head} is not divisible by tp={cfg.tp}")
-    # each rank holds n_kv_head/tp KV heads, or with fewer KV heads than ranks the one its query heads read
-    if (mc.kv_heads % cfg.tp) if mc.kv_heads >= cfg.tp else (cfg.tp % mc.kv_heads):
-        raise ConfigError(f"n_kv_head={mc.kv_heads} and tp={cfg.tp}: one must divide the other "
-                          "(KV heads are split across the tensor-parallel ranks, or replicated)")
+    if mc.kv_heads % cfg.tp:  # each rank holds n_kv_head/tp K/V heads
+        raise ConfigError(f"n_kv_head={mc.kv_heads} is not divisible by tp={cfg.tp} (the K/V heads are split "
+                          "across the tensor-parallel ranks; replicating fewer is not implemented)")
+    if mc.hidden % cfg.tp:
+        raise ConfigError(f"the MLP's hidden width {mc.hidden} is not divisible by tp={cfg.tp} (set --mlp_hidden)")
+    if mc.logit_softcap and cfg.tp > 1:
+        raise ConfigError("logit_softcap > 0 with tp > 1: the vocab-parallel loss has no softcap")
 
 
 def as_dict(cfg):

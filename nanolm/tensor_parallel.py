@@ -2,11 +2,13 @@
 split over the n ranks of a tensor-parallel group, on the communicators of nanolm/dist.py.
 
 A block on rank r of n (X the (B*T, C) LayerNorm output, identical on every rank):
-  attention  c_attn is column-parallel: W (3C, C) keeps the rows of r's heads in each of q, k, v,
-             so X W_r^T (B, T, 3C/n) is already the fused [q | k | v] layout of nh/n heads that
-             attention.causal_attention reads; c_proj is row-parallel: W (C, C) keeps the input columns
-             of those heads, each rank's Y_r W_r^T is a partial sum, one all-reduce adds them.
-  MLP        c_fc column-parallel (4C/n of the hidden units), c_proj row-parallel + all-reduce.
+  attention  c_attn is column-parallel: W ((nh + 2*nkv)*hs, C) keeps the rows of r's nh/n query
+             heads and of the nkv/n K/V heads they read (GQA groups stay on one rank), so
+             X W_r^T is already the packed [q | k | v] layout that rope and attention read;
+             c_proj is row-parallel: W (C, nh*hs) keeps the input columns of those heads, each
+             rank's Y_r W_r^T is a partial sum, one all-reduce adds them.
+  MLP        c_fc column-parallel (hidden/n units; for SwiGLU the gate and the up rows of the
+             same units), c_proj row-parallel + all-reduce.
 The conjugate pair of collectives (Megatron's f and g):
   copy_to_group    identity forward, all-reduce of the gradient backward: at every
                    column-parallel input, since each rank's slice contributes a part of dX.
@@ -26,8 +28,9 @@ Vocab parallel: wte (Vp, C) and the tied lm_head are split by rows, rank r holdi
 all-reduces; the loss is cross_entropy.vocab_parallel_linear_cross_entropy (nanolm/ops/), which never
 gathers the logits.
 
-Parameters carry `tp_split = (dim, groups, full size)`: the dim they are cut along, how many
-interleaved groups it holds (3 for c_attn's q, k, v; the cut takes rank r's part of each), and
+Parameters carry `tp_split = (dim, groups, full size)`: the dim they are cut along, the groups it
+holds (a count of equal ones: 2 for SwiGLU's [gate | up]; or their lengths: c_attn's q, k, v
+rows, unequal with GQA; the cut takes rank r's part of each), and
 its 1-process length (the vocabulary rows are padded to a multiple of n when n does not divide
 them, so any n that divides n_head works).
 Checkpoints are gathered to the 1-process tensors (gather_state_dict), so one file loads on any
@@ -77,8 +80,14 @@ def copy_to_group(x, group):
 
 # ----------------------------------------------------------------------------- slicing
 
+def _group_sizes(groups, size):
+    """The lengths of the groups along the split dim: `groups` equal ones (an int), or as given (a
+    tuple: c_attn's [q | k | v] with GQA holds H*hs, Hkv*hs, Hkv*hs rows)."""
+    return (size // groups,) * groups if isinstance(groups, int) else tuple(groups)
+
+
 def shard(full, split, rank, n):
-    """Rank's slice of a full tensor: dim `split[0]` holds split[1] groups, each cut in n. An
+    """Rank's slice of a full tensor: dim `split[0]` holds groups (split[1]), each cut in n. An
     ungrouped dim that n does not divide (the vocabulary rows) is first padded with zero rows
     to a multiple of n: the last ranks hold the padding, which no id looks up or predicts."""
     dim, groups, size = split
@@ -86,10 +95,12 @@ def shard(full, split, rank, n):
         pad = list(full.shape)
         pad[dim] = -size % n
         full, size = torch.cat([full, full.new_zeros(pad)], dim), size + pad[dim]
-    if size % (groups * n):
-        raise ValueError(f"tensor parallel: dim {dim} of size {size} does not split into {groups} "
-                         f"groups of {n} equal parts")
-    return full.unflatten(dim, (groups, n, size // (groups * n))).select(dim + 1, rank).flatten(dim, dim + 1)
+    sizes = _group_sizes(groups, size)
+    if sum(sizes) != size or any(g % n for g in sizes):
+        raise ValueError(f"tensor parallel: dim {dim} of size {size} does not split into groups {sizes} "
+                         f"of {n} equal parts each")
+    return torch.cat([part.narrow(dim, rank * (g // n), g // n) for part, g in zip(full.split(sizes, dim), sizes)],
+                     dim)
 
 
 def gather(local, split, comm):
@@ -98,8 +109,9 @@ def gather(local, split, comm):
     n = comm.env.world_size
     out = torch.empty((n, *local.shape), dtype=local.dtype, device=local.device)
     comm.wait(comm.all_gather(out.view(-1), local.detach().contiguous().view(-1)))
-    # (n, ..., groups*m, ...) -> (..., groups, n, m, ...) -> (..., groups*n*m, ...), less any padding
-    return out.unflatten(dim + 1, (groups, -1)).movedim(0, dim + 1).flatten(dim, dim + 2).narrow(dim, 0, size)
+    # per group: (n, ..., m, ...) -> (..., n, m, ...) -> (..., n*m, ...); the groups in order, less any padding
+    parts = out.split([g // n for g in _group_sizes(groups, -(-size // n) * n)], dim + 1)
+    return torch.cat([part.movedim(0, dim).flatten(dim, dim + 1) for part in parts], dim).narrow(dim, 0, size)
 
 
 def _sharded_parameter(full, dim, groups, comm):
@@ -191,16 +203,18 @@ def parallelize(model, comm):
     if cfg.logit_softcap:
         raise ValueError("tensor parallel: the vocab-parallel loss has no logit softcap; train "
                          "logit_softcap > 0 with --tp=1")
-    if cfg.kv_heads != cfg.n_head:
-        raise ValueError(f"tensor parallel: n_kv_head={cfg.kv_heads} < n_head={cfg.n_head} (GQA) is not "
-                         "split across ranks yet; train it with --tp=1")
+    if cfg.kv_heads % n:
+        raise ValueError(f"tensor parallel: n_kv_head={cfg.kv_heads} is not divisible by tp={n} (replicating "
+                         "fewer K/V heads than ranks is not implemented)")
     for p in model.parameters():
         comm.wait(comm.broadcast(p.data, root=0))
+    qkv_rows = tuple(heads * cfg.head_size for heads in (cfg.n_head, cfg.kv_heads, cfg.kv_heads))
     for block in model.transformer.h:
         attn, mlp = block.attn, block.mlp
-        attn.c_attn = ColumnParallelLinear(attn.c_attn, comm, n_groups=3)  # [q | k | v]: r's heads of each
+        # [q | k | v]: rank r keeps its n_head/n query heads and the n_kv_head/n K/V heads they read
+        attn.c_attn = ColumnParallelLinear(attn.c_attn, comm, n_groups=qkv_rows)
         attn.c_proj = RowParallelLinear(attn.c_proj, comm)
-        attn.n_head = attn.n_kv_head = cfg.n_head // n
+        attn.n_head, attn.n_kv_head = cfg.n_head // n, cfg.kv_heads // n
         # SwiGLU's [gate | up] rows: rank r keeps the gate and the up rows of the same hidden units
         mlp.c_fc = ColumnParallelLinear(mlp.c_fc, comm, n_groups=2 if cfg.mlp == "swiglu" else 1)
         mlp.c_proj = RowParallelLinear(mlp.c_proj, comm)

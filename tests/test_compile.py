@@ -20,6 +20,10 @@ from nanolm.optim import FlatAdamW
 # of up to the lr: compiled and eager would differ there by rounding, scaled up to the lr.
 CFG = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, vocab_multiple=64, dropout=0.1,
                   bias=False)
+# the modern block: GQA, RoPE + QK-norm, parameter-free RMSNorm, SwiGLU, untied, softcapped loss
+MODERN = ModelConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, block_size=16, vocab_size=64, vocab_multiple=64,
+                     dropout=0.1, bias=False, pos="rope", qk_norm=True, norm="rmsnorm", norm_weight=False,
+                     mlp="swiglu", tie_embeddings=False, logit_softcap=15.0)
 STEPS, GRAD_ACCUM = 20, 2
 # 20 AdamW steps of compiled vs eager: the registered ops are the same kernels, the rest (GELU,
 # matmuls, bias adds) Inductor's fused code, rounded differently: fp32 rounding, and in bf16 the
@@ -27,9 +31,9 @@ STEPS, GRAD_ACCUM = 20, 2
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=3e-2, atol=3e-3)}
 
 
-def _model():
+def _model(cfg=CFG):
     torch.manual_seed(0)
-    model = GPT(CFG, backends.resolve("cpu", torch.device("cpu")), recompute="block")
+    model = GPT(cfg, backends.resolve("cpu", torch.device("cpu")), recompute="block")
     model.dropout.seed = 7
     return model
 
@@ -53,23 +57,25 @@ def _train(model, forward, dtype):
 
 
 @pytest.mark.slow
-def test_compiled_training_equals_eager():
-    model = _model()
+@pytest.mark.parametrize("cfg", [CFG, MODERN], ids=["gpt2", "modern"])
+def test_compiled_training_equals_eager(cfg):
+    model = _model(cfg)
     start = copy.deepcopy(model.state_dict())
     forward = compiled(model)
     for dtype in TOL:
         model.load_state_dict(start)  # the dropout stream's count of forwards too
         got_losses, got = _train(model, forward, dtype)
-        eager = _model()
+        eager = _model(cfg)
         want_losses, want = _train(eager, eager, dtype)
         torch.testing.assert_close(got_losses, want_losses, **TOL[dtype])
         for name in want:
             torch.testing.assert_close(got[name], want[name], **TOL[dtype], msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_no_graph_breaks():
+@pytest.mark.parametrize("cfg", [CFG, MODERN], ids=["gpt2", "modern"])
+def test_no_graph_breaks(cfg):
     """The training forward (dropout, block recompute) traces as one graph."""
-    model = _model()
+    model = _model(cfg)
     x = torch.randint(0, CFG.vocab_size, (2, CFG.block_size))
     explanation = torch._dynamo.explain(model)(x, x)
     assert explanation.graph_break_count == 0, explanation.break_reasons

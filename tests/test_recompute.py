@@ -10,13 +10,16 @@ from nanolm.optim import FlatAdamW
 from nanolm.ops import backends
 
 CFG = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=100, vocab_multiple=64)
+# the modern block: GQA, RoPE + QK-norm, RMSNorm, SwiGLU, untied
+MODERN = dict(n_head=2, n_kv_head=1, pos="rope", qk_norm=True, norm="rmsnorm", mlp="swiglu", tie_embeddings=False,
+              bias=False)
 BATCH = 3
 
 
-def build(recompute, kernel_set, dropout=0.0):
+def build(recompute, kernel_set, dropout=0.0, **block):
     torch.manual_seed(7)  # the same initial weights for every mode
     impls = backends.resolve(kernel_set, torch.device("cpu"))
-    model = GPT(dataclasses.replace(CFG, dropout=dropout), impls, recompute)
+    model = GPT(dataclasses.replace(CFG, dropout=dropout, **block), impls, recompute)
     return model, FlatAdamW(model.named_parameters(), 1e-2, (0.9, 0.95), 1e-8, 0.1, 1.0, impls["adamw"])
 
 
@@ -26,9 +29,9 @@ def batches(n):
              torch.randint(0, CFG.vocab_size, (BATCH, CFG.block_size), generator=g)) for _ in range(n)]
 
 
-def train_steps(recompute, kernel_set, dropout, n=3):
+def train_steps(recompute, kernel_set, dropout, n=3, **block):
     """Losses, first-step gradient and final weights of n optimizer steps."""
-    model, opt = build(recompute, kernel_set, dropout)
+    model, opt = build(recompute, kernel_set, dropout, **block)
     losses, first_grad = [], None
     for x, y in batches(n):
         opt.zero_grad()
@@ -40,13 +43,15 @@ def train_steps(recompute, kernel_set, dropout, n=3):
     return torch.stack(losses), first_grad, {k: p.detach().clone() for k, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("block", ["gpt2", "modern"])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize("kernel_set", ["torch", "cpu"])
 @pytest.mark.parametrize("recompute", ["mlp", "block"])
-def test_training_is_bit_identical(recompute, kernel_set, dropout):
+def test_training_is_bit_identical(recompute, kernel_set, dropout, block):
     """With dropout the rerun block regenerates its masks from the same (seed, offset)."""
-    ref_losses, ref_grad, ref_weights = train_steps("none", kernel_set, dropout)
-    losses, grad, weights = train_steps(recompute, kernel_set, dropout)
+    choices = MODERN if block == "modern" else {}
+    ref_losses, ref_grad, ref_weights = train_steps("none", kernel_set, dropout, **choices)
+    losses, grad, weights = train_steps(recompute, kernel_set, dropout, **choices)
     assert torch.equal(losses, ref_losses)
     assert torch.equal(grad, ref_grad)
     assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)

@@ -218,12 +218,21 @@ def test_parallelize_slices_and_gathers_back():
         assert back["layout"] == state["layout"]
 
 
+# the modern block on 3 ranks: 2 query heads and 1 K/V head each (GQA), SwiGLU's gate and up rows
+# split alike, RoPE + QK-norm, parameter-free RMSNorm, an untied lm_head sliced like wte
+MODERN = dict(n_head=6, n_kv_head=3, n_embd=96, mlp="swiglu", mlp_hidden=192, pos="rope", qk_norm=True,
+              norm="rmsnorm", norm_weight=False, bias=False, tie_embeddings=False)
+
+
+@pytest.mark.parametrize("block", ["gpt2", "modern"])
 @pytest.mark.parametrize("name", ["torch", "cpu"])
-def test_tensor_parallel_model_loss_and_gradients_match_one_process(name):
+def test_tensor_parallel_model_loss_and_gradients_match_one_process(name, block):
     """tp=3 over 3 heads with a vocabulary of 37 rows (so the last rank also holds 2 rows of
     padding): the same loss on every rank, and gradients that gather to the 1-process ones."""
-    kernels = dict(W.TORCH, **({} if name == "torch" else {op: "cpu" for op in W.TORCH}))
-    cfg = ModelConfig(n_layer=2, n_head=3, n_embd=48, block_size=8, vocab_size=37, vocab_multiple=1)
+    kernels = dict(W.TORCH, **({} if name == "torch" else {op: "cpu" for op in ("layernorm", "attention",
+                                                                                 "cross_entropy", "adamw")}))
+    shape = dict(n_head=3, n_embd=48) if block == "gpt2" else MODERN
+    cfg = ModelConfig(n_layer=2, block_size=8, vocab_size=37, vocab_multiple=1, **shape)
     torch.manual_seed(5)
     idx = torch.randint(0, 37, (3, 8))
     targets = idx.roll(-1, 1)
@@ -329,13 +338,17 @@ def test_killed_tensor_parallel_rank_stops_the_others(tmp_path):
     assert seconds < 45, f"rank 0 took {seconds:.1f} s to notice"
 
 
-def test_torchrun_tp2_dp2_matches_one_process_and_resumes_across_layouts(tmp_path, monkeypatch):
+@pytest.mark.parametrize("model", [["--n_head=2", "--n_embd=32"],
+                                   ["--preset=modern-cpu", "--n_head=4", "--n_kv_head=2", "--n_embd=64"]],
+                         ids=["gpt2", "modern"])
+def test_torchrun_tp2_dp2_matches_one_process_and_resumes_across_layouts(tmp_path, monkeypatch, model):
     """`torchrun --nproc_per_node=4 -m nanolm.train --tp=2` (C++ cpu kernels) ends where one process with the
     global batch (2 per replica x 2 replicas -> 4) does; its step-4 checkpoint (gathered) resumes
     on 1 process, which takes that global batch itself and reaches the 4 ranks' step-6 weights;
-    and the 1-process step-4 checkpoint resumes on 2 ranks with --tp=2 (sliced on load)."""
+    and the 1-process step-4 checkpoint resumes on 2 ranks with --tp=2 (sliced on load). The modern
+    preset (GQA: 2 query heads and 1 K/V head per rank) as GPT-2's."""
     from nanolm.train import config_from_args, train
-    args = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--eval_iters=1",
+    args = [*model, "--n_layer=1", "--block_size=32", "--eval_iters=1",
             "--log_interval=2", "--max_steps=6", "--eval_interval=100", "--sample_tokens=4",
             "--kernels=cpu", "--grad_accum=2", "--ckpt_interval=4", "--warmup=2", "--lr=3e-3",
             "--dtype=float32"]  # compared at fp32 tolerance across layouts: no bf16 autocast
