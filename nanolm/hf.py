@@ -340,7 +340,14 @@ def export_llama(state_dict, out_dir, mcfg, tokenizer, overwrite=False):
 
 
 def read_tensors(path):
-    """The tensors of a model.safetensors file or of a directory holding one."""
+    """The tensors of a model.safetensors file or of a directory holding one, or holding the
+    shards that model.safetensors.index.json lists (save_pretrained splits large models so)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isdir(path) and os.path.isfile(index):
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        if not shards:
+            raise ValueError(f"{index} has no weight_map: not a safetensors index")
+        return {k: v for shard in shards for k, v in read_tensors(os.path.join(path, shard)).items()}
     if os.path.isdir(path):
         path = os.path.join(path, "model.safetensors")
     if not os.path.isfile(path):

@@ -114,6 +114,17 @@ def test_import_gives_transformers_logits_and_loss(tmp_path, tie, kernels):
         assert torch.allclose(ours(idx[:, :-1], idx[:, 1:]), hf_loss, atol=1e-5, rtol=0)
 
 
+def test_a_model_saved_in_shards_imports_whole(tmp_path):
+    """Large models come as model-0000k-of-0000n.safetensors listed by an index."""
+    hf_llama(False).save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
+    hf.main(["import", str(tmp_path / "hf"), str(tmp_path / "run"), "--tokenizer=byte"])
+    hf_llama(False).save_pretrained(tmp_path / "one")
+    hf.main(["import", str(tmp_path / "one"), str(tmp_path / "run1"), "--tokenizer=byte"])
+    sharded, whole = checkpoint.load(tmp_path / "run")["model"], checkpoint.load(tmp_path / "run1")["model"]
+    assert sharded.keys() == whole.keys() and all(torch.equal(sharded[k], whole[k]) for k in whole)
+
+
 def test_greedy_sampling_with_the_kv_cache_continues_as_transformers(tmp_path):
     """nanolm's KV cache (RoPE at each new position, GQA heads cached) against transformers'
     model, greedy, on an imported model. Its forward on the whole sequence, not its generate():
