@@ -234,9 +234,11 @@ def from_llama(tensors, mcfg):
         if name in out:
             t = out[name]
             out[name] = torch.cat([t, t.new_zeros(mcfg.padded_vocab - t.shape[0], t.shape[1])])
+    # fp32, as nanolm's parameters (Hub files are often bf16: SmolLM2's are); autocast runs bf16 math
+    out = {k: v.float().contiguous() for k, v in out.items()}
     if mcfg.tie_embeddings:
         out["lm_head.weight"] = out[WTE]
-    return {k: v.contiguous() for k, v in out.items()}
+    return out
 
 
 def to_llama(state_dict, mcfg):

@@ -125,6 +125,15 @@ def test_a_model_saved_in_shards_imports_whole(tmp_path):
     assert sharded.keys() == whole.keys() and all(torch.equal(sharded[k], whole[k]) for k in whole)
 
 
+def test_bf16_weights_import_as_fp32(tmp_path):
+    theirs = hf_llama(True).to(torch.bfloat16)
+    theirs.save_pretrained(tmp_path / "hf")
+    hf.main(["import", str(tmp_path / "hf"), str(tmp_path / "run"), "--tokenizer=byte"])
+    state = checkpoint.load(tmp_path / "run")["model"]
+    assert all(t.dtype == torch.float32 for t in state.values() if isinstance(t, torch.Tensor))
+    assert torch.equal(state["transformer.h.1.mlp.c_proj.weight"], theirs.model.layers[1].mlp.down_proj.weight.float())
+
+
 def test_greedy_sampling_with_the_kv_cache_continues_as_transformers(tmp_path):
     """nanolm's KV cache (RoPE at each new position, GQA heads cached) against transformers'
     model, greedy, on an imported model. Its forward on the whole sequence, not its generate():
