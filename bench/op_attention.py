@@ -1,7 +1,10 @@
 """Causal attention cases: forward, backward, forward+backward over the fused qkv layout.
 Shapes: B·T = 16k tokens, T 1k-8k, head dim 64 and 128, nh·hs = 2048 (as FlashAttention's
-benchmark); bf16 on GPU, small fp32 on CPU. The reference runs on batch element 0 only, so
-checking the T=8k cases does not need the (B, nh, T, T) fp32 score matrix of the whole batch."""
+benchmark); bf16 on GPU, small fp32 on CPU. Grouped-query attention (nkv < nh K/V heads, each
+shared by nh / nkv query heads) at Llama's 32/8 and SmolLM2's 9/3, against the eager
+repeat-K/V-heads form (Llama's repeat_kv), its torch.compile, and SDPA with enable_gqa. The
+reference runs on batch element 0 only, so checking the T=8k cases does not need the
+(B, nh, T, T) fp32 score matrix of the whole batch."""
 import math
 
 import torch
@@ -13,12 +16,14 @@ from bench.cases import Case, Impl, op_dtypes, op_setup, tol_for
 from nanolm import flops
 from nanolm.ops import attention
 
-SHAPES = {  # (B, T, nh, hs)
-    "full_cuda": [(16384 // T, T, 2048 // hs, hs) for hs in (64, 128) for T in (1024, 2048, 4096, 8192)],
-    "full_cpu": [(4096 // T, T, 12, 64) for T in (256, 512, 1024)],  # GPT-2 small heads, 4k tokens
-    "quick_cuda": [(16, 1024, 32, 64), (4, 4096, 16, 128)],
-    "quick_cpu": [(2, 128, 4, 64), (1, 256, 4, 64)],
-    "tiny": [(1, 32, 2, 64)],  # head size 64: the one the cuda kernels (and cuda_sim) have
+SHAPES = {  # (B, T, nh, nkv, hs)
+    "full_cuda": [(16384 // T, T, 2048 // hs, 2048 // hs, hs) for hs in (64, 128) for T in (1024, 2048, 4096, 8192)]
+    + [(16384 // T, T, 32, 8, 64) for T in (1024, 4096)],
+    "full_cpu": [(4096 // T, T, 12, 12, 64) for T in (256, 512, 1024)]  # GPT-2 small heads, 4k tokens
+    + [(4096 // T, T, 9, 3, 64) for T in (256, 1024)],  # SmolLM2-135M's heads
+    "quick_cuda": [(16, 1024, 32, 32, 64), (4, 4096, 16, 16, 128), (4, 4096, 32, 8, 64)],
+    "quick_cpu": [(2, 128, 4, 4, 64), (1, 256, 4, 4, 64), (2, 128, 9, 3, 64)],
+    "tiny": [(1, 32, 2, 2, 64), (1, 32, 6, 2, 64)],  # head size 64: the one the cuda kernels (and cuda_sim) have
 }
 MODES = {"full": ("fwd", "bwd", "fwd+bwd"), "quick": ("fwd", "bwd"), "tiny": ("fwd", "bwd")}
 NO_DONATED_BUFFERS = functorch_config.patch(donated_buffer=False)
@@ -26,10 +31,16 @@ SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_A
         "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
-def _inputs(B, T, nh, hs, dtype, device):
+def _split(qkv, nh):
+    """q, k, v views into the packed (B, T, nh + 2*nkv, hs) [q heads | k heads | v heads]."""
+    nkv = (qkv.shape[2] - nh) // 2
+    return qkv.split((nh, nkv, nkv), dim=2)
+
+
+def _inputs(B, T, nh, nkv, hs, dtype, device):
     def make():
-        qkv = torch.randn(B, T, 3, nh, hs, dtype=dtype, device=device)
-        q, k, v = qkv.unbind(2)
+        qkv = torch.randn(B, T, nh + 2 * nkv, hs, dtype=dtype, device=device)
+        q, k, v = _split(qkv, nh)
         t = {"qkv": qkv, "q": q, "k": k, "v": v, "scale": 1 / math.sqrt(hs),
              "do": torch.randn(B, T, nh, hs, dtype=dtype, device=device)}
         outs = [attention.attention_fwd(q[b:b + 1], k[b:b + 1], v[b:b + 1], t["scale"], None) for b in range(B)]
@@ -42,14 +53,18 @@ def _inputs(B, T, nh, hs, dtype, device):
 def _reference(mode):
     def ref(t):
         q, k, v, do, o, lse = (t[n][:1] for n in ("q", "k", "v", "do", "o", "lse"))
-        grads = [torch.empty_like(q, dtype=o.dtype) for _ in range(3)]
+        grads = [torch.empty_like(x, dtype=o.dtype) for x in (q, k, v)]
         attention.attention_bwd(do, q, k, v, o, lse, t["scale"], *grads, None)
         return {"fwd": (o,), "bwd": tuple(grads), "fwd+bwd": (o, *grads)}[mode]
     return ref
 
 
 def softmax_attention(q, k, v, scale):
-    """Attention written the ordinary way; q, k, v (B, T, nh, hs) -> (B, T, nh, hs)."""
+    """Attention written the ordinary way; q (B, T, nh, hs), k, v (B, T, nkv, hs) -> (B, T, nh, hs);
+    with nkv < nh the K/V heads are repeated for their groups first (Llama's repeat_kv)."""
+    group = q.shape[2] // k.shape[2]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, nh, T, hs)
     T = q.shape[2]
     att = (q @ k.transpose(-2, -1)) * scale
@@ -61,7 +76,7 @@ def _sdpa(backend):
     def attn(q, k, v, scale):
         with sdpa_kernel(backend):
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, scale=scale)
+                                               is_causal=True, scale=scale, enable_gqa=k.shape[2] != q.shape[2])
         return o.transpose(1, 2)
     return attn
 
@@ -69,7 +84,7 @@ def _sdpa(backend):
 def _nanolm_impl(be, mode):
     def make(t):
         dqkv = torch.empty_like(t["qkv"])
-        dq, dk, dv = dqkv.unbind(2)
+        dq, dk, dv = _split(dqkv, t["q"].shape[2])
 
         def run():
             o, lse = (t["o"], t["lse"]) if mode == "bwd" else be.attention_fwd(t["q"], t["k"], t["v"], t["scale"], None)
@@ -85,7 +100,7 @@ def _baseline_impl(fn, mode):
     def make(t):
         if mode == "fwd":
             return lambda: (fn(t["q"], t["k"], t["v"], t["scale"]),)
-        qkv = t["qkv"].detach().requires_grad_()
+        qkv, nh = t["qkv"].detach().requires_grad_(), t["q"].shape[2]
 
         # Timing the backward alone replays one graph (retain_graph), which torch.compile forbids
         # when its backward reuses ("donates") the saved buffers. Dynamo shares compiled graphs
@@ -93,12 +108,12 @@ def _baseline_impl(fn, mode):
         # forward or backward here, compiled or not, donates.
         @NO_DONATED_BUFFERS
         def forward():
-            q, k, v = qkv.unbind(2)
+            q, k, v = _split(qkv, nh)
             return fn(q, k, v, t["scale"])
 
         @NO_DONATED_BUFFERS
         def grads(o, retain):
-            return torch.autograd.grad(o, qkv, t["do"], retain_graph=retain)[0].unbind(2)
+            return _split(torch.autograd.grad(o, qkv, t["do"], retain_graph=retain)[0], nh)
 
         if mode == "bwd":
             o = forward()
@@ -140,18 +155,19 @@ def cases(device, size):
 def _cases(device, size, dtype):
     key, dtype, dname, available, skipped, compiled = op_setup("attention", device, size, dtype)
     out = []
-    for B, T, nh, hs in SHAPES[key]:
-        probe = [torch.randn(1, 16, nh, hs, dtype=dtype, device=device) for _ in range(3)] + [hs ** -0.5]
+    for B, T, nh, nkv, hs in SHAPES[key]:
+        probe = [torch.randn(1, 16, n, hs, dtype=dtype, device=device) for n in (nh, nkv, nkv)] + [hs ** -0.5]
         fns, sdpa_skipped = _baselines(device, compiled, probe)
         here, no_kernel = _with_head_size(available, hs)
+        gqa = f" nkv={nkv}" if nkv != nh else ""  # multi-head cases keep their names
         for mode in MODES[size]:
             impls = [Impl(n, "nanolm", _nanolm_impl(be, mode)) for n, be in here.items()]
             impls += [Impl(n, "baseline", _baseline_impl(fn, mode)) for n, fn in fns.items()]
             out.append(Case(
-                op="attention", dtype=dtype, name=f"{mode} B={B} T={T} nh={nh} hs={hs} {dname}",
-                series=f"{mode} hs={hs} {dname}", x=T, x_label="sequence length T", metric="TFLOP/s",
-                work=flops.attention_flops(B, nh, T, hs, mode),
-                make_inputs=_inputs(B, T, nh, hs, dtype, device), reference=_reference(mode),
-                impls=impls, tol=tol_for(dtype), working_set=5 * B * T * nh * hs * dtype.itemsize,
+                op="attention", dtype=dtype, name=f"{mode} B={B} T={T} nh={nh}{gqa} hs={hs} {dname}",
+                series=f"{mode} hs={hs}{gqa and f' nh/nkv={nh}/{nkv}'} {dname}", x=T, x_label="sequence length T",
+                metric="TFLOP/s", work=flops.attention_flops(B, nh, T, hs, mode),
+                make_inputs=_inputs(B, T, nh, nkv, hs, dtype, device), reference=_reference(mode),
+                impls=impls, tol=tol_for(dtype), working_set=(3 * nh + 2 * nkv) * B * T * hs * dtype.itemsize,
                 view=lambda out: tuple(x[:1] for x in out), skipped={**skipped, **sdpa_skipped, **no_kernel}))
     return out

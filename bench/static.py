@@ -181,7 +181,7 @@ def _capture(module, names, case, production, run):
                 num_warps, num_stages = meta.pop("num_warps", 4), meta.pop("num_stages", 3)
                 sig, consts, attrs = _specialise(r.fn, {**dict(zip(r.fn.arg_names, args)), **meta})
                 label = " ".join([f"+{k.removeprefix('HAS_').lower()}" for k, v in meta.items()
-                                  if (k.startswith("HAS_") or k == "DROPOUT") and v]
+                                  if (k.startswith("HAS_") or k in ("DROPOUT", "RMS")) and v]
                                  + [f"{k}={v}" for k, v in meta.items() if k.startswith("BLOCK") or k == "ROWS"])
                 out.append(Launch(module.__name__, r.fn.__name__, case, f"{label} w{num_warps} s{num_stages}",
                                   production, sig, consts, attrs, num_warps, num_stages, r.fn.cache_key))

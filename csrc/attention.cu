@@ -1,9 +1,12 @@
 // Causal flash attention on tensor cores (sm_80+): forward and backward, bf16 and fp16.
 //
-// Per (batch b, head h), with S = scale * Q K^T masked above the diagonal:
+// Per (batch b, query head h), K and V being those of K/V head h / group (grouped-query attention:
+// nh query heads share nkv = nh / group K/V heads; group 1 is multi-head attention), with
+// S = scale * Q K^T masked above the diagonal:
 //   forward   O = softmax(S) V,  lse = logsumexp of each row of S (fp32, saved for the backward)
-//   backward  delta = rowsum(dO * O);  P = exp(S - lse);  dV = P^T dO;  dP = dO V^T;
-//             dS = P * (dP - delta);  dQ = scale * dS K;  dK = scale * dS^T Q
+//   backward  delta = rowsum(dO * O);  P = exp(S - lse);  dV = sum over the group of P^T dO;
+//             dP = dO V^T;  dS = P * (dP - delta);  dQ = scale * dS K;
+//             dK = scale * sum over the group of dS^T Q
 //
 // Algorithm: FlashAttention-2. The T x T matrix is never formed.
 //  - attention_fwd_kernel: one CTA per (64-row query block, b*h); 4 warps each own 16 query
@@ -12,9 +15,13 @@
 //    the O accumulator stay in registers. Key blocks past the diagonal are skipped; only the
 //    diagonal block is masked.
 //  - attention_bwd_delta_kernel: delta = rowsum(dO * O), one warp per row, into an fp32 buffer.
-//  - attention_bwd_dkdv_kernel: one CTA per 64-key block; warp w owns keys 16w..16w+15 and
-//    loops over the query blocks from the diagonal to T, recomputing S^T = K Q^T and
-//    P^T = exp2(S^T - lse) and accumulating dV += P^T dO and dK += dS^T Q in registers.
+//  - attention_bwd_dkdv_kernel: one CTA per (64-key block, b * K/V head), loading its K, V tile
+//    into shared memory once; warp w owns keys 16w..16w+15 and loops over the group's query
+//    heads in order and, for each, over the query blocks from the diagonal to T (one pipelined
+//    sequence of (head, block) steps), recomputing S^T = K Q^T and P^T = exp2(S^T - lse) and
+//    accumulating dV += P^T dO and dK += dS^T Q in registers: the group's sum in a fixed
+//    order, no atomics. The forward and dQ CTAs of query head h read K/V head h / group (the
+//    group's CTAs of one query block are neighbours in the grid: their K/V come from L2).
 //  - attention_bwd_dq_kernel: one CTA per 64-row query block, looping over key blocks up to the
 //    diagonal: dQ += dS K. Each output element has exactly one writer, so the backward uses no
 //    atomics and is bit-for-bit deterministic (FA2's atomicAdd dQ is not).
@@ -34,10 +41,10 @@
 // ldmatrix phase and of each cp.async wave hit 8 different bank groups: conflict-free without
 // padding.
 //
-// Layouts accepted: q, k, v, o, dO, dq, dk, dv are (B, T, nh, hs) with unit stride on hs and any
-// batch / sequence / head strides (multiples of 8 elements, 16-byte aligned base): the views
-// q, k, v = qkv.view(B, T, 3, nh, hs).unbind(2) of the fused projection are read in place, and
-// dq, dk, dv may be the matching views of one dqkv buffer. lse and delta are (B, nh, T) fp32.
+// Layouts accepted: q, o, dO, dq are (B, T, nh, hs) and k, v, dk, dv (B, T, nkv, hs), with unit
+// stride on hs and any batch / sequence / head strides (multiples of 8 elements, 16-byte aligned
+// base): the views q, k, v = qkv.view(B, T, nh + 2 * nkv, hs).split(...) of the fused projection
+// are read in place, and dq, dk, dv may be the matching views of one dqkv buffer. lse and delta are (B, nh, T) fp32.
 // Head dims 64 and 128; any T (partial blocks zero-filled on load, masked, guarded on store);
 // B * nh < 2^31, T < 65536 * 64.
 //
@@ -85,7 +92,7 @@ struct FwdParams {
     View<const T> q, k, v;
     View<T> o;
     float* lse;  // (B, nh, T)
-    int nh, seq_len;  // seq_len = T
+    int nh, group, seq_len;  // group: query heads per K/V head; seq_len = T
     float scale_log2;  // softmax scale * log2(e)
     DropoutParams dropout;  // of P, read by the DROPOUT instantiation
 };
@@ -96,7 +103,7 @@ struct BwdParams {
     View<T> dq, dk, dv;
     const float* lse;  // (B, nh, T)
     float* delta;      // (B, nh, T), written by the delta kernel
-    int nh, seq_len;  // seq_len = T
+    int nh, group, seq_len;  // group: query heads per K/V head; seq_len = T
     float scale, scale_log2;
     DropoutParams dropout;  // the forward's, read by the DROPOUT instantiations
 };
@@ -380,8 +387,8 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const FwdParams
     const int qb = gridDim.y - 1 - blockIdx.y;  // longest rows (most key blocks) start first
     const int q0 = qb * BM, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const T* q = p.q.head(b, h);
-    const T* k = p.k.head(b, h);
-    const T* v = p.v.head(b, h);
+    const T* k = p.k.head(b, h / p.group);
+    const T* v = p.v.head(b, h / p.group);
 
     load_tile<BM, HS>(sQ, q, p.q.st, q0, p.seq_len);
     load_tile<BN, HS>(sK, k, p.k.st, 0, p.seq_len);
@@ -472,7 +479,8 @@ __device__ __forceinline__ void load_row_stats(float* s_lse, float* s_delta, con
     else if (threadIdx.x < 2 * BQ) cp_async4(s_delta + i, delta + (valid ? t : 0), valid);
 }
 
-// One CTA per key block: dK, dV of keys [k0, k0 + BKV); warp w owns keys k0 + 16w .. + 15.
+// One CTA per (key block, b * K/V head): dK, dV of keys [k0, k0 + BKV), summed over the group's
+// query heads; warp w owns keys k0 + 16w .. + 15.
 template <typename T, int HS, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const BwdParams<T> p) {
     constexpr int BKV = Tiles<HS>::kKvK, BQ = Tiles<HS>::kKvQ;
@@ -485,30 +493,29 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const BwdP
     float* sLse = reinterpret_cast<float*>(sdO + 2 * BQ * HS);  // 2 x BQ
     float* sDelta = sLse + 2 * BQ;                               // 2 x BQ
 
-    const int bh = blockIdx.x, b = bh / p.nh, h = bh % p.nh;
+    const int nkv = p.nh / p.group, b = blockIdx.x / nkv, hk = blockIdx.x % nkv;
     const int k0 = blockIdx.y * BKV, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const T* q = p.q.head(b, h);
-    const T* dout = p.dout.head(b, h);
-    const float* lse = p.lse + static_cast<int64_t>(bh) * p.seq_len;
-    const float* delta = p.delta + static_cast<int64_t>(bh) * p.seq_len;
+    load_tile<BKV, HS>(sK, p.k.head(b, hk), p.k.st, k0, p.seq_len);
+    load_tile<BKV, HS>(sV, p.v.head(b, hk), p.v.st, k0, p.seq_len);
 
-    load_tile<BKV, HS>(sK, p.k.head(b, h), p.k.st, k0, p.seq_len);
-    load_tile<BKV, HS>(sV, p.v.head(b, h), p.v.st, k0, p.seq_len);
-    const int qb_first = k0 / BQ, n_qblocks = (p.seq_len + BQ - 1) / BQ;  // from the diagonal down
-    load_tile<BQ, HS>(sQ, q, p.q.st, qb_first * BQ, p.seq_len);
-    load_tile<BQ, HS>(sdO, dout, p.dout.st, qb_first * BQ, p.seq_len);
-    load_row_stats<BQ>(sLse, sDelta, lse, delta, qb_first * BQ, p.seq_len);
+    // Steps: (query head hk * group + i / per_head, query block qb_first + i % per_head), i < n_steps
+    const int qb_first = k0 / BQ, per_head = (p.seq_len + BQ - 1) / BQ - qb_first;  // from the diagonal down
+    const int n_steps = p.group * per_head;
+    auto load_step = [&](int i, int to) {  // step i's Q, dO tiles and row statistics into buffer `to`
+        const int h = hk * p.group + i / per_head, q0 = (qb_first + i % per_head) * BQ;
+        const int64_t rows = (static_cast<int64_t>(b) * p.nh + h) * p.seq_len;
+        load_tile<BQ, HS>(sQ + to * BQ * HS, p.q.head(b, h), p.q.st, q0, p.seq_len);
+        load_tile<BQ, HS>(sdO + to * BQ * HS, p.dout.head(b, h), p.dout.st, q0, p.seq_len);
+        load_row_stats<BQ>(sLse + to * BQ, sDelta + to * BQ, p.lse + rows, p.delta + rows, q0, p.seq_len);
+    };
+    load_step(0, 0);
     cp_async_commit();
 
     float dk[HS / 8][4] = {}, dv[HS / 8][4] = {};
     const int key0 = k0 + warp * 16 + lane / 4;  // this thread's keys: key0 and key0 + 8
-    for (int qb = qb_first, it = 0; qb < n_qblocks; ++qb, ++it) {
-        const int buf = it & 1, nxt = buf ^ 1, q0 = qb * BQ;
-        if (qb + 1 < n_qblocks) {
-            load_tile<BQ, HS>(sQ + nxt * BQ * HS, q, p.q.st, q0 + BQ, p.seq_len);
-            load_tile<BQ, HS>(sdO + nxt * BQ * HS, dout, p.dout.st, q0 + BQ, p.seq_len);
-            load_row_stats<BQ>(sLse + nxt * BQ, sDelta + nxt * BQ, lse, delta, q0 + BQ, p.seq_len);
-        }
+    for (int it = 0; it < n_steps; ++it) {
+        const int buf = it & 1, nxt = buf ^ 1, q0 = (qb_first + it % per_head) * BQ;
+        if (it + 1 < n_steps) load_step(it + 1, nxt);
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
@@ -532,6 +539,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const BwdP
             }
         if constexpr (DROPOUT) {
             // 3. dP^T = V dO^T;  4. dS^T = P^T * (dP^T * factor - delta), then P^T -> Pd^T
+            const int bh = b * p.nh + hk * p.group + it / per_head;  // the step's query head, as (b, h)
             float dst[BQ / 8][4] = {};
             mma_rows_by_rows<HS, BQ>(dst, sV, warp * 16, tdO);
 #pragma unroll
@@ -564,8 +572,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const BwdP
     }
 
     const float one[2] = {1.f, 1.f}, scale[2] = {p.scale, p.scale};
-    store_rows<HS>(p.dk.head(b, h), p.dk.st, k0 + warp * 16, p.seq_len, dk, scale);
-    store_rows<HS>(p.dv.head(b, h), p.dv.st, k0 + warp * 16, p.seq_len, dv, one);
+    store_rows<HS>(p.dk.head(b, hk), p.dk.st, k0 + warp * 16, p.seq_len, dk, scale);
+    store_rows<HS>(p.dv.head(b, hk), p.dv.st, k0 + warp * 16, p.seq_len, dv, one);
 }
 
 // One CTA per query block: dQ of rows [q0, q0 + BQ); warp w owns rows q0 + 16w .. + 15.
@@ -582,8 +590,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const BwdPar
     const int bh = blockIdx.x, b = bh / p.nh, h = bh % p.nh;
     const int qb = gridDim.y - 1 - blockIdx.y;  // longest rows first
     const int q0 = qb * BQ, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const T* k = p.k.head(b, h);
-    const T* v = p.v.head(b, h);
+    const T* k = p.k.head(b, h / p.group);
+    const T* v = p.v.head(b, h / p.group);
 
     load_tile<BQ, HS>(sQ, p.q.head(b, h), p.q.st, q0, p.seq_len);
     load_tile<BQ, HS>(sdO, p.dout.head(b, h), p.dout.st, q0, p.seq_len);
@@ -680,7 +688,7 @@ void launch_fwd(const FwdParams<T>& p, int bnh, cudaStream_t stream) {
 }
 
 template <typename T, int HS, bool DROPOUT>
-void launch_bwd(const BwdParams<T>& p, int bnh, cudaStream_t stream) {
+void launch_bwd(const BwdParams<T>& p, int bnh, cudaStream_t stream) {  // bnh = B * nh
     using Tl = Tiles<HS>;
     const int64_t n_rows = static_cast<int64_t>(bnh) * p.seq_len;
     NANOLM_LAUNCH(ceil_div(n_rows, kWarps), kThreads, 0, stream, attention_bwd_delta_kernel<T, HS>)(p, n_rows);
@@ -688,7 +696,7 @@ void launch_bwd(const BwdParams<T>& p, int bnh, cudaStream_t stream) {
 
     const size_t kv_smem = (2 * Tl::kKvK + 4 * Tl::kKvQ) * HS * sizeof(T) + 4 * Tl::kKvQ * sizeof(float);
     set_smem(attention_bwd_dkdv_kernel<T, HS, DROPOUT>, kv_smem);
-    NANOLM_LAUNCH(dim3(bnh, ceil_div(p.seq_len, Tl::kKvK)), kThreads, kv_smem, stream,
+    NANOLM_LAUNCH(dim3(bnh / p.group, ceil_div(p.seq_len, Tl::kKvK)), kThreads, kv_smem, stream,
                   attention_bwd_dkdv_kernel<T, HS, DROPOUT>)(p);
     NANOLM_CHECK_LAUNCH("attention_bwd_dkdv_kernel");
 
@@ -700,9 +708,11 @@ void launch_bwd(const BwdParams<T>& p, int bnh, cudaStream_t stream) {
 }
 
 // Checks shared by both launchers; returns B * nh.
-int check_sizes(const char* op, int64_t B, int64_t T, int64_t nh, int64_t hs) {
+int check_sizes(const char* op, int64_t B, int64_t T, int64_t nh, int64_t nkv, int64_t hs) {
     require(hs == 64 || hs == 128, std::string(op) + ": head size " + std::to_string(hs) +
                                        " is not supported (64 or 128)");
+    require(nkv > 0 && nh % nkv == 0, std::string(op) + ": nkv must be positive and divide nh, got nh=" +
+                                          std::to_string(nh) + " nkv=" + std::to_string(nkv));
     require(B >= 0 && nh >= 0 && T >= 0 && B * nh < (int64_t{1} << 31),
             std::string(op) + ": B * nh must be below 2^31");
     require(ceil_div(T, 64) <= kMaxGridY, std::string(op) + ": T = " + std::to_string(T) +
@@ -728,7 +738,8 @@ template <typename T>
 void fwd_dispatch(const AttentionCudaFwdArgs& a, int bnh, float scale_log2, cudaStream_t stream) {
     const FwdParams<T> p{make_view<const T>(a.q, a.q_strides), make_view<const T>(a.k, a.k_strides),
                          make_view<const T>(a.v, a.v_strides), make_view<T>(a.o, a.o_strides),
-                         ptr<float>(a.lse), static_cast<int>(a.nh), static_cast<int>(a.T), scale_log2,
+                         ptr<float>(a.lse), static_cast<int>(a.nh), static_cast<int>(a.nh / a.nkv),
+                         static_cast<int>(a.T), scale_log2,
                          a.dropout};
     fwd_typed<T>(p, bnh, a.hs, stream);
 }
@@ -740,7 +751,8 @@ void bwd_dispatch(const AttentionCudaBwdArgs& a, int bnh, cudaStream_t stream) {
                          make_view<const T>(a.dout, a.dout_strides), make_view<T>(a.dq, a.dq_strides),
                          make_view<T>(a.dk, a.dk_strides),       make_view<T>(a.dv, a.dv_strides),
                          ptr<const float>(a.lse),                ptr<float>(a.delta),
-                         static_cast<int>(a.nh),                 static_cast<int>(a.T),
+                         static_cast<int>(a.nh),                 static_cast<int>(a.nh / a.nkv),
+                         static_cast<int>(a.T),
                          static_cast<float>(a.scale),            static_cast<float>(a.scale * M_LOG2E),
                          a.dropout};
     bwd_typed<T>(p, bnh, a.hs, stream);
@@ -749,7 +761,7 @@ void bwd_dispatch(const AttentionCudaBwdArgs& a, int bnh, cudaStream_t stream) {
 }  // namespace
 
 void attention_fwd_cuda(const AttentionCudaFwdArgs& a, std::uintptr_t stream) {
-    const int bnh = check_sizes("attention_fwd_cuda", a.B, a.T, a.nh, a.hs);
+    const int bnh = check_sizes("attention_fwd_cuda", a.B, a.T, a.nh, a.nkv, a.hs);
     if (bnh == 0 || a.T == 0) return;
     const float scale_log2 = static_cast<float>(a.scale * M_LOG2E);
     auto s = reinterpret_cast<cudaStream_t>(stream);
@@ -759,7 +771,7 @@ void attention_fwd_cuda(const AttentionCudaFwdArgs& a, std::uintptr_t stream) {
 }
 
 void attention_bwd_cuda(const AttentionCudaBwdArgs& a, std::uintptr_t stream) {
-    const int bnh = check_sizes("attention_bwd_cuda", a.B, a.T, a.nh, a.hs);
+    const int bnh = check_sizes("attention_bwd_cuda", a.B, a.T, a.nh, a.nkv, a.hs);
     if (bnh == 0 || a.T == 0) return;
     auto s = reinterpret_cast<cudaStream_t>(stream);
     if (a.dtype == DType::bfloat16) bwd_dispatch<__nv_bfloat16>(a, bnh, s);

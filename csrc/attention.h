@@ -44,13 +44,14 @@ void attention_bwd_cpu(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, 
 #ifdef NANOLM_WITH_CUDA
 // ----------------------------------------------------------------------------- CUDA (bf16, fp16)
 // Pointers are device addresses (tensor.data_ptr()); strides are (batch, seq, head) strides in
-// elements of a (B, T, nh, hs) tensor whose hs stride is 1. lse and delta are (B, nh, T) fp32.
+// elements of a (B, T, heads, hs) tensor whose hs stride is 1: q, o, dout, dq have nh heads, k, v,
+// dk, dv nkv (dividing nh; query head h reads K/V head h / (nh / nkv)). lse and delta are (B, nh, T) fp32.
 // dtype is bfloat16 or float16. Throws std::invalid_argument for another dtype or an unsupported
 // head size (64 and 128 are supported) and std::runtime_error for a CUDA error.
 struct AttentionCudaFwdArgs {
     std::uintptr_t q, k, v, o, lse;
     std::array<std::int64_t, 3> q_strides, k_strides, v_strides, o_strides;
-    std::int64_t B, T, nh, hs;
+    std::int64_t B, T, nh, nkv, hs;
     double scale;
     DType dtype;
     DropoutParams dropout;  // of P (disabled: no dropout); the backward's must be the forward's
@@ -60,7 +61,7 @@ struct AttentionCudaBwdArgs {
     std::uintptr_t dout, q, k, v, o, lse, delta, dq, dk, dv;
     std::array<std::int64_t, 3> dout_strides, q_strides, k_strides, v_strides, o_strides;
     std::array<std::int64_t, 3> dq_strides, dk_strides, dv_strides;
-    std::int64_t B, T, nh, hs;
+    std::int64_t B, T, nh, nkv, hs;
     double scale;
     DType dtype;
     DropoutParams dropout;  // of P (disabled: no dropout); the backward's must be the forward's

@@ -19,6 +19,8 @@
 #include "common.h"
 #include "dropout.h"
 #include "layernorm.h"
+#include "mlp_activation.h"
+#include "rope.h"
 #include "cross_entropy.h"
 
 namespace py = pybind11;
@@ -82,6 +84,12 @@ static void bind_cpu(py::module_& m) {
     m.def("layernorm_bwd_cpu", &nanolm::layernorm_bwd_cpu, "LayerNorm backward (+ residual grad), float32, bf16 or fp16");
     m.def("rmsnorm_fwd_cpu", &nanolm::rmsnorm_fwd_cpu, "RMSNorm forward (+ fused residual add), weight optional, float32, bf16 or fp16");
     m.def("rmsnorm_bwd_cpu", &nanolm::rmsnorm_bwd_cpu, "RMSNorm backward (+ residual grad), weight optional, float32, bf16 or fp16");
+    m.def("qk_norm_rope_fwd_cpu", &nanolm::qk_norm_rope_fwd_cpu, "QK-norm + RoPE of the packed qkv, float32, bf16 or fp16");
+    m.def("qk_norm_rope_bwd_cpu", &nanolm::qk_norm_rope_bwd_cpu, "QK-norm + RoPE backward, float32, bf16 or fp16");
+    m.def("swiglu_fwd_cpu", &nanolm::swiglu_fwd_cpu, "silu(gate) * up of [gate | up] rows, float32, bf16 or fp16");
+    m.def("swiglu_bwd_cpu", &nanolm::swiglu_bwd_cpu, "SwiGLU backward into [dgate | dup] rows, float32, bf16 or fp16");
+    m.def("relu2_fwd_cpu", &nanolm::relu2_fwd_cpu, "relu(x)^2, float32, bf16 or fp16");
+    m.def("relu2_bwd_cpu", &nanolm::relu2_bwd_cpu, "ReLU^2 backward, float32, bf16 or fp16");
     m.def("cross_entropy_fwd_cpu", &nanolm::cross_entropy_fwd_cpu,
           "Cross-entropy losses and gradient over float32, bf16 or fp16 logits (N, Vp), OpenMP over rows");
     m.def("cross_entropy_stats_cpu", &nanolm::cross_entropy_stats_cpu,
@@ -150,15 +158,15 @@ static void bind_cuda(py::module_& m) {
         "attention_fwd_cuda",
         [](std::uintptr_t q, Strides q_strides, std::uintptr_t k, Strides k_strides, std::uintptr_t v,
            Strides v_strides, std::uintptr_t o, Strides o_strides, std::uintptr_t lse, std::int64_t B,
-           std::int64_t T, std::int64_t nh, std::int64_t hs, double scale, nanolm::DType dtype,
+           std::int64_t T, std::int64_t nh, std::int64_t nkv, std::int64_t hs, double scale, nanolm::DType dtype,
            const nanolm::DropoutParams& dropout, std::uintptr_t stream) {
             nanolm::attention_fwd_cuda({q, k, v, o, lse, q_strides, k_strides, v_strides, o_strides,
-                                        B, T, nh, hs, scale, dtype, dropout}, stream);
+                                        B, T, nh, nkv, hs, scale, dtype, dropout}, stream);
         },
         py::arg("q"), py::arg("q_strides"), py::arg("k"), py::arg("k_strides"), py::arg("v"),
         py::arg("v_strides"), py::arg("o"), py::arg("o_strides"), py::arg("lse"), py::arg("B"),
-        py::arg("T"), py::arg("nh"), py::arg("hs"), py::arg("scale"), py::arg("dtype"), py::arg("dropout"),
-        py::arg("stream"),
+        py::arg("T"), py::arg("nh"), py::arg("nkv"), py::arg("hs"), py::arg("scale"), py::arg("dtype"),
+        py::arg("dropout"), py::arg("stream"),
         "Causal flash attention forward: o, lse from (B, T, nh, hs) views q, k, v");
     m.def(
         "attention_bwd_cuda",
@@ -166,17 +174,17 @@ static void bind_cuda(py::module_& m) {
            Strides k_strides, std::uintptr_t v, Strides v_strides, std::uintptr_t o, Strides o_strides,
            std::uintptr_t lse, std::uintptr_t delta, std::uintptr_t dq, Strides dq_strides, std::uintptr_t dk,
            Strides dk_strides, std::uintptr_t dv, Strides dv_strides, std::int64_t B, std::int64_t T,
-           std::int64_t nh, std::int64_t hs, double scale, nanolm::DType dtype,
+           std::int64_t nh, std::int64_t nkv, std::int64_t hs, double scale, nanolm::DType dtype,
            const nanolm::DropoutParams& dropout, std::uintptr_t stream) {
             nanolm::attention_bwd_cuda({dout, q, k, v, o, lse, delta, dq, dk, dv, dout_strides, q_strides,
                                         k_strides, v_strides, o_strides, dq_strides, dk_strides, dv_strides,
-                                        B, T, nh, hs, scale, dtype, dropout}, stream);
+                                        B, T, nh, nkv, hs, scale, dtype, dropout}, stream);
         },
         py::arg("dout"), py::arg("dout_strides"), py::arg("q"), py::arg("q_strides"), py::arg("k"),
         py::arg("k_strides"), py::arg("v"), py::arg("v_strides"), py::arg("o"), py::arg("o_strides"),
         py::arg("lse"), py::arg("delta"), py::arg("dq"), py::arg("dq_strides"), py::arg("dk"),
         py::arg("dk_strides"), py::arg("dv"), py::arg("dv_strides"), py::arg("B"), py::arg("T"),
-        py::arg("nh"), py::arg("hs"), py::arg("scale"), py::arg("dtype"), py::arg("dropout"),
+        py::arg("nh"), py::arg("nkv"), py::arg("hs"), py::arg("scale"), py::arg("dtype"), py::arg("dropout"),
         py::arg("stream"),
         "Causal flash attention backward: writes dq, dk, dv (delta: fp32 (B, nh, T) scratch)");
 }

@@ -284,8 +284,8 @@ layernorm_bwd_kernel(const T* __restrict__ dy,           // (N, C)
         }
     }
 
-    // 3. one partial row per block (dw_partial == nullptr is uniform over the grid)
-    if (dw_partial != nullptr)
+    // 3. one partial row per block (RMS without a weight: dw_partial == nullptr, for the whole grid)
+    if (!RMS || dw_partial != nullptr)
         write_partial_row<VEC, TPR, ROWS>(dw, dw_partial + static_cast<std::int64_t>(blockIdx.x) * C, C, combine);
     if constexpr (!RMS)
         write_partial_row<VEC, TPR, ROWS>(db, db_partial + static_cast<std::int64_t>(blockIdx.x) * C, C, combine);

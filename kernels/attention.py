@@ -1,9 +1,11 @@
 """Causal flash attention (FlashAttention-2), forward and backward, in Triton.
 
-Math, per (batch b, head h), with S = scale * Q K^T masked above the diagonal:
+Math, per (batch b, query head h), K and V being those of K/V head g = h // group (grouped-query
+attention: nh query heads share nkv = nh / group K/V heads; group 1 is multi-head attention),
+with S = scale * Q K^T masked above the diagonal:
     P = softmax(S),  O = P V,  lse = logsumexp(S, rows)              (forward; lse is saved)
-    delta = rowsum(dO * O),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),
-    dQ = scale * dS K,  dK = scale * dS^T Q                           (backward)
+    delta = rowsum(dO * O),  dV_g = sum over g's group of P^T dO,  dP = dO V^T,
+    dS = P * (dP - delta),  dQ = scale * dS K,  dK_g = scale * sum over g's group of dS^T Q
 The T x T matrices S and P are never stored: they are recomputed block by block.
 With dropout (DROPOUT, kernels/dropout.py) P is dropped after the softmax's sums: O = Pd V,
 Pd = P * factor; the backward regenerates the factors of each block (never stored):
@@ -15,15 +17,18 @@ Algorithm.
   with an online softmax in base 2 (scores prescaled by scale * log2(e), so exp2 is one
   instruction): running max m, running sum l, rescaled accumulator. The key blocks left of the
   diagonal need no mask; only the BLOCK_M / BLOCK_N blocks on the diagonal are masked (the
-  causal mask there also hides keys >= T). Query blocks are scheduled longest first.
-  Backward: (1) delta = rowsum(dO * O); (2) one program per key block accumulates dK, dV over
-  the query blocks at or below it (diagonal blocks masked, the rest not); (3) one program per
-  query block accumulates dQ over the key blocks at or left of it. Every output element is
-  written by exactly one program in a fixed order: deterministic, no atomics; the price is
-  computing Q K^T and dO V^T twice (7 matmuls of T x T x hs / 2 instead of 5).
+  causal mask there also hides keys >= T). Query blocks are scheduled longest first. With
+  groups, each query head's program reads its K/V head's blocks (the group's programs of one
+  query block are neighbours in the grid, so after the first they mostly come from L2).
+  Backward: (1) delta = rowsum(dO * O); (2) one program per (key block, K/V head) loads its K, V
+  block once and accumulates dK, dV over its group's query heads in order, each over the query
+  blocks at or below the key block (diagonal blocks masked, the rest not); (3) one program per
+  (query block, query head) accumulates dQ over the key blocks at or left of it. Every output
+  element is written by exactly one program in a fixed order: deterministic, no atomics; the
+  price is computing Q K^T and dO V^T twice (7 matmuls of T x T x hs / 2 instead of 5).
 
-Layouts accepted: q, k, v (B, T, nh, hs) with any strides as long as stride(-1) == 1, e.g.
-the model's views into the fused qkv projection (B, T, 3, nh, hs), strides (3*T*C, 3*C, hs, 1);
+Layouts accepted: q (B, T, nh, hs), k, v (B, T, nkv, hs) with any strides as long as
+stride(-1) == 1, e.g. the model's views into the fused qkv projection (B, T, nh + 2*nkv, hs);
 dq, dk, dv likewise (views into one dqkv buffer); o, do contiguous (B, T, nh, hs); lse and
 delta (B, nh, T) float32. hs a power of two in 16..128. bf16/fp16 on GPU with fp32
 accumulation, fp32 under the interpreter (TRITON_INTERPRET=1).
@@ -91,8 +96,8 @@ def attention_fwd_kernel(
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
-    nh, T, T_BUCKET,                    # T_BUCKET: the autotune key (next power of two of T)
-    qk_scale,                           # scale * log2(e)
+    nh, group, T, T_BUCKET,             # group: query heads per K/V head; T_BUCKET: the autotune
+    qk_scale,                           # key (next power of two of T); qk_scale = scale * log2(e)
     seed, offset, threshold, keep_scale,  # dropout of P, read when DROPOUT
     HS: tl.constexpr,
     DROPOUT: tl.constexpr,
@@ -103,12 +108,13 @@ def attention_fwd_kernel(
     start_m = (tl.cdiv(T, BLOCK_M) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
     b, h = (bh // nh).to(tl.int64), bh % nh  # int64: B * T * 3C can pass 2^31
+    hk = h // group
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HS)
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None]
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    k_ptrs = K + b * stride_kb + hk * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None]
+    v_ptrs = V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
     q = tl.load(q_ptrs, mask=offs_m[:, None] < T, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -183,16 +189,16 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stri
 
 @triton.jit(do_not_specialize=DROPOUT_SCALARS)
 def attention_bwd_dkdv_kernel(
-    Q, K, V,                            # (B, T, nh, hs), stride(-1) == 1
+    Q, K, V,                            # q (B, T, nh, hs), k, v (B, T, nkv, hs), stride(-1) == 1
     DO,                                 # (B, T, nh, hs) contiguous
     LSE, DELTA,                         # (B, nh, T) float32
-    DK, DV,                             # (B, T, nh, hs) out, stride(-1) == 1
+    DK, DV,                             # (B, T, nkv, hs) out, stride(-1) == 1
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
-    nh, T, T_BUCKET,
+    nh, group, T, T_BUCKET,             # group: query heads per K/V head
     scale, qk_scale,
     seed, offset, threshold, keep_scale,  # the forward's dropout, read when DROPOUT
     HS: tl.constexpr,
@@ -201,36 +207,38 @@ def attention_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,              # keys owned by this program; a multiple of BLOCK_M
 ):
     start_n = tl.program_id(0) * BLOCK_N  # in order: the first key blocks see the most queries
-    bh = tl.program_id(1)
-    b, h = (bh // nh).to(tl.int64), bh % nh
+    bk = tl.program_id(1)  # b * nkv + K/V head
+    nkv = nh // group
+    b, hk = (bk // nkv).to(tl.int64), bk % nkv
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HS)
     keys = offs_n[:, None] < T
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
                 mask=keys, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
                 mask=keys, other=0.0)
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[None, :] * stride_qt + offs_d[:, None]
     stride_dot = nh * HS
-    do_ptrs = DO + b * T * stride_dot + h * HS + offs_m[:, None] * stride_dot + offs_d[None, :]
-    lse_ptr = LSE + bh.to(tl.int64) * T
-    delta_ptr = DELTA + bh.to(tl.int64) * T
-
     dk = tl.zeros([BLOCK_N, HS], tl.float32)
     dv = tl.zeros([BLOCK_N, HS], tl.float32)
     diag_end = tl.minimum(start_n + BLOCK_N, T)
-    row_base = bh.to(tl.int64) * T
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt,
-                                  stride_dot, offs_n, start_n, diag_end, T, qk_scale, row_base, seed, offset,
-                                  threshold, keep_scale, BLOCK_M, True, DROPOUT)
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt,
-                                  stride_dot, offs_n, start_n + BLOCK_N, T, T, qk_scale, row_base, seed,
-                                  offset, threshold, keep_scale, BLOCK_M, False, DROPOUT)
+    for g in tl.range(0, group):  # the group's query heads in order: a fixed summation order
+        h = hk * group + g
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[None, :] * stride_qt + offs_d[:, None]
+        do_ptrs = DO + b * T * stride_dot + h * HS + offs_m[:, None] * stride_dot + offs_d[None, :]
+        row_base = (b * nh + h) * T  # this query head's first row in the (B*nh*T, T) probabilities
+        lse_ptr = LSE + row_base
+        delta_ptr = DELTA + row_base
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt,
+                                      stride_dot, offs_n, start_n, diag_end, T, qk_scale, row_base, seed,
+                                      offset, threshold, keep_scale, BLOCK_M, True, DROPOUT)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt,
+                                      stride_dot, offs_n, start_n + BLOCK_N, T, T, qk_scale, row_base, seed,
+                                      offset, threshold, keep_scale, BLOCK_M, False, DROPOUT)
 
-    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=keys)
-    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=keys)
 
 
@@ -264,7 +272,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kt, stride
 
 @triton.jit(do_not_specialize=DROPOUT_SCALARS)
 def attention_bwd_dq_kernel(
-    Q, K, V,                            # (B, T, nh, hs), stride(-1) == 1
+    Q, K, V,                            # q (B, T, nh, hs), k, v (B, T, nkv, hs), stride(-1) == 1
     DO,                                 # (B, T, nh, hs) contiguous
     LSE, DELTA,                         # (B, nh, T) float32
     DQ,                                 # (B, T, nh, hs) out, stride(-1) == 1
@@ -272,7 +280,7 @@ def attention_bwd_dq_kernel(
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_dqb, stride_dqt, stride_dqh,
-    nh, T, T_BUCKET,
+    nh, group, T, T_BUCKET,             # group: query heads per K/V head
     scale, qk_scale,
     seed, offset, threshold, keep_scale,  # the forward's dropout, read when DROPOUT
     HS: tl.constexpr,
@@ -294,8 +302,9 @@ def attention_bwd_dq_kernel(
                  mask=rows[:, None], other=0.0)
     lse2 = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=rows, other=0.0) * LOG2E
     delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=rows, other=0.0)
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None]
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[None, :] * stride_vt + offs_d[:, None]
+    hk = h // group
+    k_ptrs = K + b * stride_kb + hk * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None]
+    v_ptrs = V + b * stride_vb + hk * stride_vh + offs_n[None, :] * stride_vt + offs_d[:, None]
 
     dq = tl.zeros([BLOCK_M, HS], tl.float32)
     row_base = bh.to(tl.int64) * T
@@ -389,10 +398,10 @@ else:
     _dq_kernel = triton.autotune(_DQ_CONFIGS, key=_KEY, prune_configs_by=_DQ_PRUNE)(attention_bwd_dq_kernel)
 
 
-def _launch(kernel, rows_meta, B, nh, T, *args, hs, dropout_args):
-    """Grid: (blocks of `rows_meta` rows over T, B * nh). The dropout arguments follow args."""
+def _launch(kernel, rows_meta, B, heads, T, *args, hs, dropout_args):
+    """Grid: (blocks of `rows_meta` rows over T, B * heads). The dropout arguments follow args."""
     def grid(meta):
-        return (triton.cdiv(T, meta[rows_meta]), B * nh)
+        return (triton.cdiv(T, meta[rows_meta]), B * heads)
     meta = _INTERPRET_META if INTERPRET else {}
     kernel[grid](*args, *(dropout_args or NO_DROPOUT), HS=hs, DROPOUT=dropout_args is not None, **meta)
 
@@ -403,27 +412,31 @@ def _bth(t):
 
 
 def attention_fwd(q, k, v, scale, dropout_args):
-    """q, k, v (B, T, nh, hs), stride(-1) == 1 -> o (B, T, nh, hs) contiguous, lse (B, nh, T) fp32.
-    dropout_args: None or (seed, offset, threshold, keep_scale) of P's dropout."""
+    """q (B, T, nh, hs), k, v (B, T, nkv, hs) (nkv dividing nh), stride(-1) == 1 -> o (B, T, nh, hs)
+    contiguous, lse (B, nh, T) fp32. dropout_args: None or (seed, offset, threshold, keep_scale)
+    of P's dropout."""
     B, T, nh, hs = q.shape
+    group = nh // k.shape[2]
     o = torch.empty((B, T, nh, hs), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, nh, T), dtype=torch.float32, device=q.device)
     t_bucket = triton.next_power_of_2(T)
     _launch(_fwd_kernel, "BLOCK_M", B, nh, T, q, k, v, o, lse, *_bth(q), *_bth(k), *_bth(v), *_bth(o),
-            nh, T, t_bucket, scale * LOG2E.value, hs=hs, dropout_args=dropout_args)
+            nh, group, T, t_bucket, scale * LOG2E.value, hs=hs, dropout_args=dropout_args)
     return o, lse
 
 
 def attention_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, dropout_args):
-    """Writes dq, dk, dv (B, T, nh, hs), stride(-1) == 1; do, o contiguous; lse (B, nh, T)."""
+    """Writes dq (B, T, nh, hs), dk, dv (B, T, nkv, hs), stride(-1) == 1; do, o contiguous; lse
+    (B, nh, T)."""
     B, T, nh, hs = q.shape
+    nkv = k.shape[2]
     delta = torch.empty((B, nh, T), dtype=torch.float32, device=q.device)
     block = 16 if INTERPRET else 64
     attention_bwd_delta_kernel[(triton.cdiv(T, block), B * nh)](o, do, delta, nh, T, HS=hs, BLOCK_M=block)
     t_bucket = triton.next_power_of_2(T)
-    _launch(_dkdv_kernel, "BLOCK_N", B, nh, T, q, k, v, do, lse, delta, dk, dv,
-            *_bth(q), *_bth(k), *_bth(v), *_bth(dk), *_bth(dv), nh, T, t_bucket, scale, scale * LOG2E.value,
-            hs=hs, dropout_args=dropout_args)
+    _launch(_dkdv_kernel, "BLOCK_N", B, nkv, T, q, k, v, do, lse, delta, dk, dv,
+            *_bth(q), *_bth(k), *_bth(v), *_bth(dk), *_bth(dv), nh, nh // nkv, T, t_bucket, scale,
+            scale * LOG2E.value, hs=hs, dropout_args=dropout_args)
     _launch(_dq_kernel, "BLOCK_M", B, nh, T, q, k, v, do, lse, delta, dq,
-            *_bth(q), *_bth(k), *_bth(v), *_bth(dq), nh, T, t_bucket, scale, scale * LOG2E.value, hs=hs,
-            dropout_args=dropout_args)
+            *_bth(q), *_bth(k), *_bth(v), *_bth(dq), nh, nh // nkv, T, t_bucket, scale, scale * LOG2E.value,
+            hs=hs, dropout_args=dropout_args)

@@ -172,20 +172,20 @@ class TrainConfig:
     n_embd: int = 0
     block_size: int = 0
     dropout: float = 0.0
-    # the block's choices (ModelConfig's fields, README "Model"); unset = the preset's
-    norm: str | None = None
-    norm_weight: bool | None = None
+    # the block's choices (ModelConfig's fields, README "Model"); unset = the preset's. This one:
+    norm: str | None = None  # layernorm or rmsnorm
+    norm_weight: bool | None = None  # false: parameter-free RMSNorm
     norm_eps: float | None = None
-    pos: str | None = None
+    pos: str | None = None  # learned or rope
     rope_theta: float | None = None
-    n_kv_head: int | None = None
-    qk_norm: bool | None = None
-    mlp: str | None = None
-    mlp_hidden: int | None = None
+    n_kv_head: int | None = None  # GQA key/value heads, dividing n_head; 0 = n_head
+    qk_norm: bool | None = None  # RMSNorm of each q and k head before RoPE
+    mlp: str | None = None  # gelu, swiglu or relu2
+    mlp_hidden: int | None = None  # 0 = 4*n_embd (swiglu: 8*n_embd/3 rounded up to 64)
     bias: bool | None = None
     tie_embeddings: bool | None = None
-    logit_softcap: float | None = None
-    recompute: str = "none"  # activations the backward recomputes: none, mlp (GELU in/out) or block (all)
+    logit_softcap: float | None = None  # cap*tanh(logits/cap); 0 = off
+    recompute: str = "none"  # activations the backward recomputes: none, mlp (the activation's in/out) or block (all)
     # torch.compile the model's training and eval forward (fullgraph: every hot op is a torch.library
     # op, so the graph has no breaks); the first steps pay the compile: tens of seconds on a CPU
     compile: bool = False

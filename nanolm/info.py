@@ -115,9 +115,9 @@ def main():
     header = ["op", "backend"] + [dtype_name(d) for d in DTYPES] + ["why not"]
     for device in devices():
         print(f"\n{device} ({device_name(device)}):")
-        print("  " + "  ".join(f"{h:<13}" if i < 2 else f"{h:<9}" for i, h in enumerate(header)))
-        for op, name, cells, why in support_rows(device):
-            print(f"  {op:<13}  {name:<13}  " + "  ".join(f"{c:<9}" for c in cells) + f"  {why}")
+        print("  " + "  ".join(f"{h:<14}" if i < 2 else f"{h:<9}" for i, h in enumerate(header)))
+        for op, name, cells, why in support_rows(device):  # 14: the longest op name, mlp_activation
+            print(f"  {op:<14}  {name:<14}  " + "  ".join(f"{c:<9}" for c in cells) + f"  {why}")
     print(f"\nCUDA kernels (csrc/*.cu), how each is verified:\n{cuda_kernel_status()}")
     print(f"\nTriton kernels (kernels/*.py), how each is verified:\n{triton_kernel_status()}")
 

@@ -1,8 +1,10 @@
-"""GPT-2 (nanoGPT-style), with every hot op going through nanolm/ops/ (torch.library ops).
+"""GPT-2 (nanoGPT-style), and the modern block built from the same code by ModelConfig's
+choices (RMSNorm, RoPE + QK-norm, GQA, SwiGLU/ReLU^2, no bias, untied lm_head, logit softcap:
+README "Model"), with every hot op going through nanolm/ops/ (torch.library ops).
 
-The residual stream is read once per sub-block: each residual add is fused with the LayerNorm
-that follows it (layernorm.add_layer_norm), so a block receives (normalised input, residual stream)
-and hands the next LayerNorm's weights the MLP output to fuse.
+The residual stream is read once per sub-block: each residual add is fused with the norm that
+follows it (layernorm.add_layer_norm / add_rms_norm), so a block receives (normalised input,
+residual stream) and hands the next norm's weights the MLP output to fuse.
 
 Dropout (cfg.dropout > 0, training mode only) sits where nanoGPT puts it, inside the fused
 kernels: on the embedding sum (fused with the first LayerNorm), on each residual branch before
@@ -10,8 +12,8 @@ its add (fused with the add+LayerNorm) and on the attention probabilities (insid
 attention). Masks are Philox streams keyed by (seed, offset), see DropoutStream.
 
 Activation recomputation (GPT(..., recompute=)), as llm.c's -r, trades compute for memory:
-"mlp" keeps only each MLP's input and recomputes its two 4*C-wide activations (the GELU's input
-and output: half of a block's saved activations) in the backward; "block" keeps only each
+"mlp" keeps only each MLP's input and recomputes its two hidden-wide activations (the
+activation's input and output: about half of a block's saved activations) in the backward; "block" keeps only each
 block's inputs (h, x) and reruns the whole block. torch.utils.checkpoint (non-reentrant) reruns
 the same code on the same inputs, the registered ops included, and the rerun
 block gets the same Dropout arguments (seed, offset) as the first run, so the gradients are

@@ -206,16 +206,25 @@ def test_triton_matches_reference(T, poison):
     check_backend(triton_backend, 1, T, 2, 64, torch.float32, "cpu")
 
 
+@pytest.mark.parametrize("T,nh,nkv,hs", [(17, 6, 2, 64), (40, 3, 1, 128), (1, 4, 1, 64), (33, 6, 3, 64)])
+def test_triton_gqa_matches_reference(T, nh, nkv, hs, poison):
+    """Groups of 3, 3 (MQA), 4 (MQA) and 2 under the interpreter."""
+    if torch.cuda.is_available():
+        pytest.skip("fp32 is the interpreter's dtype; the GPU tests below cover bf16/fp16")
+    check_backend(triton_backend, 2, T, nh, hs, torch.float32, "cpu", nkv=nkv)
+
+
 def test_triton_contiguous_inputs(poison):
     if torch.cuda.is_available():
         pytest.skip("fp32 is the interpreter's dtype; the GPU tests below cover bf16/fp16")
     check_backend(triton_backend, 1, 17, 2, 64, torch.float32, "cpu", fused=False)
 
 
-def test_triton_backward_deterministic():
+@pytest.mark.parametrize("nkv", [2, 1])
+def test_triton_backward_deterministic(nkv):
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     T = 300 if torch.cuda.is_available() else 40
-    q, k, v = make_qkv(1, T, 2, 64, dtype, _triton_device())
+    q, k, v = make_qkv(1, T, 2, 64, dtype, _triton_device(), nkv=nkv)
     do = torch.randn_like(q)
     first, second = run(triton_backend, q, k, v, do, 0.125), run(triton_backend, q, k, v, do, 0.125)
     for name, a, b in zip(NAMES, first, second):
@@ -226,8 +235,17 @@ def test_triton_backward_deterministic():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hs", [64, 128])
 @pytest.mark.parametrize("T", [1, 17, 1000, 1024, 2048])
-def test_triton_gpu(T, hs, dtype):
-    check_backend(triton_backend, 2, T, 3, hs, dtype, "cuda")
+@pytest.mark.parametrize("nkv", [3, 1])  # MHA, MQA
+def test_triton_gpu(T, hs, dtype, nkv):
+    check_backend(triton_backend, 2, T, 3, hs, dtype, "cuda", nkv=nkv)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hs", [64, 128])
+@pytest.mark.parametrize("T", [1, 1000, 777])
+def test_triton_gpu_gqa(T, hs, dtype):
+    check_backend(triton_backend, 2, T, 6, hs, dtype, "cuda", nkv=2)
 
 
 @pytest.mark.gpu
@@ -259,6 +277,10 @@ def test_bad_inputs_forward(backend, dtype, device):
         backend.attention_fwd(*make_qkv(1, 8, 2, 24, dtype, device), 0.2, None)
     with pytest.raises(ValueError, match="shape"):
         backend.attention_fwd(q, k[:, :7], v, 0.125, None)
+    with pytest.raises(ValueError, match="n_kv_head=3 must be positive and divide n_head=4"):
+        backend.attention_fwd(*make_qkv(1, 8, 4, 64, dtype, device, nkv=3), 0.125, None)
+    with pytest.raises(ValueError, match=r"k has shape \(1, 8, 2, 32\), expected \(1, 8, nkv, 64\)"):
+        backend.attention_fwd(q, *make_qkv(1, 8, 2, 32, dtype, device)[1:], 0.125, None)
     with pytest.raises(ValueError, match="dtype"):
         backend.attention_fwd(q.double(), k.double(), v.double(), 0.125, None)
     with pytest.raises(ValueError, match="dtype"):

@@ -25,18 +25,21 @@ SEQ_LENS = [1, 17, 64, 1000, 1024, 2048]
 LAYOUTS = ["qkv", "contiguous", "heads_first"]
 
 
-def _make_qkv(B, T, nh, hs, dtype, layout, fill=None, device="cuda"):
-    """Three (B, T, nh, hs) tensors in the given memory layout: views of one fused qkv buffer
-    (the model's), three contiguous tensors, or (B, nh, T, hs) tensors transposed."""
+def _make_qkv(B, T, nh, hs, dtype, layout, fill=None, device="cuda", nkv=None):
+    """q (B, T, nh, hs), k, v (B, T, nkv, hs) (nkv = nh by default) in the given memory layout:
+    views of one fused (B, T, nh + 2*nkv, hs) buffer (the model's), contiguous tensors, or
+    (B, heads, T, hs) tensors transposed."""
+    nkv = nkv or nh
+
     def new(shape):
         if fill is None:
             return torch.randn(shape, device=device, dtype=dtype)
         return torch.full(shape, fill, device=device, dtype=dtype)
     if layout == "qkv":
-        return new((B, T, 3, nh, hs)).unbind(2)
+        return new((B, T, nh + 2 * nkv, hs)).split((nh, nkv, nkv), dim=2)
     if layout == "contiguous":
-        return tuple(new((B, T, nh, hs)) for _ in range(3))
-    return tuple(new((B, nh, T, hs)).transpose(1, 2) for _ in range(3))
+        return tuple(new((B, T, n, hs)) for n in (nh, nkv, nkv))
+    return tuple(new((B, n, T, hs)).transpose(1, 2) for n in (nh, nkv, nkv))
 
 
 def _error(x, ref):
@@ -58,7 +61,7 @@ def _check(failures, name, x, ref, tol):
 def _reference(q, k, v, do, scale):
     q64, k64, v64, do64 = (t.double() for t in (q, k, v, do))
     o, lse = attention.attention_fwd(q64, k64, v64, scale, None)
-    grads = [torch.empty_like(q64) for _ in range(3)]
+    grads = [torch.empty_like(t) for t in (q64, k64, v64)]
     attention.attention_bwd(do64, q64, k64, v64, o, lse, scale, *grads, None)
     return o, lse, grads
 
@@ -67,13 +70,13 @@ def _run(q, k, v, do, scale, layout, backend=cuda_backend):
     """Forward (o, lse NaN-filled first under the `poison` fixture), then backward into NaN-filled gradients."""
     B, T, nh, hs = q.shape
     o, lse = backend.attention_fwd(q, k, v, scale, None)
-    grads = _make_qkv(B, T, nh, hs, q.dtype, layout, fill=float("nan"), device=q.device)
+    grads = _make_qkv(B, T, nh, hs, q.dtype, layout, fill=float("nan"), device=q.device, nkv=k.shape[2])
     backend.attention_bwd(do, q, k, v, o, lse, scale, *grads, None)
     return o, lse, grads
 
 
-def _check_against_reference(backend, device, dtype, hs, B, nh, T, layout, scale):
-    q, k, v = _make_qkv(B, T, nh, hs, dtype, layout, device=device)
+def _check_against_reference(backend, device, dtype, hs, B, nh, T, layout, scale, nkv=None):
+    q, k, v = _make_qkv(B, T, nh, hs, dtype, layout, device=device, nkv=nkv)
     do = torch.randn(B, T, nh, hs, device=device, dtype=dtype)
     o, lse, grads = _run(q, k, v, do, scale, layout, backend)
     o_ref, lse_ref, grads_ref = _reference(q, k, v, do, scale)
@@ -82,12 +85,12 @@ def _check_against_reference(backend, device, dtype, hs, B, nh, T, layout, scale
     _check(failures, "lse", lse, lse_ref, LSE_TOL)
     for name, x, ref in zip(("dq", "dk", "dv"), grads, grads_ref):
         _check(failures, name, x, ref, TOL[dtype])
-    case = f"dtype={dtype}, (B, T, nh, hs)=({B}, {T}, {nh}, {hs}), layout={layout}, scale={scale}"
+    case = f"dtype={dtype}, (B, T, nh, nkv, hs)=({B}, {T}, {nh}, {nkv or nh}, {hs}), layout={layout}, scale={scale}"
     assert not failures, f"{case}:\n  " + "\n  ".join(failures)
 
 
-def _check_deterministic(backend, device, dtype, hs, B, T, nh):
-    q, k, v = _make_qkv(B, T, nh, hs, dtype, "qkv", device=device)
+def _check_deterministic(backend, device, dtype, hs, B, T, nh, nkv=None):
+    q, k, v = _make_qkv(B, T, nh, hs, dtype, "qkv", device=device, nkv=nkv)
     do = torch.randn(B, T, nh, hs, device=device, dtype=dtype)
     scale = 1.0 / math.sqrt(hs)
     first = _run(q, k, v, do, scale, "qkv", backend)
@@ -105,6 +108,15 @@ def _check_deterministic(backend, device, dtype, hs, B, T, nh):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_matches_float64_reference(dtype, hs, B, nh, T, layout, poison):
     _check_against_reference(cuda_backend, "cuda", dtype, hs, B, nh, T, layout, 1.0 / math.sqrt(hs))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 777, 1000])
+@pytest.mark.parametrize("nh,nkv", [(6, 2), (6, 1), (3, 1)])  # groups of 3, 6 (MQA), 3 (MQA)
+@pytest.mark.parametrize("hs", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gqa_matches_float64_reference(dtype, hs, nh, nkv, T, poison):
+    _check_against_reference(cuda_backend, "cuda", dtype, hs, 2, nh, T, "qkv", 1.0 / math.sqrt(hs), nkv)
 
 
 @pytest.mark.gpu
@@ -136,6 +148,20 @@ def test_cuda_sim_matches_float64_reference(dtype, hs, B, nh, T, layout, poison)
     _check_against_reference(cuda_sim, "cpu", dtype, hs, B, nh, T, layout, 1.0 / math.sqrt(hs))
 
 
+# Grouped-query attention: groups of 3 (MQA), 3, 2; one partial block, a partial second block,
+# five query blocks per key block at hs 128, a prefetch across the group's query heads.
+SIM_GQA_CASES = [(1, 3, 1, 80, "qkv"), (2, 6, 2, 17, "contiguous"), (1, 3, 1, 130, "heads_first"),
+                 (1, 4, 2, 200, "qkv")]  # (B, nh, nkv, T, layout)
+
+
+@pytest.mark.cuda_sim
+@pytest.mark.parametrize("B,nh,nkv,T,layout", SIM_GQA_CASES)
+@pytest.mark.parametrize("hs", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_sim_gqa_matches_float64_reference(dtype, hs, B, nh, nkv, T, layout, poison):
+    _check_against_reference(cuda_sim, "cpu", dtype, hs, B, nh, T, layout, 1.0 / math.sqrt(hs), nkv)
+
+
 @pytest.mark.cuda_sim
 def test_cuda_sim_softmax_scale_argument(poison):
     _check_against_reference(cuda_sim, "cpu", torch.bfloat16, 64, 1, 2, 33, "qkv", 0.37)
@@ -158,8 +184,9 @@ def test_cuda_sim_through_op_layer():
 
 @pytest.mark.cuda_sim
 @pytest.mark.parametrize("hs", [64, 128])
-def test_cuda_sim_deterministic(hs, poison):
-    _check_deterministic(cuda_sim, "cpu", torch.bfloat16, hs, 1, 130, 2)
+@pytest.mark.parametrize("nkv", [2, 1])
+def test_cuda_sim_deterministic(hs, nkv, poison):
+    _check_deterministic(cuda_sim, "cpu", torch.bfloat16, hs, 1, 130, 2, nkv)
 
 
 @pytest.mark.gpu

@@ -37,9 +37,10 @@ def _head_size(module):
     return (module.SUPPORT["attention"].head_sizes or (16,))[0] if "attention" in module.SUPPORT else 16
 
 
-def _arguments(fn, dtype, *, C=16, hs=16):
+def _arguments(fn, dtype, *, C=16, hs=16, gqa=False):
     """Fresh random CPU arguments of one contract function, its data tensors of `dtype`, and the
-    positions of the arguments it writes in place (checked beside what it returns)."""
+    positions of the arguments it writes in place (checked beside what it returns). gqa:
+    attention's two query heads share one K/V head."""
     def rand(*shape):
         return torch.randn(*shape, dtype=dtype)
 
@@ -60,11 +61,12 @@ def _arguments(fn, dtype, *, C=16, hs=16):
         x = rand(5, C)
         return [rand(5, C), x, rand(C), (x.float().square().mean(1) + 1e-5).rsqrt(), rand(5, C), None, None], ()
     if fn in ("attention_fwd", "attention_bwd"):
-        q, k, v = rand(1, 8, 3, 2, hs).unbind(2)  # strided views, as the model passes them
+        heads = (2, 1, 1) if gqa else (2, 2, 2)  # q, k, v heads, packed as the model passes them
+        q, k, v = rand(1, 8, sum(heads), hs).split(heads, dim=2)
         if fn == "attention_fwd":
             return [q, k, v, hs ** -0.5, None], ()
         o, lse = torch_ref.attention_fwd(q, k, v, hs ** -0.5, None)
-        grads = torch.full((1, 8, 3, 2, hs), float("nan"), dtype=dtype).unbind(2)  # poisoned
+        grads = torch.full((1, 8, sum(heads), hs), float("nan"), dtype=dtype).split(heads, dim=2)  # poisoned
         return [rand(1, 8, 2, hs), q, k, v, o, lse, hs ** -0.5, *grads, None], (7, 8, 9)
     if fn in ("qk_norm_rope_fwd", "qk_norm_rope_bwd"):  # 2 query heads, 1 KV head, at positions 5..12
         qkv = rand(2, 8, 4 * hs)
@@ -99,8 +101,8 @@ def _outputs(result, args, written):
     return [t for t in (*returned, *(args[i] for i in written)) if isinstance(t, torch.Tensor)]
 
 
-def _check_against_specification(module, fn, dtype, hs):
-    args, written = _arguments(fn, dtype, hs=hs)
+def _check_against_specification(module, fn, dtype, hs, gqa=False):
+    args, written = _arguments(fn, dtype, hs=hs, gqa=gqa)
     widened = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
     got = _outputs(getattr(module, fn)(*args), args, written)
     want = _outputs(getattr(torch_ref, fn)(*widened), widened, written)
@@ -150,6 +152,27 @@ def test_cpu_dtypes_follow_the_table(name, op, dtype, accepted):
         assert backends.unavailable_reason(name, op, CPU, dtype) is None
     else:
         assert "takes" in backends.unavailable_reason(name, op, CPU, dtype)
+
+
+def _gqa_cases():
+    """(backend, dtype, claims gqa) for each backend running attention here, at its CPU dtypes."""
+    return [pytest.param(name, dtype, m.SUPPORT["attention"].gqa, id=f"{name}-{dtype_name(dtype)}")
+            for name, m in _tables() if m.unavailable_reason(CPU) is None and "cpu" in m.SUPPORT["attention"].dtypes
+            for dtype in m.SUPPORT["attention"].dtypes["cpu"]]
+
+
+@pytest.mark.parametrize("name,dtype,claims", _gqa_cases())
+def test_cpu_gqa_follows_the_table(name, dtype, claims):
+    """K/V heads shared by query heads: computed as the specification computes them where the
+    row claims gqa, refused by name where it does not."""
+    module = backends.load(name)
+    for fn in functions("attention"):
+        if claims:
+            _check_against_specification(module, fn, dtype, _head_size(module), gqa=True)
+        else:
+            args, _ = _arguments(fn, dtype, hs=_head_size(module), gqa=True)
+            with pytest.raises(ValueError, match="has no grouped-query attention"):
+                getattr(module, fn)(*args)
 
 
 @pytest.mark.parametrize("name", [n for n, m in _tables() if n != "torch" and m.unavailable_reason(CPU) is None

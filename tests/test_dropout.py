@@ -394,7 +394,7 @@ drop = dict(seed=i32, offset=i64, threshold=i64, keep_scale="fp32")
 ln = dict(X=f32, R=f32, RO=f32, W=f32, B=f32, Y=f32, Mean=f32, Rstd=f32, N=i32, C=i32, eps="fp32", **drop,
           HAS_RESIDUAL=c, HAS_BIAS=c, DROPOUT=c, BLOCK_C=c, ROWS=c)
 strides = {f"stride_{t}{d}": i64 for t in "qkvo" for d in "bth"}
-attn = dict(Q=f32, K=f32, V=f32, O=f32, LSE=f32, **strides, nh=i32, T=i32, T_BUCKET=i32, qk_scale="fp32",
+attn = dict(Q=f32, K=f32, V=f32, O=f32, LSE=f32, **strides, nh=i32, group=i32, T=i32, T_BUCKET=i32, qk_scale="fp32",
             **drop, HS=c, DROPOUT=c, BLOCK_M=c, BLOCK_N=c)
 for kernel, signature, constants in [
         (layernorm.layernorm_fwd_kernel, ln, dict(HAS_RESIDUAL=True, HAS_BIAS=True, DROPOUT=True, BLOCK_C=256, ROWS=1)),

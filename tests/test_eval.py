@@ -15,10 +15,18 @@ from tests.shared_paths import shared
 TEXT = "".join(f"line {i}: café, naïve, 日本語 — {i * i}\n" for i in range(400))  # multi-byte UTF-8
 
 
-def tiny_model(block_size=16):
-    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=block_size, vocab_size=256,
-                      vocab_multiple=64)
-    return GPT(cfg, backends.resolve("torch", torch.device("cpu"))).eval()
+# the modern block with a softcap: the evaluation must take the capped logits, as the loss does
+MODERN = dict(n_head=2, n_kv_head=1, pos="rope", qk_norm=True, norm="rmsnorm", mlp="relu2", tie_embeddings=False,
+              bias=False, logit_softcap=2.0)
+
+
+def tiny_model(block_size=16, **block):
+    cfg = ModelConfig(**{**dict(n_layer=1, n_head=2, n_embd=32, block_size=block_size, vocab_size=256,
+                                vocab_multiple=64), **block})
+    model = GPT(cfg, backends.resolve("torch", torch.device("cpu"))).eval()
+    if not cfg.tie_embeddings:  # logits beyond the cap, so an uncapped evaluation would differ
+        torch.nn.init.normal_(model.lm_head.weight, std=0.5)
+    return model
 
 
 @torch.no_grad()
@@ -30,16 +38,17 @@ def summed_nats(model, tokens, n_targets):
         end = min(start + T, n_targets)
         x = torch.tensor(tokens[start:end], dtype=torch.long)[None]
         y = torch.tensor(tokens[start + 1:end + 1], dtype=torch.long)
-        logits = model.hidden(x)[0].double() @ model.lm_head.weight[:V].double().t()
+        logits = model.softcap(model.hidden(x)[0].double() @ model.lm_head.weight[:V].double().t())
         total += F.cross_entropy(logits, y, reduction="sum").item()
     return total
 
 
+@pytest.mark.parametrize("block", ["gpt2", "modern"])
 @pytest.mark.parametrize("n_targets,batch_size", [(16 * 5, 3), (16 * 5 + 9, 2), (5, 4), (0, 8)])
-def test_matches_window_by_window_float64(n_targets, batch_size):
+def test_matches_window_by_window_float64(n_targets, batch_size, block):
     """Full windows batched, the shorter last window alone, the sum and the byte count: against
     an independent window-by-window loop (tokens=0 means the whole array)."""
-    model, tok = tiny_model(), get_tokenizer("byte")
+    model, tok = tiny_model(**(MODERN if block == "modern" else {})), get_tokenizer("byte")
     tokens = np.random.default_rng(0).integers(1, 256, 16 * 6 + 3).astype(np.uint16)
     n = n_targets or len(tokens) - 1
     r = nanolm_eval.evaluate(model, tok, tokens, n_targets, batch_size)

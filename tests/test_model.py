@@ -80,18 +80,23 @@ def _loss_and_grads(model, idx, targets):
 
 @pytest.mark.skipif(backends.unavailable_reason("cpu", "attention", torch.device("cpu")) is not None,
                     reason="nanolm._C not built")
-def test_cpu_kernels_under_cpu_bf16_autocast():
-    """Under torch.autocast("cpu", bfloat16) the op layer passes bf16 activations to the cpu
-    kernels (attention, the lm_head logits) and the backward runs as the forward did: loss and
-    every gradient agree with the float64 model to bf16 accuracy."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("block", ["gpt2", "modern"])
+def test_cpu_kernels_under_cpu_bf16_autocast(block, dtype):
+    """Under torch.autocast("cpu", bfloat16 or float16) the op layer passes 16-bit activations to
+    the cpu kernels (attention, the lm_head logits; with the modern block RoPE + QK-norm and
+    SwiGLU) and the backward runs as the forward did: loss and every gradient agree with the
+    float64 model to 16-bit accuracy."""
     torch.manual_seed(0)
-    cfg = tiny(n_embd=64, n_head=2, block_size=32, vocab_size=300)
+    choices = dict(n_head=4, n_kv_head=2, pos="rope", qk_norm=True, norm="rmsnorm", mlp="swiglu",
+                   tie_embeddings=False, bias=False) if block == "modern" else dict(n_head=2)
+    cfg = tiny(n_embd=64, block_size=32, vocab_size=300, **choices)
     cpu_impls = backends.resolve("cpu", torch.device("cpu"))
     model = GPT(cfg, cpu_impls)
     ref = GPT(cfg, TORCH).double()
     ref.load_state_dict(model.state_dict())
     idx, targets = torch.randint(0, 300, (3, 32)), torch.randint(0, 300, (3, 32))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         loss, grads = _loss_and_grads(model, idx, targets)
     ref_loss, ref_grads = _loss_and_grads(ref, idx, targets)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=0)

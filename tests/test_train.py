@@ -85,7 +85,7 @@ def test_kernels_errors():
     if built:
         assert backends.resolve("cpu", cpu) == expected
     with pytest.raises(ValueError, match="does not implement rope"):
-        backends.resolve("auto,rope=cpu", cpu)
+        backends.resolve("auto,rope=triton", cpu)
 
 
 def test_loader_deterministic_and_resumable():

@@ -131,21 +131,23 @@ void adamw(std::int64_t n, std::int64_t offset) {
 }
 
 template <typename T>
-void attention(DType dtype, std::int64_t B, std::int64_t T_len, std::int64_t nh, std::int64_t hs, bool drop = false) {
-    const std::int64_t n = B * T_len * nh * hs;
-    const std::array<std::int64_t, 3> qkv_strides{T_len * 3 * nh * hs, 3 * nh * hs, hs},
-        strides{T_len * nh * hs, nh * hs, hs};
-    auto qkv = random_vector<T>(3 * n), dout = random_vector<T>(n);
-    auto o = nan_vector<T>(n), dqkv = nan_vector<T>(3 * n);
+// q, k, v views of one packed (B, T, nh + 2 * nkv, hs) buffer, as the model passes them.
+void attention(DType dtype, std::int64_t B, std::int64_t T_len, std::int64_t nh, std::int64_t hs, bool drop = false,
+               std::int64_t nkv = 0) {
+    nkv = nkv ? nkv : nh;
+    const std::int64_t width = (nh + 2 * nkv) * hs, n = B * T_len * nh * hs, n_qkv = B * T_len * width;
+    const std::array<std::int64_t, 3> qkv_strides{T_len * width, width, hs}, strides{T_len * nh * hs, nh * hs, hs};
+    auto qkv = random_vector<T>(n_qkv), dout = random_vector<T>(n);
+    auto o = nan_vector<T>(n), dqkv = nan_vector<T>(n_qkv);
     auto lse = nan_vector<float>(B * nh * T_len), delta = nan_vector<float>(B * nh * T_len);
-    const std::uintptr_t q = addr(qkv.data()), k = q + nh * hs * sizeof(T), v = k + nh * hs * sizeof(T);
-    const std::uintptr_t dq = addr(dqkv.data()), dk = dq + nh * hs * sizeof(T), dv = dk + nh * hs * sizeof(T);
+    const std::uintptr_t q = addr(qkv.data()), k = q + nh * hs * sizeof(T), v = k + nkv * hs * sizeof(T);
+    const std::uintptr_t dq = addr(dqkv.data()), dk = dq + nh * hs * sizeof(T), dv = dk + nkv * hs * sizeof(T);
     const double scale = 1.0 / std::sqrt(double(hs));
     nanolm::attention_fwd_cuda({q, k, v, addr(o.data()), addr(lse.data()), qkv_strides, qkv_strides, qkv_strides,
-                                strides, B, T_len, nh, hs, scale, dtype, dropout_of(drop)}, 0);
+                                strides, B, T_len, nh, nkv, hs, scale, dtype, dropout_of(drop)}, 0);
     nanolm::attention_bwd_cuda({addr(dout.data()), q, k, v, addr(o.data()), addr(lse.data()), addr(delta.data()), dq,
                                 dk, dv, strides, qkv_strides, qkv_strides, qkv_strides, strides, qkv_strides,
-                                qkv_strides, qkv_strides, B, T_len, nh, hs, scale, dtype, dropout_of(drop)}, 0);
+                                qkv_strides, qkv_strides, B, T_len, nh, nkv, hs, scale, dtype, dropout_of(drop)}, 0);
     require_finite("attention o", o);
     require_finite("attention lse", lse);
     require_finite("attention dq, dk, dv", dqkv);
@@ -172,6 +174,7 @@ const std::map<std::string, std::function<void()>> kOps = {
          attention<__nv_bfloat16>(DType::bfloat16, 1, 80, 1, 64);  // a partial second block
          attention<__half>(DType::float16, 1, 40, 1, 128);
          attention<__nv_bfloat16>(DType::bfloat16, 1, 80, 1, 64, true);  // dropout on P
+         attention<__nv_bfloat16>(DType::bfloat16, 1, 80, 3, 64, true, 1);  // a group of 3 query heads (MQA)
      }},
 };
 

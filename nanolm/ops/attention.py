@@ -122,7 +122,7 @@ def check_fwd(op, support, q, k, v):
     B, T, nh, hs = q.shape
     nkv = k.shape[2]
     if k.shape[:2] != q.shape[:2] or k.shape[3] != hs:
-        raise ValueError(f"{op}: k has shape {tuple(k.shape)}, expected {(B, T, 'nkv', hs)} for q {tuple(q.shape)}")
+        raise ValueError(f"{op}: k has shape {tuple(k.shape)}, expected ({B}, {T}, nkv, {hs}) for q {tuple(q.shape)}")
     if support.head_sizes and hs not in support.head_sizes:
         raise ValueError(f"{op}: head size {hs} not supported; supported: {', '.join(map(str, support.head_sizes))}")
     if T == 0 or B * nh == 0 or nkv == 0:
@@ -233,7 +233,7 @@ TRITON = Support(
     head_sizes=(16, 32, 64, 128),  # tl.arange needs a power of two; tl.dot a K of 16 or more
     notes={"cpu": "the interpreter's tl.dot returns garbage on bf16/fp16",
            "cuda": "no float32: tl.dot would silently compute in tf32"},
-    dropout=True)
+    dropout=True, gqa=True)
 
 
 def _triton_fwd(q, k, v, scale, dropout):
@@ -271,14 +271,14 @@ def _cpu_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, dropout):
 # need the alignment (qkv views have it). Unlike the cpu kernels they take o's strides, and the
 # backward a (B, nh, T) fp32 scratch buffer for delta = rowsum(dO * O).
 CUDA_ROW = Support(dtypes={"cuda": (torch.bfloat16, torch.float16)}, head_sizes=(64, 128), align_bytes=16,
-                   dropout=True)
+                   dropout=True, gqa=True)
 
 
 def _cuda_fwd(target, support, q, k, v, scale, dropout):
     B, T, nh, nkv, hs = check_fwd("attention_fwd", support, q, k, v)
     o, lse = _outputs(q)
     target.launch("attention_fwd", q.device, q.data_ptr(), bth_strides(q), k.data_ptr(), bth_strides(k),
-                  v.data_ptr(), bth_strides(v), o.data_ptr(), bth_strides(o), lse.data_ptr(), B, T, nh, hs,
+                  v.data_ptr(), bth_strides(v), o.data_ptr(), bth_strides(o), lse.data_ptr(), B, T, nh, nkv, hs,
                   float(scale), target.dtype(q), target.dropout(dropout))
     return o, lse
 
@@ -289,7 +289,7 @@ def _cuda_bwd(target, support, do, q, k, v, o, lse, scale, dq, dk, dv, dropout):
     target.launch("attention_bwd", q.device, do.data_ptr(), bth_strides(do), q.data_ptr(), bth_strides(q),
                   k.data_ptr(), bth_strides(k), v.data_ptr(), bth_strides(v), o.data_ptr(), bth_strides(o),
                   lse.data_ptr(), delta.data_ptr(), dq.data_ptr(), bth_strides(dq), dk.data_ptr(), bth_strides(dk),
-                  dv.data_ptr(), bth_strides(dv), B, T, nh, hs, float(scale), target.dtype(q),
+                  dv.data_ptr(), bth_strides(dv), B, T, nh, nkv, hs, float(scale), target.dtype(q),
                   target.dropout(dropout))
 
 

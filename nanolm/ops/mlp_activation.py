@@ -13,14 +13,16 @@ one matmul too. Cost: swiglu reads 2F and writes F values per row forward, reads
 
 This module reads top to bottom: the specification in plain PyTorch (float32 math, cast back),
 the input checks, the registration with PyTorch and the entry points the model calls, then each
-backend's support row. Only the torch backend (the specification) implements it so far.
+backend's support row and launchers. Kernels: csrc/mlp_activation_cpu.cpp (CPU); no Triton or
+CUDA kernel yet.
 """
 from typing import Callable, NamedTuple
 
 import torch
 
 from nanolm.ops import library
-from nanolm.ops.support import FLOATS, Support, accumulation_dtype
+from nanolm.ops.launch import CPU
+from nanolm.ops.support import FLOATS, Support, accumulation_dtype, check_first, check_tensor
 
 # ----------------------------------------------------------------------------- specification
 # gate_up (N, 2F), x (N, F), da (N, F) contiguous; outputs contiguous in the input's dtype.
@@ -128,7 +130,53 @@ class MlpActivationBackend(NamedTuple):
     relu2_bwd: Callable
 
 
+# --- cpu: csrc/mlp_activation_cpu.cpp (nanolm/ops/launch.py); no Triton or CUDA kernel yet
+CPU_ROW = Support(dtypes={"cpu": FLOATS})
+
+
+def _check_rows(op, name, x, others=()):
+    """What a kernel trusts: x 2-D contiguous, of a dtype and device the row lists; each (name,
+    tensor, shape) of others contiguous, of x's dtype and device, in that shape."""
+    check_first(op, CPU_ROW, name, x, ndim=2)
+    for other, t, shape in others:
+        check_tensor(op, other, t, dtypes=(x.dtype,), device=x.device, shape=shape)
+
+
+def _cpu_swiglu_fwd(gate_up):
+    check("swiglu_fwd", gate_up, halves=True)
+    _check_rows("swiglu_fwd", "gate_up", gate_up)
+    N, F = gate_up.shape[0], gate_up.shape[1] // 2
+    out = gate_up.new_empty(N, F)
+    CPU.launch("swiglu_fwd", gate_up.device, gate_up.data_ptr(), out.data_ptr(), N, F, CPU.dtype(gate_up))
+    return out
+
+
+def _cpu_swiglu_bwd(da, gate_up):
+    check("swiglu_bwd", gate_up, halves=True)
+    N, F = gate_up.shape[0], gate_up.shape[1] // 2
+    _check_rows("swiglu_bwd", "gate_up", gate_up, [("da", da, (N, F))])
+    dgate_up = torch.empty_like(gate_up)
+    CPU.launch("swiglu_bwd", gate_up.device, da.data_ptr(), gate_up.data_ptr(), dgate_up.data_ptr(), N, F,
+               CPU.dtype(gate_up))
+    return dgate_up
+
+
+def _cpu_relu2_fwd(x):
+    _check_rows("relu2_fwd", "x", x)
+    out = torch.empty_like(x)
+    CPU.launch("relu2_fwd", x.device, x.data_ptr(), out.data_ptr(), *x.shape, CPU.dtype(x))
+    return out
+
+
+def _cpu_relu2_bwd(da, x):
+    _check_rows("relu2_bwd", "x", x, [("da", da, x.shape)])
+    dx = torch.empty_like(x)
+    CPU.launch("relu2_bwd", x.device, da.data_ptr(), x.data_ptr(), dx.data_ptr(), *x.shape, CPU.dtype(x))
+    return dx
+
+
 BACKENDS = {
     "torch": MlpActivationBackend(Support(dtypes={"cpu": FLOATS, "cuda": FLOATS}), swiglu_fwd, swiglu_bwd,
                                   relu2_fwd, relu2_bwd),
+    "cpu": MlpActivationBackend(CPU_ROW, _cpu_swiglu_fwd, _cpu_swiglu_bwd, _cpu_relu2_fwd, _cpu_relu2_bwd),
 }

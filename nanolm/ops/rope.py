@@ -20,15 +20,16 @@ Backward, with dy the gradient of y:
 Cost per token: reads and writes (H + 2*Hkv) * D values, plus rstd (H + Hkv floats): memory-bound.
 
 This module reads top to bottom: the specification in plain PyTorch, the input checks, the
-registration with PyTorch and the entry point the model calls, then each backend's support row.
-Only the torch backend (the specification) implements it so far.
+registration with PyTorch and the entry point the model calls, then each backend's support row
+and launcher. Kernels: csrc/rope_cpu.cpp (CPU); no Triton or CUDA kernel yet.
 """
 from typing import Callable, NamedTuple
 
 import torch
 
 from nanolm.ops import library
-from nanolm.ops.support import FLOATS, Support, accumulation_dtype
+from nanolm.ops.launch import CPU
+from nanolm.ops.support import FLOATS, Support, accumulation_dtype, check_first, check_tensor
 
 # qk_norm's eps: the per-head RMSNorm has no config field of its own (nanochat's F.rms_norm
 # takes torch's default, the dtype's machine epsilon; Qwen3's q/k norm uses 1e-6)
@@ -164,6 +165,51 @@ class RopeBackend(NamedTuple):
     qk_norm_rope_bwd: Callable
 
 
+# --- cpu: csrc/rope_cpu.cpp (nanolm/ops/launch.py); no Triton or CUDA kernel yet
+CPU_ROW = Support(dtypes={"cpu": FLOATS})
+
+
+def _check_kernel_inputs(op, qkv, n_head, n_kv_head, start, theta, tensors=()):
+    """What a kernel trusts: qkv contiguous, of a dtype and device the row lists, in the packed
+    layout; each (name, tensor, shape, dtypes) in `tensors` contiguous on qkv's device."""
+    check_first(op, CPU_ROW, "qkv", qkv, ndim=3)
+    check_fwd(op, qkv, n_head, n_kv_head, start, theta)
+    for name, t, shape, dtypes in tensors:
+        check_tensor(op, name, t, dtypes=dtypes, device=qkv.device, shape=shape)
+
+
+def _angle_halves(qkv, n_head, n_kv_head, start, theta):
+    """The (T, D/2) float32 cos and sin tables the kernel reads (the specification's, first half)."""
+    D = qkv.shape[-1] // (n_head + 2 * n_kv_head)
+    cos, sin = rope_angles(qkv.shape[1], D, start, theta, torch.float32, qkv.device)
+    return cos[:, : D // 2].contiguous(), sin[:, : D // 2].contiguous()
+
+
+def _cpu_fwd(qkv, n_head, n_kv_head, start, theta, qk_norm):
+    _check_kernel_inputs("qk_norm_rope_fwd", qkv, n_head, n_kv_head, start, theta)
+    B, T, width = qkv.shape
+    out, rstd = torch.empty_like(qkv), torch.empty(B, T, n_head + n_kv_head, dtype=torch.float32, device=qkv.device)
+    cos, sin = _angle_halves(qkv, n_head, n_kv_head, start, theta)
+    CPU.launch("qk_norm_rope_fwd", qkv.device, qkv.data_ptr(), out.data_ptr(), rstd.data_ptr(), cos.data_ptr(),
+               sin.data_ptr(), B, T, n_head, n_kv_head, width // (n_head + 2 * n_kv_head), bool(qk_norm),
+               QK_NORM_EPS, CPU.dtype(qkv))
+    return out, rstd
+
+
+def _cpu_bwd(dout, qkv, rstd, n_head, n_kv_head, start, theta, qk_norm):
+    B, T, _ = qkv.shape
+    _check_kernel_inputs("qk_norm_rope_bwd", qkv, n_head, n_kv_head, start, theta,
+                         [("dout", dout, qkv.shape, (qkv.dtype,)),
+                          ("rstd", rstd, (B, T, n_head + n_kv_head), (torch.float32,))])
+    dqkv = torch.empty_like(qkv)
+    cos, sin = _angle_halves(qkv, n_head, n_kv_head, start, theta)
+    CPU.launch("qk_norm_rope_bwd", qkv.device, dout.data_ptr(), qkv.data_ptr(), rstd.data_ptr(), cos.data_ptr(),
+               sin.data_ptr(), dqkv.data_ptr(), B, T, n_head, n_kv_head, qkv.shape[-1] // (n_head + 2 * n_kv_head),
+               bool(qk_norm), CPU.dtype(qkv))
+    return dqkv
+
+
 BACKENDS = {
     "torch": RopeBackend(Support(dtypes={"cpu": FLOATS, "cuda": FLOATS}), qk_norm_rope_fwd, qk_norm_rope_bwd),
+    "cpu": RopeBackend(CPU_ROW, _cpu_fwd, _cpu_bwd),
 }
