@@ -13,7 +13,7 @@ Datasets by name or path (`load_dataset`):
 
 Shard format: a header of 256 int32 (magic 20240520, version 1, token count, rest zero), then
 the tokens as uint16. Write them with
-    python -m nanolm.data prepare <dataset> --out DIR --tokenizer gpt2|byte [--overwrite]
+    python -m nanolm.data prepare <dataset> --out DIR --tokenizer gpt2|byte|hf:TOKDIR [--overwrite]
 which also writes DIR/shards.json, {"tokenizer": name, "vocab_size": n}: the .bin files stay
 exactly llm.c's format for other tools, and a run with another tokenizer is refused. Shards
 without it (e.g. llm.c's own) are accepted; every shard's largest token id is checked against
@@ -99,12 +99,84 @@ class GPT2Tokenizer:
         return self.enc.decode(ids, errors="replace")
 
 
+def byte_level_table():
+    """GPT-2's byte -> printable character map, inverted: byte-level BPE vocabularies (GPT-2,
+    SmolLM2, Llama 3) spell each byte as one of these characters, so a token's bytes are read
+    back exactly, also when a multi-byte character is split across tokens."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    chars = printable + [256 + i for i in range(len(rest))]
+    return {chr(c): b for c, b in zip(chars, printable + rest)}
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer: DIR/tokenizer.json read with the `tokenizers` library. The
+    end-of-text token is the EOS token that DIR/tokenizer_config.json (eos_token) or, failing
+    that, DIR/config.json (eos_token_id) names. Its name, hf:<absolute DIR>, is what checkpoints
+    and shards.json record, so a run resumed from another directory finds the same files."""
+
+    def __init__(self, folder):
+        path = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"--tokenizer=hf:{folder}: {path} not found (hf:DIR needs the folder "
+                             f"holding a Hugging Face tokenizer.json)")
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as e:
+            raise ImportError("--tokenizer=hf:DIR needs the tokenizers library: pip install 'nanolm[hf]'") from e
+        try:
+            self.tok = Tokenizer.from_file(path)
+        except Exception as e:  # the Rust side reports a malformed file as a bare Exception
+            raise ValueError(f"{path} is not a valid tokenizer.json ({e})") from None
+        # a literal "<|endoftext|>" in the data is text, not the special token (as encode_ordinary)
+        self.tok.encode_special_tokens = True
+        self.name = "hf:" + os.path.abspath(folder)
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.eot = self._eos_id(folder)
+        self.added = {i: t.content.encode("utf-8") for i, t in self.tok.get_added_tokens_decoder().items()}
+        self.byte_level = "ByteLevel" in json.dumps(read_json(path).get("decoder"))
+        self.table = byte_level_table() if self.byte_level else None
+
+    def _eos_id(self, folder):
+        tc, mc = (os.path.join(folder, f) for f in ("tokenizer_config.json", "config.json"))
+        eos = read_json(tc).get("eos_token") if os.path.isfile(tc) else None
+        if isinstance(eos, dict):  # older files: {"content": "</s>", ...}
+            eos = eos.get("content")
+        if isinstance(eos, str):
+            if self.tok.token_to_id(eos) is None:
+                raise ValueError(f"{tc}: eos_token {eos!r} is not in {folder}/tokenizer.json")
+            return self.tok.token_to_id(eos)
+        eos = read_json(mc).get("eos_token_id") if os.path.isfile(mc) else None
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if not isinstance(eos, int) or not 0 <= eos < self.vocab_size:
+            raise ValueError(f"{folder}: no end-of-text token: tokenizer_config.json names no eos_token "
+                             f"and config.json no eos_token_id within the vocab of {self.vocab_size}")
+        return eos
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode_bytes(self, ids):
+        """Exact bytes for a byte-level vocabulary; otherwise the UTF-8 of the decoded text (a
+        character split across tokens then decodes as U+FFFD)."""
+        if not self.byte_level:
+            return self.decode(ids).encode("utf-8")
+        return b"".join(self.added[i] if i in self.added else
+                        bytes(self.table[c] for c in self.tok.id_to_token(i)) for i in ids)
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+
 def get_tokenizer(name):
     if name == "byte":
         return ByteTokenizer()
     if name == "gpt2":
         return GPT2Tokenizer()
-    raise ValueError(f"unknown tokenizer {name!r}; valid: byte, gpt2")
+    if name.startswith("hf:"):
+        return HFTokenizer(name[3:])
+    raise ValueError(f"unknown tokenizer {name!r}; valid: byte, gpt2, hf:DIR (a folder with a "
+                     f"Hugging Face tokenizer.json)")
 
 
 class StreamDecoder:
@@ -171,7 +243,7 @@ def encode_text(text, tokenizer, desc="tokenizing", min_progress=4 * CHUNK_CHARS
             bar.update(len(piece))
     if bar:
         bar.close()
-    return np.array(ids, dtype=np.uint16)
+    return token_array(ids, tokenizer)
 
 
 def encode_documents(docs, tokenizer):
@@ -180,7 +252,13 @@ def encode_documents(docs, tokenizer):
     for doc in docs:
         ids.append(tokenizer.eot)
         ids.extend(tokenizer.encode(doc))
-    return np.array(ids, dtype=np.uint16)
+    return token_array(ids, tokenizer)
+
+
+def token_array(ids, tokenizer):
+    """uint16 (the shards' type, half the memory) when the vocab fits, else int32 (an hf:DIR
+    tokenizer such as Llama 3's 128256 tokens, which therefore cannot be written to shards)."""
+    return np.array(ids, dtype=np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32)
 
 
 def pystdlib_documents():
@@ -248,7 +326,7 @@ def text_dataset(name):
 
 
 def encode_dataset(name, tokenizer):
-    """(train, val) uint16 token arrays for a text dataset (pystdlib, shakespeare, .txt)."""
+    """(train, val) token arrays (see token_array) for a text dataset (pystdlib, shakespeare, .txt)."""
     if name == "pystdlib":
         train, val = pystdlib_documents()
         return encode_documents(train, tokenizer), encode_documents(val, tokenizer)
@@ -519,7 +597,8 @@ def run_cli(argv):
     prep = sub.add_parser("prepare", help="tokenize a text dataset into train/val shards")
     prep.add_argument("dataset", help="pystdlib, shakespeare, or a .txt file")
     prep.add_argument("--out", required=True, help="output directory")
-    prep.add_argument("--tokenizer", choices=("gpt2", "byte"), default="gpt2")
+    prep.add_argument("--tokenizer", default="gpt2",
+                      help="gpt2, byte, or hf:DIR (DIR/tokenizer.json, a Hugging Face tokenizer)")
     prep.add_argument("--shard_tokens", type=int, default=SHARD_TOKENS)
     prep.add_argument("--overwrite", action="store_true",
                       help="replace the shards (and shards.json) already in --out")

@@ -184,6 +184,7 @@ def setup(cfg, resume_from=None):
     return Run(device=device, tokenizer=tokenizer, model=model, opt=opt, train=train, val=val,
                val_start=val.state_dict(), autocast=autocast_ctx(dtype, device), dist=ctx,
                config={**as_dict(cfg), "dtype": dtype, "dtype_reason": why, "data": resolve_data(cfg.data),
+                       "tokenizer": tokenizer.name,  # hf:DIR made absolute, as the data path
                        "model": dataclasses.asdict(mcfg)},
                n_params=n_params, forward=compiled(model) if cfg.compile else model)
 
