@@ -11,6 +11,9 @@ took, and the wall-clock seconds from launch (start-up, compilation and evals in
   nanolm           `python -m nanolm.train --target_loss=...` itself, with its kernels (--kernels=auto)
   nanolm-muon      the same with --optim=muon: Muon for the blocks' matrices (its own lr, --muon_lr's
                    default, on the same schedule), the same AdamW for the rest (nanolm/optim.py)
+  nanolm-modern    the `nanolm` run with the modern block of the preset's size (--preset=modern-cpu:
+                   RMSNorm, RoPE + QK-norm, GQA, ReLU^2, no biases, untied; README "Model") instead of
+                   GPT-2's: the model differs, the data, batch, schedule and optimizer do not
 
 Every run is its own process, one after the other, each with the same batches (nanolm.data.Loader,
 the same seeds), the same learning-rate schedule (nanolm.train.get_lr: warmup, then cosine to
@@ -32,9 +35,9 @@ import sys
 import time
 from pathlib import Path
 
-RUNS = ("pytorch-eager", "pytorch-compile", "nanolm", "nanolm-muon")
+RUNS = ("pytorch-eager", "pytorch-compile", "nanolm", "nanolm-muon", "nanolm-modern")
 # the nanolm.train flags of a run beyond those every run shares
-NANOLM_RUNS = {"nanolm": [], "nanolm-muon": ["--optim=muon"]}
+NANOLM_RUNS = {"nanolm": [], "nanolm-muon": ["--optim=muon"], "nanolm-modern": ["--preset=modern-cpu"]}
 
 # The CPU setting: the quickstart model (4 layers, 128 wide, byte tokens, block 128) on the
 # embedded corpus (no download), trained long enough that the target takes minutes.
