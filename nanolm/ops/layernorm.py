@@ -243,17 +243,22 @@ def layer_norm(x, weight, bias, eps, backend):
     return y.view(x.shape)
 
 
-def add_layer_norm(x, residual, weight, bias, eps, backend, dropout):
-    """(layer_norm(dropout(x) + residual), dropout(x) + residual) over the last dim of x (..., C).
-    dropout: None or a Dropout; residual may be None with dropout (the embedding sum)."""
+def _residual_rows(name, x, residual, backend, dropout):
+    """The fused add's checks and its (N, C) rows: -> (x's shape, x rows, residual rows or None)."""
     if residual is None and dropout is None:
-        raise ValueError("add_layer_norm: residual may be None only with dropout")
+        raise ValueError(f"{name}: residual may be None only with dropout")
     check_dropout("layernorm", BACKENDS[backend].support, backend, dropout)
     if residual is not None and x.dtype != residual.dtype:  # a branch under autocast joins the fp32 stream
         x = x.to(residual.dtype)
     shape = x.shape
     x2d = x.reshape(-1, shape[-1]).contiguous()
-    r2d = None if residual is None else residual.reshape(-1, shape[-1]).contiguous()
+    return shape, x2d, None if residual is None else residual.reshape(-1, shape[-1]).contiguous()
+
+
+def add_layer_norm(x, residual, weight, bias, eps, backend, dropout):
+    """(layer_norm(dropout(x) + residual), dropout(x) + residual) over the last dim of x (..., C).
+    dropout: None or a Dropout; residual may be None with dropout (the embedding sum)."""
+    shape, x2d, r2d = _residual_rows("add_layer_norm", x, residual, backend, dropout)
     y, residual_out, _, _ = add_layer_norm_fwd_op(x2d, r2d, weight, bias, eps, *dropout_spec.as_schema(dropout),
                                                   backend)
     return y.view(shape), residual_out.view(shape)
@@ -350,14 +355,7 @@ def rms_norm(x, weight, eps, backend):
 def add_rms_norm(x, residual, weight, eps, backend, dropout):
     """(rms_norm(dropout(x) + residual), dropout(x) + residual) over the last dim of x (..., C);
     weight (C,) or None; dropout and residual as add_layer_norm's."""
-    if residual is None and dropout is None:
-        raise ValueError("add_rms_norm: residual may be None only with dropout")
-    check_dropout("layernorm", BACKENDS[backend].support, backend, dropout)
-    if residual is not None and x.dtype != residual.dtype:  # a branch under autocast joins the fp32 stream
-        x = x.to(residual.dtype)
-    shape = x.shape
-    x2d = x.reshape(-1, shape[-1]).contiguous()
-    r2d = None if residual is None else residual.reshape(-1, shape[-1]).contiguous()
+    shape, x2d, r2d = _residual_rows("add_rms_norm", x, residual, backend, dropout)
     y, residual_out, _ = add_rms_norm_fwd_op(x2d, r2d, weight, eps, *dropout_spec.as_schema(dropout), backend)
     return y.view(shape), residual_out.view(shape)
 
