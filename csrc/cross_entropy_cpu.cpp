@@ -31,30 +31,11 @@
 
 #include "common.h"
 #include "cpu_bf16.h"
+#include "cpu_math.h"
 #include "cross_entropy.h"
 
 namespace nanolm {
 namespace {
-
-// exp(x) for x <= 0 (callers subtract the row max), relative error ~2e-7: 2^n * p(r) with
-// x = n ln2 + r, |r| <= ln2 / 2, p a degree-6 Taylor polynomial. x is clamped at -87 so 2^n
-// stays a normal float (exp(-87) ~ 2e-38, and exp(-inf) gives that, not NaN). The clamp is an
-// unsigned min on the bits (a float <= 0 grows in magnitude as its bits grow): gcc will not
-// vectorize a float compare under the default -ftrapping-math. Branch-free, so it vectorizes.
-inline float exp_nonpositive(float x) {
-    x = __builtin_bit_cast(float, std::min(__builtin_bit_cast(std::uint32_t, x), 0xC2AE0000u));  // -87.f
-    // round to nearest by adding 1.5 * 2^23 (std::nearbyint does not vectorize with gcc 12)
-    const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
-    const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // ln2 split hi/lo
-    float p = 1.f / 720;
-    p = p * r + 1.f / 120;
-    p = p * r + 1.f / 24;
-    p = p * r + 1.f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    return p * __builtin_bit_cast(float, (static_cast<std::int32_t>(n) + 127) << 23);
-}
 
 // A float's bits as an int32 with the same order (a negative float's magnitude bits flipped):
 // the row max becomes an integer max, which gcc vectorizes; a float max it does not without
