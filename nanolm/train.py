@@ -666,6 +666,14 @@ def main(argv=None):
         print(__doc__.split("\n\n")[0] + "\n\noptions (--key=default):\n" + config_help())
         return
     cli(lambda args: train(config_from_args(args)), argv, (Diverged,))
+    if dist.env_from_torchrun().world_size > 1:
+        # A torchrun rank whose run is over (checkpoints written, files closed, process groups
+        # destroyed) ends here, without the interpreter's finalisation: a non-main gloo rank
+        # exiting while rank 0 still samples aborted now and then in that teardown ('terminate
+        # called without an active exception', CI), a cause not found in PyTorch's exit path.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
